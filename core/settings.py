@@ -1,0 +1,135 @@
+"""One settings object for the CLI, the tests and the pages.
+
+Values come from environment variables with the ``KB_`` prefix, then from
+``.streamlit/secrets.toml`` (same names, lower-case, without the prefix), then
+from the defaults below. Reading secrets.toml ourselves keeps this module free
+of Streamlit, so the CLI and the pages see exactly the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+# Everything here must work offline: no library may try to reach a hub or
+# phone home. Set before any of them is imported.
+for _var, _val in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "ANONYMIZED_TELEMETRY": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_var, _val)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_EXTENSIONS = ("md", "txt", "rst")
+UPLOAD_EXTENSIONS = ("md", "markdown", "txt", "rst", "html", "htm", "xml", "csv")
+
+
+def _split_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip().lower().lstrip(".") for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All knobs, named as their ``KB_*`` variable without the prefix."""
+
+    home: Path = Path("data")
+    # embeddings
+    embed_model: str = ""  # empty: the packaged all-MiniLM-L6-v2
+    embed_device: str = ""  # empty: cuda when present, else cpu
+    embed_batch_size: int = 64
+    # chunking (defaults of a new knowledge base; a live collection keeps its own)
+    chunk_size: int = 500
+    chunk_overlap: int = 150
+    splitter: str = "recursive"  # recursive | markdown
+    length_unit: str = "chars"  # chars | tokens
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    max_file_bytes: int = 1_000_000
+    # uploads
+    upload_max_bytes: int = 20_000_000
+    upload_extensions: tuple[str, ...] = UPLOAD_EXTENSIONS
+    # vector store
+    chroma_url: str = ""  # empty: embedded PersistentClient in home/chroma
+    # LLM
+    llm: str = "llamacpp"  # llamacpp | transformers | openai
+    llm_gguf: str = ""  # empty: join the packaged Qwen2.5-Coder GGUF into home/models
+    llm_path: str = ""  # local transformers checkpoint folder (InternLM)
+    llm_max_tokens: int = 512
+    llm_temperature: float = 0.1
+    llm_n_ctx: int = 4096
+    llm_threads: int = 0  # 0: all cores
+    openai_base_url: str = ""
+    openai_model: str = ""
+    openai_api_key: str = ""
+    # retrieval
+    retrieval_mode: str = "hybrid"
+    top_k: int = 5
+    reranker_path: str = ""
+    # dashboard
+    admin_password: str = field(default="", repr=False)
+
+    @property
+    def chroma_path(self) -> Path:
+        return self.home / "chroma"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.home / "manifest.sqlite"
+
+    @property
+    def repos_path(self) -> Path:
+        return self.home / "repos"
+
+    @property
+    def models_path(self) -> Path:
+        return self.home / "models"
+
+    def with_(self, **changes: object) -> "Settings":
+        return replace(self, **changes)
+
+
+def _secrets(path: Path) -> dict[str, object]:
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
+def _coerce(raw: object, default: object, name: str) -> object:
+    if isinstance(default, tuple):
+        return _split_list(raw) if isinstance(raw, str) else tuple(str(v).lower() for v in raw)  # type: ignore[union-attr]
+    if isinstance(default, Path):
+        return Path(str(raw)).expanduser()
+    try:
+        if isinstance(default, bool):
+            return str(raw).lower() in {"1", "true", "yes", "on"}
+        if isinstance(default, int):
+            return int(raw)  # type: ignore[arg-type]
+        if isinstance(default, float):
+            return float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"KB_{name.upper()}={raw!r} is not a valid {type(default).__name__}") from exc
+    return str(raw)
+
+
+def load_settings(env: dict[str, str] | None = None, secrets_path: Path | None = None) -> Settings:
+    """Build settings from the environment and secrets.toml; env wins."""
+    env = dict(os.environ if env is None else env)
+    secrets = _secrets(secrets_path or PROJECT_ROOT / ".streamlit" / "secrets.toml")
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        default = getattr(Settings, f.name) if f.name != "extensions" else DEFAULT_EXTENSIONS
+        raw = env.get(f"KB_{f.name.upper()}")
+        if raw is None:
+            raw = secrets.get(f.name)
+        if raw is not None:
+            values[f.name] = _coerce(raw, default, f.name)
+    return Settings(**values)  # type: ignore[arg-type]

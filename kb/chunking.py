@@ -1,0 +1,190 @@
+"""Split documents into chunks that know their exact file lines.
+
+LangChain's ``RecursiveCharacterTextSplitter`` does the splitting; this module
+adds what citations need: each chunk's line range in the file, the Markdown
+heading path in force there, and a deterministic id.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
+
+from kb.errors import KBError
+from kb.loaders import LoadedDocument
+from kb.sources import permalink
+
+# Break Chinese text after 。！？； too, keeping the mark with its sentence
+# (zero-width look-behinds), before falling back to spaces and characters.
+SENTENCE_SEPARATORS = [r"(?<=[。！？；])", r"(?<=[.!?;])\s", r"(?<=[，,、])", " ", ""]
+PLAIN_SEPARATORS = [r"\n\n", r"\n"] + SENTENCE_SEPARATORS
+SPLITTERS = ("recursive", "markdown")
+UNITS = ("chars", "tokens")
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """Everything that changes which chunks a document becomes."""
+
+    splitter: str = "recursive"
+    size: int = 500
+    overlap: int = 150
+    unit: str = "chars"
+    heading_prefix: bool = False  # prepend the heading path to the embedded/BM25 text
+    version: int = 1  # bump when the splitting code changes its output
+
+    def __post_init__(self) -> None:
+        if self.splitter not in SPLITTERS:
+            raise KBError(f"unknown splitter {self.splitter!r}: use one of {', '.join(SPLITTERS)}")
+        if self.unit not in UNITS:
+            raise KBError(f"unknown length unit {self.unit!r}: use one of {', '.join(UNITS)}")
+        if self.size < 20 or self.size > 100_000:
+            raise KBError(f"chunk size {self.size} is out of range (20..100000)")
+        if self.overlap < 0 or self.overlap >= self.size:
+            raise KBError(f"chunk overlap {self.overlap} must be >= 0 and smaller than the chunk size {self.size}")
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str) -> "ChunkConfig":
+        return cls(**json.loads(raw))
+
+    def label(self) -> str:
+        return f"{self.splitter} {self.size}/{self.overlap} {self.unit}" + (" +heading" if self.heading_prefix else "")
+
+
+@dataclass
+class Chunk:
+    """One piece of a document, with the provenance a citation needs."""
+
+    id: str
+    text: str
+    embed_text: str
+    text_hash: str
+    source: str
+    path: str
+    commit: str
+    line_start: int
+    line_end: int
+    heading: str
+    chunk_config: str
+    embed_model: str
+    url: str
+    n_tokens: int = 0
+    language: str = ""
+    bm25_tokens: str = ""  # space-joined BM25 tokens, computed once at sync time
+
+    def metadata(self) -> dict[str, str | int]:
+        return {
+            "source": self.source,
+            "path": self.path,
+            "commit": self.commit,
+            "line_start": self.line_start,
+            "line_end": self.line_end,
+            "heading": self.heading,
+            "chunk_config": self.chunk_config,
+            "embed_model": self.embed_model,
+            "url": self.url,
+            "text_hash": self.text_hash,
+            "n_tokens": self.n_tokens,
+            "language": self.language,
+            "bm25": self.bm25_tokens,
+        }
+
+
+def make_splitter(config: ChunkConfig, token_len: Callable[[str], int] | None = None) -> RecursiveCharacterTextSplitter:
+    if config.splitter == "markdown":
+        separators = RecursiveCharacterTextSplitter.get_separators_for_language(Language.MARKDOWN)
+        separators = [s for s in separators if s not in ("\n\n", "\n", " ", "")] + PLAIN_SEPARATORS
+    else:
+        separators = PLAIN_SEPARATORS
+    if config.unit == "tokens":
+        if token_len is None:
+            raise KBError("token-measured chunking needs the embedding model's tokenizer")
+        length = token_len
+    else:
+        length = len
+    return RecursiveCharacterTextSplitter(
+        chunk_size=config.size,
+        chunk_overlap=config.overlap,
+        separators=separators,
+        is_separator_regex=True,
+        keep_separator="start",
+        length_function=length,
+        strip_whitespace=True,
+    )
+
+
+def chunk_id(source: str, path: str, text_hash: str, occurrence: int) -> str:
+    """Same source, path and text give the same id, so re-adding is idempotent."""
+    return hashlib.sha256(f"{source}\0{path}\0{text_hash}\0{occurrence}".encode()).hexdigest()[:32]
+
+
+def locate(text: str, pieces: list[str]) -> list[int]:
+    """Character offset of each piece, in order (the splitter keeps order)."""
+    starts: list[int] = []
+    pos = 0
+    for piece in pieces:
+        at = text.find(piece, pos)
+        if at < 0:
+            at = text.find(piece)
+        if at < 0:
+            raise KBError(f"internal error: chunk not found in its document: {piece[:60]!r}")
+        starts.append(at)
+        pos = at + 1
+    return starts
+
+
+def split_document(
+    doc: LoadedDocument,
+    *,
+    source: str,
+    commit: str,
+    web_url: str,
+    config: ChunkConfig,
+    embed_model: str,
+    splitter: RecursiveCharacterTextSplitter,
+) -> list[Chunk]:
+    """Split one document; each chunk's lines are the file's own line numbers."""
+    pieces = [p for p in splitter.split_text(doc.text) if p.strip()]
+    newlines = [i for i, c in enumerate(doc.text) if c == "\n"]
+    seen: Counter[str] = Counter()
+    chunks = []
+    for piece, start in zip(pieces, locate(doc.text, pieces)):
+        line_start = bisect.bisect_left(newlines, start) + 1
+        line_end = line_start + piece.count("\n")
+        heading = doc.heading_at(line_start)
+        embed_text = f"{heading}\n{piece}" if config.heading_prefix and heading else piece
+        text_hash = hashlib.sha256(embed_text.encode()).hexdigest()
+        occurrence = seen[text_hash]
+        seen[text_hash] += 1
+        chunks.append(
+            Chunk(
+                id=chunk_id(source, doc.path, text_hash, occurrence),
+                text=piece,
+                embed_text=embed_text,
+                text_hash=text_hash,
+                source=source,
+                path=doc.path,
+                commit=commit,
+                line_start=line_start,
+                line_end=line_end,
+                heading=heading,
+                chunk_config=config.hash,
+                embed_model=embed_model,
+                url=permalink(web_url, commit, doc.path, line_start, line_end),
+                language=doc.language,
+            )
+        )
+    return chunks

@@ -1,0 +1,269 @@
+"""``python -m kb``: the command-line contract of DESIGN §6.
+
+Every command takes ``--json`` and then prints exactly one JSON object on
+stdout. Messages and progress go to stderr. Expected failures (KBError) exit
+with status 1 and a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from kb.errors import KBError
+
+Handler = Callable[[argparse.Namespace], dict]
+
+
+def _kb(args: argparse.Namespace):
+    from kb.service import KnowledgeBase
+
+    return KnowledgeBase()
+
+
+def _progress(args: argparse.Namespace):
+    from kb.progress import TqdmProgress
+
+    return TqdmProgress(enabled=not args.quiet and sys.stderr.isatty() or args.progress)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.json:
+        print(text)
+
+
+def cmd_add(args: argparse.Namespace) -> dict:
+    kb, progress = _kb(args), _progress(args)
+    try:
+        if args.defaults:
+            results = kb.add_defaults(progress)
+            for r in results:
+                print(f"{'ok ' if r['ok'] else 'ERR'} {r['name']}: {r['message']}", file=sys.stderr)
+            return {"sources": results}
+        if not args.name or not args.url:
+            raise KBError("usage: kb add NAME URL_OR_PATH [--branch B]  (or kb add --defaults)")
+        exts = tuple(e.strip().lstrip(".").lower() for e in args.extensions.split(",")) if args.extensions else None
+        row = kb.add_source(args.name, args.url, args.branch, args.web_url, exts, progress)
+    finally:
+        progress.close()
+    _say(args, f"added {row.name} ({row.url}, branch {row.branch}); run `kb sync {row.name}` to index it")
+    return {"source": row.as_dict()}
+
+
+def cmd_remove(args: argparse.Namespace) -> dict:
+    removed = _kb(args).remove_source(args.name)
+    _say(args, f"removed {args.name} and {removed} chunks")
+    return {"removed": args.name, "chunks_deleted": removed}
+
+
+def cmd_sources(args: argparse.Namespace) -> dict:
+    rows = _kb(args).sources()
+    for r in rows:
+        _say(args, f"{r.name:24} {r.kind:5} {r.branch:12} {(r.indexed_commit or 'not indexed')[:12]:12} {r.url}")
+    return {"sources": [r.as_dict() for r in rows]}
+
+
+def _print_report(args: argparse.Namespace, rep: dict) -> None:
+    if args.json:
+        return
+    if rep["error"]:
+        print(f"{rep['name']}: ERROR {rep['error']}", file=sys.stderr)
+        return
+    verb = "would" if rep["dry_run"] else "did"
+    before, after = (rep["commit_before"] or "none")[:10], (rep["commit_after"] or "none")[:10]
+    print(
+        f"{rep['name']}: {before} -> {after} ({verb}): files +{rep['files_added']} ~{rep['files_modified']} "
+        f"-{rep['files_deleted']}; chunks embedded {rep['chunks_embedded']}, reused {rep['chunks_reused']}, "
+        f"deleted {rep['chunks_deleted']}; {rep['seconds']:.2f}s"
+    )
+    if rep["dry_run"]:
+        for tag, key in (("+", "added"), ("~", "modified"), ("-", "deleted")):
+            for p in rep[key]:
+                print(f"  {tag} {p}")
+    for s in rep["skipped"]:
+        print(f"  skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    over = rep["chunks_overlong"]
+    if over:
+        print(
+            f"  warning: {len(over)} chunks are longer than the embedding model's window of {over[0]['window']} tokens; "
+            f"their tails are not embedded (e.g. {over[0]['path']}:{over[0]['line_start']}-{over[0]['line_end']}, "
+            f"{over[0]['tokens']} tokens). Consider `kb rechunk --unit tokens`.",
+            file=sys.stderr,
+        )
+
+
+def cmd_sync(args: argparse.Namespace) -> dict:
+    kb, progress = _kb(args), _progress(args)
+    try:
+        reports = [r.as_dict() for r in kb.sync(args.names or None, dry_run=args.dry_run, progress=progress)]
+    finally:
+        progress.close()
+    for rep in reports:
+        _print_report(args, rep)
+    failed = [r for r in reports if r["error"]]
+    out = {"sources": reports}
+    if failed:
+        out["error"] = "; ".join(f"{r['name']}: {r['error']}" for r in failed)
+    return out
+
+
+def cmd_upload(args: argparse.Namespace) -> dict:
+    files: dict[str, bytes] = {}
+    for f in args.files:
+        p = Path(f)
+        if not p.is_file():
+            raise KBError(f"no such file: {f}")
+        files[p.name] = p.read_bytes()
+    kb, progress = _kb(args), _progress(args)
+    try:
+        rep = kb.upload(files, args.source, progress).as_dict()
+    finally:
+        progress.close()
+    _print_report(args, rep)
+    out = {"sources": [rep]}
+    if rep["error"]:
+        out["error"] = rep["error"]
+    return out
+
+
+def cmd_stats(args: argparse.Namespace) -> dict:
+    s = _kb(args).stats()
+    _say(args, "\n".join(f"{k:16} {v}" for k, v in s.items()))
+    return s
+
+
+def cmd_rechunk(args: argparse.Namespace) -> dict:
+    from kb.chunking import ChunkConfig
+
+    kb = _kb(args)
+    _, live = kb.live()
+    config = ChunkConfig(
+        splitter=args.splitter or live.splitter,
+        size=args.chunk_size,
+        overlap=args.chunk_overlap,
+        unit=args.unit or live.unit,
+        heading_prefix=live.heading_prefix if args.heading_prefix is None else args.heading_prefix,
+    )
+    progress = _progress(args)
+    try:
+        out = kb.rechunk(config, progress)
+    finally:
+        progress.close()
+    _say(args, f"built {out['collection']} ({out['chunk_config']}, {out['chunks']} chunks, {out['seconds']}s); "
+               f"it is live now. The previous {out['previous']} stays until `kb drop-collection`.")
+    return out
+
+
+def cmd_collections(args: argparse.Namespace) -> dict:
+    rows = _kb(args).collections()
+    for r in rows:
+        _say(args, f"{'*' if r['live'] else ' '} {r['name']:40} {r['count']:>7} chunks  dim {r['dimension']}  "
+                   f"{r['embed_model']}  {r['chunk_config']}  [{r['status']}]")
+    return {"collections": rows}
+
+
+def cmd_drop(args: argparse.Namespace) -> dict:
+    _kb(args).drop_collection(args.name)
+    _say(args, f"dropped {args.name}")
+    return {"dropped": args.name}
+
+
+def cmd_search(args: argparse.Namespace) -> dict:
+    from kb.retrieval import SCORE_NOTES, SearchEngine, SearchOptions
+
+    opts = SearchOptions(k=args.k, mode=args.mode, threshold=args.threshold, mmr=args.mmr,
+                         source=args.source, path_prefix=args.path_prefix)
+    hits = SearchEngine(_kb(args)).search(args.query, opts)
+    if not args.json:
+        print(f"score: {SCORE_NOTES[args.mode]}")
+        for h in hits:
+            print(f"{h.rank:>2}. {h.score:.4f} [{'+'.join(h.found_by)}] {h.citation}")
+            print("    " + h.text[:200].replace("\n", " "))
+            if h.url:
+                print(f"    {h.url}")
+        if not hits:
+            print("no hits")
+    return {"hits": [{k: h.as_dict()[k] for k in ("rank", "score", "mode", "source", "path", "line_start", "line_end",
+                                                   "commit", "url", "text", "heading", "found_by", "ranks", "scores")}
+                     for h in hits], "score": SCORE_NOTES[args.mode]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+    p = argparse.ArgumentParser(prog="kb", description="Knowledge base for retrieval-augmented chat.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("add", parents=[common], help="clone and register a source")
+    a.add_argument("name", nargs="?")
+    a.add_argument("url", nargs="?", metavar="URL_OR_PATH")
+    a.add_argument("--branch")
+    a.add_argument("--web-url", help="web page of the repository, for permalinks (gitee/github are detected)")
+    a.add_argument("--extensions", help="comma-separated extensions to index (default md,txt,rst)")
+    a.add_argument("--defaults", action="store_true", help="register the six InternLM-ecosystem repos on gitee")
+    a.set_defaults(func=cmd_add)
+
+    r = sub.add_parser("remove", parents=[common], help="delete a source and its chunks")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_remove)
+
+    sub.add_parser("sources", parents=[common], help="list sources").set_defaults(func=cmd_sources)
+
+    s = sub.add_parser("sync", parents=[common], help="fetch and incrementally re-index")
+    s.add_argument("names", nargs="*")
+    s.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
+    s.set_defaults(func=cmd_sync)
+
+    u = sub.add_parser("upload", parents=[common], help="add files to a files-only source")
+    u.add_argument("files", nargs="+")
+    u.add_argument("--source", required=True)
+    u.set_defaults(func=cmd_upload)
+
+    sub.add_parser("stats", parents=[common], help="counts").set_defaults(func=cmd_stats)
+
+    rc = sub.add_parser("rechunk", parents=[common], help="build a new collection with other chunking, then switch")
+    rc.add_argument("--chunk-size", type=int, required=True)
+    rc.add_argument("--chunk-overlap", type=int, required=True)
+    rc.add_argument("--splitter", choices=["recursive", "markdown"])
+    rc.add_argument("--unit", choices=["chars", "tokens"], help="measure chunks in characters or model tokens")
+    rc.add_argument("--heading-prefix", action=argparse.BooleanOptionalAction, default=None,
+                    help="prepend the heading path to the embedded text")
+    rc.set_defaults(func=cmd_rechunk)
+
+    sub.add_parser("collections", parents=[common], help="list Chroma collections").set_defaults(func=cmd_collections)
+    d = sub.add_parser("drop-collection", parents=[common], help="delete a collection that is not live")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_drop)
+
+    q = sub.add_parser("search", parents=[common], help="retrieve chunks")
+    q.add_argument("query")
+    q.add_argument("-k", type=int, default=5)
+    q.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="hybrid")
+    q.add_argument("--threshold", type=float, help="minimum score in the mode's own scale (higher is better)")
+    q.add_argument("--mmr", action="store_true", help="diversify dense results (maximal marginal relevance)")
+    q.add_argument("--source")
+    q.add_argument("--path-prefix")
+    q.set_defaults(func=cmd_search)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = args.func(args)
+    except KBError as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc)}, ensure_ascii=False))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False, default=str))
+    return 1 if out.get("error") else 0

@@ -1,0 +1,141 @@
+"""Chroma collections: one per chunk config and embedding model.
+
+The embedded default is a ``PersistentClient`` in ``KB_HOME/chroma``;
+``KB_CHROMA_URL`` switches to a Chroma server. Collections never get Chroma's
+default embedding function (it downloads a model): we always supply vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
+
+import chromadb
+from chromadb.config import Settings as ChromaSettings
+
+from core.settings import Settings
+from kb.chunking import Chunk, ChunkConfig
+from kb.errors import KBError
+from kb.progress import Progress, no_progress
+
+READ_BATCH = 500
+
+
+def make_client(settings: Settings) -> "chromadb.ClientAPI":
+    chroma_settings = ChromaSettings(anonymized_telemetry=False)
+    if settings.chroma_url:
+        url = urlsplit(settings.chroma_url)
+        if url.scheme not in {"http", "https"} or not url.hostname:
+            raise KBError(f"KB_CHROMA_URL={settings.chroma_url!r} is not an http(s) URL")
+        try:
+            return chromadb.HttpClient(
+                host=url.hostname,
+                port=url.port or (443 if url.scheme == "https" else 8000),
+                ssl=url.scheme == "https",
+                settings=chroma_settings,
+            )
+        except Exception as exc:  # chromadb raises ValueError/ConnectionError variants
+            raise KBError(f"cannot reach the Chroma server at {settings.chroma_url}: {exc}") from None
+    settings.chroma_path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(settings.chroma_path), settings=chroma_settings)
+
+
+def collection_name(config: ChunkConfig, model_slug: str) -> str:
+    return f"kb-{config.hash}-{model_slug}"[:63].rstrip("-._")
+
+
+def _batches(seq: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+class VectorIndex:
+    """The operations sync, re-chunk and the pages need, on raw Chroma collections."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.client = make_client(settings)
+
+    def get(self, name: str):
+        try:
+            return self.client.get_collection(name, embedding_function=None)
+        except Exception:  # NotFoundError / ValueError depending on the client
+            raise KBError(f"no collection named {name!r}") from None
+
+    def exists(self, name: str) -> bool:
+        return name in self.names()
+
+    def names(self) -> list[str]:
+        return sorted(c.name for c in self.client.list_collections())
+
+    def create(self, name: str, config: ChunkConfig, embed_model: str):
+        return self.client.get_or_create_collection(
+            name,
+            embedding_function=None,
+            configuration={"hnsw": {"space": "cosine"}},
+            metadata={"chunk_config": config.to_json(), "embed_model": embed_model},
+        )
+
+    def drop(self, name: str) -> None:
+        self.client.delete_collection(name)
+
+    def describe(self, name: str) -> dict:
+        coll = self.get(name)
+        meta = coll.metadata or {}
+        sample = coll.get(limit=1, include=["embeddings"])
+        embs = sample.get("embeddings")
+        dim = len(embs[0]) if embs is not None and len(embs) else None
+        return {
+            "name": name,
+            "count": coll.count(),
+            "dimension": dim,
+            "embed_model": meta.get("embed_model", ""),
+            "chunk_config": meta.get("chunk_config", ""),
+        }
+
+    @staticmethod
+    def source_chunks(coll, source: str) -> dict[str, dict[str, str]]:
+        """path -> {chunk id: text_hash} for one source, read in pages."""
+        out: dict[str, dict[str, str]] = {}
+        offset = 0
+        while True:
+            page = coll.get(where={"source": source}, include=["metadatas"], limit=5000, offset=offset)
+            for cid, meta in zip(page["ids"], page["metadatas"]):
+                out.setdefault(meta["path"], {})[cid] = meta.get("text_hash", "")
+            if len(page["ids"]) < 5000:
+                return out
+            offset += 5000
+
+    @staticmethod
+    def vectors_for_hashes(coll, hashes: Sequence[str]) -> dict[str, list[float]]:
+        """Stored vectors of texts we already embedded, keyed by text hash."""
+        found: dict[str, list[float]] = {}
+        for batch in _batches(list(hashes), READ_BATCH):
+            page = coll.get(where={"text_hash": {"$in": list(batch)}}, include=["metadatas", "embeddings"])
+            for meta, vec in zip(page["metadatas"], page["embeddings"]):
+                found.setdefault(meta["text_hash"], list(vec))
+        return found
+
+    def upsert(self, coll, chunks: Sequence[Chunk], vectors: Sequence[Sequence[float]], progress: Progress = no_progress) -> None:
+        size = self.client.get_max_batch_size()
+        done = 0
+        for i in range(0, len(chunks), size):
+            part = chunks[i : i + size]
+            coll.upsert(
+                ids=[c.id for c in part],
+                embeddings=[list(v) for v in vectors[i : i + size]],
+                documents=[c.text for c in part],
+                metadatas=[c.metadata() for c in part],
+            )
+            done += len(part)
+            progress("store", done, len(chunks), coll.name)
+
+    def update_metadata(self, coll, chunks: Sequence[Chunk]) -> None:
+        size = self.client.get_max_batch_size()
+        for part in _batches(list(chunks), size):
+            coll.update(ids=[c.id for c in part], metadatas=[c.metadata() for c in part])
+
+    def delete_ids(self, coll, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        size = self.client.get_max_batch_size()
+        for part in _batches(ids, size):
+            coll.delete(ids=list(part))

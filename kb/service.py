@@ -1,0 +1,281 @@
+"""The knowledge-base service: the one entry point for the CLI, tests and pages.
+
+It wires settings to the manifest, the Chroma index and the embedding model
+(loaded lazily, and injectable so tests can count embedding calls), and
+exposes the operations a person performs: add, sync, upload, re-chunk,
+inspect.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from langchain_core.embeddings import Embeddings
+
+from core import embeddings as emb
+from core.settings import Settings, load_settings
+from kb import sources
+from kb.chunking import ChunkConfig
+from kb.errors import KBError
+from kb.index import VectorIndex, collection_name
+from kb.loaders import LoadedDocument, SkipFile, load_document
+from kb.manifest import Manifest, SourceRow, write_lock
+from kb.progress import Progress, no_progress
+from kb.sync import SyncContext, SyncReport, read_blob, sync_source
+
+
+class KnowledgeBase:
+    def __init__(self, settings: Settings | None = None, embeddings: Embeddings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.manifest = Manifest(self.settings.manifest_path)
+        self._index: VectorIndex | None = None
+        self._embeddings = embeddings
+        self.embed_model = emb.model_name(self.settings)
+
+    # shared resources, loaded on first use
+    @property
+    def index(self) -> VectorIndex:
+        if self._index is None:
+            self._index = VectorIndex(self.settings)
+        return self._index
+
+    @property
+    def embeddings(self) -> Embeddings:
+        if self._embeddings is None:
+            self._embeddings = emb.load_embeddings(self.settings)
+        return self._embeddings
+
+    def _context(self) -> SyncContext:
+        return SyncContext(self.settings, self.manifest, self.index, lambda: self.embeddings, self.embed_model)
+
+    # the live collection
+    def default_config(self) -> ChunkConfig:
+        s = self.settings
+        return ChunkConfig(splitter=s.splitter, size=s.chunk_size, overlap=s.chunk_overlap, unit=s.length_unit)
+
+    def live(self) -> tuple[str, ChunkConfig]:
+        """The live collection's name and config; a new KB starts from the settings' defaults."""
+        name = self.manifest.live_collection
+        if name:
+            row = self.manifest.collection_rows().get(name)
+            if row:
+                if row["embed_model"] != self.embed_model:
+                    raise KBError(
+                        f"the live collection {name} was embedded with {row['embed_model']}, but the configured "
+                        f"model is {self.embed_model}: run `kb rechunk` to rebuild with it, or change KB_EMBED_MODEL back"
+                    )
+                return name, ChunkConfig.from_json(row["chunk_config"])
+        config = self.default_config()
+        name = collection_name(config, emb.model_slug(self.settings))
+        self.manifest.put_collection(name, config.to_json(), self.embed_model, "ready")
+        with self.manifest.transaction() as con:
+            self.manifest.set_meta(con, "live_collection", name)
+        return name, config
+
+    # sources
+    def add_source(
+        self, name: str, url: str, branch: str | None = None, web_url: str | None = None,
+        extensions: tuple[str, ...] | None = None, progress: Progress = no_progress,
+    ) -> SourceRow:
+        """Validate, clone into KB_HOME/repos/NAME and register; nothing is left behind on failure."""
+        sources.validate_name(name)
+        spec = sources.SourceSpec(name, sources.validate_url(url), sources.validate_branch(branch))
+        if self.manifest.has_source(name):
+            raise KBError(f"source {name!r} already exists")
+        dest = self.settings.repos_path / name
+        with write_lock(self.settings.home):
+            followed = sources.clone(spec, dest, progress)
+            row = SourceRow(
+                name=name, kind="git", url=spec.display_url,
+                web_url=web_url if web_url is not None else sources.web_url_for(spec.url),
+                branch=followed, repo_path=str(dest.resolve()),
+                extensions=tuple(extensions or self.settings.extensions),
+                indexed_commit=None, indexed_collection=None, last_synced=None, created=time.time(),
+            )
+            try:
+                self.manifest.add_source(row)
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
+        return row
+
+    def add_defaults(self, progress: Progress = no_progress) -> list[dict]:
+        """Register the tutorial's six gitee repositories; one failing doesn't stop the others."""
+        results = []
+        for name, url in sources.DEFAULT_SOURCES.items():
+            if self.manifest.has_source(name):
+                results.append({"name": name, "url": url, "ok": True, "message": "already registered"})
+                continue
+            try:
+                self.add_source(name, url, progress=progress)
+                results.append({"name": name, "url": url, "ok": True, "message": "cloned"})
+            except KBError as exc:
+                results.append({"name": name, "url": url, "ok": False, "message": str(exc)})
+        return results
+
+    def remove_source(self, name: str) -> int:
+        """Delete a source, its chunks in every collection, and its clone."""
+        src = self.manifest.source(name)
+        removed = 0
+        with write_lock(self.settings.home):
+            for cname in self.index.names():
+                coll = self.index.get(cname)
+                ids = coll.get(where={"source": name}, include=[])["ids"]
+                self.index.delete_ids(coll, ids)
+                self.manifest.touch_collection(cname)
+                removed += len(ids)
+            with self.manifest.transaction() as con:
+                self.manifest.delete_source(con, name)
+            shutil.rmtree(src.repo_path, ignore_errors=True)
+        return removed
+
+    def sources(self) -> list[SourceRow]:
+        return self.manifest.sources()
+
+    # sync and uploads
+    def sync(self, names: list[str] | None = None, dry_run: bool = False, progress: Progress = no_progress) -> list[SyncReport]:
+        rows = [self.manifest.source(n) for n in names] if names else self.manifest.sources()
+        if not rows:
+            raise KBError("no sources yet: add one with `kb add NAME URL_OR_PATH`")
+        with write_lock(self.settings.home):
+            collection, config = self.live()
+            reports = []
+            for src in rows:
+                try:
+                    reports.append(sync_source(self._context(), src, collection, config, dry_run=dry_run, progress=progress))
+                except KBError as exc:
+                    reports.append(SyncReport(src.name, src.indexed_commit, None, dry_run=dry_run, error=str(exc)))
+            return reports
+
+    def upload(self, files: dict[str, bytes], source: str, progress: Progress = no_progress) -> SyncReport:
+        """Add files to a files-only source (created on first use) and index them."""
+        sources.validate_name(source)
+        s = self.settings
+        checked: dict[str, bytes] = {}
+        for raw, data in files.items():
+            name = sources.safe_upload_name(raw, s.upload_extensions)
+            if len(data) > s.upload_max_bytes:
+                raise KBError(f"{name}: {len(data):,} bytes is over the upload limit of {s.upload_max_bytes:,} (KB_UPLOAD_MAX_BYTES)")
+            checked[name] = data
+        if not checked:
+            raise KBError("no files given")
+        if self.manifest.has_source(source):
+            src = self.manifest.source(source)
+            if src.kind != "files":
+                raise KBError(f"source {source!r} is a git repository; uploads go to a files-only source")
+        else:
+            dest = s.repos_path / source
+            if dest.exists():
+                raise KBError(f"folder {dest} already exists; remove it first")
+            branch = sources.init_files_repo(dest)
+            self.manifest.add_source(SourceRow(
+                source, "files", "(uploads)", "", branch, str(dest.resolve()), tuple(s.upload_extensions),
+                None, None, None, time.time(),
+            ))
+        src = self.manifest.source(source)
+        with write_lock(s.home):
+            sources.commit_uploads(Path(src.repo_path), checked)
+        return self.sync([source], progress=progress)[0]
+
+    # collections
+    def collections(self) -> list[dict]:
+        live = self.manifest.live_collection
+        rows = self.manifest.collection_rows()
+        out = []
+        for name in self.index.names():
+            info = self.index.describe(name)
+            info["live"] = name == live
+            info["status"] = rows.get(name, {}).get("status", "unknown")
+            out.append(info)
+        return out
+
+    def drop_collection(self, name: str) -> None:
+        if name == self.manifest.live_collection:
+            raise KBError(f"{name} is the live collection; make another one live first")
+        if not self.index.exists(name):
+            raise KBError(f"no collection named {name!r}")
+        with write_lock(self.settings.home):
+            self.index.drop(name)
+            self.manifest.forget_collection(name)
+
+    def set_live(self, name: str) -> None:
+        """Point the knowledge base at another complete collection."""
+        row = self.manifest.collection_rows().get(name)
+        if not self.index.exists(name) or not row:
+            raise KBError(f"no collection named {name!r}")
+        if row["status"] != "ready":
+            raise KBError(f"{name} is not complete (status {row['status']}); rebuild it with `kb rechunk`")
+        if row["embed_model"] != self.embed_model:
+            raise KBError(f"{name} was embedded with {row['embed_model']}, not the configured {self.embed_model}")
+        with write_lock(self.settings.home), self.manifest.transaction() as con:
+            self.manifest.set_meta(con, "live_collection", name)
+
+    def rechunk(self, config: ChunkConfig, progress: Progress = no_progress) -> dict:
+        """Build a collection with ``config`` beside the live one; switch only when complete."""
+        name = collection_name(config, emb.model_slug(self.settings))
+        live, _ = self.live()
+        if name == live:
+            raise KBError(f"{name} with these settings is already the live collection")
+        t0 = time.perf_counter()
+        with write_lock(self.settings.home):
+            if self.index.exists(name):
+                self.index.drop(name)  # a leftover, maybe half-built: start clean
+            self.manifest.put_collection(name, config.to_json(), self.embed_model, "building")
+            self.index.create(name, config, self.embed_model)
+            reports = []
+            for src in self.manifest.sources():
+                if src.indexed_commit:
+                    progress("rechunk", len(reports), None, src.name)
+                    reports.append(sync_source(self._context(), src, name, config, rebuild_at=src.indexed_commit, progress=progress))
+            self.manifest.put_collection(name, config.to_json(), self.embed_model, "ready")
+            with self.manifest.transaction() as con:
+                for rep in reports:
+                    for row in rep.documents:
+                        self.manifest.put_document(con, row)
+                    self.manifest.mark_indexed(con, rep.name, rep.commit_after, name)
+                self.manifest.set_meta(con, "live_collection", name)
+        return {
+            "collection": name, "previous": live, "chunk_config": config.label(),
+            "chunks": sum(r.chunks_embedded + r.chunks_reused for r in reports),
+            "chunks_embedded": sum(r.chunks_embedded for r in reports),
+            "chunks_overlong": sum(len(r.chunks_overlong) for r in reports),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+
+    # reading
+    def stats(self) -> dict:
+        counts = self.manifest.counts()
+        live = self.manifest.live_collection
+        chunks = self.index.get(live).count() if live and self.index.exists(live) else 0
+        return {
+            "sources": counts["sources"], "documents": counts["documents"], "skipped": counts["skipped"],
+            "chunks": chunks, "live_collection": live, "collections": self.index.names(),
+        }
+
+    def read_document(self, source: str, path: str) -> LoadedDocument:
+        """A document's text as indexed (at the source's indexed commit)."""
+        import git
+
+        src = self.manifest.source(source)
+        row = self.manifest.document(source, path)
+        if row is None:
+            raise KBError(f"{source} has no document {path!r}")
+        data, why = read_blob(git.Repo(src.repo_path).commit(row.commit), path)
+        if data is None:
+            raise KBError(f"{path}: {why}")
+        try:
+            return load_document(path, data, max(self.settings.max_file_bytes, len(data)))
+        except SkipFile as exc:
+            raise KBError(f"{path} is not indexed: {exc}") from None
+
+    def chunks_of(self, source: str, path: str, collection: str | None = None) -> list[dict]:
+        coll = self.index.get(collection or self.live()[0])
+        page = coll.get(where={"$and": [{"source": source}, {"path": path}]}, include=["documents", "metadatas"])
+        rows = [{"id": i, "text": d, **m} for i, d, m in zip(page["ids"], page["documents"], page["metadatas"])]
+        return sorted(rows, key=lambda r: (r["line_start"], r["line_end"]))
+
+    def close(self) -> None:
+        self.manifest.close()

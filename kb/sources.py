@@ -1,0 +1,238 @@
+"""Sources: git repositories (GitPython) and files-only upload sources.
+
+Every source lives as a git repository under ``KB_HOME/repos/NAME``. Remote
+sources are bare clones whose branches are fetched in place; an upload source
+is a local repository in which each upload is a commit. So sync works the same
+way for both: diff the indexed commit against the new one.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import git
+
+from kb.errors import KBError
+from kb.progress import GitProgress, Progress, no_progress
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+ALLOWED_SCHEMES = {"https", "http", "ssh", "git", "file"}
+SCP_RE = re.compile(r"^(?P<user>[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>[^/].*|/.*)$")
+UPLOADS_DIR = "uploads"
+
+DEFAULT_SOURCES: dict[str, str] = {
+    "opencompass": "https://gitee.com/open-compass/opencompass",
+    "lmdeploy": "https://gitee.com/InternLM/lmdeploy",
+    "xtuner": "https://gitee.com/InternLM/xtuner",
+    "InternLM-XComposer": "https://gitee.com/InternLM/InternLM-XComposer",
+    "lagent": "https://gitee.com/InternLM/lagent",
+    "InternLM": "https://gitee.com/InternLM/InternLM",
+}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What a person asked for, validated."""
+
+    name: str
+    url: str  # as given, possibly with credentials: only ever handed to git
+    branch: str | None = None
+    web_url: str = ""
+
+    @property
+    def display_url(self) -> str:
+        return redact(self.url)
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name or "") or name.startswith(("-", ".")):
+        raise KBError(
+            f"invalid source name {name!r}: use 1-64 letters, digits, '-', '_' or '.', "
+            "not starting with '-' or '.'"
+        )
+    return name
+
+
+def validate_branch(branch: str | None) -> str | None:
+    if branch is None:
+        return None
+    bad = (
+        not branch
+        or branch.startswith(("-", "/"))
+        or ".." in branch
+        or branch.endswith((".lock", "/", "."))
+        or re.search(r"[\s~^:?*\[\\\x00-\x1f\x7f]", branch)
+        or "@{" in branch
+    )
+    if bad:
+        raise KBError(f"invalid branch name {branch!r}")
+    return branch
+
+
+def redact(url: str) -> str:
+    """Hide credentials: ``https://user:token@host`` -> ``https://***@host``."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", url)
+
+
+def validate_url(url: str) -> str:
+    """Accept https/http/ssh/git/file URLs, scp-like ``user@host:path`` and local paths."""
+    if not url or url.startswith("-"):
+        raise KBError(f"refused URL {redact(url)!r}: it must not be empty or start with '-'")
+    if "::" in url.split("/", 1)[0] or url.lower().startswith("ext::"):
+        raise KBError(f"refused URL {redact(url)!r}: the transport is not allowed (only https, http, ssh, git, file, local paths)")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in ALLOWED_SCHEMES:
+            raise KBError(f"refused URL {redact(url)!r}: transport {scheme!r} is not allowed (only https, http, ssh, git, file, local paths)")
+        if scheme != "file" and not urlsplit(url).hostname:
+            raise KBError(f"refused URL {redact(url)!r}: no host")
+        return url
+    local = Path(url).expanduser()
+    if local.exists():
+        if not (local.is_dir() or local.suffix == ".bundle"):
+            raise KBError(f"{url!r} is neither a git repository folder nor a .bundle file")
+        return str(local.resolve())
+    if SCP_RE.match(url) and not url.startswith(("/", ".", "~")):
+        return url
+    raise KBError(f"{url!r} is not a URL and no such local path exists")
+
+
+def host_of(url: str) -> str:
+    if "://" in url:
+        return urlsplit(url).hostname or ""
+    m = SCP_RE.match(url)
+    return m.group("host") if m and not Path(url).exists() else "local"
+
+
+def web_url_for(url: str) -> str:
+    """The browsable web page of a gitee/github/gitlab repository, if known."""
+    host = host_of(url)
+    if host not in {"gitee.com", "github.com", "gitlab.com"}:
+        return ""
+    path = urlsplit(url).path if "://" in url else SCP_RE.match(url).group("path")  # type: ignore[union-attr]
+    path = path.strip("/").removesuffix(".git")
+    return f"https://{host}/{path}" if path else ""
+
+
+def permalink(web_url: str, commit: str, path: str, line_start: int, line_end: int) -> str:
+    """Link to the file and lines at that commit; empty when the host is unknown."""
+    if not web_url or not commit:
+        return ""
+    base = web_url.rstrip("/")
+    blob = "/-/blob/" if "gitlab.com" in base else "/blob/"
+    return f"{base}{blob}{commit}/{path}#L{line_start}-L{line_end}"
+
+
+def _git_error(exc: git.GitCommandError, spec_url: str, progress: GitProgress) -> KBError:
+    """A one-line reason from git's own words; with progress on, they arrive on the progress object."""
+    stderr = "\n".join([(exc.stderr or "").replace("\\n", "\n"), *progress.error_lines, *progress.other_lines])
+    lines = [l.strip().strip("'").strip() for l in stderr.splitlines() if l.strip()]
+    reason = next((l.split("fatal:", 1)[1].strip() for l in lines if "fatal:" in l), "")
+    reason = redact_all(reason or (lines[-1] if lines else f"git exited with status {exc.status}"))
+    host = host_of(spec_url)
+    if host == "local":
+        return KBError(f"cannot clone {redact(spec_url)}: {reason}")
+    return KBError(f"cannot reach {host or 'the remote'} ({redact(spec_url)}): {reason}")
+
+
+def redact_all(text: str) -> str:
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@", r"\1***@", text)
+
+
+def clone(spec: SourceSpec, dest: Path, progress: Progress = no_progress) -> str:
+    """Bare-clone ``spec`` into ``dest`` and return the branch to follow.
+
+    Branches are fetched straight into ``refs/heads`` so a later fetch moves
+    them; a failure removes the half-made folder.
+    """
+    if dest.exists():
+        raise KBError(f"folder {dest} already exists; remove the source first")
+    watcher = GitProgress(progress, "clone")
+    try:
+        kwargs = {"branch": spec.branch} if spec.branch else {}
+        repo = git.Repo.clone_from(spec.url, dest, bare=True, progress=watcher, **kwargs)
+        with repo.config_writer() as cfg:
+            cfg.set_value('remote "origin"', "fetch", "+refs/heads/*:refs/heads/*")
+        branch = spec.branch or repo.head.reference.name
+        repo.commit(f"refs/heads/{branch}")
+        return branch
+    except git.GitCommandError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise _git_error(exc, spec.url, watcher) from None
+    except (ValueError, TypeError, git.BadName) as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise KBError(f"{redact(spec.url)}: branch {spec.branch or 'HEAD'!r} not found ({exc})") from None
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def fetch(repo_path: Path, branch: str, url: str, progress: Progress = no_progress) -> str:
+    """Fetch the remote and return the branch's new head commit."""
+    repo = git.Repo(repo_path)
+    watcher = GitProgress(progress, "fetch")
+    try:
+        repo.remote("origin").fetch(progress=watcher)
+    except git.GitCommandError as exc:
+        raise _git_error(exc, url, watcher) from None
+    return head_commit(repo_path, branch)
+
+
+def head_commit(repo_path: Path, branch: str) -> str:
+    try:
+        return git.Repo(repo_path).commit(f"refs/heads/{branch}").hexsha
+    except (git.BadName, ValueError):
+        raise KBError(f"branch {branch!r} not found in {repo_path.name}") from None
+
+
+def init_files_repo(dest: Path) -> str:
+    """A local repository for uploads; returns its branch."""
+    dest.mkdir(parents=True, exist_ok=False)
+    repo = git.Repo.init(dest, initial_branch="main")
+    with repo.config_writer() as cfg:
+        cfg.set_value("user", "name", "kb upload")
+        cfg.set_value("user", "email", "kb@localhost")
+    return "main"
+
+
+SAFE_FILE_RE = re.compile(r"^[^\x00-\x1f\x7f/\\:*?\"<>|]{1,200}$")
+
+
+def safe_upload_name(raw_name: str, allowed: tuple[str, ...]) -> str:
+    """Keep only a plain, harmless base name, or refuse."""
+    name = raw_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if raw_name != name and (".." in raw_name.split("/") or raw_name.startswith(("/", "\\"))):
+        raise KBError(f"refused file name {raw_name!r}: paths are not allowed")
+    if not name or name.startswith((".", "-")) or not SAFE_FILE_RE.fullmatch(name):
+        raise KBError(f"refused file name {raw_name!r}")
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if ext not in allowed:
+        raise KBError(f"refused {name!r}: extension {('.' + ext) if ext else '(none)'} is not allowed (allowed: {', '.join(allowed)})")
+    return name
+
+
+def commit_uploads(repo_path: Path, files: dict[str, bytes]) -> str:
+    """Write files into the upload repo and commit them; returns the commit."""
+    repo = git.Repo(repo_path)
+    target = repo_path / UPLOADS_DIR
+    target.mkdir(exist_ok=True)
+    rels = []
+    for name, data in files.items():
+        (target / name).write_bytes(data)
+        rels.append(f"{UPLOADS_DIR}/{name}")
+    repo.index.add(rels)
+    if repo.head.is_valid() and not repo.index.diff("HEAD"):
+        return repo.head.commit.hexsha
+    return repo.index.commit(f"upload {', '.join(files)}").hexsha
+
+
+def remove_uploads(repo_path: Path, names: list[str]) -> str:
+    repo = git.Repo(repo_path)
+    rels = [f"{UPLOADS_DIR}/{n}" for n in names]
+    repo.index.remove(rels, working_tree=True)
+    return repo.index.commit(f"remove {', '.join(names)}").hexsha
+

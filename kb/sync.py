@@ -1,0 +1,258 @@
+"""Incremental sync: fetch, diff, reload only what changed, embed only new text.
+
+The same routine builds a whole collection from scratch (no commit before),
+which is what a first sync and a re-chunk do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import git
+from langchain_core.embeddings import Embeddings
+
+from core import embeddings as emb
+from core.settings import Settings
+from kb.bm25 import tokenize
+from kb.chunking import Chunk, ChunkConfig, make_splitter, split_document
+from kb.errors import KBError
+from kb.index import VectorIndex
+from kb.loaders import SkipFile, extension, load_document
+from kb.manifest import DocumentRow, Manifest, SourceRow
+from kb.progress import Progress, no_progress
+from kb.sources import fetch, head_commit
+
+SYMLINK_MODE = 0o120000
+EMBED_BATCH = 256
+
+
+@dataclass
+class Changes:
+    added: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SyncReport:
+    """One source's sync; the first ten fields are the CLI contract (DESIGN §6)."""
+
+    name: str
+    commit_before: str | None
+    commit_after: str | None
+    files_added: int = 0
+    files_modified: int = 0
+    files_deleted: int = 0
+    chunks_embedded: int = 0
+    chunks_reused: int = 0
+    chunks_deleted: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    collection: str = ""
+    added: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    chunks_overlong: list[dict] = field(default_factory=list)
+    error: str = ""
+    documents: list[DocumentRow] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("documents")
+        return d
+
+
+@dataclass
+class SyncContext:
+    """What a sync needs; embeddings load lazily so a no-op sync stays fast."""
+
+    settings: Settings
+    manifest: Manifest
+    index: VectorIndex
+    get_embeddings: Callable[[], Embeddings]
+    embed_model: str
+
+
+def diff_commits(repo: git.Repo, old: str | None, new: str, extensions: tuple[str, ...]) -> Changes:
+    """Indexable files added, modified and deleted between two commits."""
+    keep = lambda p: p is not None and extension(p) in extensions  # noqa: E731
+    changes = Changes()
+    if old is None:
+        changes.added = sorted(b.path for b in repo.commit(new).tree.traverse() if b.type == "blob" and keep(b.path))
+        return changes
+    for d in repo.commit(old).diff(new):
+        kind = d.change_type
+        if kind == "A" and keep(d.b_path):
+            changes.added.append(d.b_path)
+        elif kind == "D" and keep(d.a_path):
+            changes.deleted.append(d.a_path)
+        elif kind in ("M", "T") and keep(d.b_path):
+            changes.modified.append(d.b_path)
+        elif kind == "R":
+            if keep(d.a_path):
+                changes.deleted.append(d.a_path)
+            if keep(d.b_path):
+                changes.added.append(d.b_path)
+    for lst in (changes.added, changes.modified, changes.deleted):
+        lst.sort()
+    return changes
+
+
+def read_blob(commit: git.Commit, path: str) -> tuple[bytes | None, str]:
+    """The file's bytes at a commit, or None and why it is not read."""
+    blob = commit.tree / path
+    if blob.mode == SYMLINK_MODE:
+        target = blob.data_stream.read().decode("utf-8", "replace")
+        return None, f"symlink to {target} (the target is indexed on its own path)"
+    return blob.data_stream.read(), ""
+
+
+def load_and_split(
+    ctx: SyncContext, repo: git.Repo, src: SourceRow, commit: str, paths: list[str], config: ChunkConfig, progress: Progress
+) -> tuple[dict[str, list[Chunk]], list[DocumentRow]]:
+    """Load and chunk the given paths at ``commit``; skipped files come back as rows with a reason."""
+    c = repo.commit(commit)
+    token_len = emb.token_counter(ctx.settings) if config.unit == "tokens" else None
+    splitter = make_splitter(config, token_len)
+    chunks: dict[str, list[Chunk]] = {}
+    rows: list[DocumentRow] = []
+    for i, path in enumerate(paths, 1):
+        progress("load", i, len(paths), path)
+        data, why = read_blob(c, path)
+        if data is None:
+            rows.append(DocumentRow(src.name, path, commit, "", "", 0, "", 0, "skipped", why))
+            continue
+        try:
+            doc = load_document(path, data, ctx.settings.max_file_bytes)
+        except SkipFile as exc:
+            rows.append(DocumentRow(src.name, path, commit, hashlib.sha256(data).hexdigest(), "", len(data), "", 0, "skipped", str(exc)))
+            continue
+        parts = split_document(
+            doc, source=src.name, commit=commit, web_url=src.web_url, config=config,
+            embed_model=ctx.embed_model, splitter=splitter,
+        )
+        chunks[path] = parts
+        rows.append(DocumentRow(src.name, path, commit, doc.sha256, doc.loader, doc.size, doc.language, len(parts), "indexed"))
+    return chunks, rows
+
+
+def measure_tokens(settings: Settings, chunks: list[Chunk]) -> list[dict]:
+    """Set each chunk's token count; list those longer than the model's window."""
+    window = emb.max_tokens(settings)
+    counts = emb.count_tokens(settings, [c.embed_text for c in chunks])
+    over = []
+    for c, n in zip(chunks, counts):
+        c.n_tokens = n
+        if n > window:
+            over.append({"path": c.path, "line_start": c.line_start, "line_end": c.line_end, "tokens": n, "window": window})
+    return over
+
+
+def embed_texts(embeddings: Embeddings, texts: list[str], progress: Progress) -> list[list[float]]:
+    """Embed in length-sorted batches: similar lengths pad less, and progress can be shown."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    vectors: list[list[float] | None] = [None] * len(texts)
+    for start in range(0, len(order), EMBED_BATCH):
+        idx = order[start : start + EMBED_BATCH]
+        for i, v in zip(idx, embeddings.embed_documents([texts[i] for i in idx])):
+            vectors[i] = v
+        progress("embed", min(start + EMBED_BATCH, len(order)), len(order), "")
+    return vectors  # type: ignore[return-value]
+
+
+def sync_source(
+    ctx: SyncContext,
+    src: SourceRow,
+    collection: str,
+    config: ChunkConfig,
+    *,
+    dry_run: bool = False,
+    rebuild_at: str | None = None,
+    progress: Progress = no_progress,
+) -> SyncReport:
+    """Bring ``collection`` up to date with ``src``.
+
+    ``rebuild_at`` builds the source from scratch at that commit without
+    fetching or touching the manifest (re-chunk into a new collection).
+    """
+    t0 = time.perf_counter()
+    repo_path = Path(src.repo_path)
+    repo = git.Repo(repo_path)
+    if rebuild_at:
+        old, new = None, rebuild_at
+    else:
+        if src.kind == "git":
+            new = fetch(repo_path, src.branch, src.url, progress)
+        else:
+            new = head_commit(repo_path, src.branch) if repo.head.is_valid() else None
+        old = src.indexed_commit if src.indexed_collection == collection else None
+    report = SyncReport(src.name, src.indexed_commit, new, dry_run=dry_run, collection=collection)
+    if new is None or (old == new):
+        report.seconds = round(time.perf_counter() - t0, 3)
+        return report
+    if old is not None:
+        try:
+            repo.commit(old)
+        except (ValueError, git.BadName):
+            old = None  # history rewritten: rebuild this source from scratch
+    changes = diff_commits(repo, old, new, src.extensions)
+    coll = ctx.index.create(collection, config, ctx.embed_model)
+    existing = ctx.index.source_chunks(coll, src.name) if coll.count() else {}
+    if old is None:  # full build: anything stored for paths no longer there goes
+        keep = set(changes.added)
+        changes.deleted = sorted(p for p in existing if p not in keep)
+        indexed = {d.path for d in ctx.manifest.documents(src.name)}
+        changes.added, changes.modified = (
+            [p for p in changes.added if p not in indexed or rebuild_at],
+            [p for p in changes.added if p in indexed and not rebuild_at],
+        )
+    report.added, report.modified, report.deleted = changes.added, changes.modified, changes.deleted
+    report.files_added, report.files_modified, report.files_deleted = map(len, (changes.added, changes.modified, changes.deleted))
+
+    by_path, rows = load_and_split(ctx, repo, src, new, changes.added + changes.modified, config, progress)
+    report.documents = rows
+    report.skipped = [{"path": r.path, "reason": r.reason} for r in rows if r.status == "skipped"]
+    all_chunks = [c for parts in by_path.values() for c in parts]
+    report.chunks_overlong = measure_tokens(ctx.settings, all_chunks)
+    for c in all_chunks:
+        c.bm25_tokens = " ".join(tokenize(c.embed_text))
+
+    to_delete: list[str] = []
+    fresh: list[Chunk] = []
+    kept: list[Chunk] = []
+    for path in changes.added + changes.modified + changes.deleted:
+        old_ids = existing.get(path, {})
+        new_ids = {c.id for c in by_path.get(path, [])}
+        to_delete += [i for i in old_ids if i not in new_ids]
+        for c in by_path.get(path, []):
+            (kept if c.id in old_ids else fresh).append(c)
+    stored = ctx.index.vectors_for_hashes(coll, sorted({c.text_hash for c in fresh})) if existing or coll.count() else {}
+    need = list({c.text_hash: c for c in fresh if c.text_hash not in stored}.values())  # each text once
+    report.chunks_embedded = len(need)
+    report.chunks_reused = len(kept) + len(fresh) - len(need)
+    report.chunks_deleted = len(to_delete)
+    if dry_run:
+        report.seconds = round(time.perf_counter() - t0, 3)
+        return report
+
+    vectors = embed_texts(ctx.get_embeddings(), [c.embed_text for c in need], progress) if need else []
+    by_hash = dict(stored)
+    by_hash.update({c.text_hash: v for c, v in zip(need, vectors)})
+    ctx.index.upsert(coll, fresh, [by_hash[c.text_hash] for c in fresh], progress)
+    ctx.index.update_metadata(coll, kept)
+    ctx.index.delete_ids(coll, to_delete)
+    ctx.manifest.touch_collection(collection)
+    if not rebuild_at:
+        with ctx.manifest.transaction() as con:
+            for row in rows:
+                ctx.manifest.put_document(con, row)
+            for path in changes.deleted:
+                ctx.manifest.delete_document(con, src.name, path)
+            ctx.manifest.mark_indexed(con, src.name, new, collection)
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report

@@ -1,0 +1,125 @@
+"""Shared fixtures: the corpus bundles, embedding models loaded once per session.
+
+Two real sentence-transformers models are used:
+- the packaged all-MiniLM-L6-v2 (the product default), for retrieval and answers;
+- a tiny randomly initialised BERT saved to a temp folder and loaded through
+  ``KB_EMBED_MODEL`` (the production "local folder" path), for tests that
+  index the whole corpus, where the default model would take many minutes on
+  two cores. Both go through exactly the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import core.settings  # noqa: F401  (offline environment first)
+from core.settings import Settings, load_settings
+from langchain_core.embeddings import Embeddings
+
+pytest_plugins = ["llm_fixtures"]
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("KB_CORPUS", ROOT.parent / "shared" / "corpus"))
+BUNDLES = ["InternLM", "xtuner", "lmdeploy", "opencompass", "lagent", "InternLM-XComposer"]
+
+
+class CountingEmbeddings(Embeddings):
+    """Wraps a real model and counts the texts it is asked to embed."""
+
+    def __init__(self, inner: Embeddings) -> None:
+        self.inner = inner
+        self.documents_embedded = 0
+        self.calls = 0
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        self.calls += 1
+        self.documents_embedded += len(texts)
+        return self.inner.embed_documents(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.inner.embed_query(text)
+
+    def reset(self) -> None:
+        self.documents_embedded = self.calls = 0
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not (CORPUS / "xtuner.bundle").is_file():
+        pytest.fail(f"shared corpus not found at {CORPUS} (set KB_CORPUS)")
+    return CORPUS
+
+
+def base_settings(home: Path, **changes) -> Settings:
+    return load_settings(env={}, secrets_path=Path("/nonexistent")).with_(home=home, **changes)
+
+
+@pytest.fixture(scope="session")
+def tiny_st_dir(tmp_path_factory) -> Path:
+    """A real, tiny sentence-transformers model (random weights) with MiniLM's tokenizer."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from core.embeddings import packaged_model_dir
+
+    out = tmp_path_factory.mktemp("models") / "tiny-st"
+    tok = AutoTokenizer.from_pretrained(packaged_model_dir())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+    raw = out.parent / "tiny-bert"
+    BertModel(cfg).save_pretrained(raw)
+    tok.save_pretrained(raw)
+    word = Transformer(str(raw), max_seq_length=256)
+    model = SentenceTransformer(modules=[word, Pooling(word.get_embedding_dimension(), "mean")], device="cpu")
+    model.save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_embeddings(tiny_st_dir) -> CountingEmbeddings:
+    from core.embeddings import load_embeddings
+
+    return CountingEmbeddings(load_embeddings(base_settings(Path("/tmp"), embed_model=str(tiny_st_dir))))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> CountingEmbeddings:
+    """The real default embedding model, loaded once per session."""
+    from core.embeddings import load_embeddings
+
+    return CountingEmbeddings(load_embeddings(base_settings(Path("/tmp"))))
+
+
+@pytest.fixture
+def tiny_kb(tmp_path, tiny_st_dir, tiny_embeddings):
+    """A fresh knowledge base on the tiny model."""
+    from kb.service import KnowledgeBase
+
+    tiny_embeddings.reset()
+    kb = KnowledgeBase(base_settings(tmp_path / "home", embed_model=str(tiny_st_dir)), embeddings=tiny_embeddings)
+    yield kb
+    kb.close()
+
+
+@pytest.fixture(scope="session")
+def xtuner_kb(tmp_path_factory, corpus, minilm):
+    """The xtuner docs indexed with the real default model, shared by retrieval and answer tests."""
+    from kb.service import KnowledgeBase
+
+    home = tmp_path_factory.mktemp("xtuner-home")
+    kb = KnowledgeBase(base_settings(home), embeddings=minilm)
+    kb.add_source("xtuner", str(corpus / "xtuner.bundle"), web_url="https://gitee.com/InternLM/xtuner")
+    report = kb.sync(["xtuner"])[0]
+    assert not report.error, report.error
+    return kb
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()

@@ -1,0 +1,99 @@
+"""Loaders and chunking: line numbers, headings, skips, Chinese separators, token lengths."""
+
+from __future__ import annotations
+
+import pytest
+
+from core import embeddings as emb
+from kb.chunking import ChunkConfig, make_splitter, split_document
+from kb.errors import KBError
+from kb.loaders import SkipFile, load_document, markdown_headings
+
+from conftest import base_settings
+
+
+def _split(text: str, config: ChunkConfig, path: str = "a.md", token_len=None):
+    doc = load_document(path, text.encode(), 10**7)
+    return doc, split_document(doc, source="s", commit="c0ffee", web_url="https://gitee.com/o/r", config=config,
+                               embed_model="m", splitter=make_splitter(config, token_len))
+
+
+def assert_lines_hold(doc_text: str, chunk) -> None:
+    lines = doc_text.split("\n")
+    window = "\n".join(lines[chunk.line_start - 1 : chunk.line_end])
+    assert chunk.text in window, (chunk.line_start, chunk.line_end, chunk.text[:80])
+
+
+def test_markdown_headings_skip_code_fences():
+    lines = ["# A", "text", "```", "# not a heading", "```", "## B", "x", "# C"]
+    assert markdown_headings(lines) == ["A", "A", "A", "A", "A", "A > B", "A > B", "C"]
+
+
+def test_lines_and_headings_are_exact():
+    body = "\n".join(f"第{i}句话在这里。这是一个比较长的句子，用来测试切分。" for i in range(60))
+    text = f"# 标题\n\n{body}\n\n## 小节\n\nEnglish text here. Another sentence!\n"
+    doc, chunks = _split(text, ChunkConfig(size=120, overlap=30))
+    assert len(chunks) > 5
+    for c in chunks:
+        assert_lines_hold(doc.text, c)
+        assert c.url.endswith(f"#L{c.line_start}-L{c.line_end}")
+    assert chunks[0].heading == "标题" and chunks[-1].heading == "标题 > 小节"
+
+
+def test_chinese_breaks_after_full_stop():
+    text = "。".join(["这是一段没有换行的很长的中文文本内容" * 2] * 30) + "。"
+    _, chunks = _split(text, ChunkConfig(size=100, overlap=0), path="zh.txt")
+    assert len(chunks) > 3
+    assert all(c.text.endswith("。") for c in chunks[:-1])
+
+
+def test_crlf_is_normalised():
+    doc, chunks = _split("# T\r\n\r\nline one\r\nline two\r\n", ChunkConfig(size=100, overlap=0))
+    assert doc.text == "# T\n\nline one\nline two"
+    assert (chunks[0].line_start, chunks[0].line_end) == (1, 4)
+
+
+def test_deterministic_ids_and_duplicates():
+    text = "## Citation\n\nsame\n\n" + "x " * 300 + "\n\n## Citation\n\nsame\n"
+    _, a = _split(text, ChunkConfig(size=50, overlap=0))
+    _, b = _split(text, ChunkConfig(size=50, overlap=0))
+    assert [c.id for c in a] == [c.id for c in b]
+    assert len({c.id for c in a}) == len(a)
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [(b"\x00\x01binary", "binary"), (b"\xff\xfe\xfa bad", "not UTF-8"), (b"   \n", "empty"),
+     ("\n".join(f"tok{i} x{i}" for i in range(2000)).encode(), "data file")],
+)
+def test_skipped_files_say_why(data, reason):
+    with pytest.raises(SkipFile, match=reason):
+        load_document("f.txt", data, 10**7)
+
+
+def test_size_limit():
+    with pytest.raises(SkipFile, match="too large"):
+        load_document("f.md", b"x" * 101, 100)
+
+
+def test_token_chunks_fit_the_window():
+    settings = base_settings(__import__("pathlib").Path("/tmp"))
+    count = emb.token_counter(settings)
+    text = "\n\n".join(f"InternLM 是一个开源的大语言模型系列，第{i}段介绍它的训练与部署方法。" * 3 for i in range(40))
+    config = ChunkConfig(size=128, overlap=16, unit="tokens")
+    doc, chunks = _split(text, config, token_len=count)
+    assert all(count(c.text) <= 128 for c in chunks)
+    for c in chunks:
+        assert_lines_hold(doc.text, c)
+
+
+def test_markdown_splitter_prefers_headings():
+    text = "# A\n\n" + "alpha words here. " * 20 + "\n\n## B\n\n" + "beta words here. " * 20
+    _, chunks = _split(text, ChunkConfig(splitter="markdown", size=400, overlap=0))
+    assert chunks[1].text.startswith("## B") and chunks[1].heading == "A > B"
+
+
+@pytest.mark.parametrize("kw", [dict(size=10), dict(size=100, overlap=100), dict(splitter="x"), dict(unit="words")])
+def test_bad_config(kw):
+    with pytest.raises(KBError):
+        ChunkConfig(**kw)

@@ -1,0 +1,119 @@
+"""Source validation, redaction, unreachable remotes and uploads."""
+
+from __future__ import annotations
+
+import pytest
+
+from kb import sources
+from kb.errors import KBError
+
+
+@pytest.mark.parametrize("name", ["InternLM-XComposer", "xtuner", "a", "v1.2_x", "x" * 64])
+def test_valid_names(name):
+    assert sources.validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-x", ".x", "a/b", "../x", "a b", "x" * 65, "名字", "a;rm"])
+def test_invalid_names(name):
+    with pytest.raises(KBError, match="invalid source name"):
+        sources.validate_name(name)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ext::sh -c touch% /tmp/pwned", "EXT::x", "fd::3", "-uhttps://x", "--upload-pack=touch /tmp/x",
+     "ftp://example.com/x.git", "https://", "javascript://x"],
+)
+def test_refused_urls(url):
+    with pytest.raises(KBError, match="refused|not allowed|no host"):
+        sources.validate_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://gitee.com/InternLM/xtuner", "http://h/x.git", "ssh://git@h/x.git", "git://h/x", "git@gitee.com:InternLM/xtuner.git"],
+)
+def test_accepted_urls(url):
+    assert sources.validate_url(url) == url
+
+
+def test_local_bundle_and_missing_path(corpus):
+    assert sources.validate_url(str(corpus / "lagent.bundle")).endswith("lagent.bundle")
+    with pytest.raises(KBError, match="no such local path"):
+        sources.validate_url("/no/such/repo")
+
+
+@pytest.mark.parametrize("branch", ["-b", "--orphan", "a..b", "x y", "a:b", ""])
+def test_refused_branches(branch):
+    with pytest.raises(KBError, match="invalid branch"):
+        sources.validate_branch(branch)
+
+
+def test_redaction():
+    assert sources.redact("https://user:s3cret@gitee.com/a/b") == "https://***@gitee.com/a/b"
+    assert sources.redact("https://gitee.com/a/b") == "https://gitee.com/a/b"
+
+
+def test_permalinks():
+    assert sources.web_url_for("https://gitee.com/InternLM/xtuner.git") == "https://gitee.com/InternLM/xtuner"
+    assert sources.web_url_for("git@github.com:InternLM/xtuner.git") == "https://github.com/InternLM/xtuner"
+    assert sources.web_url_for("/local/x.bundle") == ""
+    link = sources.permalink("https://gitee.com/InternLM/xtuner", "abc123", "docs/a.md", 3, 9)
+    assert link == "https://gitee.com/InternLM/xtuner/blob/abc123/docs/a.md#L3-L9"
+
+
+def test_unreachable_remote_leaves_nothing(tiny_kb):
+    url = "https://user:s3cret@gitee.com/InternLM/xtuner"
+    with pytest.raises(KBError) as err:
+        tiny_kb.add_source("xtuner", url)
+    message = str(err.value)
+    assert "gitee.com" in message and "s3cret" not in message
+    assert not (tiny_kb.settings.repos_path / "xtuner").exists()
+    assert not tiny_kb.manifest.has_source("xtuner")
+
+
+def test_refused_url_through_service(tiny_kb):
+    with pytest.raises(KBError, match="not allowed"):
+        tiny_kb.add_source("evil", "ext::sh -c 'touch /tmp/pwned'")
+    assert not tiny_kb.sources()
+
+
+def test_add_bundle_and_duplicate(tiny_kb, corpus):
+    row = tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    assert row.branch == "main" and (tiny_kb.settings.repos_path / "lagent").is_dir()
+    with pytest.raises(KBError, match="already exists"):
+        tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    with pytest.raises(KBError, match="not found"):
+        tiny_kb.add_source("lagent2", str(corpus / "lagent.bundle"), branch="nope")
+    assert not (tiny_kb.settings.repos_path / "lagent2").exists()
+
+
+@pytest.mark.parametrize("name", ["../evil.md", "/etc/passwd.md", ".hidden.md", "x.exe", "noext", "a\x00.md"])
+def test_upload_refuses_bad_names(tiny_kb, name):
+    with pytest.raises(KBError):
+        tiny_kb.upload({name: b"# hi\n"}, "files")
+
+
+def test_upload_size_limit_keeps_stored_files(tiny_kb):
+    tiny_kb.upload({"a.md": b"# A\n\nfirst file\n"}, "files")
+    small = tiny_kb.settings.with_(upload_max_bytes=100)
+    tiny_kb.settings = small
+    with pytest.raises(KBError, match="over the upload limit"):
+        tiny_kb.upload({"b.md": b"x" * 101}, "files")
+    docs = tiny_kb.manifest.documents("files")
+    assert [d.path for d in docs] == ["uploads/a.md"]
+    assert tiny_kb.stats()["chunks"] == 1
+
+
+def test_upload_markdown_and_html(tiny_kb):
+    html = b"<html><body><h1>Guide</h1><p>InternLM answers questions.</p><p>Second paragraph.</p></body></html>"
+    rep = tiny_kb.upload({"guide.md": "# 标题\n\n第一行。\n第二行。\n".encode(), "page.html": html}, "files")
+    assert rep.files_added == 2 and not rep.error
+    docs = {d.path: d for d in tiny_kb.manifest.documents("files")}
+    assert docs["uploads/page.html"].loader == "unstructured" and docs["uploads/page.html"].status == "indexed"
+    chunks = tiny_kb.chunks_of("files", "uploads/page.html")
+    assert any("InternLM answers questions." in c["text"] for c in chunks)
+    assert tiny_kb.chunks_of("files", "uploads/guide.md")[0]["heading"] == "标题"
+    tiny_kb.add_source("repo", str(tiny_kb.settings.repos_path / "files"))
+    with pytest.raises(KBError, match="git repository"):
+        tiny_kb.upload({"c.md": b"# c\n"}, "repo")

@@ -1,0 +1,168 @@
+"""Sync, re-chunk and collections, on the shared bundles as real git remotes."""
+
+from __future__ import annotations
+
+import git as gitpython
+import pytest
+
+from kb.chunking import ChunkConfig
+from kb.errors import KBError
+from kb.loaders import SkipFile, load_document
+
+from conftest import BUNDLES, git
+
+
+def test_every_bundle_indexes_with_exact_lines(tiny_kb, corpus):
+    for name in BUNDLES:
+        tiny_kb.add_source(name, str(corpus / f"{name}.bundle"))
+    reports = {r.name: r for r in tiny_kb.sync()}
+    assert all(not r.error for r in reports.values())
+    assert all(r.files_added > 0 and r.chunks_embedded > 0 for r in reports.values())
+    stats = tiny_kb.stats()
+    embedded = sum(r.chunks_embedded for r in reports.values())
+    assert embedded == tiny_kb.embeddings.documents_embedded
+    # identical texts (e.g. a README shared by two repos) are embedded once and reused
+    assert stats["sources"] == 6 and stats["chunks"] == embedded + sum(r.chunks_reused for r in reports.values())
+
+    skipped = {(s, d.path): d.reason for s in BUNDLES for d in tiny_kb.manifest.documents(s) if d.status == "skipped"}
+    assert "symlink" in skipped[("xtuner", ".codex/AGENTS.md")]
+    merges = [k for k in skipped if k[0] == "InternLM-XComposer" and k[1].endswith("merges.txt")]
+    assert merges and "too large" in skipped[merges[0]]
+    xcomposer = gitpython.Repo(tiny_kb.manifest.source("InternLM-XComposer").repo_path)
+    with pytest.raises(SkipFile, match="data file"):  # skipped by the data rule too, whatever the size limit
+        load_document(merges[0][1], (xcomposer.head.commit.tree / merges[0][1]).data_stream.read(), 10**8)
+
+    # every chunk's line range holds its text, in the file as stored in git
+    coll = tiny_kb.index.get(tiny_kb.live()[0])
+    got = coll.get(include=["documents", "metadatas"])
+    files: dict[tuple[str, str], list[str]] = {}
+    for text, meta in zip(got["documents"], got["metadatas"]):
+        key = (meta["source"], meta["path"])
+        if key not in files:
+            src = tiny_kb.manifest.source(meta["source"])
+            blob = gitpython.Repo(src.repo_path).commit(meta["commit"]).tree / meta["path"]
+            files[key] = load_document(meta["path"], blob.data_stream.read(), 10**8).text.split("\n")
+        window = "\n".join(files[key][meta["line_start"] - 1 : meta["line_end"]])
+        assert text in window, (key, meta["line_start"], meta["line_end"])
+    assert ("InternLM-XComposer", "evaluation/README.md") in files  # the CRLF file
+
+    # a second sync embeds nothing
+    tiny_kb.embeddings.reset()
+    again = tiny_kb.sync()
+    assert sum(r.chunks_embedded for r in again) == 0 and tiny_kb.embeddings.documents_embedded == 0
+
+
+@pytest.fixture
+def history_remote(tmp_path, corpus):
+    """A bare repo made from xtuner-history.bundle, with main moved back to commit 1."""
+    remote = tmp_path / "xtuner-remote.git"
+    git("clone", "-q", "--bare", str(corpus / "xtuner-history.bundle"), str(remote))
+    new = git("rev-parse", "main", cwd=remote)
+    old = git("rev-parse", "main~1", cwd=remote)
+    git("update-ref", "refs/heads/main", old, cwd=remote)
+    return remote, old, new
+
+
+def test_incremental_sync_embeds_only_changed_files(tiny_kb, history_remote):
+    remote, old, new = history_remote
+    tiny_kb.add_source("xtuner", str(remote))
+    first = tiny_kb.sync(["xtuner"])[0]
+    assert first.commit_after == old and first.chunks_embedded > 0
+    git("update-ref", "refs/heads/main", new, cwd=remote)
+
+    preview = tiny_kb.sync(["xtuner"], dry_run=True)[0]
+    assert (preview.files_added, preview.files_modified, preview.files_deleted) == (17, 12, 0)
+    assert tiny_kb.manifest.source("xtuner").indexed_commit == old  # dry run wrote nothing
+
+    coll = tiny_kb.index.get(tiny_kb.live()[0])
+    before = coll.get(where={"source": "xtuner"}, include=["metadatas"])
+    stored = {m["text_hash"] for m in before["metadatas"]}
+    tiny_kb.embeddings.reset()
+    rep = tiny_kb.sync(["xtuner"])[0]
+    assert (rep.files_added, rep.files_modified, rep.files_deleted) == (17, 12, 0)
+    assert rep.commit_before == old and rep.commit_after == new
+    assert rep.chunks_embedded == tiny_kb.embeddings.documents_embedded == preview.chunks_embedded
+
+    changed = set(rep.added) | set(rep.modified)
+    after = coll.get(where={"source": "xtuner"}, include=["metadatas"])
+    new_chunks = [m for m in after["metadatas"] if m["path"] in changed]
+    expected = {m["text_hash"] for m in new_chunks} - stored
+    assert rep.chunks_embedded == len(expected) > 0
+    assert rep.chunks_embedded < len(after["ids"]) / 3  # only the changed files, not the whole repo
+    assert all(m["commit"] == new for m in new_chunks)
+    unchanged_ids = {i for i, m in zip(before["ids"], before["metadatas"]) if m["path"] not in changed}
+    assert unchanged_ids <= set(after["ids"])
+    assert tiny_kb.manifest.source("xtuner").indexed_commit == new
+
+    tiny_kb.embeddings.reset()
+    idle = tiny_kb.sync(["xtuner"])[0]
+    assert idle.chunks_embedded == 0 == tiny_kb.embeddings.documents_embedded
+    assert idle.commit_before == idle.commit_after == new
+
+
+def test_deleted_file_removes_its_chunks(tiny_kb, tmp_path, corpus):
+    work = tmp_path / "work"
+    git("clone", "-q", str(corpus / "lagent.bundle"), str(work))
+    git("config", "user.email", "t@t", cwd=work)
+    git("config", "user.name", "t", cwd=work)
+    tiny_kb.add_source("lagent", str(work))
+    tiny_kb.sync(["lagent"])
+    victim = next(d.path for d in tiny_kb.manifest.documents("lagent") if d.status == "indexed" and d.chunks)
+    git("rm", "-q", victim, cwd=work)
+    git("commit", "-qm", "rm", cwd=work)
+    rep = tiny_kb.sync(["lagent"])[0]
+    assert rep.files_deleted == 1 and rep.chunks_deleted > 0 and rep.chunks_embedded == 0
+    assert tiny_kb.chunks_of("lagent", victim) == [] and tiny_kb.manifest.document("lagent", victim) is None
+
+
+def test_rechunk_switches_only_when_complete(tiny_kb, corpus):
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    tiny_kb.sync()
+    live, _ = tiny_kb.live()
+    count = tiny_kb.stats()["chunks"]
+
+    class Boom(Exception):
+        pass
+
+    real = tiny_kb._embeddings
+    tiny_kb._embeddings = type("Failing", (), {"embed_documents": lambda self, t: (_ for _ in ()).throw(Boom())})()
+    with pytest.raises(Boom):
+        tiny_kb.rechunk(ChunkConfig(size=300, overlap=0))
+    tiny_kb._embeddings = real
+    assert tiny_kb.live()[0] == live and tiny_kb.stats()["chunks"] == count
+    half = [c for c in tiny_kb.collections() if not c["live"]]
+    assert half and half[0]["status"] == "building"
+    with pytest.raises(KBError, match="not complete"):
+        tiny_kb.set_live(half[0]["name"])
+
+    out = tiny_kb.rechunk(ChunkConfig(size=300, overlap=0))
+    assert out["previous"] == live and tiny_kb.live()[0] == out["collection"] != live
+    assert tiny_kb.stats()["chunks"] == out["chunks"] > count
+    names = {c["name"]: c for c in tiny_kb.collections()}
+    assert names[live]["live"] is False and names[out["collection"]]["live"] is True
+    assert names[out["collection"]]["dimension"] == 32
+    with pytest.raises(KBError, match="live collection"):
+        tiny_kb.drop_collection(out["collection"])
+    tiny_kb.drop_collection(live)
+    assert live not in tiny_kb.index.names()
+    rep = tiny_kb.sync()[0]
+    assert rep.chunks_embedded == 0  # the new live collection is complete
+
+
+def test_remove_source_deletes_its_chunks(tiny_kb, corpus):
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    tiny_kb.add_source("InternLM", str(corpus / "InternLM.bundle"))
+    tiny_kb.sync()
+    removed = tiny_kb.remove_source("lagent")
+    assert removed > 0
+    coll = tiny_kb.index.get(tiny_kb.live()[0])
+    assert not coll.get(where={"source": "lagent"}, include=[])["ids"]
+    assert coll.count() > 0 and not tiny_kb.manifest.has_source("lagent")
+    assert not (tiny_kb.settings.repos_path / "lagent").exists()
+
+
+def test_sync_without_sources_is_a_clear_error(tiny_kb):
+    with pytest.raises(KBError, match="no sources"):
+        tiny_kb.sync()
+    with pytest.raises(KBError, match="no source named"):
+        tiny_kb.sync(["nope"])
