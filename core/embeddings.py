@@ -46,11 +46,23 @@ def model_dir(settings: Settings) -> Path:
     return path.resolve()
 
 
+BACKENDS = ("torch", "onnx-int8")
+
+
+def backend(settings: Settings) -> str:
+    if settings.embed_backend not in BACKENDS:
+        raise EmbeddingConfigError(f"KB_EMBED_BACKEND={settings.embed_backend!r}: use one of {', '.join(BACKENDS)}")
+    return settings.embed_backend
+
+
 def model_name(settings: Settings) -> str:
-    """A short, stable name recorded on every chunk and in collection names."""
-    if not settings.embed_model:
-        return DEFAULT_EMBED_NAME
-    return Path(settings.embed_model).expanduser().resolve().name
+    """A short, stable name recorded on every chunk and in collection names.
+
+    The int8 runtime gives slightly different vectors, so it is a model of its
+    own: its vectors never mix with the float model's in one collection.
+    """
+    base = DEFAULT_EMBED_NAME if not settings.embed_model else Path(settings.embed_model).expanduser().resolve().name
+    return base + ("-int8" if backend(settings) == "onnx-int8" else "")
 
 
 def model_slug(settings: Settings) -> str:
@@ -106,6 +118,10 @@ def load_embeddings(settings: Settings) -> Embeddings:
     from langchain_huggingface import HuggingFaceEmbeddings
 
     path = model_dir(settings)
+    if backend(settings) == "onnx-int8":
+        from core.onnx_embed import OnnxInt8Embeddings
+
+        return OnnxInt8Embeddings(path, settings.models_path / "onnx", max_tokens(settings), settings.embed_batch_size)
     return HuggingFaceEmbeddings(
         model_name=str(path),
         model_kwargs={"device": device(settings), "local_files_only": True},

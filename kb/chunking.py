@@ -37,7 +37,7 @@ class ChunkConfig:
     overlap: int = 150
     unit: str = "chars"
     heading_prefix: bool = False  # prepend the heading path to the embedded/BM25 text
-    version: int = 1  # bump when the splitting code changes its output
+    version: int = 2  # bump when the splitting code changes its output
 
     def __post_init__(self) -> None:
         if self.splitter not in SPLITTERS:
@@ -146,6 +146,35 @@ def locate(text: str, pieces: list[str]) -> list[int]:
     return starts
 
 
+def merge_small(text: str, spans: list[tuple[int, int]], config: ChunkConfig, length) -> list[tuple[int, int]]:
+    """Fold fragments shorter than a fifth of the chunk size into a neighbour.
+
+    The recursive splitter emits a lone tail (a label such as "常用字段：" before
+    a long code block) when the next piece is too big to join it. Alone, such
+    fragments carry no meaning yet rank high in dense search. The merged span
+    is the file's own contiguous text, so line provenance stays exact; it may
+    exceed the chunk size by at most that fifth.
+    """
+    small = max(1, config.size // 5)
+    limit = config.size + small
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(spans):
+        start, end = spans[i]
+        if length(text[start:end]) < small:
+            if i + 1 < len(spans) and length(text[start : max(end, spans[i + 1][1])]) <= limit:
+                spans[i + 1] = (start, max(end, spans[i + 1][1]))
+                i += 1
+                continue
+            if out and length(text[out[-1][0] : max(end, out[-1][1])]) <= limit:
+                out[-1] = (out[-1][0], max(end, out[-1][1]))
+                i += 1
+                continue
+        out.append((start, end))
+        i += 1
+    return out
+
+
 def split_document(
     doc: LoadedDocument,
     *,
@@ -158,10 +187,13 @@ def split_document(
 ) -> list[Chunk]:
     """Split one document; each chunk's lines are the file's own line numbers."""
     pieces = [p for p in splitter.split_text(doc.text) if p.strip()]
+    spans = merge_small(doc.text, [(s, s + len(p)) for p, s in zip(pieces, locate(doc.text, pieces))],
+                        config, splitter._length_function)
     newlines = [i for i, c in enumerate(doc.text) if c == "\n"]
     seen: Counter[str] = Counter()
     chunks = []
-    for piece, start in zip(pieces, locate(doc.text, pieces)):
+    for start, end in spans:
+        piece = doc.text[start:end]
         line_start = bisect.bisect_left(newlines, start) + 1
         line_end = line_start + piece.count("\n")
         heading = doc.heading_at(line_start)

@@ -191,6 +191,52 @@ def cmd_search(args: argparse.Namespace) -> dict:
                      for h in hits], "score": SCORE_NOTES[args.mode]}
 
 
+def cmd_ask(args: argparse.Namespace) -> dict:
+    from core.llm import build_chat_model
+    from kb.answer import Answer, Answerer
+    from kb.retrieval import SearchEngine, SearchOptions
+
+    kb = _kb(args)
+    engine = None if args.no_rag else SearchEngine(kb)
+    opts = SearchOptions(k=args.k, mode=args.mode, threshold=args.threshold, source=args.source,
+                         path_prefix=args.path_prefix)
+    try:
+        llm = build_chat_model(kb.settings)
+    except ValueError as exc:  # LLMError / GGUFError: bad configuration, missing parts
+        raise KBError(str(exc)) from None
+    result = Answer(question=args.question, answer="")
+    for piece in Answerer(llm, engine, opts).stream(args.question, rag=not args.no_rag, result=result):
+        if not args.json:
+            print(piece, end="", flush=True)
+    if not args.json:
+        print()
+        if result.sources:
+            print("\nSources:")
+            for i, h in enumerate(result.sources, 1):
+                mark = "*" if i in result.cited else " "
+                print(f"{mark}[{i}] {h.citation}" + (f"  {h.url}" if h.url else ""))
+        print(f"({result.seconds:.1f}s, first token after {result.first_token_seconds or 0:.1f}s)", file=sys.stderr)
+    return result.as_dict()
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from kb.evaluate import evaluate, load_questions, save_run
+    from kb.retrieval import SearchEngine, SearchOptions
+
+    questions = load_questions(args.questions)
+    kb = _kb(args)
+    live, config = kb.live()
+    report = evaluate(SearchEngine(kb), questions, SearchOptions(k=args.k, mode=args.mode))
+    save_run(kb.settings.home, report, {"collection": live, "chunk_config": config.label(),
+                                         "embed_model": kb.embed_model, "questions": str(args.questions)})
+    if not args.json:
+        for r in report["results"]:
+            print(f"{r['id']:24} {('rank ' + str(r['rank'])) if r['rank'] else 'MISS':8} {r['question'][:60]}")
+        print(f"\nn={report['n']} mode={report['mode']} k={report['k']}  hit@1={report['hit@1']:.3f}  "
+              f"hit@{report['k']}={report['hit@k']:.3f}  mrr={report['mrr']:.3f}")
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -249,6 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--source")
     q.add_argument("--path-prefix")
     q.set_defaults(func=cmd_search)
+
+    k = sub.add_parser("ask", parents=[common], help="answer a question with sources")
+    k.add_argument("question")
+    k.add_argument("--no-rag", action="store_true", help="ask the LLM directly, without retrieval")
+    k.add_argument("-k", type=int, default=5)
+    k.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="hybrid")
+    k.add_argument("--threshold", type=float)
+    k.add_argument("--source")
+    k.add_argument("--path-prefix")
+    k.set_defaults(func=cmd_ask)
+
+    e = sub.add_parser("eval", parents=[common], help="hit@1, hit@k and MRR on a JSONL question file")
+    e.add_argument("questions")
+    e.add_argument("-k", type=int, default=5)
+    e.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="hybrid")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -54,7 +54,8 @@ class KnowledgeBase:
     # the live collection
     def default_config(self) -> ChunkConfig:
         s = self.settings
-        return ChunkConfig(splitter=s.splitter, size=s.chunk_size, overlap=s.chunk_overlap, unit=s.length_unit)
+        return ChunkConfig(splitter=s.splitter, size=s.chunk_size, overlap=s.chunk_overlap, unit=s.length_unit,
+                           heading_prefix=s.heading_prefix)
 
     def live(self) -> tuple[str, ChunkConfig]:
         """The live collection's name and config; a new KB starts from the settings' defaults."""

@@ -121,5 +121,16 @@ def xtuner_kb(tmp_path_factory, corpus, minilm):
     return kb
 
 
+@pytest.fixture(scope="session")
+def lagent_kb(tmp_path_factory, corpus, minilm):
+    """The lagent docs (the smallest bundle) with the real default model."""
+    from kb.service import KnowledgeBase
+
+    kb = KnowledgeBase(base_settings(tmp_path_factory.mktemp("lagent-home")), embeddings=minilm)
+    kb.add_source("lagent", str(corpus / "lagent.bundle"), web_url="https://gitee.com/InternLM/lagent")
+    assert not kb.sync(["lagent"])[0].error
+    return kb
+
+
 def git(*args: str, cwd: Path | None = None) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()

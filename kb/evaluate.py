@@ -1,0 +1,95 @@
+"""Retrieval evaluation: hit@1, hit@k and MRR on a question file (DESIGN §6).
+
+A question is hit at rank r when the r-th hit comes from the source named
+``repo``, has the same ``path``, and its lines overlap the gold range. Runs are
+saved in ``KB_HOME/evals`` with the config they measured, so they can be
+compared over time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from kb.errors import KBError
+from kb.retrieval import Hit, SearchEngine, SearchOptions
+
+REQUIRED = ("id", "question", "repo", "path", "line_start", "line_end")
+
+
+def load_questions(path: Path | str, text: str | None = None) -> list[dict]:
+    """Parse a JSONL question file; a bad line is reported with its number."""
+    if text is None:
+        p = Path(path)
+        if not p.is_file():
+            raise KBError(f"no such question file: {path}")
+        text = p.read_text(encoding="utf-8")
+    questions = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KBError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        missing = [f for f in REQUIRED if f not in q]
+        if missing:
+            raise KBError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+        questions.append(q)
+    if not questions:
+        raise KBError(f"{path}: no questions")
+    return questions
+
+
+def is_hit(hit: Hit, q: dict) -> bool:
+    return (hit.source == q["repo"] and hit.path == q["path"]
+            and hit.line_start <= int(q["line_end"]) and hit.line_end >= int(q["line_start"]))
+
+
+def evaluate(engine: SearchEngine, questions: list[dict], options: SearchOptions) -> dict:
+    rows = []
+    t0 = time.perf_counter()
+    for q in questions:
+        hits = engine.search(q["question"], options)
+        rank = next((h.rank for h in hits if is_hit(h, q)), None)
+        top = hits[0] if hits else None
+        rows.append({
+            "id": q["id"], "question": q["question"], "lang": q.get("lang", ""), "rank": rank,
+            "gold": f"{q['repo']}/{q['path']}:{q['line_start']}-{q['line_end']}",
+            "top_hit": top.citation if top else "", "top_text": top.text if top else "",
+        })
+    n = len(rows)
+    ranks = [r["rank"] for r in rows]
+    return {
+        "n": n,
+        "hit@1": round(sum(1 for r in ranks if r == 1) / n, 4),
+        "hit@k": round(sum(1 for r in ranks if r) / n, 4),
+        "mrr": round(sum(1 / r for r in ranks if r) / n, 4),
+        "k": options.k,
+        "mode": options.mode,
+        "misses": [r["id"] for r in rows if not r["rank"]],
+        "results": rows,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def save_run(home: Path, report: dict, config: dict) -> Path:
+    """Keep a run with what it measured (chunking, model, mode, k)."""
+    folder = home / "evals"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = folder / f"{stamp}-{report['mode']}-k{report['k']}.json"
+    path.write_text(json.dumps({"time": time.time(), "config": config, **report}, ensure_ascii=False, indent=1))
+    return path
+
+
+def past_runs(home: Path) -> list[dict]:
+    folder = home / "evals"
+    runs = []
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            runs.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return runs

@@ -1,0 +1,226 @@
+"""Plain-Python helpers behind the pages: re-chunk previews, chunk maps and safe snippets.
+
+- :func:`preview_chunks` splits one document with a candidate :class:`ChunkConfig`
+  exactly as a sync would, and measures every chunk in embedding-model tokens
+  against the model's window, so an admin sees before re-chunking how many
+  chunks would be cut by the model.
+- :func:`length_histogram`, :func:`line_cover` and :func:`annotated_lines` turn
+  that into a chart and a line-numbered view with the chunks marked.
+- :func:`escape_markdown`, :func:`mark_terms`, :func:`snippet` and
+  :func:`link_markers` make document text safe to show as Markdown (no HTML,
+  no Streamlit directives from the document itself) with the query terms
+  highlighted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from core import embeddings as emb
+from core.settings import Settings
+from kb.chunking import Chunk, ChunkConfig, make_splitter, split_document
+from kb.loaders import LoadedDocument
+
+# ---------------------------------------------------------------------------- re-chunk preview
+
+
+@dataclass
+class ChunkPreview:
+    """One document split with a candidate config, each chunk measured in model tokens."""
+
+    config: ChunkConfig
+    chunks: list[Chunk]
+    tokens: list[int]  # with special tokens, as the embedding model sees each chunk
+    window: int  # the model's max_seq_length: tokens past it are never embedded
+    chars: list[int] = field(default_factory=list)
+
+    @property
+    def over_window(self) -> int:
+        return sum(1 for t in self.tokens if t > self.window)
+
+    @property
+    def tokens_lost(self) -> int:
+        """Tokens past the window, summed: text the model never sees."""
+        return sum(max(0, t - self.window) for t in self.tokens)
+
+    def summary(self) -> dict:
+        t = self.tokens
+        return {
+            "config": self.config.label(),
+            "chunks": len(t),
+            "window": self.window,
+            "over_window": self.over_window,
+            "tokens_lost": self.tokens_lost,
+            "max_tokens": max(t) if t else 0,
+            "median_tokens": round(statistics.median(t), 1) if t else 0,
+            "mean_tokens": round(statistics.fmean(t), 1) if t else 0,
+        }
+
+    def rows(self) -> list[dict]:
+        return [
+            {"#": i, "lines": f"{c.line_start}-{c.line_end}", "tokens": n, "chars": len(c.text),
+             "over window": n > self.window, "heading": c.heading, "start": c.text[:80]}
+            for i, (c, n) in enumerate(zip(self.chunks, self.tokens), 1)
+        ]
+
+
+def preview_chunks(
+    doc: LoadedDocument, config: ChunkConfig, settings: Settings, *, source: str = "preview",
+    commit: str = "", web_url: str = "", embed_model: str = "",
+) -> ChunkPreview:
+    """Split ``doc`` with ``config`` as sync would, and count each chunk's model tokens."""
+    token_len = emb.token_counter(settings) if config.unit == "tokens" else None
+    chunks = split_document(
+        doc, source=source, commit=commit, web_url=web_url, config=config,
+        embed_model=embed_model or emb.model_name(settings), splitter=make_splitter(config, token_len),
+    )
+    tokens = emb.count_tokens(settings, [c.embed_text for c in chunks])
+    for c, n in zip(chunks, tokens):
+        c.n_tokens = n
+    return ChunkPreview(config, chunks, tokens, emb.max_tokens(settings), [len(c.text) for c in chunks])
+
+
+def _nice_step(top: int, max_bins: int) -> int:
+    step = 8
+    while math.ceil(top / step) > max_bins:
+        step *= 2
+    return step
+
+
+def length_histogram(tokens: Sequence[int], window: int, max_bins: int = 24) -> list[dict]:
+    """Chunk counts per token-length bin; bins are powers of two wide, so the window is an edge.
+
+    Each row: ``start``, ``end`` (exclusive), ``label``, ``count`` and ``over``
+    (the bin lies past the window). Empty bins up to the window are kept so the
+    chart's axis is honest.
+    """
+    if not tokens:
+        return []
+    top = max(max(tokens) + 1, window)
+    step = _nice_step(top, max_bins)
+    n_bins = math.ceil(top / step)
+    counts = [0] * n_bins
+    for t in tokens:
+        counts[min(t // step, n_bins - 1)] += 1
+    return [
+        {"start": i * step, "end": (i + 1) * step, "label": f"{i * step}-{(i + 1) * step - 1}",
+         "count": c, "over": i * step >= window}
+        for i, c in enumerate(counts)
+    ]
+
+
+# ---------------------------------------------------------------------------- chunks on a document
+
+
+def line_cover(n_lines: int, spans: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """For each line (index 0 is line 1): the 1-based numbers of the chunks covering it."""
+    cover: list[list[int]] = [[] for _ in range(n_lines)]
+    for n, (a, b) in enumerate(spans, 1):
+        for line in range(max(a, 1), min(b, n_lines) + 1):
+            cover[line - 1].append(n)
+    return cover
+
+
+def annotated_lines(text: str, spans: Sequence[tuple[int, int]], first: int = 1, last: int | None = None) -> str:
+    """The text with a gutter: line number, then the chunk(s) covering the line (overlap shows two).
+
+    ``first``/``last`` limit the view to a line range (1-based, inclusive).
+    """
+    lines = text.split("\n")
+    last = len(lines) if last is None else min(last, len(lines))
+    cover = line_cover(len(lines), spans)
+    width = len(str(last))
+    tag_width = max([len(",".join(map(str, c))) for c in cover[first - 1 : last]] + [1])
+    out = []
+    for i in range(first, last + 1):
+        tag = ",".join(map(str, cover[i - 1])) or "·"
+        out.append(f"{i:>{width}} │ {tag:<{tag_width}} │ {lines[i - 1]}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- safe Markdown
+
+
+# Every ASCII punctuation mark may be backslash-escaped in CommonMark; these are the
+# ones that could start Markdown, HTML, an entity, LaTeX ($) or a Streamlit
+# directive/emoji shortcode (:color[...], :smile:).
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>&~$:=^\"'])")
+
+
+def escape_markdown(text: str) -> str:
+    """Text shown literally by st.markdown: no formatting, links, HTML or directives from it."""
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _terms_re(terms: Iterable[str]) -> re.Pattern[str] | None:
+    uniq = sorted({t for t in terms if t and t.strip()}, key=len, reverse=True)
+    if not uniq:
+        return None
+    return re.compile("|".join(re.escape(t) for t in uniq), re.IGNORECASE)
+
+
+def mark_terms(text: str, terms: Iterable[str], style: str = "orange-background") -> str:
+    """Escaped Markdown of ``text`` with each occurrence of a term wrapped in ``:style[...]``."""
+    pattern = _terms_re(terms)
+    if pattern is None:
+        return escape_markdown(text)
+    out, pos = [], 0
+    for m in pattern.finditer(text):
+        out.append(escape_markdown(text[pos : m.start()]))
+        out.append(f":{style}[{escape_markdown(m.group(0))}]")
+        pos = m.end()
+    out.append(escape_markdown(text[pos:]))
+    return "".join(out)
+
+
+def snippet(text: str, terms: Iterable[str], width: int = 320) -> str:
+    """A one-line excerpt of about ``width`` characters around the first query term (raw text)."""
+    flat = _one_line(text)
+    if len(flat) <= width:
+        return flat
+    pattern = _terms_re(terms)
+    m = pattern.search(flat) if pattern else None
+    start = 0 if m is None else max(0, min(m.start() - width // 4, len(flat) - width))
+    piece = flat[start : start + width]
+    return ("…" if start > 0 else "") + piece + ("…" if start + width < len(flat) else "")
+
+
+def marked_snippet(text: str, terms: Iterable[str], width: int = 320) -> str:
+    terms = list(terms)
+    return mark_terms(snippet(text, terms, width), terms)
+
+
+_MARKER_RE = re.compile(r"[\[【]\s*(\d+(?:\s*[,，、]\s*\d+)*)\s*[\]】]")
+
+
+def link_markers(answer: str, urls: Sequence[str]) -> str:
+    """Turn the ``[n]`` markers of an answer into links to source n's permalink.
+
+    ``urls[n-1]`` is source n's permalink ('' when it has none: the marker is
+    shown bold). Markers naming no source are left as they are. The answer is
+    the model's own Markdown, shown without HTML.
+    """
+
+    def one(n: int) -> str:
+        url = urls[n - 1] if 1 <= n <= len(urls) else None
+        if url is None:
+            return f"[{n}]"
+        if not url:
+            return f"**\\[{n}\\]**"
+        return f"[\\[{n}\\]]({url.replace('(', '%28').replace(')', '%29').replace(' ', '%20')})"
+
+    def repl(m: re.Match[str]) -> str:
+        nums = [int(x) for x in re.split(r"\s*[,，、]\s*", m.group(1))]
+        if not any(1 <= n <= len(urls) for n in nums):
+            return m.group(0)
+        return "".join(one(n) for n in nums)
+
+    return _MARKER_RE.sub(repl, answer)

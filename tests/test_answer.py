@@ -1,0 +1,75 @@
+"""Answers with sources, with the real default LLM (one model for the session) over xtuner."""
+
+from __future__ import annotations
+
+import git as gitpython
+import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+
+from kb.answer import NO_HITS, Answer, Answerer, cited_numbers, format_context
+from kb.retrieval import Hit, SearchEngine, SearchOptions
+
+
+def test_markers_map_to_sources():
+    assert cited_numbers("XTuner 是微调工具 [1]，支持 QLoRA [2][3]，见【4】和 [2, 5]；[9] 不存在", 5) == [1, 2, 3, 4, 5]
+    assert cited_numbers("no markers", 3) == []
+    hits = [Hit(rank=i, score=1.0, mode="hybrid", source="xtuner", path=f"p{i}.md", line_start=i, line_end=i + 2,
+                commit="abc", url="", text=f"text {i}") for i in (1, 2)]
+    ctx = format_context(hits)
+    assert ctx.startswith("[1] 来源: xtuner/p1.md 第 1-3 行\ntext 1") and "[2] 来源: xtuner/p2.md 第 2-4 行" in ctx
+
+
+class RecordingChat(GenericFakeChatModel):
+    """A scripted chat model for the wiring only (prompt and marker mapping); real models are tested below."""
+
+    seen: list = []
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.seen.append(messages)
+        return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+
+def test_marker_wiring_and_threshold(xtuner_kb):
+    engine = SearchEngine(xtuner_kb)
+    llm = RecordingChat(messages=iter([AIMessage("XTuner 是一个微调工具库 [2]。")]))
+    result = Answerer(llm, engine, SearchOptions(k=3)).ask("xtuner是什么？")
+    prompt = llm.seen[-1][-1].content
+    assert "[1] 来源: xtuner/" in prompt and "[3] 来源: xtuner/" in prompt and "不要试图编造答案" in prompt
+    assert result.cited == [2] and len(result.sources) == 3
+    assert result.sources[1].path in prompt.split("[2] 来源: xtuner/")[1].split("\n")[0]
+
+    # nothing passes the threshold: say so, and never ask the model
+    llm.seen.clear()
+    none = Answerer(llm, engine, SearchOptions(k=3, mode="dense", threshold=0.999)).ask("xtuner是什么？")
+    assert none.answer == NO_HITS and none.sources == [] and llm.seen == []
+
+
+def test_ask_xtuner_cites_readme(xtuner_kb, default_chat_model):
+    engine = SearchEngine(xtuner_kb)
+    result = Answer(question="", answer="")
+    pieces = list(Answerer(default_chat_model, engine, SearchOptions(k=5)).stream("xtuner是什么？", result=result))
+    assert len(pieces) > 1 and result.answer.strip()
+    assert result.first_token_seconds is not None
+    readme = [h for h in result.sources if h.path == "README_zh-CN.md"]
+    assert readme, [h.citation for h in result.sources]
+    repo = gitpython.Repo(xtuner_kb.manifest.source("xtuner").repo_path)
+    n_lines = len((repo.commit(readme[0].commit).tree / "README_zh-CN.md").data_stream.read().decode().splitlines())
+    assert 1 <= readme[0].line_start <= readme[0].line_end <= n_lines
+    assert readme[0].url.startswith("https://gitee.com/InternLM/xtuner/blob/")
+
+
+def test_no_rag_does_not_touch_the_index(default_chat_model):
+    class Untouchable:
+        def search(self, *a, **k):
+            raise AssertionError("the index was used")
+
+    result = Answerer(default_chat_model, Untouchable()).ask("你是谁", rag=False)  # type: ignore[arg-type]
+    assert result.answer.strip() and result.sources == [] and result.rag is False
+
+
+def test_follow_up_is_rewritten_before_retrieval(xtuner_kb, default_chat_model):
+    history = [("user", "xtuner是什么？"), ("assistant", "XTuner 是一个大模型微调工具库。")]
+    result = Answerer(default_chat_model, SearchEngine(xtuner_kb), SearchOptions(k=3)).ask("它支持哪些模型？", history)
+    assert result.standalone_question and result.standalone_question != "它支持哪些模型？"
+    assert result.sources and result.answer

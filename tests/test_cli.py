@@ -1,0 +1,96 @@
+"""The command-line contract: --json objects on stdout, errors on stderr, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def kb(home, *args, env_extra=None, check_json=True):
+    env = {**os.environ, "KB_HOME": str(home), **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "kb", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    out = json.loads(proc.stdout) if check_json and "--json" in args else None
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def cli_home(tmp_path_factory, tiny_st_dir):
+    return tmp_path_factory.mktemp("cli-home"), {"KB_EMBED_MODEL": str(tiny_st_dir)}
+
+
+def test_add_sync_stats_search_json(cli_home, corpus):
+    home, env = cli_home
+    proc, out = kb(home, "add", "lagent", str(corpus / "lagent.bundle"), "--json", env_extra=env)
+    assert proc.returncode == 0 and out["source"]["name"] == "lagent"
+    proc, out = kb(home, "sync", "--dry-run", "--json", env_extra=env)
+    rep = out["sources"][0]
+    assert rep["files_added"] > 0 and rep["chunks_embedded"] > 0 and rep["dry_run"] is True
+    proc, out = kb(home, "stats", "--json", env_extra=env)
+    assert out["chunks"] == 0  # the dry run wrote nothing
+    proc, out = kb(home, "sync", "--json", env_extra=env)
+    rep = out["sources"][0]
+    keys = ["name", "commit_before", "commit_after", "files_added", "files_modified", "files_deleted",
+            "chunks_embedded", "chunks_reused", "chunks_deleted", "seconds"]
+    assert all(k in rep for k in keys) and rep["chunks_embedded"] > 0
+    proc, out = kb(home, "stats", "--json", env_extra=env)
+    assert out["sources"] == 1 and out["documents"] > 0 and out["chunks"] > 0 and len(out["collections"]) == 1
+    for mode in ("dense", "bm25", "hybrid"):
+        proc, out = kb(home, "search", "agent action", "-k", "3", "--mode", mode, "--json", env_extra=env)
+        assert proc.returncode == 0 and len(out["hits"]) == 3
+        hit = out["hits"][0]
+        assert {"rank", "score", "mode", "source", "path", "line_start", "line_end", "commit", "url", "text"} <= set(hit)
+    proc, out = kb(home, "collections", "--json", env_extra=env)
+    assert out["collections"][0]["live"] is True
+    proc, _ = kb(home, "sync", env_extra=env)
+    assert proc.returncode == 0 and "chunks embedded 0" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["add", "-bad", "/tmp"], "invalid source name"),
+        (["add", "evil", "ext::sh -c 'touch /tmp/pwned'"], "not allowed"),
+        (["add", "x", "https://gitee.com/InternLM/xtuner", "--branch=-x"], "invalid branch"),
+        (["sync", "nope"], "no source named"),
+        (["drop-collection", "nope"], "no collection"),
+        (["rechunk", "--chunk-size", "100", "--chunk-overlap", "200"], "overlap"),
+        (["upload", "/no/such/file.md", "--source", "f"], "no such file"),
+        (["search", "  "], "empty"),
+        (["eval", "/no/such.jsonl"], "no such question file"),
+    ],
+)
+def test_errors_are_clear(cli_home, args, message):
+    home, env = cli_home
+    proc, _ = kb(home, *args, env_extra=env)
+    assert proc.returncode == 1 and message in proc.stderr and proc.stderr.startswith("error:")
+    proc, out = kb(home, *args, "--json", env_extra=env)
+    assert proc.returncode == 1 and message in out["error"]
+
+
+def test_unreachable_host_is_named(cli_home):
+    home, env = cli_home
+    proc, out = kb(home, "add", "InternLM", "https://tok:pw@gitee.com/InternLM/InternLM", "--json", env_extra=env)
+    assert proc.returncode == 1 and "gitee.com" in out["error"] and "pw@" not in proc.stdout + proc.stderr
+    assert not (home / "repos" / "InternLM").exists()
+
+
+def test_eval_contract(cli_home, tmp_path):
+    home, env = cli_home
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text('{"id": "q1", "question": "agent action", "repo": "lagent", "path": "README.md", "line_start": 1, "line_end": 9999}\n')
+    proc, out = kb(home, "eval", str(qfile), "-k", "5", "--mode", "bm25", "--json", env_extra=env)
+    assert proc.returncode == 0
+    assert {"n", "hit@1", "hit@k", "mrr", "k", "mode", "misses"} <= set(out) and out["n"] == 1 and out["mode"] == "bm25"
+    proc, _ = kb(home, "eval", str(qfile), env_extra=env)
+    assert "hit@1=" in proc.stdout and "q1" in proc.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "q1"}\n')
+    proc, out = kb(home, "eval", str(bad), "--json", env_extra=env)
+    assert proc.returncode == 1 and "missing field" in out["error"]
