@@ -71,9 +71,15 @@ def model_slug(settings: Settings) -> str:
 
 def max_tokens(settings: Settings) -> int:
     """The model's window in tokens; text past it is cut by the model."""
-    cfg = model_dir(settings) / "sentence_bert_config.json"
-    if cfg.is_file():
-        return int(json.loads(cfg.read_text()).get("max_seq_length", 512))
+    root = model_dir(settings)
+    folders = [root]
+    modules = root / "modules.json"
+    if modules.is_file():  # the Transformer module may keep its config in a subfolder
+        folders += [root / m.get("path", "") for m in json.loads(modules.read_text()) if m.get("path")]
+    for folder in folders:
+        cfg = folder / "sentence_bert_config.json"
+        if cfg.is_file() and "max_seq_length" in (data := json.loads(cfg.read_text())):
+            return int(data["max_seq_length"])
     return 512
 
 

@@ -25,7 +25,7 @@ MODES = ("dense", "bm25", "hybrid")
 SCORE_NOTES = {
     "dense": "cosine similarity, -1..1, higher is better",
     "bm25": "BM25 (Okapi) score, >= 0, higher is better",
-    "hybrid": "weighted reciprocal-rank fusion, higher is better",
+    "hybrid": "weighted reciprocal-rank fusion, sum of weight/(k+rank), 0..0.53 by default, higher is better",
 }
 
 
@@ -37,8 +37,11 @@ class SearchOptions:
     mmr: bool = False
     source: str | None = None
     path_prefix: str | None = None
-    rrf_k: int = 2  # small: a retriever's top hits survive fusion (tuned on the dev set, see README)
-    dense_weight: float = 1.0
+    # Tuned on the dev set (README "Retrieval tuning"): a small RRF constant keeps
+    # each retriever's own top hits; dense counts less because the English-trained
+    # default embedding reads Chinese poorly.
+    rrf_k: int = 2
+    dense_weight: float = 0.6
     bm25_weight: float = 1.0
     candidates: int = 50  # per retriever, before fusion
 

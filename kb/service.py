@@ -66,7 +66,7 @@ class KnowledgeBase:
                 if row["embed_model"] != self.embed_model:
                     raise KBError(
                         f"the live collection {name} was embedded with {row['embed_model']}, but the configured "
-                        f"model is {self.embed_model}: run `kb rechunk` to rebuild with it, or change KB_EMBED_MODEL back"
+                        f"model is {self.embed_model}: run `kb rechunk` to rebuild with it, or set KB_EMBED_MODEL / KB_EMBED_BACKEND back"
                     )
                 return name, ChunkConfig.from_json(row["chunk_config"])
         config = self.default_config()

@@ -136,7 +136,7 @@ def _git_error(exc: git.GitCommandError, spec_url: str, progress: GitProgress) -
     host = host_of(spec_url)
     if host == "local":
         return KBError(f"cannot clone {redact(spec_url)}: {reason}")
-    return KBError(f"cannot reach {host or 'the remote'} ({redact(spec_url)}): {reason}")
+    return KBError(f"cannot reach {host or 'the remote'}: {reason}")
 
 
 def redact_all(text: str) -> str:

@@ -20,7 +20,7 @@ import core.settings  # noqa: F401  (offline environment first)
 from core.settings import Settings, load_settings
 from langchain_core.embeddings import Embeddings
 
-pytest_plugins = ["llm_fixtures"]
+pytest_plugins = ["llm_fixtures", "page_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("KB_CORPUS", ROOT.parent / "shared" / "corpus"))

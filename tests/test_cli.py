@@ -55,7 +55,8 @@ def test_add_sync_stats_search_json(cli_home, corpus):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["add", "-bad", "/tmp"], "invalid source name"),
+        (["add", "--", "-bad", "/tmp"], "invalid source name"),
+        (["add", "--", "x", "--upload-pack=touch /tmp/p"], "refused URL"),
         (["add", "evil", "ext::sh -c 'touch /tmp/pwned'"], "not allowed"),
         (["add", "x", "https://gitee.com/InternLM/xtuner", "--branch=-x"], "invalid branch"),
         (["sync", "nope"], "no source named"),
@@ -70,7 +71,8 @@ def test_errors_are_clear(cli_home, args, message):
     home, env = cli_home
     proc, _ = kb(home, *args, env_extra=env)
     assert proc.returncode == 1 and message in proc.stderr and proc.stderr.startswith("error:")
-    proc, out = kb(home, *args, "--json", env_extra=env)
+    json_args = args[:1] + ["--json"] + args[1:]
+    proc, out = kb(home, *json_args, env_extra=env)
     assert proc.returncode == 1 and message in out["error"]
 
 

@@ -1,0 +1,132 @@
+"""The dashboard's entry point: navigation, and the Home page (state at a glance)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core import resources
+
+st.set_page_config(page_title="KB dashboard", page_icon="📚", layout="wide")
+
+
+def home() -> None:
+    from core import auth
+    from core.embeddings import max_tokens
+    from core.llm import describe_llm
+    from kb.chunking import ChunkConfig
+    from pages._common import kb_or_stop, settings_or_stop, when
+
+    st.title(":material/hub: Knowledge base")
+    kb = kb_or_stop()
+    s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+    stats = kb.stats()
+    live_name, live_cfg = kb.live()
+    rows = kb.sources()
+    docs = kb.manifest.documents()
+
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Sources", stats["sources"], border=True)
+    c2.metric("Documents indexed", stats["documents"], border=True)
+    c3.metric("Chunks (live collection)", f"{stats['chunks']:,}", border=True)
+    c4.metric("Files skipped", stats["skipped"], border=True, help="binary, empty, too large, not UTF-8, or data files")
+
+    loaded = resources.loaded(s)
+    try:
+        window = f"{max_tokens(s)}-token window"
+    except ValueError as exc:
+        window = f"({exc})"
+    m1, m2, m3 = st.columns(3)
+    with m1.container(border=True):
+        st.markdown("**:material/database: Live collection**")
+        st.markdown(f"`{live_name}`  \nchunking **{live_cfg.label()}**")
+    with m2.container(border=True):
+        st.markdown("**:material/scatter_plot: Embedding model**")
+        st.markdown(f"`{kb.embed_model}`, {window}  \n"
+                    + (f":green[loaded] in {loaded['embeddings']['seconds']} s" if loaded["embeddings"]
+                       else ":gray[not loaded yet: loads on the first search or sync]"))
+    with m3.container(border=True):
+        st.markdown("**:material/smart_toy: Language model**")
+        st.markdown(f"`{describe_llm(s)}`  \n"
+                    + (f":green[loaded] in {loaded['llm']['seconds']} s" if loaded["llm"]
+                       else ":gray[not loaded yet: loads on the first question]"))
+    st.caption(
+        f"Retrieval default: {s.retrieval_mode}, top {s.top_k}"
+        + (f", reranker `{Path(s.reranker_path).name}`" if s.reranker_path else "")
+        + f" · KB_HOME `{s.home.resolve()}` · admin pages "
+        + ("locked by a password" if auth.admin_locked(s) else "**open** (no password set)")
+    )
+
+    st.subheader("Sources")
+    if not rows:
+        st.info("No sources yet. Add one on the **Sources** page, or run `python -m kb add NAME URL_OR_PATH`.")
+    else:
+        per: dict[str, dict[str, int]] = {}
+        for d in docs:
+            n = per.setdefault(d.source, {"documents": 0, "skipped": 0, "chunks": 0})
+            n["documents" if d.status == "indexed" else "skipped"] += 1
+            n["chunks"] += d.chunks
+        st.dataframe(
+            [
+                {
+                    "source": r.name,
+                    "indexed commit": (r.indexed_commit or "")[:12] or "not synced",
+                    "last sync": when(r.last_synced),
+                    "documents": per.get(r.name, {}).get("documents", 0),
+                    "chunks": per.get(r.name, {}).get("chunks", 0),
+                    "skipped": per.get(r.name, {}).get("skipped", 0),
+                    "in live collection": bool(r.indexed_commit) and r.indexed_collection == live_name,
+                    "kind": r.kind, "branch": r.branch, "url": r.url,
+                }
+                for r in rows
+            ],
+            hide_index=True,
+            width="stretch",
+        )
+
+    st.subheader("Stale")
+    stale = False
+    for r in rows:
+        if not r.indexed_commit:
+            stale = True
+            st.warning(f"Source **{r.name}** has never been synced: it has no chunks yet. Sync it on the Sources page.")
+        elif r.indexed_collection != live_name:
+            stale = True
+            st.warning(f"Source **{r.name}** was indexed into `{r.indexed_collection}`, not the live collection: "
+                       "its chunks were built with another chunk config or model. Sync it to rebuild it in the live one.")
+    for name, c in sorted(kb.manifest.collection_rows().items()):
+        if name == live_name:
+            continue
+        stale = True
+        try:
+            cfg = ChunkConfig.from_json(c["chunk_config"]).label()
+        except Exception as exc:  # an older config format: show it rather than fail
+            cfg = f"unreadable config ({exc})"
+        diff = []
+        if cfg != live_cfg.label():
+            diff.append(f"chunking {cfg} (live: {live_cfg.label()})")
+        if c["embed_model"] != kb.embed_model:
+            diff.append(f"model {c['embed_model']} (live: {kb.embed_model})")
+        st.info(f"Collection `{name}` is not live ({c['status']}): "
+                + ("; ".join(diff) or "same settings as the live one")
+                + ". Inspect, switch to or delete it on the Collections page.")
+    if not stale:
+        st.success("Nothing stale: every source is indexed in the live collection, with its chunk config and model.")
+
+
+PAGES = Path(__file__).parent / "pages"
+pages = {
+    "": [st.Page(home, title="Home", icon=":material/home:", default=True)],
+    "Ask": [
+        st.Page(PAGES / "chat.py", title="Chat", icon=":material/chat:"),
+        st.Page(PAGES / "retrieval_lab.py", title="Retrieval lab", icon=":material/manage_search:"),
+    ],
+    "Admin": [
+        st.Page(PAGES / "sources.py", title="Sources", icon=":material/source:"),
+        st.Page(PAGES / "documents.py", title="Documents", icon=":material/description:"),
+        st.Page(PAGES / "collections.py", title="Collections", icon=":material/database:"),
+        st.Page(PAGES / "evaluation.py", title="Evaluation", icon=":material/analytics:"),
+    ],
+}
+st.navigation(pages).run()

@@ -1,0 +1,182 @@
+"""The one place that wraps shared resources in ``st.cache_resource``.
+
+Every page and every browser session gets the same knowledge base, embedding
+model, search engine and LLM: they load lazily, once per process, with a
+spinner the first time something needs them. This module is the design's
+single exception to "core/ has no Streamlit"; it imports kb lazily so that the
+layering stays one-way for everything else.
+
+Each resource is cached under the settings it depends on (the embedding model
+under ``embed_*``, the LLM under ``llm_*``/``openai_*``, the knowledge base
+under the rest), so pointing ``KB_HOME`` elsewhere opens another knowledge
+base but keeps the one loaded embedding model and LLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, fields
+
+import streamlit as st
+from langchain_core.embeddings import Embeddings
+
+from core.settings import Settings, load_settings
+
+_EMBED_FIELDS = ("embed_model", "embed_device", "embed_batch_size")
+_LLM_FIELDS = tuple(f.name for f in fields(Settings) if f.name.startswith(("llm", "openai_")))
+_SECRET_FIELDS = ("admin_password", "openai_api_key")
+
+
+def settings() -> Settings:
+    """The current settings (environment over secrets.toml); cheap, read on every call."""
+    return load_settings()
+
+
+def _key(s: Settings, names: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> str:
+    """A stable cache key over some settings (hashed: secrets never sit in it in clear)."""
+    picked = {k: v for k, v in asdict(s).items() if (names is None or k in names) and k not in exclude}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@st.cache_resource(show_spinner=False)
+def _registry() -> dict:
+    """What has been loaded in this process, and how long it took (for the Home page)."""
+    return {}
+
+
+def _record(kind: str, key: str, started: float, label: str) -> None:
+    _registry()[(kind, key)] = {"label": label, "seconds": round(time.perf_counter() - started, 2), "at": time.time()}
+
+
+def _in_script() -> bool:
+    """True in a script thread; LangChain runs chain steps in worker threads, which have no page to draw on."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    return get_script_run_ctx(suppress_warning=True) is not None
+
+
+def _loading(message: str, needed: bool):
+    """A spinner while something loads, only where a page can show it."""
+    import contextlib
+
+    return st.spinner(message) if needed and _in_script() else contextlib.nullcontext()
+
+
+def _note(name: str, obj: object) -> None:
+    """Remember in the session which object it was handed (diagnostics; the tests compare them)."""
+    if _in_script():
+        st.session_state.setdefault("_kb_resources", {})[name] = id(obj)
+
+
+# ---------------------------------------------------------------------------- embedding model
+
+
+@st.cache_resource(show_spinner=False)
+def _embeddings(key: str, _settings: Settings) -> Embeddings:
+    from core.embeddings import load_embeddings, model_name
+
+    t0 = time.perf_counter()
+    model = load_embeddings(_settings)
+    _record("embeddings", key, t0, model_name(_settings))
+    return model
+
+
+def embeddings(s: Settings | None = None) -> Embeddings:
+    """The loaded embedding model shared by every session."""
+    s = s or settings()
+    key = _key(s, _EMBED_FIELDS)
+    with _loading("Loading the embedding model (first use in this server)…", ("embeddings", key) not in _registry()):
+        model = _embeddings(key, s)
+    _note("embeddings", model)
+    return model
+
+
+class SharedEmbeddings(Embeddings):
+    """Stands in for the model inside the knowledge base and loads it on the first embed.
+
+    Opening the dashboard never loads the model; the first search or sync does,
+    once per process, under the spinner of :func:`embeddings`.
+    """
+
+    def __init__(self, s: Settings) -> None:
+        self._settings = s
+
+    def _model(self) -> Embeddings:
+        return embeddings(self._settings)
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self._model().embed_documents(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._model().embed_query(text)
+
+
+# ---------------------------------------------------------------------------- knowledge base and retriever
+
+
+@st.cache_resource(show_spinner=False)
+def _knowledge_base(key: str, _settings: Settings):
+    from kb.service import KnowledgeBase
+
+    return KnowledgeBase(_settings, embeddings=SharedEmbeddings(_settings))
+
+
+def knowledge_base(s: Settings | None = None):
+    """The knowledge base of the configured ``KB_HOME``; its model loads on first embed."""
+    s = s or settings()
+    kb = _knowledge_base(_key(s, exclude=_LLM_FIELDS + _SECRET_FIELDS), s)
+    _note("knowledge_base", kb)
+    return kb
+
+
+@st.cache_resource(show_spinner=False)
+def _search_engine(key: str, _settings: Settings):
+    from kb.retrieval import SearchEngine
+
+    return SearchEngine(knowledge_base(_settings))
+
+
+def search_engine(s: Settings | None = None):
+    """The retriever (dense, BM25 and hybrid) over the live collection, shared by every session."""
+    s = s or settings()
+    engine = _search_engine(_key(s, exclude=_LLM_FIELDS + _SECRET_FIELDS), s)
+    _note("search_engine", engine)
+    return engine
+
+
+# ---------------------------------------------------------------------------- chat model
+
+
+@st.cache_resource(show_spinner=False)
+def _chat_model(key: str, _settings: Settings):
+    from core.llm import build_chat_model, describe_llm
+
+    t0 = time.perf_counter()
+    llm = build_chat_model(_settings)  # LLMError/GGUFError propagate and are not cached
+    _record("llm", key, t0, describe_llm(_settings))
+    return llm
+
+
+def chat_model(s: Settings | None = None):
+    """The chat LLM shared by every session (llama.cpp serialises calls with a lock)."""
+    s = s or settings()
+    key = _key(s, _LLM_FIELDS)
+    with _loading("Loading the language model (first use in this server)…", ("llm", key) not in _registry()):
+        llm = _chat_model(key, s)
+    _note("chat_model", llm)
+    return llm
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def loaded(s: Settings | None = None) -> dict[str, dict | None]:
+    """Which models this process has loaded for the current settings (None: not yet)."""
+    s = s or settings()
+    reg = _registry()
+    return {
+        "embeddings": reg.get(("embeddings", _key(s, _EMBED_FIELDS))),
+        "llm": reg.get(("llm", _key(s, _LLM_FIELDS))),
+    }

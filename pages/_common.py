@@ -1,0 +1,204 @@
+"""Small Streamlit helpers shared by the pages: errors, the admin gate, progress, hit cards.
+
+Not a page (st.navigation lists the pages explicitly in Home.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import streamlit as st
+
+from core import auth, resources
+from core.settings import Settings
+from kb.errors import KBError
+from kb.preview import escape_markdown, marked_snippet
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures with a message meant for a person: shown as an error box, never a traceback."""
+    from core.embeddings import EmbeddingConfigError
+    from core.gguf import GGUFError
+    from core.llm import LLMError
+
+    return (KBError, LLMError, GGUFError, EmbeddingConfigError)
+
+
+def show_error(exc: BaseException) -> None:
+    st.error(str(exc) or type(exc).__name__, icon=":material/error:")
+
+
+def settings_or_stop() -> Settings:
+    try:
+        return resources.settings()
+    except ValueError as exc:  # a bad KB_* value or an unreadable secrets.toml
+        show_error(exc)
+        st.stop()
+        raise
+
+
+def kb_or_stop():
+    """The shared knowledge base, or an error box and the end of the page."""
+    try:
+        kb = resources.knowledge_base(settings_or_stop())
+        kb.live()  # e.g. the live collection was embedded with another model
+        return kb
+    except expected_errors() as exc:
+        show_error(exc)
+        st.stop()
+        raise
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    ago = time.time() - ts
+    if ago < 90:
+        rel = "just now"
+    elif ago < 5400:
+        rel = f"{ago / 60:.0f} min ago"
+    elif ago < 2 * 86400:
+        rel = f"{ago / 3600:.0f} h ago"
+    else:
+        rel = f"{ago / 86400:.0f} days ago"
+    return f"{dt.datetime.fromtimestamp(ts):%Y-%m-%d %H:%M} ({rel})"
+
+
+# ---------------------------------------------------------------------------- admin gate
+
+_TOKEN = "_admin_token"
+
+
+def require_admin() -> Settings:
+    """Stop the page unless this session is signed in as admin (or no password is configured)."""
+    s = settings_or_stop()
+    if not auth.admin_locked(s):
+        st.warning(
+            "**Admin pages are open to anyone who can reach this server**: no admin password is set. "
+            "Set `admin_password` in `.streamlit/secrets.toml` or `KB_ADMIN_PASSWORD`.",
+            icon=":material/lock_open:",
+        )
+        return s
+    if auth.token_ok(s, st.session_state.get(_TOKEN)):
+        with st.sidebar:
+            if st.button(":material/logout: Sign out of admin", key="_admin_sign_out"):
+                st.session_state.pop(_TOKEN, None)
+                st.rerun()
+        return s
+    st.subheader(":material/lock: Admin sign-in")
+    st.caption("This page changes or reveals the knowledge base. Chat and Retrieval lab are open to everyone.")
+    with st.form("_admin_sign_in"):
+        given = st.text_input("Admin password", type="password")
+        submitted = st.form_submit_button("Sign in", type="primary")
+    if submitted:
+        token = auth.sign_in(s, given)
+        if token:
+            st.session_state[_TOKEN] = token
+            st.rerun()
+        st.error("Wrong password.")
+    st.stop()
+    return s
+
+
+# ---------------------------------------------------------------------------- progress
+
+STAGE_LABELS = {
+    "clone": "Cloning", "fetch": "Fetching", "load": "Loading files", "embed": "Embedding chunks",
+    "store": "Storing vectors", "rechunk": "Re-chunking sources",
+}
+
+
+class StatusProgress:
+    """A :class:`kb.progress.Progress` that drives one ``st.progress`` bar per stage inside an ``st.status``.
+
+    Git reports clone/fetch progress from its own reader threads; the script's
+    run context is attached to them so their updates reach this session.
+    Updates are throttled so a fast loop doesn't flood the browser.
+    """
+
+    def __init__(self, status, min_interval: float = 0.15) -> None:
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+        self.status = status
+        self.bars: dict[str, object] = {}
+        self.last: dict[str, float] = {}
+        self.min_interval = min_interval
+        self.stages: list[str] = []
+        self._ctx = get_script_run_ctx()
+        self._lock = threading.Lock()
+
+    def __call__(self, stage: str, done: float, total: float | None = None, message: str = "") -> None:
+        from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+        if get_script_run_ctx(suppress_warning=True) is None and self._ctx is not None:
+            add_script_run_ctx(threading.current_thread(), self._ctx)
+        with self._lock:
+            now = time.monotonic()
+            finished = total is not None and done >= total
+            if stage in self.bars and not finished and now - self.last.get(stage, 0.0) < self.min_interval:
+                return
+            self.last[stage] = now
+            label = STAGE_LABELS.get(stage, stage)
+            if total:
+                text = f"{label}: {done:,.0f} / {total:,.0f}"
+                frac = min(1.0, max(0.0, done / total))
+            else:
+                text = f"{label}: {done:,.0f}" if done else f"{label}…"
+                frac = 0.0
+            if message:
+                text += f" · {message[:90]}"
+            if stage not in self.bars:
+                self.stages.append(stage)
+                with self.status:
+                    self.bars[stage] = st.progress(frac, text=text)
+            else:
+                self.bars[stage].progress(frac, text=text)  # type: ignore[attr-defined]
+            self.status.update(label=f"{label}…", state="running")
+
+
+def run_with_status(label: str, fn, *, done_label: str | None = None, expanded: bool = True):
+    """Run ``fn(progress)`` under an ``st.status`` box; expected errors end up in the box, not a traceback.
+
+    Returns ``(result, error)``; exactly one of them is None.
+    """
+    with st.status(label, expanded=expanded) as status:
+        progress = StatusProgress(status)
+        t0 = time.perf_counter()
+        try:
+            result = fn(progress)
+        except expected_errors() as exc:
+            status.update(label=f"{label}: failed", state="error", expanded=True)
+            show_error(exc)
+            return None, exc
+        status.update(label=f"{done_label or label}: done in {time.perf_counter() - t0:.1f} s", state="complete",
+                      expanded=False)
+    return result, None
+
+
+# ---------------------------------------------------------------------------- hits
+
+
+def location_md(hit) -> str:
+    """``source/path:a-b @ commit`` as Markdown, linked to the permalink when there is one."""
+    loc = escape_markdown(f"{hit.source}/{hit.path}:{hit.line_start}-{hit.line_end}")
+    text = f"{loc} @ `{hit.commit[:8]}`" if hit.commit else loc
+    if hit.url:
+        return f"[{loc}]({hit.url.replace('(', '%28').replace(')', '%29')}) @ `{hit.commit[:8]}`"
+    return text
+
+
+def render_hit(hit, terms: list[str]) -> None:
+    """One search hit as a card: rank, score, retrievers with their ranks, location, snippet."""
+    with st.container(border=True):
+        found = " · ".join(f"{m} #{r}" for m, r in hit.ranks.items()) or ", ".join(hit.found_by)
+        rerank = f" · rerank {hit.scores['rerank']:.3f}" if "rerank" in hit.scores else ""
+        st.markdown(f"**#{hit.rank}** &nbsp; score **{hit.score:.4f}** &nbsp; :gray[found by {found}{rerank}]")
+        st.markdown(location_md(hit))
+        if hit.heading:
+            st.caption(escape_markdown(hit.heading))
+        st.markdown(marked_snippet(hit.text, terms))
+        with st.expander("Whole chunk", expanded=False):
+            st.code(hit.text, language="markdown", wrap_lines=True)
+            st.caption(f"id `{hit.id}`")

@@ -1,0 +1,231 @@
+"""Documents (admin): browse each source's files, view one with its chunks, preview and apply a re-chunk."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from core.embeddings import max_tokens
+from kb.chunking import SPLITTERS, UNITS, ChunkConfig
+from kb.preview import annotated_lines, escape_markdown, length_histogram, preview_chunks
+from kb.sources import permalink
+from pages._common import expected_errors, kb_or_stop, settings_or_stop, require_admin, run_with_status, show_error
+
+MAX_VIEW_LINES = 1500
+
+st.title(":material/description: Documents")
+require_admin()
+kb = kb_or_stop()
+s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+rows = kb.sources()
+if not rows:
+    st.info("No sources yet: add one on the Sources page.")
+    st.stop()
+live_name, live_cfg = kb.live()
+try:
+    window = max_tokens(s)
+except expected_errors() as exc:
+    show_error(exc)
+    st.stop()
+
+# ---------------------------------------------------------------------------- browse
+
+c1, c2, c3 = st.columns([1, 1, 2])
+source = c1.selectbox("Source", ["All sources", *[r.name for r in rows]], key="docs_source")
+status = c2.selectbox("Status", ["all", "indexed", "skipped"], key="docs_status")
+needle = c3.text_input("Filter by path", placeholder="e.g. docs/zh_cn or .rst", key="docs_filter")
+docs = kb.manifest.documents(None if source == "All sources" else source)
+if status != "all":
+    docs = [d for d in docs if d.status == status]
+if needle.strip():
+    docs = [d for d in docs if needle.strip().lower() in d.path.lower()]
+st.dataframe(
+    pd.DataFrame(
+        [
+            {"source": d.source, "path": d.path, "size": d.size, "language": d.language, "loader": d.loader,
+             "chunks": d.chunks, "status": d.status, "reason": d.reason, "commit": d.commit[:8]}
+            for d in docs
+        ],
+        columns=["source", "path", "size", "language", "loader", "chunks", "status", "reason", "commit"],
+    ),
+    hide_index=True,
+    width="stretch",
+    height=min(300, 35 * (len(docs) + 1) + 3),
+    column_config={"size": st.column_config.NumberColumn("size (bytes)", format="%d")},
+)
+indexed = [d for d in docs if d.status == "indexed"]
+st.caption(f"{len(docs)} file(s) shown, {len(indexed)} indexed.")
+if not indexed:
+    st.stop()
+
+by_key = {f"{d.source}/{d.path}": d for d in indexed}
+picked = st.selectbox(
+    "Open a document", list(by_key), format_func=lambda k: f"{k}  ({by_key[k].chunks} chunks)", key="docs_open",
+)
+choice = by_key[picked]
+try:
+    doc = kb.read_document(choice.source, choice.path)
+    chunks = kb.chunks_of(choice.source, choice.path)
+except expected_errors() as exc:
+    show_error(exc)
+    st.stop()
+src = kb.manifest.source(choice.source)
+lines = doc.text.split("\n")
+spans = [(c["line_start"], c["line_end"]) for c in chunks]
+
+st.subheader(f"{choice.source}/{choice.path}", anchor=False)
+m = st.columns(4)
+m[0].metric("Lines", len(lines), border=True)
+m[1].metric("Size", f"{doc.size:,} B", border=True)
+m[2].metric("Chunks (live)", len(chunks), border=True)
+m[3].metric("Over the window", sum(1 for c in chunks if int(c.get("n_tokens") or 0) > window), border=True,
+            help=f"chunks longer than the embedding model's {window}-token window")
+file_url = permalink(src.web_url, choice.commit, choice.path, 1, len(lines)).split("#")[0] if src.web_url else ""
+st.caption(
+    f"language **{doc.language}** · loader **{doc.loader}** · commit `{choice.commit[:12]}` · "
+    f"sha256 `{doc.sha256[:16]}…` · collection `{live_name}` ({escape_markdown(live_cfg.label())})"
+    + (f" · [open on the web]({file_url})" if file_url else "")
+)
+
+view_tab, chunks_tab, rendered_tab, rechunk_tab = st.tabs(
+    ["Lines and chunks", "Chunks", "Rendered", "Re-chunk preview"]
+)
+
+with view_tab:
+    first, last = 1, len(lines)
+    if len(lines) > MAX_VIEW_LINES:
+        first = st.number_input("From line", 1, len(lines), 1, step=100, key="docs_first")
+        last = min(len(lines), first + MAX_VIEW_LINES - 1)
+        st.caption(f"Showing lines {first}–{last} of {len(lines)}.")
+    st.caption("Gutter: line number │ chunk(s) covering the line (two numbers where chunks overlap; · none).")
+    st.code(annotated_lines(doc.text, spans, first, last), language=None,
+            height=560 if last - first > 24 else "content")
+    if chunks:
+        chart_rows = [
+            {"chunk": i, "start": c["line_start"], "end": c["line_end"] + 1, "tokens": int(c.get("n_tokens") or 0),
+             "over window": int(c.get("n_tokens") or 0) > window, "heading": c.get("heading", "")}
+            for i, c in enumerate(chunks, 1)
+        ]
+        chart = (
+            alt.Chart(pd.DataFrame(chart_rows), title="Chunks by line range")
+            .mark_bar(height=8)
+            .encode(
+                x=alt.X("start:Q", title="line", scale=alt.Scale(domain=[1, len(lines) + 1]),
+                        axis=alt.Axis(format="d", tickMinStep=1)),
+                x2="end:Q",
+                y=alt.Y("chunk:O", title="chunk", axis=alt.Axis(labelOverlap=True)),
+                color=alt.Color("over window:N", scale=alt.Scale(domain=[False, True], range=["#4c78a8", "#e45756"]),
+                                legend=alt.Legend(orient="top", title=f"over the {window}-token window")),
+                tooltip=["chunk", "start", "end", "tokens", "heading"],
+            )
+            .properties(height=max(140, min(420, 14 * len(chart_rows) + 60)))
+        )
+        st.altair_chart(chart, width="stretch")
+
+with chunks_tab:
+    if not chunks:
+        st.caption("No chunks in the live collection for this document (sync the source).")
+    else:
+        st.dataframe(
+            [
+                {"#": i, "lines": f"{c['line_start']}-{c['line_end']}", "tokens": c.get("n_tokens"),
+                 "heading": c.get("heading", ""), "id": c["id"], "permalink": c.get("url", "")}
+                for i, c in enumerate(chunks, 1)
+            ],
+            hide_index=True,
+            width="stretch",
+            column_config={"permalink": st.column_config.LinkColumn("permalink", display_text="open")},
+        )
+        n = st.number_input("Show chunk", 1, len(chunks), 1, key="docs_chunk_n")
+        c = chunks[int(n) - 1]
+        st.markdown(f"**Chunk {int(n)}** · lines {c['line_start']}–{c['line_end']} · {c.get('n_tokens')} tokens"
+                    + (f" · {escape_markdown(c['heading'])}" if c.get("heading") else ""))
+        st.code(c["text"], language="markdown", wrap_lines=True)
+
+with rendered_tab:
+    st.caption("Rendered as Markdown. HTML in a document is shown as text, never run.")
+    if choice.path.lower().endswith((".md", ".markdown")):
+        st.markdown(doc.text)
+    else:
+        st.text(doc.text[:200_000])
+
+# ---------------------------------------------------------------------------- re-chunk
+
+with rechunk_tab:
+    st.caption(f"Try another chunking on this document; lengths are measured in `{kb.embed_model}` tokens against its "
+               f"{window}-token window (text past it is never embedded). The live collection uses {live_cfg.label()}.")
+    c1, c2, c3, c4, c5 = st.columns([1.2, 1, 1, 1, 1.2])
+    splitter = c1.selectbox("Splitter", SPLITTERS, index=SPLITTERS.index(live_cfg.splitter), key="rc_splitter")
+    unit = c2.selectbox("Unit", UNITS, index=UNITS.index(live_cfg.unit), key="rc_unit")
+    size = c3.number_input("Size", 20, 100_000, live_cfg.size, step=10, key="rc_size")
+    overlap = c4.number_input("Overlap", 0, 100_000, live_cfg.overlap, step=10, key="rc_overlap")
+    heading_prefix = c5.checkbox("Prefix heading path", value=live_cfg.heading_prefix, key="rc_heading",
+                                 help="embed each chunk with its Markdown heading path in front")
+    try:
+        config = ChunkConfig(splitter=splitter, size=int(size), overlap=int(overlap), unit=unit,
+                             heading_prefix=heading_prefix)
+        with st.spinner("Splitting and counting tokens…"):
+            common = dict(source=choice.source, commit=choice.commit, web_url=src.web_url, embed_model=kb.embed_model)
+            cand = preview_chunks(doc, config, s, **common)
+            live = preview_chunks(doc, live_cfg, s, **common)
+    except expected_errors() as exc:
+        show_error(exc)
+        st.stop()
+    a, b = cand.summary(), live.summary()
+    m = st.columns(5)
+    m[0].metric("Chunks", a["chunks"], delta=a["chunks"] - b["chunks"], delta_color="off")
+    m[1].metric("Over the window", a["over_window"], delta=a["over_window"] - b["over_window"], delta_color="inverse")
+    m[2].metric("Tokens never embedded", a["tokens_lost"], delta=a["tokens_lost"] - b["tokens_lost"],
+                delta_color="inverse")
+    m[3].metric("Median tokens", a["median_tokens"])
+    m[4].metric("Max tokens", a["max_tokens"])
+    hist = [dict(h, config=f"candidate: {config.label()}") for h in length_histogram(cand.tokens, window)]
+    top = max(h["end"] for h in hist) if hist else window
+    hist += [dict(h, config=f"live: {live_cfg.label()}") for h in length_histogram(live.tokens, window)
+             if h["start"] < top]
+    if hist:
+        data = pd.DataFrame(hist)
+        bars = (
+            alt.Chart(data)
+            .mark_bar(opacity=0.65, binSpacing=0)
+            .encode(
+                x=alt.X("start:Q", title="chunk length (tokens)", bin="binned", scale=alt.Scale(domainMin=0)),
+                x2="end:Q",
+                y=alt.Y("count:Q", title="chunks", stack=None),
+                color=alt.Color("config:N", legend=alt.Legend(orient="top", title=None, labelLimit=500)),
+                tooltip=["config", "label", "count"],
+            )
+        )
+        rule = alt.Chart(pd.DataFrame({"x": [window]})).mark_rule(color="#e45756", strokeDash=[6, 3], size=2).encode(x="x:Q")
+        text = (
+            alt.Chart(pd.DataFrame({"x": [window], "t": [f"window {window}"]}))
+            .mark_text(align="left", dx=4, dy=-6, color="#e45756")
+            .encode(x="x:Q", y=alt.value(8), text="t:N")
+        )
+        st.altair_chart((bars + rule + text).properties(height=260, title="Distribution of chunk lengths"),
+                        width="stretch")
+    st.dataframe(
+        cand.rows(), hide_index=True, width="stretch",
+        column_config={"over window": st.column_config.CheckboxColumn("over window")},
+    )
+
+    st.divider()
+    n_src = sum(1 for r in rows if r.indexed_commit)
+    n_docs = sum(1 for d in kb.manifest.documents() if d.status == "indexed")
+    st.markdown(f"#### Apply {escape_markdown(config.label())} to the whole knowledge base")
+    st.caption(f"Builds a new collection beside the live one from the {n_docs} documents of {n_src} source(s) at "
+               "their indexed commits, embeds what isn't stored yet, and switches the live collection only when it "
+               "is complete. The old collection stays (see Collections) until you delete it.")
+    if st.button("Re-chunk the whole knowledge base", type="primary", key="rc_apply"):
+        result, err = run_with_status(f"Re-chunking with {config.label()}", lambda p: kb.rechunk(config, p))
+        if result is not None:
+            st.session_state["rechunk_result"] = result
+            st.rerun()
+    done = st.session_state.get("rechunk_result")
+    if done:
+        st.success(
+            f"Live collection is now `{done['collection']}` ({escape_markdown(done['chunk_config'])}): {done['chunks']} "
+            f"chunks, {done['chunks_embedded']} embedded, {done['chunks_overlong']} over the window, "
+            f"{done['seconds']} s. Previous: `{done['previous']}`."
+        )

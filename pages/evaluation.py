@@ -1,0 +1,123 @@
+"""Evaluation (admin): hit@1, hit@k and MRR of each retrieval mode on a question file, and past runs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from core import resources
+from core.settings import PROJECT_ROOT
+from kb.evaluate import evaluate, load_questions, past_runs, save_run
+from kb.retrieval import MODES, SearchOptions
+from pages._common import expected_errors, kb_or_stop, settings_or_stop, require_admin, show_error
+
+st.title(":material/analytics: Evaluation")
+require_admin()
+kb = kb_or_stop()
+s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+SHIPPED = Path(os.environ.get("KB_CORPUS") or PROJECT_ROOT.parent / "shared" / "corpus") / "dev_questions.jsonl"
+
+st.caption("A question is a hit at rank r when the r-th hit comes from the source named in its `repo`, has the same "
+           "`path`, and overlaps the gold line range. Each run is saved in KB_HOME/evals with the config it measured.")
+origin = st.radio("Questions", ["Shipped dev set", "Upload a JSONL file"], horizontal=True, key="eval_origin")
+try:
+    if origin == "Shipped dev set":
+        st.caption(f"`{SHIPPED}`")
+        questions = load_questions(SHIPPED)
+    else:
+        up = st.file_uploader("Question file (JSONL: id, question, repo, path, line_start, line_end)",
+                              type=["jsonl", "json", "txt"], key="eval_upload")
+        if up is None:
+            st.stop()
+        questions = load_questions(up.name, text=up.getvalue().decode("utf-8", "replace"))
+except expected_errors() as exc:
+    show_error(exc)
+    st.stop()
+repos = sorted({q["repo"] for q in questions})
+indexed = {r.name for r in kb.sources() if r.indexed_commit}
+missing = [r for r in repos if r not in indexed]
+st.markdown(f"{len(questions)} questions over {', '.join(repos)}.")
+if missing:
+    st.warning(f"Not indexed here: {', '.join(missing)}. Their questions can only miss.")
+
+c1, c2 = st.columns([3, 1])
+modes = c1.multiselect("Modes", MODES, default=list(MODES), key="eval_modes")
+k = c2.slider("k", 1, 20, min(max(s.top_k, 1), 20), key="eval_k")
+if st.button("Run evaluation", type="primary", disabled=not modes, key="eval_run"):
+    live, cfg = kb.live()
+    reports = {}
+    try:
+        engine = resources.search_engine(s)
+        bar = st.progress(0.0, text="Evaluating…")
+        for i, mode in enumerate(modes):
+            bar.progress(i / len(modes), text=f"Evaluating {mode}…")
+            rep = evaluate(engine, questions, SearchOptions(k=k, mode=mode))
+            save_run(s.home, rep, {"collection": live, "chunk_config": cfg.label(), "embed_model": kb.embed_model,
+                                   "k": k, "mode": mode, "questions": origin})
+            reports[mode] = rep
+        bar.empty()
+    except expected_errors() as exc:
+        show_error(exc)
+    st.session_state["eval_reports"] = reports
+
+reports = st.session_state.get("eval_reports") or {}
+if reports:
+    st.subheader("This run")
+    score_rows = [{"mode": m, "metric": metric, "value": r[metric]}
+                  for m, r in reports.items() for metric in ("hit@1", "hit@k", "mrr")]
+    chart = (
+        alt.Chart(pd.DataFrame(score_rows))
+        .mark_bar()
+        .encode(
+            x=alt.X("metric:N", title=None, sort=["hit@1", "hit@k", "mrr"]),
+            xOffset=alt.XOffset("mode:N", sort=list(MODES)),
+            y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title=None),
+            color=alt.Color("mode:N", sort=list(MODES)),
+            tooltip=["mode", "metric", "value"],
+        )
+        .properties(height=260)
+    )
+    left, right = st.columns([2, 3])
+    left.altair_chart(chart, width="stretch")
+    right.dataframe(
+        [{"mode": m, "n": r["n"], "k": r["k"], "hit@1": r["hit@1"], "hit@k": r["hit@k"], "mrr": r["mrr"],
+          "misses": len(r["misses"]), "seconds": r["seconds"]} for m, r in reports.items()],
+        hide_index=True, width="stretch",
+    )
+    first = next(iter(reports.values()))
+    table = pd.DataFrame(
+        [
+            {"id": row["id"], "question": row["question"], "gold": row["gold"],
+             **{f"rank {m}": reports[m]["results"][i]["rank"] for m in reports},
+             **{f"top hit ({m})": reports[m]["results"][i]["top_hit"] for m in reports}}
+            for i, row in enumerate(first["results"])
+        ]
+    )
+    rank_cols = [c for c in table.columns if c.startswith("rank ")]
+
+    def miss_style(v):
+        return "background-color: #fde2e1; color: #a4161a" if pd.isna(v) else ""
+
+    st.markdown("**Per question** (a missing rank is a miss, highlighted)")
+    st.dataframe(table.style.map(miss_style, subset=rank_cols), hide_index=True, width="stretch")
+
+st.subheader("Past runs")
+runs = past_runs(s.home)
+if not runs:
+    st.caption("No saved runs yet.")
+else:
+    past = pd.DataFrame(
+        [
+            {"time": dt.datetime.fromtimestamp(r.get("time", 0)), "mode": r.get("mode"), "k": r.get("k"), "n": r.get("n"),
+             "hit@1": r.get("hit@1"), "hit@k": r.get("hit@k"), "mrr": r.get("mrr"),
+             "chunking": (r.get("config") or {}).get("chunk_config", ""),
+             "collection": (r.get("config") or {}).get("collection", "")}
+            for r in runs
+        ]
+    ).sort_values("time", ascending=False)
+    st.dataframe(past, hide_index=True, width="stretch")

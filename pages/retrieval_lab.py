@@ -1,0 +1,66 @@
+"""Retrieval lab: one question, dense, BM25 and hybrid hits side by side, with scores and why each came back."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from core import resources
+from kb.bm25 import tokenize
+from kb.preview import escape_markdown
+from kb.retrieval import MODES, SCORE_NOTES, SearchOptions
+from pages._common import expected_errors, kb_or_stop, settings_or_stop, render_hit, show_error
+
+st.title(":material/manage_search: Retrieval lab")
+kb = kb_or_stop()
+s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+
+with st.sidebar:
+    st.subheader("Search options")
+    k = st.slider("Hits per retriever (k)", 1, 20, min(max(s.top_k, 1), 20), key="lab_k")
+    mmr = st.toggle("MMR (diversify dense hits)", value=False, key="lab_mmr",
+                    help="maximal marginal relevance on the dense retriever (also inside hybrid)")
+    sources = [r.name for r in kb.sources()]
+    source = st.selectbox("Source", ["any", *sources], key="lab_source")
+    prefix = st.text_input("Path prefix", key="lab_prefix", placeholder="docs/zh_cn/")
+    st.markdown("**Score thresholds** (hits below are dropped)")
+    thresholds: dict[str, float | None] = {}
+    for mode, default, step in (("dense", 0.3, 0.05), ("bm25", 5.0, 0.5), ("hybrid", 0.02, 0.002)):
+        on = st.checkbox(f"{mode}", value=False, key=f"lab_th_on_{mode}", help=SCORE_NOTES[mode])
+        thresholds[mode] = (st.number_input(f"{mode} minimum", value=default, step=step, format="%.3f",
+                                            key=f"lab_th_{mode}", label_visibility="collapsed") if on else None)
+
+query = st.text_input("Question", placeholder="e.g. xtuner是什么？  or  How do I fine-tune with QLoRA?", key="lab_query")
+if not query.strip():
+    st.caption("Ask something to see what each retriever returns. Scores are on each retriever's own scale; "
+               "hybrid fuses the two ranked lists by reciprocal rank.")
+    st.stop()
+
+terms = tokenize(query)
+st.markdown("Query terms (BM25): " + (" ".join(f"`{escape_markdown(t)}`" for t in terms) if terms else "*none*"))
+try:
+    engine = resources.search_engine(s)
+    results = {}
+    with st.spinner("Searching…"):
+        for mode in MODES:
+            t0 = time.perf_counter()
+            opts = SearchOptions(k=k, mode=mode, threshold=thresholds[mode], mmr=mmr,
+                                 source=None if source == "any" else source, path_prefix=prefix.strip() or None)
+            results[mode] = (engine.search(query, opts), (time.perf_counter() - t0) * 1000)
+except expected_errors() as exc:
+    show_error(exc)
+    st.stop()
+
+ids = {mode: {h.id for h in hits} for mode, (hits, _) in results.items()}
+both = len(ids["dense"] & ids["bm25"])
+st.caption(f"Dense and BM25 agree on {both} of their top {k}. Live collection `{kb.live()[0]}`.")
+for col, mode in zip(st.columns(3, gap="medium"), MODES):
+    hits, ms = results[mode]
+    with col:
+        st.subheader({"dense": "Dense", "bm25": "BM25", "hybrid": "Hybrid"}[mode], anchor=False)
+        st.caption(f"{SCORE_NOTES[mode]} · {ms:.0f} ms")
+        if not hits:
+            st.info("No hits" + (" above the threshold." if thresholds[mode] is not None else "."))
+        for h in hits:
+            render_hit(h, terms)

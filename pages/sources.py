@@ -1,0 +1,240 @@
+"""Sources (admin): add git repositories, bundles or uploads; sync with a dry-run preview; delete."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from kb.preview import escape_markdown
+from pages._common import kb_or_stop, settings_or_stop, require_admin, run_with_status, when
+
+st.title(":material/source: Sources")
+require_admin()
+kb = kb_or_stop()
+s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+rows = kb.sources()
+names = [r.name for r in rows]
+
+
+def report_table(reports: list[dict]) -> list[dict]:
+    return [
+        {
+            "source": r["name"], "commit": f"{(r['commit_before'] or '—')[:8]} → {(r['commit_after'] or '—')[:8]}",
+            "files +": r["files_added"], "files ~": r["files_modified"], "files −": r["files_deleted"],
+            ("chunks to embed" if r["dry_run"] else "chunks embedded"): r["chunks_embedded"],
+            "chunks reused": r["chunks_reused"],
+            ("chunks to delete" if r["dry_run"] else "chunks deleted"): r["chunks_deleted"],
+            "skipped": len(r["skipped"]), "over window": len(r["chunks_overlong"]),
+            "seconds": r["seconds"], "error": r["error"],
+        }
+        for r in reports
+    ]
+
+
+def show_reports(reports: list[dict]) -> None:
+    st.dataframe(report_table(reports), hide_index=True, width="stretch")
+    for r in reports:
+        if r["error"]:
+            st.error(f"**{r['name']}**: {r['error']}", icon=":material/error:")
+            continue
+        if r["commit_before"] and r["commit_before"] == r["commit_after"] and not (r["added"] or r["modified"] or r["deleted"]):
+            st.caption(f"{r['name']}: up to date at {r['commit_after'][:8]}, nothing to do.")
+            continue
+        with st.expander(f"{r['name']}: {len(r['added'])} added, {len(r['modified'])} modified, "
+                         f"{len(r['deleted'])} deleted, {len(r['skipped'])} skipped files"):
+            for label, paths in (("Added", r["added"]), ("Modified", r["modified"]), ("Deleted", r["deleted"])):
+                if paths:
+                    st.markdown(f"**{label}** ({len(paths)})")
+                    st.code("\n".join(paths), language=None, height=min(300, 24 * len(paths) + 20))
+            if r["skipped"]:
+                st.markdown("**Skipped**")
+                st.dataframe(r["skipped"], hide_index=True, width="stretch")
+            if r["chunks_overlong"]:
+                st.markdown(f"**Chunks longer than the embedding window** ({len(r['chunks_overlong'])}): "
+                            "their tail is never embedded; re-chunk with a smaller size or in tokens.")
+                st.dataframe(r["chunks_overlong"], hide_index=True, width="stretch")
+
+
+def remember(kind: str, text: str, reports: list[dict] | None = None, rows: list[dict] | None = None,
+             errors: list[str] | None = None) -> None:
+    """Keep the outcome of an action for the next run (the page reruns to refresh its tables)."""
+    st.session_state["sources_last"] = {"kind": kind, "text": text, "reports": reports or [], "rows": rows or [],
+                                        "errors": errors or []}
+
+
+def sync_summary(reports: list[dict]) -> tuple[str, str]:
+    failed = [r for r in reports if r["error"]]
+    text = (f"{len(reports) - len(failed)} source(s) synced" + (f", {len(failed)} failed" if failed else "") + ": "
+            f"{sum(r['chunks_embedded'] for r in reports)} chunks embedded, "
+            f"{sum(r['chunks_reused'] for r in reports)} reused, {sum(r['chunks_deleted'] for r in reports)} deleted.")
+    return ("warning" if failed else "success"), text
+
+
+# ---------------------------------------------------------------------------- the sources
+
+if rows:
+    per: dict[str, dict[str, int]] = {}
+    for d in kb.manifest.documents():
+        n = per.setdefault(d.source, {"indexed": 0, "skipped": 0})
+        n["indexed" if d.status == "indexed" else "skipped"] += 1
+    st.dataframe(
+        [
+            {
+                "source": r.name, "indexed commit": (r.indexed_commit or "")[:12] or "not synced",
+                "last sync": when(r.last_synced), "documents": per.get(r.name, {}).get("indexed", 0),
+                "skipped": per.get(r.name, {}).get("skipped", 0), "kind": r.kind, "branch": r.branch,
+                "url": r.url, "web URL": r.web_url, "extensions": ", ".join(r.extensions),
+            }
+            for r in rows
+        ],
+        hide_index=True,
+        width="stretch",
+        column_config={"web URL": st.column_config.LinkColumn("web URL")},
+    )
+else:
+    st.info("No sources yet: add a git repository, a local repository or a `.bundle` file, or upload files.")
+
+last = st.session_state.get("sources_last")
+if last:
+    getattr(st, last["kind"])(last["text"])
+    for err in last["errors"]:
+        st.error(err, icon=":material/error:")
+    if last["rows"]:
+        st.dataframe(last["rows"], hide_index=True, width="stretch")
+    if last["reports"]:
+        show_reports(last["reports"])
+
+sync_tab, add_tab, upload_tab, delete_tab = st.tabs([":material/sync: Sync", ":material/add: Add a source", ":material/upload: Upload files", ":material/delete: Delete"], key="sources_tabs")
+
+# ---------------------------------------------------------------------------- sync
+
+with sync_tab:
+    if not rows:
+        st.caption("Nothing to sync yet.")
+    else:
+        target = st.selectbox("Source to sync", ["All sources", *names], key="sync_target")
+        picked = None if target == "All sources" else [target]
+        st.caption("A sync fetches, diffs the indexed commit against the new one, reloads only changed files and "
+                   "embeds only chunk texts not stored yet. Preview it first with a dry run (nothing is written).")
+        b1, b2, _ = st.columns([1, 1, 3])
+        preview_clicked = b1.button("Preview changes (dry run)", key="sync_preview_btn")
+        sync_clicked = b2.button("Sync now", type="primary", key="sync_now_btn")
+        if preview_clicked:
+            reports, err = run_with_status("Dry run", lambda p: kb.sync(picked, dry_run=True, progress=p))
+            st.session_state["sync_preview"] = (
+                {"target": target, "reports": [r.as_dict() for r in reports]} if reports is not None else None
+            )
+        preview = st.session_state.get("sync_preview")
+        if preview and preview["target"] == target:
+            st.markdown(f"#### Dry run: what a sync of *{escape_markdown(target)}* would do")
+            show_reports(preview["reports"])
+            todo = any(r["files_added"] or r["files_modified"] or r["files_deleted"] for r in preview["reports"])
+            st.caption("Applying syncs to the newest commit at that moment (it may have moved since the preview).")
+            if st.button("Apply this sync" if todo else "Sync anyway", type="primary", key="sync_apply_btn"):
+                sync_clicked = True
+        if sync_clicked:
+            reports, err = run_with_status(f"Syncing {target.lower() if picked is None else target}",
+                                           lambda p: kb.sync(picked, progress=p))
+            st.session_state.pop("sync_preview", None)
+            if reports is not None:
+                done = [r.as_dict() for r in reports]
+                remember(*sync_summary(done), done)
+                st.rerun()  # refresh the table above with the new commits
+
+# ---------------------------------------------------------------------------- add
+
+with add_tab:
+    with st.form("add_source", clear_on_submit=False):
+        c1, c2 = st.columns([1, 2])
+        name = c1.text_input("Name", key="add_name", placeholder="xtuner", help="1–64 letters, digits, '-', '_' or '.'")
+        url = c2.text_input("Git URL, local repository or .bundle file", key="add_url",
+                            placeholder="https://gitee.com/InternLM/xtuner.git  ·  /path/to/repo  ·  /path/xtuner.bundle")
+        c3, c4, c5 = st.columns([1, 2, 1])
+        branch = c3.text_input("Branch (optional)", key="add_branch", placeholder="default branch")
+        web_url = c4.text_input("Web URL for permalinks (optional)", key="add_web", placeholder="https://gitee.com/InternLM/xtuner",
+                                help="Derived from gitee/github/gitlab URLs; set it for bundles and local paths.")
+        exts = c5.text_input("Extensions", value=",".join(s.extensions), key="add_exts")
+        sync_after = st.checkbox("Sync right after adding", value=True, key="add_sync")
+        add_clicked = st.form_submit_button("Add source", type="primary", key="add_btn")
+    if add_clicked:
+        extensions = tuple(e.strip().lower().lstrip(".") for e in exts.split(",") if e.strip()) or None
+        row, err = run_with_status(
+            f"Adding {name or '(no name)'}",
+            lambda p: kb.add_source(name.strip(), url.strip(), branch.strip() or None, web_url.strip() or None,
+                                    extensions, progress=p),
+        )
+        if row is not None:
+            added = f"Added **{escape_markdown(row.name)}** ({escape_markdown(row.url)}, branch {escape_markdown(row.branch)})."
+            remember("success", added)
+            if sync_after:
+                reports, _ = run_with_status(f"Syncing {row.name}", lambda p: kb.sync([row.name], progress=p))
+                if reports is not None:
+                    done = [r.as_dict() for r in reports]
+                    kind, text = sync_summary(done)
+                    remember(kind, f"{added} {text}", done)
+            st.rerun()
+    st.divider()
+    st.markdown("**The tutorial's six repositories** (InternLM, xtuner, lmdeploy, opencompass, lagent, "
+                "InternLM-XComposer on gitee). Each one is cloned; one failing doesn't stop the others.")
+    if st.button("Register the six default repositories", key="add_defaults_btn"):
+        results, err = run_with_status("Registering the default repositories", lambda p: kb.add_defaults(p))
+        if results is not None:
+            cloned = [r["name"] for r in results if r["ok"] and r["message"] == "cloned"]
+            already = [r["name"] for r in results if r["ok"] and r["message"] != "cloned"]
+            errors = [f"**{r['name']}**: {r['message']}" for r in results if not r["ok"]]
+            text = (f"Default repositories: {len(cloned)} cloned" + (f", {len(already)} already registered" if already else "")
+                    + (f", {len(errors)} failed" if errors else "") + "."
+                    + (" Sync the new ones on the Sync tab." if cloned else ""))
+            table = [{"name": r["name"], "url": r["url"], "ok": r["ok"],
+                      "result": r["message"] if r["ok"] else "failed (see above)"} for r in results]
+            remember("warning" if errors else "success", text, rows=table, errors=errors)
+            st.rerun()
+
+# ---------------------------------------------------------------------------- upload
+
+with upload_tab:
+    files_sources = [r.name for r in rows if r.kind == "files"]
+    st.caption(f"Files go to a files-only source (created on first upload): each upload is a commit, so it syncs, "
+               f"diffs and cites like a repository. Allowed: {', '.join(s.upload_extensions)}; "
+               f"at most {s.upload_max_bytes / 1e6:.0f} MB a file.")
+    target_src = st.text_input("Files-only source", value=files_sources[0] if files_sources else "uploads",
+                               help="Existing: " + (", ".join(files_sources) or "none yet"), key="upload_source")
+    uploaded = st.file_uploader("Files", type=list(s.upload_extensions), accept_multiple_files=True, key="upload_files")
+    if st.button("Upload and index", type="primary", disabled=not uploaded, key="upload_btn"):
+        files = {f.name: f.getvalue() for f in uploaded}
+        report, err = run_with_status(f"Indexing {len(files)} file(s) into {target_src}",
+                                      lambda p: kb.upload(files, target_src.strip(), progress=p))
+        if report is not None:
+            if report.error:
+                remember("error", report.error, [report.as_dict()])
+            else:
+                remember("success", f"Indexed {len(files)} file(s) into **{escape_markdown(target_src)}** "
+                                    f"at {(report.commit_after or '')[:8]}: {report.chunks_embedded} chunks embedded.",
+                         [report.as_dict()])
+            st.rerun()
+
+# ---------------------------------------------------------------------------- delete
+
+with delete_tab:
+    if not rows:
+        st.caption("Nothing to delete.")
+    else:
+        victim = st.selectbox("Source", names, key="delete_source")
+        if st.button("Delete this source…", key="delete_btn"):
+            st.session_state["delete_pending"] = victim
+        pending = st.session_state.get("delete_pending")
+        if pending and pending in names:
+            n_docs = sum(1 for d in kb.manifest.documents(pending) if d.status == "indexed")
+            st.warning(f"Delete **{escape_markdown(pending)}**? Its {n_docs} documents, its chunks in every collection "
+                       "and its local clone are removed. This can't be undone.", icon=":material/error:")
+            typed = st.text_input(f"Type {pending} to confirm", key="delete_typed")
+            c1, c2, _ = st.columns([1, 1, 4])
+            if c1.button("Delete permanently", type="primary", disabled=typed.strip() != pending, key="delete_confirm_btn"):
+                st.session_state.pop("delete_pending", None)
+                removed, err = run_with_status(f"Deleting {pending}", lambda p: kb.remove_source(pending))
+                if removed is not None:
+                    remember("success", f"Deleted {escape_markdown(pending)}: {removed} chunks removed.")
+                    st.session_state.pop("sync_preview", None)
+                    st.rerun()
+            if c2.button("Cancel", key="delete_cancel_btn"):
+                st.session_state.pop("delete_pending", None)
+                st.rerun()

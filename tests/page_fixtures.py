@@ -1,0 +1,91 @@
+"""Fixtures for the page tests (AppTest) and the browser test.
+
+Register with ``pytest_plugins = ["page_fixtures"]`` in tests/conftest.py (or
+``pytest -p page_fixtures``). The pages reach the knowledge base, the models
+and the retriever only through ``core.resources`` (``st.cache_resource``),
+which keys each on the settings it depends on: a test that points ``KB_HOME``
+at a fresh folder gets a fresh knowledge base, while the embedding model and
+the LLM stay loaded once for the whole session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HOME_PY = ROOT / "Home.py"
+
+
+def _base_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin what a developer's .streamlit/secrets.toml might change: environment wins over it."""
+    for name, value in {
+        "KB_ADMIN_PASSWORD": "", "KB_CHROMA_URL": "", "KB_RERANKER_PATH": "", "KB_LLM": "llamacpp",
+        "KB_RETRIEVAL_MODE": "hybrid", "KB_TOP_K": "3",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def page_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_st_dir: Path) -> Path:
+    """A fresh, empty KB_HOME indexed with the tiny sentence-transformers model; returns the home."""
+    home = tmp_path / "home"
+    _base_env(monkeypatch)
+    monkeypatch.setenv("KB_HOME", str(home))
+    monkeypatch.setenv("KB_EMBED_MODEL", str(tiny_st_dir))
+    return home
+
+
+@pytest.fixture
+def llm_env(monkeypatch: pytest.MonkeyPatch, default_gguf_path: Path) -> Path:
+    """The packaged GGUF with short, greedy answers (the model itself loads once per session)."""
+    monkeypatch.setenv("KB_LLM_GGUF", str(default_gguf_path))
+    monkeypatch.setenv("KB_LLM_MAX_TOKENS", "48")
+    monkeypatch.setenv("KB_LLM_TEMPERATURE", "0")
+    return default_gguf_path
+
+
+@pytest.fixture
+def xtuner_env(monkeypatch: pytest.MonkeyPatch, xtuner_kb, llm_env) -> Path:
+    """KB_HOME of the session's xtuner knowledge base (real default embedding model)."""
+    _base_env(monkeypatch)
+    monkeypatch.setenv("KB_HOME", str(xtuner_kb.settings.home))
+    monkeypatch.delenv("KB_EMBED_MODEL", raising=False)
+    return xtuner_kb.settings.home
+
+
+@pytest.fixture
+def shared_kb():
+    """The knowledge base the pages see (the same cached object), for set-up and checks."""
+    from core import resources
+
+    return lambda: resources.knowledge_base()
+
+
+@pytest.fixture
+def lagent_env(page_env: Path, corpus: Path, shared_kb) -> Path:
+    """page_env with the lagent bundle added and synced (through the same KB the pages use)."""
+    kb = shared_kb()
+    kb.add_source("lagent", str(corpus / "lagent.bundle"), web_url="https://gitee.com/InternLM/lagent")
+    report = kb.sync(["lagent"])[0]
+    assert not report.error and report.chunks_embedded > 0, report
+    return page_env
+
+
+@pytest.fixture
+def open_page() -> Callable:
+    """``open_page("sources")``: a fresh session (AppTest) on Home.py, switched to pages/<name>.py."""
+    from streamlit.testing.v1 import AppTest
+
+    def _open(page: str | None = None, timeout: float = 60):
+        at = AppTest.from_file(str(HOME_PY), default_timeout=timeout)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if page:
+            at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    return _open

@@ -1,0 +1,169 @@
+"""One real-browser test: the dashboard served by ``streamlit run``, driven by Debian's chromium.
+
+It starts the server on a free port over the session's xtuner knowledge base,
+opens Home, switches to Chat, asks "xtuner是什么？", waits for the streamed
+answer and a citation, and saves screenshots under tests/artifacts/ (git
+ignored). It prints (and writes to tests/artifacts/timings.json) the cold
+start until Home is rendered, the time until the answer starts streaming, and
+page switches once the models are loaded. Every wait is bounded and the
+server is always terminated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["page_fixtures"]  # also listed in tests/conftest.py; harmless twice
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+QUESTION = "xtuner是什么？"
+NOTE = "Searching the knowledge base"
+
+# JS: the text streamed so far into the last assistant message (not spinners, captions or sources)
+STREAMED_JS = """(note) => {
+  const msgs = [...document.querySelectorAll('[data-testid="stChatMessage"]')];
+  const last = msgs[msgs.length - 1];
+  if (!last || !last.querySelector('[data-testid="stChatMessageAvatarAssistant"]')) return '';
+  const skip = '[data-testid="stSpinner"], [data-testid="stCaptionContainer"], [data-testid="stExpander"]';
+  const md = [...last.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+    .filter(e => !e.closest(skip))
+    .map(e => e.innerText.trim()).filter(t => t && !t.includes(note));
+  return md.join('\\n');
+}"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _wait_health(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"streamlit not healthy after {timeout:.0f}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture
+def server(xtuner_kb, default_gguf_path, tmp_path):
+    """``streamlit run Home.py`` on a free port; yields (base URL, start time, process, log)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does it)")
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("KB_EMBED_MODEL", None)
+    env.update(
+        KB_HOME=str(xtuner_kb.settings.home), KB_LLM="llamacpp", KB_LLM_GGUF=str(default_gguf_path),
+        KB_LLM_MAX_TOKENS="48", KB_LLM_TEMPERATURE="0", KB_TOP_K="3", KB_ADMIN_PASSWORD="", KB_CHROMA_URL="",
+        KB_RETRIEVAL_MODE="hybrid",
+    )
+    streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
+    log = tmp_path / "streamlit.log"
+    cmd = [streamlit, "run", "Home.py", "--server.port", str(port), "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    with log.open("wb") as out:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}", started, proc, log
+    finally:
+        _stop(proc)
+
+
+def test_chat_in_a_real_browser(server):
+    from playwright.sync_api import sync_playwright
+
+    base, started, proc, log = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    _wait_health(f"{base}/_stcore/health", proc, log, timeout=180)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(base, wait_until="domcontentloaded", timeout=60_000)
+            page.get_by_role("heading", name="Knowledge base").wait_for(timeout=180_000)
+            page.get_by_text("Live collection").first.wait_for(timeout=60_000)
+            timings["cold_start_to_home_s"] = round(time.monotonic() - started, 2)
+            assert page.locator('[data-testid="stMetricValue"]').first.inner_text().strip() == "1", "one source"
+            page.screenshot(path=str(ARTIFACTS / "browser-home.png"), full_page=True)
+
+            t0 = time.monotonic()
+            page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name="Chat").click()
+            page.get_by_role("heading", name="Chat").wait_for()
+            box = page.locator('[data-testid="stChatInput"] textarea')
+            box.wait_for()
+            timings["switch_home_to_chat_s"] = round(time.monotonic() - t0, 2)
+
+            box.fill(QUESTION)
+            t_ask = time.monotonic()
+            box.press("Enter")
+            page.wait_for_function(f"({STREAMED_JS})({json.dumps(NOTE)}).length > 0", timeout=300_000, polling=100)
+            timings["ask_to_first_streamed_text_s"] = round(time.monotonic() - t_ask, 2)
+
+            # the answer is complete when its sources are listed under it
+            citation = page.locator('[data-testid="stChatMessage"]').last.locator('[data-testid="stExpander"]').first
+            citation.wait_for(timeout=300_000)
+            timings["ask_to_answer_with_citations_s"] = round(time.monotonic() - t_ask, 2)
+            answer = page.evaluate(f"({STREAMED_JS})({json.dumps(NOTE)})")
+            assert answer.strip(), "an answer was rendered"
+            label = citation.inner_text()
+            assert "xtuner/" in label and "@" in label, label
+            citation.locator("summary").click()
+            link = citation.locator('a[href*="gitee.com/InternLM/xtuner/blob/"]').first
+            link.wait_for()
+            assert "#L" in (link.get_attribute("href") or "")
+            facts = page.locator('[data-testid="stChatMessage"]').last.get_by_text("first token").inner_text()
+            timings["first_token_after_models_loaded_s"] = float(facts.split("first token")[1].split("s")[0])
+            page.screenshot(path=str(ARTIFACTS / "browser-chat.png"), full_page=True)
+
+            # page switches once the models are loaded
+            for name, heading in (("Retrieval lab", "Retrieval lab"), ("Home", "Knowledge base"), ("Chat", "Chat")):
+                t0 = time.monotonic()
+                page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=name).click()
+                page.get_by_role("heading", name=heading).wait_for()
+                if name == "Chat":  # the conversation is still there after the round trip
+                    page.locator('[data-testid="stChatMessage"]').nth(1).wait_for()
+                timings[f"switch_to_{name.lower().replace(' ', '_')}_warm_s"] = round(time.monotonic() - t0, 2)
+        finally:
+            browser.close()
+    (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=1))
+    print("\nbrowser timings:", json.dumps(timings))
+    assert proc.poll() is None, "the server is still up"
