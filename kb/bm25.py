@@ -69,11 +69,17 @@ class BM25Matrix:
         idf = np.log(n - df + 0.5) - np.log(df + 0.5)
         floor = epsilon * (idf.sum() / v) if v else 0.0
         idf[idf < 0] = floor
+        self.idf = idf
         denom_doc = k1 * (1 - b + b * doc_len / (avgdl or 1.0))
         tf = tf.tocoo()
         weights = idf[tf.col] * tf.data * (k1 + 1) / (tf.data + denom_doc[tf.row])
         self.weights = sparse.csc_matrix((weights.astype(np.float32), (tf.row, tf.col)), shape=(n, v))
         self.size = n
+
+    def max_idf(self, query_tokens: Sequence[str]) -> float:
+        """How specific the query's rarest known term is (0 when none is known)."""
+        cols = [self.vocab[t] for t in query_tokens if t in self.vocab]
+        return float(self.idf[cols].max()) if cols else 0.0
 
     def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
         cols = [self.vocab[t] for t in query_tokens if t in self.vocab]

@@ -22,6 +22,7 @@ from kb.errors import KBError
 from kb.service import KnowledgeBase
 
 MODES = ("dense", "bm25", "hybrid")
+SPECIFIC_IDF = 3.0
 SCORE_NOTES = {
     "dense": "cosine similarity, -1..1, higher is better",
     "bm25": "BM25 (Okapi) score, >= 0, higher is better",
@@ -176,7 +177,10 @@ class SearchEngine:
             lists["dense"] = self._dense(collection, query, n if opts.mode == "hybrid" else opts.k, opts)
         if opts.mode in ("bm25", "hybrid"):
             lists["bm25"] = self._bm25(collection, query, n if opts.mode == "hybrid" else opts.k, opts)
-        hits = self._fuse(lists, opts) if opts.mode == "hybrid" else self._single(lists[opts.mode], opts.mode)
+        if opts.mode == "hybrid":
+            hits = self._fuse(lists, opts, bm25_scale=self._specificity(collection, query))
+        else:
+            hits = self._single(lists[opts.mode], opts.mode)
         hits = self._rerank(query, hits)
         if opts.threshold is not None:
             hits = [h for h in hits if h.score >= opts.threshold]
@@ -202,10 +206,19 @@ class SearchEngine:
             hits.append(h)
         return hits
 
+    def _specificity(self, collection: str, query: str) -> float:
+        """1 when the query has a rare term; less when all its terms are everywhere.
+
+        "xtuner是什么？" leaves BM25 one term found in most xtuner chunks, so its
+        ranking is noise and must not outvote dense. A term in under ~5 % of
+        the chunks (idf >= SPECIFIC_IDF) counts fully.
+        """
+        return min(1.0, self.lexical(collection).matrix.max_idf(tokenize(query)) / SPECIFIC_IDF)
+
     @staticmethod
-    def _fuse(lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions) -> list[Hit]:
+    def _fuse(lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions, bm25_scale: float = 1.0) -> list[Hit]:
         """Weighted reciprocal-rank fusion: sum of weight / (rrf_k + rank) over retrievers."""
-        weights = {"dense": opts.dense_weight, "bm25": opts.bm25_weight}
+        weights = {"dense": opts.dense_weight, "bm25": opts.bm25_weight * bm25_scale}
         fused: dict[str, Hit] = {}
         for mode, scored in lists.items():
             for r, (doc, s) in enumerate(scored, 1):
