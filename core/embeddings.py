@@ -127,7 +127,8 @@ def load_embeddings(settings: Settings) -> Embeddings:
     if backend(settings) == "onnx-int8":
         from core.onnx_embed import OnnxInt8Embeddings
 
-        return OnnxInt8Embeddings(path, settings.models_path / "onnx", max_tokens(settings), settings.embed_batch_size)
+        cache = Path(settings.model_cache).expanduser() if settings.model_cache else settings.models_path / "onnx"
+        return OnnxInt8Embeddings(path, cache, max_tokens(settings), settings.embed_batch_size)
     return HuggingFaceEmbeddings(
         model_name=str(path),
         model_kwargs={"device": device(settings), "local_files_only": True},

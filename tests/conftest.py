@@ -25,6 +25,8 @@ pytest_plugins = ["llm_fixtures", "page_fixtures"]
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("KB_CORPUS", ROOT.parent / "shared" / "corpus"))
 BUNDLES = ["InternLM", "xtuner", "lmdeploy", "opencompass", "lagent", "InternLM-XComposer"]
+# One int8 ONNX export per machine, shared by every KB_HOME the tests make (subprocesses inherit it).
+os.environ.setdefault("KB_MODEL_CACHE", str(Path.home() / ".cache" / "kb-tests" / "onnx"))
 
 
 class CountingEmbeddings(Embeddings):
@@ -55,7 +57,8 @@ def corpus() -> Path:
 
 
 def base_settings(home: Path, **changes) -> Settings:
-    return load_settings(env={}, secrets_path=Path("/nonexistent")).with_(home=home, **changes)
+    env = {"KB_MODEL_CACHE": os.environ["KB_MODEL_CACHE"]}
+    return load_settings(env=env, secrets_path=Path("/nonexistent")).with_(home=home, **changes)
 
 
 @pytest.fixture(scope="session")
@@ -86,15 +89,15 @@ def tiny_st_dir(tmp_path_factory) -> Path:
 def tiny_embeddings(tiny_st_dir) -> CountingEmbeddings:
     from core.embeddings import load_embeddings
 
-    return CountingEmbeddings(load_embeddings(base_settings(Path("/tmp"), embed_model=str(tiny_st_dir))))
+    return CountingEmbeddings(load_embeddings(base_settings(Path("/tmp"), embed_model=str(tiny_st_dir), embed_backend="torch")))
 
 
 @pytest.fixture(scope="session")
-def minilm() -> CountingEmbeddings:
-    """The real default embedding model, loaded once per session."""
+def minilm(tmp_path_factory) -> CountingEmbeddings:
+    """The real default embedding model (int8 ONNX MiniLM), loaded once per session."""
     from core.embeddings import load_embeddings
 
-    return CountingEmbeddings(load_embeddings(base_settings(Path("/tmp"))))
+    return CountingEmbeddings(load_embeddings(base_settings(tmp_path_factory.mktemp("minilm-home"))))
 
 
 @pytest.fixture
@@ -103,7 +106,8 @@ def tiny_kb(tmp_path, tiny_st_dir, tiny_embeddings):
     from kb.service import KnowledgeBase
 
     tiny_embeddings.reset()
-    kb = KnowledgeBase(base_settings(tmp_path / "home", embed_model=str(tiny_st_dir)), embeddings=tiny_embeddings)
+    kb = KnowledgeBase(base_settings(tmp_path / "home", embed_model=str(tiny_st_dir), embed_backend="torch"),
+                       embeddings=tiny_embeddings)
     yield kb
     kb.close()
 

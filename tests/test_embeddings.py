@@ -14,7 +14,8 @@ from conftest import base_settings
 
 def test_default_model_is_found_in_the_installed_package():
     s = base_settings(Path("/tmp"))
-    assert emb.model_dir(s).is_dir() and emb.model_name(s) == "all-MiniLM-L6-v2"
+    assert emb.model_dir(s).is_dir() and emb.model_name(s) == "all-MiniLM-L6-v2-int8"
+    assert emb.model_name(s.with_(embed_backend="torch")) == "all-MiniLM-L6-v2"
     assert emb.max_tokens(s) == 256
 
 
@@ -26,7 +27,7 @@ def test_missing_folder_is_a_clear_error():
 
 
 def test_onnx_int8_matches_the_float_model(tmp_path, tiny_st_dir, tiny_embeddings):
-    s = base_settings(tmp_path, embed_model=str(tiny_st_dir), embed_backend="onnx-int8")
+    s = base_settings(tmp_path, embed_model=str(tiny_st_dir), embed_backend="onnx-int8", model_cache="")
     assert emb.model_name(s) == "tiny-st-int8"  # its vectors never share a collection with the float model's
     q8 = emb.load_embeddings(s)
     texts = ["XTuner 是一个高效的微调工具。", "LMDeploy serves models.", "short", "a longer English sentence " * 10]

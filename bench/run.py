@@ -1,0 +1,384 @@
+"""Benchmarks: ingest (ours vs the tutorial's pipeline), sync, search latency, answer speed.
+
+    make bench                      # everything (about half an hour on 2 cores)
+    python -m bench.run ingest sync # some of it
+
+Results go to bench/results/<name>.json, plots to bench/results/<name>.png.
+The machine is shared and noisy: compare ratios taken in one run, and read
+medians, not single timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import core.settings  # noqa: F401  (offline environment first)
+from core.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("KB_CORPUS", ROOT.parent / "shared" / "corpus"))
+RESULTS = ROOT / "bench" / "results"
+WORK = Path(os.environ.get("KB_BENCH_WORK", tempfile.gettempdir())) / "kb-bench"
+REPOS = ["InternLM", "xtuner", "lmdeploy", "opencompass", "lagent", "InternLM-XComposer"]
+QUESTIONS = CORPUS / "dev_questions.jsonl"
+
+
+def save(name: str, data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
+    print(json.dumps({k: v for k, v in data.items() if not isinstance(v, (list, dict)) or k == "summary"},
+                     ensure_ascii=False), file=sys.stderr)
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def ours_kb(home: Path):
+    from kb.service import KnowledgeBase
+
+    return KnowledgeBase(load_settings(env={**os.environ, "KB_HOME": str(home)}))
+
+
+def eval_modes(kb, k: int = 5) -> dict:
+    from kb.evaluate import evaluate, load_questions
+    from kb.retrieval import SearchEngine, SearchOptions
+
+    engine, qs = SearchEngine(kb), load_questions(QUESTIONS)
+    out = {}
+    for mode in ("dense", "bm25", "hybrid"):
+        r = evaluate(engine, qs, SearchOptions(k=k, mode=mode))
+        out[mode] = {m: r[m] for m in ("hit@1", "hit@k", "mrr", "misses")}
+    return out
+
+
+# ---------------------------------------------------------------- ingest
+def tutorial_pipeline(work: Path) -> dict:
+    """The original tutorial: plain loading, RecursiveCharacterTextSplitter(500, 150), MiniLM, Chroma.from_documents."""
+    from langchain_chroma import Chroma
+    from langchain_core.documents import Document
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+    from chromadb.config import Settings as ChromaSettings
+
+    from core.embeddings import load_embeddings
+
+    t0 = time.perf_counter()
+    docs = []
+    for repo in REPOS:
+        dest = work / "tutorial-repos" / repo
+        subprocess.run(["git", "clone", "-q", str(CORPUS / f"{repo}.bundle"), str(dest)], check=True)
+        for p in dest.rglob("*"):
+            if p.suffix in (".md", ".txt") and p.is_file() and ".git" not in p.parts:
+                docs.append(Document(p.read_text(encoding="utf-8", errors="ignore"),
+                                     metadata={"source": repo, "path": str(p.relative_to(dest))}))
+    chunks = RecursiveCharacterTextSplitter(chunk_size=500, chunk_overlap=150).split_documents(docs)
+    t_load = time.perf_counter() - t0
+    emb = load_embeddings(load_settings(env={}))
+    t1 = time.perf_counter()
+    store = Chroma.from_documents(chunks, emb, persist_directory=str(work / "tutorial-chroma"),
+                                  client_settings=ChromaSettings(anonymized_telemetry=False, is_persistent=True),
+                                  collection_metadata={"hnsw:space": "cosine"})
+    t_embed = time.perf_counter() - t1
+    hits5 = _tutorial_hits(store, k=5)
+    return {"files": len(docs), "chunks": len(chunks), "seconds": round(time.perf_counter() - t0, 1),
+            "load_split_seconds": round(t_load, 1), "embed_store_seconds": round(t_embed, 1),
+            "chunks_per_s": round(len(chunks) / t_embed, 1), "dense_hit@5": hits5}
+
+
+def _tutorial_hits(store, k: int) -> float:
+    qs = [json.loads(l) for l in QUESTIONS.read_text().splitlines() if l.strip()]
+    hit = 0
+    for q in qs:
+        for d in store.as_retriever(search_kwargs={"k": k}).invoke(q["question"]):
+            if d.metadata["source"] == q["repo"] and d.metadata["path"] == q["path"]:
+                hit += 1  # file-level: the tutorial's chunks carry no line numbers
+                break
+    return round(hit / len(qs), 4)
+
+
+def bench_ingest(skip_tutorial: bool) -> dict:
+    home = WORK / "ours"
+    shutil.rmtree(home, ignore_errors=True)
+    kb = ours_kb(home)
+    for repo in REPOS:
+        kb.add_source(repo, str(CORPUS / f"{repo}.bundle"))
+    t0 = time.perf_counter()
+    reports = kb.sync()
+    ours_s = time.perf_counter() - t0
+    live, config = kb.live()
+    coll = kb.index.get(live)
+    got = coll.get(include=["documents", "metadatas"])
+    texts = [f"{m['heading']}\n{d}" if config.heading_prefix and m["heading"] else d
+             for d, m in zip(got["documents"], got["metadatas"])]
+    unique = list(dict.fromkeys(texts))
+    t1 = time.perf_counter()
+    kb.embeddings.embed_documents(unique)
+    bare_s = time.perf_counter() - t1
+    embedded = sum(r.chunks_embedded for r in reports)
+    ours = {
+        "seconds": round(ours_s, 1), "chunks": coll.count(), "chunks_embedded": embedded,
+        "chunks_per_s": round(embedded / ours_s, 1), "bare_encode_seconds": round(bare_s, 1),
+        "bare_encode_chunks_per_s": round(len(unique) / bare_s, 1),
+        "skipped": [{"source": r.name, **s} for r in reports for s in r.skipped],
+        "chunks_overlong": sum(len(r.chunks_overlong) for r in reports),
+        "chunk_config": config.label(), "embed_model": kb.embed_model,
+    }
+    ours["throughput_vs_bare_encode"] = round(ours["chunks_per_s"] / ours["bare_encode_chunks_per_s"], 3)
+    ours["retrieval"] = eval_modes(kb)
+    result = {"ours": ours}
+    if not skip_tutorial:
+        tut = tutorial_pipeline(WORK)
+        result["tutorial"] = tut
+        result["wall_time_ratio"] = round(ours["seconds"] / tut["seconds"], 3)
+    result["summary"] = {"ours_s": ours["seconds"], "tutorial_s": result.get("tutorial", {}).get("seconds"),
+                         "ratio": result.get("wall_time_ratio"), "vs_bare": ours["throughput_vs_bare_encode"],
+                         "hybrid_hit@5": ours["retrieval"]["hybrid"]["hit@k"]}
+    save("ingest", result)
+    _plot_ingest(result)
+    return result
+
+
+def _plot_ingest(r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["ours"] + (["tutorial"] if "tutorial" in r else [])
+    a.bar(names, [r[n]["seconds"] for n in names], color=["tab:green", "tab:gray"][: len(names)])
+    a.set_ylabel("ingest wall time (s)")
+    a.set_title("Ingest of the six shared repos")
+    modes = ["dense", "bm25", "hybrid"]
+    b.bar(modes, [r["ours"]["retrieval"][m]["hit@k"] for m in modes], color="tab:blue", label="ours hit@5")
+    b.axhline(0.9, color="red", ls="--", label="target 0.9")
+    b.set_ylim(0, 1)
+    b.set_title("Retrieval hit@5 on dev_questions")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ingest.png", dpi=110)
+
+
+# ---------------------------------------------------------------- sync
+def _cli(home: Path, *args: str) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "kb", *args, "--json"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "KB_HOME": str(home)})
+    return time.perf_counter() - t0, json.loads(proc.stdout)
+
+
+def bench_sync() -> dict:
+    home = WORK / "ours"
+    if not (home / "manifest.sqlite").exists():
+        raise SystemExit("run the ingest benchmark first")
+    noop = [_cli(home, "sync") for _ in range(3)]
+    # the two-commit xtuner bundle
+    hist = WORK / "history"
+    shutil.rmtree(hist, ignore_errors=True)
+    remote = hist / "remote.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(CORPUS / "xtuner-history.bundle"), str(remote)], check=True)
+    new = subprocess.run(["git", "rev-parse", "main"], cwd=remote, capture_output=True, text=True).stdout.strip()
+    old = subprocess.run(["git", "rev-parse", "main~1"], cwd=remote, capture_output=True, text=True).stdout.strip()
+    subprocess.run(["git", "update-ref", "refs/heads/main", old], cwd=remote, check=True)
+    kb = ours_kb(hist / "home")
+    kb.add_source("xtuner", str(remote))
+    first = kb.sync()[0]
+    subprocess.run(["git", "update-ref", "refs/heads/main", new], cwd=remote, check=True)
+    t0 = time.perf_counter()
+    rep = kb.sync()[0]
+    inc_s = time.perf_counter() - t0
+    coll = kb.index.get(kb.live()[0])
+    changed = set(rep.added) | set(rep.modified)
+    metas = coll.get(where={"source": "xtuner"}, include=["metadatas"])["metadatas"]
+    result = {
+        "noop_sync_wall_s": [round(s, 2) for s, _ in noop],
+        "noop_sync_median_s": round(statistics.median(s for s, _ in noop), 2),
+        "noop_chunks_embedded": sum(r["chunks_embedded"] for _, o in noop for r in o["sources"]),
+        "history": {
+            "commit_1_chunks": first.chunks_embedded, "files_added": rep.files_added,
+            "files_modified": rep.files_modified, "files_deleted": rep.files_deleted,
+            "chunks_embedded": rep.chunks_embedded, "chunks_reused": rep.chunks_reused,
+            "chunks_deleted": rep.chunks_deleted,
+            "chunks_of_changed_files": sum(1 for m in metas if m["path"] in changed),
+            "chunks_total": len(metas), "seconds": round(inc_s, 2),
+        },
+    }
+    result["summary"] = {"noop_median_s": result["noop_sync_median_s"], "noop_embedded": result["noop_chunks_embedded"],
+                         "history_embedded": rep.chunks_embedded,
+                         "history_changed_file_chunks": result["history"]["chunks_of_changed_files"]}
+    save("sync", result)
+    return result
+
+
+# ---------------------------------------------------------------- search latency
+def _latencies(engine, queries: list[str], reps: int) -> dict:
+    from kb.retrieval import SearchOptions
+
+    out = {}
+    for mode in ("dense", "bm25", "hybrid"):
+        engine.search(queries[0], SearchOptions(k=5, mode=mode))  # warm: model, BM25 matrix
+        times = []
+        for _ in range(reps):
+            for q in queries:
+                t0 = time.perf_counter()
+                engine.search(q, SearchOptions(k=5, mode=mode))
+                times.append((time.perf_counter() - t0) * 1000)
+        out[mode] = {"p50_ms": round(pct(times, 50), 1), "p95_ms": round(pct(times, 95), 1), "n": len(times)}
+    return out
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+def bench_search(big: int) -> dict:
+    from kb.retrieval import SearchEngine
+
+    queries = [json.loads(l)["question"] for l in QUESTIONS.read_text().splitlines() if l.strip()]
+    kb = ours_kb(WORK / "ours")
+    engine = SearchEngine(kb)
+    result = {"corpus": {"chunks": kb.stats()["chunks"], **_latencies(engine, queries, 5), "rss_mb": _rss_mb()}}
+    if big:
+        result["synthetic"] = _synthetic(kb, queries, big)
+    result["summary"] = {"corpus_hybrid_p95_ms": result["corpus"]["hybrid"]["p95_ms"],
+                         "big_hybrid_p95_ms": result.get("synthetic", {}).get("hybrid", {}).get("p95_ms")}
+    save("search", result)
+    _plot_search(result)
+    return result
+
+
+def _synthetic(src_kb, queries: list[str], total: int) -> dict:
+    """A collection of ``total`` chunks: the real ones plus copies of real text with random unit vectors."""
+    import numpy as np
+
+    from kb.chunking import ChunkConfig
+    from kb.index import collection_name
+    from kb.retrieval import SearchEngine
+
+    home = WORK / "big"
+    shutil.rmtree(home, ignore_errors=True)
+    kb = ours_kb(home)
+    live, config = kb.live()
+    src = src_kb.index.get(src_kb.live()[0]).get(include=["documents", "metadatas", "embeddings"])
+    coll = kb.index.create(live, config, kb.embed_model)
+    rng = np.random.default_rng(0)
+    n_real, dim = len(src["ids"]), len(src["embeddings"][0])
+    batch = kb.index.client.get_max_batch_size()
+    t0 = time.perf_counter()
+    for start in range(0, total, batch):
+        idx = [(start + i) % n_real for i in range(min(batch, total - start))]
+        if start < n_real:
+            vecs = np.asarray([src["embeddings"][i] for i in idx], dtype=np.float32)
+        else:
+            vecs = rng.standard_normal((len(idx), dim)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        coll.add(ids=[f"syn-{start + j}" for j in range(len(idx))], embeddings=vecs.tolist(),
+                 documents=[src["documents"][i] for i in idx],
+                 metadatas=[{**src["metadatas"][i], "path": f"synthetic/{start + j}/" + src["metadatas"][i]["path"]}
+                            if start + j >= n_real else src["metadatas"][i] for j, i in enumerate(idx)])
+    build_s = time.perf_counter() - t0
+    kb.manifest.touch_collection(live)
+    kb._embeddings = src_kb.embeddings
+    engine = SearchEngine(kb)
+    rss0 = _rss_mb()
+    t1 = time.perf_counter()
+    engine.lexical(live)
+    bm25_build_s = time.perf_counter() - t1
+    lat = _latencies(engine, queries, 2)
+    return {"chunks": coll.count(), "insert_seconds": round(build_s, 1), "bm25_build_seconds": round(bm25_build_s, 1),
+            "rss_mb_before_bm25": rss0, "rss_mb": _rss_mb(), **lat}
+
+
+def _plot_search(r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = ["dense", "bm25", "hybrid"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.2
+    sets = [("corpus", r["corpus"])] + ([("synthetic", r["synthetic"])] if "synthetic" in r else [])
+    for j, (name, data) in enumerate(sets):
+        for k, p in enumerate(("p50_ms", "p95_ms")):
+            ax.bar([i + (2 * j + k) * width for i in range(3)], [data[m][p] for m in modes], width,
+                   label=f"{name} ({data['chunks']:,} chunks) {p[:3]}")
+    ax.set_xticks([i + 1.5 * width for i in range(3)], modes)
+    ax.axhline(50, color="green", ls="--", label="50 ms")
+    ax.axhline(150, color="red", ls="--", label="150 ms")
+    ax.set_ylabel("latency (ms)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "search.png", dpi=110)
+
+
+# ---------------------------------------------------------------- answer
+def bench_answer() -> dict:
+    from core.llm import build_chat_model
+    from kb.answer import Answer, Answerer
+    from kb.retrieval import SearchEngine, SearchOptions
+
+    kb = ours_kb(WORK / "ours")
+    llm = build_chat_model(kb.settings.with_(llm_max_tokens=128, llm_temperature=0.0))
+    answerer = Answerer(llm, SearchEngine(kb), SearchOptions(k=5))
+    runs = []
+    for q in ["xtuner是什么？", "How do I deploy a model with LMDeploy?", "OpenCompass 如何评测模型？"]:
+        res = Answer(question=q, answer="")
+        t0 = time.perf_counter()
+        first = None
+        n = 0
+        for _ in answerer.stream(q, result=res):
+            n += 1
+            first = first or time.perf_counter()
+        end = time.perf_counter()
+        client = getattr(llm, "client", None)  # llama.cpp: count real tokens; otherwise stream chunks
+        tokens = len(client.tokenize(res.answer.encode(), add_bos=False, special=False)) if client else n
+        runs.append({"question": q, "ttft_s": round(res.first_token_seconds or 0, 2), "total_s": round(end - t0, 2),
+                     "stream_chunks": n, "tokens": tokens,
+                     "tokens_per_s": round(tokens / max(end - (first or end), 1e-6), 1)})
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "kb", "ask", "xtuner是什么？", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "KB_HOME": str(WORK / "ours")})
+    ask_s = time.perf_counter() - t0
+    result = {"runs": runs, "kb_ask_wall_s": round(ask_s, 1), "kb_ask_ok": proc.returncode == 0,
+              "summary": {"ttft_median_s": statistics.median(r["ttft_s"] for r in runs),
+                          "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in runs),
+                          "kb_ask_wall_s": round(ask_s, 1)}}
+    save("answer", result)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", nargs="*", default=["ingest", "sync", "search", "answer"])
+    p.add_argument("--skip-tutorial", action="store_true")
+    p.add_argument("--big", type=int, default=200_000, help="chunks in the synthetic search collection (0: skip)")
+    a = p.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    for name in a.which:
+        if name == "ingest":
+            bench_ingest(a.skip_tutorial)
+        elif name == "sync":
+            bench_sync()
+        elif name == "search":
+            bench_search(a.big)
+        elif name == "answer":
+            bench_answer()
+        else:
+            raise SystemExit(f"unknown benchmark {name!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+"""Chat LLM backends behind LangChain's ``BaseChatModel``, chosen by ``settings.llm``.
+
+- ``llamacpp`` (default): a GGUF file run in-process by llama-cpp-python. With no
+  ``KB_LLM_GGUF`` it is the packaged Qwen2.5-Coder-1.5B-Instruct, joined on first
+  use (see ``core.gguf``), so a fresh machine answers offline.
+- ``transformers``: a local checkpoint folder (the tutorial's InternLM2 / InternLM
+  chat models) loaded with ``trust_remote_code`` because transformers >= 5 has no
+  built-in InternLM2.
+- ``openai``: any OpenAI-compatible server (LMDeploy ``api_server``, vLLM,
+  ``python -m llama_cpp.server``) through ``langchain_openai.ChatOpenAI``.
+
+Every model supports ``.invoke`` and ``.stream`` (real token streaming). Loading
+is slow (seconds to minutes), so callers build a model once and cache it; call
+``reset_chat_model`` between independent questions.
+
+Heavy libraries (llama_cpp, torch, transformers, openai) are imported only by the
+backend that needs them, so e.g. the openai path never loads torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from core.gguf import GGUF_NAME, GGUFError, ensure_gguf
+from core.settings import Settings
+
+BACKENDS = ("llamacpp", "transformers", "openai")
+
+
+class LLMError(ValueError):
+    """Bad LLM configuration or a model that can't be loaded; the message is for humans."""
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _role(message: BaseMessage) -> str:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    if isinstance(message, ChatMessage):
+        return message.role
+    raise LLMError(f"unsupported message type for a chat prompt: {type(message).__name__}")
+
+
+def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages as the ``[{"role", "content"}]`` list chat templates expect."""
+    return [{"role": _role(m), "content": m.text} for m in messages]
+
+
+def _chunk(text: str, **metadata: Any) -> ChatGenerationChunk:
+    return ChatGenerationChunk(message=AIMessageChunk(content=text, response_metadata=metadata))
+
+
+def _emit(
+    text: str, run_manager: CallbackManagerForLLMRun | None, **metadata: Any
+) -> ChatGenerationChunk:
+    """Wrap one streamed piece and tell the callbacks, as LangChain expects of ``_stream``."""
+    chunk = _chunk(text, **metadata)
+    if run_manager and text:
+        run_manager.on_llm_new_token(text, chunk=chunk)
+    return chunk
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+_LLAMA_PASSTHROUGH = ("top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed")
+
+
+class ChatLlamaCpp(BaseChatModel):
+    """A ``llama_cpp.Llama`` as a chat model, using the chat template stored in the GGUF.
+
+    langchain-community's ChatLlamaCpp would pull in that whole package; this is
+    the small part we need. A lock serialises calls because one Llama context
+    can't serve two Streamlit sessions at once.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    client: Any = Field(exclude=True)
+    model_path: str
+    max_tokens: int = 512
+    temperature: float = 0.1
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @property
+    def _llm_type(self) -> str:
+        return "llamacpp"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_path": self.model_path, "max_tokens": self.max_tokens, "temperature": self.temperature}
+
+    def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Per-call options (``.stream(msgs, max_tokens=32)`` or ``.bind(...)``) over the defaults."""
+        params = {k: kwargs[k] for k in _LLAMA_PASSTHROUGH if k in kwargs}
+        return {
+            **params,
+            "max_tokens": kwargs.get("max_tokens", self.max_tokens),
+            "temperature": kwargs.get("temperature", self.temperature),
+            "stop": stop or kwargs.get("stop"),
+        }
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        with self._lock:
+            out = self._complete(messages, stream=False, **self._params(stop, kwargs))
+        choice, usage = out["choices"][0], out.get("usage") or {}
+        message = AIMessage(
+            content=choice["message"].get("content") or "",
+            response_metadata={"finish_reason": choice.get("finish_reason"), "model_name": self.model_name},
+            usage_metadata={
+                "input_tokens": usage.get("prompt_tokens", 0),
+                "output_tokens": usage.get("completion_tokens", 0),
+                "total_tokens": usage.get("total_tokens", 0),
+            },
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        with self._lock:
+            for part in self._complete(messages, stream=True, **self._params(stop, kwargs)):
+                choice = part["choices"][0]
+                text, finish = choice["delta"].get("content") or "", choice.get("finish_reason")
+                if finish:
+                    yield _emit(text, run_manager, finish_reason=finish, model_name=self.model_name)
+                elif text:
+                    yield _emit(text, run_manager)
+
+    def _complete(self, messages: list[BaseMessage], **params: Any) -> Any:
+        try:
+            out = self.client.create_chat_completion(messages=to_chat_dicts(messages), **params)
+        except ValueError as exc:  # e.g. "Requested tokens (5000) exceed context window of 4096"
+            raise LLMError(f"llama.cpp: {exc}") from exc
+        return _llama_errors(out) if params.get("stream") else out
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model_path).name
+
+    def reset(self) -> None:
+        """Forget the evaluated tokens so the next question starts from a clean context."""
+        with self._lock:
+            self.client.reset()
+
+
+def _llama_errors(parts: Iterator[Any]) -> Iterator[Any]:
+    """A streamed completion only checks the prompt length once read, so wrap its errors too."""
+    try:
+        yield from parts
+    except ValueError as exc:
+        raise LLMError(f"llama.cpp: {exc}") from exc
+
+
+def resolve_gguf(settings: Settings) -> Path:
+    """The GGUF file to run: ``KB_LLM_GGUF`` if set, else the packaged model in home/models."""
+    if settings.llm_gguf:
+        path = Path(settings.llm_gguf).expanduser()
+        if not path.is_file():
+            raise LLMError(f"KB_LLM_GGUF={settings.llm_gguf}: no such file")
+        return path
+    try:
+        return ensure_gguf(settings.models_path)
+    except GGUFError as exc:
+        raise LLMError(f"cannot prepare the default model: {exc}") from exc
+
+
+def llm_threads(settings: Settings) -> int:
+    """Threads for CPU inference: the setting, or every core (0 means all)."""
+    return settings.llm_threads if settings.llm_threads > 0 else (os.cpu_count() or 1)
+
+
+def _build_llamacpp(settings: Settings) -> ChatLlamaCpp:
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise LLMError(f"KB_LLM=llamacpp needs llama-cpp-python: pip install llama-cpp-python==0.3.36 ({exc})") from exc
+
+    path, threads = resolve_gguf(settings), llm_threads(settings)
+    try:
+        client = Llama(
+            model_path=str(path),
+            n_ctx=settings.llm_n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise LLMError(f"llama.cpp cannot load {path}: {exc} (is it a GGUF model file?)") from exc
+    return ChatLlamaCpp(
+        client=client,
+        model_path=str(path),
+        max_tokens=settings.llm_max_tokens,
+        temperature=settings.llm_temperature,
+    )
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+class ChatTransformers(BaseChatModel):
+    """A local transformers causal LM as a chat model, streamed through TextIteratorStreamer.
+
+    The prompt comes from the tokenizer's chat template when it has one; InternLM
+    checkpoints without one bring their own ``stream_chat``/``chat`` methods in
+    their remote code, and ``mode`` records which path is used.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: Any = Field(exclude=True)
+    tokenizer: Any = Field(exclude=True)
+    model_path: str
+    mode: str = "template"  # template | stream_chat | chat
+    max_tokens: int = 512
+    temperature: float = 0.1
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @property
+    def _llm_type(self) -> str:
+        return "transformers"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_path": self.model_path, "mode": self.mode, "max_tokens": self.max_tokens}
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        text = "".join(c.text for c in self._stream(messages, stop, None, **kwargs))
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        temperature = kwargs.get("temperature", self.temperature)
+        with self._lock:
+            if self.mode == "template":
+                pieces = self._stream_template(messages, stop, max_tokens, temperature)
+            else:
+                pieces = self._stream_remote(messages, max_tokens, temperature)
+            for text in pieces:
+                if text:
+                    yield _emit(text, run_manager)
+
+    def _sampling(self, max_tokens: int, temperature: float) -> dict[str, Any]:
+        if temperature > 0:
+            return {"max_new_tokens": max_tokens, "do_sample": True, "temperature": temperature}
+        return {"max_new_tokens": max_tokens, "do_sample": False}
+
+    def _stream_template(
+        self, messages: list[BaseMessage], stop: list[str] | None, max_tokens: int, temperature: float
+    ) -> Iterator[str]:
+        """Generate in a thread and read decoded text from the streamer as it arrives."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        inputs = self.tokenizer.apply_chat_template(
+            to_chat_dicts(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        gen_kwargs: dict[str, Any] = {**inputs, **self._sampling(max_tokens, temperature), "streamer": streamer}
+        gen_kwargs["eos_token_id"] = turn_end_ids(self.tokenizer, self.model)
+        if self.tokenizer.pad_token_id is None:
+            gen_kwargs["pad_token_id"] = self.tokenizer.eos_token_id
+        if stop:
+            gen_kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
+        cancelled, errors = threading.Event(), []
+        gen_kwargs["stopping_criteria"] = StoppingCriteriaList([_cancel_criterion(cancelled)])
+        worker = threading.Thread(target=_generate_into, args=(self.model, gen_kwargs, streamer, errors), daemon=True)
+        worker.start()
+        try:
+            yield from streamer
+        finally:  # a reader that stops early stops generation at the next token
+            cancelled.set()
+            worker.join()
+        if errors:
+            raise LLMError(f"generation failed in {self.model_path}: {errors[0]}") from errors[0]
+
+    def _stream_remote(self, messages: list[BaseMessage], max_tokens: int, temperature: float) -> Iterator[str]:
+        """Use the checkpoint's own ``stream_chat``/``chat`` (InternLM remote code)."""
+        system, history, query = split_for_internlm(messages)
+        kwargs: dict[str, Any] = {"history": history, **self._sampling(max_tokens, temperature)}
+        method = getattr(self.model, self.mode)
+        if system and "meta_instruction" in inspect.signature(method).parameters:
+            kwargs["meta_instruction"] = system
+        if self.mode == "chat":
+            response, _ = method(self.tokenizer, query, **kwargs)
+            yield response
+            return
+        sent = ""
+        for response, _ in method(self.tokenizer, query, **kwargs):
+            # stream_chat yields the whole response so far; pass on only what's new
+            yield response[len(sent):] if response.startswith(sent) else response
+            sent = response
+
+
+_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def turn_end_ids(tokenizer: Any, model: Any) -> list[int] | None:
+    """The model's eos ids plus the chat template's end-of-turn token.
+
+    Some chat checkpoints (InternLM2's among them, depending on revision) list
+    only ``</s>`` as eos although the template ends a turn with ``<|im_end|>``;
+    without it generation would run on to max_tokens.
+    """
+    configured = model.generation_config.eos_token_id
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    template = tokenizer.chat_template or ""
+    for token in _TURN_END_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token) if token in template else None
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    return ids or None
+
+
+def _cancel_criterion(event: threading.Event) -> Any:
+    """A StoppingCriteria that ends generation once the reader has gone away."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return Cancelled()
+
+
+def _generate_into(model: Any, gen_kwargs: dict[str, Any], streamer: Any, errors: list[BaseException]) -> None:
+    """Thread body: run generate; on failure record the error and end the stream,
+    so the reader isn't left waiting forever."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            model.generate(**gen_kwargs)
+    except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread
+        errors.append(exc)
+        streamer.end()
+
+
+def split_for_internlm(messages: list[BaseMessage]) -> tuple[str, list[tuple[str, str]], str]:
+    """(system prompt, [(user, assistant), ...], final user query) for InternLM's ``chat`` API."""
+    system = "\n".join(m.text for m in messages if isinstance(m, SystemMessage))
+    turns = [m for m in messages if not isinstance(m, SystemMessage)]
+    if not turns or _role(turns[-1]) != "user":
+        raise LLMError("the last message must be the user's question")
+    history: list[tuple[str, str]] = []
+    pending_user: str | None = None
+    for m in turns[:-1]:
+        if _role(m) == "user":
+            pending_user = m.text if pending_user is None else pending_user + "\n" + m.text
+        else:
+            history.append((pending_user or "", m.text))
+            pending_user = None
+    query = turns[-1].text if pending_user is None else pending_user + "\n" + turns[-1].text
+    return system, history, query
+
+
+def _model_dir(settings: Settings) -> Path:
+    if not settings.llm_path:
+        raise LLMError(
+            "KB_LLM=transformers needs KB_LLM_PATH, a local model folder such as internlm2-chat-1_8b "
+            "(nothing is downloaded)"
+        )
+    path = Path(settings.llm_path).expanduser()
+    if not path.is_dir():
+        raise LLMError(f"KB_LLM_PATH={settings.llm_path}: no such folder")
+    if not (path / "config.json").is_file():
+        raise LLMError(f"KB_LLM_PATH={settings.llm_path} is not a transformers model folder (no config.json)")
+    return path
+
+
+def _chat_mode(tokenizer: Any, model: Any, path: Path) -> str:
+    """Pick how prompts are built; fail now, not at the first question, if there is no way."""
+    if getattr(tokenizer, "chat_template", None):
+        return "template"
+    for name in ("stream_chat", "chat"):
+        if callable(getattr(model, name, None)):
+            return name
+    raise LLMError(
+        f"{path} has no chat template (tokenizer_config.json / chat_template.jinja) and its model "
+        "has no chat()/stream_chat() method, so there is no way to build a chat prompt; "
+        "use a chat checkpoint or add a chat_template"
+    )
+
+
+def _build_transformers(settings: Settings) -> ChatTransformers:
+    path = _model_dir(settings)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            trust_remote_code=True,
+            local_files_only=True,
+            dtype=torch.bfloat16 if cuda else torch.float32,
+        )
+    except (OSError, ValueError, ImportError, KeyError) as exc:
+        raise LLMError(f"transformers cannot load {path}: {exc}") from exc
+    model = model.to("cuda" if cuda else "cpu").eval()
+    return ChatTransformers(
+        model=model,
+        tokenizer=tokenizer,
+        model_path=str(path),
+        mode=_chat_mode(tokenizer, model, path),
+        max_tokens=settings.llm_max_tokens,
+        temperature=settings.llm_temperature,
+    )
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible
+
+
+def _openai_class() -> type:
+    """ChatOpenAI that also sends ``max_tokens``.
+
+    langchain-openai renames max_tokens to ``max_completion_tokens``, which
+    llama.cpp's server and older LMDeploy ignore (they would then generate up to
+    the context size); sending both keeps the limit everywhere.
+    """
+    from langchain_openai import ChatOpenAI
+
+    class ChatOpenAICompatible(ChatOpenAI):
+        def _get_request_payload(self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any) -> dict:
+            payload = super()._get_request_payload(input_, stop=stop, **kwargs)
+            if payload.get("max_completion_tokens") is not None:
+                payload["max_tokens"] = payload["max_completion_tokens"]
+            return payload
+
+    return ChatOpenAICompatible
+
+
+def openai_base_url(settings: Settings) -> str:
+    """The server's API root; a bare ``http://host:port`` gets ``/v1`` as LMDeploy and vLLM serve."""
+    base = settings.openai_base_url.strip().rstrip("/")
+    if not base:
+        raise LLMError(
+            "KB_LLM=openai needs KB_OPENAI_BASE_URL, e.g. http://127.0.0.1:23333/v1 "
+            "(lmdeploy serve api_server) or http://127.0.0.1:8000/v1 (vLLM)"
+        )
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise LLMError(f"KB_OPENAI_BASE_URL={settings.openai_base_url!r} is not an http(s) URL")
+    return base if parts.path not in ("", "/") else base + "/v1"
+
+
+def first_server_model(base_url: str, api_key: str, timeout: float = 10.0) -> str:
+    """Ask the server which model it serves (GET {base_url}/models) and take the first."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+    try:
+        models = [m.id for m in client.models.list()]
+    except openai.OpenAIError as exc:
+        raise LLMError(f"cannot list models at {base_url}/models ({exc}); is the server running? "
+                       "Or set KB_OPENAI_MODEL") from exc
+    if not models:
+        raise LLMError(f"{base_url}/models lists no model; set KB_OPENAI_MODEL")
+    return models[0]
+
+
+def _build_openai(settings: Settings) -> BaseChatModel:
+    base = openai_base_url(settings)
+    api_key = settings.openai_api_key or "EMPTY"
+    model = settings.openai_model or first_server_model(base, api_key)
+    return _openai_class()(
+        base_url=base,
+        model=model,
+        api_key=api_key,
+        streaming=True,
+        max_tokens=settings.llm_max_tokens,
+        temperature=settings.llm_temperature,
+        max_retries=1,
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+_BUILDERS = {"llamacpp": _build_llamacpp, "transformers": _build_transformers, "openai": _build_openai}
+
+
+def _backend(settings: Settings) -> str:
+    name = settings.llm.strip().lower()
+    if name not in _BUILDERS:
+        raise LLMError(f"KB_LLM={settings.llm!r} is not a known LLM backend; use one of: {', '.join(BACKENDS)}")
+    return name
+
+
+def build_chat_model(settings: Settings) -> BaseChatModel:
+    """Load the configured chat model (slow: cache the result).
+
+    Raises LLMError with a human-readable message for bad configuration.
+    """
+    return _BUILDERS[_backend(settings)](settings)
+
+
+def describe_llm(settings: Settings) -> str:
+    """A short label for the UI and the CLI, computed without loading anything."""
+    name = settings.llm.strip().lower()
+    if name == "llamacpp":
+        return f"llamacpp: {Path(settings.llm_gguf).name if settings.llm_gguf else GGUF_NAME}"
+    if name == "transformers":
+        return f"transformers: {Path(settings.llm_path).name if settings.llm_path else '(KB_LLM_PATH not set)'}"
+    if name == "openai":
+        model = settings.openai_model or "first served model"
+        return f"openai: {model} @ {settings.openai_base_url or '(KB_OPENAI_BASE_URL not set)'}"
+    return f"unknown LLM backend {settings.llm!r}"
+
+
+def reset_chat_model(model: Runnable) -> None:
+    """Clear per-conversation state between independent questions.
+
+    Only the in-process llama.cpp model keeps any (its evaluated tokens); for the
+    others this does nothing. Accepts a model wrapped by ``.bind(...)`` too.
+    """
+    while not isinstance(model, BaseChatModel) and hasattr(model, "bound"):
+        model = model.bound  # type: ignore[attr-defined]
+    if isinstance(model, ChatLlamaCpp):
+        model.reset()

