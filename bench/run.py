@@ -263,8 +263,6 @@ def _synthetic(src_kb, queries: list[str], total: int) -> dict:
     """A collection of ``total`` chunks: the real ones plus copies of real text with random unit vectors."""
     import numpy as np
 
-    from kb.chunking import ChunkConfig
-    from kb.index import collection_name
     from kb.retrieval import SearchEngine
 
     home = WORK / "big"

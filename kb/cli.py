@@ -172,11 +172,10 @@ def cmd_drop(args: argparse.Namespace) -> dict:
 
 
 def cmd_search(args: argparse.Namespace) -> dict:
-    from kb.retrieval import SCORE_NOTES, SearchEngine, SearchOptions
+    from kb.retrieval import SCORE_NOTES, SearchEngine
 
-    opts = SearchOptions(k=args.k, mode=args.mode, threshold=args.threshold, mmr=args.mmr,
-                         source=args.source, path_prefix=args.path_prefix)
-    hits = SearchEngine(_kb(args)).search(args.query, opts)
+    kb = _kb(args)
+    hits = SearchEngine(kb).search(args.query, _options(args, kb, mmr=args.mmr))
     if not args.json:
         print(f"score: {SCORE_NOTES[args.mode]}")
         for h in hits:
@@ -194,12 +193,11 @@ def cmd_search(args: argparse.Namespace) -> dict:
 def cmd_ask(args: argparse.Namespace) -> dict:
     from core.llm import build_chat_model
     from kb.answer import Answer, Answerer
-    from kb.retrieval import SearchEngine, SearchOptions
+    from kb.retrieval import SearchEngine
 
     kb = _kb(args)
     engine = None if args.no_rag else SearchEngine(kb)
-    opts = SearchOptions(k=args.k, mode=args.mode, threshold=args.threshold, source=args.source,
-                         path_prefix=args.path_prefix)
+    opts = _options(args, kb)
     try:
         llm = build_chat_model(kb.settings)
     except ValueError as exc:  # LLMError / GGUFError: bad configuration, missing parts
@@ -221,12 +219,12 @@ def cmd_ask(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from kb.evaluate import evaluate, load_questions, save_run
-    from kb.retrieval import SearchEngine, SearchOptions
+    from kb.retrieval import SearchEngine
 
     questions = load_questions(args.questions)
     kb = _kb(args)
     live, config = kb.live()
-    report = evaluate(SearchEngine(kb), questions, SearchOptions(k=args.k, mode=args.mode))
+    report = evaluate(SearchEngine(kb), questions, _options(args, kb))
     save_run(kb.settings.home, report, {"collection": live, "chunk_config": config.label(),
                                          "embed_model": kb.embed_model, "questions": str(args.questions)})
     if not args.json:
@@ -235,6 +233,16 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         print(f"\nn={report['n']} mode={report['mode']} k={report['k']}  hit@1={report['hit@1']:.3f}  "
               f"hit@{report['k']}={report['hit@k']:.3f}  mrr={report['mrr']:.3f}")
     return report
+
+
+def _options(args: argparse.Namespace, kb, **extra):
+    """Search options from the flags, falling back to KB_TOP_K and KB_RETRIEVAL_MODE."""
+    from kb.retrieval import SearchOptions
+
+    args.k = args.k or kb.settings.top_k
+    args.mode = args.mode or kb.settings.retrieval_mode
+    return SearchOptions(k=args.k, mode=args.mode, threshold=getattr(args, "threshold", None),
+                         source=getattr(args, "source", None), path_prefix=getattr(args, "path_prefix", None), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,30 +294,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.set_defaults(func=cmd_drop)
 
-    q = sub.add_parser("search", parents=[common], help="retrieve chunks")
+    ranked = argparse.ArgumentParser(add_help=False)
+    ranked.add_argument("-k", type=int, help="hits to return (default KB_TOP_K, 5)")
+    ranked.add_argument("--mode", choices=["dense", "bm25", "hybrid"], help="default KB_RETRIEVAL_MODE, hybrid")
+    retrieval = argparse.ArgumentParser(add_help=False, parents=[ranked])
+    retrieval.add_argument("--threshold", type=float, help="minimum score in the mode's own scale (higher is better)")
+    retrieval.add_argument("--source", help="only this source")
+    retrieval.add_argument("--path-prefix", help="only paths starting with this")
+
+    q = sub.add_parser("search", parents=[common, retrieval], help="retrieve chunks")
     q.add_argument("query")
-    q.add_argument("-k", type=int, default=5)
-    q.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="hybrid")
-    q.add_argument("--threshold", type=float, help="minimum score in the mode's own scale (higher is better)")
     q.add_argument("--mmr", action="store_true", help="diversify dense results (maximal marginal relevance)")
-    q.add_argument("--source")
-    q.add_argument("--path-prefix")
     q.set_defaults(func=cmd_search)
 
-    k = sub.add_parser("ask", parents=[common], help="answer a question with sources")
+    k = sub.add_parser("ask", parents=[common, retrieval], help="answer a question with sources")
     k.add_argument("question")
     k.add_argument("--no-rag", action="store_true", help="ask the LLM directly, without retrieval")
-    k.add_argument("-k", type=int, default=5)
-    k.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="hybrid")
-    k.add_argument("--threshold", type=float)
-    k.add_argument("--source")
-    k.add_argument("--path-prefix")
     k.set_defaults(func=cmd_ask)
 
-    e = sub.add_parser("eval", parents=[common], help="hit@1, hit@k and MRR on a JSONL question file")
+    e = sub.add_parser("eval", parents=[common, ranked], help="hit@1, hit@k and MRR on a JSONL question file")
     e.add_argument("questions")
-    e.add_argument("-k", type=int, default=5)
-    e.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="hybrid")
     e.set_defaults(func=cmd_eval)
     return p
 

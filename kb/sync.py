@@ -19,7 +19,6 @@ from core import embeddings as emb
 from core.settings import Settings
 from kb.bm25 import tokenize
 from kb.chunking import Chunk, ChunkConfig, make_splitter, split_document
-from kb.errors import KBError
 from kb.index import VectorIndex
 from kb.loaders import SkipFile, extension, load_document
 from kb.manifest import DocumentRow, Manifest, SourceRow

@@ -17,15 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from servers import free_port, stop, wait_for_http
 
 from core.gguf import ensure_gguf
 from core.settings import Settings
@@ -126,38 +124,6 @@ def default_chat_model(default_llm_settings: Settings):
 # --------------------------------------------------------------------------- OpenAI-compatible server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"server not ready at {url} after {timeout:.0f}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate, then kill, with bounded waits, so a stuck server never hangs the suite."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def openai_server_url(default_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL (``.../v1``) of a real llama.cpp OpenAI-compatible server on 127.0.0.1."""
@@ -172,10 +138,10 @@ def openai_server_url(default_gguf_path: Path, tmp_path_factory: pytest.TempPath
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}/v1"
-        _wait_for_http(f"{base}/models", proc, log, timeout=120)
+        wait_for_http(f"{base}/models", proc, log, timeout=120)
         yield base
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # --------------------------------------------------------------------------- tiny transformers models

@@ -17,10 +17,10 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, stop, wait_for_http
 
 pytest_plugins = ["page_fixtures"]  # also listed in tests/conftest.py; harmless twice
 
@@ -47,45 +47,12 @@ STREAMED_JS = """(note) => {
 }"""
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _wait_health(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"streamlit not healthy after {timeout:.0f}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 @pytest.fixture
 def server(xtuner_kb, default_gguf_path, tmp_path):
     """``streamlit run Home.py`` on a free port; yields (base URL, start time, process, log)."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does it)")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.pop("KB_EMBED_MODEL", None)
     env.update(
@@ -103,7 +70,7 @@ def server(xtuner_kb, default_gguf_path, tmp_path):
     try:
         yield f"http://127.0.0.1:{port}", started, proc, log
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_chat_in_a_real_browser(server):
@@ -112,7 +79,7 @@ def test_chat_in_a_real_browser(server):
     base, started, proc, log = server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    _wait_health(f"{base}/_stcore/health", proc, log, timeout=180)
+    wait_for_http(f"{base}/_stcore/health", proc, log, timeout=180)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
