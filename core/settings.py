@@ -40,19 +40,21 @@ class Settings:
 
     home: Path = Path("data")
     # embeddings
-    embed_model: str = ""  # empty: the packaged all-MiniLM-L6-v2
+    embed_model: str = ""  # a local sentence-transformers folder; empty: the packaged model of the backend
     embed_device: str = ""  # empty: cuda when present, else cpu
     embed_batch_size: int = 64
-    # onnx-int8: the same model exported to ONNX with int8 weights, about twice as
-    # fast on CPU with the same dev-set hit@5 (README "Retrieval tuning"); torch: the float model.
-    embed_backend: str = "onnx-int8"
+    # use-m3: the packaged multilingual USE (reads Chinese; README "Retrieval tuning");
+    # onnx-int8 / torch: a sentence-transformers model (the packaged MiniLM or
+    # embed_model) as int8 ONNX or float; empty: onnx-int8 if embed_model is set, else use-m3.
+    embed_backend: str = ""
     model_cache: str = ""  # where derived models (the int8 ONNX export) go; empty: KB_HOME/models/onnx
     # chunking (defaults of a new knowledge base; a live collection keeps its own)
-    # Measured in embedding-model tokens so every chunk fits MiniLM's 256-token
-    # window with its heading path prepended (the tutorial's 500/150 characters
-    # left a third of the Chinese chunks cut off); see README "Retrieval tuning".
-    chunk_size: int = 200
-    chunk_overlap: int = 30
+    # Measured in embedding-model tokens. The default USE has no window, so the
+    # size is what retrieval quality prefers: 400 gave dev hit@5 0.875 against
+    # 0.75 at 200 (BM25 gains context; README "Retrieval tuning"). With MiniLM
+    # (256-token window) use 200/30 so no chunk is cut.
+    chunk_size: int = 400
+    chunk_overlap: int = 40
     splitter: str = "markdown"  # recursive | markdown
     length_unit: str = "tokens"  # chars | tokens
     heading_prefix: bool = True  # embed and BM25-index "heading path\ntext"

@@ -37,7 +37,7 @@ class ChunkConfig:
     overlap: int = 150
     unit: str = "chars"
     heading_prefix: bool = False  # prepend the heading path to the embedded/BM25 text
-    version: int = 2  # bump when the splitting code changes its output
+    version: int = 3  # bump when the splitting or BM25 tokenizing code changes its output
 
     def __post_init__(self) -> None:
         if self.splitter not in SPLITTERS:

@@ -35,17 +35,17 @@ class ChunkPreview:
     config: ChunkConfig
     chunks: list[Chunk]
     tokens: list[int]  # with special tokens, as the embedding model sees each chunk
-    window: int  # the model's max_seq_length: tokens past it are never embedded
+    window: int | None  # the model's max_seq_length: tokens past it are never embedded; None: no limit
     chars: list[int] = field(default_factory=list)
 
     @property
     def over_window(self) -> int:
-        return sum(1 for t in self.tokens if t > self.window)
+        return sum(1 for t in self.tokens if over_window(t, self.window))
 
     @property
     def tokens_lost(self) -> int:
         """Tokens past the window, summed: text the model never sees."""
-        return sum(max(0, t - self.window) for t in self.tokens)
+        return sum(max(0, t - self.window) for t in self.tokens) if self.window else 0
 
     def summary(self) -> dict:
         t = self.tokens
@@ -63,7 +63,7 @@ class ChunkPreview:
     def rows(self) -> list[dict]:
         return [
             {"#": i, "lines": f"{c.line_start}-{c.line_end}", "tokens": n, "chars": len(c.text),
-             "over window": n > self.window, "heading": c.heading, "start": c.text[:80]}
+             "over window": over_window(n, self.window), "heading": c.heading, "start": c.text[:80]}
             for i, (c, n) in enumerate(zip(self.chunks, self.tokens), 1)
         ]
 
@@ -91,7 +91,12 @@ def _nice_step(top: int, max_bins: int) -> int:
     return step
 
 
-def length_histogram(tokens: Sequence[int], window: int, max_bins: int = 24) -> list[dict]:
+def over_window(tokens: int, window: int | None) -> bool:
+    """A chunk the model cuts; a model without a window (USE) cuts none."""
+    return window is not None and tokens > window
+
+
+def length_histogram(tokens: Sequence[int], window: int | None, max_bins: int = 24) -> list[dict]:
     """Chunk counts per token-length bin; bins are powers of two wide, so the window is an edge.
 
     Each row: ``start``, ``end`` (exclusive), ``label``, ``count`` and ``over``
@@ -100,7 +105,7 @@ def length_histogram(tokens: Sequence[int], window: int, max_bins: int = 24) -> 
     """
     if not tokens:
         return []
-    top = max(max(tokens) + 1, window)
+    top = max(max(tokens) + 1, window or 0)
     step = _nice_step(top, max_bins)
     n_bins = math.ceil(top / step)
     counts = [0] * n_bins
@@ -108,7 +113,7 @@ def length_histogram(tokens: Sequence[int], window: int, max_bins: int = 24) -> 
         counts[min(t // step, n_bins - 1)] += 1
     return [
         {"start": i * step, "end": (i + 1) * step, "label": f"{i * step}-{(i + 1) * step - 1}",
-         "count": c, "over": i * step >= window}
+         "count": c, "over": window is not None and i * step >= window}
         for i, c in enumerate(counts)
     ]
 

@@ -147,7 +147,7 @@ def measure_tokens(settings: Settings, chunks: list[Chunk]) -> list[dict]:
     over = []
     for c, n in zip(chunks, counts):
         c.n_tokens = n
-        if n > window:
+        if window is not None and n > window:
             over.append({"path": c.path, "line_start": c.line_start, "line_end": c.line_end, "tokens": n, "window": window})
     return over
 

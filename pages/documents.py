@@ -8,7 +8,7 @@ import streamlit as st
 
 from core.embeddings import max_tokens
 from kb.chunking import SPLITTERS, UNITS, ChunkConfig
-from kb.preview import annotated_lines, escape_markdown, length_histogram, preview_chunks
+from kb.preview import annotated_lines, escape_markdown, length_histogram, over_window, preview_chunks
 from kb.sources import permalink
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, require_admin, run_with_status, show_error
 
@@ -28,6 +28,7 @@ try:
 except expected_errors() as exc:
     show_error(exc)
     st.stop()
+window_text = f"{window}-token window (text past it is never embedded)" if window else "input (it has no window: nothing is cut)"
 
 # ---------------------------------------------------------------------------- browse
 
@@ -79,8 +80,8 @@ m = st.columns(4)
 m[0].metric("Lines", len(lines), border=True)
 m[1].metric("Size", f"{doc.size:,} B", border=True)
 m[2].metric("Chunks (live)", len(chunks), border=True)
-m[3].metric("Over the window", sum(1 for c in chunks if int(c.get("n_tokens") or 0) > window), border=True,
-            help=f"chunks longer than the embedding model's {window}-token window")
+m[3].metric("Over the window", sum(1 for c in chunks if over_window(int(c.get("n_tokens") or 0), window)), border=True,
+            help=f"chunks longer than the embedding model's {window_text}")
 file_url = permalink(src.web_url, choice.commit, choice.path, 1, len(lines)).split("#")[0] if src.web_url else ""
 st.caption(
     f"language **{doc.language}** · loader **{doc.loader}** · commit `{choice.commit[:12]}` · "
@@ -104,7 +105,7 @@ with view_tab:
     if chunks:
         chart_rows = [
             {"chunk": i, "start": c["line_start"], "end": c["line_end"] + 1, "tokens": int(c.get("n_tokens") or 0),
-             "over window": int(c.get("n_tokens") or 0) > window, "heading": c.get("heading", "")}
+             "over window": over_window(int(c.get("n_tokens") or 0), window), "heading": c.get("heading", "")}
             for i, c in enumerate(chunks, 1)
         ]
         chart = (
@@ -116,7 +117,7 @@ with view_tab:
                 x2="end:Q",
                 y=alt.Y("chunk:O", title="chunk", axis=alt.Axis(labelOverlap=True)),
                 color=alt.Color("over window:N", scale=alt.Scale(domain=[False, True], range=["#4c78a8", "#e45756"]),
-                                legend=alt.Legend(orient="top", title=f"over the {window}-token window")),
+                                legend=alt.Legend(orient="top", title=f"over the {window_text}")),
                 tooltip=["chunk", "start", "end", "tokens", "heading"],
             )
             .properties(height=max(140, min(420, 14 * len(chart_rows) + 60)))
@@ -154,7 +155,7 @@ with rendered_tab:
 
 with rechunk_tab:
     st.caption(f"Try another chunking on this document; lengths are measured in `{kb.embed_model}` tokens against its "
-               f"{window}-token window (text past it is never embedded). The live collection uses {live_cfg.label()}.")
+               f"{window_text}. The live collection uses {live_cfg.label()}.")
     c1, c2, c3, c4, c5 = st.columns([1.2, 1, 1, 1, 1.2])
     splitter = c1.selectbox("Splitter", SPLITTERS, index=SPLITTERS.index(live_cfg.splitter), key="rc_splitter")
     unit = c2.selectbox("Unit", UNITS, index=UNITS.index(live_cfg.unit), key="rc_unit")
@@ -181,7 +182,7 @@ with rechunk_tab:
     m[3].metric("Median tokens", a["median_tokens"])
     m[4].metric("Max tokens", a["max_tokens"])
     hist = [dict(h, config=f"candidate: {config.label()}") for h in length_histogram(cand.tokens, window)]
-    top = max(h["end"] for h in hist) if hist else window
+    top = max(h["end"] for h in hist) if hist else (window or 0)
     hist += [dict(h, config=f"live: {live_cfg.label()}") for h in length_histogram(live.tokens, window)
              if h["start"] < top]
     if hist:
@@ -197,14 +198,15 @@ with rechunk_tab:
                 tooltip=["config", "label", "count"],
             )
         )
-        rule = alt.Chart(pd.DataFrame({"x": [window]})).mark_rule(color="#e45756", strokeDash=[6, 3], size=2).encode(x="x:Q")
-        text = (
-            alt.Chart(pd.DataFrame({"x": [window], "t": [f"window {window}"]}))
-            .mark_text(align="left", dx=4, dy=-6, color="#e45756")
-            .encode(x="x:Q", y=alt.value(8), text="t:N")
-        )
-        st.altair_chart((bars + rule + text).properties(height=260, title="Distribution of chunk lengths"),
-                        width="stretch")
+        if window:
+            rule = alt.Chart(pd.DataFrame({"x": [window]})).mark_rule(color="#e45756", strokeDash=[6, 3], size=2).encode(x="x:Q")
+            text = (
+                alt.Chart(pd.DataFrame({"x": [window], "t": [f"window {window}"]}))
+                .mark_text(align="left", dx=4, dy=-6, color="#e45756")
+                .encode(x="x:Q", y=alt.value(8), text="t:N")
+            )
+            bars = bars + rule + text
+        st.altair_chart(bars.properties(height=260, title="Distribution of chunk lengths"), width="stretch")
     st.dataframe(
         cand.rows(), hide_index=True, width="stretch",
         column_config={"over window": st.column_config.CheckboxColumn("over window")},

@@ -1,11 +1,11 @@
 """Shared fixtures: the corpus bundles, embedding models loaded once per session.
 
-Two real sentence-transformers models are used:
-- the packaged all-MiniLM-L6-v2 (the product default), for retrieval and answers;
+Two real embedding models are used:
+- the product default (the packaged multilingual USE), for retrieval and answers;
 - a tiny randomly initialised BERT saved to a temp folder and loaded through
-  ``KB_EMBED_MODEL`` (the production "local folder" path), for tests that
-  index the whole corpus, where the default model would take many minutes on
-  two cores. Both go through exactly the same code.
+  ``KB_EMBED_MODEL`` (the production "local folder" path of the
+  sentence-transformers backends), for tests that index the whole corpus and
+  count embedding calls. The packaged MiniLM is tested in test_embeddings.
 """
 
 from __future__ import annotations
@@ -93,11 +93,11 @@ def tiny_embeddings(tiny_st_dir) -> CountingEmbeddings:
 
 
 @pytest.fixture(scope="session")
-def minilm(tmp_path_factory) -> CountingEmbeddings:
-    """The real default embedding model (int8 ONNX MiniLM), loaded once per session."""
+def default_embeddings(tmp_path_factory) -> CountingEmbeddings:
+    """The real default embedding model, loaded once per session."""
     from core.embeddings import load_embeddings
 
-    return CountingEmbeddings(load_embeddings(base_settings(tmp_path_factory.mktemp("minilm-home"))))
+    return CountingEmbeddings(load_embeddings(base_settings(tmp_path_factory.mktemp("embed-home"))))
 
 
 @pytest.fixture
@@ -113,12 +113,12 @@ def tiny_kb(tmp_path, tiny_st_dir, tiny_embeddings):
 
 
 @pytest.fixture(scope="session")
-def xtuner_kb(tmp_path_factory, corpus, minilm):
+def xtuner_kb(tmp_path_factory, corpus, default_embeddings):
     """The xtuner docs indexed with the real default model, shared by retrieval and answer tests."""
     from kb.service import KnowledgeBase
 
     home = tmp_path_factory.mktemp("xtuner-home")
-    kb = KnowledgeBase(base_settings(home), embeddings=minilm)
+    kb = KnowledgeBase(base_settings(home), embeddings=default_embeddings)
     kb.add_source("xtuner", str(corpus / "xtuner.bundle"), web_url="https://gitee.com/InternLM/xtuner")
     report = kb.sync(["xtuner"])[0]
     assert not report.error, report.error
@@ -126,11 +126,11 @@ def xtuner_kb(tmp_path_factory, corpus, minilm):
 
 
 @pytest.fixture(scope="session")
-def lagent_kb(tmp_path_factory, corpus, minilm):
+def lagent_kb(tmp_path_factory, corpus, default_embeddings):
     """The lagent docs (the smallest bundle) with the real default model."""
     from kb.service import KnowledgeBase
 
-    kb = KnowledgeBase(base_settings(tmp_path_factory.mktemp("lagent-home")), embeddings=minilm)
+    kb = KnowledgeBase(base_settings(tmp_path_factory.mktemp("lagent-home")), embeddings=default_embeddings)
     kb.add_source("lagent", str(corpus / "lagent.bundle"), web_url="https://gitee.com/InternLM/lagent")
     assert not kb.sync(["lagent"])[0].error
     return kb

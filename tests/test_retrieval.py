@@ -29,6 +29,8 @@ def test_bm25_scores_equal_rank_bm25():
 def test_tokenize_mixes_jieba_and_words():
     assert tokenize("XTuner 支持哪些模型？") == ["xtuner", "支持", "模型"]
     assert "internlm2" in tokenize("InternLM2-Chat-7B")
+    # only Chinese runs go through jieba; other words stand as written, split at _ and punctuation
+    assert tokenize("InternLM2.5-7B 用 lmdeploy serve api_server 部署") == ["internlm2", "5", "7b", "lmdeploy", "serve", "api", "server", "部署"]
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +52,21 @@ def test_every_mode_reports_scores_and_provenance(engine):
             assert all(h.found_by == [mode] and h.ranks == {mode: h.rank} for h in hits)
 
 
-def test_hybrid_finds_a_chinese_question_dense_misses(engine, lagent_kb):
-    """Chinese dev questions: the English-trained embedding misses some that BM25 with jieba finds."""
+def test_hybrid_is_no_worse_than_either_retriever_and_dense_reads_chinese(engine, lagent_kb):
+    """On the xtuner and lagent dev questions: fusion keeps what each retriever finds, and the
+    default multilingual embedding finds Chinese questions on its own."""
     questions = [json.loads(l) for l in (CORPUS / "dev_questions.jsonl").read_text().splitlines() if l.strip()]
     engines = {"xtuner": engine, "lagent": SearchEngine(lagent_kb)}
-    rescued = []
+    found: dict[str, set[str]] = {"dense": set(), "bm25": set(), "hybrid": set()}
     for q in questions:
-        if q["repo"] not in engines or q["lang"] != "zh":
+        if q["repo"] not in engines:
             continue
-
-        def hit(mode):
-            return any(is_hit(h, q) for h in engines[q["repo"]].search(q["question"], SearchOptions(k=5, mode=mode)))
-
-        if hit("hybrid") and not hit("dense"):
-            rescued.append(q["id"])
-    assert rescued, "expected a Chinese dev question found by hybrid but missed by dense"
+        for mode in found:
+            if any(is_hit(h, q) for h in engines[q["repo"]].search(q["question"], SearchOptions(k=5, mode=mode))):
+                found[mode].add(q["id"])
+    assert len(found["hybrid"]) >= max(len(found["dense"]), len(found["bm25"])), found
+    chinese = {q["id"] for q in questions if q["lang"] == "zh"}
+    assert found["dense"] & chinese, found
 
 
 def test_filters_threshold_and_mmr(engine, xtuner_kb):
