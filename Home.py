@@ -34,7 +34,8 @@ def home() -> None:
 
     loaded = resources.loaded(s)
     try:
-        window = f"{max_tokens(s)}-token window"
+        n = max_tokens(s)
+        window = f"{n}-token window" if n else "no token window"
     except ValueError as exc:
         window = f"({exc})"
     m1, m2, m3 = st.columns(3)

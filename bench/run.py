@@ -107,14 +107,24 @@ def _tutorial_hits(store, k: int) -> float:
 
 
 def bench_ingest(skip_tutorial: bool) -> dict:
+    from kb.bm25 import tokenize
+
     home = WORK / "ours"
     shutil.rmtree(home, ignore_errors=True)
     kb = ours_kb(home)
     for repo in REPOS:
         kb.add_source(repo, str(CORPUS / f"{repo}.bundle"))
+    # One-time process start-up (embedding model, jieba's dictionary) is timed on
+    # its own: it is part of our wall time against the tutorial's, but not of the
+    # pipeline's throughput, just as the bare encode() below runs on a loaded model.
+    t_load = time.perf_counter()
+    kb.embeddings.embed_documents(["warm-up"])
+    tokenize("预热")
+    load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
     reports = kb.sync()
-    ours_s = time.perf_counter() - t0
+    sync_s = time.perf_counter() - t0
+    ours_s = load_s + sync_s
     live, config = kb.live()
     coll = kb.index.get(live)
     got = coll.get(include=["documents", "metadatas"])
@@ -126,8 +136,9 @@ def bench_ingest(skip_tutorial: bool) -> dict:
     bare_s = time.perf_counter() - t1
     embedded = sum(r.chunks_embedded for r in reports)
     ours = {
-        "seconds": round(ours_s, 1), "chunks": coll.count(), "chunks_embedded": embedded,
-        "chunks_per_s": round(embedded / ours_s, 1), "bare_encode_seconds": round(bare_s, 1),
+        "seconds": round(ours_s, 1), "startup_seconds": round(load_s, 1), "sync_seconds": round(sync_s, 1),
+        "chunks": coll.count(), "chunks_embedded": embedded,
+        "chunks_per_s": round(embedded / sync_s, 1), "bare_encode_seconds": round(bare_s, 1),
         "bare_encode_chunks_per_s": round(len(unique) / bare_s, 1),
         "skipped": [{"source": r.name, **s} for r in reports for s in r.skipped],
         "chunks_overlong": sum(len(r.chunks_overlong) for r in reports),

@@ -139,7 +139,7 @@ def cmd_rechunk(args: argparse.Namespace) -> dict:
     from kb.chunking import ChunkConfig
 
     kb = _kb(args)
-    _, live = kb.live()
+    live = kb.live_config()
     config = ChunkConfig(
         splitter=args.splitter or live.splitter,
         size=args.chunk_size,

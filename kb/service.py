@@ -57,6 +57,11 @@ class KnowledgeBase:
         return ChunkConfig(splitter=s.splitter, size=s.chunk_size, overlap=s.chunk_overlap, unit=s.length_unit,
                            heading_prefix=s.heading_prefix)
 
+    def live_config(self) -> ChunkConfig:
+        """The live collection's chunking, whichever model embedded it: a rebuild starts from it."""
+        row = self.manifest.collection_rows().get(self.manifest.live_collection or "")
+        return ChunkConfig.from_json(row["chunk_config"]) if row else self.default_config()
+
     def live(self) -> tuple[str, ChunkConfig]:
         """The live collection's name and config; a new KB starts from the settings' defaults."""
         name = self.manifest.live_collection
@@ -66,7 +71,9 @@ class KnowledgeBase:
                 if row["embed_model"] != self.embed_model:
                     raise KBError(
                         f"the live collection {name} was embedded with {row['embed_model']}, but the configured "
-                        f"model is {self.embed_model}: run `kb rechunk` to rebuild with it, or set KB_EMBED_MODEL / KB_EMBED_BACKEND back"
+                        f"model is {self.embed_model}: rebuild with it (`kb rechunk --chunk-size {self.settings.chunk_size} "
+                        f"--chunk-overlap {self.settings.chunk_overlap}`; the old collection stays until you drop it), "
+                        "or set KB_EMBED_MODEL / KB_EMBED_BACKEND back"
                     )
                 return name, ChunkConfig.from_json(row["chunk_config"])
         config = self.default_config()
@@ -217,7 +224,7 @@ class KnowledgeBase:
     def rechunk(self, config: ChunkConfig, progress: Progress = no_progress) -> dict:
         """Build a collection with ``config`` beside the live one; switch only when complete."""
         name = collection_name(config, emb.model_slug(self.settings))
-        live, _ = self.live()
+        live = self.manifest.live_collection  # by name: it may be another model's, which is what a rebuild fixes
         if name == live:
             raise KBError(f"{name} with these settings is already the live collection")
         t0 = time.perf_counter()

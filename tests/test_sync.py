@@ -166,3 +166,20 @@ def test_sync_without_sources_is_a_clear_error(tiny_kb):
         tiny_kb.sync()
     with pytest.raises(KBError, match="no source named"):
         tiny_kb.sync(["nope"])
+
+
+def test_a_new_embedding_model_asks_for_a_rebuild_that_works(tiny_kb, corpus, default_embeddings):
+    """Switching models (e.g. upgrading to the multilingual default) keeps the old collection and says how to rebuild."""
+    from kb.retrieval import SearchEngine
+    from kb.service import KnowledgeBase
+
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    assert not tiny_kb.sync(["lagent"])[0].error
+    old = tiny_kb.live()[0]
+    kb = KnowledgeBase(tiny_kb.settings.with_(embed_model="", embed_backend=""), embeddings=default_embeddings)
+    with pytest.raises(KBError, match=r"kb rechunk --chunk-size 400 --chunk-overlap 40"):
+        kb.live()
+    out = kb.rechunk(ChunkConfig(**{**kb.live_config().__dict__, "size": 400, "overlap": 40}))
+    assert out["previous"] == old and out["chunks"] > 0
+    assert kb.live()[0] == out["collection"] != old and old in [c["name"] for c in kb.collections()]
+    assert SearchEngine(kb).search("Lagent 工具")
