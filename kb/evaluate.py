@@ -47,6 +47,15 @@ def is_hit(hit: Hit, q: dict) -> bool:
             and hit.line_start <= int(q["line_end"]) and hit.line_end >= int(q["line_start"]))
 
 
+def gold_passage(kb, q: dict) -> str:
+    """The gold lines as indexed, to read beside the top hit; empty when the file is not indexed here."""
+    try:
+        lines = kb.read_document(q["repo"], q["path"]).text.split("\n")
+    except KBError:
+        return ""
+    return "\n".join(lines[int(q["line_start"]) - 1 : int(q["line_end"])])
+
+
 def evaluate(engine: SearchEngine, questions: list[dict], options: SearchOptions) -> dict:
     rows = []
     t0 = time.perf_counter()
@@ -56,7 +65,7 @@ def evaluate(engine: SearchEngine, questions: list[dict], options: SearchOptions
         top = hits[0] if hits else None
         rows.append({
             "id": q["id"], "question": q["question"], "lang": q.get("lang", ""), "rank": rank,
-            "gold": f"{q['repo']}/{q['path']}:{q['line_start']}-{q['line_end']}",
+            "gold": f"{q['repo']}/{q['path']}:{q['line_start']}-{q['line_end']}", "gold_text": gold_passage(engine.kb, q),
             "top_hit": top.citation if top else "", "top_text": top.text if top else "",
         })
     n = len(rows)

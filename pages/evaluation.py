@@ -92,9 +92,11 @@ if reports:
     first = next(iter(reports.values()))
     table = pd.DataFrame(
         [
-            {"id": row["id"], "question": row["question"], "gold": row["gold"],
+            {"id": row["id"], "question": row["question"], "gold": row["gold"], "gold passage": row.get("gold_text", ""),
              **{f"rank {m}": reports[m]["results"][i]["rank"] for m in reports},
-             **{f"top hit ({m})": reports[m]["results"][i]["top_hit"] for m in reports}}
+             **{col: val for m in reports for col, val in (
+                 (f"top hit ({m})", reports[m]["results"][i]["top_hit"]),
+                 (f"top passage ({m})", reports[m]["results"][i]["top_text"][:400]))}}
             for i, row in enumerate(first["results"])
         ]
     )
@@ -120,4 +122,13 @@ else:
             for r in runs
         ]
     ).sort_values("time", ascending=False)
+    over_time = (
+        alt.Chart(past.melt(id_vars=["time", "mode"], value_vars=["hit@1", "hit@k", "mrr"], var_name="metric"))
+        .mark_line(point=True)
+        .encode(x=alt.X("time:T", title=None), y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title=None),
+                color=alt.Color("mode:N", sort=list(MODES)), strokeDash="metric:N",
+                tooltip=["time", "mode", "metric", "value"])
+        .properties(height=220, title="Past runs over time")
+    )
+    st.altair_chart(over_time, width="stretch")
     st.dataframe(past, hide_index=True, width="stretch")

@@ -458,5 +458,9 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     assert list(summary["mode"]) == ["bm25", "hybrid"] and (summary["n"] == 24).all()
     per_q = frame_with(at, "gold")
     assert len(per_q) == 24 and {"rank bm25", "rank hybrid"} <= set(per_q.columns)
+    # the gold passage, read from the indexed file, stands beside each mode's top hit
+    row = per_q[per_q["id"] == "dev-xtuner-02"].iloc[0]
+    assert "Xtuner" in row["gold passage"] and row["top passage (hybrid)"]
+    assert (per_q[per_q["id"].str.startswith("dev-lmdeploy")]["gold passage"] == "").all()  # not indexed here
     past = frame_with(at, "chunking")
     assert len(past) >= 2
