@@ -24,7 +24,8 @@ from langchain_core.embeddings import Embeddings
 
 from core.settings import Settings, load_settings
 
-_EMBED_FIELDS = ("embed_model", "embed_device", "embed_batch_size")
+# Every setting that changes the loaded embedding model (backend, folder, runtime cache, device, batch).
+_EMBED_FIELDS = tuple(f.name for f in fields(Settings) if f.name.startswith("embed_")) + ("model_cache",)
 _LLM_FIELDS = tuple(f.name for f in fields(Settings) if f.name.startswith(("llm", "openai_")))
 _SECRET_FIELDS = ("admin_password", "openai_api_key")
 

@@ -464,3 +464,15 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     assert (per_q[per_q["id"].str.startswith("dev-lmdeploy")]["gold passage"] == "").all()  # not indexed here
     past = frame_with(at, "chunking")
     assert len(past) >= 2
+
+
+def test_embedding_cache_key_follows_every_embedding_setting(tmp_path):
+    """A changed backend or model cache must load another model, never reuse the cached one."""
+    from conftest import base_settings
+    from core import resources
+
+    s = base_settings(tmp_path)
+    keys = {resources._key(x, resources._EMBED_FIELDS) for x in (
+        s, s.with_(embed_backend="onnx-int8"), s.with_(model_cache=str(tmp_path / "c")), s.with_(embed_batch_size=8))}
+    assert len(keys) == 4
+    assert resources._key(s.with_(llm="openai"), resources._EMBED_FIELDS) == resources._key(s, resources._EMBED_FIELDS)
