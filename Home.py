@@ -19,8 +19,8 @@ def home() -> None:
     from pages._common import kb_or_stop, settings_or_stop, when
 
     st.title(":material/hub: Knowledge base")
-    kb = kb_or_stop()
-    s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+    s = settings_or_stop()
+    kb = kb_or_stop(s)
     stats = kb.stats()
     live_name, live_cfg = kb.live()
     rows = kb.sources()

@@ -96,7 +96,9 @@ def tutorial_pipeline(work: Path) -> dict:
 
 
 def _tutorial_hits(store, k: int) -> float:
-    qs = [json.loads(l) for l in QUESTIONS.read_text().splitlines() if l.strip()]
+    from kb.evaluate import load_questions
+
+    qs = load_questions(QUESTIONS)
     hit = 0
     for q in qs:
         for d in store.as_retriever(search_kwargs={"k": k}).invoke(q["question"]):
@@ -128,7 +130,7 @@ def bench_ingest(skip_tutorial: bool) -> dict:
     live, config = kb.live()
     coll = kb.index.get(live)
     got = coll.get(include=["documents", "metadatas"])
-    texts = [f"{m['heading']}\n{d}" if config.heading_prefix and m["heading"] else d
+    texts = [config.embed_text(m["heading"], d)
              for d, m in zip(got["documents"], got["metadatas"])]
     unique = list(dict.fromkeys(texts))
     t1 = time.perf_counter()
@@ -257,7 +259,9 @@ def _rss_mb() -> float:
 def bench_search(big: int) -> dict:
     from kb.retrieval import SearchEngine
 
-    queries = [json.loads(l)["question"] for l in QUESTIONS.read_text().splitlines() if l.strip()]
+    from kb.evaluate import load_questions
+
+    queries = [q["question"] for q in load_questions(QUESTIONS)]
     kb = ours_kb(WORK / "ours")
     engine = SearchEngine(kb)
     result = {"corpus": {"chunks": kb.stats()["chunks"], **_latencies(engine, queries, 5), "rss_mb": _rss_mb()}}

@@ -30,7 +30,8 @@ DEFAULT_EXTENSIONS = ("md", "txt", "rst")
 UPLOAD_EXTENSIONS = ("md", "markdown", "txt", "rst", "html", "htm", "xml", "csv")
 
 
-def _split_list(value: str) -> tuple[str, ...]:
+def split_list(value: str) -> tuple[str, ...]:
+    """A comma-separated list of extensions, lower-cased and without leading dots."""
     return tuple(v.strip().lower().lstrip(".") for v in value.split(",") if v.strip())
 
 
@@ -115,7 +116,7 @@ def _secrets(path: Path) -> dict[str, object]:
 
 def _coerce(raw: object, default: object, name: str) -> object:
     if isinstance(default, tuple):
-        return _split_list(raw) if isinstance(raw, str) else tuple(str(v).lower() for v in raw)  # type: ignore[union-attr]
+        return split_list(raw) if isinstance(raw, str) else tuple(str(v).lower() for v in raw)  # type: ignore[union-attr]
     if isinstance(default, Path):
         return Path(str(raw)).expanduser()
     try:

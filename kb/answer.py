@@ -83,9 +83,14 @@ def format_history(history: list[BaseMessage]) -> str:
     return "\n".join(f"{'用户' if isinstance(m, HumanMessage) else '助手'}: {m.content}" for m in history[-6:])
 
 
+def marker_numbers(m: re.Match[str]) -> list[int]:
+    """The source numbers of one ``MARKER_RE`` match: ``[2]``, ``[1, 3]``, ``【1、2】``."""
+    return [int(n) for n in re.split(r"\s*[,，、]\s*", m.group(1))]
+
+
 def cited_numbers(answer: str, n_sources: int) -> list[int]:
     """The ``[n]`` (also ``[1, 2]`` and ``【n】``) markers that name a real source."""
-    found = {int(n) for m in MARKER_RE.finditer(answer) for n in re.split(r"\s*[,，、]\s*", m.group(1))}
+    found = {n for m in MARKER_RE.finditer(answer) for n in marker_numbers(m)}
     return sorted(n for n in found if 1 <= n <= n_sources)
 
 

@@ -60,6 +60,10 @@ class ChunkConfig:
     def from_json(cls, raw: str) -> "ChunkConfig":
         return cls(**json.loads(raw))
 
+    def embed_text(self, heading: str, text: str) -> str:
+        """What is embedded and BM25-indexed for a chunk: its text, after its heading path if so configured."""
+        return f"{heading}\n{text}" if self.heading_prefix and heading else text
+
     def label(self) -> str:
         return f"{self.splitter} {self.size}/{self.overlap} {self.unit}" + (" +heading" if self.heading_prefix else "")
 
@@ -197,7 +201,7 @@ def split_document(
         line_start = bisect.bisect_left(newlines, start) + 1
         line_end = line_start + piece.count("\n")
         heading = doc.heading_at(line_start)
-        embed_text = f"{heading}\n{piece}" if config.heading_prefix and heading else piece
+        embed_text = config.embed_text(heading, piece)
         text_hash = hashlib.sha256(embed_text.encode()).hexdigest()
         occurrence = seen[text_hash]
         seen[text_hash] += 1

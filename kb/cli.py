@@ -175,9 +175,10 @@ def cmd_search(args: argparse.Namespace) -> dict:
     from kb.retrieval import SCORE_NOTES, SearchEngine
 
     kb = _kb(args)
-    hits = SearchEngine(kb).search(args.query, _options(args, kb, mmr=args.mmr))
+    opts = _options(args, kb, mmr=args.mmr)
+    hits = SearchEngine(kb).search(args.query, opts)
     if not args.json:
-        print(f"score: {SCORE_NOTES[args.mode]}")
+        print(f"score: {SCORE_NOTES[opts.mode]}")
         for h in hits:
             print(f"{h.rank:>2}. {h.score:.4f} [{'+'.join(h.found_by)}] {h.citation}")
             print("    " + h.text[:200].replace("\n", " "))
@@ -187,7 +188,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
             print("no hits")
     return {"hits": [{k: h.as_dict()[k] for k in ("rank", "score", "mode", "source", "path", "line_start", "line_end",
                                                    "commit", "url", "text", "heading", "found_by", "ranks", "scores")}
-                     for h in hits], "score": SCORE_NOTES[args.mode]}
+                     for h in hits], "score": SCORE_NOTES[opts.mode]}
 
 
 def cmd_ask(args: argparse.Namespace) -> dict:
@@ -239,9 +240,7 @@ def _options(args: argparse.Namespace, kb, **extra):
     """Search options from the flags, falling back to KB_TOP_K and KB_RETRIEVAL_MODE."""
     from kb.retrieval import SearchOptions
 
-    args.k = args.k or kb.settings.top_k
-    args.mode = args.mode or kb.settings.retrieval_mode
-    return SearchOptions(k=args.k, mode=args.mode, threshold=getattr(args, "threshold", None),
+    return SearchOptions(k=args.k or kb.settings.top_k, mode=args.mode or kb.settings.retrieval_mode, threshold=getattr(args, "threshold", None),
                          source=getattr(args, "source", None), path_prefix=getattr(args, "path_prefix", None), **extra)
 
 

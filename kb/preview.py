@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from core import embeddings as emb
 from core.settings import Settings
 from kb.chunking import Chunk, ChunkConfig, make_splitter, split_document
+from kb.answer import MARKER_RE, marker_numbers
 from kb.loaders import LoadedDocument
+from kb.sync import measure_tokens
 
 # ---------------------------------------------------------------------------- re-chunk preview
 
@@ -78,10 +80,8 @@ def preview_chunks(
         doc, source=source, commit=commit, web_url=web_url, config=config,
         embed_model=embed_model or emb.model_name(settings), splitter=make_splitter(config, token_len),
     )
-    tokens = emb.count_tokens(settings, [c.embed_text for c in chunks])
-    for c, n in zip(chunks, tokens):
-        c.n_tokens = n
-    return ChunkPreview(config, chunks, tokens, emb.max_tokens(settings), [len(c.text) for c in chunks])
+    measure_tokens(settings, chunks)
+    return ChunkPreview(config, chunks, [c.n_tokens for c in chunks], emb.max_tokens(settings), [len(c.text) for c in chunks])
 
 
 def _nice_step(top: int, max_bins: int) -> int:
@@ -203,9 +203,6 @@ def marked_snippet(text: str, terms: Iterable[str], width: int = 320) -> str:
     return mark_terms(snippet(text, terms, width), terms)
 
 
-_MARKER_RE = re.compile(r"[\[【]\s*(\d+(?:\s*[,，、]\s*\d+)*)\s*[\]】]")
-
-
 def link_markers(answer: str, urls: Sequence[str]) -> str:
     """Turn the ``[n]`` markers of an answer into links to source n's permalink.
 
@@ -223,9 +220,9 @@ def link_markers(answer: str, urls: Sequence[str]) -> str:
         return f"[\\[{n}\\]]({url.replace('(', '%28').replace(')', '%29').replace(' ', '%20')})"
 
     def repl(m: re.Match[str]) -> str:
-        nums = [int(x) for x in re.split(r"\s*[,，、]\s*", m.group(1))]
+        nums = marker_numbers(m)
         if not any(1 <= n <= len(urls) for n in nums):
             return m.group(0)
         return "".join(one(n) for n in nums)
 
-    return _MARKER_RE.sub(repl, answer)
+    return MARKER_RE.sub(repl, answer)

@@ -94,23 +94,22 @@ class SearchEngine:
     def __init__(self, kb: KnowledgeBase) -> None:
         self.kb = kb
         self._lexical: dict[str, _Lexical] = {}
+        self._stores: dict[tuple[str, str], Chroma] = {}
         self._lock = threading.Lock()
         self._reranker = None
 
     # building blocks
-    def _store(self, collection: str) -> Chroma:
-        return Chroma(client=self.kb.index.client, collection_name=collection, embedding_function=self.kb.embeddings)
+    def _store(self, coll) -> Chroma:
+        """LangChain's wrapper over a collection, kept: building one costs a round trip to Chroma per query."""
+        key = (coll.name, str(coll.id))  # a dropped and rebuilt collection has a new id
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores[key] = Chroma(client=self.kb.index.client, collection_name=coll.name,
+                                               embedding_function=self.kb.embeddings)
+        return store
 
     def _where(self, opts: SearchOptions) -> dict | None:
-        clauses: list[dict] = []
-        if opts.source:
-            clauses.append({"source": opts.source})
-        if opts.path_prefix:
-            paths = sorted({d.path for d in self.kb.manifest.documents(opts.source) if d.path.startswith(opts.path_prefix)})
-            clauses.append({"path": {"$in": paths or ["\0"]}})
-        if not clauses:
-            return None
-        return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+        return self.kb.where(opts.source, opts.path_prefix)
 
     def lexical(self, collection: str) -> _Lexical:
         """The BM25 matrix of a collection, rebuilt only when a sync changed it."""
@@ -136,8 +135,8 @@ class SearchEngine:
             self._lexical[collection] = lex
             return lex
 
-    def _dense(self, collection: str, query: str, n: int, opts: SearchOptions) -> list[tuple[Document, float]]:
-        store = self._store(collection)
+    def _dense(self, coll, query: str, n: int, opts: SearchOptions) -> list[tuple[Document, float]]:
+        store = self._store(coll)
         where = self._where(opts)
         scored = store.similarity_search_with_relevance_scores(query, k=max(n, opts.k * 4) if opts.mmr else n, filter=where)
         if not opts.mmr:
@@ -146,8 +145,7 @@ class SearchEngine:
         picked = store.max_marginal_relevance_search(query, k=n, fetch_k=max(n, opts.k * 4), filter=where)
         return [(d, by_id.get(d.id, 0.0)) for d in picked]
 
-    def _bm25(self, collection: str, query: str, n: int, opts: SearchOptions) -> list[tuple[Document, float]]:
-        lex = self.lexical(collection)
+    def _bm25(self, coll, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions) -> list[tuple[Document, float]]:
         mask = None
         if opts.source or opts.path_prefix:
             mask = np.ones(len(lex.ids), dtype=bool)
@@ -155,11 +153,11 @@ class SearchEngine:
                 mask &= lex.sources == opts.source
             if opts.path_prefix:
                 mask &= np.fromiter((p.startswith(opts.path_prefix) for p in lex.paths), bool, len(lex.paths))
-        top = lex.matrix.top(tokenize(query), n, mask)
+        top = lex.matrix.top(tokens, n, mask)
         if not top:
             return []
         ids = [lex.ids[i] for i, _ in top]
-        got = self.kb.index.get(collection).get(ids=ids, include=["documents", "metadatas"])
+        got = coll.get(ids=ids, include=["documents", "metadatas"])
         docs = {i: Document(page_content=t, metadata=m, id=i) for i, t, m in zip(got["ids"], got["documents"], got["metadatas"])}
         return [(docs[lex.ids[i]], s) for i, s in top if lex.ids[i] in docs]
 
@@ -169,16 +167,21 @@ class SearchEngine:
         if not query.strip():
             raise KBError("the query is empty")
         collection, _ = self.kb.live()
-        if not self.kb.index.exists(collection) or self.kb.index.get(collection).count() == 0:
+        try:
+            coll = self.kb.index.get(collection)
+        except KBError:  # a fresh knowledge base: nothing indexed yet
             return []
-        n = max(opts.candidates, opts.k)
+        if coll.count() == 0:
+            return []
+        n = max(opts.candidates, opts.k) if opts.mode == "hybrid" else opts.k
         lists: dict[str, list[tuple[Document, float]]] = {}
         if opts.mode in ("dense", "hybrid"):
-            lists["dense"] = self._dense(collection, query, n if opts.mode == "hybrid" else opts.k, opts)
+            lists["dense"] = self._dense(coll, query, n, opts)
         if opts.mode in ("bm25", "hybrid"):
-            lists["bm25"] = self._bm25(collection, query, n if opts.mode == "hybrid" else opts.k, opts)
+            lex, tokens = self.lexical(collection), tokenize(query)
+            lists["bm25"] = self._bm25(coll, lex, tokens, n, opts)
         if opts.mode == "hybrid":
-            hits = self._fuse(lists, opts, bm25_scale=self._specificity(collection, query))
+            hits = self._fuse(lists, opts, bm25_scale=self._specificity(lex, tokens))
         else:
             hits = self._single(lists[opts.mode], opts.mode)
         hits = self._rerank(query, hits)
@@ -206,14 +209,15 @@ class SearchEngine:
             hits.append(h)
         return hits
 
-    def _specificity(self, collection: str, query: str) -> float:
+    @staticmethod
+    def _specificity(lex: _Lexical, tokens: list[str]) -> float:
         """1 when the query has a rare term; less when all its terms are everywhere.
 
         "xtuner是什么？" leaves BM25 one term found in most xtuner chunks, so its
         ranking is noise and must not outvote dense. A term in under ~5 % of
         the chunks (idf >= SPECIFIC_IDF) counts fully.
         """
-        return min(1.0, self.lexical(collection).matrix.max_idf(tokenize(query)) / SPECIFIC_IDF)
+        return min(1.0, lex.matrix.max_idf(tokens) / SPECIFIC_IDF)
 
     @staticmethod
     def _fuse(lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions, bm25_scale: float = 1.0) -> list[Hit]:

@@ -57,25 +57,41 @@ class KnowledgeBase:
         return ChunkConfig(splitter=s.splitter, size=s.chunk_size, overlap=s.chunk_overlap, unit=s.length_unit,
                            heading_prefix=s.heading_prefix)
 
+    def where(self, source: str | None = None, path_prefix: str | None = None, path: str | None = None) -> dict | None:
+        """A Chroma metadata filter: one source, one path, or every indexed path under a prefix."""
+        clauses: list[dict] = []
+        if source:
+            clauses.append({"source": source})
+        if path_prefix:
+            known = sorted({d.path for d in self.manifest.documents(source) if d.path.startswith(path_prefix)})
+            clauses.append({"path": {"$in": known or ["\0"]}})  # no such path: match nothing
+        if path:
+            clauses.append({"path": path})
+        if not clauses:
+            return None
+        return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+    def _live_row(self) -> tuple[str | None, dict | None]:
+        name = self.manifest.live_collection
+        return name, (self.manifest.collection_rows().get(name) if name else None)
+
     def live_config(self) -> ChunkConfig:
         """The live collection's chunking, whichever model embedded it: a rebuild starts from it."""
-        row = self.manifest.collection_rows().get(self.manifest.live_collection or "")
+        _, row = self._live_row()
         return ChunkConfig.from_json(row["chunk_config"]) if row else self.default_config()
 
     def live(self) -> tuple[str, ChunkConfig]:
         """The live collection's name and config; a new KB starts from the settings' defaults."""
-        name = self.manifest.live_collection
-        if name:
-            row = self.manifest.collection_rows().get(name)
-            if row:
-                if row["embed_model"] != self.embed_model:
-                    raise KBError(
-                        f"the live collection {name} was embedded with {row['embed_model']}, but the configured "
-                        f"model is {self.embed_model}: rebuild with it (`kb rechunk --chunk-size {self.settings.chunk_size} "
-                        f"--chunk-overlap {self.settings.chunk_overlap}`; the old collection stays until you drop it), "
-                        "or set KB_EMBED_MODEL / KB_EMBED_BACKEND back"
-                    )
-                return name, ChunkConfig.from_json(row["chunk_config"])
+        name, row = self._live_row()
+        if row:
+            if row["embed_model"] != self.embed_model:
+                raise KBError(
+                    f"the live collection {name} was embedded with {row['embed_model']}, but the configured "
+                    f"model is {self.embed_model}: rebuild with it (`kb rechunk --chunk-size {self.settings.chunk_size} "
+                    f"--chunk-overlap {self.settings.chunk_overlap}`; the old collection stays until you drop it), "
+                    "or set KB_EMBED_MODEL / KB_EMBED_BACKEND back"
+                )
+            return name, ChunkConfig.from_json(row["chunk_config"])
         config = self.default_config()
         name = collection_name(config, emb.model_slug(self.settings))
         self.manifest.put_collection(name, config.to_json(), self.embed_model, "ready")

@@ -39,10 +39,10 @@ def settings_or_stop() -> Settings:
         raise
 
 
-def kb_or_stop():
+def kb_or_stop(s: Settings | None = None):
     """The shared knowledge base, or an error box and the end of the page."""
     try:
-        kb = resources.knowledge_base(settings_or_stop())
+        kb = resources.knowledge_base(s or settings_or_stop())
         kb.live()  # e.g. the live collection was embedded with another model
         return kb
     except expected_errors() as exc:

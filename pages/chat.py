@@ -13,8 +13,8 @@ from kb.retrieval import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, show_error, when
 
 st.title(":material/chat: Chat")
-kb = kb_or_stop()
-s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+s = settings_or_stop()
+kb = kb_or_stop(s)
 store = ConversationStore(s.home)
 if "chat_conv" not in st.session_state:
     st.session_state["chat_conv"] = store.new()

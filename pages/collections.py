@@ -13,8 +13,7 @@ from kb.preview import escape_markdown
 from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
 
 st.title(":material/database: Collections")
-require_admin()
-kb = kb_or_stop()
+kb = kb_or_stop(require_admin())
 
 
 def config_label(raw: str) -> str:
@@ -97,18 +96,10 @@ with records_tab:
     path = f2.text_input("Path (exact, or a prefix ending in /)", key="coll_path",
                          placeholder="docs/zh_cn/  or  README.md")
     size = f3.selectbox("Per page", [25, 50, 100, 250], index=1, key="coll_size")
-    clauses: list[dict] = []
-    if src != "any":
-        clauses.append({"source": src})
     path = path.strip()
-    if path:
-        if path.endswith("/"):
-            known = sorted({d.path for d in kb.manifest.documents(None if src == "any" else src)
-                            if d.path.startswith(path)})
-            clauses.append({"path": {"$in": known or ["\0"]}})
-        else:
-            clauses.append({"path": path})
-    where = None if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
+    prefix = path.endswith("/")
+    where = kb.where(None if src == "any" else src, path_prefix=path if prefix else None,
+                     path=path if path and not prefix else None)
     total = len(coll.get(where=where, include=[])["ids"]) if where else coll.count()
     pages = max(1, math.ceil(total / size))
     page = f4.number_input(f"Page (of {pages})", 1, pages, 1, key="coll_page")

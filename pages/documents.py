@@ -10,14 +10,13 @@ from core.embeddings import max_tokens
 from kb.chunking import SPLITTERS, UNITS, ChunkConfig
 from kb.preview import annotated_lines, escape_markdown, length_histogram, over_window, preview_chunks
 from kb.sources import permalink
-from pages._common import expected_errors, kb_or_stop, settings_or_stop, require_admin, run_with_status, show_error
+from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
 
 MAX_VIEW_LINES = 1500
 
 st.title(":material/description: Documents")
-require_admin()
-kb = kb_or_stop()
-s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+s = require_admin()
+kb = kb_or_stop(s)
 rows = kb.sources()
 if not rows:
     st.info("No sources yet: add one on the Sources page.")

@@ -14,12 +14,11 @@ from core import resources
 from core.settings import PROJECT_ROOT
 from kb.evaluate import evaluate, load_questions, past_runs, save_run
 from kb.retrieval import MODES, SearchOptions
-from pages._common import expected_errors, kb_or_stop, settings_or_stop, require_admin, show_error
+from pages._common import expected_errors, kb_or_stop, require_admin, show_error
 
 st.title(":material/analytics: Evaluation")
-require_admin()
-kb = kb_or_stop()
-s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+s = require_admin()
+kb = kb_or_stop(s)
 SHIPPED = Path(os.environ.get("KB_CORPUS") or PROJECT_ROOT.parent / "shared" / "corpus") / "dev_questions.jsonl"
 
 st.caption("A question is a hit at rank r when the r-th hit comes from the source named in its `repo`, has the same "

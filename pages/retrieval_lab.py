@@ -13,8 +13,8 @@ from kb.retrieval import MODES, SCORE_NOTES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, render_hit, show_error
 
 st.title(":material/manage_search: Retrieval lab")
-kb = kb_or_stop()
-s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+s = settings_or_stop()
+kb = kb_or_stop(s)
 
 with st.sidebar:
     st.subheader("Search options")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import streamlit as st
 
 from kb.preview import escape_markdown
-from pages._common import kb_or_stop, settings_or_stop, require_admin, run_with_status, when
+from core.settings import split_list
+from pages._common import kb_or_stop, require_admin, run_with_status, when
 
 st.title(":material/source: Sources")
-require_admin()
-kb = kb_or_stop()
-s = settings_or_stop()  # fresh: the cached KB keeps the settings it was opened with
+s = require_admin()
+kb = kb_or_stop(s)
 rows = kb.sources()
 names = [r.name for r in rows]
 
@@ -156,7 +156,7 @@ with add_tab:
         sync_after = st.checkbox("Sync right after adding", value=True, key="add_sync")
         add_clicked = st.form_submit_button("Add source", type="primary", key="add_btn")
     if add_clicked:
-        extensions = tuple(e.strip().lower().lstrip(".") for e in exts.split(",") if e.strip()) or None
+        extensions = split_list(exts) or None
         row, err = run_with_status(
             f"Adding {name or '(no name)'}",
             lambda p: kb.add_source(name.strip(), url.strip(), branch.strip() or None, web_url.strip() or None,

@@ -56,6 +56,14 @@ def corpus() -> Path:
     return CORPUS
 
 
+def add_bundle(kb, corpus: Path, name: str):
+    """Add a shared bundle with its gitee web URL and sync it; returns the sync report, checked."""
+    kb.add_source(name, str(corpus / f"{name}.bundle"), web_url=f"https://gitee.com/InternLM/{name}")
+    report = kb.sync([name])[0]
+    assert not report.error, report.error
+    return report
+
+
 def base_settings(home: Path, **changes) -> Settings:
     env = {"KB_MODEL_CACHE": os.environ["KB_MODEL_CACHE"]}
     return load_settings(env=env, secrets_path=Path("/nonexistent")).with_(home=home, **changes)
@@ -119,9 +127,7 @@ def xtuner_kb(tmp_path_factory, corpus, default_embeddings):
 
     home = tmp_path_factory.mktemp("xtuner-home")
     kb = KnowledgeBase(base_settings(home), embeddings=default_embeddings)
-    kb.add_source("xtuner", str(corpus / "xtuner.bundle"), web_url="https://gitee.com/InternLM/xtuner")
-    report = kb.sync(["xtuner"])[0]
-    assert not report.error, report.error
+    add_bundle(kb, corpus, "xtuner")
     return kb
 
 
@@ -131,8 +137,7 @@ def lagent_kb(tmp_path_factory, corpus, default_embeddings):
     from kb.service import KnowledgeBase
 
     kb = KnowledgeBase(base_settings(tmp_path_factory.mktemp("lagent-home")), embeddings=default_embeddings)
-    kb.add_source("lagent", str(corpus / "lagent.bundle"), web_url="https://gitee.com/InternLM/lagent")
-    assert not kb.sync(["lagent"])[0].error
+    add_bundle(kb, corpus, "lagent")
     return kb
 
 

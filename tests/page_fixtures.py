@@ -15,16 +15,26 @@ from pathlib import Path
 
 import pytest
 
+from conftest import add_bundle
+
 ROOT = Path(__file__).resolve().parent.parent
 HOME_PY = ROOT / "Home.py"
 
 
+# What a developer's .streamlit/secrets.toml might change: the environment wins over it.
+BASE_ENV = {
+    "KB_ADMIN_PASSWORD": "", "KB_CHROMA_URL": "", "KB_RERANKER_PATH": "", "KB_LLM": "llamacpp",
+    "KB_RETRIEVAL_MODE": "hybrid", "KB_TOP_K": "3",
+}
+
+
+def llm_vars(gguf: Path) -> dict[str, str]:
+    """The packaged GGUF with short, greedy answers."""
+    return {"KB_LLM_GGUF": str(gguf), "KB_LLM_MAX_TOKENS": "48", "KB_LLM_TEMPERATURE": "0"}
+
+
 def _base_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pin what a developer's .streamlit/secrets.toml might change: environment wins over it."""
-    for name, value in {
-        "KB_ADMIN_PASSWORD": "", "KB_CHROMA_URL": "", "KB_RERANKER_PATH": "", "KB_LLM": "llamacpp",
-        "KB_RETRIEVAL_MODE": "hybrid", "KB_TOP_K": "3",
-    }.items():
+    for name, value in BASE_ENV.items():
         monkeypatch.setenv(name, value)
 
 
@@ -41,9 +51,8 @@ def page_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_st_dir: Path)
 @pytest.fixture
 def llm_env(monkeypatch: pytest.MonkeyPatch, default_gguf_path: Path) -> Path:
     """The packaged GGUF with short, greedy answers (the model itself loads once per session)."""
-    monkeypatch.setenv("KB_LLM_GGUF", str(default_gguf_path))
-    monkeypatch.setenv("KB_LLM_MAX_TOKENS", "48")
-    monkeypatch.setenv("KB_LLM_TEMPERATURE", "0")
+    for name, value in llm_vars(default_gguf_path).items():
+        monkeypatch.setenv(name, value)
     return default_gguf_path
 
 
@@ -68,9 +77,8 @@ def shared_kb():
 def lagent_env(page_env: Path, corpus: Path, shared_kb) -> Path:
     """page_env with the lagent bundle added and synced (through the same KB the pages use)."""
     kb = shared_kb()
-    kb.add_source("lagent", str(corpus / "lagent.bundle"), web_url="https://gitee.com/InternLM/lagent")
-    report = kb.sync(["lagent"])[0]
-    assert not report.error and report.chunks_embedded > 0, report
+    report = add_bundle(kb, corpus, "lagent")
+    assert report.chunks_embedded > 0, report
     return page_env
 
 

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from page_fixtures import BASE_ENV, llm_vars
 from servers import free_port, stop, wait_for_http
 
-pytest_plugins = ["page_fixtures"]  # also listed in tests/conftest.py; harmless twice
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -55,11 +55,7 @@ def server(xtuner_kb, default_gguf_path, tmp_path):
     port = free_port()
     env = dict(os.environ)
     env.pop("KB_EMBED_MODEL", None)
-    env.update(
-        KB_HOME=str(xtuner_kb.settings.home), KB_LLM="llamacpp", KB_LLM_GGUF=str(default_gguf_path),
-        KB_LLM_MAX_TOKENS="48", KB_LLM_TEMPERATURE="0", KB_TOP_K="3", KB_ADMIN_PASSWORD="", KB_CHROMA_URL="",
-        KB_RETRIEVAL_MODE="hybrid",
-    )
+    env.update(BASE_ENV, **llm_vars(default_gguf_path), KB_HOME=str(xtuner_kb.settings.home))
     streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
     log = tmp_path / "streamlit.log"
     cmd = [streamlit, "run", "Home.py", "--server.port", str(port), "--server.headless", "true",

@@ -27,7 +27,6 @@ from kb.preview import (
     snippet,
 )
 
-pytest_plugins = ["page_fixtures"]  # also listed in tests/conftest.py; harmless twice
 
 EVIL_DOC = (
     b"# Notes\n\nSome *text* about xtuner.\n\n<script>window.__pwned = 1; alert('x')</script>\n\n"
