@@ -38,6 +38,8 @@ class ChunkConfig:
     unit: str = "chars"
     heading_prefix: bool = False  # prepend the heading path to the embedded/BM25 text
     version: int = 3  # bump when the splitting or BM25 tokenizing code changes its output
+    # Size of the passages searched to find chunks (kb/passages.py), in ``unit``; 0: none.
+    passage_size: int = 0
 
     def __post_init__(self) -> None:
         if self.splitter not in SPLITTERS:
@@ -48,13 +50,26 @@ class ChunkConfig:
             raise KBError(f"chunk size {self.size} is out of range (20..100000)")
         if self.overlap < 0 or self.overlap >= self.size:
             raise KBError(f"chunk overlap {self.overlap} must be >= 0 and smaller than the chunk size {self.size}")
+        if self.passage_size and not 20 <= self.passage_size <= self.size:
+            raise KBError(f"passage size {self.passage_size} must be 0 (no passages) or 20..{self.size} (the chunk size)")
+
+    def _fields(self) -> dict:
+        """The config as stored; no passages is left out, so older collections keep their names."""
+        d = asdict(self)
+        if not self.passage_size:
+            del d["passage_size"]
+        return d
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        return hashlib.sha256(json.dumps(self._fields(), sort_keys=True).encode()).hexdigest()[:8]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self._fields(), sort_keys=True)
+
+    @property
+    def passage_overlap(self) -> int:
+        return self.passage_size // 8
 
     @classmethod
     def from_json(cls, raw: str) -> "ChunkConfig":
@@ -65,7 +80,8 @@ class ChunkConfig:
         return f"{heading}\n{text}" if self.heading_prefix and heading else text
 
     def label(self) -> str:
-        return f"{self.splitter} {self.size}/{self.overlap} {self.unit}" + (" +heading" if self.heading_prefix else "")
+        return (f"{self.splitter} {self.size}/{self.overlap} {self.unit}" + (" +heading" if self.heading_prefix else "")
+                + (f" +passages {self.passage_size}" if self.passage_size else ""))
 
 
 @dataclass

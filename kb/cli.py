@@ -146,6 +146,7 @@ def cmd_rechunk(args: argparse.Namespace) -> dict:
         overlap=args.chunk_overlap,
         unit=args.unit or live.unit,
         heading_prefix=live.heading_prefix if args.heading_prefix is None else args.heading_prefix,
+        passage_size=kb.settings.passage_size if args.passage_size is None else args.passage_size,
     )
     progress = _progress(args)
     try:
@@ -286,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--unit", choices=["chars", "tokens"], help="measure chunks in characters or model tokens")
     rc.add_argument("--heading-prefix", action=argparse.BooleanOptionalAction, default=None,
                     help="prepend the heading path to the embedded text")
+    rc.add_argument("--passage-size", type=int,
+                    help="size of the passages searched to find chunks, 0 for none (default KB_PASSAGE_SIZE, 120)")
     rc.set_defaults(func=cmd_rechunk)
 
     sub.add_parser("collections", parents=[common], help="list Chroma collections").set_defaults(func=cmd_collections)

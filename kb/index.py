@@ -16,6 +16,7 @@ from chromadb.config import Settings as ChromaSettings
 from core.settings import Settings
 from kb.chunking import Chunk, ChunkConfig
 from kb.errors import KBError
+from kb.passages import Passage, is_passage_collection, passage_collection
 from kb.progress import Progress, no_progress
 
 READ_BATCH = 500
@@ -65,7 +66,15 @@ class VectorIndex:
         return name in self.names()
 
     def names(self) -> list[str]:
-        return sorted(c.name for c in self.client.list_collections())
+        """Chunk collections; their passage collections go with them and are not listed."""
+        return sorted(c.name for c in self.client.list_collections() if not is_passage_collection(c.name))
+
+    def passages(self, name: str):
+        """The passage collection of chunk collection ``name``, or None when it has none."""
+        try:
+            return self.client.get_collection(passage_collection(name), embedding_function=None)
+        except Exception:
+            return None
 
     def create(self, name: str, config: ChunkConfig, embed_model: str):
         return self.client.get_or_create_collection(
@@ -77,6 +86,8 @@ class VectorIndex:
 
     def drop(self, name: str) -> None:
         self.client.delete_collection(name)
+        if self.passages(name) is not None:
+            self.client.delete_collection(passage_collection(name))
 
     def describe(self, name: str) -> dict:
         coll = self.get(name)
@@ -115,7 +126,7 @@ class VectorIndex:
                 found.setdefault(meta["text_hash"], list(vec))
         return found
 
-    def upsert(self, coll, chunks: Sequence[Chunk], vectors: Sequence[Sequence[float]], progress: Progress = no_progress) -> None:
+    def upsert(self, coll, chunks: Sequence["Chunk | Passage"], vectors: Sequence[Sequence[float]], progress: Progress = no_progress) -> None:
         size = self.client.get_max_batch_size()
         done = 0
         for i in range(0, len(chunks), size):
@@ -133,6 +144,11 @@ class VectorIndex:
         size = self.client.get_max_batch_size()
         for part in _batches(list(chunks), size):
             coll.update(ids=[c.id for c in part], metadatas=[c.metadata() for c in part])
+
+    def delete_where(self, coll, key: str, values: Iterable[str]) -> None:
+        """Delete the records whose metadata ``key`` is one of ``values`` (passages by parent)."""
+        for part in _batches(sorted(set(values)), READ_BATCH):
+            coll.delete(where={key: {"$in": list(part)}})
 
     def delete_ids(self, coll, ids: Iterable[str]) -> None:
         ids = list(ids)

@@ -18,16 +18,19 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 
 from kb.bm25 import BM25Matrix, tokenize
+from kb.chunking import ChunkConfig
 from kb.errors import KBError
 from kb.service import KnowledgeBase
 
 MODES = ("dense", "bm25", "hybrid")
 SPECIFIC_IDF = 3.0
 SCORE_NOTES = {
-    "dense": "cosine similarity, -1..1, higher is better",
+    "dense": "cosine similarity of the chunk's best passage (or of the chunk), -1..1, higher is better",
     "bm25": "BM25 (Okapi) score, >= 0, higher is better",
-    "hybrid": "weighted reciprocal-rank fusion, sum of weight/(k+rank), 0..0.47 by default, higher is better",
+    "hybrid": "weighted reciprocal-rank fusion, sum of weight/(k+rank) over dense, bm25 and passage bm25, "
+              "0..0.05 by default, higher is better",
 }
+PASSAGE_BM25 = "bm25 passages"
 
 
 @dataclass
@@ -38,13 +41,14 @@ class SearchOptions:
     mmr: bool = False
     source: str | None = None
     path_prefix: str | None = None
-    # Tuned on the dev set (README "Retrieval tuning"): a small RRF constant keeps
-    # each retriever's own top hits; dense counts less because on 400-token chunks
-    # BM25 is the stronger retriever (hit@5 0.79 against 0.54).
-    rrf_k: int = 2
-    dense_weight: float = 0.4
-    bm25_weight: float = 1.0
-    candidates: int = 50  # per retriever, before fusion
+    # README "Retrieval tuning": with passages, plain RRF (k=60, equal weights)
+    # over dense-on-passages, BM25 on chunks and BM25 on passages is on the
+    # dev set's plateau; no retriever needs damping (dense-on-chunks, which
+    # did, is left out of the fusion).
+    rrf_k: int = 60
+    dense_weight: float = 1.0
+    bm25_weight: float = 1.0  # both BM25 lists
+    candidates: int = 50  # chunks per retriever, before fusion
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -86,6 +90,7 @@ class _Lexical:
     ids: list[str]
     sources: np.ndarray
     paths: np.ndarray
+    parents: list[str]  # passages: each one's chunk; chunks: empty
 
 
 class SearchEngine:
@@ -95,6 +100,7 @@ class SearchEngine:
         self.kb = kb
         self._lexical: dict[str, _Lexical] = {}
         self._stores: dict[tuple[str, str], Chroma] = {}
+        self._passages_of: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
         self._reranker = None
 
@@ -111,15 +117,18 @@ class SearchEngine:
     def _where(self, opts: SearchOptions) -> dict | None:
         return self.kb.where(opts.source, opts.path_prefix)
 
-    def lexical(self, collection: str) -> _Lexical:
-        """The BM25 matrix of a collection, rebuilt only when a sync changed it."""
+    def lexical(self, collection: str, passages: bool = False) -> _Lexical | None:
+        """The BM25 matrix of a collection (or of its passages), rebuilt only when a sync changed it."""
         version = self.kb.manifest.collection_version(collection)
+        key = (collection, passages)
         with self._lock:
-            cached = self._lexical.get(collection)
+            cached = self._lexical.get(key)
             if cached and cached.version == version:
                 return cached
-            coll = self.kb.index.get(collection)
-            ids, tokens, sources, paths = [], [], [], []
+            coll = self.kb.index.passages(collection) if passages else self.kb.index.get(collection)
+            if coll is None:
+                return None
+            ids, tokens, sources, paths, parents = [], [], [], [], []
             offset = 0
             while True:
                 page = coll.get(include=["metadatas"], limit=5000, offset=offset)
@@ -128,11 +137,14 @@ class SearchEngine:
                     tokens.append((meta.get("bm25") or "").split())
                     sources.append(meta["source"])
                     paths.append(meta["path"])
+                    if passages:
+                        parents.append(meta["parent"])
                 if len(page["ids"]) < 5000:
                     break
                 offset += 5000
-            lex = _Lexical(version, BM25Matrix(tokens), ids, np.asarray(sources, dtype=object), np.asarray(paths, dtype=object))
-            self._lexical[collection] = lex
+            lex = _Lexical(version, BM25Matrix(tokens), ids, np.asarray(sources, dtype=object),
+                           np.asarray(paths, dtype=object), parents)
+            self._lexical[key] = lex
             return lex
 
     def _dense(self, coll, query: str, n: int, opts: SearchOptions) -> list[tuple[Document, float]]:
@@ -145,7 +157,7 @@ class SearchEngine:
         picked = store.max_marginal_relevance_search(query, k=n, fetch_k=max(n, opts.k * 4), filter=where)
         return [(d, by_id.get(d.id, 0.0)) for d in picked]
 
-    def _bm25(self, coll, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions) -> list[tuple[Document, float]]:
+    def _bm25_top(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions) -> list[tuple[int, float]]:
         mask = None
         if opts.source or opts.path_prefix:
             mask = np.ones(len(lex.ids), dtype=bool)
@@ -153,20 +165,54 @@ class SearchEngine:
                 mask &= lex.sources == opts.source
             if opts.path_prefix:
                 mask &= np.fromiter((p.startswith(opts.path_prefix) for p in lex.paths), bool, len(lex.paths))
-        top = lex.matrix.top(tokens, n, mask)
-        if not top:
-            return []
-        ids = [lex.ids[i] for i, _ in top]
-        got = coll.get(ids=ids, include=["documents", "metadatas"])
-        docs = {i: Document(page_content=t, metadata=m, id=i) for i, t, m in zip(got["ids"], got["documents"], got["metadatas"])}
-        return [(docs[lex.ids[i]], s) for i, s in top if lex.ids[i] in docs]
+        return lex.matrix.top(tokens, n, mask)
+
+    @staticmethod
+    def _ranked(scored_ids: list[tuple[str, float]], n: int) -> list[tuple[str, float]]:
+        """The first ``n`` distinct ids, best first: a chunk named by two of its passages keeps its best place."""
+        best: dict[str, float] = {}
+        for cid, s in scored_ids:
+            if cid not in best:
+                best[cid] = s
+                if len(best) == n:
+                    break
+        return list(best.items())
+
+    def _passages(self, coll, config: ChunkConfig):
+        """The live collection's passages (kept, as the wrappers are), or None when it was built without."""
+        if not config.passage_size:
+            return None
+        key = ("passages " + coll.name, str(coll.id))  # a rebuilt collection has a new id, and new passages
+        if key not in self._passages_of:
+            self._passages_of[key] = self.kb.index.passages(coll.name)
+        return self._passages_of[key]
+
+    def _dense_passages(self, pcoll, query: str, n: int, opts: SearchOptions) -> list[tuple[str, float]]:
+        """Chunks ranked by their best passage's similarity (2n passages are read to find n chunks)."""
+        scored = self._store(pcoll).similarity_search_with_relevance_scores(query, k=2 * n, filter=self._where(opts))
+        return self._ranked([(d.metadata["parent"], s) for d, s in scored], n)
+
+    def _bm25(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions) -> list[tuple[str, float]]:
+        """Chunk ids by BM25; over passages (``lex.parents``), each passage's chunk."""
+        if not lex.parents:
+            return [(lex.ids[i], s) for i, s in self._bm25_top(lex, tokens, n, opts)]
+        return self._ranked([(lex.parents[i], s) for i, s in self._bm25_top(lex, tokens, 2 * n, opts)], n)
+
+    @staticmethod
+    def _documents(coll, ids: set[str], docs: dict[str, Document]) -> None:
+        """Read the chunks not yet in ``docs``, all in one round trip."""
+        missing = [i for i in ids if i not in docs]
+        if missing:
+            got = coll.get(ids=missing, include=["documents", "metadatas"])
+            for i, t, m in zip(got["ids"], got["documents"], got["metadatas"]):
+                docs[i] = Document(page_content=t, metadata=m, id=i)
 
     # the search
     def search(self, query: str, opts: SearchOptions | None = None) -> list[Hit]:
         opts = opts or SearchOptions()
         if not query.strip():
             raise KBError("the query is empty")
-        collection, _ = self.kb.live()
+        collection, config = self.kb.live()
         try:
             coll = self.kb.index.get(collection)
         except KBError:  # a fresh knowledge base: nothing indexed yet
@@ -174,12 +220,23 @@ class SearchEngine:
         if coll.count() == 0:
             return []
         n = max(opts.candidates, opts.k) if opts.mode == "hybrid" else opts.k
-        lists: dict[str, list[tuple[Document, float]]] = {}
+        pcoll = self._passages(coll, config)
+        ranked: dict[str, list[tuple[str, float]]] = {}
+        docs: dict[str, Document] = {}
         if opts.mode in ("dense", "hybrid"):
-            lists["dense"] = self._dense(coll, query, n, opts)
+            if pcoll is not None and not opts.mmr:
+                ranked["dense"] = self._dense_passages(pcoll, query, n, opts)
+            else:
+                scored = self._dense(coll, query, n, opts)
+                docs.update((d.id, d) for d, _ in scored)
+                ranked["dense"] = [(d.id, s) for d, s in scored]
         if opts.mode in ("bm25", "hybrid"):
             lex, tokens = self.lexical(collection), tokenize(query)
-            lists["bm25"] = self._bm25(coll, lex, tokens, n, opts)
+            ranked["bm25"] = self._bm25(lex, tokens, n, opts)
+            if opts.mode == "hybrid" and pcoll is not None:
+                ranked[PASSAGE_BM25] = self._bm25(self.lexical(collection, passages=True), tokens, n, opts)
+        self._documents(coll, {i for lst in ranked.values() for i, _ in lst}, docs)
+        lists = {m: [(docs[i], s) for i, s in lst if i in docs] for m, lst in ranked.items()}
         if opts.mode == "hybrid":
             hits = self._fuse(lists, opts, bm25_scale=self._specificity(lex, tokens))
         else:
@@ -222,7 +279,8 @@ class SearchEngine:
     @staticmethod
     def _fuse(lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions, bm25_scale: float = 1.0) -> list[Hit]:
         """Weighted reciprocal-rank fusion: sum of weight / (rrf_k + rank) over retrievers."""
-        weights = {"dense": opts.dense_weight, "bm25": opts.bm25_weight * bm25_scale}
+        bm25 = opts.bm25_weight * bm25_scale
+        weights = {"dense": opts.dense_weight, "bm25": bm25, PASSAGE_BM25: bm25}
         fused: dict[str, Hit] = {}
         for mode, scored in lists.items():
             for r, (doc, s) in enumerate(scored, 1):

@@ -55,7 +55,7 @@ class KnowledgeBase:
     def default_config(self) -> ChunkConfig:
         s = self.settings
         return ChunkConfig(splitter=s.splitter, size=s.chunk_size, overlap=s.chunk_overlap, unit=s.length_unit,
-                           heading_prefix=s.heading_prefix)
+                           heading_prefix=s.heading_prefix, passage_size=s.passage_size)
 
     def where(self, source: str | None = None, path_prefix: str | None = None, path: str | None = None) -> dict | None:
         """A Chroma metadata filter: one source, one path, or every indexed path under a prefix."""
@@ -149,6 +149,9 @@ class KnowledgeBase:
                 coll = self.index.get(cname)
                 ids = coll.get(where={"source": name}, include=[])["ids"]
                 self.index.delete_ids(coll, ids)
+                passages = self.index.passages(cname)
+                if passages is not None:
+                    self.index.delete_ids(passages, passages.get(where={"source": name}, include=[])["ids"])
                 self.manifest.touch_collection(cname)
                 removed += len(ids)
             with self.manifest.transaction() as con:

@@ -23,6 +23,7 @@ from kb.chunking import Chunk, ChunkConfig, make_splitter, split_document
 from kb.index import VectorIndex
 from kb.loaders import SkipFile, extension, load_document
 from kb.manifest import DocumentRow, Manifest, SourceRow
+from kb.passages import Passage, passage_collection, split_passages
 from kb.progress import Progress, no_progress
 from kb.sources import fetch, head_commit
 
@@ -58,6 +59,7 @@ class SyncReport:
     deleted: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     chunks_overlong: list[dict] = field(default_factory=list)
+    passages_embedded: int = 0
     error: str = ""
     documents: list[DocumentRow] = field(default_factory=list, repr=False)
 
@@ -153,10 +155,10 @@ def measure_tokens(settings: Settings, chunks: list[Chunk]) -> list[dict]:
     return over
 
 
-def index_terms(settings: Settings, chunks: list[Chunk]) -> list[dict]:
-    """Each chunk's token count and BM25 words; returns the chunks too long for the model."""
+def index_terms(settings: Settings, chunks: list[Chunk], passages: list[Passage] = ()) -> list[dict]:
+    """Each chunk's token count, and BM25 words of chunks and passages; returns the chunks too long for the model."""
     over = measure_tokens(settings, chunks)
-    for c in chunks:
+    for c in [*chunks, *passages]:
         c.bm25_tokens = " ".join(tokenize(c.embed_text))
     return over
 
@@ -171,6 +173,18 @@ def embed_texts(embeddings: Embeddings, texts: list[str], progress: Progress) ->
             vectors[i] = v
         progress("embed", min(start + EMBED_BATCH, len(order)), len(order), "")
     return vectors  # type: ignore[return-value]
+
+
+def _to_embed(ctx: SyncContext, coll, items: list) -> tuple[list, dict[str, list[float]]]:
+    """The items whose text has no stored vector yet (each text once), and the stored vectors of the rest."""
+    stored = ctx.index.vectors_for_hashes(coll, sorted({c.text_hash for c in items})) if items and coll.count() else {}
+    return list({c.text_hash: c for c in items if c.text_hash not in stored}.values()), stored
+
+
+def _store(ctx: SyncContext, coll, items: list, stored: dict, embedded: list, vectors: list, progress: Progress) -> None:
+    by_hash = dict(stored)
+    by_hash.update({c.text_hash: v for c, v in zip(embedded, vectors)})
+    ctx.index.upsert(coll, items, [by_hash[c.text_hash] for c in items], progress)
 
 
 def sync_source(
@@ -226,12 +240,6 @@ def sync_source(
     report.documents = rows
     report.skipped = [{"path": r.path, "reason": r.reason} for r in rows if r.status == "skipped"]
     all_chunks = [c for parts in by_path.values() for c in parts]
-    # Token counts and BM25 words need no vectors, so they are computed beside
-    # the embedding, which spends its time in BLAS with the GIL released
-    # (measured: 0.5 s of tokenizing made a 9.6 s embedding 0.2 s longer).
-    pool = ThreadPoolExecutor(max_workers=1)
-    terms = pool.submit(index_terms, ctx.settings, all_chunks)
-    pool.shutdown(wait=False)
     to_delete: list[str] = []
     fresh: list[Chunk] = []
     kept: list[Chunk] = []
@@ -241,22 +249,34 @@ def sync_source(
         to_delete += [i for i in old_ids if i not in new_ids]
         for c in by_path.get(path, []):
             (kept if c.id in old_ids else fresh).append(c)
-    stored = ctx.index.vectors_for_hashes(coll, sorted({c.text_hash for c in fresh})) if existing or coll.count() else {}
-    need = list({c.text_hash: c for c in fresh if c.text_hash not in stored}.values())  # each text once
-    report.chunks_embedded = len(need)
+    # A kept chunk keeps its passages (same text, same passages); fresh ones get theirs.
+    pcoll = ctx.index.create(passage_collection(collection), config, ctx.embed_model) if config.passage_size else None
+    passages = split_passages(fresh, config, emb.token_counter(ctx.settings) if config.unit == "tokens" else None) if pcoll else []
+    # Token counts and BM25 words need no vectors, so they are computed beside
+    # the embedding, which spends its time in BLAS with the GIL released
+    # (measured: 0.5 s of tokenizing made a 9.6 s embedding 0.2 s longer).
+    pool = ThreadPoolExecutor(max_workers=1)
+    terms = pool.submit(index_terms, ctx.settings, all_chunks, passages)
+    pool.shutdown(wait=False)
+    need, stored = _to_embed(ctx, coll, fresh)
+    pneed, pstored = _to_embed(ctx, pcoll, passages) if pcoll else ([], {})
+    report.chunks_embedded, report.passages_embedded = len(need), len(pneed)
     report.chunks_reused = len(kept) + len(fresh) - len(need)
     report.chunks_deleted = len(to_delete)
-    vectors = embed_texts(ctx.get_embeddings(), [c.embed_text for c in need], progress) if need and not dry_run else []
+    texts = [c.embed_text for c in need + pneed]
+    vectors = embed_texts(ctx.get_embeddings(), texts, progress) if texts and not dry_run else []
     report.chunks_overlong = terms.result()
+    pool.shutdown(wait=True)  # the worker is done; let its thread end before we return
     if dry_run:
         report.seconds = round(time.perf_counter() - t0, 3)
         return report
 
-    by_hash = dict(stored)
-    by_hash.update({c.text_hash: v for c, v in zip(need, vectors)})
-    ctx.index.upsert(coll, fresh, [by_hash[c.text_hash] for c in fresh], progress)
+    _store(ctx, coll, fresh, stored, need, vectors[: len(need)], progress)
     ctx.index.update_metadata(coll, kept)
     ctx.index.delete_ids(coll, to_delete)
+    if pcoll:
+        _store(ctx, pcoll, passages, pstored, pneed, vectors[len(need):], progress)
+        ctx.index.delete_where(pcoll, "parent", to_delete)
     ctx.manifest.touch_collection(collection)
     if not rebuild_at:
         with ctx.manifest.transaction() as con:

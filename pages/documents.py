@@ -164,7 +164,7 @@ with rechunk_tab:
                                  help="embed each chunk with its Markdown heading path in front")
     try:
         config = ChunkConfig(splitter=splitter, size=int(size), overlap=int(overlap), unit=unit,
-                             heading_prefix=heading_prefix)
+                             heading_prefix=heading_prefix, passage_size=min(s.passage_size, int(size)))
         with st.spinner("Splitting and counting tokens…"):
             common = dict(source=choice.source, commit=choice.commit, web_url=src.web_url, embed_model=kb.embed_model)
             cand = preview_chunks(doc, config, s, **common)

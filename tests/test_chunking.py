@@ -97,3 +97,13 @@ def test_markdown_splitter_prefers_headings():
 def test_bad_config(kw):
     with pytest.raises(KBError):
         ChunkConfig(**kw)
+
+
+def test_passage_size_is_checked_and_none_keeps_older_names():
+    assert ChunkConfig(size=400, overlap=40).hash == ChunkConfig(size=400, overlap=40, passage_size=0).hash
+    assert "passage_size" not in ChunkConfig().to_json()  # collections built before passages keep their names
+    withp = ChunkConfig(size=400, overlap=40, passage_size=120)
+    assert withp.hash != ChunkConfig(size=400, overlap=40).hash and ChunkConfig.from_json(withp.to_json()) == withp
+    for bad in (10, 401):
+        with pytest.raises(KBError, match="passage size"):
+            ChunkConfig(size=400, overlap=40, passage_size=bad)

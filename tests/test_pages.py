@@ -370,7 +370,7 @@ def test_retrieval_lab_side_by_side(xtuner_env, open_page):
     ok(at)
     assert [h.value for h in at.subheader][:3] == ["Dense", "BM25", "Hybrid"]
     notes = texts(at.caption)
-    assert "cosine similarity, -1..1, higher is better" in notes and "higher is better" in notes
+    assert "cosine similarity of the chunk's best passage (or of the chunk), -1..1, higher is better" in notes and "higher is better" in notes
     body = texts(at.markdown)
     assert escape_markdown("docs/zh_cn/rl/advanced_tutorial/efficiency.md") in body, "the gold doc is among the hits"
     assert ":orange-background[xtuner]" in body.lower() or ":orange-background[XTuner]" in body

@@ -11,7 +11,8 @@ from rank_bm25 import BM25Okapi
 from kb.bm25 import BM25Matrix, tokenize
 from kb.errors import KBError
 from kb.evaluate import is_hit
-from kb.retrieval import KBRetriever, SearchEngine, SearchOptions
+from kb.chunking import ChunkConfig
+from kb.retrieval import PASSAGE_BM25, KBRetriever, SearchEngine, SearchOptions
 
 from conftest import CORPUS
 
@@ -47,7 +48,7 @@ def test_every_mode_reports_scores_and_provenance(engine):
         assert all(h.source == "xtuner" and h.commit and h.line_end >= h.line_start for h in hits)
         assert all(h.url.startswith("https://gitee.com/InternLM/xtuner/blob/") for h in hits)
         if mode == "hybrid":
-            assert all(h.found_by and set(h.ranks) <= {"dense", "bm25"} for h in hits)
+            assert all(h.found_by and set(h.ranks) <= {"dense", "bm25", PASSAGE_BM25} for h in hits)
         else:
             assert all(h.found_by == [mode] and h.ranks == {mode: h.rank} for h in hits)
 
@@ -102,3 +103,20 @@ def test_bm25_index_follows_sync(tiny_kb, corpus):
     hits = engine.search("quuxinator", SearchOptions(k=3, mode="bm25"))
     assert hits and hits[0].path == "uploads/zebra.md"
     assert engine.lexical(tiny_kb.live()[0]) is not first
+
+
+def test_passages_find_chunks_and_a_collection_without_them_still_searches(tiny_kb, corpus):
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    tiny_kb.sync()
+    engine = SearchEngine(tiny_kb)
+    hits = engine.search("ActionExecutor", SearchOptions(k=5))
+    assert hits and any(PASSAGE_BM25 in h.found_by for h in hits)
+    assert all(h.id in {c["id"] for c in tiny_kb.chunks_of(h.source, h.path)} for h in hits)  # hits are chunks
+    dense = engine.search("ActionExecutor", SearchOptions(k=5, mode="dense"))
+    assert len({h.id for h in dense}) == len(dense) == 5  # a chunk found by several passages comes once
+
+    tiny_kb.rechunk(ChunkConfig(**{**tiny_kb.live_config().__dict__, "passage_size": 0}))
+    assert tiny_kb.index.passages(tiny_kb.live()[0]) is None
+    for mode in ("dense", "bm25", "hybrid"):
+        hits = engine.search("ActionExecutor", SearchOptions(k=5, mode=mode))
+        assert len(hits) == 5 and all(set(h.found_by) <= {"dense", "bm25"} for h in hits)

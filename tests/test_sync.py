@@ -8,6 +8,7 @@ import pytest
 from kb.chunking import ChunkConfig
 from kb.errors import KBError
 from kb.loaders import SkipFile, load_document
+from kb.passages import is_passage_collection
 
 from conftest import BUNDLES, git
 
@@ -20,7 +21,7 @@ def test_every_bundle_indexes_with_exact_lines(tiny_kb, corpus):
     assert all(r.files_added > 0 and r.chunks_embedded > 0 for r in reports.values())
     stats = tiny_kb.stats()
     embedded = sum(r.chunks_embedded for r in reports.values())
-    assert embedded == tiny_kb.embeddings.documents_embedded
+    assert embedded + sum(r.passages_embedded for r in reports.values()) == tiny_kb.embeddings.documents_embedded
     # identical texts (e.g. a README shared by two repos) are embedded once and reused
     assert stats["sources"] == 6 and stats["chunks"] == embedded + sum(r.chunks_reused for r in reports.values())
 
@@ -45,11 +46,24 @@ def test_every_bundle_indexes_with_exact_lines(tiny_kb, corpus):
         window = "\n".join(files[key][meta["line_start"] - 1 : meta["line_end"]])
         assert text in window, (key, meta["line_start"], meta["line_end"])
     assert ("InternLM-XComposer", "evaluation/README.md") in files  # the CRLF file
+    assert_passages_cover(tiny_kb, got)
 
     # a second sync embeds nothing
     tiny_kb.embeddings.reset()
     again = tiny_kb.sync()
     assert sum(r.chunks_embedded for r in again) == 0 and tiny_kb.embeddings.documents_embedded == 0
+
+
+def assert_passages_cover(kb, chunks: dict) -> None:
+    """Every chunk has passages, each a piece of its chunk's text, and no passage outlives its chunk."""
+    passages = kb.index.passages(kb.live()[0]).get(include=["documents", "metadatas"])
+    text_of = dict(zip(chunks["ids"], chunks["documents"]))
+    parents = [m["parent"] for m in passages["metadatas"]]
+    assert set(parents) == set(text_of)
+    heading_of = {i: m["heading"] for i, m in zip(chunks["ids"], chunks["metadatas"])}
+    for parent, text in zip(parents, passages["documents"]):
+        body = text.removeprefix(heading_of[parent] + "\n") if heading_of[parent] else text
+        assert body in text_of[parent]
 
 
 @pytest.fixture
@@ -81,7 +95,9 @@ def test_incremental_sync_embeds_only_changed_files(tiny_kb, history_remote):
     rep = tiny_kb.sync(["xtuner"])[0]
     assert (rep.files_added, rep.files_modified, rep.files_deleted) == (17, 12, 0)
     assert rep.commit_before == old and rep.commit_after == new
-    assert rep.chunks_embedded == tiny_kb.embeddings.documents_embedded == preview.chunks_embedded
+    assert rep.chunks_embedded + rep.passages_embedded == tiny_kb.embeddings.documents_embedded
+    assert (rep.chunks_embedded, rep.passages_embedded) == (preview.chunks_embedded, preview.passages_embedded)
+    assert 0 < rep.passages_embedded
 
     changed = set(rep.added) | set(rep.modified)
     after = coll.get(where={"source": "xtuner"}, include=["metadatas"])
@@ -93,6 +109,7 @@ def test_incremental_sync_embeds_only_changed_files(tiny_kb, history_remote):
     unchanged_ids = {i for i, m in zip(before["ids"], before["metadatas"]) if m["path"] not in changed}
     assert unchanged_ids <= set(after["ids"])
     assert tiny_kb.manifest.source("xtuner").indexed_commit == new
+    assert_passages_cover(tiny_kb, coll.get(include=["documents", "metadatas"]))  # those of replaced chunks are gone
 
     tiny_kb.embeddings.reset()
     idle = tiny_kb.sync(["xtuner"])[0]
@@ -113,6 +130,7 @@ def test_deleted_file_removes_its_chunks(tiny_kb, tmp_path, corpus):
     rep = tiny_kb.sync(["lagent"])[0]
     assert rep.files_deleted == 1 and rep.chunks_deleted > 0 and rep.chunks_embedded == 0
     assert tiny_kb.chunks_of("lagent", victim) == [] and tiny_kb.manifest.document("lagent", victim) is None
+    assert not tiny_kb.index.passages(tiny_kb.live()[0]).get(where={"path": victim}, include=[])["ids"]
 
 
 def test_rechunk_switches_only_when_complete(tiny_kb, corpus):
@@ -144,7 +162,8 @@ def test_rechunk_switches_only_when_complete(tiny_kb, corpus):
     with pytest.raises(KBError, match="live collection"):
         tiny_kb.drop_collection(out["collection"])
     tiny_kb.drop_collection(live)
-    assert live not in tiny_kb.index.names()
+    assert live not in tiny_kb.index.names() and tiny_kb.index.passages(live) is None  # its passages went with it
+    assert not any(is_passage_collection(n) for n in tiny_kb.index.names())  # passages are not listed as collections
     rep = tiny_kb.sync()[0]
     assert rep.chunks_embedded == 0  # the new live collection is complete
 
@@ -157,6 +176,8 @@ def test_remove_source_deletes_its_chunks(tiny_kb, corpus):
     assert removed > 0
     coll = tiny_kb.index.get(tiny_kb.live()[0])
     assert not coll.get(where={"source": "lagent"}, include=[])["ids"]
+    passages = tiny_kb.index.passages(tiny_kb.live()[0])
+    assert not passages.get(where={"source": "lagent"}, include=[])["ids"] and passages.count() > 0
     assert coll.count() > 0 and not tiny_kb.manifest.has_source("lagent")
     assert not (tiny_kb.settings.repos_path / "lagent").exists()
 
