@@ -161,7 +161,8 @@ def cmd_rechunk(args: argparse.Namespace) -> dict:
 def cmd_collections(args: argparse.Namespace) -> dict:
     rows = _kb(args).collections()
     for r in rows:
-        _say(args, f"{'*' if r['live'] else ' '} {r['name']:40} {r['count']:>7} chunks  dim {r['dimension']}  "
+        _say(args, f"{'*' if r['live'] else ' '} {r['name']:40} {r['count']:>7} chunks {r['passages']:>7} passages  "
+                   f"dim {r['dimension']}  "
                    f"{r['embed_model']}  {r['chunk_config']}  [{r['status']}]")
     return {"collections": rows}
 

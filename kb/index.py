@@ -95,9 +95,11 @@ class VectorIndex:
         sample = coll.get(limit=1, include=["embeddings"])
         embs = sample.get("embeddings")
         dim = len(embs[0]) if embs is not None and len(embs) else None
+        passages = self.passages(name)
         return {
             "name": name,
             "count": coll.count(),
+            "passages": passages.count() if passages is not None else 0,
             "dimension": dim,
             "embed_model": meta.get("embed_model", ""),
             "chunk_config": meta.get("chunk_config", ""),

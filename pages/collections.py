@@ -34,8 +34,8 @@ if not colls:
 
 st.dataframe(
     [
-        {"live": "● live" if c["live"] else "", "name": c["name"], "records": c["count"], "dimension": c["dimension"],
-         "embedding model": c["embed_model"], "chunk config": config_label(c["chunk_config"]), "status": c["status"]}
+        {"live": "● live" if c["live"] else "", "name": c["name"], "records": c["count"], "passages": c["passages"],
+         "dimension": c["dimension"], "embedding model": c["embed_model"], "chunk config": config_label(c["chunk_config"]), "status": c["status"]}
         for c in colls
     ],
     hide_index=True,

@@ -332,6 +332,8 @@ def test_collections_records_lookup_switch_delete(lagent_env, open_page, shared_
     table = frame_with(at, "dimension")
     assert set(table["name"]) == {old, new} and table.loc[table["name"] == new, "live"].iloc[0] == "● live"
     assert (table["dimension"] == 32).all()
+    passages = dict(zip(table["name"], table["passages"]))
+    assert passages[old] > 0 and passages[new] == 0  # the rebuild was asked for without passages
 
     records = frame_with(at, "heading")
     assert len(records) > 0 and (records["source"] == "lagent").all()
