@@ -77,7 +77,7 @@ def _print_report(args: argparse.Namespace, rep: dict) -> None:
     print(
         f"{rep['name']}: {before} -> {after} ({verb}): files +{rep['files_added']} ~{rep['files_modified']} "
         f"-{rep['files_deleted']}; chunks embedded {rep['chunks_embedded']}, reused {rep['chunks_reused']}, "
-        f"deleted {rep['chunks_deleted']}; {rep['seconds']:.2f}s"
+        f"deleted {rep['chunks_deleted']}; passages embedded {rep['passages_embedded']}; {rep['seconds']:.2f}s"
     )
     if rep["dry_run"]:
         for tag, key in (("+", "added"), ("~", "modified"), ("-", "deleted")):

@@ -23,6 +23,7 @@ def report_table(reports: list[dict]) -> list[dict]:
             ("chunks to embed" if r["dry_run"] else "chunks embedded"): r["chunks_embedded"],
             "chunks reused": r["chunks_reused"],
             ("chunks to delete" if r["dry_run"] else "chunks deleted"): r["chunks_deleted"],
+            ("passages to embed" if r["dry_run"] else "passages embedded"): r["passages_embedded"],
             "skipped": len(r["skipped"]), "over window": len(r["chunks_overlong"]),
             "seconds": r["seconds"], "error": r["error"],
         }
@@ -65,7 +66,8 @@ def sync_summary(reports: list[dict]) -> tuple[str, str]:
     failed = [r for r in reports if r["error"]]
     text = (f"{len(reports) - len(failed)} source(s) synced" + (f", {len(failed)} failed" if failed else "") + ": "
             f"{sum(r['chunks_embedded'] for r in reports)} chunks embedded, "
-            f"{sum(r['chunks_reused'] for r in reports)} reused, {sum(r['chunks_deleted'] for r in reports)} deleted.")
+            f"{sum(r['chunks_reused'] for r in reports)} reused, {sum(r['chunks_deleted'] for r in reports)} deleted, "
+            f"{sum(r['passages_embedded'] for r in reports)} passages embedded.")
     return ("warning" if failed else "success"), text
 
 

@@ -212,6 +212,7 @@ def test_sources_add_bundle_dry_run_then_sync(page_env, corpus, open_page, share
     ok(at)
     done = frame_with(at, "chunks embedded")
     assert done.loc[0, "chunks embedded"] == preview.loc[0, "chunks to embed"] and not done.loc[0, "error"]
+    assert done.loc[0, "passages embedded"] == preview.loc[0, "passages to embed"] > 0
     assert "1 source(s) synced" in texts(at.success)
     kb = shared_kb()
     src = kb.manifest.source("lagent")
