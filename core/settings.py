@@ -40,6 +40,8 @@ class Settings:
     """All knobs, named as their ``KB_*`` variable without the prefix."""
 
     home: Path = Path("data")
+    # the shared corpus (bundles and dev_questions.jsonl): the Evaluation page's shipped question set
+    corpus: Path = PROJECT_ROOT.parent / "shared" / "corpus"
     # embeddings
     embed_model: str = ""  # a local sentence-transformers folder; empty: the packaged model of the backend
     embed_device: str = ""  # empty: cuda when present, else cpu

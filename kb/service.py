@@ -151,7 +151,7 @@ class KnowledgeBase:
                 self.index.delete_ids(coll, ids)
                 passages = self.index.passages(cname)
                 if passages is not None:
-                    self.index.delete_ids(passages, passages.get(where={"source": name}, include=[])["ids"])
+                    self.index.delete_where(passages, "source", [name])
                 self.manifest.touch_collection(cname)
                 removed += len(ids)
             with self.manifest.transaction() as con:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-from pathlib import Path
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
 from core import resources
-from core.settings import PROJECT_ROOT
 from kb.evaluate import evaluate, load_questions, past_runs, save_run
 from kb.retrieval import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, require_admin, show_error
@@ -19,7 +16,7 @@ from pages._common import expected_errors, kb_or_stop, require_admin, show_error
 st.title(":material/analytics: Evaluation")
 s = require_admin()
 kb = kb_or_stop(s)
-SHIPPED = Path(os.environ.get("KB_CORPUS") or PROJECT_ROOT.parent / "shared" / "corpus") / "dev_questions.jsonl"
+SHIPPED = s.corpus / "dev_questions.jsonl"
 
 st.caption("A question is a hit at rank r when the r-th hit comes from the source named in its `repo`, has the same "
            "`path`, and overlaps the gold line range. Each run is saved in KB_HOME/evals with the config it measured.")
