@@ -115,11 +115,11 @@ def read_blob(commit: git.Commit, path: str) -> tuple[bytes | None, str]:
 
 
 def load_and_split(
-    ctx: SyncContext, repo: git.Repo, src: SourceRow, commit: str, paths: list[str], config: ChunkConfig, progress: Progress
+    ctx: SyncContext, repo: git.Repo, src: SourceRow, commit: str, paths: list[str], config: ChunkConfig,
+    token_len: Callable[[str], int] | None, progress: Progress,
 ) -> tuple[dict[str, list[Chunk]], list[DocumentRow]]:
     """Load and chunk the given paths at ``commit``; skipped files come back as rows with a reason."""
     c = repo.commit(commit)
-    token_len = emb.token_counter(ctx.settings) if config.unit == "tokens" else None
     splitter = make_splitter(config, token_len)
     chunks: dict[str, list[Chunk]] = {}
     rows: list[DocumentRow] = []
@@ -236,7 +236,8 @@ def sync_source(
     report.added, report.modified, report.deleted = changes.added, changes.modified, changes.deleted
     report.files_added, report.files_modified, report.files_deleted = map(len, (changes.added, changes.modified, changes.deleted))
 
-    by_path, rows = load_and_split(ctx, repo, src, new, changes.added + changes.modified, config, progress)
+    token_len = emb.token_counter(ctx.settings) if config.unit == "tokens" else None  # chunks and passages
+    by_path, rows = load_and_split(ctx, repo, src, new, changes.added + changes.modified, config, token_len, progress)
     report.documents = rows
     report.skipped = [{"path": r.path, "reason": r.reason} for r in rows if r.status == "skipped"]
     all_chunks = [c for parts in by_path.values() for c in parts]
@@ -251,7 +252,6 @@ def sync_source(
             (kept if c.id in old_ids else fresh).append(c)
     # A kept chunk keeps its passages (same text, same passages); fresh ones get theirs.
     pcoll = ctx.index.create(passage_collection(collection), config, ctx.embed_model) if config.passage_size else None
-    token_len = emb.token_counter(ctx.settings) if config.unit == "tokens" and pcoll else None
 
     def prepare() -> tuple[list[Passage], list[dict]]:
         passages = split_passages(fresh, config, token_len) if pcoll else []
