@@ -70,3 +70,15 @@ def test_onnx_int8_matches_the_float_model(tmp_path, tiny_st_dir, tiny_embedding
     assert list((tmp_path / "models" / "onnx").glob("*.int8.onnx"))  # built once, cached
     # activations are quantized per batch, so a lone query differs from its batched self only slightly
     assert float(np.dot(q8.embed_query(texts[1]), b[1])) > 0.999
+
+
+def test_default_model_splits_a_batch_across_threads_in_order(default_embeddings):
+    """A large batch is encoded by several threads; each text keeps its own vector and its place."""
+    from core.use_embed import PARALLEL_MIN, UseEmbeddings
+
+    use = default_embeddings.inner
+    assert isinstance(use, UseEmbeddings)
+    texts = [f"第 {i} 段：XTuner fine-tunes model number {i} " + "word " * (i % 7) for i in range(4 * PARALLEL_MIN + 3)]
+    together = np.asarray(UseEmbeddings(threads=2).embed_documents(texts))
+    one_by_one = np.asarray([use.embed_query(t) for t in texts])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
