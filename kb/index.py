@@ -129,6 +129,7 @@ class VectorIndex:
         return found
 
     def upsert(self, coll, chunks: Sequence["Chunk | Passage"], vectors: Sequence[Sequence[float]], progress: Progress = no_progress) -> None:
+        """Write records in the largest batches Chroma takes; a passage stores no text (kb/passages.py)."""
         size = self.client.get_max_batch_size()
         done = 0
         for i in range(0, len(chunks), size):
@@ -136,7 +137,7 @@ class VectorIndex:
             coll.upsert(
                 ids=[c.id for c in part],
                 embeddings=[list(v) for v in vectors[i : i + size]],
-                documents=[c.text for c in part],
+                documents=None if isinstance(part[0], Passage) else [c.text for c in part],
                 metadatas=[c.metadata() for c in part],
             )
             done += len(part)

@@ -9,6 +9,12 @@ which get their own vectors and BM25 words in a sibling Chroma collection.
 A passage hit counts for its parent chunk (LangChain's parent-document
 pattern, with Chroma metadata as the parent link). Measured on the dev set,
 README "Retrieval tuning": dense hit@5 0.54 over chunks, 0.83 over passages.
+
+A passage record keeps its vector, its BM25 words and its parent, but not its
+text: that is a slice of its chunk's, which is what a user reads, and Chroma
+indexes every stored text for full-text search, which nothing here uses and
+which cannot be turned off in the embedded client. Writing the passages'
+text cost 15 s of a 125 s ingest of the six repos.
 """
 
 from __future__ import annotations
@@ -40,10 +46,6 @@ class Passage:
     embed_text: str
     text_hash: str
     bm25_tokens: str = ""
-
-    @property
-    def text(self) -> str:
-        return self.embed_text
 
     def metadata(self) -> dict[str, str]:
         return {"parent": self.parent, "source": self.source, "path": self.path,

@@ -188,9 +188,15 @@ class SearchEngine:
         return self._passages_of[key]
 
     def _dense_passages(self, pcoll, query: str, n: int, opts: SearchOptions) -> list[tuple[str, float]]:
-        """Chunks ranked by their best passage's similarity (2n passages are read to find n chunks)."""
-        scored = self._store(pcoll).similarity_search_with_relevance_scores(query, k=2 * n, filter=self._where(opts))
-        return self._ranked([(d.metadata["parent"], s) for d, s in scored], n)
+        """Chunks ranked by their best passage's similarity (2n passages are read to find n chunks).
+
+        Passages keep no text (kb/passages.py), and LangChain's wrapper drops
+        records without text, so this one query goes to Chroma directly; the
+        score is the wrapper's cosine relevance, 1 - distance.
+        """
+        got = pcoll.query(query_embeddings=[self.kb.embeddings.embed_query(query)], n_results=2 * n,
+                          where=self._where(opts), include=["metadatas", "distances"])
+        return self._ranked([(m["parent"], 1.0 - d) for m, d in zip(got["metadatas"][0], got["distances"][0])], n)
 
     def _bm25(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions) -> list[tuple[str, float]]:
         """Chunk ids by BM25; over passages (``lex.parents``), each passage's chunk."""

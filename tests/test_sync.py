@@ -5,10 +5,11 @@ from __future__ import annotations
 import git as gitpython
 import pytest
 
-from kb.chunking import ChunkConfig
+from core.embeddings import token_counter
+from kb.chunking import Chunk, ChunkConfig
 from kb.errors import KBError
 from kb.loaders import SkipFile, load_document
-from kb.passages import is_passage_collection
+from kb.passages import is_passage_collection, split_passages
 
 from conftest import BUNDLES, git
 
@@ -55,15 +56,19 @@ def test_every_bundle_indexes_with_exact_lines(tiny_kb, corpus):
 
 
 def assert_passages_cover(kb, chunks: dict) -> None:
-    """Every chunk has passages, each a piece of its chunk's text, and no passage outlives its chunk."""
-    passages = kb.index.passages(kb.live()[0]).get(include=["documents", "metadatas"])
-    text_of = dict(zip(chunks["ids"], chunks["documents"]))
-    parents = [m["parent"] for m in passages["metadatas"]]
-    assert set(parents) == set(text_of)
-    heading_of = {i: m["heading"] for i, m in zip(chunks["ids"], chunks["metadatas"])}
-    for parent, text in zip(parents, passages["documents"]):
-        body = text.removeprefix(heading_of[parent] + "\n") if heading_of[parent] else text
-        assert body in text_of[parent]
+    """Every chunk has the passages its text splits into, they keep no text, and no passage outlives its chunk."""
+    live, config = kb.live()
+    passages = kb.index.passages(live).get(include=["documents", "metadatas"])
+    assert set(passages["documents"]) == {None}  # the text is the chunk's (kb/passages.py)
+    stored: dict[str, set[str]] = {}
+    for m in passages["metadatas"]:
+        stored.setdefault(m["parent"], set()).add(m["text_hash"])
+    assert set(stored) == set(chunks["ids"])
+    token_len = token_counter(kb.settings) if config.unit == "tokens" else None
+    for cid, text, m in zip(chunks["ids"], chunks["documents"], chunks["metadatas"]):
+        chunk = Chunk(id=cid, text=text, embed_text="", text_hash="", source=m["source"], path=m["path"], commit="",
+                      line_start=0, line_end=0, heading=m["heading"], chunk_config="", embed_model="", url="")
+        assert stored[cid] == {p.text_hash for p in split_passages([chunk], config, token_len)}
 
 
 @pytest.fixture
