@@ -105,6 +105,11 @@ class Chunk:
     language: str = ""
     bm25_tokens: str = ""  # space-joined BM25 tokens, computed once at sync time
 
+    @property
+    def document(self) -> str:
+        """The text Chroma stores with the record: what a user reads and cites."""
+        return self.text
+
     def metadata(self) -> dict[str, str | int]:
         return {
             "source": self.source,

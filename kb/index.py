@@ -129,15 +129,16 @@ class VectorIndex:
         return found
 
     def upsert(self, coll, chunks: Sequence["Chunk | Passage"], vectors: Sequence[Sequence[float]], progress: Progress = no_progress) -> None:
-        """Write records in the largest batches Chroma takes; a passage stores no text (kb/passages.py)."""
+        """Write records in the largest batches Chroma takes, each with the text it keeps (``document``; a passage none)."""
         size = self.client.get_max_batch_size()
         done = 0
         for i in range(0, len(chunks), size):
             part = chunks[i : i + size]
+            documents = [c.document for c in part]
             coll.upsert(
                 ids=[c.id for c in part],
                 embeddings=[list(v) for v in vectors[i : i + size]],
-                documents=None if isinstance(part[0], Passage) else [c.text for c in part],
+                documents=None if documents[0] is None else documents,
                 metadatas=[c.metadata() for c in part],
             )
             done += len(part)

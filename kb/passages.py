@@ -46,6 +46,7 @@ class Passage:
     embed_text: str
     text_hash: str
     bm25_tokens: str = ""
+    document = None  # Chroma stores no text for a passage (see the module's docstring)
 
     def metadata(self) -> dict[str, str]:
         return {"parent": self.parent, "source": self.source, "path": self.path,
