@@ -16,6 +16,15 @@ from kb.errors import KBError
 from kb.retrieval import Hit, SearchEngine, SearchOptions
 
 REQUIRED = ("id", "question", "repo", "path", "line_start", "line_end")
+# 36 questions over the six shared repos, written apart from the tuning and
+# never tuned on but once (README "Retrieval tuning"): a check that settings
+# tuned on the shared dev set hold on questions they were not fitted to.
+HOLDOUT = Path(__file__).resolve().parent / "questions" / "holdout_questions.jsonl"
+
+
+def shipped_sets(corpus: Path) -> dict[str, Path]:
+    """The question files a user can run without uploading one, by label."""
+    return {"Shared dev set": corpus / "dev_questions.jsonl", "Held-out set": HOLDOUT}
 
 
 def load_questions(path: Path | str, text: str | None = None) -> list[dict]:
@@ -91,6 +100,11 @@ def save_run(home: Path, report: dict, config: dict) -> Path:
     path = folder / f"{stamp}-{report['mode']}-k{report['k']}.json"
     path.write_text(json.dumps({"time": time.time(), "config": config, **report}, ensure_ascii=False, indent=1))
     return path
+
+
+def question_set(run: dict) -> str:
+    """The file name of the questions a saved run measured: runs compare only within one set."""
+    return Path(str((run.get("config") or {}).get("questions") or "unknown")).name
 
 
 def past_runs(home: Path) -> list[dict]:

@@ -9,28 +9,31 @@ import pandas as pd
 import streamlit as st
 
 from core import resources
-from kb.evaluate import evaluate, load_questions, past_runs, save_run
+from kb.evaluate import evaluate, load_questions, past_runs, question_set, save_run, shipped_sets
 from kb.retrieval import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, require_admin, show_error
 
 st.title(":material/analytics: Evaluation")
 s = require_admin()
 kb = kb_or_stop(s)
-SHIPPED = s.corpus / "dev_questions.jsonl"
+SHIPPED = shipped_sets(s.corpus)
+UPLOAD = "Upload a JSONL file"
 
 st.caption("A question is a hit at rank r when the r-th hit comes from the source named in its `repo`, has the same "
            "`path`, and overlaps the gold line range. Each run is saved in KB_HOME/evals with the config it measured.")
-origin = st.radio("Questions", ["Shipped dev set", "Upload a JSONL file"], horizontal=True, key="eval_origin")
+origin = st.radio("Questions", [*SHIPPED, UPLOAD], horizontal=True, key="eval_origin",
+                  help="The shared dev set is what retrieval was tuned on; the held-out set was written apart from it.")
 try:
-    if origin == "Shipped dev set":
-        st.caption(f"`{SHIPPED}`")
-        questions = load_questions(SHIPPED)
+    if origin in SHIPPED:
+        st.caption(f"`{SHIPPED[origin]}`")
+        questions, questions_name = load_questions(SHIPPED[origin]), SHIPPED[origin].name
     else:
         up = st.file_uploader("Question file (JSONL: id, question, repo, path, line_start, line_end)",
                               type=["jsonl", "json", "txt"], key="eval_upload")
         if up is None:
             st.stop()
         questions = load_questions(up.name, text=up.getvalue().decode("utf-8", "replace"))
+        questions_name = up.name
 except expected_errors() as exc:
     show_error(exc)
     st.stop()
@@ -54,7 +57,7 @@ if st.button("Run evaluation", type="primary", disabled=not modes, key="eval_run
             bar.progress(i / len(modes), text=f"Evaluating {mode}…")
             rep = evaluate(engine, questions, SearchOptions(k=k, mode=mode))
             save_run(s.home, rep, {"collection": live, "chunk_config": cfg.label(), "embed_model": kb.embed_model,
-                                   "k": k, "mode": mode, "questions": origin})
+                                   "k": k, "mode": mode, "questions": questions_name})
             reports[mode] = rep
         bar.empty()
     except expected_errors() as exc:
@@ -106,8 +109,12 @@ if reports:
 
 st.subheader("Past runs")
 runs = past_runs(s.home)
+sets = sorted({question_set(r) for r in runs} | {questions_name})
+shown = st.selectbox("Question set", sets, index=sets.index(questions_name), key=f"eval_past_set:{questions_name}",
+                     help="Scores compare only within one question set.")
+runs = [r for r in runs if question_set(r) == shown]
 if not runs:
-    st.caption("No saved runs yet.")
+    st.caption("No saved runs on this question set yet.")
 else:
     past = pd.DataFrame(
         [
@@ -124,7 +131,7 @@ else:
         .encode(x=alt.X("time:T", title=None), y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), title=None),
                 color=alt.Color("mode:N", sort=list(MODES)), strokeDash="metric:N",
                 tooltip=["time", "mode", "metric", "value"])
-        .properties(height=220, title="Past runs over time")
+        .properties(height=220, title=f"Past runs on {shown} over time")
     )
     st.altair_chart(over_time, width="stretch")
     st.dataframe(past, hide_index=True, width="stretch")

@@ -466,6 +466,14 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     assert (per_q[per_q["id"].str.startswith("dev-lmdeploy")]["gold passage"] == "").all()  # not indexed here
     past = frame_with(at, "chunking")
     assert len(past) >= 2
+    # the held-out set runs too, and past runs are shown per question set
+    at.radio(key="eval_origin").set_value("Held-out set").run()
+    at.multiselect(key="eval_modes").set_value(["bm25"])
+    at.button(key="eval_run").click().run(timeout=180)
+    ok(at)
+    assert list(frame_with(at, "mrr")["n"]) == [36]
+    assert at.selectbox(key="eval_past_set:holdout_questions.jsonl").value == "holdout_questions.jsonl"
+    assert len(frame_with(at, "chunking")) == 1
 
 
 def test_embedding_cache_key_follows_every_embedding_setting(tmp_path):

@@ -120,3 +120,21 @@ def test_passages_find_chunks_and_a_collection_without_them_still_searches(tiny_
     for mode in ("dense", "bm25", "hybrid"):
         hits = engine.search("ActionExecutor", SearchOptions(k=5, mode=mode))
         assert len(hits) == 5 and all(set(h.found_by) <= {"dense", "bm25"} for h in hits)
+
+
+
+def test_held_out_questions_point_at_real_lines(corpus, tmp_path):
+    """Each held-out question names a file of its bundle and a line range inside it, so a miss is the retriever's."""
+    from kb.evaluate import HOLDOUT, load_questions, shipped_sets
+
+    from conftest import BUNDLES, git
+
+    questions = load_questions(HOLDOUT)
+    assert HOLDOUT in shipped_sets(corpus).values()
+    assert len({q["id"] for q in questions}) == len(questions) == 36
+    assert {q["repo"] for q in questions} == set(BUNDLES)
+    for repo in BUNDLES:
+        git("clone", "-q", "--bare", str(corpus / f"{repo}.bundle"), str(tmp_path / repo))
+    for q in questions:
+        lines = git("--git-dir", str(tmp_path / q["repo"]), "show", f"HEAD:{q['path']}").split("\n")
+        assert 1 <= q["line_start"] <= q["line_end"] <= len(lines), q["id"]
