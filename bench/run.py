@@ -319,9 +319,9 @@ def _rss_mb() -> float:
 def bench_search(big: int) -> dict:
     from kb.retrieval import SearchEngine
 
-    from kb.evaluate import load_questions
+    from kb.evaluate import HOLDOUT, load_questions
 
-    queries = [q["question"] for q in load_questions(QUESTIONS)]
+    queries = [q["question"] for path in (QUESTIONS, HOLDOUT) for q in load_questions(path)]  # 60 queries
     kb = ours_kb(WORK / "ours")
     engine = SearchEngine(kb)
     result = {"corpus": {"chunks": kb.stats()["chunks"], **_latencies(engine, queries, 5), "rss_mb": _rss_mb()}}
