@@ -235,9 +235,9 @@ def _plot_ingest(r: dict) -> None:
               label="held-out set")
     b.set_xticks(x, modes)
     b.axhline(0.9, color="red", ls="--", label="target 0.9")
-    b.set_ylim(0, 1)
+    b.set_ylim(0, 1.15)
     b.set_title("Our retrieval hit@5")
-    b.legend()
+    b.legend(loc="upper center", ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "ingest.png", dpi=110)
 

@@ -12,9 +12,10 @@ README "Retrieval tuning": dense hit@5 0.54 over chunks, 0.83 over passages.
 
 A passage record keeps its vector, its BM25 words and its parent, but not its
 text: that is a slice of its chunk's, which is what a user reads, and Chroma
-indexes every stored text for full-text search, which nothing here uses and
-which cannot be turned off in the embedded client. Writing the passages'
-text cost 15 s of a 125 s ingest of the six repos.
+indexes every stored text for full-text search by default, which nothing
+here uses. Writing the passages' text cost 15 s of a 125 s ingest of the six
+repos. (A collection ``Schema`` without that index saves less: README
+"Benchmarks".)
 """
 
 from __future__ import annotations
