@@ -30,7 +30,31 @@ def show_error(exc: BaseException) -> None:
     st.error(str(exc) or type(exc).__name__, icon=":material/error:")
 
 
+def through_navigation() -> None:
+    """Run this page inside Home.py's ``st.navigation``, never alone.
+
+    Streamlit treats a ``pages/`` folder as its first multipage API until the
+    entry point has called ``st.navigation`` once in the process. So after a
+    restart, a bookmarked page opened before anyone loads Home ran alone, with
+    a sidebar listing every file in ``pages/`` (``_common.py`` too). Clearing
+    that flag and rerunning sends the same URL through Home.py, which resolves
+    it to this page with the real navigation. Streamlit offers no public
+    switch for this (see its PR #10276); the flag is the one its
+    ``st.navigation`` clears itself. Only a session's first run is checked:
+    a page load carries no widget events that the rerun could drop.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if st.session_state.get("_through_navigation"):
+        return
+    st.session_state["_through_navigation"] = True
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def settings_or_stop() -> Settings:
+    through_navigation()
     try:
         return resources.settings()
     except ValueError as exc:  # a bad KB_* value or an unreadable secrets.toml
