@@ -1,8 +1,9 @@
 """Answers with sources: an LCEL chain of rewrite → retrieve → prompt → stream.
 
-The prompt is the original tutorial's (Chinese: answer only from the context,
-say you don't know rather than invent), with the context numbered so the model
-can cite ``[n]``; each marker maps back to a hit with path, lines and commit.
+The prompt keeps the original tutorial's rules (Chinese: answer only from the
+context, say you don't know rather than invent), with the context numbered so
+the model can cite ``[n]``; each marker maps back to a hit with path, lines
+and commit.
 When nothing passes the threshold the chain answers so plainly and the model
 is never asked, so it can't invent.
 """
@@ -23,14 +24,22 @@ from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, R
 from core.llm import reset_chat_model
 from kb.retrieval import Hit, SearchEngine, SearchOptions
 
-SYSTEM_RAG = "你是一个严谨的技术文档助手。只根据给出的资料回答问题，并用 [n] 标注引用的资料编号。"
-RAG_TEMPLATE = """使用以下编号的资料来回答最后的问题。如果资料中没有答案，就说你不知道，不要试图编造答案。尽量使答案简明扼要。\
-每个论断后用 [n] 标出所依据的资料编号，例如 [1] 或 [2]。
+SYSTEM_RAG = "你是一个严谨的技术文档助手。只根据给出的资料回答问题；资料里没有答案时，就说你不知道，不要编造。"
+# The rules come after the context, with a worked example of a marker: given
+# the tutorial's wording (rules first, "用 [n] 标注") the default 1.5B model
+# answered 3 of 6 test questions with a bare "[1]" or "[n]" and nothing else
+# (README "Answers").
+RAG_TEMPLATE = """资料：
 
 {context}
 
-问题: {question}
-有用的回答:"""
+问题：{question}
+
+要求：
+1. 只根据上面的资料回答；资料里没有答案，就说不知道，不要编造。
+2. 先直接回答问题，一到三句话。问题是英文就用英文回答（If the question is in English, answer in English）。
+3. 每句话末尾用方括号标出所依据的资料编号，例如：XTuner 支持 QLoRA 微调 [1]。
+回答："""
 CONDENSE_TEMPLATE = """根据下面的对话历史，把后续问题改写成一个不依赖历史、可以单独理解的问题。只输出改写后的问题，不要回答它。
 
 对话历史:
