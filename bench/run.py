@@ -50,11 +50,12 @@ def ours_kb(home: Path):
     return KnowledgeBase(load_settings(env={**os.environ, "KB_HOME": str(home)}))
 
 
-def eval_modes(kb, k: int = 5, questions: Path = QUESTIONS) -> dict:
+def eval_modes(engine, questions: Path, k: int = 5) -> dict:
+    """hit@1, hit@k, MRR and misses per mode; one engine for every set, so its BM25 matrices are built once."""
     from kb.evaluate import evaluate, load_questions
-    from kb.retrieval import SearchEngine, SearchOptions
+    from kb.retrieval import SearchOptions
 
-    engine, qs = SearchEngine(kb), load_questions(questions)
+    qs = load_questions(questions)
     out = {}
     for mode in ("dense", "bm25", "hybrid"):
         r = evaluate(engine, qs, SearchOptions(k=k, mode=mode))
@@ -144,6 +145,8 @@ def _bare_encode(embeddings):
 
 def bench_ingest(skip_tutorial: bool, repeats: int = 2) -> dict:
     from kb.bm25 import tokenize
+    from kb.evaluate import HOLDOUT
+    from kb.retrieval import SearchEngine
 
     home = WORK / "ours"
     shutil.rmtree(home, ignore_errors=True)
@@ -196,10 +199,9 @@ def bench_ingest(skip_tutorial: bool, repeats: int = 2) -> dict:
     # against the model's own encode() (the target), and against our embedder alone (the pipeline's overhead)
     ours["throughput_vs_bare_encode"] = round(bare_med / sync_s, 3)
     ours["throughput_vs_embedder"] = round(alone_med / sync_s, 3)
-    ours["retrieval"] = eval_modes(kb)
-    from kb.evaluate import HOLDOUT
-
-    ours["retrieval_holdout"] = eval_modes(kb, questions=HOLDOUT)
+    engine = SearchEngine(kb)
+    ours["retrieval"] = eval_modes(engine, QUESTIONS)
+    ours["retrieval_holdout"] = eval_modes(engine, HOLDOUT)
     result = {"ours": ours}
     if not skip_tutorial:
         tut = tutorial_pipeline(WORK)
@@ -442,7 +444,7 @@ def bench_answer(max_tokens: int = 256) -> dict:
     is the prefill, which ``prefill_tokens_per_s`` reports from the prompt's length.
     """
     from core.llm import build_chat_model
-    from kb.answer import RAG_PROMPT, Answer, Answerer, format_context
+    from kb.answer import RAG_PROMPT, Answer, Answerer, rag_inputs
     from kb.retrieval import SearchEngine, SearchOptions
 
     kb = ours_kb(WORK / "ours")
@@ -460,7 +462,7 @@ def bench_answer(max_tokens: int = 256) -> dict:
             n += 1
             first = first or time.perf_counter()
         end = time.perf_counter()
-        prompt = "\n".join(m.content for m in RAG_PROMPT.format_messages(context=format_context(res.sources), question=q))
+        prompt = "\n".join(m.content for m in RAG_PROMPT.format_messages(**rag_inputs(res.sources, q)))
         tokens = count(res.answer) if count else n
         run = {"question": q, "ttft_s": round(res.first_token_seconds or 0, 2), "total_s": round(end - t0, 2),
                "prompt_tokens": count(prompt) if count else None, "tokens": tokens,

@@ -88,6 +88,11 @@ def format_context(hits: list[Hit]) -> str:
     )
 
 
+def rag_inputs(hits: list[Hit], question: str) -> dict[str, str]:
+    """What ``RAG_PROMPT`` is filled with; the chain and the answer benchmark share it."""
+    return {"context": format_context(hits), "question": question}
+
+
 def format_history(history: list[BaseMessage]) -> str:
     return "\n".join(f"{'用户' if isinstance(m, HumanMessage) else '助手'}: {m.content}" for m in history[-6:])
 
@@ -126,7 +131,7 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     retrieve = RunnableLambda(lambda x: engine.search(x["standalone"] or x["question"], options))
     generate = RunnableBranch(
         (lambda x: not x["hits"], RunnableLambda(lambda x: NO_HITS)),
-        RunnableLambda(lambda x: {"context": format_context(x["hits"]), "question": x["question"]})
+        RunnableLambda(lambda x: rag_inputs(x["hits"], x["question"]))
         | RAG_PROMPT | llm | StrOutputParser(),
     )
     return (

@@ -54,6 +54,7 @@ def through_navigation() -> None:
 
 
 def settings_or_stop() -> Settings:
+    """Every page's first call (``require_admin`` makes it too), so it also routes the page (``through_navigation``)."""
     through_navigation()
     try:
         return resources.settings()

@@ -122,7 +122,6 @@ def test_passages_find_chunks_and_a_collection_without_them_still_searches(tiny_
         assert len(hits) == 5 and all(set(h.found_by) <= {"dense", "bm25"} for h in hits)
 
 
-
 def test_held_out_questions_point_at_real_lines(corpus, tmp_path):
     """Each held-out question names a file of its bundle and a line range inside it, so a miss is the retriever's."""
     from kb.evaluate import HOLDOUT, load_questions, shipped_sets
