@@ -6,16 +6,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import resources
+from pages import _resources as resources
 
 st.set_page_config(page_title="KB dashboard", page_icon="📚", layout="wide")
 
 
 def home() -> None:
     from core import auth
-    from core.embeddings import max_tokens
+    from core.errors import UserError
     from core.llm import describe_llm
-    from kb.chunking import ChunkConfig
     from pages._common import kb_or_stop, settings_or_stop, when
 
     st.title(":material/hub: Knowledge base")
@@ -23,8 +22,7 @@ def home() -> None:
     kb = kb_or_stop(s)
     stats = kb.stats()
     live_name, live_cfg = kb.live()
-    rows = kb.sources()
-    docs = kb.manifest.documents()
+    rows = kb.source_overview()
 
     c1, c2, c3, c4 = st.columns(4)
     c1.metric("Sources", stats["sources"], border=True)
@@ -34,9 +32,9 @@ def home() -> None:
 
     loaded = resources.loaded(s)
     try:
-        n = max_tokens(s)
+        n = kb.model_window()
         window = f"{n}-token window" if n else "no token window"
-    except ValueError as exc:
+    except UserError as exc:
         window = f"({exc})"
     m1, m2, m3 = st.columns(3)
     with m1.container(border=True):
@@ -63,22 +61,15 @@ def home() -> None:
     if not rows:
         st.info("No sources yet. Add one on the **Sources** page, or run `python -m kb add NAME URL_OR_PATH`.")
     else:
-        per: dict[str, dict[str, int]] = {}
-        for d in docs:
-            n = per.setdefault(d.source, {"documents": 0, "skipped": 0, "chunks": 0})
-            n["documents" if d.status == "indexed" else "skipped"] += 1
-            n["chunks"] += d.chunks
         st.dataframe(
             [
                 {
-                    "source": r.name,
-                    "indexed commit": (r.indexed_commit or "")[:12] or "not synced",
-                    "last sync": when(r.last_synced),
-                    "documents": per.get(r.name, {}).get("documents", 0),
-                    "chunks": per.get(r.name, {}).get("chunks", 0),
-                    "skipped": per.get(r.name, {}).get("skipped", 0),
-                    "in live collection": bool(r.indexed_commit) and r.indexed_collection == live_name,
-                    "kind": r.kind, "branch": r.branch, "url": r.url,
+                    "source": r["name"],
+                    "indexed commit": (r["indexed_commit"] or "")[:12] or "not synced",
+                    "last sync": when(r["last_synced"]),
+                    "documents": r["documents"], "chunks": r["chunks"], "skipped": r["skipped"],
+                    "in live collection": r["in_live_collection"],
+                    "kind": r["kind"], "branch": r["branch"], "url": r["url"],
                 }
                 for r in rows
             ],
@@ -87,32 +78,13 @@ def home() -> None:
         )
 
     st.subheader("Stale")
-    stale = False
-    for r in rows:
-        if not r.indexed_commit:
-            stale = True
-            st.warning(f"Source **{r.name}** has never been synced: it has no chunks yet. Sync it on the Sources page.")
-        elif r.indexed_collection != live_name:
-            stale = True
-            st.warning(f"Source **{r.name}** was indexed into `{r.indexed_collection}`, not the live collection: "
-                       "its chunks were built with another chunk config or model. Sync it to rebuild it in the live one.")
-    for name, c in sorted(kb.manifest.collection_rows().items()):
-        if name == live_name:
-            continue
-        stale = True
-        try:
-            cfg = ChunkConfig.from_json(c["chunk_config"]).label()
-        except Exception as exc:  # an older config format: show it rather than fail
-            cfg = f"unreadable config ({exc})"
-        diff = []
-        if cfg != live_cfg.label():
-            diff.append(f"chunking {cfg} (live: {live_cfg.label()})")
-        if c["embed_model"] != kb.embed_model:
-            diff.append(f"model {c['embed_model']} (live: {kb.embed_model})")
-        st.info(f"Collection `{name}` is not live ({c['status']}): "
-                + ("; ".join(diff) or "same settings as the live one")
-                + ". Inspect, switch to or delete it on the Collections page.")
-    if not stale:
+    problems = kb.health()
+    for p in problems:
+        if p["kind"] == "not_live":
+            st.info(f"{p['message']} Inspect, switch to or delete it on the Collections page.")
+        else:
+            st.warning(f"{p['message']} Sync it on the Sources page.")
+    if not problems:
         st.success("Nothing stale: every source is indexed in the live collection, with its chunk config and model.")
 
 

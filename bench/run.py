@@ -53,7 +53,7 @@ def ours_kb(home: Path):
 def eval_modes(engine, questions: Path, k: int = 5) -> dict:
     """hit@1, hit@k, MRR and misses per mode; one engine for every set, so its BM25 matrices are built once."""
     from kb.evaluate import evaluate, load_questions
-    from kb.retrieval import SearchOptions
+    from kb.search.hits import SearchOptions
 
     qs = load_questions(questions)
     out = {}
@@ -144,9 +144,9 @@ def _bare_encode(embeddings):
 
 
 def bench_ingest(skip_tutorial: bool, repeats: int = 2) -> dict:
-    from kb.bm25 import tokenize
+    from kb.words import tokenize
     from kb.evaluate import HOLDOUT
-    from kb.retrieval import SearchEngine
+    from kb.search.engine import SearchEngine
 
     home = WORK / "ours"
     shutil.rmtree(home, ignore_errors=True)
@@ -297,7 +297,7 @@ def bench_sync() -> dict:
 
 # ---------------------------------------------------------------- search latency
 def _latencies(engine, queries: list[str], reps: int) -> dict:
-    from kb.retrieval import SearchOptions
+    from kb.search.hits import SearchOptions
 
     out = {}
     for mode in ("dense", "bm25", "hybrid"):
@@ -319,7 +319,7 @@ def _rss_mb() -> float:
 
 
 def bench_search(big: int) -> dict:
-    from kb.retrieval import SearchEngine
+    from kb.search.engine import SearchEngine
 
     from kb.evaluate import HOLDOUT, load_questions
 
@@ -344,8 +344,8 @@ def _synthetic(src_kb, queries: list[str], total: int) -> dict:
     """
     import numpy as np
 
-    from kb.passages import passage_collection
-    from kb.retrieval import SearchEngine
+    from kb.store.index import passage_collection
+    from kb.search.engine import SearchEngine
 
     home = WORK / "big"
     shutil.rmtree(home, ignore_errors=True)
@@ -353,14 +353,14 @@ def _synthetic(src_kb, queries: list[str], total: int) -> dict:
     live, config = kb.live()
     src_live = src_kb.live()[0]
     src = src_kb.index.get(src_live).get(include=["documents", "metadatas", "embeddings"])
-    coll = kb.index.create(live, config, kb.embed_model)
+    coll = kb.index.create(live, config.to_json(), kb.embed_model)
     src_p = src_kb.index.passages(src_live)
     passages_of: dict[str, list[int]] = {}
     psrc = src_p.get(include=["metadatas", "embeddings"]) if src_p is not None else None
     if psrc is not None:
         for j, m in enumerate(psrc["metadatas"]):
             passages_of.setdefault(m["parent"], []).append(j)
-    pcoll = kb.index.create(passage_collection(live), config, kb.embed_model) if psrc is not None else None
+    pcoll = kb.index.create(passage_collection(live), config.to_json(), kb.embed_model) if psrc is not None else None
     rng = np.random.default_rng(0)
     n_real, dim = len(src["ids"]), len(src["embeddings"][0])
     batch = kb.index.client.get_max_batch_size()
@@ -444,8 +444,10 @@ def bench_answer(max_tokens: int = 256) -> dict:
     is the prefill, which ``prefill_tokens_per_s`` reports from the prompt's length.
     """
     from core.llm import build_chat_model
-    from kb.answer import RAG_PROMPT, Answer, Answerer, rag_inputs
-    from kb.retrieval import SearchEngine, SearchOptions
+    from kb.answer.chain import Answer, Answerer
+    from kb.answer.prompts import RAG_PROMPT, rag_inputs
+    from kb.search.engine import SearchEngine
+    from kb.search.hits import SearchOptions
 
     kb = ours_kb(WORK / "ours")
     llm = build_chat_model(kb.settings.with_(llm_max_tokens=max_tokens, llm_temperature=0.0))

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from langchain_core.embeddings import Embeddings
 
+from core.errors import UserError
 from core.settings import Settings
 
 DEFAULT_EMBED_NAME = "all-MiniLM-L6-v2"
 
 
-class EmbeddingConfigError(ValueError):
+class EmbeddingConfigError(UserError):
     """The configured embedding model can't be found or loaded."""
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from core.errors import UserError
+
 GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 PART_COUNT = 22
@@ -31,7 +33,7 @@ PART_VERSION = "0.2.0"
 _CHUNK = 8 * 1024 * 1024
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError):
     """The packaged model can't be assembled; the message says what to install."""
 
 

@@ -41,13 +41,14 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from core.errors import UserError
 from core.gguf import GGUF_NAME, GGUFError, ensure_gguf
 from core.settings import Settings
 
 BACKENDS = ("llamacpp", "transformers", "openai")
 
 
-class LLMError(ValueError):
+class LLMError(UserError):
     """Bad LLM configuration or a model that can't be loaded; the message is for humans."""
 
 

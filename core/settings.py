@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from core.errors import SettingsError
+
 # Everything here must work offline: no library may try to reach a hub or
 # phone home. Set before any of them is imported.
 for _var, _val in {
@@ -116,7 +118,7 @@ def _secrets(path: Path) -> dict[str, object]:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+        raise SettingsError(f"cannot read {path}: {exc}") from exc
 
 
 def _coerce(raw: object, default: object, name: str) -> object:
@@ -132,7 +134,7 @@ def _coerce(raw: object, default: object, name: str) -> object:
         if isinstance(default, float):
             return float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"KB_{name.upper()}={raw!r} is not a valid {type(default).__name__}") from exc
+        raise SettingsError(f"KB_{name.upper()}={raw!r} is not a valid {type(default).__name__}") from exc
     return str(raw)
 
 

@@ -1,8 +1,9 @@
 """``python -m kb``: the command-line contract of DESIGN §6.
 
 Every command takes ``--json`` and then prints exactly one JSON object on
-stdout. Messages and progress go to stderr. Expected failures (KBError) exit
-with status 1 and a one-line message, never a traceback.
+stdout. Messages and progress go to stderr. Expected failures (the
+:class:`core.errors.UserError` family) exit with status 1 and a one-line
+message, never a traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from core.errors import UserError
+from core.settings import split_list
 from kb.errors import KBError
 
 Handler = Callable[[argparse.Namespace], dict]
@@ -45,7 +48,7 @@ def cmd_add(args: argparse.Namespace) -> dict:
             return {"sources": results}
         if not args.name or not args.url:
             raise KBError("usage: kb add NAME URL_OR_PATH [--branch B]  (or kb add --defaults)")
-        exts = tuple(e.strip().lstrip(".").lower() for e in args.extensions.split(",")) if args.extensions else None
+        exts = split_list(args.extensions) or None if args.extensions else None
         row = kb.add_source(args.name, args.url, args.branch, args.web_url, exts, progress)
     finally:
         progress.close()
@@ -136,18 +139,9 @@ def cmd_stats(args: argparse.Namespace) -> dict:
 
 
 def cmd_rechunk(args: argparse.Namespace) -> dict:
-    from kb.chunking import ChunkConfig
-
     kb = _kb(args)
-    live = kb.live_config()
-    config = ChunkConfig(
-        splitter=args.splitter or live.splitter,
-        size=args.chunk_size,
-        overlap=args.chunk_overlap,
-        unit=args.unit or live.unit,
-        heading_prefix=live.heading_prefix if args.heading_prefix is None else args.heading_prefix,
-        passage_size=kb.settings.passage_size if args.passage_size is None else args.passage_size,
-    )
+    config = kb.rechunk_config(splitter=args.splitter, size=args.chunk_size, overlap=args.chunk_overlap,
+                               unit=args.unit, heading_prefix=args.heading_prefix, passage_size=args.passage_size)
     progress = _progress(args)
     try:
         out = kb.rechunk(config, progress)
@@ -174,7 +168,8 @@ def cmd_drop(args: argparse.Namespace) -> dict:
 
 
 def cmd_search(args: argparse.Namespace) -> dict:
-    from kb.retrieval import SCORE_NOTES, SearchEngine
+    from kb.search.engine import SearchEngine
+    from kb.search.hits import SCORE_NOTES
 
     kb = _kb(args)
     opts = _options(args, kb, mmr=args.mmr)
@@ -195,16 +190,13 @@ def cmd_search(args: argparse.Namespace) -> dict:
 
 def cmd_ask(args: argparse.Namespace) -> dict:
     from core.llm import build_chat_model
-    from kb.answer import Answer, Answerer
-    from kb.retrieval import SearchEngine
+    from kb.answer.chain import Answer, Answerer
+    from kb.search.engine import SearchEngine
 
     kb = _kb(args)
     engine = None if args.no_rag else SearchEngine(kb)
     opts = _options(args, kb)
-    try:
-        llm = build_chat_model(kb.settings)
-    except ValueError as exc:  # LLMError / GGUFError: bad configuration, missing parts
-        raise KBError(str(exc)) from None
+    llm = build_chat_model(kb.settings)  # LLMError / GGUFError for bad configuration or missing parts
     result = Answer(question=args.question, answer="")
     for piece in Answerer(llm, engine, opts).stream(args.question, rag=not args.no_rag, result=result):
         if not args.json:
@@ -221,26 +213,25 @@ def cmd_ask(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    from kb.evaluate import evaluate, load_questions, save_run
-    from kb.retrieval import SearchEngine
+    from kb.evaluate import load_questions
+    from kb.search.engine import SearchEngine
 
     questions = load_questions(args.questions)
     kb = _kb(args)
-    live, config = kb.live()
-    report = evaluate(SearchEngine(kb), questions, _options(args, kb))
-    save_run(kb.settings.home, report, {"collection": live, "chunk_config": config.label(),
-                                         "embed_model": kb.embed_model, "questions": str(args.questions)})
+    report = kb.run_and_save_evaluation(SearchEngine(kb), questions, _options(args, kb), str(args.questions))
     if not args.json:
         for r in report["results"]:
             print(f"{r['id']:24} {('rank ' + str(r['rank'])) if r['rank'] else 'MISS':8} {r['question'][:60]}")
         print(f"\nn={report['n']} mode={report['mode']} k={report['k']}  hit@1={report['hit@1']:.3f}  "
               f"hit@{report['k']}={report['hit@k']:.3f}  mrr={report['mrr']:.3f}")
+        for cat, c in report["by_category"].items():
+            print(f"  {cat:14} n={c['n']:<3} hit@1={c['hit@1']:.3f}  hit@{report['k']}={c['hit@k']:.3f}  mrr={c['mrr']:.3f}")
     return report
 
 
 def _options(args: argparse.Namespace, kb, **extra):
     """Search options from the flags, falling back to KB_TOP_K and KB_RETRIEVAL_MODE."""
-    from kb.retrieval import SearchOptions
+    from kb.search.hits import SearchOptions
 
     return SearchOptions(k=args.k or kb.settings.top_k, mode=args.mode or kb.settings.retrieval_mode, threshold=getattr(args, "threshold", None),
                          source=getattr(args, "source", None), path_prefix=getattr(args, "path_prefix", None), **extra)
@@ -325,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = args.func(args)
-    except KBError as exc:
+    except UserError as exc:
         if args.json:
             print(json.dumps({"error": str(exc)}, ensure_ascii=False))
         print(f"error: {exc}", file=sys.stderr)

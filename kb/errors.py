@@ -1,9 +1,12 @@
-"""The one exception type for expected bad input and unreachable resources.
+"""Knowledge-base errors: the :class:`core.errors.UserError` family, raised by ``kb/``.
 
-The CLI prints its message without a traceback and the pages show it as an
-error box; anything else that escapes is a bug and keeps its traceback.
+The CLI prints the message without a traceback and the pages show it as an
+error box; anything that is not a ``UserError`` is a bug and keeps its
+traceback.
 """
 
+from core.errors import UserError
 
-class KBError(Exception):
-    """An expected failure with a message meant for a person."""
+
+class KBError(UserError):
+    """An expected knowledge-base failure: bad input, a missing source or collection, an unreachable server."""

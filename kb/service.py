@@ -2,12 +2,15 @@
 
 It wires settings to the manifest, the Chroma index and the embedding model
 (loaded lazily, and injectable so tests can count embedding calls), and
-exposes the operations a person performs: add, sync, upload, re-chunk,
-inspect.
+exposes the operations a person performs (add, sync, upload, re-chunk) and
+the read models the pages show (:meth:`KnowledgeBase.source_overview`,
+:meth:`~KnowledgeBase.health`, :meth:`~KnowledgeBase.records`, ...), as plain
+data: no page touches the manifest, the Chroma client or raw records.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -16,14 +19,22 @@ from langchain_core.embeddings import Embeddings
 
 from core import embeddings as emb
 from core.settings import Settings, load_settings
-from kb import sources
-from kb.chunking import ChunkConfig
 from kb.errors import KBError
-from kb.index import VectorIndex, collection_name
-from kb.loaders import LoadedDocument, SkipFile, load_document
-from kb.manifest import Manifest, SourceRow, write_lock
+from kb.ingest import sources
+from kb.ingest.chunking import ChunkConfig
+from kb.ingest.loaders import LoadedDocument, SkipFile, load_document
+from kb.ingest.sync import SyncContext, SyncReport, read_blob, sync_source
 from kb.progress import Progress, no_progress
-from kb.sync import SyncContext, SyncReport, read_blob, sync_source
+from kb.store.index import VectorIndex, collection_name
+from kb.store.manifest import DocumentRow, Manifest, SourceRow, write_lock
+
+
+def config_label(raw: str) -> str:
+    """A stored chunk config as a person reads it; an unknown or older format as stored."""
+    try:
+        return ChunkConfig.from_json(raw).label()
+    except (ValueError, TypeError, KBError):  # not JSON, unknown fields, or values out of range
+        return raw or "?"
 
 
 class KnowledgeBase:
@@ -93,7 +104,7 @@ class KnowledgeBase:
                 )
             return name, ChunkConfig.from_json(row["chunk_config"])
         config = self.default_config()
-        name = collection_name(config, emb.model_slug(self.settings))
+        name = collection_name(config.hash, emb.model_slug(self.settings))
         self.manifest.put_collection(name, config.to_json(), self.embed_model, "ready")
         with self.manifest.transaction() as con:
             self.manifest.set_meta(con, "live_collection", name)
@@ -216,6 +227,7 @@ class KnowledgeBase:
             info = self.index.describe(name)
             info["live"] = name == live
             info["status"] = rows.get(name, {}).get("status", "unknown")
+            info["chunk_config_label"] = config_label(info["chunk_config"])
             out.append(info)
         return out
 
@@ -240,9 +252,29 @@ class KnowledgeBase:
         with write_lock(self.settings.home), self.manifest.transaction() as con:
             self.manifest.set_meta(con, "live_collection", name)
 
+    def rechunk_config(self, *, splitter: str | None = None, size: int | None = None, overlap: int | None = None,
+                       unit: str | None = None, heading_prefix: bool | None = None,
+                       passage_size: int | None = None) -> ChunkConfig:
+        """The one rule for a re-chunk's config, shared by the CLI and the Documents page.
+
+        What is not given comes from the live collection; the passage size
+        defaults to ``KB_PASSAGE_SIZE``, clamped to the chunk size (a
+        passage can't be longer than its chunk: ``--chunk-size 100`` works).
+        """
+        live = self.live_config()
+        size = live.size if size is None else int(size)
+        if passage_size is None:
+            passage_size = min(self.settings.passage_size, size)
+        return ChunkConfig(
+            splitter=splitter or live.splitter, size=size,
+            overlap=live.overlap if overlap is None else int(overlap), unit=unit or live.unit,
+            heading_prefix=live.heading_prefix if heading_prefix is None else heading_prefix,
+            passage_size=int(passage_size),
+        )
+
     def rechunk(self, config: ChunkConfig, progress: Progress = no_progress) -> dict:
         """Build a collection with ``config`` beside the live one; switch only when complete."""
-        name = collection_name(config, emb.model_slug(self.settings))
+        name = collection_name(config.hash, emb.model_slug(self.settings))
         live = self.manifest.live_collection  # by name: it may be another model's, which is what a rebuild fixes
         if name == live:
             raise KBError(f"{name} with these settings is already the live collection")
@@ -251,7 +283,7 @@ class KnowledgeBase:
             if self.index.exists(name):
                 self.index.drop(name)  # a leftover, maybe half-built: start clean
             self.manifest.put_collection(name, config.to_json(), self.embed_model, "building")
-            self.index.create(name, config, self.embed_model)
+            self.index.create(name, config.to_json(), self.embed_model)
             reports = []
             for src in self.manifest.sources():
                 if src.indexed_commit:
@@ -272,7 +304,100 @@ class KnowledgeBase:
             "seconds": round(time.perf_counter() - t0, 2),
         }
 
-    # reading
+    # read models for the pages and the CLI
+    def source(self, name: str) -> SourceRow:
+        return self.manifest.source(name)
+
+    def documents(self, source: str | None = None, status: str | None = None, path_contains: str = "") -> list[DocumentRow]:
+        """Documents of one source (or all), optionally only ``indexed``/``skipped`` ones, or paths containing a text."""
+        docs = self.manifest.documents(source)
+        if status:
+            docs = [d for d in docs if d.status == status]
+        needle = path_contains.strip().lower()
+        return [d for d in docs if needle in d.path.lower()] if needle else docs
+
+    def source_overview(self) -> list[dict]:
+        """One row per source: where it is, what is indexed of it, and whether it is in the live collection."""
+        live = self.manifest.live_collection
+        per: dict[str, dict[str, int]] = {}
+        for d in self.manifest.documents():
+            n = per.setdefault(d.source, {"documents": 0, "skipped": 0, "chunks": 0})
+            n["documents" if d.status == "indexed" else "skipped"] += 1
+            n["chunks"] += d.chunks
+        return [
+            {**r.as_dict(), **per.get(r.name, {"documents": 0, "skipped": 0, "chunks": 0}),
+             "in_live_collection": bool(r.indexed_commit) and r.indexed_collection == live}
+            for r in self.manifest.sources()
+        ]
+
+    def health(self) -> list[dict]:
+        """What is stale: sources never synced or indexed elsewhere, and collections that are not live.
+
+        Each problem: ``kind``, ``subject`` (a source or collection name) and
+        a ``message`` for a person; an empty list means nothing is stale.
+        """
+        live_name, live_cfg = self.live()
+        problems = []
+        for r in self.manifest.sources():
+            if not r.indexed_commit:
+                problems.append({"kind": "never_synced", "subject": r.name,
+                                 "message": f"Source {r.name} has never been synced: it has no chunks yet."})
+            elif r.indexed_collection != live_name:
+                problems.append({"kind": "other_collection", "subject": r.name,
+                                 "message": f"Source {r.name} was indexed into {r.indexed_collection}, not the live "
+                                            "collection: its chunks were built with another chunk config or model."})
+        for name, c in sorted(self.manifest.collection_rows().items()):
+            if name == live_name:
+                continue
+            cfg = config_label(c["chunk_config"])
+            diff = []
+            if cfg != live_cfg.label():
+                diff.append(f"chunking {cfg} (live: {live_cfg.label()})")
+            if c["embed_model"] != self.embed_model:
+                diff.append(f"model {c['embed_model']} (live: {self.embed_model})")
+            problems.append({"kind": "not_live", "subject": name,
+                             "message": f"Collection {name} is not live ({c['status']}): "
+                                        + ("; ".join(diff) or "same settings as the live one") + "."})
+        return problems
+
+    def model_window(self) -> int | None:
+        """The embedding model's token window (None: it has none, nothing is cut)."""
+        return emb.max_tokens(self.settings)
+
+    def records(self, collection: str, source: str | None = None, path: str = "", page: int = 1,
+                size: int = 50) -> dict:
+        """One page of a collection's records, filtered by source and by a path (exact, or a prefix ending in /)."""
+        coll = self.index.get(collection)
+        path = path.strip()
+        prefix = path.endswith("/")
+        where = self.where(source, path_prefix=path if prefix else None, path=path if path and not prefix else None)
+        total = len(coll.get(where=where, include=[])["ids"]) if where else coll.count()
+        pages = max(1, math.ceil(total / size))
+        page = min(max(1, int(page)), pages)
+        got = coll.get(where=where, limit=int(size), offset=(page - 1) * int(size), include=["documents", "metadatas"])
+        rows = [{"id": i, "text": d or "", **m} for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])]
+        return {"total": total, "pages": pages, "page": page, "where": where, "rows": rows}
+
+    def record(self, collection: str, record_id: str) -> dict | None:
+        """One record with its text, metadata and a summary of its vector; None when no such id."""
+        got = self.index.get(collection).get(ids=[record_id.strip()], include=["documents", "metadatas", "embeddings"])
+        if not got["ids"]:
+            return None
+        vec = [float(x) for x in got["embeddings"][0]]
+        return {"id": got["ids"][0], "text": got["documents"][0] or "", "metadata": dict(got["metadatas"][0]),
+                "dimension": len(vec), "norm": math.sqrt(sum(x * x for x in vec)), "head": vec[:8]}
+
+    def run_and_save_evaluation(self, engine, questions: list[dict], options, questions_name: str) -> dict:
+        """Score ``questions`` with ``engine`` and keep the run in ``KB_HOME/evals`` with what it measured."""
+        from kb.evaluate import evaluate, save_run
+
+        live, config = self.live()
+        report = evaluate(engine, questions, options)
+        save_run(self.settings.home, report, {"collection": live, "chunk_config": config.label(),
+                                              "embed_model": self.embed_model, "k": options.k, "mode": options.mode,
+                                              "questions": questions_name})
+        return report
+
     def stats(self) -> dict:
         counts = self.manifest.counts()
         live = self.manifest.live_collection

@@ -11,19 +11,20 @@ import time
 
 import streamlit as st
 
-from core import auth, resources
+from core import auth
+from core.errors import UserError
 from core.settings import Settings
-from kb.errors import KBError
-from kb.preview import escape_markdown, marked_snippet
+from kb.citations import location_md
+from kb.markdown import escape_markdown, marked_snippet
+from pages import _resources as resources
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """Failures with a message meant for a person: shown as an error box, never a traceback."""
-    from core.embeddings import EmbeddingConfigError
-    from core.gguf import GGUFError
-    from core.llm import LLMError
+    """Failures with a message meant for a person (the ``UserError`` family): an error box, never a traceback.
 
-    return (KBError, LLMError, GGUFError, EmbeddingConfigError)
+    Everything else is a bug: Streamlit shows it with its traceback.
+    """
+    return (UserError,)
 
 
 def show_error(exc: BaseException) -> None:
@@ -58,7 +59,7 @@ def settings_or_stop() -> Settings:
     through_navigation()
     try:
         return resources.settings()
-    except ValueError as exc:  # a bad KB_* value or an unreadable secrets.toml
+    except UserError as exc:  # a bad KB_* value or an unreadable secrets.toml (SettingsError)
         show_error(exc)
         st.stop()
         raise
@@ -205,22 +206,13 @@ def run_with_status(label: str, fn, *, done_label: str | None = None, expanded: 
 # ---------------------------------------------------------------------------- hits
 
 
-def location_md(hit) -> str:
-    """``source/path:a-b @ commit`` as Markdown, linked to the permalink when there is one."""
-    loc = escape_markdown(f"{hit.source}/{hit.path}:{hit.line_start}-{hit.line_end}")
-    text = f"{loc} @ `{hit.commit[:8]}`" if hit.commit else loc
-    if hit.url:
-        return f"[{loc}]({hit.url.replace('(', '%28').replace(')', '%29')}) @ `{hit.commit[:8]}`"
-    return text
-
-
 def render_hit(hit, terms: list[str]) -> None:
     """One search hit as a card: rank, score, retrievers with their ranks, location, snippet."""
     with st.container(border=True):
         found = " · ".join(f"{m} #{r}" for m, r in hit.ranks.items()) or ", ".join(hit.found_by)
         rerank = f" · rerank {hit.scores['rerank']:.3f}" if "rerank" in hit.scores else ""
         st.markdown(f"**#{hit.rank}** &nbsp; score **{hit.score:.4f}** &nbsp; :gray[found by {found}{rerank}]")
-        st.markdown(location_md(hit))
+        st.markdown(location_md(hit.source, hit.path, hit.line_start, hit.line_end, hit.commit, hit.url))
         if hit.heading:
             st.caption(escape_markdown(hit.heading))
         st.markdown(marked_snippet(hit.text, terms))

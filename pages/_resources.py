@@ -1,10 +1,10 @@
-"""The one place that wraps shared resources in ``st.cache_resource``.
+"""The one place that wraps shared resources in ``st.cache_resource`` (UI layer, beside the pages).
 
 Every page and every browser session gets the same knowledge base, embedding
 model, search engine and LLM: they load lazily, once per process, with a
-spinner the first time something needs them. This module is the design's
-single exception to "core/ has no Streamlit"; it imports kb lazily so that the
-layering stays one-way for everything else.
+spinner the first time something needs them. It sits in ``pages/`` because
+it is Streamlit: ``core/`` and ``kb/`` never import Streamlit, so the CLI and
+the tests run the very same knowledge base without it.
 
 Each resource is cached under the settings it depends on (the embedding model
 under ``embed_*``, the LLM under ``llm_*``/``openai_*``, the knowledge base
@@ -134,7 +134,7 @@ def knowledge_base(s: Settings | None = None):
 
 @st.cache_resource(show_spinner=False)
 def _search_engine(key: str, _settings: Settings):
-    from kb.retrieval import SearchEngine
+    from kb.search.engine import SearchEngine
 
     return SearchEngine(knowledge_base(_settings))
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import resources
+from pages import _resources as resources
 from core.llm import describe_llm
-from kb.answer import Answer, Answerer
+from kb.answer.chain import Answer, Answerer
 from kb.conversations import ConversationStore
-from kb.preview import escape_markdown, link_markers
-from kb.retrieval import MODES, SearchOptions
+from kb.citations import link_markers, location
+from kb.markdown import escape_markdown
+from kb.search.hits import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, show_error, when
 
 st.title(":material/chat: Chat")
@@ -47,7 +48,7 @@ def render_sources(msg: dict) -> None:
     cited = set(msg.get("cited") or [])
     st.caption(f"Sources: {len(sources)} retrieved, {len(cited)} cited in the answer")
     for i, h in enumerate(sources, 1):
-        loc = f"{h['source']}/{h['path']}:{h['line_start']}-{h['line_end']} @ {str(h.get('commit', ''))[:8]}"
+        loc = location(h["source"], h["path"], h["line_start"], h["line_end"], str(h.get("commit", "")))
         label = f"\\[{i}\\] {escape_markdown(loc)}" + (" · cited" if i in cited else "")
         with st.expander(label, icon=":material/task_alt:" if i in cited else ":material/article:"):
             if h.get("url"):

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pandas as pd
 import streamlit as st
 
-from kb.chunking import ChunkConfig
-from kb.preview import escape_markdown
+from kb.markdown import escape_markdown
 from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
 
 st.title(":material/database: Collections")
 kb = kb_or_stop(require_admin())
-
-
-def config_label(raw: str) -> str:
-    try:
-        return ChunkConfig.from_json(raw).label()
-    except Exception:  # an unknown or older format: show it as stored
-        return raw or "?"
 
 
 try:
@@ -35,7 +26,7 @@ if not colls:
 st.dataframe(
     [
         {"live": "● live" if c["live"] else "", "name": c["name"], "records": c["count"], "passages": c["passages"],
-         "dimension": c["dimension"], "embedding model": c["embed_model"], "chunk config": config_label(c["chunk_config"]), "status": c["status"]}
+         "dimension": c["dimension"], "embedding model": c["embed_model"], "chunk config": c["chunk_config_label"], "status": c["status"]}
         for c in colls
     ],
     hide_index=True,
@@ -79,12 +70,6 @@ msg = st.session_state.pop("coll_msg", None)
 if msg:
     st.success(msg)
 
-try:
-    coll = kb.index.get(picked)
-except expected_errors() as exc:
-    show_error(exc)
-    st.stop()
-
 records_tab, lookup_tab = st.tabs(["Records", "Look up by id"])
 
 # ---------------------------------------------------------------------------- records
@@ -96,24 +81,25 @@ with records_tab:
     path = f2.text_input("Path (exact, or a prefix ending in /)", key="coll_path",
                          placeholder="docs/zh_cn/  or  README.md")
     size = f3.selectbox("Per page", [25, 50, 100, 250], index=1, key="coll_size")
-    path = path.strip()
-    prefix = path.endswith("/")
-    where = kb.where(None if src == "any" else src, path_prefix=path if prefix else None,
-                     path=path if path and not prefix else None)
-    total = len(coll.get(where=where, include=[])["ids"]) if where else coll.count()
-    pages = max(1, math.ceil(total / size))
-    page = f4.number_input(f"Page (of {pages})", 1, pages, 1, key="coll_page")
-    got = coll.get(where=where, limit=int(size), offset=(int(page) - 1) * int(size), include=["documents", "metadatas"])
-    st.caption(f"{total:,} record(s) match" + (f" `where={json.dumps(where, ensure_ascii=False)}`" if where else "")
-               + f" · showing {len(got['ids'])}")
+    source = None if src == "any" else src
+    try:
+        pages = kb.records(picked, source, path, page=1, size=int(size))["pages"]
+        page = f4.number_input(f"Page (of {pages})", 1, pages, 1, key="coll_page")
+        got = kb.records(picked, source, path, page=int(page), size=int(size))
+    except expected_errors() as exc:
+        show_error(exc)
+        st.stop()
+    where = got["where"]
+    st.caption(f"{got['total']:,} record(s) match" + (f" `where={json.dumps(where, ensure_ascii=False)}`" if where else "")
+               + f" · showing {len(got['rows'])}")
     st.dataframe(
         pd.DataFrame(
             [
-                {"id": i, "source": m.get("source"), "path": m.get("path"),
+                {"id": m["id"], "source": m.get("source"), "path": m.get("path"),
                  "lines": f"{m.get('line_start')}-{m.get('line_end')}", "tokens": m.get("n_tokens"),
                  "heading": m.get("heading", ""), "commit": str(m.get("commit", ""))[:8],
-                 "text": (d or "")[:160].replace("\n", " ")}
-                for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])
+                 "text": m["text"][:160].replace("\n", " ")}
+                for m in got["rows"]
             ],
             columns=["id", "source", "path", "lines", "tokens", "heading", "commit", "text"],
         ),
@@ -127,22 +113,24 @@ with records_tab:
 with lookup_tab:
     rid = st.text_input("Record id", key="coll_id", placeholder="32 hex characters, e.g. from the Records tab")
     if rid.strip():
-        rec = coll.get(ids=[rid.strip()], include=["documents", "metadatas", "embeddings"])
-        if not rec["ids"]:
+        try:
+            rec = kb.record(picked, rid)
+        except expected_errors() as exc:
+            show_error(exc)
+            st.stop()
+        if rec is None:
             st.warning(f"No record with id `{escape_markdown(rid.strip())}` in `{picked}`.")
         else:
-            meta = dict(rec["metadatas"][0])
-            vec = [float(x) for x in rec["embeddings"][0]]
-            norm = math.sqrt(sum(x * x for x in vec))
+            meta = rec["metadata"]
             l, r = st.columns([3, 2])
             with l:
                 st.markdown(f"**{escape_markdown(str(meta.get('source')))}/{escape_markdown(str(meta.get('path')))}:"
                             f"{meta.get('line_start')}-{meta.get('line_end')}** @ `{str(meta.get('commit', ''))[:8]}`"
                             + (f" · [permalink]({meta['url']})" if meta.get("url") else ""))
-                st.code(rec["documents"][0], language="markdown", wrap_lines=True)
+                st.code(rec["text"], language="markdown", wrap_lines=True)
             with r:
-                st.markdown(f"Embedding: {len(vec)} dimensions, norm {norm:.4f}")
-                st.code(", ".join(f"{x:+.4f}" for x in vec[:8]) + ", …", language=None)
+                st.markdown(f"Embedding: {rec['dimension']} dimensions, norm {rec['norm']:.4f}")
+                st.code(", ".join(f"{x:+.4f}" for x in rec["head"]) + ", …", language=None)
                 if "bm25" in meta:
                     meta["bm25"] = meta["bm25"][:200] + ("…" if len(meta["bm25"]) > 200 else "")
                 st.json(meta)

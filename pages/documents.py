@@ -6,10 +6,10 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.embeddings import max_tokens
-from kb.chunking import SPLITTERS, UNITS, ChunkConfig
-from kb.preview import annotated_lines, escape_markdown, length_histogram, over_window, preview_chunks
-from kb.sources import permalink
+from kb.ingest.chunking import SPLITTERS, UNITS
+from kb.ingest.preview import annotated_lines, length_histogram, over_window, preview_chunks
+from kb.markdown import escape_markdown
+from kb.citations import file_url as web_file_url
 from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
 
 MAX_VIEW_LINES = 1500
@@ -23,7 +23,7 @@ if not rows:
     st.stop()
 live_name, live_cfg = kb.live()
 try:
-    window = max_tokens(s)
+    window = kb.model_window()
 except expected_errors() as exc:
     show_error(exc)
     st.stop()
@@ -35,11 +35,7 @@ c1, c2, c3 = st.columns([1, 1, 2])
 source = c1.selectbox("Source", ["All sources", *[r.name for r in rows]], key="docs_source")
 status = c2.selectbox("Status", ["all", "indexed", "skipped"], key="docs_status")
 needle = c3.text_input("Filter by path", placeholder="e.g. docs/zh_cn or .rst", key="docs_filter")
-docs = kb.manifest.documents(None if source == "All sources" else source)
-if status != "all":
-    docs = [d for d in docs if d.status == status]
-if needle.strip():
-    docs = [d for d in docs if needle.strip().lower() in d.path.lower()]
+docs = kb.documents(None if source == "All sources" else source, None if status == "all" else status, needle)
 st.dataframe(
     pd.DataFrame(
         [
@@ -70,7 +66,7 @@ try:
 except expected_errors() as exc:
     show_error(exc)
     st.stop()
-src = kb.manifest.source(choice.source)
+src = kb.source(choice.source)
 lines = doc.text.split("\n")
 spans = [(c["line_start"], c["line_end"]) for c in chunks]
 
@@ -81,7 +77,7 @@ m[1].metric("Size", f"{doc.size:,} B", border=True)
 m[2].metric("Chunks (live)", len(chunks), border=True)
 m[3].metric("Over the window", sum(1 for c in chunks if over_window(int(c.get("n_tokens") or 0), window)), border=True,
             help=f"chunks longer than the embedding model's {window_text}")
-file_url = permalink(src.web_url, choice.commit, choice.path, 1, len(lines)).split("#")[0] if src.web_url else ""
+file_url = web_file_url(src.web_url, choice.commit, choice.path)
 st.caption(
     f"language **{doc.language}** · loader **{doc.loader}** · commit `{choice.commit[:12]}` · "
     f"sha256 `{doc.sha256[:16]}…` · collection `{live_name}` ({escape_markdown(live_cfg.label())})"
@@ -163,8 +159,8 @@ with rechunk_tab:
     heading_prefix = c5.checkbox("Prefix heading path", value=live_cfg.heading_prefix, key="rc_heading",
                                  help="embed each chunk with its Markdown heading path in front")
     try:
-        config = ChunkConfig(splitter=splitter, size=int(size), overlap=int(overlap), unit=unit,
-                             heading_prefix=heading_prefix, passage_size=min(s.passage_size, int(size)))
+        config = kb.rechunk_config(splitter=splitter, size=int(size), overlap=int(overlap), unit=unit,
+                                   heading_prefix=heading_prefix)
         with st.spinner("Splitting and counting tokens…"):
             common = dict(source=choice.source, commit=choice.commit, web_url=src.web_url, embed_model=kb.embed_model)
             cand = preview_chunks(doc, config, s, **common)
@@ -213,7 +209,7 @@ with rechunk_tab:
 
     st.divider()
     n_src = sum(1 for r in rows if r.indexed_commit)
-    n_docs = sum(1 for d in kb.manifest.documents() if d.status == "indexed")
+    n_docs = len(kb.documents(status="indexed"))
     st.markdown(f"#### Apply {escape_markdown(config.label())} to the whole knowledge base")
     st.caption(f"Builds a new collection beside the live one from the {n_docs} documents of {n_src} source(s) at "
                "their indexed commits, embeds what isn't stored yet, and switches the live collection only when it "

@@ -8,9 +8,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core import resources
-from kb.evaluate import evaluate, load_questions, past_runs, question_set, save_run, shipped_sets
-from kb.retrieval import MODES, SearchOptions
+from pages import _resources as resources
+from kb.evaluate import load_questions, past_runs, question_set, shipped_sets
+from kb.search.hits import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, require_admin, show_error
 
 st.title(":material/analytics: Evaluation")
@@ -48,17 +48,13 @@ c1, c2 = st.columns([3, 1])
 modes = c1.multiselect("Modes", MODES, default=list(MODES), key="eval_modes")
 k = c2.slider("k", 1, 20, min(max(s.top_k, 1), 20), key="eval_k")
 if st.button("Run evaluation", type="primary", disabled=not modes, key="eval_run"):
-    live, cfg = kb.live()
     reports = {}
     try:
         engine = resources.search_engine(s)
         bar = st.progress(0.0, text="Evaluating…")
         for i, mode in enumerate(modes):
             bar.progress(i / len(modes), text=f"Evaluating {mode}…")
-            rep = evaluate(engine, questions, SearchOptions(k=k, mode=mode))
-            save_run(s.home, rep, {"collection": live, "chunk_config": cfg.label(), "embed_model": kb.embed_model,
-                                   "k": k, "mode": mode, "questions": questions_name})
-            reports[mode] = rep
+            reports[mode] = kb.run_and_save_evaluation(engine, questions, SearchOptions(k=k, mode=mode), questions_name)
         bar.empty()
     except expected_errors() as exc:
         show_error(exc)
@@ -88,6 +84,12 @@ if reports:
           "misses": len(r["misses"]), "seconds": r["seconds"]} for m, r in reports.items()],
         hide_index=True, width="stretch",
     )
+    by_cat = [{"mode": m, "category": cat, **vals} for m, r in reports.items()
+              for cat, vals in (r.get("by_category") or {}).items()]
+    if by_cat:
+        st.markdown("**Per question category** (overview: what X is, install, requirements, capabilities; "
+                    "cross-lingual: the question's language differs from the document's)")
+        st.dataframe(by_cat, hide_index=True, width="stretch")
     first = next(iter(reports.values()))
     table = pd.DataFrame(
         [

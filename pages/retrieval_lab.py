@@ -6,10 +6,10 @@ import time
 
 import streamlit as st
 
-from core import resources
-from kb.bm25 import tokenize
-from kb.preview import escape_markdown
-from kb.retrieval import MODES, SCORE_NOTES, SearchOptions
+from pages import _resources as resources
+from kb.words import tokenize
+from kb.markdown import escape_markdown
+from kb.search.hits import MODES, SCORE_NOTES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, render_hit, show_error
 
 st.title(":material/manage_search: Retrieval lab")
@@ -34,7 +34,7 @@ with st.sidebar:
 query = st.text_input("Question", placeholder="e.g. xtuner是什么？  or  How do I fine-tune with QLoRA?", key="lab_query")
 if not query.strip():
     st.caption("Ask something to see what each retriever returns. Scores are on each retriever's own scale; "
-               "hybrid fuses the two ranked lists by reciprocal rank.")
+               "hybrid fuses dense, BM25 over chunks and BM25 over passages by reciprocal rank.")
     st.stop()
 
 terms = tokenize(query)

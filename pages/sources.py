@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from kb.preview import escape_markdown
+from kb.markdown import escape_markdown
 from core.settings import split_list
 from pages._common import kb_or_stop, require_admin, run_with_status, when
 
 st.title(":material/source: Sources")
 s = require_admin()
 kb = kb_or_stop(s)
+overview = kb.source_overview()
 rows = kb.sources()
 names = [r.name for r in rows]
 
@@ -73,20 +74,16 @@ def sync_summary(reports: list[dict]) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------- the sources
 
-if rows:
-    per: dict[str, dict[str, int]] = {}
-    for d in kb.manifest.documents():
-        n = per.setdefault(d.source, {"indexed": 0, "skipped": 0})
-        n["indexed" if d.status == "indexed" else "skipped"] += 1
+if overview:
     st.dataframe(
         [
             {
-                "source": r.name, "indexed commit": (r.indexed_commit or "")[:12] or "not synced",
-                "last sync": when(r.last_synced), "documents": per.get(r.name, {}).get("indexed", 0),
-                "skipped": per.get(r.name, {}).get("skipped", 0), "kind": r.kind, "branch": r.branch,
-                "url": r.url, "web URL": r.web_url, "extensions": ", ".join(r.extensions),
+                "source": r["name"], "indexed commit": (r["indexed_commit"] or "")[:12] or "not synced",
+                "last sync": when(r["last_synced"]), "documents": r["documents"], "skipped": r["skipped"],
+                "kind": r["kind"], "branch": r["branch"], "url": r["url"], "web URL": r["web_url"],
+                "extensions": ", ".join(r["extensions"]),
             }
-            for r in rows
+            for r in overview
         ],
         hide_index=True,
         width="stretch",
@@ -225,7 +222,7 @@ with delete_tab:
             st.session_state["delete_pending"] = victim
         pending = st.session_state.get("delete_pending")
         if pending and pending in names:
-            n_docs = sum(1 for d in kb.manifest.documents(pending) if d.status == "indexed")
+            n_docs = next((r["documents"] for r in overview if r["name"] == pending), 0)
             st.warning(f"Delete **{escape_markdown(pending)}**? Its {n_docs} documents, its chunks in every collection "
                        "and its local clone are removed. This can't be undone.", icon=":material/error:")
             typed = st.text_input(f"Type {pending} to confirm", key="delete_typed")

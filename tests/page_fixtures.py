@@ -2,7 +2,7 @@
 
 Register with ``pytest_plugins = ["page_fixtures"]`` in tests/conftest.py (or
 ``pytest -p page_fixtures``). The pages reach the knowledge base, the models
-and the retriever only through ``core.resources`` (``st.cache_resource``),
+and the retriever only through ``pages/_resources.py`` (``st.cache_resource``),
 which keys each on the settings it depends on: a test that points ``KB_HOME``
 at a fresh folder gets a fresh knowledge base, while the embedding model and
 the LLM stay loaded once for the whole session.
@@ -68,7 +68,7 @@ def xtuner_env(monkeypatch: pytest.MonkeyPatch, xtuner_kb, llm_env) -> Path:
 @pytest.fixture
 def shared_kb():
     """The knowledge base the pages see (the same cached object), for set-up and checks."""
-    from core import resources
+    from pages import _resources as resources
 
     return lambda: resources.knowledge_base()
 

@@ -8,8 +8,11 @@ import git as gitpython
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
-from kb.answer import MARKER_RE, NO_HITS, Answer, Answerer, cited_numbers, format_context
-from kb.retrieval import Hit, SearchEngine, SearchOptions
+from kb.answer.chain import Answer, Answerer
+from kb.answer.prompts import NO_HITS, format_context
+from kb.citations import MARKER_RE, cited_numbers
+from kb.search.engine import SearchEngine
+from kb.search.hits import Hit, SearchOptions
 
 from conftest import CORPUS
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from core import embeddings as emb
-from kb.chunking import ChunkConfig, make_splitter, split_document
+from kb.ingest.chunking import ChunkConfig, make_splitter, split_document
 from kb.errors import KBError
-from kb.loaders import SkipFile, load_document, markdown_headings
+from kb.ingest.loaders import SkipFile, load_document, markdown_headings
 
 from conftest import base_settings
 

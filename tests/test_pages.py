@@ -13,19 +13,12 @@ import json
 
 import pytest
 
-from kb.chunking import ChunkConfig
+from kb.ingest.chunking import ChunkConfig
 from kb.conversations import ConversationStore, title_of
 from kb.errors import KBError
-from kb.preview import (
-    annotated_lines,
-    escape_markdown,
-    length_histogram,
-    line_cover,
-    link_markers,
-    mark_terms,
-    preview_chunks,
-    snippet,
-)
+from kb.citations import link_markers
+from kb.ingest.preview import annotated_lines, length_histogram, line_cover, preview_chunks
+from kb.markdown import escape_markdown, mark_terms, snippet
 
 
 EVIL_DOC = (
@@ -104,7 +97,7 @@ def test_length_histogram_has_the_window_as_an_edge():
 
 
 def test_preview_chunks_measures_tokens(tiny_kb, corpus):
-    from kb.loaders import load_document
+    from kb.ingest.loaders import load_document
 
     text = ("XTuner 是一个高效、灵活、全能的轻量化大模型微调工具库。" * 40 + "\n\n") * 3
     doc = load_document("README_zh-CN.md", ("# XTuner\n\n" + text).encode(), 10**6)
@@ -388,7 +381,7 @@ def test_retrieval_lab_side_by_side(xtuner_env, open_page):
 
 
 def test_two_sessions_share_one_engine_model_and_kb(xtuner_env, open_page):
-    from core import resources
+    from pages import _resources as resources
 
     one = ok(open_page("retrieval_lab"))
     one.text_input(key="lab_query").input("如何安装 xtuner").run(timeout=120)
@@ -479,7 +472,7 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
 def test_embedding_cache_key_follows_every_embedding_setting(tmp_path):
     """A changed backend or model cache must load another model, never reuse the cached one."""
     from conftest import base_settings
-    from core import resources
+    from pages import _resources as resources
 
     s = base_settings(tmp_path)
     keys = {resources._key(x, resources._EMBED_FIELDS) for x in (

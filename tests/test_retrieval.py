@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from kb.bm25 import BM25Matrix, tokenize
+from kb.search.bm25 import BM25Matrix
+from kb.words import tokenize
 from kb.errors import KBError
 from kb.evaluate import is_hit
-from kb.chunking import ChunkConfig
-from kb.retrieval import PASSAGE_BM25, KBRetriever, SearchEngine, SearchOptions
+from kb.ingest.chunking import ChunkConfig
+from kb.search.engine import KBRetriever, SearchEngine
+from kb.search.hits import PASSAGE_BM25, SearchOptions
 
 from conftest import CORPUS
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kb import sources
+from kb import citations
+from kb.ingest import sources
 from kb.errors import KBError
 
 
@@ -58,7 +59,7 @@ def test_permalinks():
     assert sources.web_url_for("https://gitee.com/InternLM/xtuner.git") == "https://gitee.com/InternLM/xtuner"
     assert sources.web_url_for("git@github.com:InternLM/xtuner.git") == "https://github.com/InternLM/xtuner"
     assert sources.web_url_for("/local/x.bundle") == ""
-    link = sources.permalink("https://gitee.com/InternLM/xtuner", "abc123", "docs/a.md", 3, 9)
+    link = citations.permalink("https://gitee.com/InternLM/xtuner", "abc123", "docs/a.md", 3, 9)
     assert link == "https://gitee.com/InternLM/xtuner/blob/abc123/docs/a.md#L3-L9"
 
 

@@ -6,10 +6,11 @@ import git as gitpython
 import pytest
 
 from core.embeddings import token_counter
-from kb.chunking import Chunk, ChunkConfig
+from kb.ingest.chunking import Chunk, ChunkConfig
 from kb.errors import KBError
-from kb.loaders import SkipFile, load_document
-from kb.passages import is_passage_collection, split_passages
+from kb.ingest.loaders import SkipFile, load_document
+from kb.ingest.passages import split_passages
+from kb.store.index import is_passage_collection
 
 from conftest import BUNDLES, git
 
@@ -196,7 +197,7 @@ def test_sync_without_sources_is_a_clear_error(tiny_kb):
 
 def test_a_new_embedding_model_asks_for_a_rebuild_that_works(tiny_kb, corpus, default_embeddings):
     """Switching models (e.g. upgrading to the multilingual default) keeps the old collection and says how to rebuild."""
-    from kb.retrieval import SearchEngine
+    from kb.search.engine import SearchEngine
     from kb.service import KnowledgeBase
 
     tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))

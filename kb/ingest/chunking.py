@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass
 
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 
+from core import embeddings as emb
+from core.settings import Settings
 from kb.errors import KBError
-from kb.loaders import LoadedDocument
-from kb.sources import permalink
+from kb.ingest.loaders import LoadedDocument
+from kb.citations import permalink
 
 # Break Chinese text after 。！？； too, keeping the mark with its sentence
 # (zero-width look-behinds), before falling back to spaces and characters.
@@ -128,7 +130,22 @@ class Chunk:
         }
 
 
-def make_splitter(config: ChunkConfig, token_len: Callable[[str], int] | None = None) -> RecursiveCharacterTextSplitter:
+@dataclass(frozen=True)
+class Splitter:
+    """LangChain's splitter with the length it measures in (characters or model tokens).
+
+    Folding small pieces into a neighbour (:func:`merge_small`) must measure
+    exactly as the splitter did, so the two travel together.
+    """
+
+    text_splitter: RecursiveCharacterTextSplitter
+    length: Callable[[str], int]
+
+    def split_text(self, text: str) -> list[str]:
+        return self.text_splitter.split_text(text)
+
+
+def make_splitter(config: ChunkConfig, token_len: Callable[[str], int] | None = None) -> Splitter:
     if config.splitter == "markdown":
         separators = RecursiveCharacterTextSplitter.get_separators_for_language(Language.MARKDOWN)
         separators = [s for s in separators if s not in ("\n\n", "\n", " ", "")] + PLAIN_SEPARATORS
@@ -140,7 +157,7 @@ def make_splitter(config: ChunkConfig, token_len: Callable[[str], int] | None = 
         length = token_len
     else:
         length = len
-    return RecursiveCharacterTextSplitter(
+    return Splitter(RecursiveCharacterTextSplitter(
         chunk_size=config.size,
         chunk_overlap=config.overlap,
         separators=separators,
@@ -148,7 +165,7 @@ def make_splitter(config: ChunkConfig, token_len: Callable[[str], int] | None = 
         keep_separator="start",
         length_function=length,
         strip_whitespace=True,
-    )
+    ), length)
 
 
 def chunk_id(source: str, path: str, text_hash: str, occurrence: int) -> str:
@@ -208,12 +225,12 @@ def split_document(
     web_url: str,
     config: ChunkConfig,
     embed_model: str,
-    splitter: RecursiveCharacterTextSplitter,
+    splitter: Splitter,
 ) -> list[Chunk]:
     """Split one document; each chunk's lines are the file's own line numbers."""
     pieces = [p for p in splitter.split_text(doc.text) if p.strip()]
     spans = merge_small(doc.text, [(s, s + len(p)) for p, s in zip(pieces, locate(doc.text, pieces))],
-                        config, splitter._length_function)
+                        config, splitter.length)
     newlines = [i for i, c in enumerate(doc.text) if c == "\n"]
     seen: Counter[str] = Counter()
     chunks = []
@@ -245,3 +262,15 @@ def split_document(
             )
         )
     return chunks
+
+
+def measure_tokens(settings: Settings, chunks: list[Chunk]) -> list[dict]:
+    """Set each chunk's token count; list those longer than the model's window."""
+    window = emb.max_tokens(settings)
+    counts = emb.count_tokens(settings, [c.embed_text for c in chunks])
+    over = []
+    for c, n in zip(chunks, counts):
+        c.n_tokens = n
+        if window is not None and n > window:
+            over.append({"path": c.path, "line_start": c.line_start, "line_end": c.line_end, "tokens": n, "window": window})
+    return over

@@ -24,19 +24,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from kb.chunking import Chunk, ChunkConfig, make_splitter
-
-PREFIX = "kbp-"
-
-
-def passage_collection(chunk_collection: str) -> str:
-    """The passages' collection beside a chunk collection ("kb-…" → "kbp-…")."""
-    return (PREFIX + chunk_collection.removeprefix("kb-"))[:63].rstrip("-._")
-
-
-def is_passage_collection(name: str) -> bool:
-    return name.startswith(PREFIX)
-
+from kb.ingest.chunking import Chunk, ChunkConfig, make_splitter
 
 @dataclass
 class Passage:

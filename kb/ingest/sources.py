@@ -118,15 +118,6 @@ def web_url_for(url: str) -> str:
     return f"https://{host}/{path}" if path else ""
 
 
-def permalink(web_url: str, commit: str, path: str, line_start: int, line_end: int) -> str:
-    """Link to the file and lines at that commit; empty when the host is unknown."""
-    if not web_url or not commit:
-        return ""
-    base = web_url.rstrip("/")
-    blob = "/-/blob/" if "gitlab.com" in base else "/blob/"
-    return f"{base}{blob}{commit}/{path}#L{line_start}-L{line_end}"
-
-
 def _git_error(exc: git.GitCommandError, spec_url: str, progress: GitProgress) -> KBError:
     """A one-line reason from git's own words; with progress on, they arrive on the progress object."""
     stderr = "\n".join([(exc.stderr or "").replace("\\n", "\n"), *progress.error_lines, *progress.other_lines])
@@ -228,11 +219,3 @@ def commit_uploads(repo_path: Path, files: dict[str, bytes]) -> str:
     if repo.head.is_valid() and not repo.index.diff("HEAD"):
         return repo.head.commit.hexsha
     return repo.index.commit(f"upload {', '.join(files)}").hexsha
-
-
-def remove_uploads(repo_path: Path, names: list[str]) -> str:
-    repo = git.Repo(repo_path)
-    rels = [f"{UPLOADS_DIR}/{n}" for n in names]
-    repo.index.remove(rels, working_tree=True)
-    return repo.index.commit(f"remove {', '.join(names)}").hexsha
-

@@ -18,14 +18,14 @@ from langchain_core.embeddings import Embeddings
 
 from core import embeddings as emb
 from core.settings import Settings
-from kb.bm25 import tokenize
-from kb.chunking import Chunk, ChunkConfig, make_splitter, split_document
-from kb.index import VectorIndex
-from kb.loaders import SkipFile, extension, load_document
-from kb.manifest import DocumentRow, Manifest, SourceRow
-from kb.passages import Passage, passage_collection, split_passages
+from kb.ingest.chunking import Chunk, ChunkConfig, make_splitter, measure_tokens, split_document
+from kb.store.index import VectorIndex, passage_collection
+from kb.ingest.loaders import SkipFile, extension, load_document
+from kb.store.manifest import DocumentRow, Manifest, SourceRow
+from kb.ingest.passages import Passage, split_passages
 from kb.progress import Progress, no_progress
-from kb.sources import fetch, head_commit
+from kb.words import tokenize
+from kb.ingest.sources import fetch, head_commit
 
 SYMLINK_MODE = 0o120000
 EMBED_BATCH = 256
@@ -143,18 +143,6 @@ def load_and_split(
     return chunks, rows
 
 
-def measure_tokens(settings: Settings, chunks: list[Chunk]) -> list[dict]:
-    """Set each chunk's token count; list those longer than the model's window."""
-    window = emb.max_tokens(settings)
-    counts = emb.count_tokens(settings, [c.embed_text for c in chunks])
-    over = []
-    for c, n in zip(chunks, counts):
-        c.n_tokens = n
-        if window is not None and n > window:
-            over.append({"path": c.path, "line_start": c.line_start, "line_end": c.line_end, "tokens": n, "window": window})
-    return over
-
-
 def index_terms(settings: Settings, chunks: list[Chunk], passages: list[Passage] = ()) -> list[dict]:
     """Each chunk's token count, and BM25 words of chunks and passages; returns the chunks too long for the model."""
     over = measure_tokens(settings, chunks)
@@ -187,6 +175,133 @@ def _store(ctx: SyncContext, coll, items: list, stored: dict, embedded: list, ve
     ctx.index.upsert(coll, items, [by_hash[c.text_hash] for c in items], progress)
 
 
+@dataclass
+class SyncPlan:
+    """Step 1: which commits to diff and which files changed; nothing is read or written yet."""
+
+    repo: git.Repo
+    old: str | None
+    new: str
+    changes: Changes
+    existing: dict[str, dict[str, str]]  # path -> {chunk id: text hash} stored for this source
+    coll: object
+    pcoll: object | None
+
+
+@dataclass
+class Partition:
+    """Step 2: the changed files' new chunks, split by what the collection already holds."""
+
+    by_path: dict[str, list[Chunk]]
+    fresh: list[Chunk] = field(default_factory=list)  # not stored yet: embed (or reuse a vector by text hash)
+    kept: list[Chunk] = field(default_factory=list)  # stored with the same id: metadata only (commit, permalink)
+    to_delete: list[str] = field(default_factory=list)  # stored ids no longer produced
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return [c for parts in self.by_path.values() for c in parts]
+
+
+def _commits(ctx: SyncContext, src: SourceRow, collection: str, rebuild_at: str | None,
+             progress: Progress) -> tuple[str | None, str | None]:
+    """The commit indexed in ``collection`` (None: build from scratch) and the commit to index."""
+    if rebuild_at:
+        return None, rebuild_at
+    repo_path = Path(src.repo_path)
+    if src.kind == "git":
+        new = fetch(repo_path, src.branch, src.url, progress)
+    else:
+        new = head_commit(repo_path, src.branch) if git.Repo(repo_path).head.is_valid() else None
+    return (src.indexed_commit if src.indexed_collection == collection else None), new
+
+
+def plan_sync(ctx: SyncContext, src: SourceRow, collection: str, config: ChunkConfig,
+              rebuild_at: str | None, progress: Progress) -> tuple[str | None, SyncPlan | None]:
+    """Fetch and diff; returns the new commit, and no plan when there is nothing to do."""
+    old, new = _commits(ctx, src, collection, rebuild_at, progress)
+    if new is None or old == new:
+        return new, None
+    repo = git.Repo(src.repo_path)
+    if old is not None:
+        try:
+            repo.commit(old)
+        except (ValueError, git.BadName):
+            old = None  # history rewritten: rebuild this source from scratch
+    changes = diff_commits(repo, old, new, src.extensions)
+    coll = ctx.index.create(collection, config.to_json(), ctx.embed_model)
+    pcoll = ctx.index.create(passage_collection(collection), config.to_json(), ctx.embed_model) if config.passage_size else None
+    existing = ctx.index.source_chunks(coll, src.name) if coll.count() else {}
+    if old is None:  # full build: anything stored for paths no longer there goes
+        keep = set(changes.added)
+        changes.deleted = sorted(p for p in existing if p not in keep)
+        indexed = {d.path for d in ctx.manifest.documents(src.name)}
+        changes.added, changes.modified = (
+            [p for p in changes.added if p not in indexed or rebuild_at],
+            [p for p in changes.added if p in indexed and not rebuild_at],
+        )
+    return new, SyncPlan(repo, old, new, changes, existing, coll, pcoll)
+
+
+def partition(plan: SyncPlan, by_path: dict[str, list[Chunk]]) -> Partition:
+    """Sort the changed files' chunks into fresh, kept and deleted by chunk id."""
+    part = Partition(by_path)
+    ch = plan.changes
+    for path in ch.added + ch.modified + ch.deleted:
+        old_ids = plan.existing.get(path, {})
+        new_ids = {c.id for c in by_path.get(path, [])}
+        part.to_delete += [i for i in old_ids if i not in new_ids]
+        for c in by_path.get(path, []):
+            (part.kept if c.id in old_ids else part.fresh).append(c)
+    return part
+
+
+def embed_and_store(ctx: SyncContext, plan: SyncPlan, part: Partition, config: ChunkConfig,
+                    token_len: Callable[[str], int] | None, report: SyncReport, progress: Progress) -> None:
+    """Embed what has no vector yet, then write chunks and passages (not on a dry run).
+
+    A kept chunk keeps its passages (same text, same passages); fresh ones get
+    theirs. Passages, token counts and BM25 words need no vectors, so they are
+    made while the chunks are embedded; the embedding spends its time in BLAS
+    with the GIL released (measured: 0.5 s of tokenizing made a 9.6 s
+    embedding 0.2 s longer). The passages are embedded after.
+    """
+
+    def prepare() -> tuple[list[Passage], list[dict]]:
+        passages = split_passages(part.fresh, config, token_len) if plan.pcoll is not None else []
+        return passages, index_terms(ctx.settings, part.chunks, passages)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the worker's thread ends before we return
+        prepared = pool.submit(prepare)
+        need, stored = _to_embed(ctx, plan.coll, part.fresh)
+        report.chunks_embedded = len(need)
+        report.chunks_reused = len(part.kept) + len(part.fresh) - len(need)
+        report.chunks_deleted = len(part.to_delete)
+        vectors = embed_texts(ctx.get_embeddings(), [c.embed_text for c in need], progress) if need and not report.dry_run else []
+        passages, report.chunks_overlong = prepared.result()
+    pneed, pstored = _to_embed(ctx, plan.pcoll, passages) if plan.pcoll is not None else ([], {})
+    report.passages_embedded = len(pneed)
+    if report.dry_run:
+        return
+    pvectors = embed_texts(ctx.get_embeddings(), [p.embed_text for p in pneed], progress) if pneed else []
+    _store(ctx, plan.coll, part.fresh, stored, need, vectors, progress)
+    ctx.index.update_metadata(plan.coll, part.kept)
+    ctx.index.delete_ids(plan.coll, part.to_delete)
+    if plan.pcoll is not None:
+        _store(ctx, plan.pcoll, passages, pstored, pneed, pvectors, progress)
+        ctx.index.delete_where(plan.pcoll, "parent", part.to_delete)
+
+
+def record_sync(ctx: SyncContext, src: SourceRow, collection: str, plan: SyncPlan, rows: list[DocumentRow]) -> None:
+    """Write the manifest after the vectors: a crash before this is repaired by the next sync."""
+    ctx.manifest.touch_collection(collection)
+    with ctx.manifest.transaction() as con:
+        for row in rows:
+            ctx.manifest.put_document(con, row)
+        for path in plan.changes.deleted:
+            ctx.manifest.delete_document(con, src.name, path)
+        ctx.manifest.mark_indexed(con, src.name, plan.new, collection)
+
+
 def sync_source(
     ctx: SyncContext,
     src: SourceRow,
@@ -197,99 +312,26 @@ def sync_source(
     rebuild_at: str | None = None,
     progress: Progress = no_progress,
 ) -> SyncReport:
-    """Bring ``collection`` up to date with ``src``.
+    """Bring ``collection`` up to date with ``src``: plan, load and partition, embed and store, record.
 
     ``rebuild_at`` builds the source from scratch at that commit without
     fetching or touching the manifest (re-chunk into a new collection).
     """
     t0 = time.perf_counter()
-    repo_path = Path(src.repo_path)
-    repo = git.Repo(repo_path)
-    if rebuild_at:
-        old, new = None, rebuild_at
-    else:
-        if src.kind == "git":
-            new = fetch(repo_path, src.branch, src.url, progress)
-        else:
-            new = head_commit(repo_path, src.branch) if repo.head.is_valid() else None
-        old = src.indexed_commit if src.indexed_collection == collection else None
+    new, plan = plan_sync(ctx, src, collection, config, rebuild_at, progress)
     report = SyncReport(src.name, src.indexed_commit, new, dry_run=dry_run, collection=collection)
-    if new is None or (old == new):
-        report.seconds = round(time.perf_counter() - t0, 3)
-        return report
-    if old is not None:
-        try:
-            repo.commit(old)
-        except (ValueError, git.BadName):
-            old = None  # history rewritten: rebuild this source from scratch
-    changes = diff_commits(repo, old, new, src.extensions)
-    coll = ctx.index.create(collection, config, ctx.embed_model)
-    existing = ctx.index.source_chunks(coll, src.name) if coll.count() else {}
-    if old is None:  # full build: anything stored for paths no longer there goes
-        keep = set(changes.added)
-        changes.deleted = sorted(p for p in existing if p not in keep)
-        indexed = {d.path for d in ctx.manifest.documents(src.name)}
-        changes.added, changes.modified = (
-            [p for p in changes.added if p not in indexed or rebuild_at],
-            [p for p in changes.added if p in indexed and not rebuild_at],
-        )
-    report.added, report.modified, report.deleted = changes.added, changes.modified, changes.deleted
-    report.files_added, report.files_modified, report.files_deleted = map(len, (changes.added, changes.modified, changes.deleted))
-
-    token_len = emb.token_counter(ctx.settings) if config.unit == "tokens" else None  # chunks and passages
-    by_path, rows = load_and_split(ctx, repo, src, new, changes.added + changes.modified, config, token_len, progress)
-    report.documents = rows
-    report.skipped = [{"path": r.path, "reason": r.reason} for r in rows if r.status == "skipped"]
-    all_chunks = [c for parts in by_path.values() for c in parts]
-    to_delete: list[str] = []
-    fresh: list[Chunk] = []
-    kept: list[Chunk] = []
-    for path in changes.added + changes.modified + changes.deleted:
-        old_ids = existing.get(path, {})
-        new_ids = {c.id for c in by_path.get(path, [])}
-        to_delete += [i for i in old_ids if i not in new_ids]
-        for c in by_path.get(path, []):
-            (kept if c.id in old_ids else fresh).append(c)
-    # A kept chunk keeps its passages (same text, same passages); fresh ones get theirs.
-    pcoll = ctx.index.create(passage_collection(collection), config, ctx.embed_model) if config.passage_size else None
-
-    def prepare() -> tuple[list[Passage], list[dict]]:
-        passages = split_passages(fresh, config, token_len) if pcoll else []
-        return passages, index_terms(ctx.settings, all_chunks, passages)
-
-    # Passages, token counts and BM25 words need no vectors, so they are made
-    # while the chunks are embedded; the embedding spends its time in BLAS with
-    # the GIL released (measured: 0.5 s of tokenizing made a 9.6 s embedding
-    # 0.2 s longer). The passages are embedded after.
-    pool = ThreadPoolExecutor(max_workers=1)
-    prepared = pool.submit(prepare)
-    need, stored = _to_embed(ctx, coll, fresh)
-    report.chunks_embedded = len(need)
-    report.chunks_reused = len(kept) + len(fresh) - len(need)
-    report.chunks_deleted = len(to_delete)
-    vectors = embed_texts(ctx.get_embeddings(), [c.embed_text for c in need], progress) if need and not dry_run else []
-    passages, report.chunks_overlong = prepared.result()
-    pool.shutdown(wait=True)  # the worker is done; let its thread end before we return
-    pneed, pstored = _to_embed(ctx, pcoll, passages) if pcoll else ([], {})
-    report.passages_embedded = len(pneed)
-    pvectors = embed_texts(ctx.get_embeddings(), [p.embed_text for p in pneed], progress) if pneed and not dry_run else []
-    if dry_run:
-        report.seconds = round(time.perf_counter() - t0, 3)
-        return report
-
-    _store(ctx, coll, fresh, stored, need, vectors, progress)
-    ctx.index.update_metadata(coll, kept)
-    ctx.index.delete_ids(coll, to_delete)
-    if pcoll:
-        _store(ctx, pcoll, passages, pstored, pneed, pvectors, progress)
-        ctx.index.delete_where(pcoll, "parent", to_delete)
-    ctx.manifest.touch_collection(collection)
-    if not rebuild_at:
-        with ctx.manifest.transaction() as con:
-            for row in rows:
-                ctx.manifest.put_document(con, row)
-            for path in changes.deleted:
-                ctx.manifest.delete_document(con, src.name, path)
-            ctx.manifest.mark_indexed(con, src.name, new, collection)
+    if plan is not None:
+        ch = plan.changes
+        report.added, report.modified, report.deleted = ch.added, ch.modified, ch.deleted
+        report.files_added, report.files_modified, report.files_deleted = map(len, (ch.added, ch.modified, ch.deleted))
+        token_len = emb.token_counter(ctx.settings) if config.unit == "tokens" else None  # chunks and passages
+        by_path, report.documents = load_and_split(ctx, plan.repo, src, new, ch.added + ch.modified, config, token_len, progress)
+        report.skipped = [{"path": r.path, "reason": r.reason} for r in report.documents if r.status == "skipped"]
+        embed_and_store(ctx, plan, partition(plan, by_path), config, token_len, report, progress)
+        if not dry_run:
+            if rebuild_at:
+                ctx.manifest.touch_collection(collection)
+            else:
+                record_sync(ctx, src, collection, plan, report.documents)
     report.seconds = round(time.perf_counter() - t0, 3)
     return report

@@ -1,89 +1,51 @@
 """Retrieval over the live collection: dense, BM25 and their fusion.
 
-Every hit carries its score (higher is better, in the mode's own scale), the
-retriever(s) that found it and its rank in each, so the admin can see why a
-chunk came back. ``KBRetriever`` wraps the same search as a LangChain
-``BaseRetriever`` for the answer chain.
+The engine runs each retriever (``kb/search/bm25.py``, Chroma for dense),
+fuses them (``kb/search/fusion.py``), optionally reranks
+(``kb/search/rerank.py``) and returns :class:`~kb.search.hits.Hit` s.
+``KBRetriever`` wraps the same search as a LangChain ``BaseRetriever``.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from langchain_chroma import Chroma
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
 
-from kb.bm25 import BM25Matrix, tokenize
-from kb.chunking import ChunkConfig
+from core.settings import Settings
 from kb.errors import KBError
-from kb.service import KnowledgeBase
-
-MODES = ("dense", "bm25", "hybrid")
-SPECIFIC_IDF = 3.0
-SCORE_NOTES = {
-    "dense": "cosine similarity of the chunk's best passage (or of the chunk), -1..1, higher is better",
-    "bm25": "BM25 (Okapi) score, >= 0, higher is better",
-    "hybrid": "weighted reciprocal-rank fusion, sum of weight/(k+rank) over dense, bm25 and passage bm25, "
-              "0..0.05 by default, higher is better",
-}
-PASSAGE_BM25 = "bm25 passages"
+from kb.ingest.chunking import ChunkConfig
+from kb.search.bm25 import BM25Matrix
+from kb.search.fusion import fuse, specificity
+from kb.search.hits import PASSAGE_BM25, Hit, SearchOptions, hit_from_document
+from kb.search.rerank import CrossEncoderReranker
+from kb.store.index import VectorIndex
+from kb.store.manifest import Manifest
+from kb.words import tokenize
 
 
-@dataclass
-class SearchOptions:
-    k: int = 5
-    mode: str = "hybrid"
-    threshold: float | None = None  # minimum score, in the mode's own scale
-    mmr: bool = False
-    source: str | None = None
-    path_prefix: str | None = None
-    # README "Retrieval tuning": with passages, plain RRF (k=60, equal weights)
-    # over dense-on-passages, BM25 on chunks and BM25 on passages is on the
-    # dev set's plateau; no retriever needs damping (dense-on-chunks, which
-    # did, is left out of the fusion).
-    rrf_k: int = 60
-    dense_weight: float = 1.0
-    bm25_weight: float = 1.0  # both BM25 lists
-    # Chunks per retriever, before fusion. Deep lists let a chunk that sits at
-    # rank 20-40 in all three outvote one that is first in two; 15-30 is the
-    # plateau on both question sets, 40-50 its edge (README "Retrieval tuning").
-    candidates: int = 20
+class SearchableKB(Protocol):
+    """What the engine needs of the knowledge base; ``KnowledgeBase`` (the facade) is one."""
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise KBError(f"unknown search mode {self.mode!r}: use one of {', '.join(MODES)}")
-        if not 1 <= self.k <= 200:
-            raise KBError(f"k must be between 1 and 200, not {self.k}")
-
-
-@dataclass
-class Hit:
-    rank: int
-    score: float
-    mode: str
-    source: str
-    path: str
-    line_start: int
-    line_end: int
-    commit: str
-    url: str
-    text: str
-    heading: str = ""
-    id: str = ""
-    found_by: list[str] = field(default_factory=list)
-    ranks: dict[str, int] = field(default_factory=dict)
-    scores: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    settings: Settings
+    manifest: Manifest
 
     @property
-    def citation(self) -> str:
-        return f"{self.source}/{self.path}:{self.line_start}-{self.line_end}@{self.commit[:8]}"
+    def index(self) -> VectorIndex: ...
+
+    @property
+    def embeddings(self) -> Embeddings: ...
+
+    def where(self, source: str | None = None, path_prefix: str | None = None) -> dict | None: ...
+
+    def live(self) -> tuple[str, ChunkConfig]: ...
 
 
 @dataclass
@@ -99,13 +61,13 @@ class _Lexical:
 class SearchEngine:
     """Searches the live collection; caches the BM25 matrix per collection version."""
 
-    def __init__(self, kb: KnowledgeBase) -> None:
+    def __init__(self, kb: SearchableKB) -> None:
         self.kb = kb
         self._lexical: dict[str, _Lexical] = {}
         self._stores: dict[tuple[str, str], Chroma] = {}
         self._passages_of: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
-        self._reranker = None
+        self._reranker: CrossEncoderReranker | None = None
 
     # building blocks
     def _store(self, coll) -> Chroma:
@@ -247,10 +209,13 @@ class SearchEngine:
         self._documents(coll, {i for lst in ranked.values() for i, _ in lst}, docs)
         lists = {m: [(docs[i], s) for i, s in lst if i in docs] for m, lst in ranked.items()}
         if opts.mode == "hybrid":
-            hits = self._fuse(lists, opts, bm25_scale=self._specificity(lex, tokens))
+            hits = fuse(lists, opts, bm25_scale=specificity(lex.matrix, tokens))
         else:
             hits = self._single(lists[opts.mode], opts.mode)
-        hits = self._rerank(query, hits)
+        if self.kb.settings.reranker_path:
+            if self._reranker is None or self._reranker.path != self.kb.settings.reranker_path:
+                self._reranker = CrossEncoderReranker(self.kb.settings.reranker_path)
+            hits = self._reranker.rerank(query, hits)
         if opts.threshold is not None:
             hits = [h for h in hits if h.score >= opts.threshold]
         hits = hits[: opts.k]
@@ -258,68 +223,13 @@ class SearchEngine:
             h.rank = r
         return hits
 
-    @staticmethod
-    def _hit(doc: Document, score: float, mode: str) -> Hit:
-        m = doc.metadata
-        return Hit(
-            rank=0, score=round(float(score), 6), mode=mode, source=m["source"], path=m["path"],
-            line_start=int(m["line_start"]), line_end=int(m["line_end"]), commit=m.get("commit", ""),
-            url=m.get("url", ""), text=doc.page_content, heading=m.get("heading", ""), id=doc.id or "",
-        )
-
     def _single(self, scored: list[tuple[Document, float]], mode: str) -> list[Hit]:
         hits = []
         for r, (doc, s) in enumerate(scored, 1):
-            h = self._hit(doc, s, mode)
+            h = hit_from_document(doc, s, mode)
             h.found_by, h.ranks, h.scores = [mode], {mode: r}, {mode: round(float(s), 6)}
             hits.append(h)
         return hits
-
-    @staticmethod
-    def _specificity(lex: _Lexical, tokens: list[str]) -> float:
-        """1 when the query has a rare term; less when all its terms are everywhere.
-
-        "xtuner是什么？" leaves BM25 one term found in most xtuner chunks, so its
-        ranking is noise and must not outvote dense. A term in under ~5 % of
-        the chunks (idf >= SPECIFIC_IDF) counts fully.
-        """
-        return min(1.0, lex.matrix.max_idf(tokens) / SPECIFIC_IDF)
-
-    @staticmethod
-    def _fuse(lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions, bm25_scale: float = 1.0) -> list[Hit]:
-        """Weighted reciprocal-rank fusion: sum of weight / (rrf_k + rank) over retrievers."""
-        bm25 = opts.bm25_weight * bm25_scale
-        weights = {"dense": opts.dense_weight, "bm25": bm25, PASSAGE_BM25: bm25}
-        fused: dict[str, Hit] = {}
-        for mode, scored in lists.items():
-            for r, (doc, s) in enumerate(scored, 1):
-                h = fused.get(doc.id)
-                if h is None:
-                    h = fused[doc.id] = SearchEngine._hit(doc, 0.0, "hybrid")
-                h.score += weights[mode] / (opts.rrf_k + r)
-                h.found_by.append(mode)
-                h.ranks[mode] = r
-                h.scores[mode] = round(float(s), 6)
-        hits = sorted(fused.values(), key=lambda h: -h.score)
-        for h in hits:
-            h.score = round(h.score, 6)
-        return hits
-
-    def _rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
-        """Optional cross-encoder from a local folder (KB_RERANKER_PATH)."""
-        path = self.kb.settings.reranker_path
-        if not path or not hits:
-            return hits
-        if self._reranker is None:
-            from sentence_transformers import CrossEncoder
-
-            self._reranker = CrossEncoder(path, local_files_only=True)
-        scores = self._reranker.predict([(query, h.text) for h in hits])
-        for h, s in zip(hits, scores):
-            h.scores["rerank"] = round(float(s), 6)
-            h.found_by.append("rerank")
-        return sorted(hits, key=lambda h: -h.scores["rerank"])
-
 
 class KBRetriever(BaseRetriever):
     """The search as a LangChain retriever; hit details ride in the metadata."""

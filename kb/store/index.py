@@ -8,15 +8,15 @@ default embedding function (it downloads a model): we always supply vectors.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import chromadb
 from chromadb.config import Settings as ChromaSettings
+from chromadb.errors import NotFoundError
 
 from core.settings import Settings
-from kb.chunking import Chunk, ChunkConfig
 from kb.errors import KBError
-from kb.passages import Passage, is_passage_collection, passage_collection
 from kb.progress import Progress, no_progress
 
 READ_BATCH = 500
@@ -35,14 +35,36 @@ def make_client(settings: Settings) -> "chromadb.ClientAPI":
                 ssl=url.scheme == "https",
                 settings=chroma_settings,
             )
-        except Exception as exc:  # chromadb raises ValueError/ConnectionError variants
+        except ValueError as exc:  # chromadb's "Could not connect to a Chroma server"
             raise KBError(f"cannot reach the Chroma server at {settings.chroma_url}: {exc}") from None
     settings.chroma_path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(path=str(settings.chroma_path), settings=chroma_settings)
 
 
-def collection_name(config: ChunkConfig, model_slug: str) -> str:
-    return f"kb-{config.hash}-{model_slug}"[:63].rstrip("-._")
+def collection_name(config_hash: str, model_slug: str) -> str:
+    """One collection per chunk config and embedding model: ``kb-<config hash>-<model>``."""
+    return f"kb-{config_hash}-{model_slug}"[:63].rstrip("-._")
+
+
+PREFIX = "kbp-"
+
+
+def passage_collection(chunk_collection: str) -> str:
+    """The passages' collection beside a chunk collection ("kb-…" → "kbp-…")."""
+    return (PREFIX + chunk_collection.removeprefix("kb-"))[:63].rstrip("-._")
+
+
+def is_passage_collection(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+class Record(Protocol):
+    """What the index writes: a chunk or a passage (``document`` is the stored text, None for none)."""
+
+    id: str
+    document: str | None
+
+    def metadata(self) -> dict: ...
 
 
 def _batches(seq: Sequence, size: int) -> Iterable[Sequence]:
@@ -59,7 +81,7 @@ class VectorIndex:
     def get(self, name: str):
         try:
             return self.client.get_collection(name, embedding_function=None)
-        except Exception:  # NotFoundError / ValueError depending on the client
+        except NotFoundError:
             raise KBError(f"no collection named {name!r}") from None
 
     def exists(self, name: str) -> bool:
@@ -73,15 +95,15 @@ class VectorIndex:
         """The passage collection of chunk collection ``name``, or None when it has none."""
         try:
             return self.client.get_collection(passage_collection(name), embedding_function=None)
-        except Exception:
+        except NotFoundError:
             return None
 
-    def create(self, name: str, config: ChunkConfig, embed_model: str):
+    def create(self, name: str, chunk_config: str, embed_model: str):
         return self.client.get_or_create_collection(
             name,
             embedding_function=None,
             configuration={"hnsw": {"space": "cosine"}},
-            metadata={"chunk_config": config.to_json(), "embed_model": embed_model},
+            metadata={"chunk_config": chunk_config, "embed_model": embed_model},
         )
 
     def drop(self, name: str) -> None:
@@ -128,7 +150,7 @@ class VectorIndex:
                 found.setdefault(meta["text_hash"], list(vec))
         return found
 
-    def upsert(self, coll, chunks: Sequence["Chunk | Passage"], vectors: Sequence[Sequence[float]], progress: Progress = no_progress) -> None:
+    def upsert(self, coll, chunks: Sequence[Record], vectors: Sequence[Sequence[float]], progress: Progress = no_progress) -> None:
         """Write records in the largest batches Chroma takes, each with the text it keeps (``document``; a passage none)."""
         size = self.client.get_max_batch_size()
         done = 0
@@ -144,7 +166,7 @@ class VectorIndex:
             done += len(part)
             progress("store", done, len(chunks), coll.name)
 
-    def update_metadata(self, coll, chunks: Sequence[Chunk]) -> None:
+    def update_metadata(self, coll, chunks: Sequence[Record]) -> None:
         size = self.client.get_max_batch_size()
         for part in _batches(list(chunks), size):
             coll.update(ids=[c.id for c in part], metadatas=[c.metadata() for c in part])

@@ -1,0 +1,80 @@
+"""Citations: where a piece of an answer comes from, and how that is written down.
+
+One module for every way a location is formatted, so the answer chain, the
+CLI and the pages agree: the permalink to a file's lines at a commit on its
+web host, the plain ``source/path:a-b@commit`` label, its Markdown form with a
+link, and the ``[n]`` markers an answer uses to point at its sources.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from kb.markdown import escape_markdown, safe_url
+
+# [2], [1, 3], 【1、2】: the markers an answer may use for its numbered sources.
+MARKER_RE = re.compile(r"[\[【]\s*(\d+(?:\s*[,，、]\s*\d+)*)\s*[\]】]")
+
+
+def permalink(web_url: str, commit: str, path: str, line_start: int, line_end: int) -> str:
+    """Link to the file and lines at that commit; empty when the host is unknown."""
+    if not web_url or not commit:
+        return ""
+    base = web_url.rstrip("/")
+    blob = "/-/blob/" if "gitlab.com" in base else "/blob/"
+    return f"{base}{blob}{commit}/{path}#L{line_start}-L{line_end}"
+
+
+def file_url(web_url: str, commit: str, path: str) -> str:
+    """The whole file at that commit on its web host; empty when the host is unknown."""
+    return permalink(web_url, commit, path, 1, 1).split("#")[0]
+
+
+def location(source: str, path: str, line_start: int, line_end: int, commit: str = "") -> str:
+    """``source/path:a-b@commit8``: how the CLI, logs and evaluation name a hit."""
+    return f"{source}/{path}:{line_start}-{line_end}" + (f"@{commit[:8]}" if commit else "")
+
+
+def location_md(source: str, path: str, line_start: int, line_end: int, commit: str = "", url: str = "") -> str:
+    """The location as Markdown (document text escaped), linked to its permalink when there is one."""
+    loc = escape_markdown(f"{source}/{path}:{line_start}-{line_end}")
+    if url:
+        loc = f"[{loc}]({safe_url(url)})"
+    return f"{loc} @ `{commit[:8]}`" if commit else loc
+
+
+def marker_numbers(m: re.Match[str]) -> list[int]:
+    """The source numbers of one ``MARKER_RE`` match: ``[2]``, ``[1, 3]``, ``【1、2】``."""
+    return [int(n) for n in re.split(r"\s*[,，、]\s*", m.group(1))]
+
+
+def cited_numbers(answer: str, n_sources: int) -> list[int]:
+    """The ``[n]`` (also ``[1, 2]`` and ``【n】``) markers that name a real source."""
+    found = {n for m in MARKER_RE.finditer(answer) for n in marker_numbers(m)}
+    return sorted(n for n in found if 1 <= n <= n_sources)
+
+
+def link_markers(answer: str, urls: Sequence[str]) -> str:
+    """Turn the ``[n]`` markers of an answer into Markdown links to source n's permalink.
+
+    ``urls[n-1]`` is source n's permalink ('' when it has none: the marker is
+    shown bold). Markers naming no source are left as they are. The answer is
+    the model's own Markdown, shown without HTML.
+    """
+
+    def one(n: int) -> str:
+        url = urls[n - 1] if 1 <= n <= len(urls) else None
+        if url is None:
+            return f"[{n}]"
+        if not url:
+            return f"**\\[{n}\\]**"
+        return f"[\\[{n}\\]]({safe_url(url)})"
+
+    def repl(m: re.Match[str]) -> str:
+        nums = marker_numbers(m)
+        if not any(1 <= n <= len(urls) for n in nums):
+            return m.group(0)
+        return "".join(one(n) for n in nums)
+
+    return MARKER_RE.sub(repl, answer)

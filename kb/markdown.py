@@ -1,0 +1,69 @@
+"""Document text made safe to show as Markdown, with the query's terms highlighted.
+
+Pages render chunk text, headings and paths from indexed files through
+``st.markdown``; without escaping, a document could inject HTML, links,
+LaTeX or Streamlit directives (``:red[...]``) into the dashboard. Pure
+Python, so the CLI and tests can use it too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+# Every ASCII punctuation mark may be backslash-escaped in CommonMark; these are the
+# ones that could start Markdown, HTML, an entity, LaTeX ($) or a Streamlit
+# directive/emoji shortcode (:color[...], :smile:).
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>&~$:=^\"'])")
+
+
+def escape_markdown(text: str) -> str:
+    """Text shown literally by st.markdown: no formatting, links, HTML or directives from it."""
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def safe_url(url: str) -> str:
+    """A URL that can sit inside ``[text](url)`` without ending the link early."""
+    return url.replace("(", "%28").replace(")", "%29").replace(" ", "%20")
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _terms_re(terms: Iterable[str]) -> re.Pattern[str] | None:
+    uniq = sorted({t for t in terms if t and t.strip()}, key=len, reverse=True)
+    if not uniq:
+        return None
+    return re.compile("|".join(re.escape(t) for t in uniq), re.IGNORECASE)
+
+
+def mark_terms(text: str, terms: Iterable[str], style: str = "orange-background") -> str:
+    """Escaped Markdown of ``text`` with each occurrence of a term wrapped in ``:style[...]``."""
+    pattern = _terms_re(terms)
+    if pattern is None:
+        return escape_markdown(text)
+    out, pos = [], 0
+    for m in pattern.finditer(text):
+        out.append(escape_markdown(text[pos : m.start()]))
+        out.append(f":{style}[{escape_markdown(m.group(0))}]")
+        pos = m.end()
+    out.append(escape_markdown(text[pos:]))
+    return "".join(out)
+
+
+def snippet(text: str, terms: Iterable[str], width: int = 320) -> str:
+    """A one-line excerpt of about ``width`` characters around the first query term (raw text)."""
+    flat = _one_line(text)
+    if len(flat) <= width:
+        return flat
+    pattern = _terms_re(terms)
+    m = pattern.search(flat) if pattern else None
+    start = 0 if m is None else max(0, min(m.start() - width // 4, len(flat) - width))
+    piece = flat[start : start + width]
+    return ("…" if start > 0 else "") + piece + ("…" if start + width < len(flat) else "")
+
+
+def marked_snippet(text: str, terms: Iterable[str], width: int = 320) -> str:
+    terms = list(terms)
+    return mark_terms(snippet(text, terms, width), terms)

@@ -1,0 +1,88 @@
+"""What a search is asked (:class:`SearchOptions`) and what it returns (:class:`Hit`).
+
+Every hit carries its score (higher is better, in the mode's own scale), the
+retriever(s) that found it and its rank in each, so the admin can see why a
+chunk came back; these are plain data for the CLI, the pages and the answer chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from langchain_core.documents import Document
+
+from kb.citations import location
+from kb.errors import KBError
+
+MODES = ("dense", "bm25", "hybrid")
+SPECIFIC_IDF = 3.0
+SCORE_NOTES = {
+    "dense": "cosine similarity of the chunk's best passage (or of the chunk), -1..1, higher is better",
+    "bm25": "BM25 (Okapi) score, >= 0, higher is better",
+    "hybrid": "weighted reciprocal-rank fusion, sum of weight/(k+rank) over dense, bm25 and passage bm25, "
+              "0..0.05 by default, higher is better",
+}
+PASSAGE_BM25 = "bm25 passages"
+
+
+@dataclass
+class SearchOptions:
+    k: int = 5
+    mode: str = "hybrid"
+    threshold: float | None = None  # minimum score, in the mode's own scale
+    mmr: bool = False
+    source: str | None = None
+    path_prefix: str | None = None
+    # README "Retrieval tuning": with passages, plain RRF (k=60, equal weights)
+    # over dense-on-passages, BM25 on chunks and BM25 on passages is on the
+    # dev set's plateau; no retriever needs damping (dense-on-chunks, which
+    # did, is left out of the fusion).
+    rrf_k: int = 60
+    dense_weight: float = 1.0
+    bm25_weight: float = 1.0  # both BM25 lists
+    # Chunks per retriever, before fusion. Deep lists let a chunk that sits at
+    # rank 20-40 in all three outvote one that is first in two; 15-30 is the
+    # plateau on both question sets, 40-50 its edge (README "Retrieval tuning").
+    candidates: int = 20
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise KBError(f"unknown search mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if not 1 <= self.k <= 200:
+            raise KBError(f"k must be between 1 and 200, not {self.k}")
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    mode: str
+    source: str
+    path: str
+    line_start: int
+    line_end: int
+    commit: str
+    url: str
+    text: str
+    heading: str = ""
+    id: str = ""
+    found_by: list[str] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def citation(self) -> str:
+        return location(self.source, self.path, self.line_start, self.line_end, self.commit)
+
+
+def hit_from_document(doc: Document, score: float, mode: str) -> Hit:
+    """A chunk as Chroma (or LangChain's wrapper) returned it, as a hit not yet ranked."""
+    m = doc.metadata
+    return Hit(
+        rank=0, score=round(float(score), 6), mode=mode, source=m["source"], path=m["path"],
+        line_start=int(m["line_start"]), line_end=int(m["line_end"]), commit=m.get("commit", ""),
+        url=m.get("url", ""), text=doc.page_content, heading=m.get("heading", ""), id=doc.id or "",
+    )
