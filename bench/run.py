@@ -1,4 +1,5 @@
-"""Benchmarks: ingest (ours vs the tutorial's pipeline), sync, search latency, answer speed.
+"""Benchmarks: ingest (ours vs the tutorial's pipeline), retrieval per question set and category, sync, search
+latency, answer speed.
 
     make bench                      # everything (about half an hour on 2 cores)
     python -m bench.run ingest sync # some of it
@@ -60,6 +61,61 @@ def eval_modes(engine, questions: Path, k: int = 5) -> dict:
     for mode in ("dense", "bm25", "hybrid"):
         r = evaluate(engine, qs, SearchOptions(k=k, mode=mode))
         out[mode] = {m: r[m] for m in ("hit@1", "hit@k", "mrr", "misses")}
+    return out
+
+
+# ---------------------------------------------------------------- retrieval, per question set and category
+QUESTION_SETS = {  # name -> (file, what it is for)
+    "dev": (ROOT / "kb" / "questions" / "dev_questions.jsonl", "tuning (the shared dev set, with facts and categories)"),
+    "overview-dev": (ROOT / "kb" / "questions" / "overview_dev.jsonl", "tuning (overview questions)"),
+    "holdout": (ROOT / "kb" / "questions" / "holdout_questions.jsonl", "checking only"),
+    "overview-holdout": (ROOT / "kb" / "questions" / "overview_holdout.jsonl", "checking only, never tuned on"),
+}
+# The document-level signals off: the fusion of the previous round, for the before/after table.
+SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "empty_penalty": 1.0, "collapse": False}
+
+
+def six_repo_kb():
+    """The six-repo index of the last ingest benchmark, or a fresh one."""
+    home = WORK / "ours"
+    kb = ours_kb(home)
+    if not kb.sources():
+        for repo in REPOS:
+            org = "open-compass" if repo == "opencompass" else "InternLM"
+            kb.add_source(repo, str(CORPUS / f"{repo}.bundle"), web_url=f"https://gitee.com/{org}/{repo}")
+        kb.sync()
+    return kb
+
+
+def bench_retrieval(k: int = 5) -> dict:
+    """hit@1, hit@k and MRR per question set, mode and category; hybrid also with the signals off (before)."""
+    from kb.evaluate import evaluate, load_questions
+    from kb.search.engine import SearchEngine
+    from kb.search.hits import SearchOptions
+
+    engine = SearchEngine(six_repo_kb())
+    out: dict = {"k": k, "sets": {}}
+    for name, (path, purpose) in QUESTION_SETS.items():
+        qs = load_questions(path)
+        runs = {mode: evaluate(engine, qs, SearchOptions(k=k, mode=mode)) for mode in ("dense", "bm25", "hybrid")}
+        runs["hybrid (signals off)"] = evaluate(engine, qs, SearchOptions(k=k, mode="hybrid", **SIGNALS_OFF))
+        out["sets"][name] = {
+            "file": str(path.relative_to(ROOT)), "purpose": purpose,
+            "modes": {m: {key: r[key] for key in ("n", "hit@1", "hit@k", "mrr", "by_category", "misses")}
+                      for m, r in runs.items()},
+        }
+        print(f"{name}: " + "  ".join(f"{m} {r['hit@1']:.3f}/{r['hit@k']:.3f}" for m, r in runs.items()), file=sys.stderr)
+    # hybrid against the better single mode, per set and category (the issue's bar: never below it)
+    out["hybrid_vs_best_single"] = {
+        name: {cat: {"hybrid_hit@k": s["modes"]["hybrid"]["by_category"][cat]["hit@k"],
+                     "best_single_hit@k": max(s["modes"][m]["by_category"][cat]["hit@k"] for m in ("dense", "bm25")),
+                     "hybrid_mrr": s["modes"]["hybrid"]["by_category"][cat]["mrr"],
+                     "best_single_mrr": max(s["modes"][m]["by_category"][cat]["mrr"] for m in ("dense", "bm25"))}
+               for cat in s["modes"]["hybrid"]["by_category"]}
+        for name, s in out["sets"].items()
+    }
+    out["summary"] = {name: s["modes"]["hybrid"]["hit@k"] for name, s in out["sets"].items()}
+    save("retrieval", out)
     return out
 
 
@@ -323,7 +379,10 @@ def bench_search(big: int) -> dict:
 
     from kb.evaluate import HOLDOUT, load_questions
 
-    queries = [q["question"] for path in (QUESTIONS, HOLDOUT) for q in load_questions(path)]  # 60 queries
+    # 120 queries: the dev and held-out sets, and the overview sets, which take the named-source paths too
+    overview = (QUESTION_SETS["overview-dev"][0], QUESTION_SETS["overview-holdout"][0])
+    queries = [q["question"] for path in (QUESTIONS, HOLDOUT, *overview)
+               for q in load_questions(path)]
     kb = ours_kb(WORK / "ours")
     engine = SearchEngine(kb)
     result = {"corpus": {"chunks": kb.stats()["chunks"], **_latencies(engine, queries, 5), "rss_mb": _rss_mb()}}
@@ -492,7 +551,7 @@ def bench_answer(max_tokens: int = 256) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", nargs="*", default=["ingest", "sync", "search", "answer"])
+    p.add_argument("which", nargs="*", default=["ingest", "retrieval", "sync", "search", "answer"])
     p.add_argument("--skip-tutorial", action="store_true")
     p.add_argument("--big", type=int, default=200_000, help="chunks in the synthetic search collection (0: skip)")
     a = p.parse_args()
@@ -500,6 +559,8 @@ def main() -> None:
     for name in a.which:
         if name == "ingest":
             bench_ingest(a.skip_tutorial)
+        elif name == "retrieval":
+            bench_retrieval()
         elif name == "sync":
             bench_sync()
         elif name == "search":

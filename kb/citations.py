@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from kb.markdown import escape_markdown, safe_url
 
@@ -22,8 +23,9 @@ def permalink(web_url: str, commit: str, path: str, line_start: int, line_end: i
     if not web_url or not commit:
         return ""
     base = web_url.rstrip("/")
-    blob = "/-/blob/" if "gitlab.com" in base else "/blob/"
-    return f"{base}{blob}{commit}/{path}#L{line_start}-L{line_end}"
+    if "gitlab" in (urlsplit(base).hostname or ""):  # GitLab: /-/blob/ and #L3-9
+        return f"{base}/-/blob/{commit}/{path}#L{line_start}-{line_end}"
+    return f"{base}/blob/{commit}/{path}#L{line_start}-L{line_end}"  # GitHub and Gitee: #L3-L9
 
 
 def file_url(web_url: str, commit: str, path: str) -> str:

@@ -34,7 +34,8 @@ with st.sidebar:
 query = st.text_input("Question", placeholder="e.g. xtuner是什么？  or  How do I fine-tune with QLoRA?", key="lab_query")
 if not query.strip():
     st.caption("Ask something to see what each retriever returns. Scores are on each retriever's own scale; "
-               "hybrid fuses dense, BM25 over chunks and BM25 over passages by reciprocal rank.")
+               "hybrid fuses dense, BM25 over chunks and BM25 over passages by reciprocal rank, with the source a "
+               "question names and its README's opening as further lists.")
     st.stop()
 
 terms = tokenize(query)

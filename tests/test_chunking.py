@@ -107,3 +107,18 @@ def test_passage_size_is_checked_and_none_keeps_older_names():
     for bad in (10, 401):
         with pytest.raises(KBError, match="passage size"):
             ChunkConfig(size=400, overlap=40, passage_size=bad)
+
+
+@pytest.mark.parametrize("separator", ["\x0c", "\u2028", "\u2029", "\x85", "\x1c", "\x1d", "\x1e", "\x0b"])
+def test_line_numbers_are_gits_around_unicode_separators(separator):
+    """str.splitlines() breaks at these too; git does not, so every line after one was off by one."""
+    raw = f"# Title\n\nbefore{separator}same line\nline 4\r\nline 5\rline 6\nlast line\n".encode()
+    doc = load_document("notes.md", raw, 10_000)
+    lines = doc.text.split("\n")
+    assert len(lines) == raw.count(b"\n") + raw.replace(b"\r\n", b"").count(b"\r")  # git's count: LF, CRLF, bare CR
+    assert lines[2] == f"before{separator}same line" and lines[3] == "line 4" and lines[6] == "last line"
+
+
+def test_line_numbers_with_a_bom_and_without_a_final_newline():
+    doc = load_document("a.txt", "\ufeffone\ntwo\x0cstill two\nthree".encode(), 10_000)
+    assert doc.text.split("\n") == ["one", "two\x0cstill two", "three"]

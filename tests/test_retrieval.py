@@ -13,6 +13,7 @@ from kb.words import tokenize
 from kb.errors import KBError
 from kb.evaluate import is_hit
 from kb.ingest.chunking import ChunkConfig
+from kb.search import signals
 from kb.search.engine import KBRetriever, SearchEngine
 from kb.search.hits import PASSAGE_BM25, SearchOptions
 
@@ -139,3 +140,21 @@ def test_held_out_questions_point_at_real_lines(corpus, tmp_path):
     for q in questions:
         lines = git("--git-dir", str(tmp_path / q["repo"]), "show", f"HEAD:{q['path']}").split("\n")
         assert 1 <= q["line_start"] <= q["line_end"] <= len(lines), q["id"]
+
+
+@pytest.mark.parametrize("question", ["xtuner是什么？", "What is XTuner?"])
+def test_what_is_x_finds_the_readme_introduction(engine, question):
+    """A definitional question gets the source's own introduction (README opening), in the top three."""
+    hits = engine.search(question, SearchOptions(k=5))
+    intro = {"README.md": (36, 38), "README_zh-CN.md": (41, 43)}
+    top = [(h.path, h.line_start, h.line_end) for h in hits[:3]]
+    assert any(p in intro and a <= intro[p][1] and b >= intro[p][0] for p, a, b in top), top
+    assert any("readme opening" in h.ranks for h in hits[:3])
+
+
+def test_hybrid_hits_are_distinct_and_never_only_a_heading(engine):
+    for question in ("xtuner支持哪些模型？", "How do I install XTuner?", "QLoRA"):
+        hits = engine.search(question, SearchOptions(k=5))
+        texts = [h.text for h in hits]
+        assert len(set(texts)) == len(texts)
+        assert not any(signals.is_empty(h) for h in hits[:3]), [h.citation for h in hits]

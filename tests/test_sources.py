@@ -118,3 +118,15 @@ def test_upload_markdown_and_html(tiny_kb):
     tiny_kb.add_source("repo", str(tiny_kb.settings.repos_path / "files"))
     with pytest.raises(KBError, match="git repository"):
         tiny_kb.upload({"c.md": b"# c\n"}, "repo")
+
+
+@pytest.mark.parametrize("web_url,expected", [
+    ("https://gitee.com/InternLM/xtuner", "https://gitee.com/InternLM/xtuner/blob/abc123/docs/a.md#L3-L9"),
+    ("https://github.com/InternLM/xtuner/", "https://github.com/InternLM/xtuner/blob/abc123/docs/a.md#L3-L9"),
+    ("https://gitlab.com/group/sub/repo", "https://gitlab.com/group/sub/repo/-/blob/abc123/docs/a.md#L3-9"),
+    ("https://gitlab.example.org/team/repo", "https://gitlab.example.org/team/repo/-/blob/abc123/docs/a.md#L3-9"),
+    ("", ""),
+])
+def test_permalink_format_per_host(web_url, expected):
+    assert citations.permalink(web_url, "abc123", "docs/a.md", 3, 9) == expected
+    assert citations.file_url(web_url, "abc123", "docs/a.md") == expected.split("#")[0]

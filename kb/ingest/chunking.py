@@ -39,7 +39,7 @@ class ChunkConfig:
     overlap: int = 150
     unit: str = "chars"
     heading_prefix: bool = False  # prepend the heading path to the embedded/BM25 text
-    version: int = 3  # bump when the splitting or BM25 tokenizing code changes its output
+    version: int = 4  # bump when the splitting or BM25 tokenizing code changes its output (4: git line numbers)
     # Size of the passages searched to find chunks (kb/passages.py), in ``unit``; 0: none.
     passage_size: int = 0
 

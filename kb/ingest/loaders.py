@@ -128,10 +128,21 @@ def decode(data: bytes) -> str:
         raise SkipFile(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def git_lines(text: str) -> list[str]:
+    """The file's lines as git numbers them: split at LF only, after CRLF and a bare CR become LF.
+
+    ``str.splitlines()`` also breaks at form feed, U+2028, U+0085 and other
+    separators, which shifted every line number (and permalink) after one.
+    A final newline ends the last line rather than starting an empty one.
+    """
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def load_lines(path: str, data: bytes) -> LoadedDocument:
-    """md/txt/rst: keep every line; CRLF and CR become LF so numbering matches."""
+    """md/txt/rst: keep every line; CRLF and CR become LF so numbering matches git's."""
     text = decode(data)
-    lines = text.splitlines()
+    lines = git_lines(text)
     reason = data_file_reason(lines)
     if reason:
         raise SkipFile(reason)
@@ -195,7 +206,7 @@ def load_unstructured(path: str, data: bytes) -> LoadedDocument:
         if lines:
             lines.append("")
             headings.append(current)
-        for line in text.splitlines():
+        for line in git_lines(text):
             lines.append(line)
             headings.append(current)
     if not lines:

@@ -24,11 +24,14 @@ from kb.errors import KBError
 from kb.ingest.chunking import ChunkConfig
 from kb.search.bm25 import BM25Matrix
 from kb.search.fusion import fuse, specificity
-from kb.search.hits import PASSAGE_BM25, Hit, SearchOptions, hit_from_document
+from kb.search import signals
+from kb.search.hits import IN_SOURCE, OPENING, PASSAGE_BM25, Hit, SearchOptions, hit_from_document
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex
 from kb.store.manifest import Manifest
 from kb.words import tokenize
+
+IN_SOURCE_DEPTH = 300  # passages read when a source is named, to rank its own chunks too
 
 
 class SearchableKB(Protocol):
@@ -46,6 +49,8 @@ class SearchableKB(Protocol):
     def where(self, source: str | None = None, path_prefix: str | None = None) -> dict | None: ...
 
     def live(self) -> tuple[str, ChunkConfig]: ...
+
+    def read_document(self, source: str, path: str): ...
 
 
 @dataclass
@@ -68,6 +73,7 @@ class SearchEngine:
         self._passages_of: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
         self._reranker: CrossEncoderReranker | None = None
+        self._openings: dict[tuple, object] = {}  # root README paths and name words per source, per collection version
 
     # building blocks
     def _store(self, coll) -> Chroma:
@@ -152,16 +158,23 @@ class SearchEngine:
             self._passages_of[key] = self.kb.index.passages(coll.name)
         return self._passages_of[key]
 
-    def _dense_passages(self, pcoll, query: str, n: int, opts: SearchOptions) -> list[tuple[str, float]]:
+    def _dense_passages(self, pcoll, query: str, n: int, opts: SearchOptions,
+                        also_in: str | None = None) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
         """Chunks ranked by their best passage's similarity (2n passages are read to find n chunks).
 
+        With ``also_in``, the same query also ranks that source's chunks alone
+        (from the top 300 passages): the in-source list of the named-source
+        signal, without a second, filtered search.
         Passages keep no text (kb/passages.py), and LangChain's wrapper drops
         records without text, so this one query goes to Chroma directly; the
         score is the wrapper's cosine relevance, 1 - distance.
         """
-        got = pcoll.query(query_embeddings=[self.kb.embeddings.embed_query(query)], n_results=2 * n,
+        got = pcoll.query(query_embeddings=[self.kb.embeddings.embed_query(query)],
+                          n_results=max(2 * n, IN_SOURCE_DEPTH) if also_in else 2 * n,
                           where=self._where(opts), include=["metadatas", "distances"])
-        return self._ranked([(m["parent"], 1.0 - d) for m, d in zip(got["metadatas"][0], got["distances"][0])], n)
+        scored = [(m["parent"], 1.0 - d, m["source"]) for m, d in zip(got["metadatas"][0], got["distances"][0])]
+        in_source = self._ranked([(c, sc) for c, sc, src in scored if src == also_in], n) if also_in else []
+        return self._ranked([(c, sc) for c, sc, _ in scored], n), in_source
 
     def _bm25(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions) -> list[tuple[str, float]]:
         """Chunk ids by BM25; over passages (``lex.parents``), each passage's chunk."""
@@ -194,22 +207,31 @@ class SearchEngine:
         pcoll = self._passages(coll, config)
         ranked: dict[str, list[tuple[str, float]]] = {}
         docs: dict[str, Document] = {}
+        named: list[str] = []
+        if opts.mode == "hybrid":
+            lex, tokens = self.lexical(collection), tokenize(query)
+            if not opts.source:
+                named = signals.named_sources(lex.matrix, lex.sources, tokens, self._aliases(collection))
         if opts.mode in ("dense", "hybrid"):
             if pcoll is not None and not opts.mmr:
-                ranked["dense"] = self._dense_passages(pcoll, query, n, opts)
+                in_source = named[0] if len(named) == 1 and opts.in_source_weight else None
+                ranked["dense"], ranked[IN_SOURCE] = self._dense_passages(pcoll, query, n, opts, also_in=in_source)
+                if not in_source:
+                    del ranked[IN_SOURCE]
             else:
                 scored = self._dense(coll, query, n, opts)
                 docs.update((d.id, d) for d, _ in scored)
                 ranked["dense"] = [(d.id, s) for d, s in scored]
         if opts.mode in ("bm25", "hybrid"):
-            lex, tokens = self.lexical(collection), tokenize(query)
+            if opts.mode == "bm25":
+                lex, tokens = self.lexical(collection), tokenize(query)
             ranked["bm25"] = self._bm25(lex, tokens, n, opts)
             if opts.mode == "hybrid" and pcoll is not None:
                 ranked[PASSAGE_BM25] = self._bm25(self.lexical(collection, passages=True), tokens, n, opts)
         self._documents(coll, {i for lst in ranked.values() for i, _ in lst}, docs)
         lists = {m: [(docs[i], s) for i, s in lst if i in docs] for m, lst in ranked.items()}
         if opts.mode == "hybrid":
-            hits = fuse(lists, opts, bm25_scale=specificity(lex.matrix, tokens))
+            hits = self._hybrid(coll, collection, query, lex, tokens, named, lists, opts)
         else:
             hits = self._single(lists[opts.mode], opts.mode)
         if self.kb.settings.reranker_path:
@@ -222,6 +244,62 @@ class SearchEngine:
         for r, h in enumerate(hits, 1):
             h.rank = r
         return hits
+
+    def _hybrid(self, coll, collection: str, query: str, lex: _Lexical, tokens: list[str], named: list[str],
+                lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions) -> list[Hit]:
+        """Fuse the lists, with the document-level signals of ``kb/search/signals.py``."""
+        language = signals.query_language(query)
+        weights = {}
+        if IN_SOURCE in lists:
+            rest = signals.asked_about(tokens, named, self._aliases(collection))
+            fade = 1.0 - min(1.0, lex.matrix.max_idf(rest) / opts.rest_idf) if rest else 1.0
+            weights[IN_SOURCE] = opts.in_source_weight * fade
+            if opts.opening_weight and not rest and not opts.path_prefix:
+                lists = {**lists, OPENING: [(d, 0.0) for d in signals.opening(
+                    self._readmes(coll, collection, named[0]), language, opts.opening_chunks)]}
+                weights[OPENING] = opts.opening_weight
+        hits = fuse(lists, opts, bm25_scale=specificity(lex.matrix, tokens), extra_weights=weights)
+        if opts.empty_penalty != 1.0:
+            for h in hits:
+                if signals.is_empty(h):
+                    h.score *= opts.empty_penalty
+            hits.sort(key=lambda h: -h.score)
+        if opts.collapse:
+            # Past k distinct hits nothing is shown, unless a threshold or the reranker may drop or reorder some.
+            whole = opts.threshold is not None or bool(self.kb.settings.reranker_path)
+            hits = signals.collapse_duplicates(hits, language, limit=None if whole else opts.k)
+        for h in hits:
+            h.score = round(h.score, 6)
+        return hits
+
+    def _readmes(self, coll, collection: str, source: str) -> list[Document]:
+        """The chunks of ``source``'s root READMEs (cached per collection version)."""
+        key = ("readmes", collection, self.kb.manifest.collection_version(collection), source)
+        if key not in self._openings:
+            paths = [d.path for d in self.kb.manifest.documents(source)
+                     if d.status == "indexed" and signals.is_root_readme(d.path)]
+            got = coll.get(where={"$and": [{"source": source}, {"path": {"$in": paths or ["\0"]}}]},
+                           include=["documents", "metadatas"])
+            self._openings[key] = [Document(page_content=t, metadata=m, id=i)
+                                   for i, t, m in zip(got["ids"], got["documents"], got["metadatas"])]
+        return self._openings[key]  # type: ignore[return-value]
+
+    def _aliases(self, collection: str) -> dict[str, set[str]]:
+        """Each source's name words: its name and its root READMEs' titles, as BM25 words (cached per version)."""
+        key = ("aliases", collection, self.kb.manifest.collection_version(collection))
+        if key not in self._openings:
+            out: dict[str, set[str]] = {}
+            for src in self.kb.manifest.sources():
+                words = set(tokenize(src.name))
+                for d in self.kb.manifest.documents(src.name):
+                    if d.status == "indexed" and signals.is_root_readme(d.path):
+                        try:
+                            words |= set(tokenize(signals.readme_title(self.kb.read_document(src.name, d.path).text)))
+                        except KBError:  # the clone lost the commit: its name still counts
+                            pass
+                out[src.name] = {w for w in words if not w.isdigit()}
+            self._openings[key] = out  # type: ignore[assignment]
+        return self._openings[key]  # type: ignore[return-value]
 
     def _single(self, scored: list[tuple[Document, float]], mode: str) -> list[Hit]:
         hits = []

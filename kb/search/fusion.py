@@ -25,10 +25,11 @@ def specificity(matrix: BM25Matrix, tokens: list[str]) -> float:
     return min(1.0, matrix.max_idf(tokens) / SPECIFIC_IDF)
 
 
-def fuse(lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions, bm25_scale: float = 1.0) -> list[Hit]:
+def fuse(lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions, bm25_scale: float = 1.0,
+         extra_weights: dict[str, float] | None = None) -> list[Hit]:
     """Weighted reciprocal-rank fusion: sum of weight / (rrf_k + rank) over retrievers."""
     bm25 = opts.bm25_weight * bm25_scale
-    weights = {"dense": opts.dense_weight, "bm25": bm25, PASSAGE_BM25: bm25}
+    weights = {"dense": opts.dense_weight, "bm25": bm25, PASSAGE_BM25: bm25, **(extra_weights or {})}
     fused: dict[str, Hit] = {}
     for mode, scored in lists.items():
         for r, (doc, s) in enumerate(scored, 1):

@@ -23,6 +23,8 @@ SCORE_NOTES = {
               "0..0.05 by default, higher is better",
 }
 PASSAGE_BM25 = "bm25 passages"
+OPENING = "readme opening"
+IN_SOURCE = "dense in source"
 
 
 @dataclass
@@ -44,6 +46,14 @@ class SearchOptions:
     # rank 20-40 in all three outvote one that is first in two; 15-30 is the
     # plateau on both question sets, 40-50 its edge (README "Retrieval tuning").
     candidates: int = 20
+    # Document-level signals in hybrid (kb/search/signals.py; README "Retrieval tuning").
+    # Tuned on the dev and overview-dev sets (README "Retrieval tuning"), checked on the held-out ones.
+    in_source_weight: float = 1.0  # RRF weight of dense search within the named source, as another list
+    rest_idf: float = 6.0  # ... which fades as the question's other words get this specific
+    opening_weight: float = 3.0  # RRF weight of the named source's root README opening (definitional questions)
+    opening_chunks: int = 2  # how many opening chunks that list holds
+    empty_penalty: float = 0.5  # fused score x this for a hit that is only a heading (1: off)
+    collapse: bool = True  # keep one of near-duplicate hits, the copy that fits the question's language
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

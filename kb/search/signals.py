@@ -1,0 +1,197 @@
+"""Document-level signals that no chunk-level retriever sees.
+
+Measured on overview questions ("xtuner是什么？", "What is LMDeploy?", "怎么安装
+opencompass"), which the chunk retrievers miss most (README "Retrieval
+tuning"): their one content word is the project's name, which hundreds of
+chunks share, often in *other* repositories (InternLM's own LMDeploy guide
+outranks LMDeploy's README). Three general signals help, none a rule for one
+repository:
+
+- **which source the question names** (:func:`named_sources`): how the
+  question's words are spread over the sources' chunks. "lmdeploy" is far
+  more frequent in the lmdeploy repository's chunks than anywhere else, so a
+  question about it leans there; a question whose words are everywhere leans
+  nowhere;
+- **the named source's root README**: the introduction (or the install
+  section) an overview question wants, found by the dense retriever within
+  that source's root READMEs (the engine's ``_readme``);
+- **a hit with no content** (:func:`is_empty`): a chunk that is only a title
+  ("# 已支持的模型") answers nothing, however well its words match;
+
+plus near-duplicate collapsing (:func:`collapse_duplicates`): the same
+passage in README.md and docs/get_started must not take two of five slots.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from kb.search.bm25 import BM25Matrix
+from kb.search.hits import Hit
+
+CJK_RE = re.compile(r"[\u3400-\u9fff]")
+HEADING_RE = re.compile(r"^\s{0,3}#{1,6}\s")
+MARKUP_RE = re.compile(r"<[^>]+>|!?\[[^\]]*\]\([^)]*\)|https?://\S+|[`*_>#|\-=~:]+")
+WORD_RE = re.compile(r"[\u3400-\u9fff]|[A-Za-z0-9]+")
+README_RE = re.compile(r"^readme([_.-][\w-]+)?\.(md|markdown|rst|txt)$", re.IGNORECASE)
+CONTENT_WORDS = 8  # fewer words than this beyond headings and markup: an empty hit
+OPENING_WORDS = 30  # a README chunk with fewer words is badges, logos or links, not its opening
+# Headings under which documentation introduces itself (the README convention, in both languages).
+INTRO_HEADING_RE = re.compile(r"introduction|overview|about|what is|welcome|简介|介绍|概述|概览|欢迎|关于", re.IGNORECASE)
+# Words that ask "what is it" without saying what about it (BM25 already drops 是/什么/what/is).
+QUESTION_WORDS = frozenset("干嘛 干什么 做什么 用来 用途 作用 介绍 简介 一下 讲讲 说说 "
+                           "introduce introduction overview about explain describe tell".split())
+
+
+def query_language(text: str) -> str:
+    """zh when a tenth of the letters are CJK (as the loader decides a document's language)."""
+    letters = sum(c.isalpha() for c in text) or 1
+    return "zh" if len(CJK_RE.findall(text)) / letters > 0.1 else "en"
+
+
+def is_root_readme(path: str) -> bool:
+    return "/" not in path and bool(README_RE.match(path))
+
+
+def _source_shares(matrix: BM25Matrix, sources: np.ndarray, token: str) -> dict[str, float]:
+    """For one word: how its chunks spread over the sources, each source's share normalised by its size.
+
+    A big repository is not named just because it holds many chunks; the
+    shares sum to 1.
+    """
+    col = matrix.vocab.get(token)
+    if col is None:
+        return {}
+    names, inverse = np.unique(sources, return_inverse=True)
+    rows = matrix.weights.indices[matrix.weights.indptr[col] : matrix.weights.indptr[col + 1]]
+    if not len(rows):
+        return {}
+    share = np.bincount(inverse[rows], minlength=len(names)) / np.bincount(inverse, minlength=len(names))
+    share = share / share.sum()
+    return {str(n): float(v) for n, v in zip(names, share) if v > 0}
+
+
+TITLE_RE = re.compile(r"^#\s+(.+)$|<b>(?:<[^>]+>)*([^<]+)")
+
+
+def readme_title(text: str, lines: int = 30) -> str:
+    """The project's name as its README writes it: the first ``# Title`` or bold ``<b>`` title near the top."""
+    for line in text.splitlines()[:lines]:
+        m = TITLE_RE.search(line.strip())
+        if m:
+            return (m.group(1) or m.group(2) or "").strip()
+    return ""
+
+
+def named_sources(matrix: BM25Matrix, sources: np.ndarray, tokens: Sequence[str],
+                  aliases: dict[str, set[str]], margin: float = 1.5) -> list[str]:
+    """The sources the question names.
+
+    A word names a source when it is one of the source's name words (its
+    name, or its README's title: "xtuner", "浦语", "灵笔") *and* it lives in
+    that source's chunks ``margin`` times more than anywhere else, so
+    "internlm" in a question about xtuner's InternLM configs does not name
+    the InternLM repository unless the question is about it.
+    """
+    named: dict[str, set[str]] = {}
+    for t in dict.fromkeys(tokens):
+        owners = [s for s, words in aliases.items() if t in words]
+        if not owners:
+            continue
+        ranked = sorted(_source_shares(matrix, sources, t).items(), key=lambda kv: -kv[1])
+        if ranked and ranked[0][0] in owners and (len(ranked) == 1 or ranked[0][1] >= margin * ranked[1][1]):
+            named.setdefault(ranked[0][0], set()).add(t)
+    # "InternLM-XComposer" names XComposer, not also InternLM: a source named only by
+    # words that are all part of another named source's name is that other source's.
+    return [s for s, words in named.items()
+            if not any(o != s and words <= aliases.get(o, set()) and words < named[o] | words for o in named)]
+
+
+def naming_words(tokens: Sequence[str], source: str, aliases: dict[str, set[str]]) -> set[str]:
+    """The question's words that name ``source`` (what is left says what is asked about it)."""
+    return {t for t in tokens if t in aliases.get(source, set())}
+
+
+def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, set[str]]) -> list[str]:
+    """The question's words once the source's names and the bare question words are taken out.
+
+    None left: a definitional question ("xtuner是什么？", "What is LMDeploy?").
+    """
+    names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
+    return [t for t in tokens if t not in names and t not in QUESTION_WORDS]
+
+
+def opening(docs: Sequence, language: str, n: int) -> list:
+    """A root README's opening: its introduction section, else its first chunks with content.
+
+    ``docs`` are LangChain documents of the source's root READMEs; the copy in
+    the question's language is used. Chunks under an introduction heading
+    ("Introduction", "简介", "Welcome") come first; then the first chunks
+    with content, since badges, logos and link rows (fewer than
+    ``OPENING_WORDS`` words) are skipped.
+    """
+    by_path: dict[str, list] = {}
+    for d in sorted(docs, key=lambda d: int(d.metadata["line_start"])):
+        if content_words(d.page_content) >= OPENING_WORDS:
+            by_path.setdefault(d.metadata["path"], []).append(d)
+    if not by_path:
+        return []
+    zh = language == "zh"
+    best = min(by_path, key=lambda p: (zh != any(m in p.lower() for m in ("zh", "_cn", "-cn")), len(p)))
+    chunks = by_path[best]
+    intro = [d for d in chunks if INTRO_HEADING_RE.search(d.metadata.get("heading", "").split(" > ")[-1])]
+    return (intro + [d for d in chunks if d not in intro])[:n]
+
+
+def content_words(text: str) -> int:
+    """Words beyond headings and markup (a CJK character counts as a word)."""
+    body = "\n".join(l for l in text.splitlines() if not HEADING_RE.match(l))
+    return len(WORD_RE.findall(MARKUP_RE.sub(" ", body)))
+
+
+def is_empty(hit: Hit) -> bool:
+    return content_words(hit.text) < CONTENT_WORDS
+
+
+def _shingles(text: str, n: int = 5) -> set[str]:
+    flat = re.sub(r"\s+", " ", MARKUP_RE.sub(" ", text.lower())).strip()
+    return {flat[i : i + n] for i in range(max(1, len(flat) - n + 1))}
+
+
+def near_duplicate(a: set[str], b: set[str], threshold: float = 0.8) -> bool:
+    """Jaccard similarity of character 5-grams: the same passage, reformatted or lightly edited."""
+    if not a or not b or min(len(a), len(b)) < threshold * max(len(a), len(b)):  # sizes alone rule most pairs out
+        return False
+    return len(a & b) / len(a | b) >= threshold
+
+
+def fit(hit: Hit, language: str) -> tuple[int, int, int]:
+    """How well a copy fits: the question's language, then a root README, then a shallow path (lower is better)."""
+    lang = hit.path.lower()
+    zh_path = any(m in lang for m in ("zh", "_cn", "-cn", "chinese"))
+    same = (language == "zh") == zh_path
+    return (0 if same else 1, 0 if is_root_readme(hit.path) else 1, hit.path.count("/"))
+
+
+def collapse_duplicates(hits: list[Hit], language: str, limit: int | None = None) -> list[Hit]:
+    """Keep one hit per near-duplicate text, the copy that best fits; the next distinct hit moves up.
+
+    The kept copy takes the best place of its group, so collapsing never
+    pushes the information itself down. With ``limit``, once that many
+    distinct hits are kept the rest can only replace a kept copy, never join
+    (nothing past the limit is shown).
+    """
+    kept: list[tuple[Hit, set[str]]] = []
+    for h in hits:
+        sh = _shingles(h.text)
+        twin = next((i for i, (k, ks) in enumerate(kept) if near_duplicate(sh, ks)), None)
+        if twin is None:
+            if limit is None or len(kept) < limit:
+                kept.append((h, sh))
+        elif fit(h, language) < fit(kept[twin][0], language):
+            h.score, h.found_by = kept[twin][0].score, sorted(set(h.found_by) | set(kept[twin][0].found_by))
+            kept[twin] = (h, sh)
+    return [h for h, _ in kept]

@@ -1,0 +1,149 @@
+"""Document-level retrieval signals and the multi-location, per-category evaluation (no model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from langchain_core.documents import Document
+
+from kb.errors import KBError
+from kb.evaluate import evaluate, gold_locations, is_hit, load_questions, scores
+from kb.search import signals
+from kb.search.bm25 import BM25Matrix
+from kb.search.hits import Hit, SearchOptions
+from kb.words import tokenize
+
+
+def hit(source="xtuner", path="README.md", a=1, b=10, text="some text " * 10, score=1.0) -> Hit:
+    return Hit(rank=0, score=score, mode="hybrid", source=source, path=path, line_start=a, line_end=b,
+               commit="c0ffee", url="", text=text, found_by=["dense"])
+
+
+CHUNKS = [
+    ("xtuner", "XTuner is a toolkit to fine-tune large models; xtuner supports QLoRA"),
+    ("xtuner", "xtuner train config with deepspeed"),
+    ("xtuner", "install xtuner with pip"),
+    ("lmdeploy", "LMDeploy deploys models; lmdeploy serve api_server"),
+    ("lmdeploy", "lmdeploy quantization with awq"),
+    ("lmdeploy", "pip install lmdeploy"),
+    ("InternLM", "InternLM chat models can be fine-tuned with xtuner and served by lmdeploy"),
+    ("InternLM", "InternLM2.5 long context of one million tokens"),
+    ("InternLM", "InternLM model zoo and model cards"),
+    ("InternLM", "InternLM3 deep thinking mode"),
+    ("InternLM-XComposer", "浦语·灵笔 InternLM-XComposer 多模态 模型"),
+    ("InternLM-XComposer", "浦语·灵笔2.5 支持 长 上下文"),
+]
+ALIASES = {"xtuner": {"xtuner"}, "lmdeploy": {"lmdeploy"}, "InternLM": {"internlm"},
+           "InternLM-XComposer": {"internlm", "xcomposer", "浦语", "灵笔"}}
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return BM25Matrix([tokenize(t) for _, t in CHUNKS]), np.asarray([s for s, _ in CHUNKS], dtype=object)
+
+
+@pytest.mark.parametrize("question,named", [
+    ("xtuner是什么？", ["xtuner"]),
+    ("What is LMDeploy?", ["lmdeploy"]),
+    ("浦语·灵笔2.5 是什么？", ["InternLM-XComposer"]),
+    ("What is InternLM-XComposer?", ["InternLM-XComposer"]),  # not also InternLM: its word is part of the longer name
+    ("How do I install it with pip?", []),  # "install" and "pip" name no source
+])
+def test_named_sources(corpus, question, named):
+    matrix, sources = corpus
+    assert signals.named_sources(matrix, sources, tokenize(question), ALIASES) == named
+
+
+def test_asked_about_leaves_what_the_question_is_about():
+    assert signals.asked_about(tokenize("xtuner是什么？"), ["xtuner"], ALIASES) == []
+    assert signals.asked_about(tokenize("opencompass 是干嘛的？"), ["opencompass"], {"opencompass": {"opencompass"}}) == []
+    assert signals.asked_about(tokenize("How do I install XTuner?"), ["xtuner"], ALIASES) == ["install"]
+
+
+def test_readme_title_and_root_readmes():
+    assert signals.readme_title("<p>\n    <b><font size=\"6\">浦语·灵笔2.5</font></b>\n</p>") == "浦语·灵笔2.5"
+    assert signals.readme_title("badges\n# InternLM\n\n## Introduction") == "InternLM"
+    assert signals.is_root_readme("README_zh-CN.md") and signals.is_root_readme("README.md")
+    assert not signals.is_root_readme("docs/README.md") and not signals.is_root_readme("READMEX.md")
+
+
+def test_empty_hits_are_headings_and_markup_only():
+    assert signals.is_empty(hit(text="# 已支持的模型"))
+    assert signals.is_empty(hit(text="## Models\n[![badge](https://img.shields.io/x)](https://x.org) <img src=a>"))
+    assert not signals.is_empty(hit(text="# Models\nXTuner supports InternLM2, Llama 3 and Qwen models."))
+
+
+def test_query_language():
+    assert signals.query_language("xtuner是什么？") == "zh"
+    assert signals.query_language("What is XTuner?") == "en"
+
+
+def test_near_duplicates_collapse_to_the_copy_in_the_questions_language():
+    intro = "XTuner is an efficient, flexible and full-featured toolkit for fine-tuning large models. " * 3
+    hits = [hit(path="docs/en/get_started/overview.md", text=intro, score=3.0),
+            hit(path="docs/zh_cn/get_started/overview.md", text="XTuner 是一个高效、灵活、全能的轻量化大模型微调工具库。" * 3, score=2.5),
+            hit(path="README.md", text=intro.replace("toolkit", "toolkit,"), score=2.0),
+            hit(path="docs/en/other.md", text="QLoRA needs bitsandbytes and a GPU with enough memory. " * 3, score=1.0)]
+    out = signals.collapse_duplicates(hits, "en")
+    assert [h.path for h in out] == ["README.md", "docs/zh_cn/get_started/overview.md", "docs/en/other.md"]
+    assert out[0].score == 3.0  # the kept copy takes the group's best place
+    assert len(signals.collapse_duplicates(hits, "zh")) == 3  # another language's copy is not a duplicate
+
+
+def test_opening_prefers_the_introduction_in_the_questions_language():
+    def doc(path, a, heading, words):
+        return Document(page_content=" ".join(["word"] * words), id=f"{path}:{a}",
+                        metadata={"path": path, "line_start": a, "line_end": a + 5, "heading": heading})
+    docs = [doc("README.md", 1, "", 3), doc("README.md", 10, "News", 80), doc("README.md", 40, "Introduction", 90),
+            doc("README_zh-CN.md", 1, "", 3), doc("README_zh-CN.md", 40, "InternLM > 简介", 90)]
+    assert [d.id for d in signals.opening(docs, "en", 2)] == ["README.md:40", "README.md:10"]
+    assert [d.id for d in signals.opening(docs, "zh", 1)] == ["README_zh-CN.md:40"]
+
+
+def test_gold_may_list_several_locations(tmp_path):
+    q = {"id": "q", "question": "?", "repo": "xtuner", "path": "README.md", "line_start": 36, "line_end": 38,
+         "gold": [{"path": "README.md", "line_start": 36, "line_end": 38},
+                  {"path": "README_zh-CN.md", "line_start": 41, "line_end": 43}]}
+    assert gold_locations(q) == [("README.md", 36, 38), ("README_zh-CN.md", 41, 43)]
+    assert is_hit(hit(path="README_zh-CN.md", a=29, b=43), q)
+    assert not is_hit(hit(path="README_zh-CN.md", a=44, b=60), q)
+    assert not is_hit(hit(source="lmdeploy", path="README.md", a=30, b=40), q)
+    single = {k: v for k, v in q.items() if k != "gold"}  # the single-location fields stay valid
+    assert is_hit(hit(path="README.md", a=30, b=36), single) and not is_hit(hit(path="README_zh-CN.md", a=41, b=43), single)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**q, "gold": [{"path": "README.md"}]}) + "\n")
+    with pytest.raises(KBError, match="gold"):
+        load_questions(bad)
+
+
+class FakeEngine:
+    """Hits by question text: enough to score the evaluation's bookkeeping without a model."""
+
+    kb = None
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def search(self, query, opts):
+        hits = self.answers.get(query, [])
+        for r, h in enumerate(hits, 1):
+            h.rank = r
+        return hits
+
+
+def test_evaluation_reports_per_category_and_skips_unanswerable(monkeypatch):
+    monkeypatch.setattr("kb.evaluate.gold_passage", lambda kb, q: "")
+    qs = [
+        {"id": "a", "question": "what is x", "repo": "xtuner", "path": "README.md", "line_start": 1, "line_end": 5, "category": "overview"},
+        {"id": "b", "question": "deep fact", "repo": "xtuner", "path": "docs/a.md", "line_start": 10, "line_end": 12},
+        {"id": "c", "question": "no answer", "repo": "xtuner", "path": "", "line_start": 0, "line_end": 0, "answerable": False},
+    ]
+    engine = FakeEngine({"what is x": [hit(path="docs/b.md"), hit(path="README.md", a=1, b=3)],
+                         "deep fact": [hit(path="docs/a.md", a=11, b=20)]})
+    report = evaluate(engine, qs, SearchOptions(k=5))
+    assert report["n"] == 2 and report["hit@1"] == 0.5 and report["hit@k"] == 1.0 and report["mrr"] == 0.75
+    assert report["by_category"] == {"overview": {"n": 1, "hit@1": 0.0, "hit@k": 1.0, "mrr": 0.5},
+                                     "specific": {"n": 1, "hit@1": 1.0, "hit@k": 1.0, "mrr": 1.0}}
+    assert scores([1, None, 2, None]) == {"n": 4, "hit@1": 0.25, "hit@k": 0.5, "mrr": 0.375}
