@@ -15,7 +15,7 @@ def home() -> None:
     from core import auth
     from core.errors import UserError
     from core.llm import describe_llm
-    from pages._common import kb_or_stop, settings_or_stop, when
+    from pages._common import is_admin, kb_or_stop, run_with_status, settings_or_stop, when
 
     st.title(":material/hub: Knowledge base")
     s = settings_or_stop()
@@ -84,8 +84,38 @@ def home() -> None:
             st.info(f"{p['message']} Inspect, switch to or delete it on the Collections page.")
         else:
             st.warning(f"{p['message']} Sync it on the Sources page.")
-    if not problems:
+    if not problems and rows:
         st.success("Nothing stale: every source is indexed in the live collection, with its chunk config and model.")
+    elif not rows:
+        st.caption("Nothing indexed yet.")
+
+    st.subheader("Consistency")
+    consistency(kb, s, is_admin, run_with_status)
+
+
+def consistency(kb, s, is_admin, run_with_status) -> None:
+    """``kb verify`` at a glance: healthy, or each kind of problem with examples, and a repair button for admins."""
+    from kb.verify import KINDS
+
+    report = kb.verify()
+    if report["healthy"]:
+        st.success("Healthy: the manifest, the live collection, its passages and the clones agree.")
+        return
+    st.error("The knowledge base is not consistent: search may miss documents until it is repaired.",
+             icon=":material/report:")
+    st.dataframe(
+        [{"problem": KINDS[p["kind"]], "source": p["source"], "document": p["path"], "count": p["count"]}
+         for p in report["problems"][:200]],
+        hide_index=True, width="stretch",
+    )
+    if is_admin(s):
+        if st.button("Repair: re-index only what is inconsistent", type="primary", key="home_repair"):
+            out, err = run_with_status("Repairing", lambda p: kb.verify(repair=True, progress=p))
+            if out is not None:
+                (st.success if out["healthy"] else st.warning)(
+                    "Repaired: healthy." if out["healthy"] else f"Still not consistent: {out['totals']}")
+    else:
+        st.caption("An admin can repair it here (sign in on an admin page), or run `python -m kb verify --repair`.")
 
 
 PAGES = Path(__file__).parent / "pages"

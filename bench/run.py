@@ -496,6 +496,149 @@ ANSWER_QUESTIONS = [
 ]
 
 
+# ---------------------------------------------------------------- many users at once
+CHROMIUM = "/usr/bin/chromium"
+# JS: the text streamed so far into a page's last assistant message (as tests/test_browser.py reads it)
+STREAMED_JS = """() => {
+  const msgs = [...document.querySelectorAll('[data-testid="stChatMessage"]')];
+  const last = msgs[msgs.length - 1];
+  if (!last || !last.querySelector('[data-testid="stChatMessageAvatarAssistant"]')) return '';
+  const skip = '[data-testid="stSpinner"], [data-testid="stCaptionContainer"], [data-testid="stExpander"]';
+  return [...last.querySelectorAll('[data-testid="stMarkdownContainer"]')]
+    .filter(e => !e.closest(skip)).map(e => e.innerText.trim()).filter(t => t).join('\\n');
+}"""
+
+
+def _dashboard(home: Path, port: int, max_tokens: int) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "KB_HOME": str(home), "KB_LLM_MAX_TOKENS": str(max_tokens), "KB_TOP_K": "3",
+           "KB_LLM_TEMPERATURE": "0", "KB_ADMIN_PASSWORD": "", "KB_CHROMA_URL": ""}
+    env.pop("KB_EMBED_MODEL", None)
+    log = WORK / "load-streamlit.log"
+    cmd = [str(Path(sys.executable).parent / "streamlit"), "run", "Home.py", "--server.port", str(port),
+           "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT), log
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"the dashboard did not answer at {url}")
+
+
+def _ask_all(browser, base: str, questions: list[str], timeout_s: float) -> list[dict]:
+    """Open one browser session per question, ask them all at once, and time each answer."""
+    pages = []
+    for q in questions:
+        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        page.goto(f"{base}/chat", wait_until="domcontentloaded", timeout=120_000)
+        page.locator('[data-testid="stChatInput"] textarea').wait_for(timeout=180_000)
+        pages.append(page)
+    rows = []
+    for page, q in zip(pages, questions):
+        box = page.locator('[data-testid="stChatInput"] textarea')
+        box.fill(q)
+        box.press("Enter")
+        rows.append({"question": q, "asked": time.monotonic(), "first": None, "done": None, "error": ""})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(r["done"] is None and not r["error"] for r in rows):
+        for page, r in zip(pages, rows):
+            if r["done"] is not None or r["error"]:
+                continue
+            try:
+                if r["first"] is None and page.evaluate(STREAMED_JS):
+                    r["first"] = time.monotonic()
+                if page.locator('[data-testid="stChatMessage"]').last.locator('[data-testid="stExpander"]').count():
+                    r["done"] = time.monotonic()
+                if page.locator('[data-testid="stAlertContentError"]').count():
+                    r["error"] = page.locator('[data-testid="stAlertContentError"]').first.inner_text()[:200]
+            except Exception as exc:  # a page that broke is an error of the run, counted, not fatal
+                r["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        time.sleep(0.2)
+    for page, r in zip(pages, rows):
+        if r["done"] is None and not r["error"]:
+            r["error"] = "no answer before the timeout"
+        # answers never mix: each session shows its own question, and one answer under it
+        users = page.locator('[data-testid="stChatMessage"]').all_inner_texts()
+        r["own_question_only"] = len(users) == 2 and r["question"] in users[0] and all(
+            other["question"] not in users[1] for other in rows if other is not r)
+        r["ttft_s"] = round(r["first"] - r["asked"], 2) if r["first"] else None
+        r["total_s"] = round(r["done"] - r["asked"], 2) if r["done"] else None
+        page.context.close()
+    return rows
+
+
+def bench_load(levels: tuple[int, ...] = (1, 5, 20), max_tokens: int = 32) -> dict:
+    """1, 5 and 20 concurrent askers in real browser sessions against one dashboard process.
+
+    Time to first token p50/p95 per level, errors (target 0), answers never mixed between sessions; during the
+    middle level an upload is indexed by the CLI, which must break no chat. Answers are capped at ``max_tokens``
+    so that 20 questions on a model that answers one at a time fit in minutes.
+    """
+    from playwright.sync_api import sync_playwright
+
+    from kb.evaluate import load_questions
+
+    six_repo_kb()
+    home = WORK / "ours"
+    pool = [q["question"] for f, _ in QUESTION_SETS.values() for q in load_questions(f)]
+    port = 8600 + os.getpid() % 300
+    proc, log = _dashboard(home, port, max_tokens)
+    base = f"http://127.0.0.1:{port}"
+    out: dict = {"max_tokens": max_tokens, "k": 3, "levels": {}}
+    try:
+        _wait_http(f"{base}/_stcore/health", 180)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+            warm = _ask_all(browser, base, ["xtuner是什么？"], 600)[0]  # loads the models; not counted
+            out["warm_up"] = {k: warm[k] for k in ("ttft_s", "total_s", "error")}
+            used = 1
+            for n in levels:
+                questions = pool[used : used + n]
+                used += n
+                writer = None
+                if n == levels[len(levels) // 2]:
+                    note = WORK / "load-note.md"
+                    note.write_text("# Load test\n\nAn upload indexed while users chat.\n" * 20)
+                    writer = subprocess.Popen([sys.executable, "-m", "kb", "upload", str(note), "--source",
+                                               f"load-{os.getpid()}", "-q"], cwd=ROOT,
+                                              env={**os.environ, "KB_HOME": str(home)},
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                t0 = time.perf_counter()
+                rows = _ask_all(browser, base, questions, timeout_s=120 + 60 * n)
+                level = {
+                    "askers": n, "seconds": round(time.perf_counter() - t0, 1),
+                    "errors": sum(1 for r in rows if r["error"]),
+                    "mixed": sum(1 for r in rows if not r["own_question_only"]),
+                    "ttft_p50_s": pct([r["ttft_s"] for r in rows if r["ttft_s"] is not None] or [0], 50),
+                    "ttft_p95_s": pct([r["ttft_s"] for r in rows if r["ttft_s"] is not None] or [0], 95),
+                    "total_p95_s": pct([r["total_s"] for r in rows if r["total_s"] is not None] or [0], 95),
+                    "rows": rows,
+                }
+                if writer is not None:
+                    writer.wait(timeout=600)
+                    level["upload_during_load"] = {"returncode": writer.returncode,
+                                                   "stderr": (writer.stderr.read() or "")[-300:]}
+                out["levels"][str(n)] = level
+                print(f"{n} askers: ttft p50 {level['ttft_p50_s']} s, p95 {level['ttft_p95_s']} s, "
+                      f"errors {level['errors']}, mixed {level['mixed']}", file=sys.stderr)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out["summary"] = {n: {k: v for k, v in lv.items() if k != "rows"} for n, lv in out["levels"].items()}
+    save("load", out)
+    return out
+
+
 def bench_answer(max_tokens: int = 256) -> dict:
     """Time to first token on a k=5 prompt, decode speed, and the whole ``kb ask``.
 
@@ -567,6 +710,8 @@ def main() -> None:
             bench_search(a.big)
         elif name == "answer":
             bench_answer()
+        elif name == "load":
+            bench_load()
         else:
             raise SystemExit(f"unknown benchmark {name!r}")
 

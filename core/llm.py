@@ -19,6 +19,7 @@ backend that needs them, so e.g. the openai path never loads torch.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import threading
@@ -46,6 +47,9 @@ from core.gguf import GGUF_NAME, GGUFError, ensure_gguf
 from core.settings import Settings
 
 BACKENDS = ("llamacpp", "transformers", "openai")
+
+
+GENERATE_THREAD = "kb-transformers-generate"  # named, so a test can tell it from any other thread
 
 
 class LLMError(UserError):
@@ -106,10 +110,28 @@ class ChatLlamaCpp(BaseChatModel):
     max_tokens: int = 512
     temperature: float = 0.1
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _queued: int = PrivateAttr(default=0)  # questions waiting for the model or being answered
+    _count_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @property
     def _llm_type(self) -> str:
         return "llamacpp"
+
+    def queue_length(self) -> int:
+        """How many questions hold or wait for the model now: a page shows a new one its place, not a freeze."""
+        return self._queued
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """One question's turn at the model (one Llama context serves one question at a time)."""
+        with self._count_lock:
+            self._queued += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._count_lock:
+                self._queued -= 1
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -132,7 +154,7 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        with self._lock:
+        with self._turn():
             out = self._complete(messages, stream=False, **self._params(stop, kwargs))
         choice, usage = out["choices"][0], out.get("usage") or {}
         message = AIMessage(
@@ -153,7 +175,7 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        with self._lock:
+        with self._turn():
             for part in self._complete(messages, stream=True, **self._params(stop, kwargs)):
                 choice = part["choices"][0]
                 text, finish = choice["delta"].get("content") or "", choice.get("finish_reason")
@@ -310,7 +332,8 @@ class ChatTransformers(BaseChatModel):
             gen_kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         cancelled, errors = threading.Event(), []
         gen_kwargs["stopping_criteria"] = StoppingCriteriaList([_cancel_criterion(cancelled)])
-        worker = threading.Thread(target=_generate_into, args=(self.model, gen_kwargs, streamer, errors), daemon=True)
+        worker = threading.Thread(target=_generate_into, args=(self.model, gen_kwargs, streamer, errors), daemon=True,
+                                  name=GENERATE_THREAD)
         worker.start()
         try:
             yield from streamer
@@ -325,7 +348,7 @@ class ChatTransformers(BaseChatModel):
         system, history, query = split_for_internlm(messages)
         kwargs: dict[str, Any] = {"history": history, **self._sampling(max_tokens, temperature)}
         method = getattr(self.model, self.mode)
-        if system and "meta_instruction" in inspect.signature(method).parameters:
+        if system and _accepts(method, "meta_instruction", via=getattr(self.model, "chat", None)):
             kwargs["meta_instruction"] = system
         if self.mode == "chat":
             response, _ = method(self.tokenizer, query, **kwargs)
@@ -336,6 +359,20 @@ class ChatTransformers(BaseChatModel):
             # stream_chat yields the whole response so far; pass on only what's new
             yield response[len(sent):] if response.startswith(sent) else response
             sent = response
+
+
+def _accepts(method: Any, name: str, via: Any = None) -> bool:
+    """Whether ``method`` takes keyword ``name``: by name, or through ``**kwargs`` that it hands to ``via``.
+
+    InternLM2's real ``stream_chat(tokenizer, query, history, max_new_tokens, do_sample, temperature, top_p,
+    **kwargs)`` has no ``meta_instruction`` of its own; it passes ``**kwargs`` to ``chat()``, which has one.
+    Checking the name alone dropped the system prompt (the answer rules) on that path.
+    """
+    params = inspect.signature(method).parameters
+    if name in params:
+        return True
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return takes_any and via is not None and via is not method and name in inspect.signature(via).parameters
 
 
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")

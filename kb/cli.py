@@ -167,6 +167,32 @@ def cmd_drop(args: argparse.Namespace) -> dict:
     return {"dropped": args.name}
 
 
+def cmd_verify(args: argparse.Namespace) -> dict:
+    from kb.verify import KINDS
+
+    kb, progress = _kb(args), _progress(args)
+    try:
+        out = kb.verify(repair=args.repair, progress=progress)
+    finally:
+        progress.close()
+    if not args.json:
+        for rep in out.get("reports", []):
+            _print_report(args, rep)
+        print(("healthy" if out["healthy"] else "NOT healthy") + (" after repair" if out["repaired"] else ""))
+        for kind, total in out["totals"].items():
+            examples = [p for p in out["problems"] if p["kind"] == kind]
+            print(f"  {kind}: {total} ({KINDS[kind]})")
+            for p in examples[:5]:
+                print(f"    {p['source']}" + (f"/{p['path']}" if p["path"] else "") + f": {p['count']}")
+            if len(examples) > 5:
+                print(f"    … and {len(examples) - 5} more")
+        if not out["healthy"] and not out["repaired"]:
+            print("run `kb verify --repair` to re-index what is inconsistent", file=sys.stderr)
+    if not out["healthy"]:
+        out["error"] = "the knowledge base is not consistent" + (" after repair" if out["repaired"] else "")
+    return out
+
+
 def cmd_search(args: argparse.Namespace) -> dict:
     from kb.search.engine import SearchEngine
     from kb.search.hits import SCORE_NOTES
@@ -287,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("drop-collection", parents=[common], help="delete a collection that is not live")
     d.add_argument("name")
     d.set_defaults(func=cmd_drop)
+
+    v = sub.add_parser("verify", parents=[common], help="check the manifest against the vector store; --repair fixes")
+    v.add_argument("--repair", action="store_true", help="re-index only what is inconsistent")
+    v.set_defaults(func=cmd_verify)
 
     ranked = argparse.ArgumentParser(add_help=False)
     ranked.add_argument("-k", type=int, help="hits to return (default KB_TOP_K, 5)")

@@ -10,23 +10,41 @@ data: no page touches the manifest, the Chroma client or raw records.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from langchain_core.embeddings import Embeddings
 
 from core import embeddings as emb
 from core.settings import Settings, load_settings
+from kb import verify as consistency
 from kb.errors import KBError
 from kb.ingest import sources
 from kb.ingest.chunking import ChunkConfig
 from kb.ingest.loaders import LoadedDocument, SkipFile, load_document
 from kb.ingest.sync import SyncContext, SyncReport, read_blob, sync_source
 from kb.progress import Progress, no_progress
-from kb.store.index import VectorIndex, collection_name
+from kb.store.index import ChromaUnreachable, VectorIndex, collection_name, passage_collection, reachable
 from kb.store.manifest import DocumentRow, Manifest, SourceRow, write_lock
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def reaching_chroma(method: F) -> F:
+    """Run a method that touches the vector store so that a Chroma server outage is one clear error."""
+
+    @functools.wraps(method)
+    def wrapper(self: "KnowledgeBase", *args, **kwargs):
+        with reachable(self.settings):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def config_label(raw: str) -> str:
@@ -92,7 +110,11 @@ class KnowledgeBase:
         return ChunkConfig.from_json(row["chunk_config"]) if row else self.default_config()
 
     def live(self) -> tuple[str, ChunkConfig]:
-        """The live collection's name and config; a new KB starts from the settings' defaults."""
+        """The live collection's name and config; a new KB starts from the settings' defaults.
+
+        Only reads: the pointer is written by the first sync (``_ensure_live``,
+        under the write lock), so opening a page or a dry run writes nothing.
+        """
         name, row = self._live_row()
         if row:
             if row["embed_model"] != self.embed_model:
@@ -104,10 +126,15 @@ class KnowledgeBase:
                 )
             return name, ChunkConfig.from_json(row["chunk_config"])
         config = self.default_config()
-        name = collection_name(config.hash, emb.model_slug(self.settings))
-        self.manifest.put_collection(name, config.to_json(), self.embed_model, "ready")
-        with self.manifest.transaction() as con:
-            self.manifest.set_meta(con, "live_collection", name)
+        return collection_name(config.hash, emb.model_slug(self.settings)), config
+
+    def _ensure_live(self) -> tuple[str, ChunkConfig]:
+        """The live collection, its row and pointer written if this is the first sync (hold the write lock)."""
+        name, config = self.live()
+        if self.manifest.live_collection != name:
+            self.manifest.put_collection(name, config.to_json(), self.embed_model, "ready")
+            with self.manifest.transaction() as con:
+                self.manifest.set_meta(con, "live_collection", name)
         return name, config
 
     # sources
@@ -151,6 +178,7 @@ class KnowledgeBase:
                 results.append({"name": name, "url": url, "ok": False, "message": str(exc)})
         return results
 
+    @reaching_chroma
     def remove_source(self, name: str) -> int:
         """Delete a source, its chunks in every collection, and its clone."""
         src = self.manifest.source(name)
@@ -174,20 +202,31 @@ class KnowledgeBase:
         return self.manifest.sources()
 
     # sync and uploads
+    @reaching_chroma
     def sync(self, names: list[str] | None = None, dry_run: bool = False, progress: Progress = no_progress) -> list[SyncReport]:
         rows = [self.manifest.source(n) for n in names] if names else self.manifest.sources()
         if not rows:
             raise KBError("no sources yet: add one with `kb add NAME URL_OR_PATH`")
         with write_lock(self.settings.home):
-            collection, config = self.live()
-            reports = []
-            for src in rows:
-                try:
-                    reports.append(sync_source(self._context(), src, collection, config, dry_run=dry_run, progress=progress))
-                except KBError as exc:
-                    reports.append(SyncReport(src.name, src.indexed_commit, None, dry_run=dry_run, error=str(exc)))
-            return reports
+            return self._sync_locked(rows, dry_run, progress)
 
+    def _sync_locked(self, rows: list[SourceRow], dry_run: bool = False, progress: Progress = no_progress,
+                     full: bool = False) -> list[SyncReport]:
+        """Sync ``rows`` into the live collection; the caller holds the write lock."""
+        self.index.ping()
+        collection, config = self.live() if dry_run else self._ensure_live()
+        reports = []
+        for src in rows:
+            try:
+                reports.append(sync_source(self._context(), src, collection, config, dry_run=dry_run, full=full,
+                                           progress=progress))
+            except ChromaUnreachable:
+                raise  # every source would fail alike: one error, not one per source
+            except KBError as exc:
+                reports.append(SyncReport(src.name, src.indexed_commit, None, dry_run=dry_run, error=str(exc)))
+        return reports
+
+    @reaching_chroma
     def upload(self, files: dict[str, bytes], source: str, progress: Progress = no_progress) -> SyncReport:
         """Add files to a files-only source (created on first use) and index them."""
         sources.validate_name(source)
@@ -200,25 +239,40 @@ class KnowledgeBase:
             checked[name] = data
         if not checked:
             raise KBError("no files given")
-        if self.manifest.has_source(source):
-            src = self.manifest.source(source)
-            if src.kind != "files":
-                raise KBError(f"source {source!r} is a git repository; uploads go to a files-only source")
-        else:
-            dest = s.repos_path / source
-            if dest.exists():
-                raise KBError(f"folder {dest} already exists; remove it first")
-            branch = sources.init_files_repo(dest)
-            self.manifest.add_source(SourceRow(
-                source, "files", "(uploads)", "", branch, str(dest.resolve()), tuple(s.upload_extensions),
-                None, None, None, time.time(),
-            ))
-        src = self.manifest.source(source)
-        with write_lock(s.home):
-            sources.commit_uploads(Path(src.repo_path), checked)
-        return self.sync([source], progress=progress)[0]
+        with write_lock(s.home):  # all of it: a failure leaves no folder or row behind
+            if self.manifest.has_source(source):
+                src = self.manifest.source(source)
+                if src.kind != "files":
+                    raise KBError(f"source {source!r} is a git repository; uploads go to a files-only source")
+                sources.commit_uploads(Path(src.repo_path), checked)
+            else:
+                src = self._new_upload_source(source)
+                try:
+                    sources.commit_uploads(Path(src.repo_path), checked)
+                except BaseException:  # the first upload failed: the new source goes with it
+                    with self.manifest.transaction() as con:
+                        self.manifest.delete_source(con, source)
+                    shutil.rmtree(src.repo_path, ignore_errors=True)
+                    raise
+            return self._sync_locked([self.manifest.source(source)], progress=progress)[0]
+
+    def _new_upload_source(self, source: str) -> SourceRow:
+        """A files-only source: its repository and manifest row, or neither (the caller holds the lock)."""
+        dest = self.settings.repos_path / source
+        if dest.exists():
+            raise KBError(f"folder {dest} already exists; remove it first")
+        branch = sources.init_files_repo(dest)
+        row = SourceRow(source, "files", "(uploads)", "", branch, str(dest.resolve()),
+                        tuple(self.settings.upload_extensions), None, None, None, time.time())
+        try:
+            self.manifest.add_source(row)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return row
 
     # collections
+    @reaching_chroma
     def collections(self) -> list[dict]:
         live = self.manifest.live_collection
         rows = self.manifest.collection_rows()
@@ -231,6 +285,7 @@ class KnowledgeBase:
             out.append(info)
         return out
 
+    @reaching_chroma
     def drop_collection(self, name: str) -> None:
         if name == self.manifest.live_collection:
             raise KBError(f"{name} is the live collection; make another one live first")
@@ -240,6 +295,7 @@ class KnowledgeBase:
             self.index.drop(name)
             self.manifest.forget_collection(name)
 
+    @reaching_chroma
     def set_live(self, name: str) -> None:
         """Point the knowledge base at another complete collection."""
         row = self.manifest.collection_rows().get(name)
@@ -272,6 +328,7 @@ class KnowledgeBase:
             passage_size=int(passage_size),
         )
 
+    @reaching_chroma
     def rechunk(self, config: ChunkConfig, progress: Progress = no_progress) -> dict:
         """Build a collection with ``config`` beside the live one; switch only when complete."""
         name = collection_name(config.hash, emb.model_slug(self.settings))
@@ -305,6 +362,54 @@ class KnowledgeBase:
         }
 
     # read models for the pages and the CLI
+    @reaching_chroma
+    def verify(self, repair: bool = False, progress: Progress = no_progress) -> dict:
+        """Check the manifest against the vector store and the clones; ``repair`` re-indexes only what is wrong.
+
+        Records of another chunk config or model and of unknown sources are
+        deleted; every source with a problem gets a full, checked rebuild
+        (``sync_source(full=True)``), which embeds only what is missing.
+        """
+        live, config = self.live()
+        problems = consistency.check(self.manifest, self.index, live, config, self.embed_model)
+        if not repair or not problems:
+            return consistency.report(problems)
+        with write_lock(self.settings.home):
+            self._delete_strays(problems, live, config)
+            names = sorted({p.source for p in problems
+                            if p.kind in consistency.REBUILD and self.manifest.has_source(p.source)})
+            reports = self._sync_locked([self.manifest.source(n) for n in names], progress=progress, full=True)
+        out = consistency.report(consistency.check(self.manifest, self.index, live, config, self.embed_model),
+                                 repaired=True)
+        out["reports"] = [r.as_dict() for r in reports]
+        return out
+
+    def _delete_strays(self, problems: list, live: str, config: ChunkConfig) -> None:
+        """Records no rebuild would touch: another config's or model's, and those of unknown sources."""
+        coll = self.index.find(live)
+        if coll is None:
+            return
+        pcoll = self.index.find(passage_collection(live))
+        unknown = sorted({p.source for p in problems if p.kind == "unknown_source"})
+        if unknown:
+            self.index.delete_where(coll, "source", unknown)
+            if pcoll is not None:
+                self.index.delete_where(pcoll, "source", unknown)
+        for src in sorted({p.source for p in problems if p.kind == "foreign_records"}):
+            got = coll.get(where={"source": src}, include=["metadatas"])
+            foreign = [i for i, m in zip(got["ids"], got["metadatas"])
+                       if m.get("chunk_config") != config.hash or m.get("embed_model") != self.embed_model]
+            self.index.delete_ids(coll, foreign)
+            if pcoll is not None:
+                self.index.delete_where(pcoll, "parent", foreign)
+        self.manifest.touch_collection(live)
+
+    @reaching_chroma
+    def check_store(self) -> None:
+        """Fail now, with the server's name, if the vector store does not answer: pages call it first, so an
+        outage is an error on every page rather than an empty list on some."""
+        self.index.ping()
+
     def source(self, name: str) -> SourceRow:
         return self.manifest.source(name)
 
@@ -364,6 +469,7 @@ class KnowledgeBase:
         """The embedding model's token window (None: it has none, nothing is cut)."""
         return emb.max_tokens(self.settings)
 
+    @reaching_chroma
     def records(self, collection: str, source: str | None = None, path: str = "", page: int = 1,
                 size: int = 50) -> dict:
         """One page of a collection's records, filtered by source and by a path (exact, or a prefix ending in /)."""
@@ -378,6 +484,7 @@ class KnowledgeBase:
         rows = [{"id": i, "text": d or "", **m} for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])]
         return {"total": total, "pages": pages, "page": page, "where": where, "rows": rows}
 
+    @reaching_chroma
     def record(self, collection: str, record_id: str) -> dict | None:
         """One record with its text, metadata and a summary of its vector; None when no such id."""
         got = self.index.get(collection).get(ids=[record_id.strip()], include=["documents", "metadatas", "embeddings"])
@@ -387,6 +494,7 @@ class KnowledgeBase:
         return {"id": got["ids"][0], "text": got["documents"][0] or "", "metadata": dict(got["metadatas"][0]),
                 "dimension": len(vec), "norm": math.sqrt(sum(x * x for x in vec)), "head": vec[:8]}
 
+    @reaching_chroma
     def run_and_save_evaluation(self, engine, questions: list[dict], options, questions_name: str) -> dict:
         """Score ``questions`` with ``engine`` and keep the run in ``KB_HOME/evals`` with what it measured."""
         from kb.evaluate import evaluate, save_run
@@ -398,6 +506,7 @@ class KnowledgeBase:
                                               "questions": questions_name})
         return report
 
+    @reaching_chroma
     def stats(self) -> dict:
         counts = self.manifest.counts()
         live = self.manifest.live_collection
@@ -423,6 +532,7 @@ class KnowledgeBase:
         except SkipFile as exc:
             raise KBError(f"{path} is not indexed: {exc}") from None
 
+    @reaching_chroma
     def chunks_of(self, source: str, path: str, collection: str | None = None) -> list[dict]:
         coll = self.index.get(collection or self.live()[0])
         page = coll.get(where={"$and": [{"source": source}, {"path": path}]}, include=["documents", "metadatas"])

@@ -70,6 +70,7 @@ def kb_or_stop(s: Settings | None = None):
     try:
         kb = resources.knowledge_base(s or settings_or_stop())
         kb.live()  # e.g. the live collection was embedded with another model
+        kb.check_store()  # a Chroma server that is down: an error here, never an empty page
         return kb
     except expected_errors() as exc:
         show_error(exc)
@@ -95,6 +96,11 @@ def when(ts: float | None) -> str:
 # ---------------------------------------------------------------------------- admin gate
 
 _TOKEN = "_admin_token"
+
+
+def is_admin(s: Settings) -> bool:
+    """This session may change the knowledge base: signed in, or no admin password is set."""
+    return not auth.admin_locked(s) or auth.token_ok(s, st.session_state.get(_TOKEN))
 
 
 def require_admin() -> Settings:

@@ -97,14 +97,20 @@ def render_assistant(msg: dict) -> None:
 
 
 def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, opts: SearchOptions) -> dict:
-    """Stream one answer into the page, then redraw it with linked markers and its sources."""
+    """Stream one answer into the page, then redraw it with linked markers and its sources.
+
+    The model answers one question at a time; a question that must wait says how many are ahead of it.
+    """
     result = Answer(question=question, answer="")
     msg: dict = {"role": "assistant", "question": question, "rag": use_rag, "mode": opts.mode}
     slot = st.empty()
     with slot.container():
         note = st.empty()
-        note.caption(":material/search: Searching the knowledge base and reading the sources…" if use_rag
-                     else ":material/psychology: Thinking…")
+        ahead = getattr(answerer.llm, "queue_length", lambda: 0)()
+        waiting = (f" {ahead} question{'s' if ahead != 1 else ''} ahead of yours: the model answers one at a "
+                   "time." if ahead else "")
+        note.caption((":material/search: Searching the knowledge base and reading the sources…" if use_rag
+                      else ":material/psychology: Thinking…") + waiting)
 
         def pieces():
             first = True

@@ -40,10 +40,14 @@ _WORDS = (
 )
 
 # InternLM checkpoints ship their own modeling code with chat()/stream_chat(); this
-# is a tiny stand-in with the same call shapes, loaded through trust_remote_code.
+# is a tiny stand-in with exactly their signatures (REAL_CHAT / REAL_STREAM_CHAT in
+# test_llm.py, read from the public InternLM2 modeling_internlm2.py), loaded through
+# trust_remote_code. Like the real one, stream_chat has no meta_instruction of its
+# own: it hands **kwargs to chat().
 TINY_REMOTE_CODE = '''\
-"""Tiny stand-in for InternLM remote code: a Llama with chat() and stream_chat()."""
+"""Tiny stand-in for InternLM2 remote code: a Llama with chat() and stream_chat() of the real signatures."""
 import threading
+from typing import List, Optional, Tuple
 
 from transformers import LlamaConfig, LlamaForCausalLM, TextIteratorStreamer
 
@@ -61,22 +65,42 @@ class TinyChatForCausalLM(LlamaForCausalLM):
             text += f"<|im_start|> user {user} <|im_end|> <|im_start|> assistant {bot} <|im_end|> "
         return text + f"<|im_start|> user {query} <|im_end|> <|im_start|> assistant "
 
-    def chat(self, tokenizer, query, history=[], streamer=None, max_new_tokens=64,
-             do_sample=False, temperature=1.0, meta_instruction="", **kwargs):
+    def chat(
+        self,
+        tokenizer,
+        query: str,
+        history: List[Tuple[str, str]] = [],
+        streamer: Optional[object] = None,
+        max_new_tokens: int = 1024,
+        do_sample: bool = True,
+        temperature: float = 0.8,
+        top_p: float = 0.8,
+        meta_instruction: str = "You are an AI assistant whose name is InternLM (书生·浦语).",
+        **kwargs,
+    ):
         self.last_call = {"query": query, "history": list(history), "meta_instruction": meta_instruction}
         inputs = tokenizer([self._prompt(query, history, meta_instruction)], return_tensors="pt").to(self.device)
-        extra = {"temperature": temperature} if do_sample else {}
+        extra = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         out = self.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens,
                             do_sample=do_sample, pad_token_id=tokenizer.pad_token_id, **extra)
         response = tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return response, list(history) + [(query, response)]
 
-    def stream_chat(self, tokenizer, query, history=[], max_new_tokens=64, do_sample=False,
-                    temperature=1.0, meta_instruction="", **kwargs):
+    def stream_chat(
+        self,
+        tokenizer,
+        query: str,
+        history: List[Tuple[str, str]] = [],
+        max_new_tokens: int = 1024,
+        do_sample: bool = True,
+        temperature: float = 0.8,
+        top_p: float = 0.8,
+        **kwargs,
+    ):
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         worker = threading.Thread(target=self.chat, args=(tokenizer, query, history, streamer),
                                   kwargs=dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                              temperature=temperature, meta_instruction=meta_instruction))
+                                              temperature=temperature, top_p=top_p, **kwargs))
         worker.start()
         response = ""
         for text in streamer:

@@ -10,6 +10,7 @@ the LLM stay loaded once for the whole session.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,13 +57,23 @@ def llm_env(monkeypatch: pytest.MonkeyPatch, default_gguf_path: Path) -> Path:
     return default_gguf_path
 
 
+def _forget_user_data(home: Path) -> None:
+    """Conversations and evaluation runs are what a test's user made: none may leak into another test."""
+    for folder in ("conversations", "evals"):
+        shutil.rmtree(home / folder, ignore_errors=True)
+
+
 @pytest.fixture
-def xtuner_env(monkeypatch: pytest.MonkeyPatch, xtuner_kb, llm_env) -> Path:
-    """KB_HOME of the session's xtuner knowledge base (real default embedding model)."""
+def xtuner_env(monkeypatch: pytest.MonkeyPatch, xtuner_kb, llm_env):
+    """KB_HOME of the session's xtuner knowledge base (real default embedding model), with no conversations or
+    evaluation runs left by another test (the index is shared, being costly; what users make is not)."""
     _base_env(monkeypatch)
-    monkeypatch.setenv("KB_HOME", str(xtuner_kb.settings.home))
+    home = xtuner_kb.settings.home
+    _forget_user_data(home)
+    monkeypatch.setenv("KB_HOME", str(home))
     monkeypatch.delenv("KB_EMBED_MODEL", raising=False)
-    return xtuner_kb.settings.home
+    yield home
+    _forget_user_data(home)
 
 
 @pytest.fixture

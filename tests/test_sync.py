@@ -90,11 +90,15 @@ def test_incremental_sync_embeds_only_changed_files(tiny_kb, history_remote):
     assert first.commit_after == old and first.chunks_embedded > 0
     git("update-ref", "refs/heads/main", new, cwd=remote)
 
+    coll = tiny_kb.index.get(tiny_kb.live()[0])
+    ids_before = sorted(coll.get(include=[])["ids"])
+    tiny_kb.embeddings.reset()
     preview = tiny_kb.sync(["xtuner"], dry_run=True)[0]
     assert (preview.files_added, preview.files_modified, preview.files_deleted) == (17, 12, 0)
-    assert tiny_kb.manifest.source("xtuner").indexed_commit == old  # dry run wrote nothing
+    # the preview embedded nothing and wrote nothing (tests/test_crash_safety.py compares all of KB_HOME)
+    assert tiny_kb.embeddings.documents_embedded == 0 and sorted(coll.get(include=[])["ids"]) == ids_before
+    assert tiny_kb.manifest.source("xtuner").indexed_commit == old
 
-    coll = tiny_kb.index.get(tiny_kb.live()[0])
     before = coll.get(where={"source": "xtuner"}, include=["metadatas"])
     stored = {m["text_hash"] for m in before["metadatas"]}
     tiny_kb.embeddings.reset()

@@ -27,6 +27,7 @@ from kb.citations import permalink
 SENTENCE_SEPARATORS = [r"(?<=[。！？；])", r"(?<=[.!?;])\s", r"(?<=[，,、])", " ", ""]
 PLAIN_SEPARATORS = [r"\n\n", r"\n"] + SENTENCE_SEPARATORS
 SPLITTERS = ("recursive", "markdown")
+MAX_CHARS_PER_TOKEN = 10
 UNITS = ("chars", "tokens")
 
 
@@ -154,7 +155,12 @@ def make_splitter(config: ChunkConfig, token_len: Callable[[str], int] | None = 
     if config.unit == "tokens":
         if token_len is None:
             raise KBError("token-measured chunking needs the embedding model's tokenizer")
-        length = token_len
+
+        def length(text: str) -> int:
+            # A tokenizer may count a long run without spaces (a hash, base64, a hex dump) as one token:
+            # then a 100,000-character line "fits" in a 400-token chunk. Text never counts for less than a
+            # token per MAX_CHARS_PER_TOKEN characters (prose has 1-5), so such runs are still cut.
+            return max(token_len(text), len(text) // MAX_CHARS_PER_TOKEN)
     else:
         length = len
     return Splitter(RecursiveCharacterTextSplitter(

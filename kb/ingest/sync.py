@@ -165,7 +165,8 @@ def embed_texts(embeddings: Embeddings, texts: list[str], progress: Progress) ->
 
 def _to_embed(ctx: SyncContext, coll, items: list) -> tuple[list, dict[str, list[float]]]:
     """The items whose text has no stored vector yet (each text once), and the stored vectors of the rest."""
-    stored = ctx.index.vectors_for_hashes(coll, sorted({c.text_hash for c in items})) if items and coll.count() else {}
+    stored = (ctx.index.vectors_for_hashes(coll, sorted({c.text_hash for c in items}))
+              if items and coll is not None and coll.count() else {})
     return list({c.text_hash: c for c in items if c.text_hash not in stored}.values()), stored
 
 
@@ -184,7 +185,7 @@ class SyncPlan:
     new: str
     changes: Changes
     existing: dict[str, dict[str, str]]  # path -> {chunk id: text hash} stored for this source
-    coll: object
+    coll: object | None  # None on a dry run of a collection that does not exist yet: nothing is created
     pcoll: object | None
 
 
@@ -216,9 +217,12 @@ def _commits(ctx: SyncContext, src: SourceRow, collection: str, rebuild_at: str 
 
 
 def plan_sync(ctx: SyncContext, src: SourceRow, collection: str, config: ChunkConfig,
-              rebuild_at: str | None, progress: Progress) -> tuple[str | None, SyncPlan | None]:
+              rebuild_at: str | None, progress: Progress, dry_run: bool = False,
+              full: bool = False) -> tuple[str | None, SyncPlan | None]:
     """Fetch and diff; returns the new commit, and no plan when there is nothing to do."""
     old, new = _commits(ctx, src, collection, rebuild_at, progress)
+    if full:
+        old = None  # rebuild the source from scratch (repair): every stored record is checked
     if new is None or old == new:
         return new, None
     repo = git.Repo(src.repo_path)
@@ -228,9 +232,13 @@ def plan_sync(ctx: SyncContext, src: SourceRow, collection: str, config: ChunkCo
         except (ValueError, git.BadName):
             old = None  # history rewritten: rebuild this source from scratch
     changes = diff_commits(repo, old, new, src.extensions)
-    coll = ctx.index.create(collection, config.to_json(), ctx.embed_model)
-    pcoll = ctx.index.create(passage_collection(collection), config.to_json(), ctx.embed_model) if config.passage_size else None
-    existing = ctx.index.source_chunks(coll, src.name) if coll.count() else {}
+    if dry_run:  # read what exists, create nothing
+        coll = ctx.index.find(collection)
+        pcoll = ctx.index.find(passage_collection(collection)) if config.passage_size and coll is not None else None
+    else:
+        coll = ctx.index.create(collection, config.to_json(), ctx.embed_model)
+        pcoll = ctx.index.create(passage_collection(collection), config.to_json(), ctx.embed_model) if config.passage_size else None
+    existing = ctx.index.source_chunks(coll, src.name) if coll is not None and coll.count() else {}
     if old is None:  # full build: anything stored for paths no longer there goes
         keep = set(changes.added)
         changes.deleted = sorted(p for p in existing if p not in keep)
@@ -259,16 +267,28 @@ def embed_and_store(ctx: SyncContext, plan: SyncPlan, part: Partition, config: C
                     token_len: Callable[[str], int] | None, report: SyncReport, progress: Progress) -> None:
     """Embed what has no vector yet, then write chunks and passages (not on a dry run).
 
-    A kept chunk keeps its passages (same text, same passages); fresh ones get
-    theirs. Passages, token counts and BM25 words need no vectors, so they are
-    made while the chunks are embedded; the embedding spends its time in BLAS
-    with the GIL released (measured: 0.5 s of tokenizing made a 9.6 s
-    embedding 0.2 s longer). The passages are embedded after.
-    """
+    Crash safety by construction: the chunks are checked by id against what
+    is stored (``partition``), and so are the passages. Every chunk of a
+    changed file has its passages recomputed (splitting is cheap); those not
+    stored are written, and stored ones that no chunk produces any more are
+    deleted. So a run killed between the chunk writes and the passage writes
+    (or halfway through either) is completed by the next run, whose ids match a
+    clean run's. On a full build (``plan.old`` is None) every passage of the
+    source is checked.
 
-    def prepare() -> tuple[list[Passage], list[dict]]:
-        passages = split_passages(part.fresh, config, token_len) if plan.pcoll is not None else []
-        return passages, index_terms(ctx.settings, part.chunks, passages)
+    Passages, token counts and BM25 words need no vectors, so they are made
+    while the chunks are embedded; the embedding spends its time in BLAS with
+    the GIL released (measured: 0.5 s of tokenizing made a 9.6 s embedding
+    0.2 s longer). The passages are embedded after.
+    """
+    ch = plan.changes
+    paths = None if plan.old is None else ch.added + ch.modified + ch.deleted
+    stored_pids = ctx.index.passage_ids(plan.pcoll, report.name, paths) if plan.pcoll is not None else set()
+
+    def prepare() -> tuple[list[Passage], list[Passage], list[dict]]:
+        passages = split_passages(part.chunks, config, token_len) if config.passage_size else []
+        missing = [p for p in passages if p.id not in stored_pids]
+        return passages, missing, index_terms(ctx.settings, part.chunks, missing)
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # the worker's thread ends before we return
         prepared = pool.submit(prepare)
@@ -277,18 +297,19 @@ def embed_and_store(ctx: SyncContext, plan: SyncPlan, part: Partition, config: C
         report.chunks_reused = len(part.kept) + len(part.fresh) - len(need)
         report.chunks_deleted = len(part.to_delete)
         vectors = embed_texts(ctx.get_embeddings(), [c.embed_text for c in need], progress) if need and not report.dry_run else []
-        passages, report.chunks_overlong = prepared.result()
-    pneed, pstored = _to_embed(ctx, plan.pcoll, passages) if plan.pcoll is not None else ([], {})
+        passages, missing, report.chunks_overlong = prepared.result()
+    orphans = stored_pids - {p.id for p in passages}
+    pneed, pstored = _to_embed(ctx, plan.pcoll, missing)
     report.passages_embedded = len(pneed)
     if report.dry_run:
         return
-    pvectors = embed_texts(ctx.get_embeddings(), [p.embed_text for p in pneed], progress) if pneed else []
     _store(ctx, plan.coll, part.fresh, stored, need, vectors, progress)
     ctx.index.update_metadata(plan.coll, part.kept)
     ctx.index.delete_ids(plan.coll, part.to_delete)
+    pvectors = embed_texts(ctx.get_embeddings(), [p.embed_text for p in pneed], progress) if pneed else []
     if plan.pcoll is not None:
-        _store(ctx, plan.pcoll, passages, pstored, pneed, pvectors, progress)
-        ctx.index.delete_where(plan.pcoll, "parent", part.to_delete)
+        _store(ctx, plan.pcoll, missing, pstored, pneed, pvectors, progress)
+        ctx.index.delete_ids(plan.pcoll, orphans)
 
 
 def record_sync(ctx: SyncContext, src: SourceRow, collection: str, plan: SyncPlan, rows: list[DocumentRow]) -> None:
@@ -310,15 +331,18 @@ def sync_source(
     *,
     dry_run: bool = False,
     rebuild_at: str | None = None,
+    full: bool = False,
     progress: Progress = no_progress,
 ) -> SyncReport:
     """Bring ``collection`` up to date with ``src``: plan, load and partition, embed and store, record.
 
     ``rebuild_at`` builds the source from scratch at that commit without
     fetching or touching the manifest (re-chunk into a new collection).
+    ``full`` checks every stored record of the source against a build from
+    scratch, embedding only what is missing (``kb verify --repair``).
     """
     t0 = time.perf_counter()
-    new, plan = plan_sync(ctx, src, collection, config, rebuild_at, progress)
+    new, plan = plan_sync(ctx, src, collection, config, rebuild_at, progress, dry_run=dry_run, full=full)
     report = SyncReport(src.name, src.indexed_commit, new, dry_run=dry_run, collection=collection)
     if plan is not None:
         ch = plan.changes

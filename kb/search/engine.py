@@ -27,7 +27,7 @@ from kb.search.fusion import fuse, specificity
 from kb.search import signals
 from kb.search.hits import IN_SOURCE, OPENING, PASSAGE_BM25, Hit, SearchOptions, hit_from_document
 from kb.search.rerank import CrossEncoderReranker
-from kb.store.index import VectorIndex
+from kb.store.index import VectorIndex, reachable
 from kb.store.manifest import Manifest
 from kb.words import tokenize
 
@@ -193,15 +193,16 @@ class SearchEngine:
 
     # the search
     def search(self, query: str, opts: SearchOptions | None = None) -> list[Hit]:
-        opts = opts or SearchOptions()
+        """The hits for ``query``; a Chroma server outage is an error naming it, never an empty list."""
+        with reachable(self.kb.settings):
+            return self._search(query, opts or SearchOptions())
+
+    def _search(self, query: str, opts: SearchOptions) -> list[Hit]:
         if not query.strip():
             raise KBError("the query is empty")
         collection, config = self.kb.live()
-        try:
-            coll = self.kb.index.get(collection)
-        except KBError:  # a fresh knowledge base: nothing indexed yet
-            return []
-        if coll.count() == 0:
+        coll = self.kb.index.find(collection)
+        if coll is None or coll.count() == 0:  # a fresh knowledge base: nothing indexed yet
             return []
         n = max(opts.candidates, opts.k) if opts.mode == "hybrid" else opts.k
         pcoll = self._passages(coll, config)

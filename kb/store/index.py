@@ -7,16 +7,35 @@ default embedding function (it downloads a model): we always supply vectors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import chromadb
+import httpx
 from chromadb.config import Settings as ChromaSettings
 from chromadb.errors import NotFoundError
 
 from core.settings import Settings
 from kb.errors import KBError
+
+
+class ChromaUnreachable(KBError):
+    """The Chroma server did not answer: every operation fails alike, so a sync stops at once."""
+
+
+@contextlib.contextmanager
+def reachable(settings: Settings) -> Iterator[None]:
+    """A Chroma server that stops answering becomes one error naming it, never an empty result.
+
+    Nothing is cached on the way out, so the same process works again once the
+    server is back. The embedded store has no network to lose.
+    """
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise ChromaUnreachable(f"cannot reach the Chroma server at {settings.chroma_url}: {exc}") from None
 from kb.progress import Progress, no_progress
 
 READ_BATCH = 500
@@ -36,7 +55,7 @@ def make_client(settings: Settings) -> "chromadb.ClientAPI":
                 settings=chroma_settings,
             )
         except ValueError as exc:  # chromadb's "Could not connect to a Chroma server"
-            raise KBError(f"cannot reach the Chroma server at {settings.chroma_url}: {exc}") from None
+            raise ChromaUnreachable(f"cannot reach the Chroma server at {settings.chroma_url}: {exc}") from None
     settings.chroma_path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(path=str(settings.chroma_path), settings=chroma_settings)
 
@@ -126,6 +145,34 @@ class VectorIndex:
             "embed_model": meta.get("embed_model", ""),
             "chunk_config": meta.get("chunk_config", ""),
         }
+
+    @staticmethod
+    def passage_ids(pcoll, source: str, paths: Sequence[str] | None = None) -> set[str]:
+        """Ids of a source's stored passages, all of them or those of some paths."""
+        out: set[str] = set()
+        if paths is not None and not paths:
+            return out
+        for part in ([None] if paths is None else list(_batches(sorted(set(paths)), READ_BATCH))):
+            where = {"source": source} if part is None else {"$and": [{"source": source}, {"path": {"$in": list(part)}}]}
+            offset = 0
+            while True:
+                page = pcoll.get(where=where, include=[], limit=5000, offset=offset)
+                out.update(page["ids"])
+                if len(page["ids"]) < 5000:
+                    break
+                offset += 5000
+        return out
+
+    def ping(self) -> None:
+        """Ask the store to answer (a no-op sync touches nothing else, and must not report "up to date" from a dead server)."""
+        self.client.heartbeat()
+
+    def find(self, name: str):
+        """The collection, or None when there is none (never creates one)."""
+        try:
+            return self.client.get_collection(name, embedding_function=None)
+        except NotFoundError:
+            return None
 
     @staticmethod
     def source_chunks(coll, source: str) -> dict[str, dict[str, str]]:

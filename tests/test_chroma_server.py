@@ -1,0 +1,126 @@
+"""The Chroma server path (KB_CHROMA_URL), held to the embedded store's standard, against a real `chroma run`.
+
+Add, sync, search in every mode, re-chunk, drop a collection; then the server stops: every command exits 1 with one
+line naming the server, and searching is an error, never an empty result; then it starts again on the same data,
+and the same process (the dashboard's case) works without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from servers import free_port, stop, wait_for_http
+
+from conftest import ROOT, base_settings
+from kb.errors import KBError
+from kb.search.engine import SearchEngine
+from kb.search.hits import SearchOptions
+
+CHROMA = Path(sys.executable).parent / "chroma"
+
+
+class ChromaServer:
+    """`chroma run` from the installed package, on 127.0.0.1; stop() and start() keep its data folder."""
+
+    def __init__(self, path: Path, log: Path) -> None:
+        self.path, self.log, self.port = path, log, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([str(CHROMA), "run", "--path", str(self.path), "--host", "127.0.0.1",
+                                      "--port", str(self.port)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_for_http(f"{self.url}/api/v2/heartbeat", self.proc, self.log, timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+@pytest.fixture
+def chroma_server(tmp_path):
+    if not CHROMA.is_file():
+        pytest.fail(f"{CHROMA} is missing: chromadb installs it")
+    server = ChromaServer(tmp_path / "chroma-server", tmp_path / "chroma.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kb", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_server_path_works_fails_loudly_and_recovers(chroma_server, tmp_path, corpus, tiny_st_dir, tiny_embeddings):
+    from kb.service import KnowledgeBase
+
+    settings = base_settings(tmp_path / "home", embed_model=str(tiny_st_dir), embed_backend="torch",
+                             chroma_url=chroma_server.url)
+    kb = KnowledgeBase(settings, embeddings=tiny_embeddings)
+    kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    rep = kb.sync()[0]
+    assert not rep.error and rep.chunks_embedded > 0
+    assert not (tmp_path / "home" / "chroma").exists()  # everything went to the server
+    engine = SearchEngine(kb)
+    for mode in ("dense", "bm25", "hybrid"):
+        assert len(engine.search("How do I define a custom tool?", SearchOptions(k=3, mode=mode))) == 3
+    first = kb.live()[0]
+    out = kb.rechunk(kb.rechunk_config(size=300, overlap=30))
+    assert out["chunks"] > 0 and kb.live()[0] != first
+    kb.drop_collection(first)
+    assert [c["name"] for c in kb.collections()] == [out["collection"]]
+    assert engine.search("custom tool", SearchOptions(k=3))
+
+    env = {**os.environ, "KB_HOME": str(tmp_path / "home"), "KB_CHROMA_URL": chroma_server.url,
+           "KB_EMBED_MODEL": str(tiny_st_dir), "KB_EMBED_BACKEND": "torch"}
+    assert cli(env, "search", "custom tool", "--json").returncode == 0
+
+    chroma_server.stop()
+    with pytest.raises(KBError, match=f"cannot reach the Chroma server at {chroma_server.url}"):
+        engine.search("custom tool", SearchOptions(k=3))
+    for mode in ("dense", "bm25"):
+        with pytest.raises(KBError, match="cannot reach the Chroma server"):
+            engine.search("custom tool", SearchOptions(k=3, mode=mode))
+    with pytest.raises(KBError, match="cannot reach the Chroma server"):
+        kb.sync()
+    for args in (["search", "custom tool"], ["search", "custom tool", "--mode", "dense"], ["stats"], ["sync"],
+                 ["collections"], ["rechunk", "--chunk-size", "200", "--chunk-overlap", "20"]):
+        done = cli(env, *args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and chroma_server.url in lines[0], (args, done.stderr[-2000:])
+
+    chroma_server.start()  # same data folder, same port
+    hits = engine.search("How do I define a custom tool?", SearchOptions(k=3))  # same process, no restart
+    assert len(hits) == 3 and hits[0].source == "lagent"
+    assert kb.sync()[0].chunks_embedded == 0
+    assert cli(env, "stats", "--json").returncode == 0
+
+
+PAGES = [None, "chat", "retrieval_lab", "sources", "documents", "collections", "evaluation"]
+
+
+def test_every_page_shows_the_outage_and_recovers(chroma_server, page_env, monkeypatch, corpus, shared_kb, open_page):
+    """The dashboard process keeps running while the server is down and comes back with it."""
+    from conftest import add_bundle
+
+    monkeypatch.setenv("KB_CHROMA_URL", chroma_server.url)
+    assert add_bundle(shared_kb(), corpus, "lagent").chunks_embedded > 0
+    chroma_server.stop()
+    for page in PAGES:
+        at = open_page(page)
+        errors = [e.value for e in at.error]
+        assert any(chroma_server.url in e for e in errors), (page, errors)
+    chroma_server.start()
+    for page in PAGES:
+        at = open_page(page)
+        assert not at.error, (page, [e.value for e in at.error])
+    lab = open_page("retrieval_lab")
+    lab.text_input(key="lab_query").set_value("custom tool").run()
+    assert not lab.error and not lab.exception
+    assert any("lagent/" in m.value for m in lab.markdown)

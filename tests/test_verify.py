@@ -1,0 +1,143 @@
+"""`kb verify [--repair]`: the manifest against the vector store and the clones, and a repair that re-indexes
+only what is inconsistent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from kb.search.engine import SearchEngine
+from kb.search.hits import SearchOptions
+from kb.store.index import passage_collection
+
+
+def env_of(kb, tiny_st_dir) -> dict[str, str]:
+    return {**os.environ, "KB_HOME": str(kb.settings.home), "KB_EMBED_MODEL": str(tiny_st_dir),
+            "KB_EMBED_BACKEND": "torch"}
+
+
+def cli(kb, tiny_st_dir):
+    env = env_of(kb, tiny_st_dir)
+    return lambda *a: subprocess.run([sys.executable, "-m", "kb", *a], cwd=ROOT, env=env, capture_output=True,
+                                     text=True, timeout=300)
+
+
+def ids(kb) -> tuple[list[str], list[str]]:
+    live = kb.live()[0]
+    coll, pcoll = kb.index.get(live), kb.index.passages(live)
+    return sorted(coll.get(include=[])["ids"]), sorted(pcoll.get(include=[])["ids"])
+
+
+@pytest.fixture
+def synced(tiny_kb, corpus):
+    for name in ("lagent", "InternLM"):
+        tiny_kb.add_source(name, str(corpus / f"{name}.bundle"))
+    assert not any(r.error for r in tiny_kb.sync())
+    return tiny_kb
+
+
+def test_a_clean_sync_is_healthy(synced):
+    out = synced.verify()
+    assert out == {"healthy": True, "problems": [], "totals": {}, "repaired": False}
+
+
+def test_each_kind_of_damage_is_found_and_repaired(synced):
+    kb = synced
+    clean = ids(kb)
+    live, config = kb.live()
+    coll, pcoll = kb.index.get(live), kb.index.passages(live)
+    lagent = coll.get(where={"source": "lagent"}, include=["metadatas", "embeddings", "documents"])
+    path = lagent["metadatas"][0]["path"]
+    # a document loses two chunks (and, as a crash would leave it, keeps their passages: orphans)
+    lost = [i for i, m in zip(lagent["ids"], lagent["metadatas"]) if m["path"] == path][:2]
+    coll.delete(ids=lost)
+    # an InternLM chunk loses its passages
+    internlm = coll.get(where={"source": "InternLM"}, include=[])["ids"][0]
+    pcoll.delete(where={"parent": internlm})
+    # a record of another model, and one of a source nobody registered
+    meta = dict(lagent["metadatas"][-1], embed_model="someone-elses-model")
+    coll.upsert(ids=["f" * 32], embeddings=[lagent["embeddings"][-1]], documents=["stray"], metadatas=[meta])
+    coll.upsert(ids=["e" * 32], embeddings=[lagent["embeddings"][-1]], documents=["ghost"],
+                metadatas=[dict(meta, source="ghost", embed_model=kb.embed_model)])
+    kb.manifest.touch_collection(live)
+
+    out = kb.verify()
+    assert not out["healthy"] and not out["repaired"]
+    kinds = {(p["kind"], p["source"]) for p in out["problems"]}
+    assert {("missing_chunks", "lagent"), ("orphan_passages", "lagent"), ("chunks_without_passages", "InternLM"),
+            ("foreign_records", "lagent"), ("unknown_source", "ghost")} <= kinds, kinds
+    assert any(p["kind"] == "missing_chunks" and p["path"] == path and p["count"] == 2 for p in out["problems"])
+
+    kb.embeddings.reset()
+    fixed = kb.verify(repair=True)
+    assert fixed["healthy"] and fixed["repaired"], fixed["problems"]
+    assert ids(kb) == clean
+    # only what was broken is embedded again: two chunks' texts and a few passages, not the sources
+    assert 0 < kb.embeddings.documents_embedded < 60
+    assert kb.verify()["healthy"]
+
+
+def test_a_deleted_chroma_folder_is_rebuilt_searchable(synced, tiny_st_dir):
+    """By hand, as an admin would: rm -r KB_HOME/chroma, then `kb verify --repair` (new processes)."""
+    kb = synced
+    clean = ids(kb)
+    hits_before = [h.id for h in SearchEngine(kb).search("custom tool", SearchOptions(k=3, mode="bm25"))]
+    shutil.rmtree(kb.settings.chroma_path)
+    run = cli(kb, tiny_st_dir)
+    broken = json.loads(run("verify", "--json").stdout)
+    assert {p["kind"] for p in broken["problems"]} == {"no_live_collection"} and len(broken["problems"]) == 2
+    repaired = run("verify", "--repair", "--json")
+    assert repaired.returncode == 0 and json.loads(repaired.stdout)["healthy"], repaired.stderr[-2000:]
+    found = json.loads(run("search", "custom tool", "--mode", "bm25", "-k", "3", "--json").stdout)["hits"]
+    assert len(found) == 3
+    check = subprocess.run([sys.executable, "-c", (
+        "import json; from kb.service import KnowledgeBase; kb = KnowledgeBase(); live = kb.live()[0]; "
+        "print(json.dumps([sorted(kb.index.get(live).get(include=[])['ids']), "
+        "sorted(kb.index.passages(live).get(include=[])['ids'])]))")],
+        cwd=ROOT, env=env_of(kb, tiny_st_dir), capture_output=True, text=True, timeout=300)
+    assert tuple(json.loads(check.stdout)) == clean  # the same chunk and passage ids as before the loss
+    assert [h["text"] for h in found] and len(hits_before) == 3
+
+
+def test_a_clone_without_the_indexed_commit(synced):
+    kb = synced
+    with kb.manifest.transaction() as con:
+        con.execute("UPDATE sources SET indexed_commit='0123456789abcdef0123456789abcdef01234567' WHERE name='lagent'")
+    out = kb.verify()
+    assert [(p["kind"], p["source"]) for p in out["problems"]] == [("missing_commit", "lagent")]
+    assert kb.verify(repair=True)["healthy"]
+
+
+def test_cli_contract(synced, tiny_st_dir):
+    cli_ = cli(synced, tiny_st_dir)
+    run = lambda *a: cli_("verify", *a)  # noqa: E731
+    ok = run("--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["healthy"] is True
+    live = synced.live()[0]
+    synced.index.get(passage_collection(live)).delete(where={"source": "lagent"})
+    bad = run("--json")
+    body = json.loads(bad.stdout)
+    assert bad.returncode == 1 and body["healthy"] is False and body["totals"]["chunks_without_passages"] > 0
+    assert {"healthy", "problems", "repaired"} <= set(body)
+    fixed = run("--repair")
+    assert fixed.returncode == 0 and "healthy after repair" in fixed.stdout
+
+
+def test_home_page_shows_the_check_and_repairs(lagent_env, shared_kb, open_page):
+    home = open_page()
+    assert any("Healthy" in s.value for s in home.success)
+    kb = shared_kb()
+    live = kb.live()[0]
+    kb.index.get(passage_collection(live)).delete(where={"source": "lagent"})
+    home = open_page()
+    assert any("not consistent" in e.value for e in home.error)
+    home.button(key="home_repair").click().run()
+    assert not home.exception
+    assert any("Repaired: healthy" in s.value for s in home.success)
+    assert kb.verify()["healthy"]
