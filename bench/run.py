@@ -1,8 +1,8 @@
 """Benchmarks: ingest (ours vs the tutorial's pipeline), retrieval per question set and category, sync, search
-latency, answer speed.
+latency, answer speed, answers scored (facts, citations, declines), and many users at once.
 
-    make bench                      # everything (about half an hour on 2 cores)
-    python -m bench.run ingest sync # some of it
+    make bench                      # everything (about two hours on 2 cores: the scored answers take most)
+    python -m bench.run ingest sync # some of it: ingest retrieval sync search answer answers load
 
 Results go to bench/results/<name>.json, plots to bench/results/<name>.png.
 The machine is shared and noisy: compare ratios taken in one run, and read
@@ -368,6 +368,40 @@ def _latencies(engine, queries: list[str], reps: int) -> dict:
     return out
 
 
+def _server_latencies(queries: list[str]) -> dict:
+    """The same searches with the six repos in a `chroma run` server on 127.0.0.1 (KB_CHROMA_URL)."""
+    import socket
+
+    from kb.search.engine import SearchEngine
+    from kb.service import KnowledgeBase
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = WORK / "chroma-server"
+    shutil.rmtree(data, ignore_errors=True)
+    server = subprocess.Popen([str(Path(sys.executable).parent / "chroma"), "run", "--path", str(data), "--host",
+                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/api/v2/heartbeat", 60)
+        home = WORK / "ours-server"
+        shutil.rmtree(home, ignore_errors=True)
+        kb = KnowledgeBase(load_settings(env={**os.environ, "KB_HOME": str(home),
+                                              "KB_CHROMA_URL": f"http://127.0.0.1:{port}"}))
+        for repo in REPOS:
+            kb.add_source(repo, str(CORPUS / f"{repo}.bundle"))
+        t0 = time.perf_counter()
+        kb.sync()
+        sync_s = time.perf_counter() - t0
+        out = {"chunks": kb.stats()["chunks"], "sync_seconds": round(sync_s, 1),
+               **_latencies(SearchEngine(kb), queries, 3)}
+        kb.close()
+        return out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -386,6 +420,7 @@ def bench_search(big: int) -> dict:
     kb = ours_kb(WORK / "ours")
     engine = SearchEngine(kb)
     result = {"corpus": {"chunks": kb.stats()["chunks"], **_latencies(engine, queries, 5), "rss_mb": _rss_mb()}}
+    result["chroma_server"] = _server_latencies(queries)
     if big:
         result["synthetic"] = _synthetic(kb, queries, big)
     result["summary"] = {"corpus_hybrid_p95_ms": result["corpus"]["hybrid"]["p95_ms"],
@@ -496,6 +531,33 @@ ANSWER_QUESTIONS = [
 ]
 
 
+# ---------------------------------------------------------------- answers, scored
+def bench_answers(k: int = 5) -> dict:
+    """`kb eval --answers` on the dev, held-out and unanswerable sets with the default LLM: facts stated,
+    gold lines cited, unanswerable questions declined, time to first token and in all."""
+    from core.llm import build_chat_model
+    from kb.answer.chain import Answerer
+    from kb.answer.evaluate import evaluate_answers
+    from kb.evaluate import load_questions
+    from kb.search.engine import SearchEngine
+    from kb.search.hits import SearchOptions
+
+    kb = six_repo_kb()
+    opts = SearchOptions(k=k)
+    answerer = Answerer(build_chat_model(kb.settings), SearchEngine(kb), opts)
+    out: dict = {"k": k, "llm": kb.settings.llm, "sets": {}}
+    for name, path in (("dev", QUESTION_SETS["dev"][0]), ("holdout", QUESTION_SETS["holdout"][0]),
+                       ("unanswerable", ROOT / "kb" / "questions" / "unanswerable.jsonl")):
+        rep = evaluate_answers(answerer, load_questions(path), opts)
+        out["sets"][name] = rep
+        print(f"{name}: facts {rep['facts']} gold_cited {rep['gold_cited']} declined {rep['declined']} "
+              f"ttft {rep['ttft_median']} s, total {rep['seconds_median']} s", file=sys.stderr)
+    out["summary"] = {n: {m: r[m] for m in ("n", "facts", "gold_cited", "declined", "ttft_median", "seconds_median")}
+                      for n, r in out["sets"].items()}
+    save("answers", out)
+    return out
+
+
 # ---------------------------------------------------------------- many users at once
 CHROMIUM = "/usr/bin/chromium"
 # JS: the text streamed so far into a page's last assistant message (as tests/test_browser.py reads it)
@@ -533,6 +595,11 @@ def _wait_http(url: str, timeout: float) -> None:
     raise SystemExit(f"the dashboard did not answer at {url}")
 
 
+def _plain(text: str) -> str:
+    """Text as a page shows it: Markdown renders `code` without its backticks, and spacing varies."""
+    return "".join(text.replace("`", "").split())
+
+
 def _ask_all(browser, base: str, questions: list[str], timeout_s: float) -> list[dict]:
     """Open one browser session per question, ask them all at once, and time each answer."""
     pages = []
@@ -566,16 +633,16 @@ def _ask_all(browser, base: str, questions: list[str], timeout_s: float) -> list
         if r["done"] is None and not r["error"]:
             r["error"] = "no answer before the timeout"
         # answers never mix: each session shows its own question, and one answer under it
-        users = page.locator('[data-testid="stChatMessage"]').all_inner_texts()
-        r["own_question_only"] = len(users) == 2 and r["question"] in users[0] and all(
-            other["question"] not in users[1] for other in rows if other is not r)
+        users = [_plain(t) for t in page.locator('[data-testid="stChatMessage"]').all_inner_texts()]
+        r["own_question_only"] = len(users) == 2 and _plain(r["question"]) in users[0] and all(
+            _plain(other["question"]) not in users[1] for other in rows if other is not r)
         r["ttft_s"] = round(r["first"] - r["asked"], 2) if r["first"] else None
         r["total_s"] = round(r["done"] - r["asked"], 2) if r["done"] else None
         page.context.close()
     return rows
 
 
-def bench_load(levels: tuple[int, ...] = (1, 5, 20), max_tokens: int = 32) -> dict:
+def bench_load(levels: tuple[int, ...] = (1, 5, 20), max_tokens: int = 32, name: str = "load") -> dict:
     """1, 5 and 20 concurrent askers in real browser sessions against one dashboard process.
 
     Time to first token p50/p95 per level, errors (target 0), answers never mixed between sessions; during the
@@ -635,7 +702,7 @@ def bench_load(levels: tuple[int, ...] = (1, 5, 20), max_tokens: int = 32) -> di
         proc.terminate()
         proc.wait(timeout=30)
     out["summary"] = {n: {k: v for k, v in lv.items() if k != "rows"} for n, lv in out["levels"].items()}
-    save("load", out)
+    save(name, out)
     return out
 
 
@@ -694,7 +761,7 @@ def bench_answer(max_tokens: int = 256) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", nargs="*", default=["ingest", "retrieval", "sync", "search", "answer"])
+    p.add_argument("which", nargs="*", default=["ingest", "retrieval", "sync", "search", "answer", "answers", "load"])
     p.add_argument("--skip-tutorial", action="store_true")
     p.add_argument("--big", type=int, default=200_000, help="chunks in the synthetic search collection (0: skip)")
     a = p.parse_args()
@@ -712,6 +779,8 @@ def main() -> None:
             bench_answer()
         elif name == "load":
             bench_load()
+        elif name == "answers":
+            bench_answers()
         else:
             raise SystemExit(f"unknown benchmark {name!r}")
 

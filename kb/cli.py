@@ -238,11 +238,36 @@ def cmd_ask(args: argparse.Namespace) -> dict:
     return result.as_dict()
 
 
+def cmd_eval_answers(args: argparse.Namespace, questions: list[dict]) -> dict:
+    from core.llm import build_chat_model
+    from kb.answer.chain import Answerer
+    from kb.answer.evaluate import evaluate_answers
+    from kb.search.engine import SearchEngine
+
+    kb = _kb(args)
+    opts = _options(args, kb)
+    answerer = Answerer(build_chat_model(kb.settings), SearchEngine(kb), opts)
+    show = (lambda i, n: print(f"\r{i}/{n} answered", end="", file=sys.stderr)) if sys.stderr.isatty() else (lambda i, n: None)
+    report = evaluate_answers(answerer, questions, opts, progress=show)
+    if not args.json:
+        fmt = lambda v: "-" if v is None else ("yes" if v is True else "no" if v is False else v)  # noqa: E731
+        for r in report["rows"]:
+            verdict = (f"facts {fmt(r.get('facts'))}, gold cited {fmt(r.get('gold_cited'))}" if r["answerable"]
+                       else f"declined {fmt(r.get('declined'))}")
+            print(f"{r['id']:28} {verdict:34} {r['ttft_s'] or 0:5.1f}s  {r['answer'][:70]!r}")
+        print(f"\nn={report['n']} facts={fmt(report['facts'])} gold_cited={fmt(report['gold_cited'])} "
+              f"declined={fmt(report['declined'])} ttft_median={report['ttft_median']}s "
+              f"seconds_median={report['seconds_median']}s (k={report['k']}, {report['mode']})")
+    return report
+
+
 def cmd_eval(args: argparse.Namespace) -> dict:
     from kb.evaluate import load_questions
     from kb.search.engine import SearchEngine
 
     questions = load_questions(args.questions)
+    if args.answers:
+        return cmd_eval_answers(args, questions)
     kb = _kb(args)
     report = kb.run_and_save_evaluation(SearchEngine(kb), questions, _options(args, kb), str(args.questions))
     if not args.json:
@@ -338,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", parents=[common, ranked], help="hit@1, hit@k and MRR on a JSONL question file")
     e.add_argument("questions")
+    e.add_argument("--answers", action="store_true",
+                   help="ask every question with the LLM: facts stated, gold lines cited, unanswerable declined")
     e.set_defaults(func=cmd_eval)
     return p
 

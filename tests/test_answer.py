@@ -83,3 +83,30 @@ def test_follow_up_is_rewritten_before_retrieval(xtuner_kb, default_chat_model):
     result = Answerer(default_chat_model, SearchEngine(xtuner_kb), SearchOptions(k=3)).ask("它支持哪些模型？", history)
     assert result.standalone_question and result.standalone_question != "它支持哪些模型？"
     assert result.sources and result.answer
+
+
+def test_answer_evaluation_scores_facts_citations_and_declines(xtuner_kb):
+    """`kb eval --answers` bookkeeping on scripted answers: the scoring, not the model, is under test here."""
+    from kb.answer.evaluate import declines, evaluate_answers, states_facts
+
+    assert states_facts("XTuner 支持 Q LoRA 与 全量微调", [["qlora"], ["全量", "full"]])
+    assert not states_facts("XTuner 支持 LoRA", [["qlora"]])
+    assert declines("资料中没有提到这一点。") and declines("The sources do not mention pricing.")
+    assert not declines("XTuner 支持 QLoRA [1]。")
+    engine = SearchEngine(xtuner_kb)
+    questions = [
+        {"id": "a", "question": "What is XTuner?", "repo": "xtuner", "path": "README.md", "line_start": 36,
+         "line_end": 38, "gold": [{"path": "README.md", "line_start": 36, "line_end": 38},
+                                  {"path": "README_zh-CN.md", "line_start": 41, "line_end": 43}],
+         "facts": [["training engine", "训练引擎"], ["moe"]]},
+        {"id": "b", "question": "XTuner 企业版多少钱？", "repo": "xtuner", "path": "", "line_start": 0, "line_end": 0,
+         "answerable": False},
+    ]
+    hits = engine.search("What is XTuner?", SearchOptions(k=3))
+    gold_n = next(h.rank for h in hits if h.path == "README.md" and h.line_start <= 38 and h.line_end >= 36)
+    llm = RecordingChat(messages=iter([AIMessage(f"XTuner V1 is a next-generation training engine for MoE models [{gold_n}]."),
+                                       AIMessage("资料中没有提到企业版的价格。")]))
+    report = evaluate_answers(Answerer(llm, engine, SearchOptions(k=3)), questions, SearchOptions(k=3))
+    assert (report["n"], report["facts"], report["gold_cited"], report["declined"]) == (2, 1.0, 1.0, 1.0)
+    assert report["rows"][0]["cited"] == [gold_n] and report["ttft_median"] is not None
+    assert {"n", "facts", "gold_cited", "declined", "ttft_median", "seconds_median", "k", "mode", "rows"} <= set(report)

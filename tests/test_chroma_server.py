@@ -76,6 +76,11 @@ def test_server_path_works_fails_loudly_and_recovers(chroma_server, tmp_path, co
     kb.drop_collection(first)
     assert [c["name"] for c in kb.collections()] == [out["collection"]]
     assert engine.search("custom tool", SearchOptions(k=3))
+    assert kb.verify()["healthy"]
+    live = kb.live()[0]  # a server-side loss is found and repaired like an embedded one
+    kb.index.passages(live).delete(where={"source": "lagent"})
+    assert kb.verify()["totals"]["chunks_without_passages"] > 0
+    assert kb.verify(repair=True)["healthy"]
 
     env = {**os.environ, "KB_HOME": str(tmp_path / "home"), "KB_CHROMA_URL": chroma_server.url,
            "KB_EMBED_MODEL": str(tiny_st_dir), "KB_EMBED_BACKEND": "torch"}

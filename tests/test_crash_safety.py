@@ -147,6 +147,21 @@ def test_killed_rechunk_converges_and_keeps_the_live_collection(clean, tmp_path,
     assert state(home, tiny_st_dir) == clean["rechunk"]
 
 
+def test_killed_upload_converges_to_a_clean_upload(tmp_path, tiny_st_dir):
+    """An upload is a commit, then a sync: killed in the sync, the next sync of the source finishes it."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Notes\n\n" + "".join(f"Paragraph {i} about uploads and crash safety.\n\n" for i in range(400)))
+    clean_env, env = kb_env(tmp_path / "clean", tiny_st_dir), kb_env(tmp_path / "home", tiny_st_dir)
+    assert kb(clean_env, "upload", str(notes), "--source", "notes", "-q").returncode == 0
+    run_and_kill(env, ["upload", str(notes), "--source", "notes"], stored_chunks_then)
+    again = kb(env, "sync", "notes", "--json")
+    assert again.returncode == 0, again.stderr
+    got, want = state(tmp_path / "home", tiny_st_dir), state(tmp_path / "clean", tiny_st_dir)
+    # the upload's commit is made at upload time, so the two sources differ in their commit only
+    strip = lambda st: {k: v for k, v in st.items() if k not in ("sources", "documents", "chunk_meta")}  # noqa: E731
+    assert strip(got) == strip(want) and len(got["documents"]) == len(want["documents"]) == 1
+
+
 def tree(home: Path) -> dict[str, str]:
     """Every file under KB_HOME with its content hash.
 
