@@ -107,3 +107,13 @@ def test_eval_contract(cli_home, tmp_path, corpus):
     bad.write_text('{"id": "q1"}\n')
     proc, out = kb(home, "eval", str(bad), "--json", env_extra=env)
     assert proc.returncode == 1 and "missing field" in out["error"]
+
+
+def test_rechunk_below_the_passage_size_uses_one_rule(cli_home, corpus):
+    """`kb rechunk --chunk-size 100` clamps the passage size (120 by default) as the Documents page does."""
+    home, env = cli_home
+    kb(home, "add", "lagent", str(corpus / "lagent.bundle"), env_extra=env)  # already there when run in file order
+    assert kb(home, "sync", "lagent", env_extra=env)[0].returncode == 0
+    proc, out = kb(home, "rechunk", "--chunk-size", "100", "--chunk-overlap", "10", "--json", env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "+passages 100" in out["chunk_config"] and out["chunks"] > 0
