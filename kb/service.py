@@ -157,11 +157,16 @@ class KnowledgeBase:
                 extensions=tuple(extensions or self.settings.extensions),
                 indexed_commit=None, indexed_collection=None, last_synced=None, created=time.time(),
             )
-            try:
-                self.manifest.add_source(row)
-            except BaseException:
-                shutil.rmtree(dest, ignore_errors=True)
-                raise
+            self._register(row)
+        return row
+
+    def _register(self, row: SourceRow) -> SourceRow:
+        """Write a new source's manifest row; if that fails, its new folder goes too (nothing half-made stays)."""
+        try:
+            self.manifest.add_source(row)
+        except BaseException:
+            shutil.rmtree(row.repo_path, ignore_errors=True)
+            raise
         return row
 
     def add_defaults(self, progress: Progress = no_progress) -> list[dict]:
@@ -262,14 +267,8 @@ class KnowledgeBase:
         if dest.exists():
             raise KBError(f"folder {dest} already exists; remove it first")
         branch = sources.init_files_repo(dest)
-        row = SourceRow(source, "files", "(uploads)", "", branch, str(dest.resolve()),
-                        tuple(self.settings.upload_extensions), None, None, None, time.time())
-        try:
-            self.manifest.add_source(row)
-        except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise
-        return row
+        return self._register(SourceRow(source, "files", "(uploads)", "", branch, str(dest.resolve()),
+                                        tuple(self.settings.upload_extensions), None, None, None, time.time()))
 
     # collections
     @reaching_chroma

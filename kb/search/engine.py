@@ -73,7 +73,9 @@ class SearchEngine:
         self._passages_of: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
         self._reranker: CrossEncoderReranker | None = None
-        self._openings: dict[tuple, object] = {}  # root README paths and name words per source, per collection version
+        # document-level facts (root README chunks, sources' name words), kept for the collection version they were
+        # read at: (kind, collection[, source]) -> (version, value), so old versions don't pile up in a long-lived server
+        self._doc_facts: dict[tuple, tuple[str, object]] = {}
 
     # building blocks
     def _store(self, coll) -> Chroma:
@@ -273,22 +275,31 @@ class SearchEngine:
             h.score = round(h.score, 6)
         return hits
 
+    def _doc_fact(self, key: tuple, collection: str, read):
+        """``read()`` once per collection version (a sync changes the version), cached under ``key``."""
+        version = self.kb.manifest.collection_version(collection)
+        cached = self._doc_facts.get(key)
+        if cached is None or cached[0] != version:
+            cached = self._doc_facts[key] = (version, read())
+        return cached[1]
+
     def _readmes(self, coll, collection: str, source: str) -> list[Document]:
-        """The chunks of ``source``'s root READMEs (cached per collection version)."""
-        key = ("readmes", collection, self.kb.manifest.collection_version(collection), source)
-        if key not in self._openings:
+        """The chunks of ``source``'s root READMEs."""
+
+        def read() -> list[Document]:
             paths = [d.path for d in self.kb.manifest.documents(source)
                      if d.status == "indexed" and signals.is_root_readme(d.path)]
             got = coll.get(where={"$and": [{"source": source}, {"path": {"$in": paths or ["\0"]}}]},
                            include=["documents", "metadatas"])
-            self._openings[key] = [Document(page_content=t, metadata=m, id=i)
-                                   for i, t, m in zip(got["ids"], got["documents"], got["metadatas"])]
-        return self._openings[key]  # type: ignore[return-value]
+            return [Document(page_content=t, metadata=m, id=i)
+                    for i, t, m in zip(got["ids"], got["documents"], got["metadatas"])]
+
+        return self._doc_fact(("readmes", collection, source), collection, read)
 
     def _aliases(self, collection: str) -> dict[str, set[str]]:
-        """Each source's name words: its name and its root READMEs' titles, as BM25 words (cached per version)."""
-        key = ("aliases", collection, self.kb.manifest.collection_version(collection))
-        if key not in self._openings:
+        """Each source's name words: its name and its root READMEs' titles, as BM25 words."""
+
+        def read() -> dict[str, set[str]]:
             out: dict[str, set[str]] = {}
             for src in self.kb.manifest.sources():
                 words = set(tokenize(src.name))
@@ -299,8 +310,9 @@ class SearchEngine:
                         except KBError:  # the clone lost the commit: its name still counts
                             pass
                 out[src.name] = {w for w in words if not w.isdigit()}
-            self._openings[key] = out  # type: ignore[assignment]
-        return self._openings[key]  # type: ignore[return-value]
+            return out
+
+        return self._doc_fact(("aliases", collection), collection, read)
 
     def _single(self, scored: list[tuple[Document, float]], mode: str) -> list[Hit]:
         hits = []
