@@ -12,8 +12,8 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: this takes the local CPU wheel; any other spec pulls CUDA packages
 	$(BIN)/pip install -q torch==2.13.0
-	# llama.cpp built for a portable x86-64 (AVX2/FMA), never -march=native: a native build on a CPU with AMX
-	# segfaults on every prompt of more than one token. No wheel cache, so an old native build is never reused.
+	# llama.cpp built for a portable x86-64 (AVX2/FMA), never -march=native: the native build on our machines (a CPU
+	# with AMX) segfaulted on every prompt of more than one token. No wheel cache, so an old native build is never reused.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir llama-cpp-python==0.3.36
 	$(BIN)/pip install -q -r requirements.txt
 	touch $(STAMP)
