@@ -759,9 +759,74 @@ def bench_answer(max_tokens: int = 256) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- snapshots (kb export / kb import)
+def bench_snapshot(repeats: int = 2) -> dict:
+    """Export and import time and archive size on the six-repo knowledge base, with and without the clones; the
+    imported copy's searches (every dev question, every mode) are compared with the original's, and it is verified."""
+    from kb.evaluate import load_questions
+    from kb.search.engine import SearchEngine
+    from kb.search.hits import SearchOptions
+    from kb.service import KnowledgeBase
+
+    src = six_repo_kb()
+    queries = [q["question"] for q in load_questions(QUESTIONS)]
+
+    def hits(kb) -> dict:
+        engine = SearchEngine(kb)
+        return {(q, m): [h.as_dict() for h in engine.search(q, SearchOptions(k=5, mode=m))]
+                for q in queries for m in ("dense", "bm25", "hybrid")}
+
+    before = hits(src)
+    stats = src.stats()
+    out_dir = WORK / "snapshot"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    result: dict = {"chunks": stats["chunks"], "sources": stats["sources"], "repeats": repeats, "variants": {}}
+    for variant, with_repos in (("without_repos", False), ("with_repos", True)):
+        archive = out_dir / f"{variant}.tar.gz"
+        exports, imports, last = [], [], {}
+        for i in range(repeats):
+            exports.append(src.export_snapshot(archive, with_repos=with_repos)["seconds"])
+            home = out_dir / f"home-{variant}-{i}"
+            kb = KnowledgeBase(load_settings(env={**os.environ, "KB_HOME": str(home)}), embeddings=src.embeddings)
+            t0 = time.perf_counter()
+            last = kb.import_snapshot(archive)
+            imports.append(round(time.perf_counter() - t0, 2))
+            if i == repeats - 1:
+                after = hits(kb)
+                same = sum(before[key] == after[key] for key in before)
+                order = sum([h["id"] for h in before[key]] == [h["id"] for h in after[key]] for key in before)
+                drift = max((abs(a["score"] - b["score"]) for key in before if before[key] != after[key]
+                             for a, b in zip(before[key], after[key]) if a["id"] == b["id"]), default=0.0)
+                report = kb.verify()
+                result["variants"][variant] = {
+                    "archive_bytes": archive.stat().st_size, "archive_mib": round(archive.stat().st_size / 2**20, 1),
+                    "export_s": exports, "export_median_s": round(statistics.median(exports), 2),
+                    "import_s": imports, "import_median_s": round(statistics.median(imports), 2),
+                    "passages": last["passages"], "clones": last["clones"],
+                    "identical_searches": same, "same_hits_and_order": order, "searches": len(before),
+                    "max_score_change_same_hit": round(drift, 6),
+                    "verify_healthy": report["healthy"], "verify_totals": report["totals"],
+                }
+            kb.close()
+            shutil.rmtree(home, ignore_errors=True)
+        print(f"snapshot {variant}: {result['variants'][variant]['archive_mib']} MiB, export "
+              f"{result['variants'][variant]['export_median_s']} s, import {result['variants'][variant]['import_median_s']} s, "
+              f"{result['variants'][variant]['identical_searches']}/{len(before)} searches identical, "
+              f"{result['variants'][variant]['same_hits_and_order']} with the same hits in the same order", file=sys.stderr)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    v = result["variants"]
+    result["summary"] = {f"{k}_{m}": v[k][m] for k in v for m in ("archive_mib", "export_median_s", "import_median_s")}
+    for k in v:
+        result["summary"][f"{k}_identical_searches"] = f"{v[k]['identical_searches']}/{v[k]['searches']}"
+    save("snapshot", result)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", nargs="*", default=["ingest", "retrieval", "sync", "search", "answer", "answers", "load"])
+    p.add_argument("which", nargs="*", default=["ingest", "retrieval", "sync", "search", "answer", "answers", "load",
+                                                    "snapshot"])
     p.add_argument("--skip-tutorial", action="store_true")
     p.add_argument("--big", type=int, default=200_000, help="chunks in the synthetic search collection (0: skip)")
     a = p.parse_args()
@@ -781,6 +846,8 @@ def main() -> None:
             bench_load()
         elif name == "answers":
             bench_answers()
+        elif name == "snapshot":
+            bench_snapshot()
         else:
             raise SystemExit(f"unknown benchmark {name!r}")
 

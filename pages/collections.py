@@ -1,8 +1,12 @@
-"""Collections (admin): every Chroma collection, a page of its records, look-up by id, switch or delete."""
+"""Collections (admin): every Chroma collection, a page of its records (click one to open it), look-up by id,
+switch or delete; snapshots of the knowledge base, exported and imported."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -14,13 +18,92 @@ st.title(":material/database: Collections")
 kb = kb_or_stop(require_admin())
 
 
+def show_record(rec: dict) -> None:
+    """One record: where it comes from, its text, its vector's summary and its metadata."""
+    meta = rec["metadata"]
+    l, r = st.columns([3, 2])
+    with l:
+        st.markdown(f"**{escape_markdown(str(meta.get('source')))}/{escape_markdown(str(meta.get('path')))}:"
+                    f"{meta.get('line_start')}-{meta.get('line_end')}** @ `{str(meta.get('commit', ''))[:8]}`"
+                    + (f" · [permalink]({meta['url']})" if meta.get("url") else ""))
+        st.code(rec["text"], language="markdown", wrap_lines=True)
+    with r:
+        st.markdown(f"Embedding: {rec['dimension']} dimensions, norm {rec['norm']:.4f}")
+        st.code(", ".join(f"{x:+.4f}" for x in rec["head"]) + ", …", language=None)
+        if "bm25" in meta:
+            meta["bm25"] = meta["bm25"][:200] + ("…" if len(meta["bm25"]) > 200 else "")
+        st.json(meta)
+
+
+def snapshot_panel(has_live: bool) -> None:
+    """Export the knowledge base to a checked archive (then download it), or import one into an empty one."""
+    ex, im = st.columns(2)
+    with ex:
+        st.markdown("**Export**")
+        st.caption("The manifest, the live collection with its passages and vectors, the chunk config, and "
+                   "optionally every source's clone, each part with its sha256. Written to `snapshots/` in the "
+                   "data folder, then offered for download (CLI: `kb export FILE.tar.gz [--with-repos]`).")
+        with_repos = st.checkbox("Include the clones", key="snap_with_repos", disabled=not has_live,
+                                 help="without them, an import clones each git source again from its URL")
+        if st.button("Write snapshot", key="snap_export_btn", disabled=not has_live,
+                     help=None if has_live else "nothing to export: no live collection yet"):
+            out, err = run_with_status("Writing snapshot",
+                                       lambda p: kb.export_snapshot(with_repos=with_repos, progress=p))
+            if err is None:
+                st.session_state["snap_written"] = out
+        written = st.session_state.get("snap_written")
+        if written and Path(written["path"]).is_file():
+            path = Path(written["path"])
+            st.success(f"Wrote a snapshot of {written['bytes'] / 2**20:.1f} MiB: {written['sources']} sources, "
+                       f"{written['chunks']:,} chunks, {written['passages']:,} passages"
+                       + (f", {len(written['repos'])} clones" if written["with_repos"] else "") + ", on this server at:")
+            st.code(str(path), language=None)
+            st.download_button("Download", data=lambda: path.read_bytes(), file_name=path.name,
+                               mime="application/gzip", key="snap_download", icon=":material/download:")
+    with im:
+        st.markdown("**Import**")
+        try:
+            problem = kb.snapshot_target_problem()
+        except expected_errors() as exc:
+            show_error(exc)
+            return
+        st.caption("Loads a snapshot into an empty knowledge base: all of it or nothing, every part checked "
+                   "against its checksum first (CLI: `kb import FILE.tar.gz`)."
+                   + (f" Not here: {escape_markdown(problem)}." if problem else ""))
+        upload = st.file_uploader("Snapshot archive (.tar.gz)", type=["gz"], key="snap_upload", disabled=bool(problem))
+        server_path = st.text_input("…or its path on this server", key="snap_path", disabled=bool(problem),
+                                    placeholder="/backups/kb-snapshot.tar.gz").strip()
+        if st.button("Import", type="primary", key="snap_import_btn",
+                     disabled=bool(problem) or not (upload or server_path)):
+            def run(progress):
+                if upload is None:
+                    return kb.import_snapshot(server_path, progress=progress)
+                with tempfile.NamedTemporaryFile(suffix=".tar.gz") as tmp:
+                    tmp.write(upload.getbuffer())
+                    tmp.flush()
+                    return kb.import_snapshot(tmp.name, progress=progress)
+
+            out, err = run_with_status("Importing snapshot", run)
+            if err is None:
+                missing = ", ".join(m["name"] for m in out["clones"]["missing"])
+                st.session_state["coll_msg"] = (
+                    f"Imported `{out['collection']}`: {out['sources']} sources, {out['chunks']:,} chunks, "
+                    f"{out['passages']:,} passages." + (f" No clone of: {missing}." if missing else ""))
+                st.rerun()
+
+
 try:
     colls = kb.collections()
 except expected_errors() as exc:
     show_error(exc)
     st.stop()
 if not colls:
-    st.info("No collections yet: the first sync creates the live one.")
+    msg = st.session_state.pop("coll_msg", None)
+    if msg:
+        st.success(msg)
+    st.info("No collections yet: the first sync creates the live one, or import a snapshot.")
+    st.subheader("Snapshots")
+    snapshot_panel(has_live=False)
     st.stop()
 
 st.dataframe(
@@ -70,7 +153,7 @@ msg = st.session_state.pop("coll_msg", None)
 if msg:
     st.success(msg)
 
-records_tab, lookup_tab = st.tabs(["Records", "Look up by id"])
+records_tab, lookup_tab, snapshot_tab = st.tabs(["Records", "Look up by id", "Snapshots"])
 
 # ---------------------------------------------------------------------------- records
 
@@ -92,26 +175,39 @@ with records_tab:
     where = got["where"]
     st.caption(f"{got['total']:,} record(s) match" + (f" `where={json.dumps(where, ensure_ascii=False)}`" if where else "")
                + f" · showing {len(got['rows'])}")
-    st.dataframe(
-        pd.DataFrame(
-            [
-                {"id": m["id"], "source": m.get("source"), "path": m.get("path"),
-                 "lines": f"{m.get('line_start')}-{m.get('line_end')}", "tokens": m.get("n_tokens"),
-                 "heading": m.get("heading", ""), "commit": str(m.get("commit", ""))[:8],
-                 "text": m["text"][:160].replace("\n", " ")}
-                for m in got["rows"]
-            ],
-            columns=["id", "source", "path", "lines", "tokens", "heading", "commit", "text"],
-        ),
-        hide_index=True,
-        width="stretch",
-        height=420,
+    table = pd.DataFrame(
+        [
+            {"id": m["id"], "source": m.get("source"), "path": m.get("path"),
+             "lines": f"{m.get('line_start')}-{m.get('line_end')}", "tokens": m.get("n_tokens"),
+             "heading": m.get("heading", ""), "commit": str(m.get("commit", ""))[:8],
+             "text": m["text"][:160].replace("\n", " ")}
+            for m in got["rows"]
+        ],
+        columns=["id", "source", "path", "lines", "tokens", "heading", "commit", "text"],
     )
+    # one selection per table shown: another collection, filter or page starts with nothing selected
+    shown = hashlib.sha256(json.dumps([picked, source, path, got["page"], int(size)]).encode()).hexdigest()[:10]
+    event = st.dataframe(table, hide_index=True, width="stretch", height=420, key=f"coll_records_{shown}",
+                         on_select="rerun", selection_mode="single-row")
+    chosen = [i for i in event.selection.rows if 0 <= i < len(table)]
+    if not chosen:
+        st.caption("Click a row to open its record.")
+    else:
+        try:
+            rec = kb.record(picked, str(table.iloc[chosen[0]]["id"]))
+        except expected_errors() as exc:
+            show_error(exc)
+            st.stop()
+        if rec is None:
+            st.warning("That record is gone (a sync changed the collection): pick another.")
+        else:
+            with st.container(border=True):
+                show_record(rec)
 
 # ---------------------------------------------------------------------------- by id
 
 with lookup_tab:
-    rid = st.text_input("Record id", key="coll_id", placeholder="32 hex characters, e.g. from the Records tab")
+    rid = st.text_input("Record id", key="coll_id", placeholder="32 hex characters (or click a row in the Records tab)")
     if rid.strip():
         try:
             rec = kb.record(picked, rid)
@@ -121,16 +217,9 @@ with lookup_tab:
         if rec is None:
             st.warning(f"No record with id `{escape_markdown(rid.strip())}` in `{picked}`.")
         else:
-            meta = rec["metadata"]
-            l, r = st.columns([3, 2])
-            with l:
-                st.markdown(f"**{escape_markdown(str(meta.get('source')))}/{escape_markdown(str(meta.get('path')))}:"
-                            f"{meta.get('line_start')}-{meta.get('line_end')}** @ `{str(meta.get('commit', ''))[:8]}`"
-                            + (f" · [permalink]({meta['url']})" if meta.get("url") else ""))
-                st.code(rec["text"], language="markdown", wrap_lines=True)
-            with r:
-                st.markdown(f"Embedding: {rec['dimension']} dimensions, norm {rec['norm']:.4f}")
-                st.code(", ".join(f"{x:+.4f}" for x in rec["head"]) + ", …", language=None)
-                if "bm25" in meta:
-                    meta["bm25"] = meta["bm25"][:200] + ("…" if len(meta["bm25"]) > 200 else "")
-                st.json(meta)
+            show_record(rec)
+
+# ---------------------------------------------------------------------------- snapshots
+
+with snapshot_tab:
+    snapshot_panel(has_live=any(c["live"] for c in colls))

@@ -1,0 +1,144 @@
+"""The Collections page (AppTest): a record opens when its row is clicked; snapshots are written, downloaded and
+imported from the page, through the same KnowledgeBase facade as the CLI.
+
+Tiny sentence-transformers model for indexing, like the other page tests (``page_env``, ``lagent_env``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import add_bundle
+from kb import snapshot
+
+
+def ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def records_frame(at):
+    """The records table (the dataframe with a heading column) and its widget key."""
+    for df in at.dataframe:
+        if "heading" in df.value.columns:
+            return df, df.key
+    raise AssertionError("no records table")
+
+
+def select_row(at, key: str, row: int | None):
+    at.session_state[key] = {"selection": {"rows": [] if row is None else [row], "columns": []}}
+    return ok(at.run())
+
+
+# ---------------------------------------------------------------------------- records: click to open
+
+
+def test_clicking_a_record_opens_it(lagent_env, open_page, shared_kb):
+    kb = shared_kb()
+    at = ok(open_page("collections"))
+    df, key = records_frame(at)
+    assert key.startswith("coll_records_") and len(df.value) > 2
+    assert "Click a row to open its record." in texts(at.caption) and not at.json
+
+    at = select_row(at, key, 2)
+    rid = df.value.loc[2, "id"]
+    rec = kb.record(kb.live()[0], rid)
+    assert "32 dimensions" in texts(at.markdown) and at.json
+    assert at.json[0].value and rec["metadata"]["path"] in texts(at.markdown)
+    assert any(c.value == rec["text"] for c in at.code)  # the record's whole text, not the table's snippet
+    assert at.text_input(key="coll_id").value == ""  # opened in place: nothing copied into the look-up tab
+
+    at = select_row(at, key, 0)  # another row opens another record
+    first = kb.record(kb.live()[0], df.value.loc[0, "id"])
+    assert any(c.value == first["text"] for c in at.code) and not any(c.value == rec["text"] for c in at.code)
+
+    at = select_row(at, key, None)  # deselected: nothing open
+    assert not at.json and "Click a row to open its record." in texts(at.caption)
+
+    at = select_row(at, key, 1)  # another filter shows another table, with nothing selected
+    at.text_input(key="coll_path").input(df.value.loc[0, "path"]).run()
+    ok(at)
+    _, key2 = records_frame(at)
+    assert key2 != key and not at.json and "Click a row to open its record." in texts(at.caption)
+
+
+# ---------------------------------------------------------------------------- snapshots
+
+
+def test_write_a_snapshot_and_download_it(lagent_env, open_page, shared_kb):
+    kb = shared_kb()
+    at = ok(open_page("collections"))
+    assert not at.download_button  # nothing written yet
+    assert at.button(key="snap_import_btn").disabled  # not an empty knowledge base
+    assert "already holds 1 source" in texts(at.caption)
+    at.checkbox(key="snap_with_repos").check()
+    at.button(key="snap_export_btn").click().run()
+    ok(at)
+    assert not at.error, texts(at.error)
+    assert "Wrote" in texts(at.success)
+    written = list((lagent_env / "snapshots").glob("kb-snapshot-*.tar.gz"))
+    assert len(written) == 1 and str(written[0]) in texts(at.code)
+    index = snapshot.read_index(written[0])
+    assert index["with_repos"] is True and index["repos"] == ["lagent"]
+    assert index["counts"]["chunks"] == kb.stats()["chunks"]
+    download = at.download_button(key="snap_download")
+    assert download.label == "Download" and not download.disabled
+    assert not list((lagent_env / "snapshots").glob(".*"))  # no temporary file left beside it
+
+
+def test_import_an_uploaded_snapshot_into_an_empty_kb(page_env, tmp_path, monkeypatch, corpus, shared_kb, open_page):
+    # a snapshot of another knowledge base, made with the same settings
+    monkeypatch.setenv("KB_HOME", str(tmp_path / "source"))
+    source = shared_kb()
+    add_bundle(source, corpus, "lagent")
+    archive = Path(source.export_snapshot(tmp_path / "lagent.tar.gz")["path"])
+    chunks = source.stats()["chunks"]
+    monkeypatch.setenv("KB_HOME", str(page_env))
+
+    at = ok(open_page("collections"))
+    assert "import a snapshot" in texts(at.info)
+    assert at.button(key="snap_export_btn").disabled  # nothing to export
+    assert at.button(key="snap_import_btn").disabled  # nothing chosen yet
+
+    # a broken upload is refused with its reason, and nothing is written
+    at.file_uploader(key="snap_upload").upload("broken.tar.gz", archive.read_bytes()[:5000], "application/gzip")
+    at.run()
+    at.button(key="snap_import_btn").click().run()
+    ok(at)
+    assert "truncated" in texts(at.error)
+    kb = shared_kb()
+    assert not kb.sources() and kb.snapshot_target_problem() is None
+
+    at.file_uploader(key="snap_upload").clear()
+    at.file_uploader(key="snap_upload").upload("lagent.tar.gz", archive.read_bytes(), "application/gzip")
+    at.run()
+    at.button(key="snap_import_btn").click().run()
+    ok(at)
+    assert not at.error, texts(at.error)
+    assert "Imported" in texts(at.success)
+    assert kb.stats()["chunks"] == chunks and [s.name for s in kb.sources()] == ["lagent"]
+    assert kb.verify()["healthy"]
+    records_frame(at)  # the page now shows the imported collection
+    assert at.button(key="snap_import_btn").disabled and "already holds 1 source" in texts(at.caption)
+
+
+def test_import_from_a_path_on_the_server(page_env, tmp_path, monkeypatch, corpus, shared_kb, open_page):
+    monkeypatch.setenv("KB_HOME", str(tmp_path / "source"))
+    source = shared_kb()
+    add_bundle(source, corpus, "lagent")
+    archive = source.export_snapshot(tmp_path / "lagent.tar.gz")["path"]
+    monkeypatch.setenv("KB_HOME", str(page_env))
+
+    at = ok(open_page("collections"))
+    at.text_input(key="snap_path").input(str(tmp_path / "missing.tar.gz")).run()
+    at.button(key="snap_import_btn").click().run()
+    ok(at)
+    assert "no such file" in texts(at.error)
+    at.text_input(key="snap_path").input(archive).run()
+    at.button(key="snap_import_btn").click().run()
+    ok(at)
+    assert "Imported" in texts(at.success) and shared_kb().verify()["healthy"]

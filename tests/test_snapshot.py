@@ -1,0 +1,449 @@
+"""Snapshots (``kb export`` / ``kb import``): a checked archive, a faithful round trip, nothing half-written.
+
+A small knowledge base (the lagent and InternLM bundles plus an uploaded file, on the tiny embedding model) is
+exported with and without its clones, imported into empty homes (embedded and a real `chroma run` server) and
+searched again: the same hits, in the same order, with the same scores, in every mode, and ``verify`` healthy.
+Corrupt, truncated and tampered archives are refused before anything is written; an import that raises, or a
+``python -m kb import`` killed with SIGKILL, leaves the target as it was, and the next import completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, add_bundle, base_settings
+from kb import snapshot
+from kb.errors import KBError
+from kb.search.engine import SearchEngine
+from kb.search.hits import SearchOptions
+
+QUERIES = ["How do I define a custom tool?", "InternLM 是什么？", "agent action executor", "install requirements"]
+MODES = ("dense", "bm25", "hybrid")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def make_kb(home: Path, tiny_st_dir: Path, tiny_embeddings, **changes):
+    from kb.service import KnowledgeBase
+
+    settings = base_settings(home, embed_model=str(tiny_st_dir), embed_backend="torch", **changes)
+    return KnowledgeBase(settings, embeddings=tiny_embeddings)
+
+
+def results(kb) -> dict:
+    """Every query's hits in every mode, whole (rank, score, retriever ranks and scores, text, location)."""
+    engine = SearchEngine(kb)
+    return {(q, mode): [h.as_dict() for h in engine.search(q, SearchOptions(k=5, mode=mode))]
+            for q in QUERIES for mode in MODES}
+
+
+def records(kb) -> dict:
+    """Chunk and passage records (id, text, metadata) and their vectors, by id."""
+    live = kb.live()[0]
+    out = {}
+    for name, coll in (("chunks", kb.index.get(live)), ("passages", kb.index.passages(live))):
+        got = coll.get(include=["documents", "metadatas", "embeddings"])
+        out[name] = {i: (d, json.dumps(m, sort_keys=True), np.asarray(e, dtype=np.float32))
+                     for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])}
+    return out
+
+
+def same_records(got: dict, want: dict) -> None:
+    """The same records; vectors equal to the last float32 bit or so: Chroma normalises a cosine collection's
+    vectors on insert, and normalising an already normalised vector again can move its last bit."""
+    for name in ("chunks", "passages"):
+        assert got[name].keys() == want[name].keys(), name
+        for i, (doc, meta, vec) in want[name].items():
+            g = got[name][i]
+            assert g[0] == doc and g[1] == meta, (name, i)
+            assert g[2].shape == vec.shape and float(np.max(np.abs(g[2] - vec))) <= 1e-6, (name, i)
+
+
+def manifest_view(kb) -> dict:
+    return {
+        "sources": [{k: v for k, v in s.as_dict().items() if k != "repo_path"} for s in kb.sources()],
+        "documents": [d.__dict__ for d in kb.manifest.documents()],
+        "live": kb.manifest.live_collection,
+    }
+
+
+def untouched(kb) -> None:
+    """The target is as it was: empty, with nothing left in the store (not even hidden) or in KB_HOME."""
+    home = kb.settings.home
+    assert not kb.sources() and not kb.manifest.documents() and kb.manifest.live_collection is None
+    assert not kb.manifest.collection_rows()
+    assert [c.name for c in kb.index.client.list_collections()] == []
+    assert not (home / "repos").exists() or not any((home / "repos").iterdir())
+    assert not list(home.glob(".import-*")), list(home.glob(".import-*"))
+    assert kb.snapshot_target_problem() is None
+
+
+def rewrite(archive: Path, out: Path, change) -> None:
+    """Copy an archive member by member, ``change(name, data) -> data`` on the way (the index left as it was)."""
+    with tarfile.open(archive, "r:gz") as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            data = change(m.name, src.extractfile(m).read())
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, corpus, tiny_st_dir, tiny_embeddings):
+    """A knowledge base with two git sources and an uploaded file; its search results; its two archives."""
+    work = tmp_path_factory.mktemp("snapshot")
+    kb = make_kb(work / "home", tiny_st_dir, tiny_embeddings)
+    for name in ("lagent", "InternLM"):
+        add_bundle(kb, corpus, name)
+    up = kb.upload({"notes.md": "# Notes\n\nThe snapshot test uploads this file about agents.\n".encode()}, "notes")
+    assert not up.error
+    before = {"results": results(kb), "records": records(kb), "manifest": manifest_view(kb),
+              "stats": kb.stats()}
+    with_repos = kb.export_snapshot(work / "with-repos.tar.gz", with_repos=True)
+    without = kb.export_snapshot(work / "without.tar.gz")
+    yield {"kb": kb, "work": work, "before": before, "with_repos": Path(with_repos["path"]),
+           "without": Path(without["path"]), "exported": with_repos}
+    kb.close()
+
+
+# ---------------------------------------------------------------------------- the archive
+
+
+def test_archive_has_an_index_with_a_checksum_per_part(source):
+    exported = source["exported"]
+    assert exported["chunks"] == source["before"]["stats"]["chunks"] and exported["passages"] > exported["chunks"]
+    assert exported["sources"] == 3 and exported["repos"] == ["InternLM", "lagent", "notes"]
+    with tarfile.open(source["with_repos"], "r:gz") as tar:
+        members = tar.getmembers()
+        assert members[0].name == "index.json"
+        index = json.loads(tar.extractfile(members[0]).read())
+        data = {m.name: tar.extractfile(m).read() for m in members[1:]}
+    assert index["format"] == "kb-snapshot" and index["version"] == 1
+    assert index["collection"] == source["kb"].live()[0] and index["with_repos"] is True
+    names = [p["name"] for p in index["parts"]]
+    assert names == ["manifest.json", "config.json", "chunks.jsonl", "chunks.npy", "passages.jsonl", "passages.npy",
+                     "repos/InternLM.tar", "repos/lagent.tar", "repos/notes.tar"]
+    assert list(data) == names
+    for p in index["parts"]:
+        assert hashlib.sha256(data[p["name"]]).hexdigest() == p["sha256"] and len(data[p["name"]]) == p["bytes"]
+    config = json.loads(data["config.json"])
+    assert config["chunk_config"] == source["kb"].live_config().to_json() and config["dimension"] == 32
+    assert snapshot.read_index(source["without"])["with_repos"] is False
+    with tarfile.open(source["without"], "r:gz") as tar:
+        assert not [m for m in tar.getnames() if m.startswith("repos/")]
+    # nothing but the archive was left beside it
+    assert sorted(p.name for p in source["work"].iterdir()) == ["home", "with-repos.tar.gz", "without.tar.gz"]
+
+
+def test_export_needs_a_live_collection_and_a_file_name(tmp_path, tiny_st_dir, tiny_embeddings, source):
+    kb = make_kb(tmp_path / "empty", tiny_st_dir, tiny_embeddings)
+    with pytest.raises(KBError, match="nothing to export"):
+        kb.export_snapshot(tmp_path / "x.tar.gz")
+    with pytest.raises(KBError, match="is a folder"):
+        source["kb"].export_snapshot(tmp_path)
+    with pytest.raises(KBError, match="does not exist"):
+        source["kb"].export_snapshot(tmp_path / "no" / "such" / "x.tar.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+# ---------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_with_repos_gives_identical_search_and_a_healthy_kb(source, tmp_path, tiny_st_dir, tiny_embeddings):
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    out = kb.import_snapshot(source["with_repos"])
+    assert out["clones"] == {"restored": ["InternLM", "lagent", "notes"], "recloned": [], "missing": []}
+    before = source["before"]
+    assert out["chunks"] == before["stats"]["chunks"] and out["sources"] == 3
+    assert results(kb) == before["results"]
+    same_records(records(kb), before["records"])
+    assert manifest_view(kb) == before["manifest"]
+    assert all(Path(s.repo_path) == (tmp_path / "target" / "repos" / s.name).resolve() for s in kb.sources())
+    report = kb.verify()
+    assert report["healthy"], report["problems"]
+    assert kb.health() == []
+    assert not list((tmp_path / "target").glob(".import-*")) and not (tmp_path / "target" / snapshot.PENDING).exists()
+    # the imported knowledge base is a working one: a sync finds nothing to do, documents read from the clones
+    assert [r.chunks_embedded for r in kb.sync()] == [0, 0, 0]
+    assert "agents" in kb.read_document("notes", "uploads/notes.md").text
+    # and it refuses a second import
+    with pytest.raises(KBError, match="empty knowledge base only.*already holds 3 source"):
+        kb.import_snapshot(source["with_repos"])
+
+
+def test_round_trip_without_repos_clones_again_from_the_recorded_urls(source, tmp_path, tiny_st_dir, tiny_embeddings):
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    out = kb.import_snapshot(source["without"])
+    assert out["clones"]["restored"] == [] and out["clones"]["recloned"] == ["InternLM", "lagent"]
+    assert [m["name"] for m in out["clones"]["missing"]] == ["notes"]
+    assert "--with-repos" in out["clones"]["missing"][0]["reason"]
+    assert results(kb) == source["before"]["results"]
+    report = kb.verify()  # only the uploads' clone is missing, and verify says so
+    assert {(p["kind"], p["source"]) for p in report["problems"]} == {("missing_commit", "notes")}
+
+
+def test_refuses_a_target_that_is_not_empty(source, tmp_path, corpus, tiny_st_dir, tiny_embeddings):
+    with pytest.raises(KBError, match="empty knowledge base only"):
+        source["kb"].import_snapshot(source["without"])
+    kb = make_kb(tmp_path / "added", tiny_st_dir, tiny_embeddings)
+    kb.add_source("lagent", str(corpus / "lagent.bundle"))  # registered, never synced
+    with pytest.raises(KBError, match="already holds 1 source"):
+        kb.import_snapshot(source["without"])
+    other = make_kb(tmp_path / "store", tiny_st_dir, tiny_embeddings)
+    other.index.create("kb-something", "{}", "m")  # a collection the manifest does not know
+    with pytest.raises(KBError, match="already holds collection.*kb-something"):
+        other.import_snapshot(source["without"])
+
+
+def test_refuses_another_embedding_model(source, tmp_path):
+    from kb.service import KnowledgeBase
+
+    kb = KnowledgeBase(base_settings(tmp_path / "use"))  # the default model: never loaded, only named
+    with pytest.raises(KBError, match="was embedded with .*configured for"):
+        kb.import_snapshot(source["without"])
+    untouched(kb)
+
+
+# ---------------------------------------------------------------------------- bad archives
+
+
+def test_refuses_a_corrupt_archive(source, tmp_path, tiny_st_dir, tiny_embeddings):
+    data = bytearray(source["without"].read_bytes())
+    bad = tmp_path / "corrupt.tar.gz"
+    for pos in (len(data) // 3, len(data) // 2, len(data) - 12):  # in the chunks, the vectors, the gzip trailer
+        flipped = bytearray(data)
+        for i in range(pos, pos + 8):
+            flipped[i] ^= 0xFF
+        bad.write_bytes(bytes(flipped))
+        kb = make_kb(tmp_path / f"target-{pos}", tiny_st_dir, tiny_embeddings)
+        with pytest.raises(KBError, match="corrupt"):
+            kb.import_snapshot(bad)
+        untouched(kb)
+
+
+def test_refuses_a_truncated_archive(source, tmp_path, tiny_st_dir, tiny_embeddings):
+    data = source["with_repos"].read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    for size in (100, len(data) // 2, len(data) - 30, len(data) - 4):
+        cut.write_bytes(data[:size])
+        kb = make_kb(tmp_path / f"target-{size}", tiny_st_dir, tiny_embeddings)
+        with pytest.raises(KBError, match="truncated"):
+            kb.import_snapshot(cut)
+        untouched(kb)
+
+
+def test_refuses_a_part_that_fails_its_checksum(source, tmp_path, tiny_st_dir, tiny_embeddings):
+    def change(name: str, data: bytes) -> bytes:
+        return data.replace(b"agent", b"AGENT", 1) if name == "chunks.jsonl" else data
+
+    tampered = tmp_path / "tampered.tar.gz"
+    rewrite(source["without"], tampered, change)  # a valid gzip and tar: only the checksum can tell
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    with pytest.raises(KBError, match="chunks.jsonl fails its sha256 checksum"):
+        kb.import_snapshot(tampered)
+    untouched(kb)
+
+
+def test_refuses_what_is_not_a_snapshot(source, tmp_path, tiny_st_dir, tiny_embeddings):
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("hello")
+    with pytest.raises(KBError, match="corrupt or truncated"):
+        kb.import_snapshot(plain)
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(plain, arcname="plain.txt")
+    with pytest.raises(KBError, match="not a knowledge-base snapshot"):
+        kb.import_snapshot(other)
+    extra = tmp_path / "extra.tar.gz"  # a member the index does not list, e.g. a path outside the home
+    with tarfile.open(source["without"], "r:gz") as src, tarfile.open(extra, "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        evil = tarfile.TarInfo("../../evil.txt")
+        evil.size = 4
+        dst.addfile(evil, io.BytesIO(b"evil"))
+    with pytest.raises(KBError, match="unexpected member '../../evil.txt'"):
+        kb.import_snapshot(extra)
+    with pytest.raises(KBError, match="no such file"):
+        kb.import_snapshot(tmp_path / "missing.tar.gz")
+    untouched(kb)
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()
+
+
+# ---------------------------------------------------------------------------- nothing half-written
+
+
+@pytest.mark.parametrize("where", ["_stage_repos", "_write_manifest"])
+def test_an_import_that_raises_leaves_the_target_as_it_was(source, tmp_path, tiny_st_dir, tiny_embeddings,
+                                                             monkeypatch, where):
+    """While staging (after the records are written), and at the commit point (after the switch's renames)."""
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(snapshot, where, boom)
+    with pytest.raises(RuntimeError, match="power cut"):
+        kb.import_snapshot(source["with_repos"])
+    untouched(kb)
+    assert not (kb.settings.home / snapshot.PENDING).exists()
+    monkeypatch.undo()
+    kb.import_snapshot(source["with_repos"])
+    assert results(kb) == source["before"]["results"]
+
+
+def test_leftovers_of_an_import_killed_in_the_switch_are_removed_by_the_next(source, tmp_path, tiny_st_dir,
+                                                                             tiny_embeddings, monkeypatch):
+    """A kill between the renames and the manifest leaves real-named collections and moved clones: the pending
+    file names them, and the next import removes them before it starts."""
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    monkeypatch.setattr(snapshot, "_write_manifest", lambda *a, **k: (_ for _ in ()).throw(SystemExit(9)))
+    monkeypatch.setattr(snapshot, "_rollback", lambda *a, **k: False)  # as if the process died: no clean-up
+    with pytest.raises(SystemExit):
+        kb.import_snapshot(source["with_repos"])
+    home = kb.settings.home
+    assert (home / snapshot.PENDING).is_file() and (home / "repos" / "lagent").is_dir()
+    assert source["kb"].live()[0] in [c.name for c in kb.index.client.list_collections()]
+    assert not kb.sources()  # the manifest, the commit point, was never written
+    monkeypatch.undo()
+    out = kb.import_snapshot(source["with_repos"])
+    assert out["chunks"] == source["before"]["stats"]["chunks"] and not (home / snapshot.PENDING).exists()
+    assert results(kb) == source["before"]["results"] and kb.verify()["healthy"]
+
+
+def kb_env(home: Path, tiny_st_dir: Path, **extra) -> dict[str, str]:
+    return {**os.environ, "KB_HOME": str(home), "KB_EMBED_MODEL": str(tiny_st_dir), "KB_EMBED_BACKEND": "torch",
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kb", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def run_and_kill(env: dict, args: list[str], marker: str) -> str:
+    """``kb ARGS --progress``, SIGKILLed as soon as ``marker`` shows on its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "kb", *args, "--progress"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+
+    def read() -> None:
+        while chunk := proc.stderr.read(64):
+            seen.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if marker in "".join(seen):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    text = "".join(seen)
+    assert proc.returncode == -signal.SIGKILL, f"the import ended before {marker!r} ({proc.returncode}): {text[-2000:]}"
+    return text
+
+
+@pytest.mark.parametrize("marker", ["read archive", "stage chunks"])
+def test_a_killed_import_leaves_the_target_as_it_was(source, tmp_path, tiny_st_dir, tiny_embeddings, marker):
+    home = tmp_path / "target"
+    env = kb_env(home, tiny_st_dir)
+    run_and_kill(env, ["import", str(source["with_repos"])], marker)
+    # checked by other processes, as a person would: this one opens the embedded store only at the end
+    stats = json.loads(cli(env, "stats", "--json").stdout)
+    assert stats["sources"] == 0 and stats["chunks"] == 0 and stats["collections"] == []  # staging is hidden
+    assert json.loads(cli(env, "sources", "--json").stdout)["sources"] == []
+    done = cli(env, "import", str(source["with_repos"]), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["chunks"] == source["before"]["stats"]["chunks"]
+    kb = make_kb(home, tiny_st_dir, tiny_embeddings)
+    assert not [c.name for c in kb.index.client.list_collections() if c.name.startswith(snapshot.STAGING_PREFIX)]
+    assert not list(home.glob(".import-*"))
+    assert results(kb) == source["before"]["results"] and kb.verify()["healthy"]
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_cli_export_and_import(source, tmp_path, tiny_st_dir):
+    src_env = kb_env(source["kb"].settings.home, tiny_st_dir)
+    archive = tmp_path / "cli.tar.gz"
+    done = cli(src_env, "export", str(archive), "--with-repos", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["path"] == str(archive) and out["bytes"] == archive.stat().st_size and out["with_repos"] is True
+    env = kb_env(tmp_path / "target", tiny_st_dir)
+    done = cli(env, "import", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert "imported" in done.stdout and "3 sources" in done.stdout
+    verify = cli(env, "verify", "--json")
+    assert verify.returncode == 0 and json.loads(verify.stdout)["healthy"]
+    search = json.loads(cli(env, "search", "custom tool", "--json", "--mode", "bm25").stdout)["hits"]
+    assert search == json.loads(cli(src_env, "search", "custom tool", "--json", "--mode", "bm25").stdout)["hits"]
+
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    empty = kb_env(tmp_path / "empty", tiny_st_dir)
+    for home_env, args, message in (
+            (empty, ["import", str(cut)], "truncated"), (env, ["import", str(archive)], "empty knowledge base only"),
+            (empty, ["import", str(tmp_path / "nope.tar.gz")], "no such file"),
+            (env, ["export", str(tmp_path / "no" / "x.tar.gz")], "does not exist")):
+        done = cli(home_env, *args)
+        assert done.returncode == 1 and done.stderr.startswith("error:") and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        done = cli(home_env, *args, "--json")
+        assert done.returncode == 1 and message in json.loads(done.stdout)["error"]
+
+
+# ---------------------------------------------------------------------------- a Chroma server
+
+
+def test_round_trip_through_a_chroma_server(source, tmp_path, tiny_st_dir, tiny_embeddings):
+    from test_chroma_server import CHROMA, ChromaServer
+
+    if not CHROMA.is_file():
+        pytest.fail(f"{CHROMA} is missing: chromadb installs it")
+    server = ChromaServer(tmp_path / "chroma-server", tmp_path / "chroma.log")
+    server.start()
+    try:
+        kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings, chroma_url=server.url)
+        out = kb.import_snapshot(source["with_repos"])
+        assert out["chunks"] == source["before"]["stats"]["chunks"]
+        assert not (tmp_path / "target" / "chroma").exists()  # the records went to the server
+        assert results(kb) == source["before"]["results"]
+        same_records(records(kb), source["before"]["records"])
+        assert kb.verify()["healthy"]
+        # and back out of the server, into an embedded store
+        again = tmp_path / "from-server.tar.gz"
+        kb.export_snapshot(again, with_repos=True)
+        local = make_kb(tmp_path / "local", tiny_st_dir, tiny_embeddings)
+        local.import_snapshot(again)
+        assert results(local) == source["before"]["results"] and local.verify()["healthy"]
+        # a server that holds a collection is not an empty target
+        other = make_kb(tmp_path / "other", tiny_st_dir, tiny_embeddings, chroma_url=server.url)
+        with pytest.raises(KBError, match=f"the Chroma server at {server.url} already holds"):
+            other.import_snapshot(source["without"])
+        server.stop()
+        with pytest.raises(KBError, match="cannot reach the Chroma server"):
+            other.import_snapshot(source["without"])
+    finally:
+        server.stop()
