@@ -17,6 +17,7 @@ from pathlib import Path
 from core.errors import UserError
 from core.settings import split_list
 from kb.errors import KBError
+from kb.log import KINDS as LOG_KINDS
 
 Handler = Callable[[argparse.Namespace], dict]
 
@@ -193,6 +194,33 @@ def cmd_verify(args: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_export(args: argparse.Namespace) -> dict:
+    kb, progress = _kb(args), _progress(args)
+    try:
+        out = kb.export_snapshot(args.file, with_repos=args.with_repos, progress=progress)
+    finally:
+        progress.close()
+    _say(args, f"wrote {out['path']} ({out['bytes'] / 2**20:.1f} MiB): {out['sources']} sources, {out['chunks']} chunks, "
+               f"{out['passages']} passages" + (f", {len(out['repos'])} clones" if out["with_repos"] else "")
+               + f" in {out['seconds']}s")
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> dict:
+    kb, progress = _kb(args), _progress(args)
+    try:
+        out = kb.import_snapshot(args.file, progress=progress)
+    finally:
+        progress.close()
+    clones = out["clones"]
+    _say(args, f"imported {out['collection']}: {out['sources']} sources, {out['chunks']} chunks, {out['passages']} passages "
+               f"in {out['seconds']}s (clones restored {len(clones['restored'])}, cloned again {len(clones['recloned'])}, "
+               f"missing {len(clones['missing'])})")
+    for m in clones["missing"]:
+        print(f"  warning: no clone of {m['name']}: {m['reason']}", file=sys.stderr)
+    return out
+
+
 def cmd_search(args: argparse.Namespace) -> dict:
     from kb.search.engine import SearchEngine
     from kb.search.hits import SCORE_NOTES
@@ -280,6 +308,92 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return report
 
 
+def cmd_log(args: argparse.Namespace) -> dict:
+    """``kb log``: the records of KB_HOME/logs, oldest first (see kb/log.py for each kind's fields)."""
+    from core.settings import load_settings
+    from kb import log as runlog
+
+    if args.limit < 0:
+        raise KBError(f"--limit {args.limit}: expected a number of records, 0 for all")
+    since = runlog.parse_since(args.since) if args.since is not None else None
+    kinds = sorted(set(args.kind)) if args.kind else None
+    home = load_settings().home  # not KnowledgeBase(): reading the log must work whatever state the KB is in
+    records = runlog.read(home, since=since, kinds=kinds)
+    if args.limit:
+        records = records[-args.limit:]
+    if not args.json:
+        for rec in records:
+            print(runlog.describe(rec))
+        if not records:
+            print("nothing logged" + (f" since {args.since}" if args.since else "")
+                  + (f" of kind {', '.join(kinds)}" if kinds else "") + f" (in {runlog.log_dir(home)})",
+                  file=sys.stderr)
+    return {"records": records, "since": runlog.iso(since) if since is not None else None, "kinds": kinds,
+            "n": len(records), "folder": str(runlog.log_dir(home))}
+
+
+def cmd_watch(args: argparse.Namespace) -> dict:
+    """``kb watch``: fetch every git source now and then every interval; sync only what changed (cron, systemd).
+
+    Each pass is a job kept in KB_HOME/jobs, like the dashboard's scheduled sync
+    (KB_SYNC_EVERY). With ``--json`` each pass prints one JSON line (the fields
+    of ``kb sync --json``, plus ``unchanged`` and ``backing_off``); ``--once``
+    prints just that one. SIGTERM ends the running pass at a safe point.
+    """
+    import signal
+    import threading
+    import time
+
+    from core.settings import parse_interval
+    from kb.jobs import JobQueue, watch
+
+    every = parse_interval(args.every, "--every") if args.every else None
+    kb = _kb(args)
+    every = kb.settings.sync_every if every is None else every
+    if not every and not args.once:
+        raise KBError("give an interval, e.g. `kb watch --every 15m` (or set KB_SYNC_EVERY), or use --once")
+    progress = _progress(args)
+    queue = JobQueue(kb, every=every, start=False, forward=progress)
+    stop = threading.Event()
+    last: dict = {}
+
+    def on_term(signum, frame) -> None:  # stop at the next safe point, then exit
+        stop.set()
+        queue.request_stop()
+
+    def on_run(job: dict) -> None:
+        rep = job.get("report") or {}
+        last.clear()
+        last.update({"job": job["id"], "state": job["state"], **rep})
+        if job.get("error"):
+            last["error"] = job["error"]
+        if args.json:
+            if not args.once:
+                print(json.dumps(last, ensure_ascii=False, default=str), flush=True)
+            return
+        for r in rep.get("sources", []):
+            _print_report(args, r)
+        failed = [r for r in rep.get("sources", []) if r.get("error")]
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {job['state']}: {len(rep.get('sources', [])) - len(failed)} synced, "
+              f"{len(rep.get('unchanged', []))} unchanged, {len(failed)} failed, "
+              f"{len(rep.get('backing_off', []))} backing off" + (f"; {job['error']}" if job.get("error") else ""),
+              flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        runs = watch(kb, every, once=args.once, runs=args.runs, progress=progress, on_run=on_run, stop=stop, queue=queue)
+    finally:
+        progress.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if args.once:
+        return last
+    return {"runs": runs, "every": every, "stopped": "signal" if stop.is_set() else "done"}
+
+
 def _options(args: argparse.Namespace, kb, **extra):
     """Search options from the flags, falling back to KB_TOP_K and KB_RETRIEVAL_MODE."""
     from kb.search.hits import SearchOptions
@@ -343,6 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--repair", action="store_true", help="re-index only what is inconsistent")
     v.set_defaults(func=cmd_verify)
 
+    x = sub.add_parser("export", parents=[common], help="write a snapshot: manifest, live collection (+ clones)")
+    x.add_argument("file", metavar="FILE.tar.gz")
+    x.add_argument("--with-repos", action="store_true", help="include every source's clone")
+    x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("import", parents=[common], help="load a snapshot into an empty knowledge base")
+    i.add_argument("file", metavar="FILE.tar.gz")
+    i.set_defaults(func=cmd_import)
+
     ranked = argparse.ArgumentParser(add_help=False)
     ranked.add_argument("-k", type=int, help="hits to return (default KB_TOP_K, 5)")
     ranked.add_argument("--mode", choices=["dense", "bm25", "hybrid"], help="default KB_RETRIEVAL_MODE, hybrid")
@@ -366,7 +489,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--answers", action="store_true",
                    help="ask every question with the LLM: facts stated, gold lines cited, unanswerable declined")
     e.set_defaults(func=cmd_eval)
+
+    lg = sub.add_parser("log", parents=[common], help="what happened: jobs, searches, answers, errors (KB_HOME/logs)")
+    lg.add_argument("--since", help="only records from this long ago (30m, 1h, 2d, 1h30m) or since a date or time "
+                                    "(2025-06-01, 2025-06-01T08:00)")
+    lg.add_argument("--kind", action="append", choices=LOG_KINDS,
+                    help="only records of this kind (repeat for several)")
+    lg.add_argument("--limit", type=int, default=0, help="only the last N records")
+    lg.set_defaults(func=cmd_log)
+
+    wt = sub.add_parser("watch", parents=[common], help="fetch every git source on an interval; sync what changed")
+    wt.add_argument("--every", help="interval: 30s, 15m, 1h, 1h30m (default KB_SYNC_EVERY)")
+    wt.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
+    wt.add_argument("--runs", type=int, help="stop after this many passes")
+    wt.set_defaults(func=cmd_watch)
     return p
+
+
+def _log_error(exc: BaseException, args: argparse.Namespace) -> None:
+    """Record an unexpected error in KB_HOME/logs (never raises: the real error matters more)."""
+    try:
+        from core.settings import load_settings
+        from kb import log as runlog
+
+        runlog.log_error(load_settings().home, exc, origin=f"kb {args.command}")
+    except Exception:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: logged, then Python prints its traceback as before
+        _log_error(exc, args)
+        raise
     if args.json:
         print(json.dumps(out, ensure_ascii=False, default=str))
     return 1 if out.get("error") else 0

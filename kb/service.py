@@ -22,6 +22,7 @@ from langchain_core.embeddings import Embeddings
 
 from core import embeddings as emb
 from core.settings import Settings, load_settings
+from kb import log as runlog
 from kb import verify as consistency
 from kb.errors import KBError
 from kb.ingest import sources
@@ -207,6 +208,8 @@ class KnowledgeBase:
         return self.manifest.sources()
 
     # sync and uploads
+    @runlog.job("sync", lambda reports: {"sources": [r.as_dict() for r in reports]},
+                when=lambda a: not a["dry_run"])  # a dry run writes nothing, not even a log line
     @reaching_chroma
     def sync(self, names: list[str] | None = None, dry_run: bool = False, progress: Progress = no_progress) -> list[SyncReport]:
         rows = [self.manifest.source(n) for n in names] if names else self.manifest.sources()
@@ -231,6 +234,7 @@ class KnowledgeBase:
                 reports.append(SyncReport(src.name, src.indexed_commit, None, dry_run=dry_run, error=str(exc)))
         return reports
 
+    @runlog.job("upload", lambda report: {"sources": [report.as_dict()]})
     @reaching_chroma
     def upload(self, files: dict[str, bytes], source: str, progress: Progress = no_progress) -> SyncReport:
         """Add files to a files-only source (created on first use) and index them."""
@@ -269,6 +273,25 @@ class KnowledgeBase:
         branch = sources.init_files_repo(dest)
         return self._register(SourceRow(source, "files", "(uploads)", "", branch, str(dest.resolve()),
                                         tuple(self.settings.upload_extensions), None, None, None, time.time()))
+
+    # scheduled sync (kb/jobs.py: KB_SYNC_EVERY, kb watch)
+    def fetch_source(self, name: str, progress: Progress = no_progress) -> str:
+        """Fetch a git source's remote into its clone, indexing nothing; returns the branch's new head commit.
+
+        A remote that cannot be reached raises a KBError and leaves the clone and the index as they were.
+        """
+        src = self.manifest.source(name)
+        if src.kind != "git":
+            raise KBError(f"source {name!r} is not a git repository: there is nothing to fetch")
+        with write_lock(self.settings.home):  # a sync may be fetching into the same clone
+            return sources.fetch(Path(src.repo_path), src.branch, src.url, progress)
+
+    def sync_failures(self) -> list[dict]:
+        """Sources whose scheduled fetch or sync is failing now: ``source, failures, last_error, last_failure,
+        next_try, last_ok`` (times in epoch seconds); empty when every remote answered at its last try."""
+        from kb.jobs import sync_failures
+
+        return sync_failures(self.settings.home, [s.name for s in self.manifest.sources()])
 
     # collections
     @reaching_chroma
@@ -327,6 +350,7 @@ class KnowledgeBase:
             passage_size=int(passage_size),
         )
 
+    @runlog.job("rechunk", dict)
     @reaching_chroma
     def rechunk(self, config: ChunkConfig, progress: Progress = no_progress) -> dict:
         """Build a collection with ``config`` beside the live one; switch only when complete."""
@@ -361,6 +385,7 @@ class KnowledgeBase:
         }
 
     # read models for the pages and the CLI
+    @runlog.job("verify", dict, when=lambda a: a["repair"])  # a check alone is not logged: Home runs one per view
     @reaching_chroma
     def verify(self, repair: bool = False, progress: Progress = no_progress) -> dict:
         """Check the manifest against the vector store and the clones; ``repair`` re-indexes only what is wrong.
@@ -493,17 +518,74 @@ class KnowledgeBase:
         return {"id": got["ids"][0], "text": got["documents"][0] or "", "metadata": dict(got["metadatas"][0]),
                 "dimension": len(vec), "norm": math.sqrt(sum(x * x for x in vec)), "head": vec[:8]}
 
+    def indexed_sources(self) -> set[str]:
+        """The sources whose chunks are in the live collection: the repos a question set can be scored on."""
+        return {r["name"] for r in self.source_overview() if r["in_live_collection"]}
+
+    def _run_config(self, options, questions_name: str, only_indexed: bool) -> dict:
+        live, config = self.live()
+        return {"collection": live, "chunk_config": config.label(), "embed_model": self.embed_model, "k": options.k,
+                "mode": options.mode, "questions": questions_name, "only_indexed": only_indexed}
+
     @reaching_chroma
-    def run_and_save_evaluation(self, engine, questions: list[dict], options, questions_name: str) -> dict:
-        """Score ``questions`` with ``engine`` and keep the run in ``KB_HOME/evals`` with what it measured."""
+    def run_and_save_evaluation(self, engine, questions: list[dict], options, questions_name: str,
+                                only_indexed: bool = False) -> dict:
+        """Score ``questions`` with ``engine`` and keep the run in ``KB_HOME/evals`` with what it measured.
+
+        ``only_indexed``: score only the questions on sources in the live
+        collection; the others are listed in the report's ``not_indexed``.
+        """
         from kb.evaluate import evaluate, save_run
 
-        live, config = self.live()
-        report = evaluate(engine, questions, options)
-        save_run(self.settings.home, report, {"collection": live, "chunk_config": config.label(),
-                                              "embed_model": self.embed_model, "k": options.k, "mode": options.mode,
-                                              "questions": questions_name})
+        config = self._run_config(options, questions_name, only_indexed)
+        report = evaluate(engine, questions, options, indexed=self.indexed_sources() if only_indexed else None)
+        save_run(self.settings.home, report, config)
         return report
+
+    @reaching_chroma
+    def run_and_save_answer_evaluation(self, answerer, questions: list[dict], options, questions_name: str,
+                                       only_indexed: bool = False, limit: int | None = None,
+                                       progress=lambda done, total: None) -> dict:
+        """``kb eval --answers`` (facts stated, gold cited, declined, timings) on ``questions`` with ``answerer``,
+        kept in ``KB_HOME/evals/answers`` with what it measured; ``only_indexed`` as for retrieval; ``limit``:
+        only the first so many of the questions scored (each answer takes the LLM seconds)."""
+        from core.llm import describe_llm
+        from kb.answer.evaluate import evaluate_answers
+        from kb.evaluate import save_run, split_indexed
+
+        config = self._run_config(options, questions_name, only_indexed)
+        config["llm"] = describe_llm(self.settings)
+        kept, not_indexed = split_indexed(questions, self.indexed_sources() if only_indexed else None)
+        if limit is not None:
+            kept = kept[: max(1, int(limit))]
+            config["limit"] = int(limit)
+        report = evaluate_answers(answerer, kept, options, progress=progress)
+        if only_indexed:
+            report["not_indexed"] = not_indexed
+        save_run(self.settings.home, report, config, kind="answers")
+        return report
+
+    def past_evaluations(self, kind: str = "retrieval") -> list[dict]:
+        """Saved evaluation runs (``retrieval`` or ``answers``), oldest first."""
+        from kb.evaluate import past_runs
+
+        return past_runs(self.settings.home, kind)
+
+    def rated_answers(self) -> list[dict]:
+        """Chat answers rated thumbs up or down, newest first (:func:`kb.feedback.rated_answers`)."""
+        from kb.feedback import rated_answers
+
+        return rated_answers(self.settings.home)
+
+    def add_feedback_question(self, question: str, gold: list[dict], facts: list | None = None, **extra):
+        """Save a question with gold lines to ``KB_HOME/questions/feedback.jsonl`` (:func:`kb.feedback.add_question`)."""
+        from kb.feedback import add_question
+
+        return add_question(self.settings.home, question, gold, facts, **extra)
+
+    def activity(self, hours: float = 24) -> dict:
+        """What the log (``KB_HOME/logs``) says about the last ``hours``: see :func:`kb.log.glance`."""
+        return runlog.glance(self.settings, hours)
 
     @reaching_chroma
     def stats(self) -> dict:
@@ -537,6 +619,31 @@ class KnowledgeBase:
         page = coll.get(where={"$and": [{"source": source}, {"path": path}]}, include=["documents", "metadatas"])
         rows = [{"id": i, "text": d, **m} for i, d, m in zip(page["ids"], page["documents"], page["metadatas"])]
         return sorted(rows, key=lambda r: (r["line_start"], r["line_end"]))
+
+    # snapshots (kb/snapshot.py)
+    @reaching_chroma
+    def export_snapshot(self, path: str | Path | None = None, with_repos: bool = False,
+                        progress: Progress = no_progress) -> dict:
+        """Write the manifest, the live collection and its passages (and the clones) to one checked ``.tar.gz``;
+        no ``path``: a new file in ``KB_HOME/snapshots``."""
+        from kb import snapshot
+
+        return snapshot.export_snapshot(self, Path(path) if path is not None else None, with_repos=with_repos,
+                                        progress=progress)
+
+    @reaching_chroma
+    def import_snapshot(self, path: str | Path, progress: Progress = no_progress) -> dict:
+        """Load a snapshot into this knowledge base, which must be empty: all of it, or nothing."""
+        from kb import snapshot
+
+        return snapshot.import_snapshot(self, Path(path), progress=progress)
+
+    @reaching_chroma
+    def snapshot_target_problem(self) -> str | None:
+        """Why a snapshot can't be imported here (it already holds something), or None when it can."""
+        from kb import snapshot
+
+        return snapshot.target_problem(self)
 
     def close(self) -> None:
         self.manifest.close()

@@ -5,6 +5,7 @@ Not a page (st.navigation lists the pages explicitly in Home.py).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import time
@@ -29,6 +30,36 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def show_error(exc: BaseException) -> None:
     st.error(str(exc) or type(exc).__name__, icon=":material/error:")
+
+
+def log_error(exc: BaseException, origin: str = "") -> None:
+    """Record an unexpected error (a bug) in KB_HOME/logs; never raises (the real error matters more).
+
+    Expected errors (``show_error``) are not logged here: a page shows them
+    again on every rerun (the chat replays its history), and failed jobs are
+    logged by the knowledge base itself.
+    """
+    try:
+        from kb import log as runlog
+
+        runlog.log_error(resources.settings(), exc, origin=origin or "page")
+    except Exception:
+        pass
+
+
+@contextlib.contextmanager
+def logging_errors(origin: str = ""):
+    """Log an unexpected error raised inside, then let it go on to Streamlit (which shows its traceback).
+
+    Streamlit's own st.stop/st.rerun are BaseExceptions, not errors: they pass untouched.
+    """
+    try:
+        yield
+    except expected_errors():
+        raise
+    except Exception as exc:
+        log_error(exc, origin)
+        raise
 
 
 def through_navigation() -> None:
@@ -204,6 +235,9 @@ def run_with_status(label: str, fn, *, done_label: str | None = None, expanded: 
             status.update(label=f"{label}: failed", state="error", expanded=True)
             show_error(exc)
             return None, exc
+        except Exception as exc:  # a bug: logged, then shown by Streamlit with its traceback
+            log_error(exc, origin=label)
+            raise
         status.update(label=f"{done_label or label}: done in {time.perf_counter() - t0:.1f} s", state="complete",
                       expanded=False)
     return result, None

@@ -1,0 +1,106 @@
+"""The Home page's "last 24 hours at a glance" (from KB_HOME/logs) and its first-run hints, through AppTest."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import pytest
+
+from core.settings import Settings
+from kb import log as runlog
+
+
+def ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def metric(at, label: str):
+    for m in at.metric:
+        if m.label == label:
+            return m
+    raise AssertionError(f"no metric {label!r}: {[m.label for m in at.metric]}")
+
+
+def frame_with(at, column: str):
+    for df in at.dataframe:
+        if column in df.value.columns:
+            return df.value
+    raise AssertionError(f"no dataframe with a {column!r} column: {[list(d.value.columns) for d in at.dataframe]}")
+
+
+def charts(at) -> list:
+    return [e for e in at.get("arrow_vega_lite_chart")] + [e for e in at.get("vega_lite_chart")]
+
+
+def test_empty_home_links_sources_and_is_not_nothing_stale(page_env, open_page):
+    at = ok(open_page())
+    assert "Last 24 hours" in texts(at.subheader)
+    assert metric(at, "Questions asked").value == "0" and metric(at, "Search p95").value == "–"
+    assert metric(at, "First token p95").value == "–" and metric(at, "Errors").value == "0"
+    assert "Nothing logged in the last 24 hours" in texts(at.caption) and not charts(at)
+    assert "No sources yet" in texts(at.info)
+    (link,) = at.page_link
+    assert link.value.startswith("Sources") and "sources" in link.proto.page
+    # no sources: nothing is stale, but nothing is indexed either; "Nothing stale" would be wrong
+    assert "Nothing stale" not in texts(at.success) and "Nothing indexed yet." in texts(at.caption)
+
+
+def test_home_glance_from_the_log(lagent_env, open_page, shared_kb):
+    home = lagent_env
+    s = Settings(home=home)
+    opts = NS(mode="hybrid", k=3)
+    for ms in range(10, 30):  # 20 searches: p95 by nearest rank is the 19th, 28 ms
+        runlog.log_search(s, "q", opts, [NS(source="lagent", path="README.md")], float(ms))
+    for ttft in (3.0, 4.0, 12.5):
+        runlog.log_answer(s, {"first_token_seconds": ttft, "seconds": ttft + 2, "cited": [1], "sources": [{}]})
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as exc:
+        runlog.log_error(s, exc, origin="test")
+
+    at = ok(open_page())
+    assert metric(at, "Questions asked").value == "3"
+    assert metric(at, "Search p95").value == "28 ms" and metric(at, "First token p95").value == "12.5 s"
+    assert metric(at, "Errors").value == "1"
+    assert "RuntimeError" in texts(at.caption) and "a bug" in texts(at.caption)
+    assert charts(at), "searches and answers per hour as a chart"
+    # the sync that lagent_env ran was logged by the knowledge base and shows as the last sync
+    last = frame_with(at, "chunks embedded")
+    assert last.loc[0, "source"] == "lagent" and last.loc[0, "result"] == "ok" and last.loc[0, "by"] == "sync"
+    assert last.loc[0, "chunks embedded"] > 0
+    assert not at.page_link, "the first-run link only shows without sources"
+    assert "Nothing stale" in texts(at.success)
+
+
+def test_home_shows_failed_jobs(lagent_env, open_page, shared_kb):
+    kb = shared_kb()
+    reports = kb.sync(["lagent"])
+    assert not reports[0].error
+    from kb.errors import KBError
+
+    with pytest.raises(KBError):
+        kb.sync(["nope"])
+    at = ok(open_page())
+    assert metric(at, "Errors").value == "1"
+    assert any("Sync failed" in w.value and "no source named" in w.value for w in at.warning)
+    last = frame_with(at, "chunks embedded")
+    assert last.loc[0, "chunks embedded"] == 0, "the latest sync of lagent, which had nothing to do"
+
+
+def test_logging_errors_records_bugs_only(page_env):
+    from kb.errors import KBError
+    from pages._common import logging_errors
+
+    with pytest.raises(RuntimeError):
+        with logging_errors("a page"):
+            raise RuntimeError("unexpected")
+    with pytest.raises(KBError):
+        with logging_errors("a page"):
+            raise KBError("expected")
+    (rec,) = runlog.read(page_env)
+    assert rec["kind"] == "error" and rec["origin"] == "a page" and rec["message"] == "unexpected"
