@@ -12,85 +12,153 @@ st.set_page_config(page_title="KB dashboard", page_icon="📚", layout="wide")
 
 
 def home() -> None:
+    import datetime as dt
+
     from core import auth
     from core.errors import UserError
     from core.llm import describe_llm
-    from pages._common import is_admin, kb_or_stop, run_with_status, settings_or_stop, when
+    from kb.markdown import escape_markdown
+    from pages._common import is_admin, kb_or_stop, logging_errors, run_with_status, settings_or_stop, when
 
     st.title(":material/hub: Knowledge base")
     s = settings_or_stop()
     kb = kb_or_stop(s)
-    stats = kb.stats()
-    live_name, live_cfg = kb.live()
-    rows = kb.source_overview()
+    with logging_errors("Home"):  # a bug on this page lands in KB_HOME/logs too
+        stats = kb.stats()
+        live_name, live_cfg = kb.live()
+        rows = kb.source_overview()
 
-    c1, c2, c3, c4 = st.columns(4)
-    c1.metric("Sources", stats["sources"], border=True)
-    c2.metric("Documents indexed", stats["documents"], border=True)
-    c3.metric("Chunks (live collection)", f"{stats['chunks']:,}", border=True)
-    c4.metric("Files skipped", stats["skipped"], border=True, help="binary, empty, too large, not UTF-8, or data files")
+        c1, c2, c3, c4 = st.columns(4)
+        c1.metric("Sources", stats["sources"], border=True)
+        c2.metric("Documents indexed", stats["documents"], border=True)
+        c3.metric("Chunks (live collection)", f"{stats['chunks']:,}", border=True)
+        c4.metric("Files skipped", stats["skipped"], border=True,
+                  help="binary, empty, too large, not UTF-8, or data files")
 
-    loaded = resources.loaded(s)
-    try:
-        n = kb.model_window()
-        window = f"{n}-token window" if n else "no token window"
-    except UserError as exc:
-        window = f"({exc})"
-    m1, m2, m3 = st.columns(3)
-    with m1.container(border=True):
-        st.markdown("**:material/database: Live collection**")
-        st.markdown(f"`{live_name}`  \nchunking **{live_cfg.label()}**")
-    with m2.container(border=True):
-        st.markdown("**:material/scatter_plot: Embedding model**")
-        st.markdown(f"`{kb.embed_model}`, {window}  \n"
-                    + (f":green[loaded] in {loaded['embeddings']['seconds']} s" if loaded["embeddings"]
-                       else ":gray[not loaded yet: loads on the first search or sync]"))
-    with m3.container(border=True):
-        st.markdown("**:material/smart_toy: Language model**")
-        st.markdown(f"`{describe_llm(s)}`  \n"
-                    + (f":green[loaded] in {loaded['llm']['seconds']} s" if loaded["llm"]
-                       else ":gray[not loaded yet: loads on the first question]"))
-    st.caption(
-        f"Retrieval default: {s.retrieval_mode}, top {s.top_k}"
-        + (f", reranker `{Path(s.reranker_path).name}`" if s.reranker_path else "")
-        + f" · KB_HOME `{s.home.resolve()}` · admin pages "
-        + ("locked by a password" if auth.admin_locked(s) else "**open** (no password set)")
-    )
-
-    st.subheader("Sources")
-    if not rows:
-        st.info("No sources yet. Add one on the **Sources** page, or run `python -m kb add NAME URL_OR_PATH`.")
-    else:
-        st.dataframe(
-            [
-                {
-                    "source": r["name"],
-                    "indexed commit": (r["indexed_commit"] or "")[:12] or "not synced",
-                    "last sync": when(r["last_synced"]),
-                    "documents": r["documents"], "chunks": r["chunks"], "skipped": r["skipped"],
-                    "in live collection": r["in_live_collection"],
-                    "kind": r["kind"], "branch": r["branch"], "url": r["url"],
-                }
-                for r in rows
-            ],
-            hide_index=True,
-            width="stretch",
+        loaded = resources.loaded(s)
+        try:
+            n = kb.model_window()
+            window = f"{n}-token window" if n else "no token window"
+        except UserError as exc:
+            window = f"({exc})"
+        m1, m2, m3 = st.columns(3)
+        with m1.container(border=True):
+            st.markdown("**:material/database: Live collection**")
+            st.markdown(f"`{live_name}`  \nchunking **{live_cfg.label()}**")
+        with m2.container(border=True):
+            st.markdown("**:material/scatter_plot: Embedding model**")
+            st.markdown(f"`{kb.embed_model}`, {window}  \n"
+                        + (f":green[loaded] in {loaded['embeddings']['seconds']} s" if loaded["embeddings"]
+                           else ":gray[not loaded yet: loads on the first search or sync]"))
+        with m3.container(border=True):
+            st.markdown("**:material/smart_toy: Language model**")
+            st.markdown(f"`{describe_llm(s)}`  \n"
+                        + (f":green[loaded] in {loaded['llm']['seconds']} s" if loaded["llm"]
+                           else ":gray[not loaded yet: loads on the first question]"))
+        st.caption(
+            f"Retrieval default: {s.retrieval_mode}, top {s.top_k}"
+            + (f", reranker `{Path(s.reranker_path).name}`" if s.reranker_path else "")
+            + f" · KB_HOME `{s.home.resolve()}` · admin pages "
+            + ("locked by a password" if auth.admin_locked(s) else "**open** (no password set)")
         )
 
-    st.subheader("Stale")
-    problems = kb.health()
-    for p in problems:
-        if p["kind"] == "not_live":
-            st.info(f"{p['message']} Inspect, switch to or delete it on the Collections page.")
-        else:
-            st.warning(f"{p['message']} Sync it on the Sources page.")
-    if not problems and rows:
-        st.success("Nothing stale: every source is indexed in the live collection, with its chunk config and model.")
-    elif not rows:
-        st.caption("Nothing indexed yet.")
+        # the last 24 hours at a glance, from the log (KB_HOME/logs, `python -m kb log`)
+        st.subheader("Last 24 hours")
+        act = kb.activity(24)
+        hourly = act["per_hour"]
+        failed = act["failed_jobs"]
+        g1, g2, g3, g4 = st.columns(4)
+        g1.metric("Questions asked", act["questions"], border=True,
+                  help=f"answers given (chat and `kb ask`); {act['searches']} searches in all, evaluations included"
+                       + "".join(f"; {n} rated {v}" for v, n in sorted(act["feedback"].items())),
+                  chart_data=[b["answers"] for b in hourly], chart_type="bar")
+        g2.metric("Search p95", "–" if act["search_p95_ms"] is None else f"{act['search_p95_ms']:.0f} ms",
+                  border=True,
+                  help=("no searches" if act["search_p50_ms"] is None else
+                        f"median {act['search_p50_ms']:.0f} ms over {act['searches']} searches; "
+                        "the line: p95 per hour"),
+                  chart_data=[b["search_p95_ms"] for b in hourly if b["search_p95_ms"] is not None] or None)
+        g3.metric("First token p95", "–" if act["ttft_p95_s"] is None else f"{act['ttft_p95_s']:.1f} s", border=True,
+                  help="seconds from the question to the answer's first token, over the answers of the last 24 "
+                       "hours; the line: p95 per hour",
+                  chart_data=[b["ttft_p95_s"] for b in hourly if b["ttft_p95_s"] is not None] or None)
+        g4.metric("Errors", act["errors"] + len(failed), border=True,
+                  help=f"{act['errors']} unexpected (bugs, with a traceback in the log), {len(failed)} failed "
+                       "sync/upload/re-chunk/repair jobs; `python -m kb log --kind error --since 24h`")
+        if act["searches"] or act["questions"]:
+            import pandas as pd
 
-    st.subheader("Consistency")
-    consistency(kb, s, is_admin, run_with_status)
+            frame = pd.DataFrame(
+                [{"hour": dt.datetime.fromtimestamp(b["start"]), "searches": b["searches"], "answers": b["answers"]}
+                 for b in hourly]
+            ).set_index("hour")
+            st.bar_chart(frame, y_label="per hour", stack=False, height=220)
+        elif not act["records"]:
+            st.caption("Nothing logged in the last 24 hours: questions, searches, syncs and errors show here as they "
+                       "happen (`python -m kb log`).")
+        if act["last_error"]:
+            e = act["last_error"]
+            st.caption(f"Last error {when(e['ts'])}: `{e['type']}`: {escape_markdown(str(e['message'])[:200])}")
+        for f in failed[-3:]:
+            st.warning(f"{f['kind'].capitalize()} failed {when(f['ts'])}"
+                       + (f" for {f['source']}" if f["source"] else "") + f": {escape_markdown(str(f['error'])[:300])}")
+        if rows:
+            last = act["last_sync"]
+            st.dataframe(
+                [
+                    {
+                        "source": r["name"],
+                        "last sync": when(last[r["name"]]["ts"] if r["name"] in last else r["last_synced"]),
+                        "result": (("error: " + last[r["name"]]["error"]) if last[r["name"]]["error"] else "ok")
+                                  if r["name"] in last else "no sync in 24 h",
+                        "by": last[r["name"]]["job"] if r["name"] in last else "",
+                        "files changed": last[r["name"]]["files_changed"] if r["name"] in last else None,
+                        "chunks embedded": last[r["name"]]["chunks_embedded"] if r["name"] in last else None,
+                        "seconds": last[r["name"]]["seconds"] if r["name"] in last else None,
+                    }
+                    for r in rows
+                ],
+                hide_index=True, width="stretch",
+            )
+
+        st.subheader("Sources")
+        if not rows:
+            st.info("No sources yet. Add a git repository or upload files on the Sources page, or run "
+                    "`python -m kb add NAME URL_OR_PATH`.")
+            st.page_link("pages/sources.py", label="Sources: add a repository or upload files",
+                         icon=":material/source:")
+        else:
+            st.dataframe(
+                [
+                    {
+                        "source": r["name"],
+                        "indexed commit": (r["indexed_commit"] or "")[:12] or "not synced",
+                        "last sync": when(r["last_synced"]),
+                        "documents": r["documents"], "chunks": r["chunks"], "skipped": r["skipped"],
+                        "in live collection": r["in_live_collection"],
+                        "kind": r["kind"], "branch": r["branch"], "url": r["url"],
+                    }
+                    for r in rows
+                ],
+                hide_index=True,
+                width="stretch",
+            )
+
+        st.subheader("Stale")
+        problems = kb.health()
+        for p in problems:
+            if p["kind"] == "not_live":
+                st.info(f"{p['message']} Inspect, switch to or delete it on the Collections page.")
+            else:
+                st.warning(f"{p['message']} Sync it on the Sources page.")
+        if not rows:  # nothing to be stale about is not "nothing stale"
+            st.caption("Nothing indexed yet.")
+        elif not problems:
+            st.success("Nothing stale: every source is indexed in the live collection, with its chunk config and "
+                       "model.")
+
+        st.subheader("Consistency")
+        consistency(kb, s, is_admin, run_with_status)
 
 
 def consistency(kb, s, is_admin, run_with_status) -> None:
@@ -132,4 +200,10 @@ pages = {
         st.Page(PAGES / "evaluation.py", title="Evaluation", icon=":material/analytics:"),
     ],
 }
-st.navigation(pages).run()
+resources.preload()  # the LLM starts loading with the server's first page view, not with the first question
+navigation = st.navigation(pages)
+with st.sidebar:  # every page: a line while background jobs run or wait (pages/_jobs.py)
+    from pages._jobs import running_jobs_indicator
+
+    running_jobs_indicator()
+navigation.run()

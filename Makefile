@@ -20,8 +20,14 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP)
 
+# Streamlit's server-wide upload cap (MiB) must let through what KB_UPLOAD_MAX_BYTES (env or secrets.toml) allows,
+# rounded up, and never drop below its default of 200, which the snapshot import (Collections page) relies on. The
+# Sources uploader states and enforces KB_UPLOAD_MAX_BYTES itself (its own max_upload_size). With unusable settings
+# the cap stays at 200 and every page shows the settings error.
+UPLOAD_MB = $(BIN)/python -c 'import math; from core.settings import load_settings; print(max(200, math.ceil(load_settings().upload_max_bytes / 2**20)))' 2>/dev/null || echo 200
+
 run: $(STAMP)
-	$(BIN)/streamlit run Home.py
+	$(BIN)/streamlit run Home.py --server.maxUploadSize "$$($(UPLOAD_MB))"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -9,6 +9,7 @@ of Streamlit, so the CLI and the pages see exactly the same configuration.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -81,6 +82,7 @@ class Settings:
     llm_temperature: float = 0.1
     llm_n_ctx: int = 4096
     llm_threads: int = 0  # 0: all cores
+    llm_preload: bool = True  # the dashboard starts loading the LLM in the background as soon as it starts
     openai_base_url: str = ""
     openai_model: str = ""
     openai_api_key: str = ""
@@ -90,6 +92,10 @@ class Settings:
     reranker_path: str = ""
     # dashboard
     admin_password: str = field(default="", repr=False)
+    # scheduled sync (KB_SYNC_EVERY=15m): seconds between fetches of every git source; 0: off
+    sync_every: float = 0.0
+    # the log (KB_HOME/logs/kb.jsonl): keep the text of questions in search and answer records only when true
+    log_queries: bool = False
 
     @property
     def chroma_path(self) -> Path:
@@ -121,7 +127,36 @@ def _secrets(path: Path) -> dict[str, object]:
         raise SettingsError(f"cannot read {path}: {exc}") from exc
 
 
+_INTERVAL_PART = re.compile(r"(\d+(?:\.\d+)?)([smh])")
+_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_interval(raw: object, name: str = "KB_SYNC_EVERY") -> float:
+    """An interval such as ``30s``, ``15m``, ``1h`` or ``1h30m``, in seconds; ``0``, ``off`` or empty: 0 (off).
+
+    A bare number is refused (is ``15`` seconds or minutes?), and so is anything
+    else that is not a positive amount of s, m or h.
+    """
+    text = str(raw).strip().lower().replace(" ", "")
+    if text in {"", "0", "0s", "0m", "0h", "off", "none", "false"}:
+        return 0.0
+    pos, seconds = 0, 0.0
+    while pos < len(text):
+        m = _INTERVAL_PART.match(text, pos)
+        if not m:
+            break
+        seconds += float(m.group(1)) * _INTERVAL_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text or seconds <= 0:
+        raise SettingsError(
+            f"{name}={raw!r} is not an interval: give a number with s, m or h (e.g. 30s, 15m, 1h, 1h30m), or 0 for off"
+        )
+    return seconds
+
+
 def _coerce(raw: object, default: object, name: str) -> object:
+    if name == "sync_every":
+        return parse_interval(raw)
     if isinstance(default, tuple):
         return split_list(raw) if isinstance(raw, str) else tuple(str(v).lower() for v in raw)  # type: ignore[union-attr]
     if isinstance(default, Path):

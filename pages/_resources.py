@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import asdict, fields
 
 import streamlit as st
 from langchain_core.embeddings import Embeddings
 
+from core.errors import UserError
 from core.settings import Settings, load_settings
 
 # Every setting that changes the loaded embedding model (backend, folder, runtime cache, device, batch).
@@ -170,6 +172,40 @@ def chat_model(s: Settings | None = None):
     return llm
 
 
+def preload(s: Settings | None = None) -> None:
+    """Start loading the LLM (and the embedding model) in the background, once per server and settings.
+
+    Called on the first script run of any page, so a first question finds the
+    model loaded, or partly loaded: the chat waits for the rest and says so.
+    ``KB_LLM_PRELOAD=false`` turns it off (the tests do, but for the ones that test it).
+    """
+    try:
+        s = s or settings()
+    except UserError:  # bad settings: the page says so
+        return
+    if not s.llm_preload:
+        return
+    key = _key(s, _LLM_FIELDS)
+    with _preload_lock:
+        if key in _preloading:
+            return
+        _preloading.add(key)
+
+    def load() -> None:
+        try:
+            _embeddings(_key(s, _EMBED_FIELDS), s)
+            _chat_model(key, s)
+        except Exception:  # noqa: BLE001 - the chat reports the same error, with its message, when asked
+            with _preload_lock:
+                _preloading.discard(key)
+
+    threading.Thread(target=load, name="kb-preload", daemon=True).start()
+
+
+_preloading: set[str] = set()
+_preload_lock = threading.Lock()
+
+
 # ---------------------------------------------------------------------------- status
 
 
@@ -181,3 +217,27 @@ def loaded(s: Settings | None = None) -> dict[str, dict | None]:
         "embeddings": reg.get(("embeddings", _key(s, _EMBED_FIELDS))),
         "llm": reg.get(("llm", _key(s, _LLM_FIELDS))),
     }
+
+
+# ---------------------------------------------------------------------------- background jobs
+
+
+@st.cache_resource(show_spinner=False)
+def _job_queue(key: str, _settings: Settings):
+    from kb.jobs import JobQueue
+
+    # One worker per server process and knowledge base; with KB_SYNC_EVERY, the scheduled sync runs in it too.
+    return JobQueue(knowledge_base(_settings), every=_settings.sync_every)
+
+
+def job_queue(s: Settings | None = None):
+    """The server's job queue (kb/jobs.py) for the configured ``KB_HOME``: sync, upload, re-chunk and evaluation
+    run in its one worker thread, not in a page's script run, so they go on when the admin navigates away.
+
+    A changed ``KB_SYNC_EVERY`` retunes the same queue's schedule (it is not part of the key: two schedules of one
+    knowledge base would both run)."""
+    s = s or settings()
+    queue = _job_queue(_key(s, exclude=_LLM_FIELDS + _SECRET_FIELDS + ("sync_every",)), s)
+    queue.set_every(s.sync_every)
+    _note("job_queue", queue)
+    return queue

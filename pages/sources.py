@@ -1,39 +1,55 @@
-"""Sources (admin): add git repositories, bundles or uploads; sync with a dry-run preview; delete."""
+"""Sources (admin): add git repositories, bundles or uploads; sync with a dry-run preview; delete.
+
+Syncs and upload indexing run as background jobs in the server's job queue
+(kb/jobs.py): the buttons enqueue them, the jobs panel shows their progress
+and lets them be cancelled, and a job's report is shown here when it ends,
+even if the admin went to another page meanwhile.
+"""
 
 from __future__ import annotations
+
+import math
 
 import streamlit as st
 
 from kb.markdown import escape_markdown
 from core.settings import split_list
+from pages import _resources as resources
 from pages._common import kb_or_stop, require_admin, run_with_status, when
+from pages._jobs import ended_jobs, jobs_panel, track
 
 st.title(":material/source: Sources")
 s = require_admin()
 kb = kb_or_stop(s)
-overview = kb.source_overview()
-rows = kb.sources()
-names = [r.name for r in rows]
+queue = resources.job_queue(s)
+ADD_TAB = ":material/add: Add a source"
 
 
 def report_table(reports: list[dict]) -> list[dict]:
+    """The sync report as a table narrow enough for the page: skipped files and long chunks are in the details."""
     return [
         {
-            "source": r["name"], "commit": f"{(r['commit_before'] or '—')[:8]} → {(r['commit_after'] or '—')[:8]}",
+            "source": r["name"], "commit": f"{(r['commit_before'] or '—')[:7]} → {(r['commit_after'] or '—')[:7]}",
             "files +": r["files_added"], "files ~": r["files_modified"], "files −": r["files_deleted"],
             ("chunks to embed" if r["dry_run"] else "chunks embedded"): r["chunks_embedded"],
             "chunks reused": r["chunks_reused"],
             ("chunks to delete" if r["dry_run"] else "chunks deleted"): r["chunks_deleted"],
             ("passages to embed" if r["dry_run"] else "passages embedded"): r["passages_embedded"],
-            "skipped": len(r["skipped"]), "over window": len(r["chunks_overlong"]),
             "seconds": r["seconds"], "error": r["error"],
         }
         for r in reports
     ]
 
 
+def report_columns(table: list[dict]) -> dict:
+    """Widths that keep the report inside the page: counts are narrow, the error text is cut (it is shown below)."""
+    wide = {"source": "medium", "commit": "medium", "error": "medium"}
+    return {c: st.column_config.Column(width=wide.get(c, "small")) for c in (table[0] if table else {})}
+
+
 def show_reports(reports: list[dict]) -> None:
-    st.dataframe(report_table(reports), hide_index=True, width="stretch")
+    table = report_table(reports)
+    st.dataframe(table, hide_index=True, width="stretch", column_config=report_columns(table))
     for r in reports:
         if r["error"]:
             st.error(f"**{r['name']}**: {r['error']}", icon=":material/error:")
@@ -41,8 +57,9 @@ def show_reports(reports: list[dict]) -> None:
         if r["commit_before"] and r["commit_before"] == r["commit_after"] and not (r["added"] or r["modified"] or r["deleted"]):
             st.caption(f"{r['name']}: up to date at {r['commit_after'][:8]}, nothing to do.")
             continue
+        over = f", {len(r['chunks_overlong'])} chunks over the window" if r["chunks_overlong"] else ""
         with st.expander(f"{r['name']}: {len(r['added'])} added, {len(r['modified'])} modified, "
-                         f"{len(r['deleted'])} deleted, {len(r['skipped'])} skipped files"):
+                         f"{len(r['deleted'])} deleted, {len(r['skipped'])} skipped files{over}"):
             for label, paths in (("Added", r["added"]), ("Modified", r["modified"]), ("Deleted", r["deleted"])):
                 if paths:
                     st.markdown(f"**{label}** ({len(paths)})")
@@ -72,10 +89,50 @@ def sync_summary(reports: list[dict]) -> tuple[str, str]:
     return ("warning" if failed else "success"), text
 
 
+def remember_job(job: dict, prefix: str = "") -> None:
+    """A job of this session has ended: keep its outcome for the message box."""
+    rep = job.get("report") or {}
+    reports = rep.get("sources") or []
+    lead = f"{prefix} " if prefix else ""
+    if job["state"] == "failed":
+        remember("error", f"{lead}{escape_markdown(job['label'])} failed: {escape_markdown(job.get('error') or '')}",
+                 reports)
+    elif job["state"] == "cancelled":
+        remember("warning", f"{lead}{escape_markdown(job['label'])} was cancelled at a safe point: "
+                            f"{len(reports)} source(s) finished before it stopped, nothing is half-written."
+                            + (f" Note: {escape_markdown(rep['note'])}." if rep.get("note") else ""), reports)
+    elif job["kind"] == "upload" and reports:
+        r = reports[0]
+        if r["error"]:
+            remember("error", r["error"], reports)
+        else:
+            n = len(job["args"].get("files", []))
+            remember("success", f"Indexed {n} file(s) into **{escape_markdown(r['name'])}** "
+                                f"at {(r['commit_after'] or '')[:8]}: {r['chunks_embedded']} chunks embedded.", reports)
+    else:
+        kind, text = sync_summary(reports)
+        remember(kind, lead + text, reports)
+
+
+def enqueued(job: dict, text: str, prefix: str = "") -> None:
+    """A job was queued from this page: say so, and rerun so the jobs panel shows it."""
+    track(job, prefix)
+    remember("info", f"{text} Its progress is under **Jobs** below; you can leave this page meanwhile.")
+    st.rerun()
+
+
+for _job, _prefix in ended_jobs(queue):  # jobs of this session that ended since the last run
+    remember_job(_job, _prefix)
+
+overview = kb.source_overview()
+rows = kb.sources()
+names = [r.name for r in rows]
+
 # ---------------------------------------------------------------------------- the sources
 
+overview_box = st.empty()  # emptied the moment a source is being added, so "No sources yet" never lingers
 if overview:
-    st.dataframe(
+    overview_box.dataframe(
         [
             {
                 "source": r["name"], "indexed commit": (r["indexed_commit"] or "")[:12] or "not synced",
@@ -90,7 +147,8 @@ if overview:
         column_config={"web URL": st.column_config.LinkColumn("web URL")},
     )
 else:
-    st.info("No sources yet: add a git repository, a local repository or a `.bundle` file, or upload files.")
+    overview_box.info("No sources yet: add a git repository, a local repository or a `.bundle` file, or upload files "
+                      "(the **Add a source** and **Upload files** tabs below).")
 
 last = st.session_state.get("sources_last")
 if last:
@@ -102,7 +160,13 @@ if last:
     if last["reports"]:
         show_reports(last["reports"])
 
-sync_tab, add_tab, upload_tab, delete_tab = st.tabs([":material/sync: Sync", ":material/add: Add a source", ":material/upload: Upload files", ":material/delete: Delete"], key="sources_tabs")
+jobs_panel(queue)
+
+# with no sources yet, there is nothing to sync: open on adding one
+sync_tab, add_tab, upload_tab, delete_tab = st.tabs(
+    [":material/sync: Sync", ADD_TAB, ":material/upload: Upload files", ":material/delete: Delete"],
+    key="sources_tabs", default=None if rows else ADD_TAB,
+)
 
 # ---------------------------------------------------------------------------- sync
 
@@ -131,13 +195,9 @@ with sync_tab:
             if st.button("Apply this sync" if todo else "Sync anyway", type="primary", key="sync_apply_btn"):
                 sync_clicked = True
         if sync_clicked:
-            reports, err = run_with_status(f"Syncing {target.lower() if picked is None else target}",
-                                           lambda p: kb.sync(picked, progress=p))
             st.session_state.pop("sync_preview", None)
-            if reports is not None:
-                done = [r.as_dict() for r in reports]
-                remember(*sync_summary(done), done)
-                st.rerun()  # refresh the table above with the new commits
+            job = queue.submit_sync(picked)
+            enqueued(job, f"Sync of {escape_markdown(target.lower() if picked is None else target)} queued.")
 
 # ---------------------------------------------------------------------------- add
 
@@ -155,6 +215,7 @@ with add_tab:
         sync_after = st.checkbox("Sync right after adding", value=True, key="add_sync")
         add_clicked = st.form_submit_button("Add source", type="primary", key="add_btn")
     if add_clicked:
+        overview_box.empty()
         extensions = split_list(exts) or None
         row, err = run_with_status(
             f"Adding {name or '(no name)'}",
@@ -165,11 +226,7 @@ with add_tab:
             added = f"Added **{escape_markdown(row.name)}** ({escape_markdown(row.url)}, branch {escape_markdown(row.branch)})."
             remember("success", added)
             if sync_after:
-                reports, _ = run_with_status(f"Syncing {row.name}", lambda p: kb.sync([row.name], progress=p))
-                if reports is not None:
-                    done = [r.as_dict() for r in reports]
-                    kind, text = sync_summary(done)
-                    remember(kind, f"{added} {text}", done)
+                enqueued(queue.submit_sync([row.name]), f"{added} Its sync is queued.", prefix=added)
             st.rerun()
     st.divider()
     st.markdown("**The tutorial's six repositories** (InternLM, xtuner, lmdeploy, opencompass, lagent, "
@@ -192,24 +249,18 @@ with add_tab:
 
 with upload_tab:
     files_sources = [r.name for r in rows if r.kind == "files"]
+    limit_mb = max(1, math.ceil(s.upload_max_bytes / 2**20))  # the uploader's unit: MiB, rounded up
     st.caption(f"Files go to a files-only source (created on first upload): each upload is a commit, so it syncs, "
                f"diffs and cites like a repository. Allowed: {', '.join(s.upload_extensions)}; "
-               f"at most {s.upload_max_bytes / 1e6:.0f} MB a file.")
+               f"at most {s.upload_max_bytes / 1e6:.0f} MB a file (`KB_UPLOAD_MAX_BYTES`).")
     target_src = st.text_input("Files-only source", value=files_sources[0] if files_sources else "uploads",
                                help="Existing: " + (", ".join(files_sources) or "none yet"), key="upload_source")
-    uploaded = st.file_uploader("Files", type=list(s.upload_extensions), accept_multiple_files=True, key="upload_files")
+    uploaded = st.file_uploader("Files", type=list(s.upload_extensions), accept_multiple_files=True, key="upload_files",
+                                max_upload_size=limit_mb)
     if st.button("Upload and index", type="primary", disabled=not uploaded, key="upload_btn"):
         files = {f.name: f.getvalue() for f in uploaded}
-        report, err = run_with_status(f"Indexing {len(files)} file(s) into {target_src}",
-                                      lambda p: kb.upload(files, target_src.strip(), progress=p))
-        if report is not None:
-            if report.error:
-                remember("error", report.error, [report.as_dict()])
-            else:
-                remember("success", f"Indexed {len(files)} file(s) into **{escape_markdown(target_src)}** "
-                                    f"at {(report.commit_after or '')[:8]}: {report.chunks_embedded} chunks embedded.",
-                         [report.as_dict()])
-            st.rerun()
+        job = queue.submit_upload(files, target_src.strip())
+        enqueued(job, f"Indexing {len(files)} file(s) into **{escape_markdown(target_src.strip())}** is queued.")
 
 # ---------------------------------------------------------------------------- delete
 

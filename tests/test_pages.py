@@ -37,6 +37,14 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
+def finish_jobs(at):
+    """Syncs and uploads run as background jobs (kb/jobs.py): let them end, then rerun as the jobs panel does."""
+    from pages import _resources as resources
+
+    assert resources.job_queue().wait_idle(300)
+    return at.run()
+
+
 def frame_with(at, column: str):
     """The first dataframe on the page that has ``column``."""
     for df in at.dataframe:
@@ -202,6 +210,7 @@ def test_sources_add_bundle_dry_run_then_sync(page_env, corpus, open_page, share
     assert any(s.label.startswith("Dry run: done") for s in at.status)
 
     at.button(key="sync_apply_btn").click().run()
+    finish_jobs(at)
     ok(at)
     done = frame_with(at, "chunks embedded")
     assert done.loc[0, "chunks embedded"] == preview.loc[0, "chunks to embed"] and not done.loc[0, "error"]
@@ -220,7 +229,7 @@ def test_sources_add_bundle_dry_run_then_sync(page_env, corpus, open_page, share
     assert "Nothing stale" in texts(home.success)
 
     # a second sync has nothing to do
-    at.button(key="sync_now_btn").click().run()
+    finish_jobs(at.button(key="sync_now_btn").click().run())
     again = frame_with(ok(at), "chunks embedded")
     assert again.loc[0, "chunks embedded"] == 0 and again.loc[0, "files +"] == 0
 
@@ -251,7 +260,7 @@ def test_upload_view_escaped_then_delete(page_env, open_page, shared_kb):
     at.text_input(key="upload_source").input("notes")
     at.file_uploader(key="upload_files").set_value([("notes.md", EVIL_DOC, "text/markdown")])
     at.run()
-    at.button(key="upload_btn").click().run()
+    finish_jobs(at.button(key="upload_btn").click().run())
     ok(at)
     assert "Indexed 1 file(s) into **notes**" in texts(at.success), texts(at.error)
     assert shared_kb().manifest.source("notes").kind == "files"
@@ -446,6 +455,7 @@ def test_chat_shows_llm_errors(page_env, open_page, monkeypatch):
 def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     at = ok(open_page("evaluation"))
     assert "Not indexed here" in texts(at.warning)
+    at.toggle(key="eval_only_indexed").set_value(False)  # score every question (test_pages_admin: only indexed)
     at.multiselect(key="eval_modes").set_value(["bm25", "hybrid"])
     at.button(key="eval_run").click().run(timeout=180)
     ok(at)

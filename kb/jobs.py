@@ -1,0 +1,906 @@
+"""Background jobs: sync, upload indexing, re-chunk and evaluation runs in one worker thread, with live progress.
+
+The dashboard owns one :class:`JobQueue` per server process (``pages/_resources.py``
+makes it once). Pages only enqueue and read: the work runs in the queue's worker
+thread, one job at a time, so an admin can leave the page and come back, and a
+second write job waits in line with its place shown. Across processes (the CLI,
+``kb watch``, another dashboard) the write lock of ``kb.store.manifest`` still
+keeps one writer at a time: a job waits for it instead of failing.
+
+Progress comes from the same :class:`kb.progress.Progress` callbacks that drive
+the CLI's bars: each job gets a :class:`JobControl`, which keeps the job's record
+current (stage, files done of total, chunks embedded, elapsed, ETA) and raises
+:class:`Cancelled` at a safe point once cancelling is asked for:
+
+- sync and upload: between sources, after a file is loaded, or after a batch of
+  chunks is embedded, but never once the source's vectors are being written; a
+  cancel that arrives then takes effect when that source is recorded. So a
+  cancelled sync leaves every source either as it was or fully synced, which
+  is what a clean run leaves (``kb verify`` is healthy);
+- re-chunk: anywhere (the live collection is never touched until the end);
+  the half-built collection is dropped;
+- evaluation: between questions (it only reads).
+
+Every job is kept as JSON in ``KB_HOME/jobs/<id>.json``, written atomically when
+it is queued, while it runs (at most every few seconds) and when it ends, so a
+finished job keeps its report (the fields of ``kb sync --json``) across
+restarts, and a job whose process died is shown as failed, interrupted.
+
+Scheduled sync (``KB_SYNC_EVERY``, ``kb watch --every``): every interval, each
+git source is fetched, and only a source whose branch moved is synced, all as
+one job with its report. A remote that cannot be reached is recorded per source
+in ``KB_HOME/jobs/watch.json`` and retried with exponential backoff (one
+interval, then two, four, ... up to six hours); a failed fetch never reaches
+the index. :func:`sync_failures` returns what is failing now, for the Home page.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from core.errors import UserError
+from kb.errors import KBError
+from kb.progress import Progress, no_progress
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINAL = (DONE, FAILED, CANCELLED)
+KIND_LABELS = {"sync": "Sync", "upload": "Upload", "rechunk": "Re-chunk", "evaluate": "Evaluation",
+               "scheduled": "Scheduled sync"}
+GIT_STAGES = ("fetch", "clone")  # reported from git's reader threads: never raise there
+WATCH_FILE = "watch.json"
+KEEP = 200  # finished job files kept in KB_HOME/jobs (and records in memory)
+PERSIST_EVERY = 2.0  # seconds between writes of a running job's record
+BACKOFF_CAP = 6 * 3600.0  # the longest wait before retrying a failing remote
+LOCK_POLL = 0.5
+
+
+class Cancelled(Exception):
+    """Raised from a job's progress callback at a safe point once someone asked to cancel the job.
+
+    Deliberately not a :class:`~core.errors.UserError`: the sync loops turn a
+    ``KBError`` into one source's error and go on with the next source, while a
+    cancel must end the whole job.
+    """
+
+
+def new_id() -> str:
+    now = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
+
+
+def _atomic_write(path: Path, data: dict) -> None:
+    """Write JSON so that a reader (or a crash) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, default=str, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether the process that wrote a running job's record still exists (unknowable on another host: yes)."""
+    if host != socket.gethostname() or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_busy(home: Path) -> bool:
+    """Whether another writer (this process or another) holds KB_HOME's write lock right now."""
+    path = home / ".write.lock"
+    if not path.exists():
+        return False
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+# ---------------------------------------------------------------------------- the job record
+
+
+@dataclass
+class Job:
+    """One job's record: what it is, where it stands, and how it ended."""
+
+    id: str
+    kind: str
+    label: str
+    args: dict = field(default_factory=dict)  # what it was asked to do (JSON: names, file names, settings)
+    origin: str = "dashboard"  # dashboard | schedule | cli
+    state: str = QUEUED
+    stage: str = ""
+    message: str = ""
+    source: str = ""  # the source being worked on
+    sources_done: int = 0
+    sources_total: int = 0
+    files_done: int = 0  # of the current source
+    files_total: int = 0
+    chunks_embedded: int = 0  # so far, every source of the job
+    passages_embedded: int = 0
+    stage_done: float = 0.0
+    stage_total: float | None = None
+    stage_started: float | None = None  # when the stage's first report came
+    stage_base: float = 0.0  # how far that report said it was (the work before it was not timed)
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    report: dict | None = None
+    error: str = ""
+    cancel_requested: bool = False
+    pid: int = field(default_factory=os.getpid)
+    host: str = field(default_factory=socket.gethostname)
+
+    def elapsed(self, now: float | None = None) -> float | None:
+        if self.started is None:
+            return None
+        return round((self.finished or now or time.time()) - self.started, 2)
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left in the current stage at its rate so far (None: not known yet)."""
+        timed = self.stage_done - self.stage_base
+        if self.state != RUNNING or not self.stage_total or timed <= 0 or self.stage_started is None:
+            return None
+        spent = (now or time.time()) - self.stage_started
+        if spent < 0.2:
+            return None
+        left = max(0.0, self.stage_total - self.stage_done)
+        return round(spent * left / timed, 1)
+
+    def as_dict(self, now: float | None = None) -> dict:
+        d = asdict(self)
+        d["elapsed"] = self.elapsed(now)
+        d["eta"] = self.eta(now)
+        d["kind_label"] = KIND_LABELS.get(self.kind, self.kind)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------------------- progress and cancelling
+
+
+class JobControl:
+    """The :class:`~kb.progress.Progress` a job's work reports to.
+
+    It keeps the job's record current, forwards to another progress (the CLI's
+    bars), and raises :class:`Cancelled` at the next safe point once the job is
+    to be cancelled. ``begin_source`` marks a source boundary; once a source's
+    vectors are being written (its ``store`` stage), it is no longer safe to
+    stop until the next boundary, unless ``anywhere`` (a re-chunk, an
+    evaluation) says any point is safe.
+    """
+
+    def __init__(self, queue: "JobQueue", job: Job, forward: Progress = no_progress, anywhere: bool = False) -> None:
+        self.queue = queue
+        self.job = job
+        self.forward = forward
+        self.anywhere = anywhere
+        self.writing = False
+        self.report: dict | None = None  # what is done so far: kept when the job is cancelled or fails
+        self._last_stage = ""
+        self._embed_base = 0
+        self._persisted = 0.0
+
+    def __call__(self, stage: str, done: float, total: float | None = None, message: str = "") -> None:
+        if stage in ("load", "rechunk"):  # a source's files are being read: the previous source is recorded
+            self.writing = False
+        self.queue._update(self, stage, done, total, message)
+        try:
+            self.forward(stage, done, total, message)
+        except Exception:  # a broken display must not break the job
+            log.exception("progress display failed")
+        if stage == "store":
+            self.writing = True
+        if stage not in GIT_STAGES:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Raise :class:`Cancelled` if the job is to be cancelled and this is a safe point."""
+        if self.job.cancel_requested and (self.anywhere or not self.writing):
+            raise Cancelled(self.job.id)
+
+    def begin_source(self, name: str, index: int, total: int) -> None:
+        """A source boundary: nothing is half-written here, so a cancel takes effect."""
+        self.writing = False
+        self.queue._begin_source(self, name, index, total)
+        self.checkpoint()
+
+    def wait_for_lock(self) -> None:
+        """Wait while another writer holds KB_HOME's write lock (a CLI sync, another dashboard)."""
+        home = self.queue.home
+        if not lock_busy(home):
+            return
+        self.queue._set(self.job, stage="waiting", message="another writer holds the write lock")
+        while lock_busy(home):
+            self.checkpoint()
+            time.sleep(LOCK_POLL)
+        self.queue._set(self.job, stage="", message="")
+
+
+# ---------------------------------------------------------------------------- scheduled-sync state
+
+
+class WatchState:
+    """Per-source outcome of the scheduled fetches, in ``KB_HOME/jobs/watch.json`` (dashboard and ``kb watch``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def load(self) -> dict:
+        data = _read_json(self.path) or {}
+        data.setdefault("sources", {})
+        return data
+
+    def _change(self, fn: Callable[[dict], None]) -> None:
+        with self._lock:
+            data = self.load()
+            fn(data)
+            _atomic_write(self.path, data)
+
+    def due(self, name: str, now: float) -> bool:
+        entry = self.load()["sources"].get(name)
+        return not entry or not entry.get("failures") or now >= float(entry.get("next_try") or 0)
+
+    def failed(self, name: str, error: str, at: float, every: float) -> None:
+        def fn(data: dict) -> None:
+            e = data["sources"].setdefault(name, {})
+            e["failures"] = int(e.get("failures") or 0) + 1
+            e["last_error"] = error
+            e["last_failure"] = at
+            wait = min(max(every, 1.0) * 2 ** (e["failures"] - 1), max(every, BACKOFF_CAP))
+            e["next_try"] = at + wait
+        self._change(fn)
+
+    def succeeded(self, name: str, at: float) -> None:
+        def fn(data: dict) -> None:
+            e = data["sources"].setdefault(name, {})
+            e.update(failures=0, last_ok=at, next_try=None)
+        self._change(fn)
+
+    def ran(self, at: float, every: float, origin: str) -> None:
+        self._change(lambda data: data.update(last_run=at, every=every, origin=origin))
+
+
+def sync_failures(home: Path, names: list[str] | None = None) -> list[dict]:
+    """Sources whose scheduled fetch or sync is failing now: the last error, when, how often, next retry.
+
+    ``names`` limits it to sources that still exist. Sorted by source name;
+    empty when every remote answered at its last try.
+    """
+    data = WatchState(home / "jobs" / WATCH_FILE).load()
+    out = []
+    for name, e in sorted(data["sources"].items()):
+        if not e.get("failures") or (names is not None and name not in names):
+            continue
+        out.append({"source": name, "failures": int(e["failures"]), "last_error": e.get("last_error", ""),
+                    "last_failure": e.get("last_failure"), "next_try": e.get("next_try"), "last_ok": e.get("last_ok")})
+    return out
+
+
+# ---------------------------------------------------------------------------- the queue
+
+
+Work = Callable[["KnowledgeBase", JobControl], dict]  # noqa: F821 (kb.service imports nothing from here)
+
+
+class JobQueue:
+    """One worker thread running jobs in order, their records, and (``every`` > 0) the sync schedule.
+
+    ``start=False`` makes a queue without threads, for :meth:`run_now` (the CLI).
+    """
+
+    def __init__(self, kb, *, every: float = 0.0, start: bool = True, forward: Progress = no_progress) -> None:
+        self.kb = kb
+        self.home: Path = kb.settings.home
+        self.folder = self.home / "jobs"
+        self.every = float(every or 0.0)
+        self.forward = forward
+        self.watch = WatchState(self.folder / WATCH_FILE)
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._work: dict[str, tuple[Work, bool, bool]] = {}
+        self._jobs: dict[str, Job] = {}  # every job of this queue, by id
+        self._running: Job | None = None
+        self._controls: dict[str, JobControl] = {}
+        self._disk: dict[str, tuple[float, dict]] = {}  # other processes' job files, by name: (mtime, record)
+        self._disk_lock = threading.Lock()
+        self._last_idle: str | None = None  # the last scheduled pass that found nothing to do
+        self._closed = False
+        self._worker: threading.Thread | None = None
+        self._scheduler: threading.Thread | None = None
+        self._recover()
+        if start:
+            self._worker = threading.Thread(target=self._loop, name="kb-jobs", daemon=True)
+            self._worker.start()
+            self.set_every(self.every)
+
+    def set_every(self, every: float) -> None:
+        """Set the scheduled-sync interval (0: off); the first pass runs now when the schedule starts."""
+        with self._cond:
+            changed = float(every or 0.0) != self.every
+            self.every = float(every or 0.0)
+            self._cond.notify_all()
+            if self.every > 0 and self._worker is not None and self._scheduler is None:
+                self._scheduler = threading.Thread(target=self._schedule_loop, name="kb-sync-schedule", daemon=True)
+                self._scheduler.start()
+        if changed:
+            log.info("scheduled sync every %s s", self.every or "(off)")
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, kind: str, args: dict, work: Work, *, label: str = "", origin: str = "dashboard",
+               anywhere: bool = False, writes: bool = True) -> dict:
+        """Queue ``work(kb, control)``; returns the job's record. ``writes``: wait for the write lock first."""
+        job = Job(new_id(), kind, label or KIND_LABELS.get(kind, kind), args, origin)
+        with self._cond:
+            if self._closed:
+                raise KBError("the job queue is closed")
+            self._jobs[job.id] = job
+            self._work[job.id] = (work, anywhere, writes)
+            self._pending.append(job)
+            self._persist(job)
+            self._cond.notify_all()
+            return self._snapshot(job)
+
+    def submit_sync(self, names: list[str] | None = None, origin: str = "dashboard") -> dict:
+        """Sync some sources (None: all), one after another: the fields of ``kb sync --json``."""
+        names = list(names) if names else None
+        label = "Sync " + (", ".join(names) if names else "all sources")
+        return self.submit("sync", {"names": names}, _sync_work(names), label=label, origin=origin)
+
+    def submit_upload(self, files: dict[str, bytes], source: str, origin: str = "dashboard") -> dict:
+        """Commit uploaded files to a files-only source and index them (``kb upload``)."""
+        files = dict(files)
+        args = {"source": source, "files": sorted(files), "bytes": sum(len(b) for b in files.values())}
+        return self.submit("upload", args, _upload_work(files, source),
+                           label=f"Upload {len(files)} file(s) to {source}", origin=origin)
+
+    def submit_rechunk(self, config, origin: str = "dashboard") -> dict:
+        """Build a collection with ``config`` beside the live one, switching when complete (``kb rechunk``)."""
+        return self.submit("rechunk", {"chunk_config": config.to_json(), "label": config.label()},
+                           _rechunk_work(config), label=f"Re-chunk: {config.label()}", origin=origin, anywhere=True)
+
+    def submit_evaluation(self, engine, questions: list[dict], options: list, questions_name: str,
+                          only_indexed: bool = False, origin: str = "dashboard") -> dict:
+        """Score ``questions`` once per search options (``kb eval``); each run is saved in KB_HOME/evals.
+
+        ``only_indexed``: only the questions on sources in the live collection
+        (``KnowledgeBase.run_and_save_evaluation``). The report: ``{"runs": [one report per options]}``.
+        """
+        modes = [o.mode for o in options]
+        args = {"questions": questions_name, "n": len(questions), "modes": modes, "k": [o.k for o in options],
+                "only_indexed": only_indexed}
+        return self.submit("evaluate", args,
+                           _evaluate_work(engine, questions, list(options), questions_name, only_indexed),
+                           label=f"Evaluation ({', '.join(modes)}) on {Path(questions_name).name}", origin=origin,
+                           anywhere=True, writes=False)
+
+    def submit_scheduled(self, origin: str = "schedule") -> dict | None:
+        """Queue one scheduled fetch-and-sync, unless one is queued or running already (then None)."""
+        with self._cond:
+            if any(j.kind == "scheduled" and j.state in (QUEUED, RUNNING) for j in self._jobs.values()):
+                return None
+        return self.submit("scheduled", {"every": self.every}, _scheduled_work(self, self.every),
+                           label="Scheduled sync", origin=origin)
+
+    def run_now(self, kind: str, args: dict, work: Work, *, label: str = "", origin: str = "cli",
+                anywhere: bool = False, writes: bool = True) -> dict:
+        """Run a job in the calling thread (the CLI), with the same record, progress and persistence."""
+        job = Job(new_id(), kind, label or KIND_LABELS.get(kind, kind), args, origin)
+        with self._cond:
+            self._jobs[job.id] = job
+            self._persist(job)
+        self._execute(job, work, anywhere, writes)
+        return self.get(job.id)  # type: ignore[return-value]
+
+    def run_scheduled_now(self, origin: str = "cli") -> dict:
+        return self.run_now("scheduled", {"every": self.every}, _scheduled_work(self, self.every),
+                            label="Scheduled sync", origin=origin)
+
+    # ------------------------------------------------------------------ control
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job now, or a running one at its next safe point. False: no such job, or it ended."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.state in FINAL:
+                return False
+            if job.state == QUEUED:
+                self._pending.remove(job)
+                self._work.pop(job.id, None)
+                job.state, job.finished, job.message = CANCELLED, time.time(), "cancelled before it started"
+                self._persist(job)
+                self._cond.notify_all()
+                return True
+            job.cancel_requested = True
+            job.message = "cancelling at the next safe point…"
+            self._cond.notify_all()
+            return True
+
+    def request_stop(self) -> None:
+        """Ask the running job to stop at its next safe point, taking no lock (safe in a signal handler)."""
+        job = self._running
+        if job is not None:
+            job.cancel_requested = True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs, cancel the queued ones, ask the running one to stop, and wait a little."""
+        with self._cond:
+            self._closed = True
+            for job in list(self._pending):
+                job.state, job.finished, job.message = CANCELLED, time.time(), "the server stopped"
+                self._persist(job)
+            self._pending.clear()
+            if self._running is not None:
+                self._running.cancel_requested = True
+            self._cond.notify_all()
+        for t in (self._worker, self._scheduler):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout)
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, job_id: str) -> dict | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                return self._snapshot(job)
+        for rec in self._from_disk():
+            if rec["id"] == job_id:
+                return rec
+        return None
+
+    def active(self) -> list[dict]:
+        """The running job, then the queued ones in order (``ahead``: jobs before it), this process's and others'."""
+        with self._cond:
+            out = [self._snapshot(self._running)] if self._running is not None else []
+            out += [self._snapshot(j) for j in self._pending]
+        out += [r for r in self._from_disk() if r["state"] in (QUEUED, RUNNING)]
+        return out
+
+    def jobs(self, recent: int = 10) -> list[dict]:
+        """The active jobs, then the ``recent`` last finished ones (newest first), from this process and the disk."""
+        with self._cond:
+            finished = [self._snapshot(j) for j in self._jobs.values() if j.state in FINAL]
+        finished += [r for r in self._from_disk() if r["state"] in FINAL]
+        finished.sort(key=lambda r: (r.get("finished") or r.get("created") or 0, r["id"]), reverse=True)
+        return self.active() + finished[:recent]
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict | None:
+        """Wait until a job of this queue has ended; its record (still running after ``timeout``: as it is)."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            self._cond.wait_for(lambda: job.state in FINAL, timeout)
+            return self._snapshot(job)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or running in this queue; False if ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and self._running is None, timeout)
+
+    # ------------------------------------------------------------------ the worker
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if self._closed:
+                    return
+                job = self._pending.popleft()
+                work, anywhere, writes = self._work.pop(job.id)
+            self._execute(job, work, anywhere, writes)
+
+    def _execute(self, job: Job, work: Work, anywhere: bool, writes: bool) -> None:
+        ctl = JobControl(self, job, self.forward, anywhere)
+        with self._cond:
+            self._running = job
+            self._controls[job.id] = ctl
+            job.state, job.started = RUNNING, time.time()
+            self._persist(job)
+            self._cond.notify_all()
+        state, report, error = DONE, None, ""
+        try:
+            ctl.checkpoint()  # cancelled in the moment between taking it from the queue and starting it
+            if writes:
+                ctl.wait_for_lock()
+            report = work(self.kb, ctl)
+        except Cancelled:
+            state, report = CANCELLED, ctl.report
+        except UserError as exc:
+            state, report, error = FAILED, ctl.report, str(exc) or type(exc).__name__
+        except Exception as exc:  # a bug: keep the traceback in the log, the job says what happened
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            state, report, error = FAILED, ctl.report, f"unexpected error: {type(exc).__name__}: {exc}"
+        with self._cond:
+            job.state, job.report, job.error, job.finished = state, report, error, time.time()
+            if state == CANCELLED:
+                job.message = "cancelled at a safe point: what was done is kept, nothing is half-written"
+            elif state == DONE:
+                job.message = ""
+            job.stage, job.stage_total, job.stage_started = "", None, None
+            self._persist(job)
+            self._running = None
+            self._controls.pop(job.id, None)
+            self._forget_idle(job)
+            self._cond.notify_all()
+        self._prune()
+
+    def _forget_idle(self, job: Job) -> None:
+        """A scheduled pass that synced nothing and met no error replaces the previous such pass (lock held).
+
+        Otherwise a 15-minute schedule would fill the history with "nothing to do"
+        (``watch.json`` keeps when the last pass ran). Finished records beyond
+        ``KEEP`` leave memory too: they stay on disk.
+        """
+        rep = job.report or {}
+        if job.kind == "scheduled" and job.state == DONE and not rep.get("sources") and not rep.get("error"):
+            if self._last_idle and self._last_idle in self._jobs:
+                self._jobs.pop(self._last_idle)
+                try:
+                    (self.folder / f"{self._last_idle}.json").unlink()
+                except OSError:
+                    pass
+            self._last_idle = job.id
+        finished = [j for j in self._jobs.values() if j.state in FINAL]
+        for old in sorted(finished, key=lambda j: j.id)[: max(0, len(finished) - KEEP)]:
+            self._jobs.pop(old.id, None)
+
+    def _schedule_loop(self) -> None:
+        next_at = time.monotonic()
+        while True:
+            with self._cond:
+                every = self.every
+                self._cond.wait_for(lambda: self._closed or self.every != every,
+                                    max(0.0, next_at - time.monotonic()) if every > 0 else None)
+                if self._closed:
+                    return
+                if self.every != every:  # a new interval counts from the last pass
+                    next_at = next_at - every + self.every if every > 0 else time.monotonic()
+                    continue
+            try:
+                self.submit_scheduled()
+            except KBError:
+                return  # closed meanwhile
+            next_at = max(next_at + self.every, time.monotonic())
+
+    # ------------------------------------------------------------------ records (called with or without the lock)
+
+    def _update(self, ctl: JobControl, stage: str, done: float, total: float | None, message: str) -> None:
+        job = ctl.job
+        now = time.time()
+        with self._cond:
+            if stage != ctl._last_stage or done < job.stage_done:
+                job.stage_started, job.stage_base = now, float(done)
+                if stage == "embed":
+                    ctl._embed_base = job.passages_embedded if ctl.writing else job.chunks_embedded
+            ctl._last_stage = stage
+            job.stage, job.stage_done, job.stage_total = stage, float(done), (float(total) if total else None)
+            if not job.cancel_requested:  # else it keeps saying that it is cancelling
+                job.message = message[:200]
+            if stage == "load":
+                job.files_done, job.files_total = int(done), int(total or 0)
+            elif stage == "embed":
+                if ctl.writing:  # after the chunks are stored: the passages
+                    job.passages_embedded = ctl._embed_base + int(done)
+                else:
+                    job.chunks_embedded = ctl._embed_base + int(done)
+            elif stage == "rechunk":
+                job.sources_done, job.source = int(done), message
+                job.files_done = job.files_total = 0
+            if now - ctl._persisted >= PERSIST_EVERY:
+                ctl._persisted = now
+                self._persist(job)
+
+    def _begin_source(self, ctl: JobControl, name: str, index: int, total: int) -> None:
+        with self._cond:
+            job = ctl.job
+            job.source, job.sources_done, job.sources_total = name, index, total
+            job.files_done = job.files_total = 0
+            ctl._last_stage = ""
+
+    def _set(self, job: Job, **values) -> None:
+        with self._cond:
+            for k, v in values.items():
+                setattr(job, k, v)
+
+    def _snapshot(self, job: Job) -> dict:
+        d = job.as_dict()
+        d["local"] = True
+        d["ahead"] = None
+        if job.state == QUEUED and job in self._pending:
+            d["ahead"] = list(self._pending).index(job) + (1 if self._running is not None else 0)
+        return d
+
+    def _persist(self, job: Job) -> None:
+        try:
+            _atomic_write(self.folder / f"{job.id}.json", job.as_dict())
+        except OSError:
+            log.exception("cannot write the record of job %s", job.id)
+
+    def _recover(self) -> None:
+        """Jobs left queued or running by a process that is gone: failed, interrupted (rewritten once)."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.glob("*.json"):
+            if path.name == WATCH_FILE:
+                continue
+            rec = _read_json(path)
+            if rec and rec.get("state") in (QUEUED, RUNNING) and not _alive(int(rec.get("pid") or 0), rec.get("host", "")):
+                self._interrupted(path, rec)
+
+    def _interrupted(self, path: Path, rec: dict) -> dict:
+        was = rec.get("state")
+        rec.update(state=FAILED, finished=rec.get("finished") or rec.get("started") or rec.get("created"),
+                   error="interrupted: the process running it stopped" + (" before it started" if was == QUEUED else
+                         "; a sync converges on its next run"))
+        try:
+            _atomic_write(path, rec)
+        except OSError:
+            pass
+        return rec
+
+    def _from_disk(self) -> list[dict]:
+        """Job records of other processes and earlier runs (read once per change of the file)."""
+        if not self.folder.is_dir():
+            return []
+        with self._cond:
+            mine = set(self._jobs)
+        with self._disk_lock:  # pages read from several threads at once
+            return self._read_disk(mine)
+
+    def _read_disk(self, mine: set[str]) -> list[dict]:
+        out = []
+        seen = set()
+        for path in self.folder.glob("*.json"):
+            if path.name == WATCH_FILE or path.stem in mine:
+                continue
+            seen.add(path.name)
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            cached = self._disk.get(path.name)
+            if cached is None or cached[0] != mtime:
+                rec = _read_json(path)
+                if rec is None or "id" not in rec:
+                    continue
+                if rec.get("state") in (QUEUED, RUNNING) and not _alive(int(rec.get("pid") or 0), rec.get("host", "")):
+                    rec = self._interrupted(path, rec)
+                self._disk[path.name] = cached = (mtime, rec)
+            rec = dict(cached[1])
+            rec["local"], rec["ahead"] = False, None
+            if rec.get("state") == RUNNING and rec.get("started"):
+                rec["elapsed"] = round(time.time() - rec["started"], 2)
+            out.append(rec)
+        for name in set(self._disk) - seen:
+            self._disk.pop(name, None)
+        return out
+
+    def _prune(self) -> None:
+        """Keep the newest ``KEEP`` finished job files."""
+        try:
+            files = sorted(p for p in self.folder.glob("*.json") if p.name != WATCH_FILE)
+        except OSError:
+            return
+        extra = len(files) - KEEP
+        for path in files:
+            if extra <= 0:
+                break
+            rec = _read_json(path)
+            if rec is not None and rec.get("state") in (QUEUED, RUNNING):
+                continue
+            try:
+                path.unlink()
+                extra -= 1
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------- the work of each kind
+
+
+def _with_errors(out: dict) -> dict:
+    failed = [r for r in out["sources"] if r.get("error")]
+    if failed:
+        out["error"] = "; ".join(f"{r['name']}: {r['error']}" for r in failed)
+    return out
+
+
+def _sync_one(kb, name: str, ctl: JobControl) -> dict:
+    """One source's sync, its report as ``kb sync --json`` gives it (an error of this source alone in it)."""
+    from kb.ingest.sync import SyncReport
+    from kb.store.index import ChromaUnreachable
+
+    ctl.wait_for_lock()
+    try:
+        return kb.sync([name], progress=ctl)[0].as_dict()
+    except ChromaUnreachable:
+        raise
+    except KBError as exc:  # e.g. the source was deleted while the job waited
+        return SyncReport(name, None, None, error=str(exc)).as_dict()
+
+
+def _sync_work(names: list[str] | None) -> Work:
+    def work(kb, ctl: JobControl) -> dict:
+        todo = names or [s.name for s in kb.sources()]
+        if not todo:
+            raise KBError("no sources yet: add one first")
+        out: dict = {"sources": []}
+        ctl.report = out
+        for i, name in enumerate(todo):
+            ctl.begin_source(name, i, len(todo))
+            out["sources"].append(_sync_one(kb, name, ctl))
+            ctl.job.sources_done = i + 1
+        return _with_errors(out)
+
+    return work
+
+
+def _upload_work(files: dict[str, bytes], source: str) -> Work:
+    def work(kb, ctl: JobControl) -> dict:
+        ctl.begin_source(source, 0, 1)
+        try:
+            rep = kb.upload(files, source, progress=ctl).as_dict()
+        except Cancelled:
+            ctl.report = {"sources": [], "note": f"the files are committed to {source} but not indexed: "
+                                                 f"sync {source} to index them"}
+            raise
+        return _with_errors({"sources": [rep]})
+
+    return work
+
+
+def _rechunk_work(config) -> Work:
+    def work(kb, ctl: JobControl) -> dict:
+        from core import embeddings as emb
+        from kb.store.index import collection_name
+
+        target = collection_name(config.hash, emb.model_slug(kb.settings))
+        try:
+            return kb.rechunk(config, ctl)
+        except Cancelled:
+            try:  # the live collection was never touched; the half-built one goes
+                kb.drop_collection(target)
+            except KBError:
+                pass
+            ctl.report = {"collection": target, "dropped": True}
+            raise
+
+    return work
+
+
+class _CountingEngine:
+    """A search engine that reports each question as progress (and so can be cancelled between questions)."""
+
+    def __init__(self, engine, ctl: JobControl, total: int) -> None:
+        self._engine = engine
+        self._ctl = ctl
+        self._total = total
+        self._done = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def search(self, query: str, options):
+        hits = self._engine.search(query, options)
+        self._done += 1
+        self._ctl("evaluate", self._done, self._total, query[:80])
+        return hits
+
+
+def _evaluate_work(engine, questions: list[dict], options: list, questions_name: str, only_indexed: bool) -> Work:
+    def work(kb, ctl: JobControl) -> dict:
+        from kb.evaluate import answerable
+
+        keep = kb.indexed_sources() if only_indexed else None
+        n = sum(1 for q in questions if answerable(q) and (keep is None or q.get("repo") in keep))
+        counting = _CountingEngine(engine, ctl, n * len(options))
+        extra = {"only_indexed": True} if only_indexed else {}
+        out: dict = {"runs": []}
+        ctl.report = out
+        for opt in options:
+            out["runs"].append(kb.run_and_save_evaluation(counting, questions, opt, questions_name, **extra))
+        return out
+
+    return work
+
+
+def _scheduled_work(queue: JobQueue, every: float) -> Work:
+    """Fetch every due git source; sync only those whose branch moved; record failures with backoff."""
+
+    def work(kb, ctl: JobControl) -> dict:
+        from kb.ingest.sync import SyncReport
+
+        at = time.time()
+        live = kb.live()[0]
+        rows = [s for s in kb.sources() if s.kind == "git"]
+        due = [s for s in rows if queue.watch.due(s.name, at)]
+        state = queue.watch.load()["sources"]
+        out: dict = {"sources": [], "unchanged": [],
+                     "backing_off": [{"name": s.name, "failures": state[s.name]["failures"],
+                                      "next_try": state[s.name]["next_try"]} for s in rows if s not in due]}
+        ctl.report = out
+        for i, src in enumerate(due):
+            ctl.begin_source(src.name, i, len(due))
+            ctl.wait_for_lock()
+            try:
+                head = kb.fetch_source(src.name, progress=ctl)
+            except KBError as exc:  # unreachable remote, missing branch: recorded, the index is not touched
+                queue.watch.failed(src.name, str(exc), at, every)
+                out["sources"].append(SyncReport(src.name, src.indexed_commit, None, error=f"fetch failed: {exc}").as_dict())
+                continue
+            if head == src.indexed_commit and src.indexed_collection == live:
+                queue.watch.succeeded(src.name, at)
+                out["unchanged"].append(src.name)
+                continue
+            rep = _sync_one(kb, src.name, ctl)
+            if rep["error"]:
+                queue.watch.failed(src.name, rep["error"], at, every)
+            else:
+                queue.watch.succeeded(src.name, at)
+            out["sources"].append(rep)
+            ctl.job.sources_done = i + 1
+        queue.watch.ran(at, every, ctl.job.origin)
+        return _with_errors(out)
+
+    return work
+
+
+def watch(kb, every: float, *, once: bool = False, runs: int | None = None, progress: Progress = no_progress,
+          on_run: Callable[[dict], None] | None = None, stop: threading.Event | None = None,
+          queue: JobQueue | None = None) -> int:
+    """``kb watch``: a scheduled fetch-and-sync now and then every ``every`` seconds, in this thread.
+
+    Each pass is a job like the dashboard's (kept in KB_HOME/jobs). Ends after
+    one pass (``once``), ``runs`` passes, or when ``stop`` is set (the running
+    pass stops at its next safe point if the caller also calls
+    ``queue.request_stop()``). Returns the number of passes.
+    """
+    queue = queue or JobQueue(kb, every=every, start=False, forward=progress)
+    stop = stop or threading.Event()
+    n = 0
+    while not stop.is_set():
+        t0 = time.monotonic()
+        job = queue.run_scheduled_now()
+        n += 1
+        if on_run is not None:
+            on_run(job)
+        if once or (runs is not None and n >= runs) or job["state"] == CANCELLED:
+            break
+        stop.wait(max(0.0, every - (time.monotonic() - t0)))
+    return n

@@ -1,0 +1,450 @@
+"""Background jobs (kb/jobs.py) and the scheduled sync (KB_SYNC_EVERY, ``kb watch``).
+
+Real syncs on the shared bundles with the tiny embedding model; cancelling is
+timed by an embedding model that holds a chosen call until the test has asked
+to cancel, so the safe points are hit exactly, not by luck.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from langchain_core.embeddings import Embeddings
+
+from conftest import ROOT, base_settings, git
+from core.errors import SettingsError
+from core.settings import load_settings, parse_interval
+from kb.errors import KBError
+from kb.jobs import CANCELLED, DONE, FAILED, JobQueue, WatchState, sync_failures, watch
+
+CLI_FIELDS = ["name", "commit_before", "commit_after", "files_added", "files_modified", "files_deleted",
+              "chunks_embedded", "chunks_reused", "chunks_deleted", "seconds"]
+
+
+class HeldEmbeddings(Embeddings):
+    """Holds the ``hold_at``-th embed_documents call until ``release`` is set (``entered`` says it is there)."""
+
+    def __init__(self, inner: Embeddings, hold_at: int | None = 1) -> None:
+        self.inner = inner
+        self.hold_at = hold_at
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        self.calls += 1
+        if self.calls == self.hold_at:
+            self.entered.set()
+            assert self.release.wait(300), "never released"
+        return self.inner.embed_documents(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.inner.embed_query(text)
+
+
+def make_kb(home: Path, tiny_st_dir: Path, embeddings: Embeddings):
+    from kb.service import KnowledgeBase
+
+    return KnowledgeBase(base_settings(home, embed_model=str(tiny_st_dir), embed_backend="torch"), embeddings=embeddings)
+
+
+def ids(kb) -> tuple[list[str], list[str]]:
+    live = kb.manifest.live_collection
+    passages = kb.index.passages(live)
+    return sorted(kb.index.get(live).get(include=[])["ids"]), sorted(passages.get(include=[])["ids"]) if passages else []
+
+
+@pytest.fixture
+def queue_of():
+    """``queue_of(kb, **kw)``: a JobQueue closed at the end of the test."""
+    made: list[JobQueue] = []
+
+    def make(kb, **kw) -> JobQueue:
+        q = JobQueue(kb, **kw)
+        made.append(q)
+        return q
+
+    yield make
+    for q in made:
+        q.close(timeout=60)
+
+
+def wait_for(predicate, timeout: float = 300, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_sync_every_setting():
+    assert parse_interval("15m") == 900 and parse_interval("30s") == 30 and parse_interval("1h") == 3600
+    assert parse_interval("1h30m") == 5400 and parse_interval("0") == 0 and parse_interval("") == 0
+    assert load_settings(env={"KB_SYNC_EVERY": "15m"}, secrets_path=Path("/nonexistent")).sync_every == 900
+    assert load_settings(env={}, secrets_path=Path("/nonexistent")).sync_every == 0
+    for bad in ("15", "15x", "m", "-5m", "fast", "1d"):
+        with pytest.raises(SettingsError, match="KB_SYNC_EVERY=.*s, m or h"):
+            load_settings(env={"KB_SYNC_EVERY": bad}, secrets_path=Path("/nonexistent"))
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def test_eta_is_the_current_stage_at_its_rate_so_far():
+    from kb.jobs import Job
+
+    job = Job("j", "sync", "Sync", state="running", stage="embed", stage_total=100, stage_done=50, stage_base=10,
+              stage_started=100.0, started=90.0)
+    assert job.eta(now=104.0) == 5.0  # 40 timed in 4 s (the first report's 10 were not), 50 left
+    assert job.elapsed(now=104.0) == 14.0
+    assert Job("j", "sync", "Sync", state="running", stage_total=None).eta() is None
+    assert Job("j", "sync", "Sync", state="done", stage_total=10, stage_done=5, stage_started=1.0).eta() is None
+
+
+def test_sync_job_reports_like_the_cli_and_is_kept_across_restarts(tiny_kb, corpus, queue_of):
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    queue = queue_of(tiny_kb)
+    job = queue.submit_sync(["lagent"])
+    assert job["state"] in ("queued", "running") and job["kind"] == "sync" and job["args"] == {"names": ["lagent"]}
+    done = queue.wait(job["id"], 300)
+    assert done["state"] == DONE, done
+    rep = done["report"]["sources"][0]
+    assert all(k in rep for k in CLI_FIELDS) and not rep["error"] and "error" not in done["report"]
+    assert rep["chunks_embedded"] > 0 and rep["files_added"] > 0
+    # the progress that fed the record agrees with the report
+    assert done["chunks_embedded"] == rep["chunks_embedded"] and done["passages_embedded"] == rep["passages_embedded"]
+    assert done["files_total"] == done["files_done"] > 0 and done["elapsed"] > 0 and done["eta"] is None
+    assert tiny_kb.manifest.source("lagent").indexed_commit == rep["commit_after"]
+
+    path = tiny_kb.settings.home / "jobs" / f"{job['id']}.json"
+    kept = json.loads(path.read_text())
+    assert kept["state"] == DONE and kept["report"] == done["report"]
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # written atomically
+    queue.close()
+    later = queue_of(tiny_kb)  # a restarted server
+    listed = later.jobs()
+    assert listed[0]["id"] == job["id"] and listed[0]["report"] == done["report"] and not listed[0]["local"]
+    assert later.get(job["id"])["state"] == DONE
+
+
+def blocker(started: threading.Event, release: threading.Event):
+    """Work that waits (cancellably) until released."""
+
+    def work(kb, ctl):
+        started.set()
+        while not release.is_set():
+            ctl.checkpoint()
+            time.sleep(0.02)
+        return {"blocked": True}
+
+    return work
+
+
+def test_a_second_job_queues_with_its_place_and_cancelling_works(tiny_kb, corpus, queue_of):
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    queue = queue_of(tiny_kb)
+    started, release = threading.Event(), threading.Event()
+    first = queue.submit("test", {}, blocker(started, release), label="Blocker")
+    assert started.wait(30)
+    second = queue.submit_sync(["lagent"])
+    third = queue.submit_sync()
+    active = queue.active()
+    assert [(j["id"], j["state"], j["ahead"]) for j in active] == [
+        (first["id"], "running", None), (second["id"], "queued", 1), (third["id"], "queued", 2)]
+    # a queued job is cancelled at once and never runs; the one behind it moves up
+    assert queue.cancel(second["id"])
+    assert queue.get(second["id"])["state"] == CANCELLED and queue.get(third["id"])["ahead"] == 1
+    # a running one stops at its next safe point
+    assert queue.cancel(first["id"])
+    assert queue.wait(first["id"], 30)["state"] == CANCELLED
+    done = queue.wait(third["id"], 300)
+    assert done["state"] == DONE and [r["name"] for r in done["report"]["sources"]] == ["lagent"]
+    assert not queue.cancel(third["id"]) and not queue.cancel("no-such-job")
+    assert json.loads((tiny_kb.settings.home / "jobs" / f"{second['id']}.json").read_text())["state"] == CANCELLED
+    assert queue.wait_idle(5)
+
+
+def test_cancel_mid_sync_leaves_a_healthy_index_and_a_resync_completes(tmp_path, tiny_st_dir, tiny_embeddings, corpus,
+                                                                       queue_of):
+    clean = make_kb(tmp_path / "clean", tiny_st_dir, tiny_embeddings)
+    held = HeldEmbeddings(tiny_embeddings, hold_at=1)  # the first batch of lagent's chunks
+    kb = make_kb(tmp_path / "home", tiny_st_dir, held)
+    for k in (clean, kb):
+        for name in ("lagent", "InternLM"):
+            k.add_source(name, str(corpus / f"{name}.bundle"))
+    clean.sync()
+    queue = queue_of(kb)
+    job = queue.submit_sync(["lagent", "InternLM"])
+    assert held.entered.wait(120)
+    assert queue.cancel(job["id"])
+    assert "cancelling" in queue.get(job["id"])["message"]
+    held.release.set()
+    out = queue.wait(job["id"], 300)
+    assert out["state"] == CANCELLED and out["report"] == {"sources": []}, out
+    assert out["chunks_embedded"] > 0  # it was stopped after a batch, before any write
+    assert kb.verify()["healthy"]
+    assert kb.manifest.source("lagent").indexed_commit is None and kb.stats()["chunks"] == 0
+    again = kb.sync()
+    assert all(not r.error and r.files_added > 0 for r in again)
+    assert kb.verify()["healthy"] and ids(kb) == ids(clean)
+
+
+def test_a_cancel_while_writing_waits_for_the_source_to_be_recorded(tmp_path, tiny_st_dir, tiny_embeddings, corpus,
+                                                                     queue_of):
+    held = HeldEmbeddings(tiny_embeddings, hold_at=2)  # lagent's passages: its chunks are stored by then
+    kb = make_kb(tmp_path / "home", tiny_st_dir, held)
+    for name in ("lagent", "InternLM"):
+        kb.add_source(name, str(corpus / f"{name}.bundle"))
+    queue = queue_of(kb)
+    job = queue.submit_sync(["lagent", "InternLM"])
+    assert held.entered.wait(120)
+    live = kb.manifest.live_collection
+    assert kb.index.get(live).count() > 0, "the hold is after the chunk writes"
+    queue.cancel(job["id"])
+    held.release.set()
+    out = queue.wait(job["id"], 300)
+    assert out["state"] == CANCELLED
+    assert [r["name"] for r in out["report"]["sources"]] == ["lagent"]  # finished, then stopped before InternLM
+    assert kb.manifest.source("lagent").indexed_commit and not kb.manifest.source("InternLM").indexed_commit
+    assert kb.verify()["healthy"]
+    assert all(not r.error for r in kb.sync())
+    assert kb.verify()["healthy"]
+
+
+def test_cancelled_rechunk_keeps_the_live_collection_and_drops_the_half_built_one(tmp_path, tiny_st_dir,
+                                                                                  tiny_embeddings, corpus, queue_of):
+    held = HeldEmbeddings(tiny_embeddings, hold_at=None)
+    kb = make_kb(tmp_path / "home", tiny_st_dir, held)
+    kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    kb.sync()
+    live, before = kb.manifest.live_collection, ids(kb)
+    held.hold_at, held.calls = 2, 0  # after the new collection's chunks are stored
+    queue = queue_of(kb)
+    job = queue.submit_rechunk(kb.rechunk_config(size=200, overlap=20))
+    assert held.entered.wait(120)
+    assert len(kb.index.names()) > 1
+    queue.cancel(job["id"])
+    held.release.set()
+    out = queue.wait(job["id"], 300)
+    assert out["state"] == CANCELLED and out["report"]["dropped"]
+    assert kb.manifest.live_collection == live and kb.index.names() == [live] and ids(kb) == before
+    assert kb.verify()["healthy"] and not [p for p in kb.health() if p["kind"] == "not_live"]
+
+
+def test_upload_job_and_a_failing_one(tiny_kb, queue_of):
+    queue = queue_of(tiny_kb)
+    ok = queue.wait(queue.submit_upload({"notes.md": b"# Notes\n\nJobs run in the background.\n"}, "notes")["id"], 300)
+    assert ok["state"] == DONE and ok["report"]["sources"][0]["chunks_embedded"] > 0
+    assert ok["args"] == {"source": "notes", "files": ["notes.md"], "bytes": len(b"# Notes\n\nJobs run in the background.\n")}
+    bad = queue.wait(queue.submit_upload({"../evil.md": b"x"}, "notes")["id"], 60)
+    assert bad["state"] == FAILED and "refused" in bad["error"]
+    assert tiny_kb.verify()["healthy"]
+
+
+def test_evaluation_job_reports_each_question(tiny_kb, corpus, queue_of):
+    from kb.evaluate import load_questions
+    from kb.search.engine import SearchEngine
+    from kb.search.hits import SearchOptions
+
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    tiny_kb.sync()
+    questions = [q for q in load_questions(corpus / "dev_questions.jsonl") if q["repo"] == "lagent"]
+    seen: list[tuple] = []
+    queue = queue_of(tiny_kb, forward=lambda *a: seen.append(a))
+    job = queue.submit_evaluation(SearchEngine(tiny_kb), questions, [SearchOptions(k=3, mode="bm25")],
+                                  "dev_questions.jsonl")
+    out = queue.wait(job["id"], 300)
+    assert out["state"] == DONE and out["stage"] == ""
+    run = out["report"]["runs"][0]
+    assert run["n"] == len(questions) and run["mode"] == "bm25" and out["args"]["modes"] == ["bm25"]
+    assert [c for c in seen if c[0] == "evaluate"][-1][1:3] == (len(questions), len(questions))  # one per question
+    assert (tiny_kb.settings.home / "evals").is_dir()
+
+
+def test_a_job_whose_process_died_is_recorded_as_interrupted(tiny_kb, queue_of):
+    folder = tiny_kb.settings.home / "jobs"
+    folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    rec = {"id": "20000101-000000000-abcdef", "kind": "sync", "label": "Sync all sources", "state": "running",
+           "pid": int(dead.stdout), "host": socket.gethostname(), "created": 1.0, "started": 2.0}
+    (folder / f"{rec['id']}.json").write_text(json.dumps(rec))
+    queue = queue_of(tiny_kb)
+    got = queue.get(rec["id"])
+    assert got["state"] == FAILED and "interrupted" in got["error"] and not queue.active()
+    assert json.loads((folder / f"{rec['id']}.json").read_text())["state"] == FAILED
+
+
+# ---------------------------------------------------------------------------- scheduled sync
+
+
+@pytest.fixture
+def history_remote(tmp_path, corpus):
+    """A bare repo made from xtuner-history.bundle, with main moved back to commit 1."""
+    remote = tmp_path / "xtuner-remote.git"
+    git("clone", "-q", "--bare", str(corpus / "xtuner-history.bundle"), str(remote))
+    new = git("rev-parse", "main", cwd=remote)
+    old = git("rev-parse", "main~1", cwd=remote)
+    git("update-ref", "refs/heads/main", old, cwd=remote)
+    return remote, old, new
+
+
+@pytest.fixture
+def small_remote(tmp_path, corpus):
+    """A bare repo made from lagent.bundle, holding one more commit (a new page and an edited one) that main is
+    moved to by the test: like ``history_remote``, at a fraction of the cost."""
+    remote = tmp_path / "lagent-remote.git"
+    git("clone", "-q", "--bare", str(corpus / "lagent.bundle"), str(remote))
+    work = tmp_path / "lagent-work"
+    git("clone", "-q", str(remote), str(work))
+    git("config", "user.email", "t@t", cwd=work)
+    git("config", "user.name", "t", cwd=work)
+    (work / "docs").mkdir(exist_ok=True)
+    (work / "docs" / "scheduled.md").write_text("# Scheduled sync\n\nThe watcher fetched this page on its own.\n")
+    readme = work / "README.md"
+    readme.write_text(readme.read_text() + "\n\nOne more line from upstream.\n")
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "upstream moves on", cwd=work)
+    old = git("rev-parse", "main", cwd=remote)
+    new = git("rev-parse", "HEAD", cwd=work)
+    git("push", "-q", str(remote), "HEAD:refs/heads/next", cwd=work)  # the objects are there; main is not moved yet
+    return remote, old, new
+
+
+def scheduled(queue: JobQueue) -> list[dict]:
+    return [j for j in queue.jobs(recent=100) if j["kind"] == "scheduled" and j["state"] == DONE]
+
+
+def test_the_dashboard_schedule_syncs_a_new_commit_while_it_runs(tiny_kb, history_remote, queue_of):
+    remote, old, new = history_remote
+    tiny_kb.add_source("xtuner", str(remote))
+    tiny_kb.upload({"notes.md": b"# Notes\n"}, "notes")  # a files-only source: never fetched
+    queue = queue_of(tiny_kb, every=1.0)
+    first = wait_for(lambda: [j for j in scheduled(queue) if j["report"]["sources"]])[0]
+    rep = first["report"]["sources"][0]
+    assert first["origin"] == "schedule" and rep["name"] == "xtuner" and rep["commit_after"] == old
+    assert [r["name"] for r in first["report"]["sources"]] == ["xtuner"]
+    wait_for(lambda: [j for j in scheduled(queue) if j["report"]["unchanged"] == ["xtuner"]])  # nothing to do
+    git("update-ref", "refs/heads/main", new, cwd=remote)  # the remote moves on while the schedule runs
+    moved = wait_for(lambda: [j for j in scheduled(queue)
+                              if j["report"]["sources"] and j["report"]["sources"][0]["commit_after"] == new])[0]
+    rep = moved["report"]["sources"][0]
+    assert (rep["commit_before"], rep["files_added"], rep["files_modified"], rep["files_deleted"]) == (old, 17, 12, 0)
+    assert tiny_kb.manifest.source("xtuner").indexed_commit == new and tiny_kb.verify()["healthy"]
+    assert (tiny_kb.settings.home / "jobs" / f"{moved['id']}.json").is_file()
+    assert tiny_kb.sync_failures() == []
+
+
+def test_an_unreachable_remote_is_recorded_retried_with_backoff_and_never_touches_the_index(tiny_kb, small_remote,
+                                                                                             queue_of):
+    remote, old, new = small_remote
+    tiny_kb.add_source("lagent", str(remote))
+    every = 60.0
+    queue = queue_of(tiny_kb, every=every, start=False)
+    assert queue.run_scheduled_now()["report"]["sources"][0]["commit_after"] == old
+    before = ids(tiny_kb)
+    git("update-ref", "refs/heads/main", new, cwd=remote)
+    moved = remote.with_name("moved.git")
+    remote.rename(moved)  # the remote is gone
+
+    out = queue.run_scheduled_now()
+    assert out["state"] == DONE and "fetch failed" in out["report"]["sources"][0]["error"] and out["report"]["error"]
+    assert ids(tiny_kb) == before and tiny_kb.manifest.source("lagent").indexed_commit == old
+    fail = tiny_kb.sync_failures()
+    assert [f["source"] for f in fail] == ["lagent"] and fail[0]["failures"] == 1 and fail[0]["last_error"]
+    assert fail[0]["next_try"] - fail[0]["last_failure"] == every
+    # until then, a pass leaves it alone (backing off), without touching it
+    out = queue.run_scheduled_now()
+    assert out["report"]["sources"] == [] and [b["name"] for b in out["report"]["backing_off"]] == ["lagent"]
+
+    # its next try fails again: the wait doubles
+    state = WatchState(tiny_kb.settings.home / "jobs" / "watch.json")
+    state._change(lambda d: d["sources"]["lagent"].update(next_try=0))
+    queue.run_scheduled_now()
+    fail = sync_failures(tiny_kb.settings.home)
+    assert fail[0]["failures"] == 2 and fail[0]["next_try"] - fail[0]["last_failure"] == 2 * every
+    assert ids(tiny_kb) == before
+
+    # the remote is back: the next try syncs the new commit and the failure is cleared
+    moved.rename(remote)
+    state._change(lambda d: d["sources"]["lagent"].update(next_try=0))
+    out = queue.run_scheduled_now()
+    assert out["report"]["sources"][0]["commit_after"] == new and not out["report"].get("error")
+    assert tiny_kb.sync_failures() == [] and tiny_kb.verify()["healthy"]
+
+
+def test_kb_watch_cli_syncs_a_new_commit_and_stops_on_sigterm(tmp_path, tiny_st_dir, small_remote):
+    remote, old, new = small_remote
+    env = {**os.environ, "KB_HOME": str(tmp_path / "home"), "KB_EMBED_MODEL": str(tiny_st_dir),
+           "KB_EMBED_BACKEND": "torch", "PYTHONUNBUFFERED": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kb", *a], cwd=ROOT, env=env, capture_output=True,  # noqa: E731
+                                    text=True, timeout=600)
+    assert run("add", "lagent", str(remote), "-q").returncode == 0
+    bad = run("watch", "--every", "15", "--json")
+    assert bad.returncode == 1 and "not an interval" in bad.stderr and "Traceback" not in bad.stderr
+    once = run("watch", "--once", "--json")
+    assert once.returncode == 0, once.stderr
+    out = json.loads(once.stdout)
+    assert out["state"] == "done" and out["sources"][0]["commit_after"] == old and CLI_FIELDS[0] in out["sources"][0]
+
+    proc = subprocess.Popen([sys.executable, "-m", "kb", "watch", "--every", "1s", "--json"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[dict] = []
+    reader = threading.Thread(target=lambda: [lines.append(json.loads(line)) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(x.get("unchanged") == ["lagent"] for x in lines), timeout=120)
+        git("update-ref", "refs/heads/main", new, cwd=remote)
+        got = wait_for(lambda: [x for x in lines if x.get("sources") and x["sources"][0]["commit_after"] == new],
+                       timeout=300)[0]
+        assert (got["sources"][0]["files_added"], got["sources"][0]["files_modified"]) == (1, 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert lines[-1]["stopped"] == "signal" and lines[-1]["runs"] >= 2
+    jobs = [json.loads(p.read_text()) for p in (tmp_path / "home" / "jobs").glob("2*.json")]
+    assert jobs and all(j["state"] in ("done", "cancelled") and j["origin"] == "cli" for j in jobs)
+
+
+def test_watch_function_runs_passes_and_stops(tiny_kb, corpus):
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    seen: list[dict] = []
+    assert watch(tiny_kb, 0.05, runs=2, on_run=seen.append) == 2
+    assert seen[0]["report"]["sources"][0]["name"] == "lagent" and seen[1]["report"]["unchanged"] == ["lagent"]
+    tiny_kb.upload({"a.md": b"# A\n"}, "files")
+    with pytest.raises(KBError, match="not a git repository"):
+        tiny_kb.fetch_source("files")
+
+
+def test_the_schedule_can_be_turned_on_retuned_and_off(tiny_kb, queue_of):
+    queue = queue_of(tiny_kb)
+    time.sleep(0.3)
+    assert not scheduled(queue)  # KB_SYNC_EVERY unset: no schedule
+    queue.set_every(0.1)
+    wait_for(lambda: WatchState(tiny_kb.settings.home / "jobs" / "watch.json").load().get("last_run"), timeout=30)
+    idle = scheduled(queue)
+    assert len(idle) == 1 and idle[0]["report"] == {"sources": [], "unchanged": [], "backing_off": []}
+    queue.set_every(0)
+    assert queue.wait_idle(30)
+    time.sleep(0.2)
+    last = WatchState(tiny_kb.settings.home / "jobs" / "watch.json").load()["last_run"]
+    time.sleep(0.5)
+    assert WatchState(tiny_kb.settings.home / "jobs" / "watch.json").load()["last_run"] == last  # off
+    # passes with nothing to do replace each other: one record on disk, not one per pass
+    assert len([p for p in (tiny_kb.settings.home / "jobs").glob("2*.json")]) == 1
