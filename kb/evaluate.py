@@ -7,7 +7,12 @@ question may list several acceptable locations (``"gold": [{"path",
 README_zh-CN.md and docs/); a hit at any of them counts. Questions marked
 ``"answerable": false`` have no gold and are left to the answer evaluation.
 Runs are saved in ``KB_HOME/evals`` with the config they measured, so they can
-be compared over time.
+be compared over time (answer runs, ``kb/answer/evaluate.py``, in
+``KB_HOME/evals/answers``). A knowledge base holding only some of the repos a
+question set covers can score just the questions on its indexed sources
+(``indexed=``): the rest are listed as not indexed instead of counted as misses.
+Questions saved from rated chat answers (``kb/feedback.py``) live in
+``KB_HOME/questions/feedback.jsonl`` and are offered beside the shipped sets.
 """
 
 from __future__ import annotations
@@ -29,14 +34,27 @@ QUESTIONS = Path(__file__).resolve().parent / "questions"
 HOLDOUT = QUESTIONS / "holdout_questions.jsonl"
 
 
-def shipped_sets(corpus: Path) -> dict[str, Path]:
+FEEDBACK_LABEL = "Feedback"
+
+
+def feedback_questions(home: Path) -> Path:
+    """Where questions saved from rated answers are appended (``kb/feedback.py``)."""
+    return Path(home) / "questions" / "feedback.jsonl"
+
+
+def shipped_sets(corpus: Path, home: Path | None = None) -> dict[str, Path]:
     """The question files a user can run without uploading one, by label.
 
     The overview sets ask what users ask first (what X is, install,
-    requirements, capabilities); the held-out ones were never tuned on.
+    requirements, capabilities); the held-out ones were never tuned on. With
+    ``home``, the questions saved from rated answers (``KB_HOME/questions/
+    feedback.jsonl``) are offered too, once there are any.
     """
-    return {"Shared dev set": corpus / "dev_questions.jsonl", "Held-out set": HOLDOUT,
+    sets = {"Shared dev set": corpus / "dev_questions.jsonl", "Held-out set": HOLDOUT,
             "Overview (dev)": QUESTIONS / "overview_dev.jsonl", "Overview (held-out)": QUESTIONS / "overview_holdout.jsonl"}
+    if home is not None and feedback_questions(home).is_file() and feedback_questions(home).stat().st_size:
+        sets[FEEDBACK_LABEL] = feedback_questions(home)
+    return sets
 
 
 def load_questions(path: Path | str, text: str | None = None) -> list[dict]:
@@ -108,9 +126,34 @@ def gold_passage(kb, q: dict) -> str:
     return "\n".join(lines[int(q["line_start"]) - 1 : int(q["line_end"])])
 
 
-def evaluate(engine: SearchEngine, questions: list[dict], options: SearchOptions) -> dict:
+def gold_label(q: dict) -> str:
+    return f"{q['repo']}/{q['path']}:{q['line_start']}-{q['line_end']}"
+
+
+def split_indexed(questions: list[dict], indexed: set[str] | None) -> tuple[list[dict], list[dict]]:
+    """The questions on an indexed source, and one row (id, question, repo, gold) for each of the others.
+
+    ``indexed`` None: every question is kept (it is scored even if its repo is
+    missing, and then can only miss). Raises when no question is left.
+    """
+    if indexed is None:
+        return list(questions), []
+    kept = [q for q in questions if q["repo"] in indexed]
+    left = [{"id": q["id"], "question": q["question"], "repo": q["repo"],
+             "gold": gold_label(q) if answerable(q) else ""} for q in questions if q["repo"] not in indexed]
+    if questions and not kept:
+        repos = ", ".join(sorted({q["repo"] for q in questions}))
+        raise KBError(f"none of the {len(questions)} questions is on an indexed source (they ask about {repos}): "
+                      "add and sync one of those sources, or score every question")
+    return kept, left
+
+
+def evaluate(engine: SearchEngine, questions: list[dict], options: SearchOptions,
+             indexed: set[str] | None = None) -> dict:
+    """Score retrieval; with ``indexed``, only the questions on those sources (the rest listed as ``not_indexed``)."""
     rows = []
     t0 = time.perf_counter()
+    questions, not_indexed = split_indexed(questions, indexed)
     questions = [q for q in questions if answerable(q)]
     if not questions:
         raise KBError("no answerable question to score retrieval on")
@@ -120,7 +163,7 @@ def evaluate(engine: SearchEngine, questions: list[dict], options: SearchOptions
         top = hits[0] if hits else None
         rows.append({
             "id": q["id"], "question": q["question"], "lang": q.get("lang", ""), "category": category(q), "rank": rank,
-            "gold": f"{q['repo']}/{q['path']}:{q['line_start']}-{q['line_end']}", "gold_text": gold_passage(engine.kb, q),
+            "gold": gold_label(q), "gold_text": gold_passage(engine.kb, q),
             "top_hit": top.citation if top else "", "top_text": top.text if top else "",
         })
     by_category = {
@@ -135,17 +178,34 @@ def evaluate(engine: SearchEngine, questions: list[dict], options: SearchOptions
         "mode": options.mode,
         "misses": [r["id"] for r in rows if not r["rank"]],
         "results": rows,
+        **({"not_indexed": not_indexed} if indexed is not None else {}),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
-def save_run(home: Path, report: dict, config: dict) -> Path:
-    """Keep a run with what it measured (chunking, model, mode, k)."""
-    folder = home / "evals"
+KINDS = ("retrieval", "answers")
+
+
+def _runs_folder(home: Path, kind: str) -> Path:
+    if kind not in KINDS:
+        raise KBError(f"unknown kind of evaluation run {kind!r}: use one of {', '.join(KINDS)}")
+    folder = Path(home) / "evals"
+    return folder / "answers" if kind == "answers" else folder
+
+
+def save_run(home: Path, report: dict, config: dict, kind: str = "retrieval") -> Path:
+    """Keep a run with what it measured (chunking, model, mode, k); answer runs in ``evals/answers``."""
+    folder = _runs_folder(home, kind)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = folder / f"{stamp}-{report['mode']}-k{report['k']}.json"
-    path.write_text(json.dumps({"time": time.time(), "config": config, **report}, ensure_ascii=False, indent=1))
+    name = f"{stamp}-{report['mode']}-k{report['k']}"
+    path = folder / f"{name}.json"
+    n = 1
+    while path.exists():  # two runs in one second: keep both
+        n += 1
+        path = folder / f"{name}-{n}.json"
+    path.write_text(json.dumps({"time": time.time(), "kind": kind, "config": config, **report}, ensure_ascii=False,
+                               indent=1))
     return path
 
 
@@ -154,12 +214,29 @@ def question_set(run: dict) -> str:
     return Path(str((run.get("config") or {}).get("questions") or "unknown")).name
 
 
-def past_runs(home: Path) -> list[dict]:
-    folder = home / "evals"
+def past_runs(home: Path, kind: str = "retrieval") -> list[dict]:
+    """Saved runs of one kind (``retrieval`` or ``answers``), oldest first; unreadable files are skipped."""
+    folder = _runs_folder(home, kind)
     runs = []
     for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            runs.append(json.loads(p.read_text()))
+            run = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-    return runs
+        if isinstance(run, dict):
+            runs.append(run)
+    return sorted(runs, key=run_time)
+
+
+def run_time(run: dict) -> float:
+    """When a saved run ran (Unix time; 0 when its file doesn't say)."""
+    try:
+        return float(run.get("time") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def run_label(run: dict) -> str:
+    """A saved run as a chart reads it: when it ran (to the second), then its mode and k."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run_time(run)))
+    return f"{stamp} · {run.get('mode', '?')} k{run.get('k', '?')}"

@@ -1,4 +1,11 @@
-"""Documents (admin): browse each source's files, view one with its chunks, preview and apply a re-chunk."""
+"""Documents (admin): browse each source's files, view one with its chunks, preview and apply a re-chunk.
+
+Deep links: ``documents?source=S&path=P&lines=A-B`` (``kb.citations.viewer_link``,
+how the chat links each citation) opens that file with lines A..B highlighted
+and scrolled into view. The URL follows the file on show, so a reload opens it
+again; a link to an unknown source or file, or with malformed lines, says so
+and leaves the page working.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,82 @@ import streamlit as st
 from kb.ingest.chunking import SPLITTERS, UNITS
 from kb.ingest.preview import annotated_lines, length_histogram, over_window, preview_chunks
 from kb.markdown import escape_markdown
-from kb.citations import file_url as web_file_url
+from kb.citations import file_url as web_file_url, parse_lines
 from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
 
 MAX_VIEW_LINES = 1500
+LINK = "_docs_link"  # (source, path, lines) of the URL last applied or written: a new one is a link to open
+HIGHLIGHT = "_docs_highlight"  # {"key": "source/path", "lines": (a, b)}: the lines to highlight in that file
+SCROLL = "_docs_scroll"  # scroll the highlighted lines into view on this run (once per opened link)
+HIGHLIGHT_KEY = "docs_highlight"  # the highlighted lines' container; Streamlit gives it the class st-key-<key>
+# Fixed markup, never built from document text or the URL: a style for the highlighted block and a script that
+# scrolls it into view (st.html runs no script unless asked; this one only looks the block up and scrolls).
+HIGHLIGHT_CSS = (
+    f"<style>.st-key-{HIGHLIGHT_KEY} {{ border-color: #f0a020 !important; background: rgba(255, 189, 69, 0.12); }}"
+    f" .st-key-{HIGHLIGHT_KEY} pre {{ background: rgba(255, 189, 69, 0.28) !important; }}</style>"
+)
+SCROLL_JS = (
+    "<script>setTimeout(function () {"
+    f" var el = document.querySelector('.st-key-{HIGHLIGHT_KEY}');"
+    " if (el) { el.scrollIntoView({block: el.offsetHeight < 0.7 * window.innerHeight ? 'center' : 'start'}); }"
+    " }, 400);</script>"
+)
+
+
+def open_link(kb, names: list[str]) -> None:
+    """Select the file a new URL names and remember its lines; warn (and open nothing) when it names none."""
+    qp = st.query_params
+    link = (qp.get("source", ""), qp.get("path", ""), qp.get("lines", ""))
+    if not any(link) or link == st.session_state.get(LINK):
+        return
+    st.session_state[LINK] = link
+    source, path, lines = link
+    shown = f"`{escape_markdown(source)}/{escape_markdown(path)}`"
+    if not source or not path:
+        st.warning("This link does not name a document: it needs a source and a path "
+                   "(`documents?source=S&path=P&lines=A-B`).", icon=":material/link_off:")
+        return
+    if source not in names:
+        st.warning(f"The link names the source `{escape_markdown(source)}`, which this knowledge base does not have "
+                   f"(sources: {escape_markdown(', '.join(names))}). Pick a document below.",
+                   icon=":material/link_off:")
+        return
+    doc = next((d for d in kb.documents(source) if d.path == path), None)
+    if doc is None:
+        st.warning(f"The link names {shown}, which is not a document of {escape_markdown(source)} here: it may have "
+                   "been renamed or deleted since. Pick a document below.", icon=":material/link_off:")
+        return
+    if doc.status != "indexed":
+        st.warning(f"The link names {shown}, which is not indexed ({escape_markdown(doc.reason or doc.status)}).",
+                   icon=":material/link_off:")
+        return
+    span = parse_lines(lines) if lines else None
+    if lines and span is None:
+        st.warning(f"The link's lines `{escape_markdown(lines)}` are not a line range like `3-9`: {shown} opens "
+                   "without highlighted lines.", icon=":material/link_off:")
+    st.session_state["docs_source"] = source
+    if st.session_state.get("docs_status") == "skipped":
+        st.session_state["docs_status"] = "all"
+    if st.session_state.get("docs_filter", "").strip().lower() not in path.lower():
+        st.session_state["docs_filter"] = ""
+    st.session_state["docs_open"] = f"{source}/{path}"
+    st.session_state[HIGHLIGHT] = {"key": f"{source}/{path}", "lines": span} if span else None
+    st.session_state[SCROLL] = bool(span)
+
+
+def follow_in_url(source: str, path: str, span: tuple[int, int] | None) -> None:
+    """Keep the URL in step with the file on show (and its highlighted lines), so a reload opens it again."""
+    want = {"source": source, "path": path, **({"lines": f"{span[0]}-{span[1]}"} if span else {})}
+    if st.query_params.to_dict() != want:
+        st.query_params.from_dict(want)
+    st.session_state[LINK] = (source, path, want.get("lines", ""))
+
+
+def shared_histogram(series: dict[str, list[int]], window: int | None) -> list[dict]:
+    """Chunk counts of each config on one set of bins, wide enough for the longest chunk of any of them."""
+    bins = length_histogram([t for tokens in series.values() for t in tokens], window)
+    return [dict(h, config=name, count=sum(1 for t in tokens if h["start"] <= t < h["end"]))
+            for name, tokens in series.items() for h in bins]
 
 st.title(":material/description: Documents")
 s = require_admin()
@@ -31,6 +110,7 @@ window_text = f"{window}-token window (text past it is never embedded)" if windo
 
 # ---------------------------------------------------------------------------- browse
 
+open_link(kb, [r.name for r in rows])
 c1, c2, c3 = st.columns([1, 1, 2])
 source = c1.selectbox("Source", ["All sources", *[r.name for r in rows]], key="docs_source")
 status = c2.selectbox("Status", ["all", "indexed", "skipped"], key="docs_status")
@@ -70,6 +150,19 @@ src = kb.source(choice.source)
 lines = doc.text.split("\n")
 spans = [(c["line_start"], c["line_end"]) for c in chunks]
 
+highlight = st.session_state.get(HIGHLIGHT)
+span = highlight["lines"] if highlight and highlight["key"] == picked else None
+if highlight and span is None:
+    st.session_state[HIGHLIGHT] = None  # another file was picked: its highlight goes
+if span and span[0] > len(lines):
+    st.warning(f"The link's lines {span[0]}–{span[1]} are past the end of this file ({len(lines)} lines): it may "
+               "have changed since the link was made.", icon=":material/link_off:")
+    span = st.session_state[HIGHLIGHT] = None
+elif span and span[1] > len(lines):
+    span = (span[0], len(lines))
+    st.session_state[HIGHLIGHT] = {"key": picked, "lines": span}
+follow_in_url(choice.source, choice.path, span)
+
 st.subheader(f"{choice.source}/{choice.path}", anchor=False)
 m = st.columns(4)
 m[0].metric("Lines", len(lines), border=True)
@@ -91,33 +184,62 @@ view_tab, chunks_tab, rendered_tab, rechunk_tab = st.tabs(
 with view_tab:
     first, last = 1, len(lines)
     if len(lines) > MAX_VIEW_LINES:
-        first = st.number_input("From line", 1, len(lines), 1, step=100, key="docs_first")
+        if span and st.session_state.get(SCROLL):
+            st.session_state["docs_first"] = max(1, span[0] - 20)  # open the window at the linked lines
+        first = int(st.number_input("From line", 1, len(lines), step=100, key="docs_first"))
         last = min(len(lines), first + MAX_VIEW_LINES - 1)
         st.caption(f"Showing lines {first}–{last} of {len(lines)}.")
-    st.caption("Gutter: line number │ chunk(s) covering the line (two numbers where chunks overlap; · none).")
-    st.code(annotated_lines(doc.text, spans, first, last), language=None,
-            height=560 if last - first > 24 else "content")
+    st.caption("Gutter: line number in the file (as git counts them) │ chunk(s) covering the line (two numbers where "
+               "chunks overlap; · none). Long lines wrap.")
+    gutter = annotated_lines(doc.text, spans, first, last).split("\n")
+    if span and first <= span[0] <= last:
+        a, b = span[0], min(span[1], last)
+        before, marked, after = gutter[: a - first], gutter[a - first : b - first + 1], gutter[b - first + 1 :]
+        if before:
+            st.code("\n".join(before), language=None, wrap_lines=True)
+        with st.container(border=True, key=HIGHLIGHT_KEY):
+            c1, c2 = st.columns([5, 1], vertical_alignment="center")
+            c1.markdown(f":orange-background[**Lines {a}–{b}**] · the lines the link points at")
+            if c2.button("Clear", key="docs_highlight_clear", help="show the file without the highlight"):
+                st.session_state[HIGHLIGHT] = None
+                st.rerun()
+            st.code("\n".join(marked), language=None, wrap_lines=True)
+        if after:
+            st.code("\n".join(after), language=None, wrap_lines=True)
+        st.html(HIGHLIGHT_CSS)
+        if st.session_state.pop(SCROLL, False):
+            st.html(SCROLL_JS, unsafe_allow_javascript=True)
+    else:
+        if span:
+            st.caption(f"Lines {span[0]}–{span[1]} are outside the lines shown: start the view at line {span[0]}.")
+        st.code("\n".join(gutter), language=None, wrap_lines=True)
     if chunks:
         chart_rows = [
-            {"chunk": i, "start": c["line_start"], "end": c["line_end"] + 1, "tokens": int(c.get("n_tokens") or 0),
+            {"chunk": f"#{i} · {c['line_start']}–{c['line_end']}", "n": i, "start": c["line_start"],
+             "end": c["line_end"] + 1, "tokens": int(c.get("n_tokens") or 0),
              "over window": over_window(int(c.get("n_tokens") or 0), window), "heading": c.get("heading", "")}
             for i, c in enumerate(chunks, 1)
         ]
-        chart = (
-            alt.Chart(pd.DataFrame(chart_rows), title="Chunks by line range")
-            .mark_bar(height=8)
+        x = alt.X("start:Q", title="line", scale=alt.Scale(domain=[1, len(lines) + 1], nice=False),
+                  axis=alt.Axis(format="d", tickMinStep=1, orient="top"))
+        bars = (
+            alt.Chart(pd.DataFrame(chart_rows))
+            .mark_bar(cornerRadius=2)
             .encode(
-                x=alt.X("start:Q", title="line", scale=alt.Scale(domain=[1, len(lines) + 1]),
-                        axis=alt.Axis(format="d", tickMinStep=1)),
-                x2="end:Q",
-                y=alt.Y("chunk:O", title="chunk", axis=alt.Axis(labelOverlap=True)),
+                x=x, x2="end:Q",
+                y=alt.Y("chunk:N", title=None, sort=alt.SortField("n"), axis=alt.Axis(labelLimit=220)),
                 color=alt.Color("over window:N", scale=alt.Scale(domain=[False, True], range=["#4c78a8", "#e45756"]),
-                                legend=alt.Legend(orient="top", title=f"over the {window_text}")),
+                                legend=alt.Legend(orient="top", title=f"over the {window_text}") if window else None),
                 tooltip=["chunk", "start", "end", "tokens", "heading"],
             )
-            .properties(height=max(140, min(420, 14 * len(chart_rows) + 60)))
         )
-        st.altair_chart(chart, width="stretch")
+        if span:  # the linked lines, as a band across every chunk's row
+            band = (alt.Chart(pd.DataFrame([{"start": span[0], "end": span[1] + 1}]))
+                    .mark_rect(color="#ffbd45", opacity=0.35).encode(x=x, x2="end:Q"))
+            bars = band + bars
+        chart = bars.properties(title="Chunks by line range, one row per chunk", height=alt.Step(20))
+        with st.container(height=520 if len(chart_rows) > 22 else "content", border=False):
+            st.altair_chart(chart, width="stretch")
 
 with chunks_tab:
     if not chunks:
@@ -176,17 +298,17 @@ with rechunk_tab:
                 delta_color="inverse")
     m[3].metric("Median tokens", a["median_tokens"])
     m[4].metric("Max tokens", a["max_tokens"])
-    hist = [dict(h, config=f"candidate: {config.label()}") for h in length_histogram(cand.tokens, window)]
-    top = max(h["end"] for h in hist) if hist else (window or 0)
-    hist += [dict(h, config=f"live: {live_cfg.label()}") for h in length_histogram(live.tokens, window)
-             if h["start"] < top]
+    hist = shared_histogram({f"candidate: {config.label()}": cand.tokens, f"live: {live_cfg.label()}": live.tokens},
+                            window)
     if hist:
         data = pd.DataFrame(hist)
+        top = max(h["end"] for h in hist)  # both configs' longest chunk is on the axis
         bars = (
             alt.Chart(data)
-            .mark_bar(opacity=0.65, binSpacing=0)
+            .mark_bar(opacity=0.6, binSpacing=0)
             .encode(
-                x=alt.X("start:Q", title="chunk length (tokens)", bin="binned", scale=alt.Scale(domainMin=0)),
+                x=alt.X("start:Q", title="chunk length (tokens)", bin="binned",
+                        scale=alt.Scale(domain=[0, top], nice=False)),
                 x2="end:Q",
                 y=alt.Y("count:Q", title="chunks", stack=None),
                 color=alt.Color("config:N", legend=alt.Legend(orient="top", title=None, labelLimit=500)),

@@ -9,7 +9,7 @@ import streamlit as st
 from pages import _resources as resources
 from kb.words import tokenize
 from kb.markdown import escape_markdown
-from kb.search.hits import MODES, SCORE_NOTES, SearchOptions
+from kb.search.hits import IN_SOURCE, MODES, OPENING, SCORE_NOTES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, render_hit, show_error
 
 st.title(":material/manage_search: Retrieval lab")
@@ -33,9 +33,11 @@ with st.sidebar:
 
 query = st.text_input("Question", placeholder="e.g. xtuner是什么？  or  How do I fine-tune with QLoRA?", key="lab_query")
 if not query.strip():
-    st.caption("Ask something to see what each retriever returns. Scores are on each retriever's own scale; "
-               "hybrid fuses dense, BM25 over chunks and BM25 over passages by reciprocal rank, with the source a "
-               "question names and its README's opening as further lists.")
+    st.caption("Ask something to see what each retriever returns. Scores are on each retriever's own scale. "
+               f"Dense: {SCORE_NOTES['dense']}. BM25: {SCORE_NOTES['bm25']}. Hybrid: {SCORE_NOTES['hybrid']}; "
+               f"when a question names a source, dense search within that source (\"{IN_SOURCE}\") and, for "
+               f"what-is questions, its README's opening (\"{OPENING}\") join the fusion as weighted lists too. "
+               "Each hit says which lists found it, at which rank.")
     st.stop()
 
 terms = tokenize(query)

@@ -1,0 +1,287 @@
+"""Admin pages through AppTest: the Documents page's deep links and charts, the Evaluation page's indexed-only
+scoring, answer runs and rated answers, and the Retrieval lab's caption.
+
+Models: the tiny sentence-transformers model for the lagent index and the empty knowledge base; the real default
+embedding model and LLM (loaded once per session) for the xtuner evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from kb.citations import viewer_link
+from kb.conversations import ConversationStore
+from kb.evaluate import FEEDBACK_LABEL, feedback_questions, load_questions, past_runs, save_run
+from page_fixtures import HOME_PY
+
+
+def ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def frame_with(at, column: str):
+    for df in at.dataframe:
+        if column in df.value.columns:
+            return df.value
+    raise AssertionError(f"no dataframe with a {column!r} column: {[list(d.value.columns) for d in at.dataframe]}")
+
+
+def open_with(page: str, params: dict[str, str], timeout: float = 90) -> AppTest:
+    """A fresh session (a reload) of ``page?params``."""
+    at = AppTest.from_file(str(HOME_PY), default_timeout=timeout)
+    at.run()
+    at.query_params.update(params)
+    at.switch_page(f"pages/{page}.py").run()
+    return ok(at)
+
+
+def gutter_numbers(code: str) -> list[int]:
+    """The file line numbers in a gutter view (``  5 │ 1 │ text``)."""
+    return [int(line.split("│")[0]) for line in code.split("\n")]
+
+
+def gutter_blocks(at) -> list[list[int]]:
+    return [gutter_numbers(c.value) for c in at.code if " │ " in c.value.split("\n")[0]]
+
+
+def specs(at) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+
+
+def params_of(link: str) -> dict[str, str]:
+    from urllib.parse import parse_qsl, urlsplit
+
+    return dict(parse_qsl(urlsplit(link).query))
+
+
+# ---------------------------------------------------------------------------- Documents: deep links, line view, charts
+
+
+def test_deep_link_opens_the_file_with_its_lines_highlighted(lagent_env, shared_kb):
+    kb = shared_kb()
+    docs = sorted((d for d in kb.documents("lagent", status="indexed")), key=lambda d: -d.chunks)
+    doc, other = docs[0], docs[1]
+    n_lines = len(kb.read_document("lagent", doc.path).text.split("\n"))
+    assert n_lines > 40
+    link = viewer_link("lagent", doc.path, 12, 17)
+    at = open_with("documents", params_of(link))
+    assert at.selectbox(key="docs_open").value == f"lagent/{doc.path}"
+    assert not at.warning or all("no admin password" in w.value for w in at.warning), texts(at.warning)
+    assert "Lines 12–17" in texts(at.markdown)
+    # the whole file, every line, split around the highlighted lines: 1-11 | 12-17 | 18-end
+    before, marked, after = gutter_blocks(at)
+    assert before == list(range(1, 12)) and marked == list(range(12, 18)) and after == list(range(18, n_lines + 1))
+    assert all(c.proto.wrap_lines for c in at.code if " │ " in c.value), "long lines wrap"
+    assert at.query_params == {"source": "lagent", "path": doc.path, "lines": "12-17"}
+    assert any(h.proto.unsafe_allow_javascript and "scrollIntoView" in h.proto.body for h in at.get("html")), \
+        "the highlighted lines are scrolled into view"
+    # chunks by line: one row per chunk, with the linked lines as a band
+    chunk_map = next(s for s in specs(at) if "one row per chunk" in json.dumps(s.get("title", "")))
+    rows = [layer for layer in chunk_map["layer"] if layer["encoding"].get("y")]
+    assert rows[0]["encoding"]["y"]["field"] == "chunk" and chunk_map["height"] == {"step": 20}
+
+    # another file: the URL follows (its lines go), and a reload opens that file
+    at.selectbox(key="docs_open").select(f"lagent/{other.path}").run()
+    ok(at)
+    assert at.query_params == {"source": "lagent", "path": other.path}
+    assert "Lines 12–17" not in texts(at.markdown) and len(gutter_blocks(at)) == 1
+    again = open_with("documents", at.query_params)
+    assert again.selectbox(key="docs_open").value == f"lagent/{other.path}"
+    # a reload of the first link highlights again; Clear removes the highlight and the lines from the URL
+    first = open_with("documents", params_of(link))
+    assert [b[0] for b in gutter_blocks(first)] == [1, 12, 18]
+    first.button(key="docs_highlight_clear").click().run()
+    ok(first)
+    assert len(gutter_blocks(first)) == 1 and first.query_params == {"source": "lagent", "path": doc.path}
+
+    # a re-chunk preview: the length histogram's axis covers the live chunks too, not only the candidate's
+    live_max = max(int(c.get("n_tokens") or 0) for c in kb.chunks_of("lagent", doc.path))
+    first.selectbox(key="rc_unit").select("tokens")
+    first.number_input(key="rc_size").set_value(40)
+    first.number_input(key="rc_overlap").set_value(0).run()
+    ok(first)
+    hist = next(s for s in specs(first) if "Distribution of chunk lengths" in json.dumps(s.get("title", "")))
+    bars = hist["layer"][0] if "layer" in hist else hist
+    domain = bars["encoding"]["x"]["scale"]["domain"]
+    assert domain[0] == 0 and domain[1] > live_max > 40
+
+
+def test_bad_links_warn_and_the_page_still_works(lagent_env, shared_kb):
+    kb = shared_kb()
+    path = next(d.path for d in kb.documents("lagent", status="indexed"))
+    cases = [
+        ({"source": "nosuch", "path": path, "lines": "1-2"}, "does not have"),
+        ({"source": "lagent", "path": "no/such/file.md", "lines": "1-2"}, "not a document of lagent"),
+        ({"source": "lagent", "path": path, "lines": "nine"}, "not a line range"),
+        ({"source": "lagent", "path": path, "lines": "9-3"}, "not a line range"),
+        ({"source": "lagent", "path": path, "lines": "90000-90005"}, "past the end"),
+        ({"path": path}, "does not name a document"),
+        ({"source": "<b>x</b>](javascript:1)", "path": path}, "does not have"),
+    ]
+    for params, message in cases:
+        at = open_with("documents", params)
+        warning = texts(at.warning)
+        assert message in warning, (params, warning)
+        assert "<b>" not in warning, "the URL's text is escaped"
+        assert gutter_blocks(at) and len(gutter_blocks(at)) == 1, "a document is shown, without a highlight"
+        assert at.selectbox(key="docs_open").value, "the page still works"
+        assert "lines" not in at.query_params and set(at.query_params) == {"source", "path"}, at.query_params
+    # a link to the right file with bad lines opens that file
+    at = open_with("documents", {"source": "lagent", "path": path, "lines": "x"})
+    assert at.selectbox(key="docs_open").value == f"lagent/{path}"
+
+
+# ---------------------------------------------------------------------------- Retrieval lab
+
+
+def test_retrieval_lab_caption_says_what_hybrid_fuses(page_env, open_page):
+    from kb.search.hits import SCORE_NOTES
+
+    at = ok(open_page("retrieval_lab"))
+    caption = texts(at.caption)
+    assert SCORE_NOTES["hybrid"] in caption and SCORE_NOTES["dense"] in caption and "two" not in caption
+
+
+# ---------------------------------------------------------------------------- Evaluation
+
+
+def test_evaluation_scores_only_indexed_questions_and_labels_runs(xtuner_env, open_page):
+    at = ok(open_page("evaluation"))
+    assert "left out of the scores" in texts(at.warning)
+    at.multiselect(key="eval_modes").set_value(["hybrid"])
+    at.button(key="eval_run").click().run(timeout=180)
+    ok(at)
+    assert not at.error, texts(at.error)
+    summary = frame_with(at, "mrr")
+    assert list(summary["n"]) == [4], "only the xtuner questions are scored"
+    assert set(frame_with(at, "rank hybrid")["id"]) == {f"dev-xtuner-0{i}" for i in range(1, 5)}
+    left = frame_with(at, "gold lines")
+    assert len(left) == 20 and "xtuner" not in set(left["repo"])
+    (run,) = past_runs(xtuner_env)
+    assert run["n"] == 4 and len(run["not_indexed"]) == 20 and run["config"]["only_indexed"] is True
+    # past runs: one x position per run, named by when it ran (not a time axis in milliseconds)
+    chart = next(s for s in specs(at) if "Past runs on" in json.dumps(s.get("title", "")))
+    x = chart["encoding"]["x"]
+    assert x["field"] == "run" and x["type"] == "nominal"
+    assert frame_with(at, "chunking")["run"].iloc[0].endswith("· hybrid k3")
+
+
+def test_answers_mode_runs_the_answer_evaluation(xtuner_env, open_page):
+    question = {"id": "a-xtuner-01", "lang": "zh", "question": "XTuner 是什么？", "repo": "xtuner",
+                "path": "README_zh-CN.md", "line_start": 1, "line_end": 60, "facts": [["XTuner"]]}
+    at = ok(open_page("evaluation"))
+    at.radio(key="eval_kind").set_value("Answers").run()
+    at.radio(key="eval_origin").set_value("Upload a JSONL file").run()
+    at.file_uploader(key="eval_upload").set_value(
+        [("mine.jsonl", (json.dumps(question, ensure_ascii=False) + "\n").encode(), "application/json")])
+    at.run()
+    ok(at)
+    at.slider(key="eval_ans_k").set_value(1)
+    at.button(key="eval_ans_run").click().run(timeout=400)
+    ok(at)
+    assert not at.error, texts(at.error)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Questions"] == "1" and metrics["Key facts stated"] in ("1.00", "0.00")
+    rows = frame_with(at, "citations")
+    assert list(rows["id"]) == ["a-xtuner-01"] and rows["answer"].iloc[0].strip()
+    assert rows["gold lines"].iloc[0] == "xtuner/README_zh-CN.md:1-60"
+    (run,) = past_runs(xtuner_env, "answers")
+    assert run["n"] == 1 and run["k"] == 1 and run["config"]["questions"] == "mine.jsonl"
+    assert {"facts", "gold_cited", "declined", "ttft_median", "seconds_median"} <= set(run)
+    assert frame_with(at, "ttft median s")["n"].tolist() == [1], "the run is listed among past answer runs"
+
+
+def test_a_saved_answer_run_renders(page_env, open_page):
+    rows = [
+        {"id": "q1", "question": "XTuner 是什么？", "category": "overview", "answer": "XTuner 是微调工具 [1]。",
+         "answerable": True, "cited": [1], "sources": ["xtuner/README.md:1-9@abcdef12", "xtuner/docs/a.md:3-4@abcdef12"],
+         "gold": "xtuner/README.md:1-12", "ttft_s": 4.2, "seconds": 9.1, "facts": True, "gold_cited": True,
+         "gold_retrieved": True},
+        {"id": "q2", "question": "价格多少？", "category": "unanswerable", "answer": "文档中没有提到。",
+         "answerable": False, "cited": [], "sources": [], "gold": "", "ttft_s": 3.0, "seconds": 5.0, "declined": True},
+    ]
+    report = {"n": 2, "facts": 1.0, "gold_cited": 1.0, "gold_retrieved": 1.0, "declined": 1.0, "ttft_median": 3.6,
+              "seconds_median": 7.05, "k": 3, "mode": "hybrid", "rows": rows}
+    save_run(page_env, report, {"questions": "dev_questions.jsonl", "llm": "llamacpp: test.gguf",
+                                "chunk_config": "markdown 400/40 tokens"}, kind="answers")
+    at = ok(open_page("evaluation"))
+    at.radio(key="eval_kind").set_value("Answers").run()
+    ok(at)
+    past = frame_with(at, "ttft median s")
+    assert past["facts"].tolist() == [1.0] and past["llm"].tolist() == ["llamacpp: test.gguf"]
+    per_q = frame_with(at, "citations")
+    assert per_q["citations"].tolist() == ["[1] xtuner/README.md:1-9@abcdef12", ""]
+    assert per_q["gold lines"].tolist() == ["xtuner/README.md:1-12", "(unanswerable)"]
+    assert per_q["declined"].tolist() == ["–", "yes"] and per_q["facts"].tolist() == ["yes", "–"]
+    chart = next(s for s in specs(at) if "Past answer runs on" in json.dumps(s.get("title", "")))
+    assert chart["encoding"]["x"]["field"] == "run"
+
+
+def test_rated_answers_become_a_question_set(page_env, open_page):
+    store = ConversationStore(page_env)
+    hit = {"rank": 1, "score": 0.03, "mode": "hybrid", "source": "xtuner", "path": "docs/en/install.md",
+           "line_start": 3, "line_end": 9, "commit": "abc", "url": "", "text": "pip install xtuner", "heading": ""}
+    conv = store.new()
+    conv["messages"] = [
+        {"role": "user", "content": "How do I install xtuner?"},
+        {"role": "assistant", "question": "How do I install xtuner?", "content": "I don't know.", "sources": [hit],
+         "cited": [], "feedback": {"score": 0, "comment": "it is in the install guide", "at": time.time() - 10}},
+        {"role": "user", "content": "xtuner是什么？"},
+        {"role": "assistant", "question": "xtuner是什么？", "content": "一个微调工具 [1]。", "sources": [hit],
+         "cited": [1], "feedback": {"score": 1, "comment": "", "at": time.time()}},
+    ]
+    store.save(conv)
+    at = ok(open_page("evaluation"))
+    at.radio(key="eval_kind").set_value("Rated answers").run()
+    ok(at)
+    listed = frame_with(at, "rating")
+    assert listed["rating"].tolist() == ["👍 up", "👎 down"], "newest first"
+    assert "it is in the install guide" in texts(at.markdown)
+    assert viewer_link("xtuner", "docs/en/install.md", 3, 9) in texts(at.markdown), "its sources open the viewer"
+    ident = f"{conv['id']}:1"
+
+    at.button(key="fb_save").click().run()  # no gold lines picked
+    assert "at least one gold location" in texts(at.error)
+    assert not feedback_questions(page_env).exists()
+    at.text_input(key=f"fb_path:{ident}").input("docs/en/install.md")
+    at.text_input(key=f"fb_lines:{ident}").input("three").run()
+    at.button(key="fb_save").click().run()
+    assert "line range like 3-9" in texts(at.error)
+
+    at.text_input(key=f"fb_path:{ident}").input("")
+    at.text_input(key=f"fb_lines:{ident}").input("")
+    at.multiselect(key=f"fb_gold:{ident}").set_value([1])
+    at.text_area(key=f"fb_facts:{ident}").input("pip install xtuner | pip install -U xtuner").run()
+    at.button(key="fb_save").click().run()
+    ok(at)
+    assert not at.error, texts(at.error)
+    assert "Saved to" in texts(at.success)
+    (q,) = load_questions(feedback_questions(page_env))
+    assert (q["repo"], q["path"], q["line_start"], q["line_end"]) == ("xtuner", "docs/en/install.md", 3, 9)
+    assert q["question"] == "How do I install xtuner?" and q["facts"] == [["pip install xtuner", "pip install -U xtuner"]]
+
+    # the next evaluation offers it as a question set
+    at.radio(key="eval_kind").set_value("Retrieval").run()
+    assert FEEDBACK_LABEL in at.radio(key="eval_origin").options
+    at.radio(key="eval_origin").set_value(FEEDBACK_LABEL).run()
+    ok(at)
+    assert "1 questions over xtuner." in texts(at.markdown)
+
+
+@pytest.mark.parametrize("kind", ["Retrieval", "Answers", "Rated answers"])
+def test_evaluation_kinds_render_on_an_empty_knowledge_base(page_env, open_page, kind):
+    at = ok(open_page("evaluation"))
+    at.radio(key="eval_kind").set_value(kind).run()
+    ok(at)
+    assert not at.error, texts(at.error)
+
+
