@@ -145,6 +145,10 @@ def home() -> None:
             )
 
         st.subheader("Stale")
+        for f in kb.sync_failures():  # scheduled sync: a remote that can't be reached never touches the index
+            st.warning(f"**{f['source']}**: the scheduled fetch failed {f['failures']} time(s), last {when(f['last_failure'])}"
+                       f" ({f['last_error']}); next try {when(f['next_try'])}. The index keeps the last good sync.",
+                       icon=":material/cloud_off:")
         problems = kb.health()
         for p in problems:
             if p["kind"] == "not_live":
@@ -200,10 +204,13 @@ pages = {
         st.Page(PAGES / "evaluation.py", title="Evaluation", icon=":material/analytics:"),
     ],
 }
+from pages._common import logging_errors  # noqa: E402  (after set_page_config)
+
 resources.preload()  # the LLM starts loading with the server's first page view, not with the first question
 navigation = st.navigation(pages)
 with st.sidebar:  # every page: a line while background jobs run or wait (pages/_jobs.py)
     from pages._jobs import running_jobs_indicator
 
     running_jobs_indicator()
-navigation.run()
+with logging_errors("page"):  # an unexpected error on any page goes to the log, then to Streamlit as before
+    navigation.run()

@@ -532,29 +532,57 @@ ANSWER_QUESTIONS = [
 
 
 # ---------------------------------------------------------------- answers, scored
-def bench_answers(k: int = 5) -> dict:
-    """`kb eval --answers` on the dev, held-out and unanswerable sets with the default LLM: facts stated,
-    gold lines cited, unanswerable questions declined, time to first token and in all."""
+ANSWER_FIELDS = ("n", "facts", "gold_cited", "gold_retrieved", "declined", "coverage", "ttft_median", "seconds_median")
+
+
+def _answerer(kb, k: int, context_tokens: int):
     from core.llm import build_chat_model
     from kb.answer.chain import Answerer
-    from kb.answer.evaluate import evaluate_answers
-    from kb.evaluate import load_questions
     from kb.search.engine import SearchEngine
     from kb.search.hits import SearchOptions
 
+    answerer = Answerer(build_chat_model(kb.settings), SearchEngine(kb), SearchOptions(k=k), context_tokens=context_tokens)
+    answerer.ask("你好", rag=False)  # load the model outside the timings
+    return answerer
+
+
+def bench_answers(k: int = 5) -> dict:
+    """`kb eval --answers` on the dev, held-out and unanswerable sets with the default LLM and context: facts
+    stated, gold lines cited, unanswerable questions declined, sentences with a citation, first token and in all."""
+    from kb.answer.context import CONTEXT_TOKENS
+    from kb.answer.evaluate import evaluate_answers
+    from kb.evaluate import load_questions
+
     kb = six_repo_kb()
-    opts = SearchOptions(k=k)
-    answerer = Answerer(build_chat_model(kb.settings), SearchEngine(kb), opts)
-    out: dict = {"k": k, "llm": kb.settings.llm, "sets": {}}
+    answerer = _answerer(kb, k, CONTEXT_TOKENS)
+    out: dict = {"k": k, "llm": kb.settings.llm, "context_tokens": CONTEXT_TOKENS, "sets": {}}
     for name, path in (("dev", QUESTION_SETS["dev"][0]), ("holdout", QUESTION_SETS["holdout"][0]),
                        ("unanswerable", ROOT / "kb" / "questions" / "unanswerable.jsonl")):
-        rep = evaluate_answers(answerer, load_questions(path), opts)
+        rep = evaluate_answers(answerer, load_questions(path), answerer.options)
         out["sets"][name] = rep
-        print(f"{name}: facts {rep['facts']} gold_cited {rep['gold_cited']} declined {rep['declined']} "
-              f"ttft {rep['ttft_median']} s, total {rep['seconds_median']} s", file=sys.stderr)
-    out["summary"] = {n: {m: r[m] for m in ("n", "facts", "gold_cited", "declined", "ttft_median", "seconds_median")}
-                      for n, r in out["sets"].items()}
+        print(f"{name}: " + " ".join(f"{m} {rep[m]}" for m in ANSWER_FIELDS), file=sys.stderr)
+    out["summary"] = {n: {m: r[m] for m in ANSWER_FIELDS} for n, r in out["sets"].items()}
     save("answers", out)
+    return out
+
+
+def bench_answer_levers(k: int = 5, budgets: tuple[int, ...] = (420, 700, 100_000)) -> dict:
+    """The context's size against quality and wait, on the dev set: excerpts of 420 and 700 tokens in all, and
+    whole chunks (100,000: no narrowing), all with the rules-first prompt that llama.cpp caches."""
+    from kb.answer.evaluate import evaluate_answers
+    from kb.evaluate import load_questions
+
+    kb = six_repo_kb()
+    questions = load_questions(QUESTION_SETS["dev"][0])
+    out: dict = {"k": k, "set": "dev", "runs": {}}
+    answerer = _answerer(kb, k, budgets[0])
+    for budget in budgets:
+        answerer.context_tokens = budget
+        rep = evaluate_answers(answerer, questions, answerer.options)
+        out["runs"][str(budget)] = {m: rep[m] for m in ANSWER_FIELDS} | {"rows": rep["rows"]}
+        print(f"context {budget}: " + " ".join(f"{m} {rep[m]}" for m in ANSWER_FIELDS), file=sys.stderr)
+    out["summary"] = {b: {m: r[m] for m in ANSWER_FIELDS} for b, r in out["runs"].items()}
+    save("answer-levers", out)
     return out
 
 
@@ -743,6 +771,16 @@ def bench_answer(max_tokens: int = 256) -> dict:
             run["prefill_tokens_per_s"] = round(run["prompt_tokens"] / res.first_token_seconds, 1)
         runs.append(run)
         print(json.dumps(run, ensure_ascii=False), file=sys.stderr)
+    # the prefix cache: the same questions again, with the model's evaluated tokens dropped before each (as the
+    # chain did before this round), against kept (llama.cpp reuses the longest common prefix, the rules)
+    from core.llm import reset_chat_model
+
+    cache = {"kept": [], "reset": []}
+    for how in ("kept", "reset"):  # each question after a different one: the shared part is the rules
+        for q in ANSWER_QUESTIONS:
+            if how == "reset":
+                reset_chat_model(llm)
+            cache[how].append(answerer.ask(q).first_token_seconds)
     asks = []
     for _ in range(2):
         t0 = time.perf_counter()
@@ -754,7 +792,9 @@ def bench_answer(max_tokens: int = 256) -> dict:
               "summary": {"ttft_median_s": statistics.median(r["ttft_s"] for r in runs),
                           "prompt_tokens_median": statistics.median(r["prompt_tokens"] or 0 for r in runs),
                           "decode_tokens_per_s_median": statistics.median(decode) if decode else None,
-                          "kb_ask_wall_s_median": statistics.median(asks)}}
+                          "kb_ask_wall_s_median": statistics.median(asks),
+                          "ttft_median_prefix_kept_s": statistics.median(cache["kept"]),
+                          "ttft_median_prefix_reset_s": statistics.median(cache["reset"])}}
     save("answer", result)
     return result
 
@@ -846,6 +886,8 @@ def main() -> None:
             bench_load()
         elif name == "answers":
             bench_answers()
+        elif name == "answer-levers":
+            bench_answer_levers()
         elif name == "snapshot":
             bench_snapshot()
         else:

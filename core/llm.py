@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -117,6 +117,8 @@ class ChatLlamaCpp(BaseChatModel):
     def _llm_type(self) -> str:
         return "llamacpp"
 
+    supports_cancel: ClassVar[bool] = True  # ``.bind(cancel_event=threading.Event())`` stops a generation
+
     def queue_length(self) -> int:
         """How many questions hold or wait for the model now: a page shows a new one its place, not a freeze."""
         return self._queued
@@ -175,8 +177,11 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        cancel = kwargs.get("cancel_event")
         with self._turn():
             for part in self._complete(messages, stream=True, **self._params(stop, kwargs)):
+                if cancel is not None and cancel.is_set():  # Stop: llama.cpp ends when its generator is dropped
+                    break
                 choice = part["choices"][0]
                 text, finish = choice["delta"].get("content") or "", choice.get("finish_reason")
                 if finish:
@@ -271,6 +276,7 @@ class ChatTransformers(BaseChatModel):
     mode: str = "template"  # template | stream_chat | chat
     max_tokens: int = 512
     temperature: float = 0.1
+    supports_cancel: ClassVar[bool] = True  # ``.bind(cancel_event=...)``: Stop ends generation at the next token
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @property
@@ -300,14 +306,22 @@ class ChatTransformers(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         temperature = kwargs.get("temperature", self.temperature)
+        cancel = kwargs.get("cancel_event")
         with self._lock:
             if self.mode == "template":
                 pieces = self._stream_template(messages, stop, max_tokens, temperature)
             else:
                 pieces = self._stream_remote(messages, max_tokens, temperature)
-            for text in pieces:
-                if text:
-                    yield _emit(text, run_manager)
+            try:
+                for text in pieces:
+                    if cancel is not None and cancel.is_set():
+                        break
+                    if text:
+                        yield _emit(text, run_manager)
+            finally:
+                close = getattr(pieces, "close", None)
+                if close:  # the template streamer's reader stops generation at the next token
+                    close()
 
     def _sampling(self, max_tokens: int, temperature: float) -> dict[str, Any]:
         if temperature > 0:

@@ -82,6 +82,9 @@ class Settings:
     llm_temperature: float = 0.1
     llm_n_ctx: int = 4096
     llm_threads: int = 0  # 0: all cores
+    # tokens of file excerpts the answer prompt holds in all (kb/answer/context.py): the wait before the first word
+    # against the facts stated (README "Answers": 420 tokens ~8 s and fewer facts; whole chunks ~27 s)
+    context_tokens: int = 700
     llm_preload: bool = True  # the dashboard starts loading the LLM in the background as soon as it starts
     openai_base_url: str = ""
     openai_model: str = ""
@@ -185,4 +188,7 @@ def load_settings(env: dict[str, str] | None = None, secrets_path: Path | None =
             raw = secrets.get(f.name)
         if raw is not None:
             values[f.name] = _coerce(raw, default, f.name)
+    if not 100 <= int(values.get("context_tokens", 700)) <= 20_000:  # type: ignore[call-overload]
+        raise SettingsError(f"KB_CONTEXT_TOKENS={values['context_tokens']}: use 100 to 20000 (tokens of excerpts "
+                            "in the answer prompt)")
     return Settings(**values)  # type: ignore[arg-type]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from kb.markdown import escape_markdown, safe_url
 
 # [2], [1, 3], 【1、2】: the markers an answer may use for its numbered sources.
+VIEWER_PAGE = "documents"  # the Documents page's url_path (its file name, pages/documents.py)
 MARKER_RE = re.compile(r"[\[【]\s*(\d+(?:\s*[,，、]\s*\d+)*)\s*[\]】]")
 
 
@@ -28,9 +29,39 @@ def permalink(web_url: str, commit: str, path: str, line_start: int, line_end: i
     return f"{base}/blob/{commit}/{path}#L{line_start}-L{line_end}"  # GitHub and Gitee: #L3-L9
 
 
+def reanchor(url: str, line_start: int, line_end: int) -> str:
+    """A permalink moved to other lines of the same file, in its host's anchor format."""
+    if not url or "#L" not in url:
+        return url
+    base = url.split("#", 1)[0]
+    if "/-/blob/" in base:  # GitLab
+        return f"{base}#L{line_start}-{line_end}"
+    return f"{base}#L{line_start}-L{line_end}"
+
+
 def file_url(web_url: str, commit: str, path: str) -> str:
     """The whole file at that commit on its web host; empty when the host is unknown."""
     return permalink(web_url, commit, path, 1, 1).split("#")[0]
+
+
+def viewer_link(source: str, path: str, line_start: int, line_end: int) -> str:
+    """The dashboard's own deep link: the Documents page at that file, with those lines highlighted.
+
+    Relative to the app's root, so it works behind any host and survives a
+    reload (the page reads ``source``, ``path`` and ``lines`` from the URL).
+    """
+    query = urlencode({"source": source, "path": path, "lines": f"{line_start}-{line_end}"})
+    return f"{VIEWER_PAGE}?{query}"
+
+
+def parse_lines(value: str | None) -> tuple[int, int] | None:
+    """``"3-9"`` (or ``"7"``) from a deep link as a line range; ``None`` when absent or malformed."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", value or "")
+    if not m:
+        return None
+    a = int(m.group(1))
+    b = int(m.group(2) or a)
+    return (a, b) if 1 <= a <= b else None
 
 
 def location(source: str, path: str, line_start: int, line_end: int, commit: str = "") -> str:

@@ -257,6 +257,15 @@ def cmd_ask(args: argparse.Namespace) -> dict:
             print(piece, end="", flush=True)
     if not args.json:
         print()
+        if result.declined and result.sources:  # the model's own decline, replaced by one sentence naming the search
+            print(f"\n{result.answer}")
+        claims = [x for x in result.sentences if x.claim]
+        if claims:
+            print("\nSentences:")
+            for x in claims:
+                where = (f"[{x.source}] {result.sources[x.source - 1].path}:{x.line_start}-{x.line_end}"
+                         if x.supported else "not found in the sources")
+                print(f"  {where:60} {x.text[:80]}")
         if result.sources:
             print("\nSources:")
             for i, h in enumerate(result.sources, 1):

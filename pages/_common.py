@@ -113,7 +113,9 @@ def when(ts: float | None) -> str:
     if not ts:
         return "never"
     ago = time.time() - ts
-    if ago < 90:
+    if ago < -90:  # a time to come (a retry, a scheduled run)
+        rel = f"in {-ago / 60:.0f} min" if ago > -5400 else f"in {-ago / 3600:.0f} h"
+    elif ago < 90:
         rel = "just now"
     elif ago < 5400:
         rel = f"{ago / 60:.0f} min ago"

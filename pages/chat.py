@@ -1,25 +1,71 @@
-"""Chat: streamed answers with citations, RAG on/off, RAG vs no-RAG side by side, saved conversations."""
+"""Chat: streamed answers tied sentence by sentence to their lines, RAG on/off, side by side, saved conversations.
+
+The page shows the stages as they happen (the model loading, the search, the
+sources, then the answer), keeps the conversation's id in the URL so a reload
+reopens it, stops a generation on request, and asks for a verdict on each answer.
+"""
 
 from __future__ import annotations
+
+import time
 
 import streamlit as st
 
 from pages import _resources as resources
 from core.llm import describe_llm
+from kb import log as kb_log
 from kb.answer.chain import Answer, Answerer
+from kb.answer.render import answer_markdown
+from kb.citations import location, viewer_link
 from kb.conversations import ConversationStore
-from kb.citations import link_markers, location
-from kb.markdown import escape_markdown
+from kb.markdown import escape_markdown, safe_url
 from kb.search.hits import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, show_error, when
+
+PARTIAL = "chat_partial"  # an answer being streamed; kept if the user stops it (the script run is cut short)
 
 st.title(":material/chat: Chat")
 s = settings_or_stop()
 kb = kb_or_stop(s)
 store = ConversationStore(s.home)
-if "chat_conv" not in st.session_state:
-    st.session_state["chat_conv"] = store.new()
+
+
+def open_from_url() -> None:
+    """A reload (or a shared link) reopens the conversation named by ``?c=`` in the URL."""
+    wanted = st.query_params.get("c")
+    current = st.session_state.get("chat_conv")
+    if wanted and (current is None or current["id"] != wanted):
+        try:
+            st.session_state["chat_conv"] = store.load(wanted)
+        except expected_errors() as exc:
+            st.warning(f"{exc}: starting a new conversation.", icon=":material/link_off:")
+            del st.query_params["c"]
+    if "chat_conv" not in st.session_state:
+        st.session_state["chat_conv"] = store.new()
+
+
+def save(conv: dict) -> None:
+    try:
+        store.save(conv)
+        st.query_params["c"] = conv["id"]
+    except (OSError, *expected_errors()) as exc:
+        show_error(Exception(f"the conversation could not be saved: {exc}"))
+
+
+def keep_stopped(conv: dict) -> None:
+    """An answer cut short by Stop (or by leaving) is kept, marked as stopped, in its conversation."""
+    partial = st.session_state.pop(PARTIAL, None)
+    if not partial or partial["conv"] != conv["id"]:
+        return
+    msg = partial["msg"]
+    msg.update(content=partial["text"].strip(), stopped=True)
+    conv["messages"].append(msg)
+    save(conv)
+
+
+open_from_url()
 conv = st.session_state["chat_conv"]
+keep_stopped(conv)
 
 with st.sidebar:
     st.subheader("Answering")
@@ -31,6 +77,7 @@ with st.sidebar:
     if st.button(":material/delete_sweep: Clear: new conversation", key="chat_clear", width="stretch",
                  help="start a new conversation; this one stays in the saved list"):
         st.session_state["chat_conv"] = conv = store.new()
+        st.query_params.pop("c", None)
         st.rerun()
     st.caption(f"LLM `{describe_llm(s)}`")
 
@@ -46,41 +93,75 @@ def render_sources(msg: dict) -> None:
         st.caption("No sources: nothing in the knowledge base passed the retrieval threshold.")
         return
     cited = set(msg.get("cited") or [])
-    st.caption(f"Sources: {len(sources)} retrieved, {len(cited)} cited in the answer")
+    st.caption(f"Sources: {len(sources)} read by the model, {len(cited)} cited in the answer")
     for i, h in enumerate(sources, 1):
         loc = location(h["source"], h["path"], h["line_start"], h["line_end"], str(h.get("commit", "")))
         label = f"\\[{i}\\] {escape_markdown(loc)}" + (" · cited" if i in cited else "")
         with st.expander(label, icon=":material/task_alt:" if i in cited else ":material/article:"):
+            links = [f"[Open in Documents, lines {h['line_start']}–{h['line_end']} highlighted]"
+                     f"({safe_url(viewer_link(h['source'], h['path'], h['line_start'], h['line_end']))})"]
             if h.get("url"):
-                st.markdown(f"[Permalink: {escape_markdown(h['path'])} lines {h['line_start']}–{h['line_end']} "
-                            f"at {str(h.get('commit', ''))[:8]}]({h['url']})")
+                links.append(f"[permalink at {str(h.get('commit', ''))[:8]}]({safe_url(h['url'])})")
+            st.markdown(" · ".join(links))
             if h.get("heading"):
                 st.caption(escape_markdown(h["heading"]))
-            st.code(h.get("text", ""), language="markdown", wrap_lines=True)
+            st.code(h.get("text", ""), language="markdown", wrap_lines=True, line_numbers=False)
             ranks = " · ".join(f"{m} #{r}" for m, r in (h.get("ranks") or {}).items())
             st.caption(f"score {float(h.get('score', 0)):.4f} ({h.get('mode', '')}, higher is better)"
                        + (f" · found by {ranks}" if ranks else ""))
 
 
 def render_answer(msg: dict) -> None:
-    urls = [h.get("url", "") for h in msg.get("sources") or []]
+    if not msg.get("rag", True):
+        st.caption(":material/psychology: Model alone, without the knowledge base: nothing here is checked "
+                   "against the sources.")
     if msg.get("content"):
-        st.markdown(link_markers(msg["content"], urls) if msg.get("rag", True) else msg["content"])
+        st.markdown(answer_markdown(msg) if msg.get("rag", True) else msg["content"])
+    if msg.get("stopped"):
+        st.caption(":material/stop_circle: Stopped before the end.")
     if msg.get("error"):
         show_error(Exception(msg["error"]))
     render_sources(msg)
     facts = []
     if msg.get("standalone") and msg["standalone"].strip() != msg.get("question", "").strip():
         facts.append(f"searched for: {escape_markdown(msg['standalone'])}")
+    claims = [x for x in msg.get("sentences") or [] if x.get("claim")]
+    if claims:
+        facts.append(f"{sum(x['supported'] for x in claims)} of {len(claims)} sentences found in the sources")
     if msg.get("first_token_seconds") is not None:
-        facts.append(f"first token {msg['first_token_seconds']:.1f} s")
+        facts.append(f"first word {msg['first_token_seconds']:.1f} s after asking"
+                     + (f" ({msg['waited_seconds']:.1f} s of it loading the model)" if msg.get("waited_seconds") else ""))
     if msg.get("seconds"):
         facts.append(f"{msg['seconds']:.1f} s in all")
     if facts:
         st.caption(" · ".join(facts))
 
 
-def render_assistant(msg: dict) -> None:
+def render_feedback(msg: dict, index: int) -> None:
+    """Thumbs and an optional comment, saved with the conversation (and logged)."""
+    if msg.get("error") or not msg.get("content"):
+        return
+    key = f"chat_fb_{conv['id']}_{index}"
+    saved = msg.get("feedback") or {}
+
+    def changed() -> None:
+        score = st.session_state.get(key)
+        comment = st.session_state.get(key + "_comment", saved.get("comment", ""))
+        msg["feedback"] = None if score is None else {"score": score, "comment": comment or "", "at": time.time()}
+        save(conv)
+        if msg.get("log_id"):
+            kb_log.log_feedback(s, msg["log_id"], msg["feedback"])
+
+    cols = st.columns([1, 5], vertical_alignment="center")
+    with cols[0]:
+        st.feedback("thumbs", key=key, default=saved.get("score"), on_change=changed)
+    if saved.get("score") is not None:
+        cols[1].text_input("Comment (optional)", value=saved.get("comment", ""), key=key + "_comment",
+                           on_change=changed, label_visibility="collapsed",
+                           placeholder="What was wrong or right? (optional, saved with the answer)")
+
+
+def render_assistant(msg: dict, index: int) -> None:
     if msg.get("plain") is not None:
         left, right = st.columns(2, gap="medium")
         with left:
@@ -91,56 +172,98 @@ def render_assistant(msg: dict) -> None:
             render_answer(msg["plain"])
     else:
         render_answer(msg)
+    render_feedback(msg, index)
 
 
 # ---------------------------------------------------------------------------- answering
 
 
-def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, opts: SearchOptions) -> dict:
-    """Stream one answer into the page, then redraw it with linked markers and its sources.
+def stage_reporter(status, result: Answer, use_rag: bool):
+    """``Answerer.stream``'s ``on_stage``: the status box says what is happening, and lists the sources at once."""
+
+    def on_stage(stage: str, res: Answer) -> None:
+        if stage == "rewriting":
+            status.update(label="Rewriting the follow-up as a standalone question…")
+        elif stage == "searching":
+            if res.standalone_question and res.standalone_question != res.question:
+                status.write(f"Searching for: *{escape_markdown(res.standalone_question)}*")
+            status.update(label="Searching the knowledge base…")
+        elif stage == "sources":
+            for i, h in enumerate(res.sources, 1):
+                status.markdown(f"\\[{i}\\] {escape_markdown(h.citation)}")
+            status.update(label=f"Found {len(res.sources)} sources · writing the answer…" if res.sources
+                          else "Nothing relevant found")
+        elif stage == "answering" and not use_rag:
+            status.update(label="Writing the answer (model alone)…")
+
+    return on_stage
+
+
+def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, opts: SearchOptions,
+               asked_at: float, waited: float) -> dict:
+    """Stream one answer into the page, then redraw it with its sentences' citations and its sources.
 
     The model answers one question at a time; a question that must wait says how many are ahead of it.
     """
     result = Answer(question=question, answer="")
     msg: dict = {"role": "assistant", "question": question, "rag": use_rag, "mode": opts.mode}
+    lag = time.perf_counter() - asked_at  # the user's wait before the answer could start (loading included)
     slot = st.empty()
     with slot.container():
-        note = st.empty()
         ahead = getattr(answerer.llm, "queue_length", lambda: 0)()
-        waiting = (f" {ahead} question{'s' if ahead != 1 else ''} ahead of yours: the model answers one at a "
-                   "time." if ahead else "")
-        note.caption((":material/search: Searching the knowledge base and reading the sources…" if use_rag
-                      else ":material/psychology: Thinking…") + waiting)
+        status = st.status("Searching the knowledge base…" if use_rag else "Thinking…", expanded=True)
+        if ahead:
+            status.write(f"{ahead} question{'s' if ahead != 1 else ''} ahead of yours: the model answers one at a time.")
+        stop_slot = st.empty()
+        stop_slot.button("Stop", icon=":material/stop:", key=f"chat_stop_{len(conv['messages'])}_{use_rag}",
+                         help="end the answer here; what was written so far is kept")
+        partial = st.session_state[PARTIAL] = {"conv": conv["id"], "msg": msg, "text": ""}
 
         def pieces():
-            first = True
-            for piece in answerer.stream(question, history, rag=use_rag, options=opts, result=result):
-                if first:
-                    note.empty()
-                    first = False
+            for piece in answerer.stream(question, history, rag=use_rag, options=opts, result=result,
+                                         on_stage=stage_reporter(status, result, use_rag)):
+                partial["text"] += piece
                 yield piece
 
         try:
             st.write_stream(pieces())
+            status.update(label="Answered", state="complete", expanded=False)
         except expected_errors() as exc:
             msg["error"] = str(exc)
+            status.update(label="Failed", state="error")
+        stop_slot.empty()
+    st.session_state.pop(PARTIAL, None)
+    first = None if result.first_token_seconds is None else round(result.first_token_seconds + lag, 3)
     msg.update(
         content=result.answer, sources=[h.as_dict() for h in result.sources], cited=result.cited,
-        standalone=result.standalone_question, seconds=result.seconds, first_token_seconds=result.first_token_seconds,
+        standalone=result.standalone_question, seconds=round(time.perf_counter() - asked_at, 3),
+        first_token_seconds=first, waited_seconds=round(waited, 2),
+        sentences=[x.as_dict() for x in result.sentences], declined=result.declined,
     )
+    msg["log_id"] = kb_log.log_answer(s, msg)
     with slot.container():
         render_answer(msg)
     return msg
 
 
+def load_model(asked_at: float):
+    """The shared LLM; it starts loading when the server does, so a first question usually finds it ready."""
+    if resources.loaded(s)["llm"]:
+        return resources.chat_model(s), 0.0
+    with st.spinner("Loading the language model (once per server)…", show_time=True):
+        llm = resources.chat_model(s)
+    return llm, time.perf_counter() - asked_at
+
+
 def answer_turn(question: str, history: list) -> dict:
     opts = SearchOptions(k=k, mode=mode)
+    asked_at = time.perf_counter()
     try:
         engine = None
         if rag or compare:
             engine = resources.search_engine(s)
             resources.embeddings(s)  # load here, under a spinner: chain steps run in worker threads
-        llm = resources.chat_model(s)
+        llm, waited = load_model(asked_at)
     except expected_errors() as exc:
         show_error(exc)
         return {"role": "assistant", "question": question, "content": "", "error": str(exc), "rag": rag}
@@ -149,23 +272,23 @@ def answer_turn(question: str, history: list) -> dict:
         left, right = st.columns(2, gap="medium")
         with left:
             st.markdown("**With the knowledge base (RAG)**")
-            msg = stream_one(answerer, question, history, True, opts)
+            msg = stream_one(answerer, question, history, True, opts, asked_at, waited)
         with right:
             st.markdown("**Model alone (no RAG)**")
-            msg["plain"] = stream_one(answerer, question, history, False, opts)
+            msg["plain"] = stream_one(answerer, question, history, False, opts, time.perf_counter(), 0.0)
         return msg
-    return stream_one(answerer, question, history, rag, opts)
+    return stream_one(answerer, question, history, rag, opts, asked_at, waited)
 
 
 if not conv["messages"]:
-    st.caption("Ask about the indexed documentation. Answers cite their sources as [n]; open a source below the "
-               "answer to read the chunk, with its file, lines, commit and permalink.")
-for m in conv["messages"]:
+    st.caption("Ask about the indexed documentation. Each sentence of an answer links to the lines that support it "
+               "(or says it found none); open a source below the answer to read it, with file, lines and commit.")
+for i, m in enumerate(conv["messages"]):
     with st.chat_message(m["role"]):
         if m["role"] == "user":
             st.markdown(m["content"])
         else:
-            render_assistant(m)
+            render_assistant(m, i)
 
 question = st.chat_input("Ask about the documentation…", key="chat_input")
 if question and question.strip():
@@ -174,22 +297,21 @@ if question and question.strip():
     with st.chat_message("user"):
         st.markdown(question)
     with st.chat_message("assistant"):
-        conv["messages"].append(answer_turn(question, history))
-    try:
-        store.save(conv)
-    except (OSError, expected_errors()) as exc:
-        show_error(Exception(f"the conversation could not be saved: {exc}"))
+        msg = answer_turn(question, history)
+        conv["messages"].append(msg)
+        render_feedback(msg, len(conv["messages"]) - 1)
+    save(conv)
 
 # ---------------------------------------------------------------------------- saved conversations (after any save)
 
 with st.sidebar:
     st.divider()
     st.subheader("Saved conversations")
-    saved = store.list()
-    if not saved:
+    saved_list = store.list()
+    if not saved_list:
         st.caption("None yet: a conversation is saved after each answer.")
     else:
-        titles = {c["id"]: c for c in saved}
+        titles = {c["id"]: c for c in saved_list}
         ids = list(titles)
         pick = st.selectbox(
             "Conversation", ids, index=ids.index(conv["id"]) if conv["id"] in titles else 0,
@@ -200,6 +322,7 @@ with st.sidebar:
         if c1.button("Open", key="chat_open", width="stretch"):
             try:
                 st.session_state["chat_conv"] = store.load(pick)
+                st.query_params["c"] = pick
                 st.rerun()
             except expected_errors() as exc:
                 show_error(exc)
@@ -207,4 +330,5 @@ with st.sidebar:
             store.delete(pick)
             if conv.get("id") == pick:
                 st.session_state["chat_conv"] = store.new()
+                st.query_params.pop("c", None)
             st.rerun()

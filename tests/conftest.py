@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("KB_CORPUS", ROOT.parent / "shared" / "corpus"))
 BUNDLES = ["InternLM", "xtuner", "lmdeploy", "opencompass", "lagent", "InternLM-XComposer"]
 # One int8 ONNX export per machine, shared by every KB_HOME the tests make (subprocesses inherit it).
+# AppTests would each start loading the LLM in the background; the tests of preloading turn it on themselves.
+os.environ.setdefault("KB_LLM_PRELOAD", "false")
 os.environ.setdefault("KB_MODEL_CACHE", str(Path.home() / ".cache" / "kb-tests" / "onnx"))
 
 

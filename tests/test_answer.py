@@ -9,7 +9,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
 from kb.answer.chain import Answer, Answerer
-from kb.answer.prompts import NO_HITS, format_context
+from kb.answer.prompts import format_context
 from kb.citations import MARKER_RE, cited_numbers
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
@@ -23,7 +23,7 @@ def test_markers_map_to_sources():
     hits = [Hit(rank=i, score=1.0, mode="hybrid", source="xtuner", path=f"p{i}.md", line_start=i, line_end=i + 2,
                 commit="abc", url="", text=f"text {i}") for i in (1, 2)]
     ctx = format_context(hits)
-    assert ctx.startswith("[1] 来源: xtuner/p1.md 第 1-3 行\ntext 1") and "[2] 来源: xtuner/p2.md 第 2-4 行" in ctx
+    assert ctx.startswith("[1] xtuner/p1.md:1-3\ntext 1") and "[2] xtuner/p2.md:2-4" in ctx
 
 
 class RecordingChat(GenericFakeChatModel):
@@ -40,15 +40,16 @@ def test_marker_wiring_and_threshold(xtuner_kb):
     engine = SearchEngine(xtuner_kb)
     llm = RecordingChat(messages=iter([AIMessage("XTuner 是一个微调工具库 [2]。")]))
     result = Answerer(llm, engine, SearchOptions(k=3)).ask("xtuner是什么？")
-    prompt = llm.seen[-1][-1].content
-    assert "[1] 来源: xtuner/" in prompt and "[3] 来源: xtuner/" in prompt and "不要编造" in prompt
-    assert result.cited == [2] and len(result.sources) == 3
-    assert result.sources[1].path in prompt.split("[2] 来源: xtuner/")[1].split("\n")[0]
+    system, prompt = llm.seen[-1][0].content, llm.seen[-1][-1].content
+    assert "[1] xtuner/" in prompt and "[3] xtuner/" in prompt and "不要编造" in system
+    assert 2 in result.cited and len(result.sources) == 3
+    assert result.sources[1].path in prompt.split("[2] xtuner/")[1].split("\n")[0]
 
-    # nothing passes the threshold: say so, and never ask the model
+    # nothing passes the threshold: say so in the question's language, with what was searched; never ask the model
     llm.seen.clear()
     none = Answerer(llm, engine, SearchOptions(k=3, mode="dense", threshold=0.999)).ask("xtuner是什么？")
-    assert none.answer == NO_HITS and none.sources == [] and llm.seen == []
+    assert none.declined and "没有找到" in none.answer and "xtuner是什么" in none.answer
+    assert none.sources == [] and llm.seen == []
 
 
 def test_ask_cites_the_gold_file_with_real_lines(xtuner_kb, default_chat_model):
@@ -108,5 +109,5 @@ def test_answer_evaluation_scores_facts_citations_and_declines(xtuner_kb):
                                        AIMessage("资料中没有提到企业版的价格。")]))
     report = evaluate_answers(Answerer(llm, engine, SearchOptions(k=3)), questions, SearchOptions(k=3))
     assert (report["n"], report["facts"], report["gold_cited"], report["declined"]) == (2, 1.0, 1.0, 1.0)
-    assert report["rows"][0]["cited"] == [gold_n] and report["ttft_median"] is not None
+    assert gold_n in report["rows"][0]["cited"] and report["ttft_median"] is not None
     assert {"n", "facts", "gold_cited", "declined", "ttft_median", "seconds_median", "k", "mode", "rows"} <= set(report)

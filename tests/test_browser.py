@@ -55,7 +55,8 @@ def server(xtuner_kb, default_gguf_path, tmp_path):
     port = free_port()
     env = dict(os.environ)
     env.pop("KB_EMBED_MODEL", None)
-    env.update(BASE_ENV, **llm_vars(default_gguf_path), KB_HOME=str(xtuner_kb.settings.home))
+    env.update(BASE_ENV, **llm_vars(default_gguf_path), KB_HOME=str(xtuner_kb.settings.home),
+               KB_LLM_PRELOAD="true")  # as in production: the model loads with the first page view
     streamlit = shutil.which("streamlit", path=str(Path(sys.executable).parent)) or "streamlit"
     log = tmp_path / "streamlit.log"
     cmd = [streamlit, "run", "Home.py", "--server.port", str(port), "--server.headless", "true",
@@ -109,9 +110,10 @@ def test_chat_in_a_real_browser(server):
             page.wait_for_function(f"({STREAMED_JS})({json.dumps(NOTE)}).length > 0", timeout=300_000, polling=100)
             timings["ask_to_first_streamed_text_s"] = round(time.monotonic() - t_ask, 2)
 
-            # the answer is complete when its sources are listed under it
-            citation = page.locator('[data-testid="stChatMessage"]').last.locator('[data-testid="stExpander"]').first
-            citation.wait_for(timeout=300_000)
+            # the answer is complete when its sources are listed under it (the status box is an expander too)
+            message = page.locator('[data-testid="stChatMessage"]').last
+            message.get_by_text("read by the model").wait_for(timeout=300_000)  # the final render, not the status
+            citation = message.locator('[data-testid="stExpander"]').filter(has_text="xtuner/").first
             timings["ask_to_answer_with_citations_s"] = round(time.monotonic() - t_ask, 2)
             answer = page.evaluate(f"({STREAMED_JS})({json.dumps(NOTE)})")
             assert answer.strip(), "an answer was rendered"
@@ -121,8 +123,30 @@ def test_chat_in_a_real_browser(server):
             link = citation.locator('a[href*="gitee.com/InternLM/xtuner/blob/"]').first
             link.wait_for()
             assert "#L" in (link.get_attribute("href") or "")
-            facts = page.locator('[data-testid="stChatMessage"]').last.get_by_text("first token").inner_text()
-            timings["first_token_after_models_loaded_s"] = float(facts.split("first token")[1].split("s")[0])
+            facts = message.get_by_text("first word").inner_text()
+            timings["first_word_after_asking_s"] = float(facts.split("first word")[1].split("s")[0])
+            page.screenshot(path=str(ARTIFACTS / "browser-chat.png"), full_page=True)
+            # a citation opens the Documents page at its file, with its lines highlighted
+            cite = message.locator('a[href*="documents?source="]').first
+            href = cite.get_attribute("href") or ""
+            assert "lines=" in href, href
+            with page.context.expect_page() as opened:
+                cite.click()
+            doc = opened.value
+            doc.wait_for_load_state("domcontentloaded")
+            marked = doc.locator(".st-key-docs_highlight")
+            marked.wait_for(timeout=120_000)
+            a, b = href.split("lines=")[1].split("&")[0].split("-")
+            assert f"Lines {a}–{b}" in marked.inner_text()
+            marked.scroll_into_view_if_needed()
+            doc.wait_for_timeout(1500)  # let the page finish drawing around it
+            doc.screenshot(path=str(ARTIFACTS / "browser-citation.png"), full_page=False)
+            doc.reload()  # the deep link survives a reload
+            doc.locator(".st-key-docs_highlight").wait_for(timeout=120_000)
+            doc.close()
+            page.reload()  # and so does the conversation, through its id in the URL
+            page.locator('[data-testid="stChatMessage"]').nth(1).wait_for(timeout=120_000)
+            assert "c=" in page.url, page.url
             page.screenshot(path=str(ARTIFACTS / "browser-chat.png"), full_page=True)
 
             # page switches once the models are loaded

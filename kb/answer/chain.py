@@ -8,8 +8,10 @@ is never asked, so it can't invent.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from langchain_core.language_models import BaseChatModel
@@ -17,29 +19,41 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, RunnablePassthrough
 
-from core.llm import reset_chat_model
-from kb.answer.prompts import CONDENSE_PROMPT, NO_HITS, PLAIN_PROMPT, RAG_PROMPT, format_history, rag_inputs
+from kb.answer.context import CONTEXT_TOKENS, Excerpt, excerpts, unit_embedder
+from kb.answer.prompts import (
+    CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, format_history, neutralise, rag_inputs,
+)
+from kb.answer.support import Sentence, coverage, support
 from kb.citations import cited_numbers
+from kb.errors import KBError
+from kb.ingest.loaders import git_lines
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
+from kb.search.signals import query_language
+
+STAGES = ("rewriting", "searching", "sources", "answering")
 
 
 @dataclass
 class Answer:
     question: str
     answer: str
-    sources: list[Hit] = field(default_factory=list)
+    sources: list[Hit] = field(default_factory=list)  # what the model read: each hit narrowed to its excerpt
     cited: list[int] = field(default_factory=list)  # 1-based source numbers the answer marks
     standalone_question: str = ""
     rag: bool = True
     seconds: float = 0.0
     first_token_seconds: float | None = None
+    sentences: list[Sentence] = field(default_factory=list)
+    declined: bool = False  # the chain's own "nothing here answers this"
+    chunks: list[Hit] = field(default_factory=list)  # the whole chunks the retriever found
 
     def as_dict(self) -> dict:
         return {
             "question": self.question, "standalone_question": self.standalone_question, "answer": self.answer,
             "rag": self.rag, "cited": self.cited, "seconds": self.seconds,
-            "first_token_seconds": self.first_token_seconds,
+            "first_token_seconds": self.first_token_seconds, "declined": self.declined,
+            "sentences": [s.as_dict() for s in self.sentences], "coverage": coverage(self.sentences),
             "sources": [
                 {"n": i, **{k: h.as_dict()[k] for k in ("rank", "score", "mode", "source", "path", "line_start",
                                                          "line_end", "commit", "url", "text", "heading")}}
@@ -60,66 +74,168 @@ def to_messages(history: list[tuple[str, str]] | list[BaseMessage] | None) -> li
     return out
 
 
-def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOptions) -> Runnable:
-    """input {question, history} → streams {standalone}, {hits}, then {answer} pieces."""
+class LineReader:
+    """A hit's lines as git numbers them, read from the file at its indexed commit (a few files kept)."""
+
+    def __init__(self, kb, keep: int = 64) -> None:
+        self.kb = kb
+        self.keep = keep
+        self._files: OrderedDict[tuple[str, str, str], list[str] | None] = OrderedDict()
+
+    def _file(self, hit: Hit) -> list[str] | None:
+        key = (hit.source, hit.path, hit.commit)
+        if key not in self._files:
+            try:
+                self._files[key] = git_lines(self.kb.read_document(hit.source, hit.path).text)
+            except (KBError, OSError, ValueError):  # a clone that lost the commit: the chunk's own text will do
+                self._files[key] = None
+            while len(self._files) > self.keep:
+                self._files.popitem(last=False)
+        self._files.move_to_end(key)
+        return self._files[key]
+
+    def __call__(self, hit: Hit) -> list[str]:
+        lines = self._file(hit)
+        if lines is None or hit.line_end > len(lines):
+            return hit.text.split("\n")[: hit.line_end - hit.line_start + 1]
+        return lines[hit.line_start - 1: hit.line_end]
+
+
+def searched(question: str, hits: list[Hit]) -> str:
+    """What a decline lists: the query, and the files it found (nothing that answered)."""
+    files = list(dict.fromkeys(f"{h.source}/{h.path}" for h in hits))
+    where = ", ".join(files[:5]) + (" …" if len(files) > 5 else "")
+    return f"“{question}”" + (f" → {where}" if where else "")
+
+
+def decline_text(question: str, hits: list[Hit]) -> str:
+    return DECLINE[query_language(question)].format(searched=searched(question, hits))
+
+
+def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOptions,
+                    context_tokens: int = CONTEXT_TOKENS) -> Runnable:
+    """input {question, history} → streams {standalone}, {hits}, {excerpts}, then {answer} pieces.
+
+    The answer step gets the standalone question, so a follow-up's "它" is
+    already resolved; retrieval searches the same text.
+    """
     condense = RunnableBranch(
         (lambda x: bool(x["history"]),
-         RunnableLambda(lambda x: {"history": format_history(x["history"]), "question": x["question"]})
+         RunnableLambda(lambda x: {"history": format_history(x["history"]), "question": neutralise(x["question"])})
          | CONDENSE_PROMPT | llm | StrOutputParser() | RunnableLambda(lambda s: s.strip().splitlines()[0] if s.strip() else "")),
         RunnableLambda(lambda x: x["question"]),
     )
-    retrieve = RunnableLambda(lambda x: engine.search(x["standalone"] or x["question"], options))
+    lines_of = LineReader(engine.kb)
+    embed = unit_embedder(engine.kb.embeddings)
+
+    def asked(x: dict) -> str:
+        return x["standalone"] or x["question"]
+
+    retrieve = RunnableLambda(lambda x: engine.search(asked(x), options))
+    narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens))
     generate = RunnableBranch(
-        (lambda x: not x["hits"], RunnableLambda(lambda x: NO_HITS)),
-        RunnableLambda(lambda x: rag_inputs(x["hits"], x["question"]))
+        (lambda x: not x["hits"], RunnableLambda(lambda x: decline_text(asked(x), []))),
+        RunnableLambda(lambda x: rag_inputs([e.hit for e in x["excerpts"]], asked(x)))
         | RAG_PROMPT | llm | StrOutputParser(),
     )
     return (
         RunnablePassthrough.assign(standalone=condense)
         | RunnablePassthrough.assign(hits=retrieve)
+        | RunnablePassthrough.assign(excerpts=narrow)
         | RunnablePassthrough.assign(answer=generate)
     )
 
 
 def build_plain_chain(llm: BaseChatModel) -> Runnable:
-    return RunnablePassthrough.assign(answer=PLAIN_PROMPT | llm | StrOutputParser())
+    return (RunnableLambda(lambda x: {"question": neutralise(x["question"]), "history": x["history"]})
+            | RunnablePassthrough.assign(answer=PLAIN_PROMPT | llm | StrOutputParser()))
 
 
 class Answerer:
-    """Runs the chains; ``stream`` yields answer text and fills in an :class:`Answer`."""
+    """Runs the chains; ``stream`` yields answer text and fills in an :class:`Answer`.
 
-    def __init__(self, llm: BaseChatModel, engine: SearchEngine | None = None, options: SearchOptions | None = None) -> None:
+    ``on_stage(stage, result)`` is told as each of ``STAGES`` begins, so a page
+    can list the sources before the first word arrives.
+    """
+
+    def __init__(self, llm: BaseChatModel, engine: SearchEngine | None = None, options: SearchOptions | None = None,
+                 context_tokens: int | None = None) -> None:
         self.llm = llm
         self.engine = engine
         self.options = options or SearchOptions()
+        configured = getattr(getattr(getattr(engine, "kb", None), "settings", None), "context_tokens", None)
+        self.context_tokens = context_tokens or configured or CONTEXT_TOKENS
+        self._embed = None  # the embedding model as unit vectors, made on the first RAG answer
 
     def stream(self, question: str, history=None, rag: bool = True, options: SearchOptions | None = None,
-               result: Answer | None = None) -> Iterator[str]:
+               result: Answer | None = None, on_stage=None) -> Iterator[str]:
         """Yield the answer as it is generated; ``result`` is completed when the stream ends."""
         result = result if result is not None else Answer(question=question, answer="")
         result.question, result.rag = question, rag
+        stage = on_stage or (lambda name, res: None)
         t0 = time.perf_counter()
-        reset_chat_model(self.llm)  # independent questions must not share llama.cpp state
+        messages = to_messages(history)
+        # Stop (the reader closes this generator): the model ends at its next token instead of writing on
+        # to max_tokens, holding the one model while nobody reads
+        cancel = threading.Event()
+        llm = self.llm.bind(cancel_event=cancel) if getattr(self.llm, "supports_cancel", False) else self.llm
         if rag:
             if self.engine is None:
                 raise ValueError("RAG needs a search engine")
-            chain = build_rag_chain(self.engine, self.llm, options or self.options)
+            chain = build_rag_chain(self.engine, llm, options or self.options, self.context_tokens)
         else:
-            chain = build_plain_chain(self.llm)
+            chain = build_plain_chain(llm)
+        yield from self._run(chain, question, messages, result, stage, t0, cancel)
+        if rag:
+            self._check(result)
+        result.seconds = round(time.perf_counter() - t0, 3)
+
+    def _run(self, chain: Runnable, question: str, messages: list[BaseMessage], result: Answer, stage,
+             t0: float, cancel: threading.Event) -> Iterator[str]:
+        rag = result.rag
+        stage("rewriting" if rag and messages else ("searching" if rag else "answering"), result)
         pieces: list[str] = []
-        for part in chain.stream({"question": question, "history": to_messages(history)}):
+        parts = chain.stream({"question": question, "history": messages})
+        try:
+            yield from self._collect(parts, result, stage, t0, pieces)
+        finally:  # the model first, then the chain's stream, whose close waits for the model's thread
+            cancel.set()
+            parts.close()
+        result.answer = "".join(pieces).strip()
+
+    @staticmethod
+    def _collect(parts, result: Answer, stage, t0: float, pieces: list[str]) -> Iterator[str]:
+        for part in parts:
             if "standalone" in part:
                 result.standalone_question = part["standalone"]
+                stage("searching", result)
             if "hits" in part:
-                result.sources = part["hits"]
+                result.chunks = part["hits"]
+            if "excerpts" in part:
+                result.sources = [e.hit for e in part["excerpts"]]
+                stage("sources", result)
+                stage("answering", result)
             if "answer" in part and part["answer"]:
                 if result.first_token_seconds is None:
                     result.first_token_seconds = round(time.perf_counter() - t0, 3)
                 pieces.append(part["answer"])
+                result.answer = "".join(pieces)
                 yield part["answer"]
-        result.answer = "".join(pieces).strip()
-        result.cited = cited_numbers(result.answer, len(result.sources))
-        result.seconds = round(time.perf_counter() - t0, 3)
+
+    def _check(self, result: Answer) -> None:
+        """Tie each sentence to its lines; a declining answer becomes one sentence listing what was searched."""
+        asked = result.standalone_question or result.question
+        if not result.sources:
+            result.declined = True
+            return
+        if self._embed is None:
+            self._embed = unit_embedder(self.engine.kb.embeddings)
+        result.sentences = support(result.answer, result.sources, self._embed)
+        if declines(result.answer) and not any(s.supported for s in result.sentences):
+            result.answer = decline_text(asked, result.sources)
+            result.sentences, result.declined = [], True
+        result.cited = sorted({s.source for s in result.sentences if s.supported}
+                              | set(cited_numbers(result.answer, len(result.sources))))
 
     def ask(self, question: str, history=None, rag: bool = True, options: SearchOptions | None = None) -> Answer:
         result = Answer(question=question, answer="")

@@ -15,18 +15,9 @@ import statistics
 import time
 
 from kb.answer.chain import Answerer
+from kb.answer.prompts import declines
 from kb.evaluate import answerable, category, is_hit
 from kb.search.hits import SearchOptions
-
-# How the prompt's rule "say you don't know" comes out, in both languages (and the chain's own no-hit answer).
-DECLINE_RE = re.compile(
-    r"不知道|没有找到|找不到|无法(根据|回答|确定|从)|(资料|文档|上下文|知识库)(中|里)?(没有|未|并未)(提到|提及|包含|说明|给出)|"
-    r"没有(相关|提到|提及)|未(提及|提到|找到)|"
-    r"(don'?t|do not|cannot|can'?t) (know|find|answer|determine)|not (mentioned|found|provided|included|stated|covered)|"
-    r"no (information|mention|relevant)|(do|does|did)(n'?t| not) (mention|contain|say|provide|include|cover|specify)",
-    re.IGNORECASE,
-)
-
 
 def _flat(text: str) -> str:
     return re.sub(r"\s+", "", text).lower()
@@ -36,10 +27,6 @@ def states_facts(answer: str, facts: list[list[str]]) -> bool:
     """Every group matched by one of its alternatives, ignoring case and spaces."""
     flat = _flat(answer)
     return all(any(_flat(alt) in flat for alt in group) for group in facts)
-
-
-def declines(answer: str) -> bool:
-    return bool(DECLINE_RE.search(answer))
 
 
 def _share(values: list[bool]) -> float | None:
@@ -60,13 +47,14 @@ def evaluate_answers(answerer: Answerer, questions: list[dict], options: SearchO
             "sources": [h.citation for h in result.sources],
             "gold": f"{q['repo']}/{q['path']}:{q['line_start']}-{q['line_end']}" if answerable(q) else "",
             "ttft_s": result.first_token_seconds, "seconds": round(time.perf_counter() - t0, 3),
+            "sentences": [x.as_dict() for x in result.sentences],
         }
         if answerable(q):
             row["facts"] = states_facts(result.answer, q["facts"]) if q.get("facts") else None
             row["gold_cited"] = any(is_hit(h, q) for h in cited)
             row["gold_retrieved"] = any(is_hit(h, q) for h in result.sources)
         else:
-            row["declined"] = declines(result.answer)
+            row["declined"] = result.declined or declines(result.answer)
         rows.append(row)
         progress(i, len(questions))
     ttfts = [r["ttft_s"] for r in rows if r["ttft_s"] is not None]
@@ -76,6 +64,8 @@ def evaluate_answers(answerer: Answerer, questions: list[dict], options: SearchO
         "gold_cited": _share([r["gold_cited"] for r in rows if "gold_cited" in r]),
         "gold_retrieved": _share([r["gold_retrieved"] for r in rows if "gold_retrieved" in r]),
         "declined": _share([r["declined"] for r in rows if "declined" in r]),
+        # sentences: the share of answer sentences with a claim that carry a citation (kb/answer/support.py)
+        "coverage": _share([x["supported"] for r in rows for x in r["sentences"] if x["claim"]]),
         "ttft_median": round(statistics.median(ttfts), 2) if ttfts else None,
         "seconds_median": round(statistics.median(r["seconds"] for r in rows), 2) if rows else None,
         "k": options.k, "mode": options.mode, "rows": rows,

@@ -9,6 +9,7 @@ fuses them (``kb/search/fusion.py``), optionally reranks
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,12 +21,13 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
 
 from core.settings import Settings
+from kb import log as runlog
 from kb.errors import KBError
 from kb.ingest.chunking import ChunkConfig
 from kb.search.bm25 import BM25Matrix
 from kb.search.fusion import fuse, specificity
 from kb.search import signals
-from kb.search.hits import IN_SOURCE, OPENING, PASSAGE_BM25, Hit, SearchOptions, hit_from_document
+from kb.search.hits import IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit, SearchOptions, hit_from_document
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, reachable
 from kb.store.manifest import Manifest
@@ -196,8 +198,12 @@ class SearchEngine:
     # the search
     def search(self, query: str, opts: SearchOptions | None = None) -> list[Hit]:
         """The hits for ``query``; a Chroma server outage is an error naming it, never an empty list."""
+        opts = opts or SearchOptions()
+        t0 = time.perf_counter()
         with reachable(self.kb.settings):
-            return self._search(query, opts or SearchOptions())
+            hits = self._search(query, opts)
+        runlog.log_search(self.kb.settings, query, opts, hits, (time.perf_counter() - t0) * 1000)
+        return hits
 
     def _search(self, query: str, opts: SearchOptions) -> list[Hit]:
         if not query.strip():
@@ -261,6 +267,10 @@ class SearchEngine:
                 lists = {**lists, OPENING: [(d, 0.0) for d in signals.opening(
                     self._readmes(coll, collection, named[0]), language, opts.opening_chunks)]}
                 weights[OPENING] = opts.opening_weight
+            elif opts.readme_weight and rest and fade > 0 and not opts.path_prefix:
+                lists = {**lists, README_SECTION: [(d, 0.0) for d in signals.readme_sections(
+                    self._readmes(coll, collection, named[0]), language, rest, opts.opening_chunks)]}
+                weights[README_SECTION] = opts.readme_weight * fade
         hits = fuse(lists, opts, bm25_scale=specificity(lex.matrix, tokens), extra_weights=weights)
         if opts.empty_penalty != 1.0:
             for h in hits:

@@ -24,6 +24,7 @@ SCORE_NOTES = {
 }
 PASSAGE_BM25 = "bm25 passages"
 OPENING = "readme opening"
+README_SECTION = "readme section"
 IN_SOURCE = "dense in source"
 
 
@@ -52,6 +53,7 @@ class SearchOptions:
     rest_idf: float = 6.0  # ... which fades as the question's other words get this specific
     opening_weight: float = 3.0  # RRF weight of the named source's root README opening (definitional questions)
     opening_chunks: int = 2  # how many opening chunks that list holds
+    readme_weight: float = 5.0  # RRF weight of the named source's README chunks holding the question's other words
     empty_penalty: float = 0.5  # fused score x this for a hit that is only a heading (1: off)
     collapse: bool = True  # keep one of near-duplicate hits, the copy that fits the question's language
 

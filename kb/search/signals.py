@@ -31,6 +31,7 @@ import numpy as np
 
 from kb.search.bm25 import BM25Matrix
 from kb.search.hits import Hit
+from kb.words import tokenize
 
 CJK_RE = re.compile(r"[\u3400-\u9fff]")
 HEADING_RE = re.compile(r"^\s{0,3}#{1,6}\s")
@@ -144,6 +145,28 @@ def opening(docs: Sequence, language: str, n: int) -> list:
     chunks = by_path[best]
     intro = [d for d in chunks if INTRO_HEADING_RE.search(d.metadata.get("heading", "").split(" > ")[-1])]
     return (intro + [d for d in chunks if d not in intro])[:n]
+
+
+def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) -> list:
+    """The chunks of a root README (the copy in the question's language) that hold the question's other words.
+
+    For "xtuner支持哪些模型？" or "How do I install LMDeploy?": the source is
+    named and the rest is generic ("支持", "模型", "install"), so BM25 spreads
+    it over hundreds of pages, while the README's own section on it (a model
+    table, an install block) is what a user means. Ranked by how many of the
+    words a chunk (with its heading path) holds; chunks holding none are left out.
+    """
+    wanted = set(rest)
+    if not docs or not wanted:
+        return []
+    copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
+    scored = []
+    for d in copy:
+        words = set(tokenize(d.metadata.get("heading", "") + "\n" + d.page_content))
+        hits = len(wanted & words)
+        if hits:
+            scored.append((-hits, int(d.metadata["line_start"]), d))
+    return [d for *_, d in sorted(scored, key=lambda t: t[:2])][:n]
 
 
 def content_words(text: str) -> int:

@@ -1,0 +1,160 @@
+"""The answer's context: a few lines of each hit's file, not the whole chunk.
+
+Prompt processing is the model's slow part on a CPU (about 100 tokens/s with
+two threads), so the first word of an answer waits for every prompt token.
+Five whole 400-token chunks made a 1,700-token prompt and a 23-28 s wait
+(README "Answers"). The retriever has already found *which* chunks answer;
+here each chunk is narrowed to the window of its lines that best matches the
+question (its words, weighted by how rare they are among the hits, plus the
+loaded embedding model's similarity), within a shared token budget. The
+excerpts are lines of the file as git numbers them, read at the indexed
+commit, so a citation of an excerpt is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from kb.citations import reanchor
+from kb.search.hits import Hit
+from kb.words import tokenize
+
+CJK_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+CONTEXT_TOKENS = 700  # excerpts in all, by default (KB_CONTEXT_TOKENS): README "Answers" for the trade-off
+MIN_TOKENS = 60  # no excerpt is cut below this (a table row and its header need room)
+LEXICAL_WEIGHT = 0.5  # share of the question's (rarity-weighted) words in a window, next to the cosine
+RANK_SHARES = (2.0, 1.5, 1.0, 1.0, 1.0)  # the budget's split over the hits by rank (README "Answers")
+WINDOWS_EMBEDDED = 3  # best windows per hit by words, re-scored with the embedding model
+
+
+def unit_embedder(embeddings) -> Callable[[list[str]], np.ndarray]:
+    """The loaded embedding model as texts -> unit vectors (a dot product is then the cosine)."""
+
+    def embed(texts: list[str]) -> np.ndarray:
+        v = np.asarray(embeddings.embed_documents(texts), dtype=np.float32)
+        return v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-9, None)
+
+    return embed
+
+
+def estimate_tokens(text: str) -> int:
+    """Chat-model tokens, roughly: CJK characters cost ~0.7 token each, other text ~1 per 3.2 characters.
+
+    Measured against the default model's tokenizer on the six repos' chunks;
+    an estimate keeps this module free of any one model.
+    """
+    cjk = len(CJK_RE.findall(text))
+    return math.ceil(cjk * 0.7 + (len(text) - cjk) / 3.2)
+
+
+@dataclass
+class Window:
+    start: int  # 0-based index into the hit's lines
+    end: int  # exclusive
+    text: str
+    score: float = 0.0
+
+
+def _windows(lines: Sequence[str], budget: int) -> list[Window]:
+    """Runs of consecutive lines within ``budget`` tokens, one starting at each non-blank line."""
+    out = []
+    for i, first in enumerate(lines):
+        if not first.strip():
+            continue
+        used, j = 0, i
+        while j < len(lines):
+            cost = estimate_tokens(lines[j]) + 1
+            if used + cost > budget and j > i:
+                break
+            used += cost
+            j += 1
+        while j > i + 1 and not lines[j - 1].strip():
+            j -= 1
+        out.append(Window(i, j, "\n".join(lines[i:j])))
+        if j == len(lines):  # later starts only lose lines
+            break
+    return out
+
+
+def _idf(question_words: set[str], texts: Sequence[str]) -> dict[str, float]:
+    """How telling each question word is among these texts (rare across the hits' lines: telling)."""
+    n = len(texts) or 1
+    docs = [set(tokenize(t)) for t in texts]
+    return {w: math.log(1 + n / (1 + sum(w in d for d in docs))) for w in question_words}
+
+
+def _lexical(words: dict[str, float], text: str) -> float:
+    if not words:
+        return 0.0
+    present = set(tokenize(text))
+    return sum(v for w, v in words.items() if w in present) / sum(words.values())
+
+
+@dataclass
+class Excerpt:
+    """A hit narrowed to the lines the prompt shows; ``hit`` is what a citation of it points at."""
+
+    hit: Hit
+    chunk: Hit  # the whole chunk the retriever found
+
+
+def _budgets(needs: list[int], total: int) -> list[int]:
+    """Split ``total`` by rank (``RANK_SHARES``): short hits take only what they need, and pass the rest down."""
+    budgets = [0] * len(needs)
+    left, open_ = total, list(range(len(needs)))
+    while open_:
+        weights = [RANK_SHARES[min(i, len(RANK_SHARES) - 1)] for i in open_]
+        shares = {i: max(MIN_TOKENS, int(left * w / sum(weights))) for i, w in zip(open_, weights)}
+        small = [i for i in open_ if needs[i] <= shares[i]]
+        if not small:
+            for i in open_:
+                budgets[i] = shares[i]
+            break
+        for i in small:
+            budgets[i] = needs[i]
+            left -= needs[i]
+        open_ = [i for i in open_ if i not in small]
+    return budgets
+
+
+def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]],
+             embed: Callable[[list[str]], np.ndarray] | None, total: int = CONTEXT_TOKENS) -> list[Excerpt]:
+    """Each hit's best window of lines for ``question``, the windows within ``total`` tokens together.
+
+    ``lines_of(hit)`` gives the hit's lines ``line_start..line_end`` as git
+    numbers them; ``embed`` turns texts into unit vectors (None: words alone decide).
+    """
+    all_lines = [lines_of(h) for h in hits]
+    needs = [estimate_tokens("\n".join(ls)) + len(ls) for ls in all_lines]
+    budgets = _budgets(needs, total)
+    idf = _idf(set(tokenize(question)), [line for ls in all_lines for line in ls])
+    out = []
+    for hit, lines, budget, need in zip(hits, all_lines, budgets, needs):
+        if need <= budget or not lines:
+            best = Window(0, len(lines), "\n".join(lines))
+        else:
+            best = _best_window(_windows(lines, budget), question, idf, embed)
+        a, b = hit.line_start + best.start, hit.line_start + max(best.end, best.start + 1) - 1
+        narrowed = replace(hit, line_start=a, line_end=b, text=best.text, url=reanchor(hit.url, a, b))
+        out.append(Excerpt(narrowed, hit))
+    return out
+
+
+def _best_window(windows: list[Window], question: str, idf: dict[str, float],
+                 embed: Callable[[list[str]], np.ndarray] | None) -> Window:
+    """The shortlist by words (and the chunk's opening), re-scored with the embedding model's cosine."""
+    for w in windows:
+        w.score = LEXICAL_WEIGHT * _lexical(idf, w.text)
+    shortlist = sorted(windows, key=lambda w: -w.score)[:WINDOWS_EMBEDDED]
+    if windows[0] not in shortlist:  # a chunk's opening often states what the rest details
+        shortlist.append(windows[0])
+    if embed is not None and len(shortlist) > 1:
+        vectors = embed([question] + [w.text for w in shortlist])
+        for w, v in zip(shortlist, vectors[1:]):
+            w.score += float(np.dot(vectors[0], v))
+    return max(shortlist, key=lambda w: w.score)
