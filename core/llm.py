@@ -10,8 +10,10 @@
   ``python -m llama_cpp.server``) through ``langchain_openai.ChatOpenAI``.
 
 Every model supports ``.invoke`` and ``.stream`` (real token streaming). Loading
-is slow (seconds to minutes), so callers build a model once and cache it; call
-``reset_chat_model`` between independent questions.
+is slow (seconds to minutes), so callers build a model once and cache it.
+llama.cpp keeps the tokens it has evaluated and reuses the longest common
+prefix of the next prompt (the answer prompt's rules), so the chain no longer
+resets it between questions; ``reset_chat_model`` drops that state on demand.
 
 Heavy libraries (llama_cpp, torch, transformers, openai) are imported only by the
 backend that needs them, so e.g. the openai path never loads torch.

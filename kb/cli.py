@@ -272,6 +272,9 @@ def cmd_ask(args: argparse.Namespace) -> dict:
                 mark = "*" if i in result.cited else " "
                 print(f"{mark}[{i}] {h.citation}" + (f"  {h.url}" if h.url else ""))
         print(f"({result.seconds:.1f}s, first token after {result.first_token_seconds or 0:.1f}s)", file=sys.stderr)
+    from kb.log import log_answer
+
+    log_answer(kb.settings, result)
     return result.as_dict()
 
 

@@ -64,7 +64,7 @@ BACKUPS = 5
 LIST_CAP = 100  # a job report's lists (paths added, skipped files, problems) keep this many entries
 TEXT_CAP = 2_000  # messages
 TRACEBACK_CAP = 20_000
-JOB_KINDS = ("sync", "upload", "rechunk", "verify")
+JOB_KINDS = ("sync", "upload", "rechunk", "verify", "export", "import")
 KINDS = JOB_KINDS + ("search", "answer", "feedback", "error")
 _RESERVED = ("ts", "kind", "pid")
 
@@ -572,6 +572,9 @@ def describe(rec: dict) -> str:
                          f"chunks embedded {rep.get('chunks_embedded')}, {rep.get('seconds')} s")
         if kind == "rechunk" and g("collection"):
             parts.append(f"built {g('collection')} ({g('chunk_config')}, {g('chunks')} chunks, {g('seconds')} s)")
+        if kind in ("export", "import") and g("collection"):
+            parts.append(f"{g('collection')}: {g('chunks')} chunks, {g('passages')} passages, {g('sources')} sources"
+                         + (f", {g('path')} ({g('bytes')} bytes)" if g("path") else "") + f", {g('seconds')} s")
         if kind == "verify" and "healthy" in rec:
             parts.append(("healthy" if g("healthy") else "NOT healthy") + (" after repair" if g("repaired") else ""))
         text = "; ".join(parts) or json.dumps({k: v for k, v in rec.items() if k not in _RESERVED}, ensure_ascii=False)

@@ -622,6 +622,7 @@ class KnowledgeBase:
 
     # snapshots (kb/snapshot.py)
     @reaching_chroma
+    @runlog.job("export", dict)
     def export_snapshot(self, path: str | Path | None = None, with_repos: bool = False,
                         progress: Progress = no_progress) -> dict:
         """Write the manifest, the live collection and its passages (and the clones) to one checked ``.tar.gz``;
@@ -632,6 +633,7 @@ class KnowledgeBase:
                                         progress=progress)
 
     @reaching_chroma
+    @runlog.job("import", dict)
     def import_snapshot(self, path: str | Path, progress: Progress = no_progress) -> dict:
         """Load a snapshot into this knowledge base, which must be empty: all of it, or nothing."""
         from kb import snapshot

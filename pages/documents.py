@@ -17,7 +17,9 @@ from kb.ingest.chunking import SPLITTERS, UNITS
 from kb.ingest.preview import annotated_lines, length_histogram, over_window, preview_chunks
 from kb.markdown import escape_markdown
 from kb.citations import file_url as web_file_url, parse_lines
-from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
+from pages import _resources as resources
+from pages._common import expected_errors, kb_or_stop, require_admin, show_error
+from pages._jobs import ended_jobs, jobs_panel, track
 
 MAX_VIEW_LINES = 1500
 LINK = "_docs_link"  # (source, path, lines) of the URL last applied or written: a new one is a link to open
@@ -336,11 +338,18 @@ with rechunk_tab:
     st.caption(f"Builds a new collection beside the live one from the {n_docs} documents of {n_src} source(s) at "
                "their indexed commits, embeds what isn't stored yet, and switches the live collection only when it "
                "is complete. The old collection stays (see Collections) until you delete it.")
+    queue = resources.job_queue(s)
     if st.button("Re-chunk the whole knowledge base", type="primary", key="rc_apply"):
-        result, err = run_with_status(f"Re-chunking with {config.label()}", lambda p: kb.rechunk(config, p))
-        if result is not None:
-            st.session_state["rechunk_result"] = result
-            st.rerun()
+        try:  # a job in the server's worker: it goes on if the admin leaves this page
+            track(queue.submit_rechunk(config), "rc")
+        except expected_errors() as exc:
+            show_error(exc)
+    for rec, prefix in ended_jobs(queue):
+        if prefix == "rc" and rec["state"] == "done" and rec.get("report"):
+            st.session_state["rechunk_result"] = rec["report"]
+        elif prefix == "rc" and rec.get("error"):
+            show_error(Exception(f"re-chunk {rec['state']}: {rec['error']}"))
+    jobs_panel(queue, recent=3)
     done = st.session_state.get("rechunk_result")
     if done:
         st.success(

@@ -14,6 +14,7 @@ from kb.citations import location, parse_lines, viewer_link
 from kb.evaluate import FEEDBACK_LABEL, load_questions, question_set, run_label, run_time, shipped_sets
 from kb.markdown import escape_markdown
 from kb.search.hits import MODES, SearchOptions
+from pages._jobs import ended_jobs, jobs_panel, track
 from pages._common import expected_errors, kb_or_stop, require_admin, show_error, when
 
 st.title(":material/analytics: Evaluation")
@@ -192,19 +193,20 @@ def retrieval_section(questions: list[dict], questions_name: str, only_indexed: 
     c1, c2 = st.columns([3, 1])
     modes = c1.multiselect("Modes", MODES, default=list(MODES), key="eval_modes")
     k = c2.slider("k", 1, 20, min(max(s.top_k, 1), 20), key="eval_k")
+    queue = resources.job_queue(s)
     if st.button("Run evaluation", type="primary", disabled=not modes, key="eval_run"):
-        reports = {}
-        try:
-            engine = resources.search_engine(s)
-            bar = st.progress(0.0, text="Evaluating…")
-            for i, mode in enumerate(modes):
-                bar.progress(i / len(modes), text=f"Evaluating {mode}…")
-                reports[mode] = kb.run_and_save_evaluation(engine, questions, SearchOptions(k=k, mode=mode),
-                                                           questions_name, only_indexed=only_indexed)
-            bar.empty()
+        try:  # a job in the server's worker, with live progress: it goes on if the admin leaves this page
+            track(queue.submit_evaluation(resources.search_engine(s), questions,
+                                          [SearchOptions(k=k, mode=m) for m in modes], questions_name,
+                                          only_indexed=only_indexed), "eval")
         except expected_errors() as exc:
             show_error(exc)
-        st.session_state["eval_reports"] = reports
+    for rec, prefix in ended_jobs(queue):
+        if prefix == "eval" and rec.get("report"):
+            st.session_state["eval_reports"] = {r["mode"]: r for r in rec["report"].get("runs", [])}
+        if prefix == "eval" and rec.get("error"):
+            show_error(Exception(f"evaluation {rec['state']}: {rec['error']}"))
+    jobs_panel(queue, recent=3)
 
     reports = st.session_state.get("eval_reports") or {}
     if reports:

@@ -19,38 +19,13 @@ from kb.errors import KBError
 from kb.citations import link_markers
 from kb.ingest.preview import annotated_lines, length_histogram, line_cover, preview_chunks
 from kb.markdown import escape_markdown, mark_terms, snippet
+from page_helpers import finish_jobs, frame_with, ok, texts
 
 
 EVIL_DOC = (
     b"# Notes\n\nSome *text* about xtuner.\n\n<script>window.__pwned = 1; alert('x')</script>\n\n"
     b"<img src=x onerror=\"window.__pwned = 2\">\n\n:red[directive] and [link](javascript:alert(1))\n"
 )
-
-
-def ok(at):
-    """No exception box anywhere on the page."""
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
-
-
-def finish_jobs(at):
-    """Syncs and uploads run as background jobs (kb/jobs.py): let them end, then rerun as the jobs panel does."""
-    from pages import _resources as resources
-
-    assert resources.job_queue().wait_idle(300)
-    return at.run()
-
-
-def frame_with(at, column: str):
-    """The first dataframe on the page that has ``column``."""
-    for df in at.dataframe:
-        if column in df.value.columns:
-            return df.value
-    raise AssertionError(f"no dataframe with a {column!r} column: {[list(d.value.columns) for d in at.dataframe]}")
 
 
 # ---------------------------------------------------------------------------- plain helpers
@@ -320,7 +295,7 @@ def test_documents_view_and_rechunk(lagent_env, open_page, shared_kb):
     assert len(rows) == int(metrics["Chunks"]) and rows["tokens"].max() <= 256
 
     at.button(key="rc_apply").click().run(timeout=120)
-    ok(at)
+    ok(finish_jobs(at))  # a re-chunk is a background job too
     after, cfg = kb.live()
     assert after != before and cfg.unit == "tokens" and cfg.size == 64
     assert "Live collection is now" in texts(at.success)
@@ -458,7 +433,7 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     at.toggle(key="eval_only_indexed").set_value(False)  # score every question (test_pages_admin: only indexed)
     at.multiselect(key="eval_modes").set_value(["bm25", "hybrid"])
     at.button(key="eval_run").click().run(timeout=180)
-    ok(at)
+    ok(finish_jobs(at))  # an evaluation is a background job
     summary = frame_with(at, "mrr")
     assert list(summary["mode"]) == ["bm25", "hybrid"] and (summary["n"] == 24).all()
     per_q = frame_with(at, "gold")
@@ -473,7 +448,7 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     at.radio(key="eval_origin").set_value("Held-out set").run()
     at.multiselect(key="eval_modes").set_value(["bm25"])
     at.button(key="eval_run").click().run(timeout=180)
-    ok(at)
+    ok(finish_jobs(at))  # an evaluation is a background job
     assert list(frame_with(at, "mrr")["n"]) == [36]
     assert at.selectbox(key="eval_past_set:holdout_questions.jsonl").value == "holdout_questions.jsonl"
     assert len(frame_with(at, "chunking")) == 1

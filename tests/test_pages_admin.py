@@ -17,22 +17,7 @@ from kb.citations import viewer_link
 from kb.conversations import ConversationStore
 from kb.evaluate import FEEDBACK_LABEL, feedback_questions, load_questions, past_runs, save_run
 from page_fixtures import HOME_PY
-
-
-def ok(at):
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
-
-
-def frame_with(at, column: str):
-    for df in at.dataframe:
-        if column in df.value.columns:
-            return df.value
-    raise AssertionError(f"no dataframe with a {column!r} column: {[list(d.value.columns) for d in at.dataframe]}")
+from page_helpers import finish_jobs, frame_with, ok, texts
 
 
 def open_with(page: str, params: dict[str, str], timeout: float = 90) -> AppTest:
@@ -159,7 +144,7 @@ def test_evaluation_scores_only_indexed_questions_and_labels_runs(xtuner_env, op
     assert "left out of the scores" in texts(at.warning)
     at.multiselect(key="eval_modes").set_value(["hybrid"])
     at.button(key="eval_run").click().run(timeout=180)
-    ok(at)
+    ok(finish_jobs(at))  # an evaluation is a background job
     assert not at.error, texts(at.error)
     summary = frame_with(at, "mrr")
     assert list(summary["n"]) == [4], "only the xtuner questions are scored"

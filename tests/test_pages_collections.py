@@ -10,15 +10,7 @@ from pathlib import Path
 
 from conftest import add_bundle
 from kb import snapshot
-
-
-def ok(at):
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
+from page_helpers import ok, texts
 
 
 def records_frame(at):

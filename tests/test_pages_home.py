@@ -8,15 +8,7 @@ import pytest
 
 from core.settings import Settings
 from kb import log as runlog
-
-
-def ok(at):
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
+from page_helpers import frame_with, ok, texts
 
 
 def metric(at, label: str):
@@ -24,13 +16,6 @@ def metric(at, label: str):
         if m.label == label:
             return m
     raise AssertionError(f"no metric {label!r}: {[m.label for m in at.metric]}")
-
-
-def frame_with(at, column: str):
-    for df in at.dataframe:
-        if column in df.value.columns:
-            return df.value
-    raise AssertionError(f"no dataframe with a {column!r} column: {[list(d.value.columns) for d in at.dataframe]}")
 
 
 def charts(at) -> list:

@@ -16,24 +16,9 @@ import time
 import pytest
 
 from conftest import ROOT
+from page_helpers import frame_with, ok, texts
 
 EVIL_FREE_DOC = b"# Notes\n\nBackground jobs index uploads too.\n"
-
-
-def ok(at):
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
-
-
-def frame_with(at, column: str):
-    for df in at.dataframe:
-        if column in df.value.columns:
-            return df.value
-    raise AssertionError(f"no dataframe with a {column!r} column: {[list(d.value.columns) for d in at.dataframe]}")
 
 
 def queue():

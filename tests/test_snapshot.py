@@ -447,3 +447,19 @@ def test_round_trip_through_a_chroma_server(source, tmp_path, tiny_st_dir, tiny_
             other.import_snapshot(source["without"])
     finally:
         server.stop()
+
+
+def test_export_and_import_are_logged(source, tmp_path, tiny_st_dir, tiny_embeddings):
+    """Snapshots are jobs of the log like a sync: `kb log --kind export` / `--kind import` show them."""
+    from kb import log as runlog
+
+    records = runlog.read(source["kb"].settings, kinds=["export"])
+    # other tests export this knowledge base too (the CLI's), or are refused (logged with their error)
+    exports = {r["path"]: r for r in records if "error" not in r}
+    for key in ("with_repos", "without"):
+        assert exports[str(source[key])]["chunks"] == source["exported"]["chunks"]
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    out = kb.import_snapshot(source["without"])
+    (rec,) = runlog.read(kb.settings, kinds=["import"])
+    assert rec["chunks"] == out["chunks"] and rec["collection"] == out["collection"]
+    assert "passages" in runlog.describe(rec)

@@ -1,9 +1,10 @@
-"""Answers with sources: an LCEL chain of rewrite → retrieve → prompt → stream.
+"""Answers with sources: an LCEL chain of rewrite → retrieve → excerpts → prompt → stream → check.
 
-The prompts live in ``kb/answer/prompts.py``; each ``[n]`` marker of the
-answer maps back to a hit with path, lines and commit (``kb/citations.py``).
-When nothing passes the threshold the chain answers so plainly and the model
-is never asked, so it can't invent.
+The prompts live in ``kb/answer/prompts.py``; the model reads each hit's best
+lines (``kb/answer/context.py``), and after it has written, each sentence is
+tied to the lines that support it or flagged (``kb/answer/support.py``).
+When nothing passes the threshold the chain declines in the question's
+language, listing what it searched, and the model is never asked.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, RunnablePassthrough
 
-from kb.answer.context import CONTEXT_TOKENS, Excerpt, excerpts, unit_embedder
+from kb.answer.context import CONTEXT_TOKENS, excerpts, unit_embedder
 from kb.answer.prompts import (
     CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, format_history, neutralise, rag_inputs,
 )
