@@ -145,3 +145,14 @@ def lagent_kb(tmp_path_factory, corpus, default_embeddings):
 
 def git(*args: str, cwd: Path | None = None) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def history_remote(tmp_path, corpus):
+    """Shared by the sync and watcher tests: a bare repo made from xtuner-history.bundle, with main moved back to commit 1."""
+    remote = tmp_path / "xtuner-remote.git"
+    git("clone", "-q", "--bare", str(corpus / "xtuner-history.bundle"), str(remote))
+    new = git("rev-parse", "main", cwd=remote)
+    old = git("rev-parse", "main~1", cwd=remote)
+    git("update-ref", "refs/heads/main", old, cwd=remote)
+    return remote, old, new

@@ -293,17 +293,6 @@ def test_a_job_whose_process_died_is_recorded_as_interrupted(tiny_kb, queue_of):
 
 
 @pytest.fixture
-def history_remote(tmp_path, corpus):
-    """A bare repo made from xtuner-history.bundle, with main moved back to commit 1."""
-    remote = tmp_path / "xtuner-remote.git"
-    git("clone", "-q", "--bare", str(corpus / "xtuner-history.bundle"), str(remote))
-    new = git("rev-parse", "main", cwd=remote)
-    old = git("rev-parse", "main~1", cwd=remote)
-    git("update-ref", "refs/heads/main", old, cwd=remote)
-    return remote, old, new
-
-
-@pytest.fixture
 def small_remote(tmp_path, corpus):
     """A bare repo made from lagent.bundle, holding one more commit (a new page and an edited one) that main is
     moved to by the test: like ``history_remote``, at a fraction of the cost."""

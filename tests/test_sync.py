@@ -72,17 +72,6 @@ def assert_passages_cover(kb, chunks: dict) -> None:
         assert stored[cid] == {p.text_hash for p in split_passages([chunk], config, token_len)}
 
 
-@pytest.fixture
-def history_remote(tmp_path, corpus):
-    """A bare repo made from xtuner-history.bundle, with main moved back to commit 1."""
-    remote = tmp_path / "xtuner-remote.git"
-    git("clone", "-q", "--bare", str(corpus / "xtuner-history.bundle"), str(remote))
-    new = git("rev-parse", "main", cwd=remote)
-    old = git("rev-parse", "main~1", cwd=remote)
-    git("update-ref", "refs/heads/main", old, cwd=remote)
-    return remote, old, new
-
-
 def test_incremental_sync_embeds_only_changed_files(tiny_kb, history_remote):
     remote, old, new = history_remote
     tiny_kb.add_source("xtuner", str(remote))

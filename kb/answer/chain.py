@@ -114,7 +114,8 @@ def decline_text(question: str, hits: list[Hit]) -> str:
 
 
 def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOptions,
-                    context_tokens: int = CONTEXT_TOKENS) -> Runnable:
+                    context_tokens: int = CONTEXT_TOKENS, lines_of: LineReader | None = None,
+                    embed=None) -> Runnable:
     """input {question, history} → streams {standalone}, {hits}, {excerpts}, then {answer} pieces.
 
     The answer step gets the standalone question, so a follow-up's "它" is
@@ -126,8 +127,8 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
          | CONDENSE_PROMPT | llm | StrOutputParser() | RunnableLambda(lambda s: s.strip().splitlines()[0] if s.strip() else "")),
         RunnableLambda(lambda x: x["question"]),
     )
-    lines_of = LineReader(engine.kb)
-    embed = unit_embedder(engine.kb.embeddings)
+    lines_of = lines_of or LineReader(engine.kb)
+    embed = embed or unit_embedder(engine.kb.embeddings)
 
     def asked(x: dict) -> str:
         return x["standalone"] or x["question"]
@@ -166,7 +167,9 @@ class Answerer:
         self.options = options or SearchOptions()
         configured = getattr(getattr(getattr(engine, "kb", None), "settings", None), "context_tokens", None)
         self.context_tokens = context_tokens or configured or CONTEXT_TOKENS
-        self._embed = None  # the embedding model as unit vectors, made on the first RAG answer
+        # made on the first RAG answer and kept, so an evaluation run reuses the files it has read
+        self._embed = None  # the embedding model as unit vectors
+        self._lines: LineReader | None = None
 
     def stream(self, question: str, history=None, rag: bool = True, options: SearchOptions | None = None,
                result: Answer | None = None, on_stage=None) -> Iterator[str]:
@@ -183,7 +186,9 @@ class Answerer:
         if rag:
             if self.engine is None:
                 raise ValueError("RAG needs a search engine")
-            chain = build_rag_chain(self.engine, llm, options or self.options, self.context_tokens)
+            self._tools()
+            chain = build_rag_chain(self.engine, llm, options or self.options, self.context_tokens,
+                                    self._lines, self._embed)
         else:
             chain = build_plain_chain(llm)
         yield from self._run(chain, question, messages, result, stage, t0, cancel)
@@ -223,14 +228,19 @@ class Answerer:
                 result.answer = "".join(pieces)
                 yield part["answer"]
 
+    def _tools(self) -> None:
+        """The file reader and unit-vector embedder of RAG answers, made once per answerer."""
+        if self._embed is None:
+            self._embed = unit_embedder(self.engine.kb.embeddings)
+            self._lines = LineReader(self.engine.kb)
+
     def _check(self, result: Answer) -> None:
         """Tie each sentence to its lines; a declining answer becomes one sentence listing what was searched."""
         asked = result.standalone_question or result.question
         if not result.sources:
             result.declined = True
             return
-        if self._embed is None:
-            self._embed = unit_embedder(self.engine.kb.embeddings)
+        self._tools()
         result.sentences = support(result.answer, result.sources, self._embed)
         if declines(result.answer) and not any(s.supported for s in result.sentences):
             result.answer = decline_text(asked, result.sources)
