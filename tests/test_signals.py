@@ -65,6 +65,8 @@ def test_asked_about_leaves_what_the_question_is_about():
 def test_readme_title_and_root_readmes():
     assert signals.readme_title("<p>\n    <b><font size=\"6\">浦语·灵笔2.5</font></b>\n</p>") == "浦语·灵笔2.5"
     assert signals.readme_title("badges\n# InternLM\n\n## Introduction") == "InternLM"
+    # the code name as the heading and the spoken name in a banner: both name the source
+    assert signals.readme_title("# InternLM\n<div>\n<b><font size=\"5\">书生·浦语 官网</font></b>") == "InternLM · 书生·浦语 官网"
     assert signals.is_root_readme("README_zh-CN.md") and signals.is_root_readme("README.md")
     assert not signals.is_root_readme("docs/README.md") and not signals.is_root_readme("READMEX.md")
 
@@ -147,3 +149,35 @@ def test_evaluation_reports_per_category_and_skips_unanswerable(monkeypatch):
     assert report["by_category"] == {"overview": {"n": 1, "hit@1": 0.0, "hit@k": 1.0, "mrr": 0.5},
                                      "specific": {"n": 1, "hit@1": 1.0, "hit@k": 1.0, "mrr": 1.0}}
     assert scores([1, None, 2, None]) == {"n": 4, "hit@1": 0.25, "hit@k": 0.5, "mrr": 0.375}
+
+
+def _doc(path, a, heading, text):
+    return Document(page_content=text, id=f"{path}:{a}",
+                    metadata={"path": path, "line_start": a, "line_end": a + 5, "heading": heading})
+
+
+def test_opening_finds_an_introduction_heading_inside_a_chunk():
+    filler = " ".join(["news"] * 40)
+    docs = [_doc("README.md", 10, "Latest News", filler), _doc("README.md", 30, "Latest News", filler),
+            _doc("README.md", 60, "Latest News", filler + "\n\n# Introduction\n\nLMDeploy is a toolkit.")]
+    assert [d.id for d in signals.opening(docs, "en", 1)] == ["README.md:60"]
+
+
+def test_readme_sections_rank_a_matching_section_title_first_and_match_word_stems():
+    body = " ".join(["text"] * 40)
+    docs = [_doc("README.md", 10, "News", body + " we now support installing on Ascend with pip"),
+            _doc("README.md", 50, "Quick Start > Installation", "## Installation\n" + body + " pip"),
+            _doc("README.md", 90, "Supported Models", "## Supported Models\n" + body + " Llama Qwen"),
+            _doc("README.md", 120, "License", body)]
+    assert [d.id for d in signals.readme_sections(docs, "en", ["install"], 3)] == ["README.md:50", "README.md:10"]
+    assert [d.id for d in signals.readme_sections(docs, "en", ["models", "support"], 3)][0] == "README.md:90"
+    assert signals.readme_sections(docs, "en", ["license"], 3)[0].id == "README.md:120"
+    assert signals.readme_sections(docs, "en", ["quantization"], 3) == []  # no chunk holds it
+
+
+@pytest.mark.parametrize("question,expected", [
+    ("xtuner是什么？", True), ("InternLM 是干什么的？", True), ("What is LMDeploy?", True), ("What's Lagent?", True),
+    ("介绍一下 OpenCompass", True), ("How do I install LMDeploy?", False), ("xtuner支持哪些模型？", False),
+])
+def test_definitional_questions(question, expected):
+    assert signals.definitional(question) is expected

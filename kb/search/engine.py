@@ -263,13 +263,16 @@ class SearchEngine:
             rest = signals.asked_about(tokens, named, self._aliases(collection))
             fade = 1.0 - min(1.0, lex.matrix.max_idf(rest) / opts.rest_idf) if rest else 1.0
             weights[IN_SOURCE] = opts.in_source_weight * fade
-            if opts.opening_weight and not rest and not opts.path_prefix:
-                lists = {**lists, OPENING: [(d, 0.0) for d in signals.opening(
-                    self._readmes(coll, collection, named[0]), language, opts.opening_chunks)]}
-                weights[OPENING] = opts.opening_weight
-            elif opts.readme_weight and rest and fade > 0 and not opts.path_prefix:
+            # A question about what the source is ("InternLM 是什么？书生·浦语大模型是干什么的？") wants its
+            # opening; one asking about something generic in it ("How do I install LMDeploy?") its README's
+            # section on that. Both lists fade as the question's other words get specific.
+            readmes = None if opts.path_prefix else self._readmes(coll, collection, named[0])
+            if readmes and opts.opening_weight and (not rest or signals.definitional(query)) and fade > 0:
+                lists = {**lists, OPENING: [(d, 0.0) for d in signals.opening(readmes, language, opts.opening_chunks)]}
+                weights[OPENING] = opts.opening_weight * fade
+            if readmes and opts.readme_weight and rest and fade > 0:
                 lists = {**lists, README_SECTION: [(d, 0.0) for d in signals.readme_sections(
-                    self._readmes(coll, collection, named[0]), language, rest, opts.opening_chunks)]}
+                    readmes, language, rest, opts.opening_chunks)]}
                 weights[README_SECTION] = opts.readme_weight * fade
         hits = fuse(lists, opts, bm25_scale=specificity(lex.matrix, tokens), extra_weights=weights)
         if opts.empty_penalty != 1.0:

@@ -24,6 +24,8 @@ passage in README.md and docs/get_started must not take two of five slots.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from collections.abc import Sequence
 
@@ -79,12 +81,18 @@ TITLE_RE = re.compile(r"^#\s+(.+)$|<b>(?:<[^>]+>)*([^<]+)")
 
 
 def readme_title(text: str, lines: int = 30) -> str:
-    """The project's name as its README writes it: the first ``# Title`` or bold ``<b>`` title near the top."""
+    """The project's names as its README writes them: the first ``# Title`` and the first bold ``<b>`` title.
+
+    Both, because a README often carries its code name as the heading and its
+    spoken name in a banner ("# InternLM" above "<b>书生·浦语 官网</b>").
+    """
+    found: dict[int, str] = {}
     for line in text.splitlines()[:lines]:
         m = TITLE_RE.search(line.strip())
         if m:
-            return (m.group(1) or m.group(2) or "").strip()
-    return ""
+            group = 1 if m.group(1) else 2
+            found.setdefault(group, (m.group(group) or "").strip())
+    return " · ".join(found[g] for g in sorted(found))
 
 
 def named_sources(matrix: BM25Matrix, sources: np.ndarray, tokens: Sequence[str],
@@ -116,6 +124,15 @@ def naming_words(tokens: Sequence[str], source: str, aliases: dict[str, set[str]
     return {t for t in tokens if t in aliases.get(source, set())}
 
 
+DEFINITIONAL_RE = re.compile(r"是什么|什么是|是干什么|干什么|做什么|是啥|介绍一下|\bwhat\s+(is|are)\b|\bwhat's\b|"
+                             r"\bintroduce\b|\btell me about\b", re.IGNORECASE)
+
+
+def definitional(query: str) -> bool:
+    """Whether the question asks what something is ("…是什么？", "What is …?", "介绍一下 …")."""
+    return bool(DEFINITIONAL_RE.search(query))
+
+
 def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, set[str]]) -> list[str]:
     """The question's words once the source's names and the bare question words are taken out.
 
@@ -123,6 +140,12 @@ def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, 
     """
     names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
     return [t for t in tokens if t not in names and t not in QUESTION_WORDS]
+
+
+def headings(doc) -> list[str]:
+    """A chunk's headings: the path it sits under, and any heading that starts inside it."""
+    inner = [HEADING_RE.sub("", l).strip() for l in doc.page_content.splitlines() if HEADING_RE.match(l)]
+    return [h for h in doc.metadata.get("heading", "").split(" > ") if h] + inner
 
 
 def opening(docs: Sequence, language: str, n: int) -> list:
@@ -143,8 +166,30 @@ def opening(docs: Sequence, language: str, n: int) -> list:
     zh = language == "zh"
     best = min(by_path, key=lambda p: (zh != any(m in p.lower() for m in ("zh", "_cn", "-cn")), len(p)))
     chunks = by_path[best]
-    intro = [d for d in chunks if INTRO_HEADING_RE.search(d.metadata.get("heading", "").split(" > ")[-1])]
+    intro = [d for d in chunks if any(INTRO_HEADING_RE.search(h) for h in _own_headings(d))]
     return (intro + [d for d in chunks if d not in intro])[:n]
+
+
+def _own_headings(doc) -> list[str]:
+    """The chunk's nearest heading and those inside it (not the document title above everything)."""
+    path = [h for h in doc.metadata.get("heading", "").split(" > ") if h]
+    return path[-1:] + headings(doc)[len(path):]
+
+
+def _stem_match(wanted: set[str], words: set[str]) -> set[str]:
+    """The wanted words found in ``words``; a Latin word also by a shared stem ("install" in "installation",
+    "support" in "supported", "models" in "model"), since BM25's words are not stemmed."""
+    found = wanted & words
+    latin = [v for v in words if v.isascii() and len(v) >= 5]
+    for w in wanted - found:
+        if w.isascii() and len(w) >= 5 and any(_same_stem(w, v) for v in latin):
+            found.add(w)
+    return found
+
+
+def _same_stem(a: str, b: str) -> bool:
+    common = len(os.path.commonprefix([a, b]))
+    return common >= 5 and common >= min(len(a), len(b)) - 2
 
 
 def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) -> list:
@@ -153,20 +198,24 @@ def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) 
     For "xtuner支持哪些模型？" or "How do I install LMDeploy?": the source is
     named and the rest is generic ("支持", "模型", "install"), so BM25 spreads
     it over hundreds of pages, while the README's own section on it (a model
-    table, an install block) is what a user means. Ranked by how many of the
-    words a chunk (with its heading path) holds; chunks holding none are left out.
+    table, an install block) is what a user means. As documentation search
+    ranks a match in a section's title above one in its text: first by the
+    words in the chunk's own headings, then by those in the chunk, each word
+    weighed by its rarity among the README's chunks (so the "Installation" or
+    "Supported Models" section comes before a news line that mentions
+    installing). Chunks holding none are left out.
     """
     wanted = set(rest)
     if not docs or not wanted:
         return []
     copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
-    scored = []
-    for d in copy:
-        words = set(tokenize(d.metadata.get("heading", "") + "\n" + d.page_content))
-        hits = len(wanted & words)
-        if hits:
-            scored.append((-hits, int(d.metadata["line_start"]), d))
-    return [d for *_, d in sorted(scored, key=lambda t: t[:2])][:n]
+    found = [(_stem_match(wanted, set(tokenize(d.metadata.get("heading", "") + "\n" + d.page_content))),
+              _stem_match(wanted, set(tokenize(" ".join(_own_headings(d)))))) for d in copy]
+    df = {w: sum(w in body for body, _ in found) for w in wanted}
+    idf = {w: math.log(1 + (len(copy) - n + 0.5) / (n + 0.5)) for w, n in df.items()}
+    scored = [(-sum(idf[w] for w in heading), -sum(idf[w] for w in body), int(d.metadata["line_start"]), d)
+              for d, (body, heading) in zip(copy, found) if body]
+    return [d for *_, d in sorted(scored, key=lambda t: t[:3])][:n]
 
 
 def content_words(text: str) -> int:
