@@ -247,6 +247,9 @@ def _build_llamacpp(settings: Settings) -> ChatLlamaCpp:
             n_ctx=settings.llm_n_ctx,
             n_threads=threads,
             n_threads_batch=threads,
+            # Flash attention reads a prompt about 8 % faster on two cores (80 against 74 tok/s, README
+            # "Answers"), and the first token waits on reading the prompt.
+            flash_attn=True,
             verbose=False,
         )
     except (ValueError, RuntimeError, OSError) as exc:

@@ -257,7 +257,9 @@ def cmd_ask(args: argparse.Namespace) -> dict:
             print(piece, end="", flush=True)
     if not args.json:
         print()
-        if result.declined and result.sources:  # the model's own decline, replaced by one sentence naming the search
+        if result.declined and result.sources:  # replaced by one sentence naming the search
+            if result.unverified:
+                print("\n(None of the above was found in the sources, so it is not given as the answer.)")
             print(f"\n{result.answer}")
         claims = [x for x in result.sentences if x.claim]
         if claims:
@@ -293,10 +295,11 @@ def cmd_eval_answers(args: argparse.Namespace, questions: list[dict]) -> dict:
         fmt = lambda v: "-" if v is None else ("yes" if v is True else "no" if v is False else v)  # noqa: E731
         for r in report["rows"]:
             verdict = (f"facts {fmt(r.get('facts'))}, gold cited {fmt(r.get('gold_cited'))}" if r["answerable"]
-                       else f"declined {fmt(r.get('declined'))}")
+                       else f"declined {fmt(r.get('declined'))}") + (", withheld" if "withheld" in r else "")
             print(f"{r['id']:28} {verdict:34} {r['ttft_s'] or 0:5.1f}s  {r['answer'][:70]!r}")
         print(f"\nn={report['n']} facts={fmt(report['facts'])} gold_cited={fmt(report['gold_cited'])} "
-              f"declined={fmt(report['declined'])} ttft_median={report['ttft_median']}s "
+              f"declined={fmt(report['declined'])} withheld={fmt(report['withheld'])} "
+              f"ttft_median={report['ttft_median']}s "
               f"seconds_median={report['seconds_median']}s (k={report['k']}, {report['mode']})")
     return report
 

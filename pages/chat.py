@@ -117,6 +117,10 @@ def render_answer(msg: dict) -> None:
                    "against the sources.")
     if msg.get("content"):
         st.markdown(answer_markdown(msg) if msg.get("rag", True) else msg["content"])
+    if msg.get("unverified"):
+        with st.expander("What the model wrote, none of which was found in the sources", icon=":material/help:"):
+            st.caption("Not given as the answer: no sentence of it matches the lines it was shown.")
+            st.markdown(escape_markdown(msg["unverified"]))
     if msg.get("stopped"):
         st.caption(":material/stop_circle: Stopped before the end.")
     if msg.get("error"):
@@ -238,7 +242,7 @@ def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, 
         content=result.answer, sources=[h.as_dict() for h in result.sources], cited=result.cited,
         standalone=result.standalone_question, seconds=round(time.perf_counter() - asked_at, 3),
         first_token_seconds=first, waited_seconds=round(waited, 2),
-        sentences=[x.as_dict() for x in result.sentences], declined=result.declined,
+        sentences=[x.as_dict() for x in result.sentences], declined=result.declined, unverified=result.unverified,
     )
     msg["log_id"] = kb_log.log_answer(s, msg)
     with slot.container():

@@ -294,7 +294,9 @@ def answers_report(report: dict) -> None:
     st.caption(f"Median time to the first token **{report.get('ttft_median')} s**, whole answer "
                f"**{report.get('seconds_median')} s** · k = {report.get('k')}, {report.get('mode')}"
                + (f" · gold lines retrieved {share(report.get('gold_retrieved'))}"
-                  if report.get("gold_retrieved") is not None else ""))
+                  if report.get("gold_retrieved") is not None else "")
+               + (f" · answers withheld (nothing in them found in the sources) {share(report.get('withheld'))},"
+                  f" {report.get('withheld_right', 0)} of them stating the facts" if report.get("withheld") else ""))
     bars = [{"metric": label, "value": report[key]} for key, label in ANSWER_METRICS.items()
             if report.get(key) is not None]
     left, right = st.columns([2, 3])
@@ -318,6 +320,7 @@ def answers_report(report: dict) -> None:
         cited = [f"[{n}] {sources[n - 1]}" for n in r.get("cited") or [] if 1 <= n <= len(sources)]
         rows.append({
             "id": r["id"], "question": r["question"], "answer": r["answer"], "citations": "\n".join(cited),
+            "withheld answer": r.get("withheld", ""),
             "gold lines": r.get("gold") or ("(unanswerable)" if not r.get("answerable", True) else ""),
             "facts": mark(r.get("facts")), "gold cited": mark(r.get("gold_cited")),
             "declined": mark(r.get("declined")), "first token s": r.get("ttft_s"), "seconds": r.get("seconds"),

@@ -42,8 +42,16 @@ def test_marker_wiring_and_threshold(xtuner_kb):
     result = Answerer(llm, engine, SearchOptions(k=3)).ask("xtuner是什么？")
     system, prompt = llm.seen[-1][0].content, llm.seen[-1][-1].content
     assert "[1] xtuner/" in prompt and "[3] xtuner/" in prompt and "不要编造" in system
-    assert 2 in result.cited and len(result.sources) == 3
-    assert result.sources[1].path in prompt.split("[2] xtuner/")[1].split("\n")[0]
+    assert len(result.sources) == 3 and result.sources[1].path in prompt.split("[2] xtuner/")[1].split("\n")[0]
+    # none of its claims is in the lines it was shown: withheld behind one sentence naming the search
+    assert result.declined and "没有找到" in result.answer and result.cited == []
+    assert result.unverified == "XTuner 是一个微调工具库 [2]。" and not result.unverified_sentences[0].supported
+
+    # a sentence the second source states, marked [2]: kept, and its marker maps to that source
+    line = max(result.sources[1].text.splitlines(), key=len).strip()
+    llm = RecordingChat(messages=iter([AIMessage(f"{line} [2]")]))
+    kept = Answerer(llm, engine, SearchOptions(k=3)).ask("xtuner是什么？")
+    assert not kept.declined and not kept.unverified and 2 in kept.cited, kept
 
     # nothing passes the threshold: say so in the question's language, with what was searched; never ask the model
     llm.seen.clear()

@@ -270,3 +270,23 @@ def test_evaluation_kinds_render_on_an_empty_knowledge_base(page_env, open_page,
     assert not at.error, texts(at.error)
 
 
+
+
+def test_a_withheld_answer_shows_the_decline_and_keeps_the_models_text_apart(page_env):
+    """An answer none of whose sentences is in the sources reads as a decline; the model's text is one click away."""
+    store = ConversationStore(page_env)
+    hit = {"rank": 1, "score": 0.03, "mode": "hybrid", "source": "xtuner", "path": "README.md",
+           "line_start": 3, "line_end": 9, "commit": "abc", "url": "", "text": "XTuner V1 is a training engine", "heading": ""}
+    conv = store.new()
+    conv["messages"] = [
+        {"role": "user", "content": "Does XTuner run on TPUs?"},
+        {"role": "assistant", "question": "Does XTuner run on TPUs?", "rag": True, "sources": [hit], "cited": [],
+         "content": "The knowledge base holds nothing that answers this (searched: “Does XTuner run on TPUs?”).",
+         "declined": True, "sentences": [], "unverified": "Yes, XTuner runs on Google TPUs v5."},
+    ]
+    store.save(conv)
+    at = open_with("chat", {"c": conv["id"]})
+    answer = at.chat_message[1]
+    assert "holds nothing that answers this" in texts(answer.markdown)
+    withheld = next(e for e in answer.expander if e.label.startswith("What the model wrote"))
+    assert "XTuner runs on Google TPUs v5" in texts(withheld.markdown)

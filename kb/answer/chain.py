@@ -48,12 +48,17 @@ class Answer:
     sentences: list[Sentence] = field(default_factory=list)
     declined: bool = False  # the chain's own "nothing here answers this"
     chunks: list[Hit] = field(default_factory=list)  # the whole chunks the retriever found
+    # The model's answer when none of its claims was found in the sources: withheld behind the decline,
+    # shown only on request and labelled unverified (``unverified_sentences``: its sentences, all unsupported).
+    unverified: str = ""
+    unverified_sentences: list[Sentence] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {
             "question": self.question, "standalone_question": self.standalone_question, "answer": self.answer,
             "rag": self.rag, "cited": self.cited, "seconds": self.seconds,
             "first_token_seconds": self.first_token_seconds, "declined": self.declined,
+            "unverified": self.unverified,
             "sentences": [s.as_dict() for s in self.sentences], "coverage": coverage(self.sentences),
             "sources": [
                 {"n": i, **{k: h.as_dict()[k] for k in ("rank", "score", "mode", "source", "path", "line_start",
@@ -106,7 +111,7 @@ def searched(question: str, hits: list[Hit]) -> str:
     """What a decline lists: the query, and the files it found (nothing that answered)."""
     files = list(dict.fromkeys(f"{h.source}/{h.path}" for h in hits))
     where = ", ".join(files[:5]) + (" …" if len(files) > 5 else "")
-    return f"“{question}”" + (f" → {where}" if where else "")
+    return f"“{' '.join(neutralise(question).split())}”" + (f" → {where}" if where else "")
 
 
 def decline_text(question: str, hits: list[Hit]) -> str:
@@ -235,14 +240,25 @@ class Answerer:
             self._lines = LineReader(self.engine.kb)
 
     def _check(self, result: Answer) -> None:
-        """Tie each sentence to its lines; a declining answer becomes one sentence listing what was searched."""
+        """Tie each sentence to its lines; an answer with nothing found in the sources becomes one sentence
+        listing what was searched.
+
+        That is the model declining, or the model answering although none of
+        its claims is in the lines it read: on questions the sources can't
+        answer, that is what a small model does (README "Answers"), and an
+        answer nothing backs must not read like one that is. Its text is kept
+        as ``unverified``, for a reader who wants to see it.
+        """
         asked = result.standalone_question or result.question
         if not result.sources:
             result.declined = True
             return
         self._tools()
         result.sentences = support(result.answer, result.sources, self._embed)
-        if declines(result.answer) and not any(s.supported for s in result.sentences):
+        claims = [s for s in result.sentences if s.claim]
+        if not any(s.supported for s in claims) and (claims or declines(result.answer)):
+            if not declines(result.answer):
+                result.unverified, result.unverified_sentences = result.answer, result.sentences
             result.answer = decline_text(asked, result.sources)
             result.sentences, result.declined = [], True
         result.cited = sorted({s.source for s in result.sentences if s.supported}

@@ -5,7 +5,10 @@ question: ``facts`` (every group of ``"facts": [["alt", ...], ...]`` appears in
 the answer by one alternative, case-insensitive, spaces ignored),
 ``gold_cited`` (a ``[n]`` marker points at a source overlapping a gold
 location), ``declined`` (for ``"answerable": false``, the answer says the
-sources don't hold it) and the time to the first token and in all.
+sources don't hold it) and the time to the first token and in all. Facts are
+checked in the answer as shown: an answer withheld because nothing in it was
+found in the sources counts as not stating them (``facts_withheld`` says
+whether the withheld text did).
 """
 
 from __future__ import annotations
@@ -49,8 +52,12 @@ def evaluate_answers(answerer: Answerer, questions: list[dict], options: SearchO
             "ttft_s": result.first_token_seconds, "seconds": round(time.perf_counter() - t0, 3),
             "sentences": [x.as_dict() for x in result.sentences],
         }
+        if result.unverified:  # the model's answer, withheld because nothing in it was found in the sources
+            row["withheld"] = result.unverified
         if answerable(q):
             row["facts"] = states_facts(result.answer, q["facts"]) if q.get("facts") else None
+            if result.unverified and q.get("facts"):  # what withholding cost: a right answer nothing backed
+                row["facts_withheld"] = states_facts(result.unverified, q["facts"])
             row["gold_cited"] = any(is_hit(h, q) for h in cited)
             row["gold_retrieved"] = any(is_hit(h, q) for h in result.sources)
         else:
@@ -64,6 +71,9 @@ def evaluate_answers(answerer: Answerer, questions: list[dict], options: SearchO
         "gold_cited": _share([r["gold_cited"] for r in rows if "gold_cited" in r]),
         "gold_retrieved": _share([r["gold_retrieved"] for r in rows if "gold_retrieved" in r]),
         "declined": _share([r["declined"] for r in rows if "declined" in r]),
+        # answers withheld (nothing in them found in the sources), and how many of those stated the facts
+        "withheld": _share(["withheld" in r for r in rows]),
+        "withheld_right": sum(bool(r.get("facts_withheld")) for r in rows),
         # sentences: the share of answer sentences with a claim that carry a citation (kb/answer/support.py)
         "coverage": _share([x["supported"] for r in rows for x in r["sentences"] if x["claim"]]),
         "ttft_median": round(statistics.median(ttfts), 2) if ttfts else None,

@@ -12,6 +12,7 @@ import re
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
+from kb.answer.context import compact
 from kb.search.hits import Hit
 
 # Rules first, in the system message, the same for every question: llama.cpp
@@ -85,7 +86,7 @@ def format_context(hits: list[Hit]) -> str:
         heading = h.heading.split(" > ")[-1].strip()[:40] if h.heading else ""
         return f"[{i}] {h.source}/{h.path}:{h.line_start}-{h.line_end}" + (f" {neutralise(heading)}" if heading else "")
 
-    return "\n\n".join(f"{label(i, h)}\n{neutralise(h.text)}" for i, h in enumerate(hits, 1))
+    return "\n\n".join(f"{label(i, h)}\n{neutralise(compact(h.text))}" for i, h in enumerate(hits, 1))
 
 
 def rag_inputs(hits: list[Hit], question: str) -> dict[str, str]:
