@@ -99,6 +99,16 @@ def test_excerpts_narrow_each_chunk_to_the_lines_about_the_question():
     assert out[1].hit.text == "A short chunk." and out[1].chunk is small
 
 
+def test_excerpts_show_a_copied_passage_once_and_give_its_budget_to_a_table_cut_short():
+    step = "### Step 2, 列出候选模型名字\n\n```bash\nxtuner list-cfg -p internlm\n```\n`-p` 为模糊查找，可以修改为 XTuner 支持的其他模型名称。"
+    rows = [f"| Model {i} | ✅ | ✅ |" for i in range(12)]
+    table = hit("XTuner V1 的训练引擎支持以下模型：\n\n| Model | GPU | NPU |\n|---|---|---|\n" + "\n".join(rows), 1, 70)
+    guides = [hit(step, 2, 10, "docs/a.md"), hit(step, 3, 30, "docs/b.md")]
+    out = excerpts([table, *guides], "xtuner支持哪些模型？", lambda h: h.text.split("\n"), None, total=200)
+    assert [e.chunk.path for e in out] == ["README.md", "docs/a.md"], "the copy in docs/b.md is shown once"
+    assert "| Model 11 |" in out[0].hit.text, "the table whole: the copy's budget went to it"
+
+
 def test_excerpts_are_the_files_lines_as_git_counts_them(xtuner_kb):
     """Each excerpt's text is exactly its file's lines at the indexed commit, so a citation of it is exact."""
     engine = SearchEngine(xtuner_kb)

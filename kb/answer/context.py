@@ -22,6 +22,7 @@ import numpy as np
 
 from kb.citations import reanchor
 from kb.search.hits import Hit
+from kb.search.signals import near_duplicate, shingles
 from kb.words import tokenize
 
 CJK_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
@@ -145,21 +146,51 @@ def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]
 
     ``lines_of(hit)`` gives the hit's lines ``line_start..line_end`` as git
     numbers them; ``embed`` turns texts into unit vectors (None: words alone decide).
+    Two windows with the same text (one guide copied into another) are shown
+    once, and what the budget has left once the windows are cut to whole lines
+    goes to the hits that were cut short, in rank order: a model table cut
+    after its header answers nothing.
     """
     all_lines = [lines_of(h) for h in hits]
-    needs = [estimate_tokens(compact("\n".join(ls))) + len(ls) for ls in all_lines]
-    budgets = _budgets(needs, total)
+    needs = [_cost(ls) for ls in all_lines]
     idf = _idf(set(tokenize(question)), [line for ls in all_lines for line in ls])
+
+    def choose(i: int, budget: int) -> Window:
+        lines = all_lines[i]
+        if needs[i] <= budget or not lines:
+            return Window(0, len(lines), "\n".join(lines))
+        return _best_window(_windows(lines, budget), question, idf, embed)
+
+    budgets = _budgets(needs, total)
+    chosen = {i: choose(i, b) for i, b in enumerate(budgets)}
+    chosen = {i: w for i, w in chosen.items() if i in _distinct(chosen)}
+    cost = {i: _cost(all_lines[i][w.start:w.end]) for i, w in chosen.items()}
+    short = [i for i in chosen if cost[i] < needs[i]]
+    left = total - sum(cost.values())
+    if short and left >= MIN_TOKENS // 2:
+        for i, extra in zip(short, _budgets([needs[i] - cost[i] for i in short], left)):
+            chosen[i] = choose(i, budgets[i] + extra)
     out = []
-    for hit, lines, budget, need in zip(hits, all_lines, budgets, needs):
-        if need <= budget or not lines:
-            best = Window(0, len(lines), "\n".join(lines))
-        else:
-            best = _best_window(_windows(lines, budget), question, idf, embed)
+    for i, best in sorted(chosen.items()):
+        hit = hits[i]
         a, b = hit.line_start + best.start, hit.line_start + max(best.end, best.start + 1) - 1
         narrowed = replace(hit, line_start=a, line_end=b, text=best.text, url=reanchor(hit.url, a, b))
         out.append(Excerpt(narrowed, hit))
     return out
+
+
+def _cost(lines: Sequence[str]) -> int:
+    return estimate_tokens(compact("\n".join(lines))) + len(lines)
+
+
+def _distinct(chosen: dict[int, Window]) -> set[int]:
+    """The windows whose text no better-ranked window already shows (near-duplicates, as in retrieval)."""
+    kept: list[tuple[int, set[str]]] = []
+    for i, w in sorted(chosen.items()):
+        sh = shingles(w.text)
+        if not any(near_duplicate(sh, other) for _, other in kept):
+            kept.append((i, sh))
+    return {i for i, _ in kept}
 
 
 def _best_window(windows: list[Window], question: str, idf: dict[str, float],

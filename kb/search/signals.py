@@ -228,7 +228,7 @@ def is_empty(hit: Hit) -> bool:
     return content_words(hit.text) < CONTENT_WORDS
 
 
-def _shingles(text: str, n: int = 5) -> set[str]:
+def shingles(text: str, n: int = 5) -> set[str]:
     flat = re.sub(r"\s+", " ", MARKUP_RE.sub(" ", text.lower())).strip()
     return {flat[i : i + n] for i in range(max(1, len(flat) - n + 1))}
 
@@ -258,7 +258,7 @@ def collapse_duplicates(hits: list[Hit], language: str, limit: int | None = None
     """
     kept: list[tuple[Hit, set[str]]] = []
     for h in hits:
-        sh = _shingles(h.text)
+        sh = shingles(h.text)
         twin = next((i for i, (k, ks) in enumerate(kept) if near_duplicate(sh, ks)), None)
         if twin is None:
             if limit is None or len(kept) < limit:
