@@ -19,7 +19,8 @@ current (stage, files done of total, chunks embedded, elapsed, ETA) and raises
   is what a clean run leaves (``kb verify`` is healthy);
 - re-chunk: anywhere (the live collection is never touched until the end);
   the half-built collection is dropped;
-- evaluation: between questions (it only reads).
+- evaluation (retrieval or answers): between questions (it only reads, so it
+  never waits for the write lock).
 
 Every job is kept as JSON in ``KB_HOME/jobs/<id>.json``, written atomically when
 it is queued, while it runs (at most every few seconds) and when it ends, so a
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINAL = (DONE, FAILED, CANCELLED)
 KIND_LABELS = {"sync": "Sync", "upload": "Upload", "rechunk": "Re-chunk", "evaluate": "Evaluation",
-               "scheduled": "Scheduled sync"}
+               "answers": "Answer evaluation", "scheduled": "Scheduled sync"}
 GIT_STAGES = ("fetch", "clone")  # reported from git's reader threads: never raise there
 WATCH_FILE = "watch.json"
 KEEP = 200  # finished job files kept in KB_HOME/jobs (and records in memory)
@@ -407,6 +408,27 @@ class JobQueue:
                            _evaluate_work(engine, questions, list(options), questions_name, only_indexed),
                            label=f"Evaluation ({', '.join(modes)}) on {Path(questions_name).name}", origin=origin,
                            anywhere=True, writes=False)
+
+    def submit_answer_evaluation(self, llm, engine, questions: list[dict], options, questions_name: str,
+                                 only_indexed: bool = False, limit: int | None = None,
+                                 origin: str = "dashboard") -> dict:
+        """Ask ``questions`` through the answer chain with ``llm`` (``kb eval --answers``); saved in evals/answers.
+
+        A job, not the page's script run, because each answer takes the model
+        seconds and leaving the page must not lose the run. ``llm`` is the
+        process's shared model object: its own lock keeps one question at a
+        time at it, so a chat in another session waits its turn as before.
+        ``only_indexed`` and ``limit`` as ``KnowledgeBase.run_and_save_answer_evaluation``.
+        It only reads: it does not wait for the write lock, and a cancel stops
+        it between two questions (an unfinished run is not saved). The report:
+        the saved run's (``kb eval --answers`` fields, a row per question).
+        """
+        args = {"questions": questions_name, "n": len(questions), "mode": options.mode, "k": options.k,
+                "only_indexed": only_indexed, "limit": limit}
+        return self.submit("answers", args,
+                           _answers_work(llm, engine, questions, options, questions_name, only_indexed, limit),
+                           label=f"Answer evaluation ({options.mode}, k={options.k}) on {Path(questions_name).name}",
+                           origin=origin, anywhere=True, writes=False)
 
     def submit_scheduled(self, origin: str = "schedule") -> dict | None:
         """Queue one scheduled fetch-and-sync, unless one is queued or running already (then None)."""
@@ -836,6 +858,35 @@ def _evaluate_work(engine, questions: list[dict], options: list, questions_name:
         for opt in options:
             out["runs"].append(kb.run_and_save_evaluation(counting, questions, opt, questions_name, **extra))
         return out
+
+    return work
+
+
+def _answers_to_ask(kb, questions: list[dict], only_indexed: bool, limit: int | None) -> int:
+    """How many questions an answer run asks, as ``run_and_save_answer_evaluation`` picks them: the total shown
+    from the start, before the first answer (which takes the model seconds) reports it."""
+    from kb.evaluate import split_indexed
+
+    kept = split_indexed(questions, kb.indexed_sources() if only_indexed else None)[0]
+    return len(kept) if limit is None else min(len(kept), max(1, int(limit)))
+
+
+def _answers_work(llm, engine, questions: list[dict], options, questions_name: str, only_indexed: bool,
+                  limit: int | None) -> Work:
+    def work(kb, ctl: JobControl) -> dict:
+        from kb.answer.chain import Answerer
+
+        total = _answers_to_ask(kb, questions, only_indexed, limit)
+        so_far = {"answered": 0, "of": total, "note": "an answer run is saved only once every question is answered"}
+        ctl.report = so_far  # what a cancelled or failed run reports
+
+        def answered(done: int, n: int) -> None:  # after each question: the safe point where a cancel stops the run
+            so_far.update(answered=done, of=n)
+            ctl("answer", done, n, f"{done} of {n} questions answered")
+
+        answered(0, total)
+        return kb.run_and_save_answer_evaluation(Answerer(llm, engine, options), questions, options, questions_name,
+                                                 only_indexed=only_indexed, limit=limit, progress=answered)
 
     return work
 

@@ -22,6 +22,7 @@ FINAL = ("done", "failed", "cancelled")
 STAGES = {
     "clone": "Cloning", "fetch": "Fetching", "load": "Loading files", "embed": "Embedding",
     "store": "Storing vectors", "rechunk": "Re-chunking", "evaluate": "Scoring questions",
+    "answer": "Questions answered",
     "waiting": "Waiting for another writer",
 }
 _MINE = "_jobs_mine"  # this session's jobs: id -> text to put before its outcome
@@ -87,9 +88,20 @@ def summary(job: dict) -> str:
         text = f"collection {rep['collection']}" + (f", {rep['chunks']:,} chunks" if "chunks" in rep else "")
     elif "runs" in rep:
         text = ", ".join(f"{r['mode']} hit@{r['k']} {r['hit@k']:.2f}" for r in rep["runs"] if "hit@k" in r)
+    elif job.get("kind") == "answers":
+        text = answers_summary(rep)
     if job["state"] == "cancelled":
         return "cancelled" + (f" ({text})" if text else "") + (f"; {rep['note']}" if rep.get("note") else "")
     return text or "done"
+
+
+def answers_summary(rep: dict) -> str:
+    """An answer evaluation's outcome: its main shares when it finished, how far it got when it stopped."""
+    if "answered" in rep:
+        return f"{rep['answered']} of {rep['of']} questions answered"
+    shares = [(label, rep.get(key)) for key, label in (("facts", "facts"), ("gold_cited", "gold cited"),
+                                                        ("declined", "declined"))]
+    return ", ".join([f"{rep.get('n', 0)} answered"] + [f"{label} {v:.2f}" for label, v in shares if v is not None])
 
 
 # ---------------------------------------------------------------------------- this session's jobs

@@ -9,7 +9,6 @@ import streamlit as st
 
 from pages import _resources as resources
 from core.llm import describe_llm
-from kb.answer.chain import Answerer
 from kb.citations import location, parse_lines, viewer_link
 from kb.evaluate import FEEDBACK_LABEL, load_questions, question_set, run_label, run_time, shipped_sets
 from kb.markdown import escape_markdown
@@ -183,6 +182,30 @@ def coverage(questions: list[dict]) -> tuple[bool, int]:
     return only, (len(questions) - n_missing if only else len(questions))
 
 
+# ---------------------------------------------------------------------------- this session's evaluation jobs
+
+
+def take_ended_runs(queue) -> None:
+    """Keep the report of each evaluation job of this session that ended, whichever mode is shown now.
+
+    Both modes read here because :func:`ended_jobs` hands each ended job out
+    once: a retrieval run that ends while the Answers mode is shown must not
+    be dropped.
+    """
+    for rec, prefix in ended_jobs(queue):
+        rep = rec.get("report") or {}
+        if prefix == "eval" and rep:
+            st.session_state["eval_reports"] = {r["mode"]: r for r in rep.get("runs", [])}
+        elif prefix == "eval_ans" and rec["state"] == "done" and "rows" in rep:
+            st.session_state["eval_answer_report"] = rep
+        elif prefix == "eval_ans" and rec["state"] == "cancelled":
+            st.info(f"Answer evaluation cancelled after {rep.get('answered', 0)} of {rep.get('of', '?')} questions: "
+                    "a run is saved only once every question is answered.", icon=":material/cancel:")
+        if prefix in ("eval", "eval_ans") and rec.get("error"):
+            what = "answer evaluation" if prefix == "eval_ans" else "evaluation"
+            show_error(Exception(f"{what} {rec['state']}: {rec['error']}"))
+
+
 # ---------------------------------------------------------------------------- retrieval
 
 
@@ -201,11 +224,7 @@ def retrieval_section(questions: list[dict], questions_name: str, only_indexed: 
                                           only_indexed=only_indexed), "eval")
         except expected_errors() as exc:
             show_error(exc)
-    for rec, prefix in ended_jobs(queue):
-        if prefix == "eval" and rec.get("report"):
-            st.session_state["eval_reports"] = {r["mode"]: r for r in rec["report"].get("runs", [])}
-        if prefix == "eval" and rec.get("error"):
-            show_error(Exception(f"evaluation {rec['state']}: {rec['error']}"))
+    take_ended_runs(queue)
     jobs_panel(queue, recent=3)
 
     reports = st.session_state.get("eval_reports") or {}
@@ -340,8 +359,9 @@ def answers_report(report: dict) -> None:
 def answers_section(questions: list[dict], questions_name: str, only_indexed: bool, n_scored: int) -> None:
     st.caption(f"Asks the language model (`{describe_llm(s)}`) every question through the answer chain, as "
                "`python -m kb eval FILE --answers` does: key facts stated, a citation at the gold lines, unanswerable "
-               "questions declined, time to the first token and in all. Each answer takes the model seconds; each "
-               "run is saved in KB_HOME/evals/answers.")
+               "questions declined, time to the first token and in all. Each answer takes the model seconds: the "
+               "run is a background job (you can leave this page; Cancel stops it between two questions), saved in "
+               "KB_HOME/evals/answers once every question is answered.")
     c1, c2, c3 = st.columns([1, 1, 1])
     mode = c1.selectbox("Retrieval", MODES, index=MODES.index(s.retrieval_mode) if s.retrieval_mode in MODES else 2,
                         key="eval_ans_mode")
@@ -349,20 +369,18 @@ def answers_section(questions: list[dict], questions_name: str, only_indexed: bo
     n_scored = max(n_scored, 1)
     limit = c3.number_input("Questions to ask", 1, n_scored, n_scored, key=f"eval_ans_limit:{questions_name}:{n_scored}",
                             help="the first so many of the questions scored; fewer for a quick look")
+    queue = resources.job_queue(s)
     if st.button("Run answer evaluation", type="primary", key="eval_ans_run"):
-        try:
+        try:  # a job in the server's worker, with live progress: it goes on (and is saved) if the admin leaves
             engine = resources.search_engine(s)
-            resources.embeddings(s)  # load here, under a spinner: chain steps run in worker threads
-            answerer = Answerer(resources.chat_model(s), engine, SearchOptions(k=k, mode=mode))
-            bar = st.progress(0.0, text="Asking…")
-            report = kb.run_and_save_answer_evaluation(
-                answerer, questions, SearchOptions(k=k, mode=mode), questions_name, only_indexed=only_indexed,
-                limit=int(limit) if int(limit) < n_scored else None,
-                progress=lambda done, total: bar.progress(done / max(total, 1), text=f"{done}/{total} answered"))
-            bar.empty()
-            st.session_state["eval_answer_report"] = report
+            resources.embeddings(s)  # load here, under a spinner, not silently in the job's first question
+            track(queue.submit_answer_evaluation(
+                resources.chat_model(s), engine, questions, SearchOptions(k=k, mode=mode), questions_name,
+                only_indexed=only_indexed, limit=int(limit) if int(limit) < n_scored else None), "eval_ans")
         except expected_errors() as exc:
             show_error(exc)
+    take_ended_runs(queue)
+    jobs_panel(queue, recent=3)
     report = st.session_state.get("eval_answer_report")
     if report:
         st.subheader("This run")

@@ -14,10 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import repeat
 from pathlib import Path
 
 import pytest
 from langchain_core.embeddings import Embeddings
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+from pydantic import Field
 
 from conftest import ROOT, base_settings, git
 from core.errors import SettingsError
@@ -437,3 +441,70 @@ def test_the_schedule_can_be_turned_on_retuned_and_off(tiny_kb, queue_of):
     assert WatchState(tiny_kb.settings.home / "jobs" / "watch.json").load()["last_run"] == last  # off
     # passes with nothing to do replace each other: one record on disk, not one per pass
     assert len([p for p in (tiny_kb.settings.home / "jobs").glob("2*.json")]) == 1
+
+
+# ---------------------------------------------------------------------------- answer evaluation
+
+
+class HeldChat(GenericFakeChatModel):
+    """A scripted chat model whose ``hold_at``-th answer waits until ``release`` is set (``entered``: it waits).
+
+    So a cancel lands while a question is being answered, and the test knows
+    exactly which safe point (the end of that question) it must stop at.
+    """
+
+    hold_at: int = 0
+    calls: int = 0
+    entered: threading.Event = Field(default_factory=threading.Event)
+    release: threading.Event = Field(default_factory=threading.Event)
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.calls += 1
+        if self.calls == self.hold_at:
+            self.entered.set()
+            assert self.release.wait(300), "never released"
+        return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+
+def scripted_chat(hold_at: int = 0) -> HeldChat:
+    """The same short answer to every question: the job's bookkeeping is under test, not the model."""
+    return HeldChat(messages=repeat(AIMessage("Lagent is a lightweight framework for building agents [1].")),
+                    hold_at=hold_at)
+
+
+def test_answer_evaluation_job_counts_questions_saves_the_run_and_cancels_between_questions(tiny_kb, corpus,
+                                                                                               queue_of):
+    from kb.evaluate import load_questions, past_runs
+    from kb.search.engine import SearchEngine
+    from kb.search.hits import SearchOptions
+    from kb.store.manifest import write_lock
+
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    tiny_kb.sync()
+    questions = load_questions(corpus / "dev_questions.jsonl")
+    n = sum(q["repo"] == "lagent" for q in questions)
+    seen: list[tuple] = []
+    queue = queue_of(tiny_kb, forward=lambda *a: seen.append(a))
+    engine, options = SearchEngine(tiny_kb), SearchOptions(k=2, mode="bm25")
+    with write_lock(tiny_kb.settings.home):  # it only reads: another writer does not hold it up
+        job = queue.submit_answer_evaluation(scripted_chat(), engine, questions, options, "dev_questions.jsonl",
+                                             only_indexed=True)
+        out = queue.wait(job["id"], 300)
+    assert out["state"] == DONE and out["kind"] == "answers" and not out["error"], out
+    assert [a[1:3] for a in seen if a[0] == "answer"] == [(i, n) for i in range(n + 1)]  # 0 of n, then each answer
+    (run,) = past_runs(tiny_kb.settings.home, "answers")  # saved by the job, with nobody watching
+    assert run["n"] == out["report"]["n"] == n and run["k"] == 2 and run["config"]["only_indexed"] is True
+    assert [r["id"] for r in run["rows"]] == [r["id"] for r in out["report"]["rows"]]
+    assert len(run["not_indexed"]) == len(questions) - n
+
+    # cancelled while the 2nd of 3 questions is answered: it stops once that answer is in, the 3rd never asked
+    llm = scripted_chat(hold_at=2)
+    job = queue.submit_answer_evaluation(llm, engine, questions, options, "dev_questions.jsonl", only_indexed=True,
+                                         limit=3)
+    assert llm.entered.wait(60)
+    assert queue.cancel(job["id"])
+    llm.release.set()
+    out = queue.wait(job["id"], 300)
+    assert out["state"] == CANCELLED and llm.calls == 2, out
+    assert (out["report"]["answered"], out["report"]["of"]) == (2, 3) and out["stage_done"] == 2
+    assert len(past_runs(tiny_kb.settings.home, "answers")) == 1, "an unfinished run is not saved"

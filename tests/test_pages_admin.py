@@ -172,8 +172,9 @@ def test_answers_mode_runs_the_answer_evaluation(xtuner_env, open_page):
     ok(at)
     at.slider(key="eval_ans_k").set_value(1)
     at.button(key="eval_ans_run").click().run(timeout=400)
-    ok(at)
+    ok(finish_jobs(at))  # an answer evaluation is a background job too: its report shows once it has ended
     assert not at.error, texts(at.error)
+    assert "This run" in [h.value for h in at.subheader]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Questions"] == "1" and metrics["Key facts stated"] in ("1.00", "0.00")
     rows = frame_with(at, "citations")
@@ -183,6 +184,7 @@ def test_answers_mode_runs_the_answer_evaluation(xtuner_env, open_page):
     assert run["n"] == 1 and run["k"] == 1 and run["config"]["questions"] == "mine.jsonl"
     assert {"facts", "gold_cited", "declined", "ttft_median", "seconds_median"} <= set(run)
     assert frame_with(at, "ttft median s")["n"].tolist() == [1], "the run is listed among past answer runs"
+    assert "1 answered" in frame_with(at, "result")["result"].iloc[0], "the jobs panel says how it ended"
 
 
 def test_a_saved_answer_run_renders(page_env, open_page):
