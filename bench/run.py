@@ -804,16 +804,65 @@ def bench_answer(max_tokens: int = 256) -> dict:
 
 
 # ---------------------------------------------------------------- snapshots (kb export / kb import)
+def _passage_answers(kb, vectors: list, depths: tuple[int, ...]) -> dict:
+    """Chroma's top ``depth`` passages (ids in order, distances) for each query vector, at each depth."""
+    pcoll = kb.index.passages(kb.live()[0])
+    out = {}
+    for depth in depths:
+        got = [pcoll.query(query_embeddings=[v], n_results=depth, include=["distances"]) for v in vectors]
+        out[depth] = [(g["ids"][0], g["distances"][0]) for g in got]
+    return out
+
+
+def _exact_misses(kb, vectors: list, answers: dict) -> dict:
+    """Against exact cosine search (numpy over every stored passage vector): how many of the exact top ``depth``
+    passages Chroma's answer left out (a passage whose distance is more than 1e-6 below the answer's last, so
+    not a tie), and for how many queries."""
+    import numpy as np
+
+    pcoll = kb.index.passages(kb.live()[0])
+    ids: list[str] = []
+    parts = []
+    while True:
+        page = pcoll.get(include=["embeddings"], limit=5000, offset=len(ids))
+        ids += page["ids"]
+        parts.append(np.asarray(page["embeddings"], dtype=np.float64))
+        if len(page["ids"]) < 5000:
+            break
+    stored = np.concatenate(parts)
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    q = np.asarray(vectors, dtype=np.float64)
+    distances = 1.0 - (q / np.linalg.norm(q, axis=1, keepdims=True)) @ stored.T
+    out = {}
+    for depth, got in answers.items():
+        missed = []
+        for d, (gids, gdist) in zip(distances, got):
+            returned = set(gids)
+            missed.append(sum(1 for i in np.argsort(d, kind="stable")[:depth]
+                              if ids[i] not in returned and d[i] < gdist[-1] - 1e-6))
+        out[f"top{depth}"] = {"missed": sum(missed), "queries_missing_some": sum(m > 0 for m in missed),
+                              "queries": len(missed)}
+    return out
+
+
 def bench_snapshot(repeats: int = 2) -> dict:
     """Export and import time and archive size on the six-repo knowledge base, with and without the clones; the
-    imported copy's searches (every dev question, every mode) are compared with the original's, and it is verified."""
+    imported copy's searches (every dev question, every mode) are compared with the original's, and it is verified.
+
+    Chroma's passage answers at the depths the engine asks for (2k = 10 dense, 2 x 20 = 40 hybrid, 300 when a
+    question names a source) are compared too: before and after against exact search (the HNSW index is
+    approximate), and with each other. A search that differs only in a score's last digit comes from the stored
+    vectors: Chroma normalises a vector again on import, which can move its last float32 bit."""
     from kb.evaluate import load_questions
     from kb.search.engine import SearchEngine
     from kb.search.hits import SearchOptions
     from kb.service import KnowledgeBase
+    from kb.store.index import EF_SEARCH
 
     src = six_repo_kb()
     queries = [q["question"] for q in load_questions(QUESTIONS)]
+    vectors = [list(map(float, src.embeddings.embed_query(q))) for q in queries]
+    depths = (10, 40, 300)
 
     def hits(kb) -> dict:
         engine = SearchEngine(kb)
@@ -821,11 +870,15 @@ def bench_snapshot(repeats: int = 2) -> dict:
                 for q in queries for m in ("dense", "bm25", "hybrid")}
 
     before = hits(src)
+    answers_before = _passage_answers(src, vectors, depths)
     stats = src.stats()
     out_dir = WORK / "snapshot"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    result: dict = {"chunks": stats["chunks"], "sources": stats["sources"], "repeats": repeats, "variants": {}}
+    pconfig = src.index.passages(src.live()[0]).configuration["hnsw"]
+    result: dict = {"chunks": stats["chunks"], "sources": stats["sources"], "repeats": repeats,
+                    "ef_search": {"setting": EF_SEARCH, "source_passages": pconfig["ef_search"]},
+                    "exact_before": _exact_misses(src, vectors, answers_before), "variants": {}}
     for variant, with_repos in (("without_repos", False), ("with_repos", True)):
         archive = out_dir / f"{variant}.tar.gz"
         exports, imports, last = [], [], {}
@@ -842,6 +895,10 @@ def bench_snapshot(repeats: int = 2) -> dict:
                 order = sum([h["id"] for h in before[key]] == [h["id"] for h in after[key]] for key in before)
                 drift = max((abs(a["score"] - b["score"]) for key in before if before[key] != after[key]
                              for a, b in zip(before[key], after[key]) if a["id"] == b["id"]), default=0.0)
+                differing = [{"query": q, "mode": m, "same_hits_and_order":
+                              [h["id"] for h in before[q, m]] == [h["id"] for h in after[q, m]]}
+                             for (q, m) in before if before[q, m] != after[q, m]]
+                answers_after = _passage_answers(kb, vectors, depths)
                 report = kb.verify()
                 result["variants"][variant] = {
                     "archive_bytes": archive.stat().st_size, "archive_mib": round(archive.stat().st_size / 2**20, 1),
@@ -849,7 +906,12 @@ def bench_snapshot(repeats: int = 2) -> dict:
                     "import_s": imports, "import_median_s": round(statistics.median(imports), 2),
                     "passages": last["passages"], "clones": last["clones"],
                     "identical_searches": same, "same_hits_and_order": order, "searches": len(before),
-                    "max_score_change_same_hit": round(drift, 6),
+                    "max_score_change_same_hit": round(drift, 6), "differing": differing,
+                    "ef_search_imported": kb.index.passages(kb.live()[0]).configuration["hnsw"]["ef_search"],
+                    "exact_after": _exact_misses(kb, vectors, answers_after),
+                    "same_passage_answers": {f"top{d}": sum(a[0] == b[0] for a, b in
+                                                            zip(answers_before[d], answers_after[d]))
+                                             for d in depths},
                     "verify_healthy": report["healthy"], "verify_totals": report["totals"],
                 }
             kb.close()
@@ -857,12 +919,17 @@ def bench_snapshot(repeats: int = 2) -> dict:
         print(f"snapshot {variant}: {result['variants'][variant]['archive_mib']} MiB, export "
               f"{result['variants'][variant]['export_median_s']} s, import {result['variants'][variant]['import_median_s']} s, "
               f"{result['variants'][variant]['identical_searches']}/{len(before)} searches identical, "
-              f"{result['variants'][variant]['same_hits_and_order']} with the same hits in the same order", file=sys.stderr)
+              f"{result['variants'][variant]['same_hits_and_order']} with the same hits in the same order; "
+              f"Chroma's top 10/40/300 passages the same for "
+              f"{'/'.join(str(n) for n in result['variants'][variant]['same_passage_answers'].values())} "
+              f"of {len(queries)} questions", file=sys.stderr)
     shutil.rmtree(out_dir, ignore_errors=True)
     v = result["variants"]
     result["summary"] = {f"{k}_{m}": v[k][m] for k in v for m in ("archive_mib", "export_median_s", "import_median_s")}
     for k in v:
         result["summary"][f"{k}_identical_searches"] = f"{v[k]['identical_searches']}/{v[k]['searches']}"
+        result["summary"][f"{k}_same_hits_and_order"] = f"{v[k]['same_hits_and_order']}/{v[k]['searches']}"
+    result["summary"]["ef_search"] = EF_SEARCH
     save("snapshot", result)
     return result
 

@@ -18,6 +18,13 @@ leaves only hidden leftovers, recorded in ``KB_HOME/.import-pending.json``; the 
 
 Without ``--with-repos``, import clones each git source again from its recorded URL (a local path or bundle works
 offline); a source that cannot be cloned is still searchable, and ``kb verify`` reports its missing clone.
+
+Searches after an import give the same hits in the same order as before. The records go in in the order they were
+exported (Chroma's own), so passages with equal vectors keep their order (Chroma ranks ties by insertion order);
+Chroma builds the HNSW graph again, in other batches and threads, so the imported graph is not the original, and
+both are searched with ``EF_SEARCH`` (kb/store/index.py), deep enough for each to find the exact nearest passages.
+What can still differ is a score's last digit: Chroma normalises a cosine collection's vectors when they go in, and
+normalising an exported (already normalised) vector again can move its last float32 bit, a cosine's by about 1e-7.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import chromadb
 import httpx
 from chromadb.config import Settings as ChromaSettings
-from chromadb.errors import NotFoundError
+from chromadb.errors import ChromaError, NotFoundError
 
 from core.settings import Settings
 from kb.errors import KBError
@@ -39,6 +39,15 @@ def reachable(settings: Settings) -> Iterator[None]:
 from kb.progress import Progress, no_progress
 
 READ_BATCH = 500
+
+# How far Chroma's HNSW search looks (hnswlib's ``ef``; Chroma's default is 100). The graph is approximate, and
+# depends on the order, batches and threads the vectors went in with: at 100, on the six-repo knowledge base
+# (18,197 passages, the 24 dev questions) Chroma left out 37 of the exact top-40 passages (15 questions) and 375 of
+# the top 300, and the copy a snapshot import built missed others, so 4-6 of the 72 searches of `bench.run snapshot`
+# changed after an import (1-2 in their hits). At 2,000 it misses none of the top 40 (1 of the 7,200 of the top
+# 300), before an import and after: the same hits in the same order, for 2-4 ms more a dense query (hnswlib's cost
+# grows with ef, hardly with the collection's size: +5 ms at 250,000 vectors).
+EF_SEARCH = 2000
 
 
 def make_client(settings: Settings) -> "chromadb.ClientAPI":
@@ -96,10 +105,29 @@ class VectorIndex:
 
     def __init__(self, settings: Settings) -> None:
         self.client = make_client(settings)
+        self._ef_checked: set = set()  # ids of the collections known to have EF_SEARCH
+
+    def _with_ef_search(self, coll):
+        """``coll``, with ``ef_search`` raised to EF_SEARCH when it has less (a collection made before it was set).
+
+        Checked once per collection and VectorIndex, and written once per store. Chroma reads ``ef_search`` when it
+        loads a collection's index into a process, so this comes before the first query; a process (or a Chroma
+        server) that had already queried the collection uses the new value once it loads the index again.
+        """
+        if coll.id in self._ef_checked:
+            return coll
+        hnsw = (coll.configuration or {}).get("hnsw") or {}
+        if hnsw and int(hnsw.get("ef_search") or 0) < EF_SEARCH:
+            try:
+                coll.modify(configuration={"hnsw": {"ef_search": EF_SEARCH}})
+            except (ChromaError, ValueError):  # e.g. a server that refuses the change: search as before
+                return coll
+        self._ef_checked.add(coll.id)
+        return coll
 
     def get(self, name: str):
         try:
-            return self.client.get_collection(name, embedding_function=None)
+            return self._with_ef_search(self.client.get_collection(name, embedding_function=None))
         except NotFoundError:
             raise KBError(f"no collection named {name!r}") from None
 
@@ -113,17 +141,19 @@ class VectorIndex:
     def passages(self, name: str):
         """The passage collection of chunk collection ``name``, or None when it has none."""
         try:
-            return self.client.get_collection(passage_collection(name), embedding_function=None)
+            return self._with_ef_search(self.client.get_collection(passage_collection(name), embedding_function=None))
         except NotFoundError:
             return None
 
     def create(self, name: str, chunk_config: str, embed_model: str):
-        return self.client.get_or_create_collection(
+        """The collection ``name``: a new one is made for cosine similarity, searched with EF_SEARCH (an existing
+        one keeps its settings, but gets EF_SEARCH)."""
+        return self._with_ef_search(self.client.get_or_create_collection(
             name,
             embedding_function=None,
-            configuration={"hnsw": {"space": "cosine"}},
+            configuration={"hnsw": {"space": "cosine", "ef_search": EF_SEARCH}},
             metadata={"chunk_config": chunk_config, "embed_model": embed_model},
-        )
+        ))
 
     def drop(self, name: str) -> None:
         self.client.delete_collection(name)
@@ -170,7 +200,7 @@ class VectorIndex:
     def find(self, name: str):
         """The collection, or None when there is none (never creates one)."""
         try:
-            return self.client.get_collection(name, embedding_function=None)
+            return self._with_ef_search(self.client.get_collection(name, embedding_function=None))
         except NotFoundError:
             return None
 
