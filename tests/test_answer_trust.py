@@ -212,6 +212,20 @@ def test_a_figure_the_lines_do_not_hold_is_not_supported():
     assert right.supported and right.line_start == 11 and not wrong.supported
 
 
+def test_a_figure_the_question_names_is_its_subject_when_the_sources_state_it():
+    filler = "\n".join(f"- 第 {i} 步：准备数据与配置文件" for i in range(1, 5))
+    sources = [hit(f"# 浦语·灵笔2.5 微调\n{filler}\n多图：在指令中用 `Image x <ImageHere>;` 来指定图像顺序和位置", 1)]
+    answer = "多图对话的指令里图片占位符写为 `Image x <ImageHere>;`，用于指定浦语·灵笔2.5 的图像顺序和位置。"
+    asked = "微调浦语·灵笔2.5 时，多图对话的图片占位符怎么写？"
+    assert not support(answer, sources, embed=None)[0].supported, "without the question, 2.5 must be in the lines"
+    cited = support(answer, sources, embed=None, question=asked)[0]
+    assert cited.supported and cited.line_start == 15
+    # a figure the question names but no source states is still a claim to check
+    claim = support("XTuner 在 AMD MI300 上用 ROCm 训练。", [hit("LMDeploy 也支持在 AMD GPU 的 ROCm 环境中安装。", 1)],
+                    embed=None, question="XTuner 支持在 AMD MI300 显卡上用 ROCm 训练吗？")[0]
+    assert not claim.supported
+
+
 def test_padded_tables_are_compacted_for_the_model_line_for_line():
     table = "|   Model    |  GPU(FP8) |\n|------------|-----------|\n| Intern S1  |    ✅     |\n    indented  code"
     out = compact(table)

@@ -254,7 +254,7 @@ class Answerer:
             result.declined = True
             return
         self._tools()
-        result.sentences = support(result.answer, result.sources, self._embed)
+        result.sentences = support(result.answer, result.sources, self._embed, asked)
         claims = [s for s in result.sentences if s.claim]
         if not any(s.supported for s in claims) and (claims or declines(result.answer)):
             if not declines(result.answer):

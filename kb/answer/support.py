@@ -11,7 +11,8 @@ else the sentence is re-attached to the source that does. A sentence with fewer
 than two words to check, or a lead-in ("以下是："), claims nothing and needs no source.
 A sentence that states a figure (a version, a default, a count) is supported
 only by lines that hold that figure: words and embeddings can't tell 92542
-from 92543. The threshold was chosen on hand-labelled sentences (README "Answers").
+from 92543; a figure the question names and an excerpt states ("浦语·灵笔2.5")
+is the subject, not a claim. The threshold was chosen on hand-labelled sentences (README "Answers").
 """
 
 from __future__ import annotations
@@ -100,9 +101,15 @@ def _runs(lines: Sequence[str]) -> list[tuple[int, int, str]]:
 class Aligner:
     """Aligns sentences with the excerpts of one answer."""
 
-    def __init__(self, excerpts: Sequence[Hit], embed: Callable[[list[str]], np.ndarray] | None) -> None:
+    def __init__(self, excerpts: Sequence[Hit], embed: Callable[[list[str]], np.ndarray] | None,
+                 question: str = "") -> None:
         self.excerpts = list(excerpts)
         self.embed = embed
+        # A figure the question names ("浦语·灵笔2.5", "CompassBench 2.0 v1.3") and some excerpt states is the
+        # subject, not a claim: the supporting lines need not repeat it. "MI300", which no excerpt states, stays a
+        # claim to check.
+        stated = {f for h in self.excerpts for f in NUMBER_RE.findall(h.text)}
+        self.given = set(_figures(question)) & stated
         self.runs = [(n, a, b, text) for n, h in enumerate(self.excerpts, 1)
                      for a, b, text in _runs(h.text.split("\n"))]
         self.run_words = [set(tokenize(text)) for *_, text in self.runs]
@@ -143,7 +150,7 @@ class Aligner:
         if not out.claim or not self.runs:
             return out
         scores = self.scores(sentence)
-        figures = _figures(sentence)
+        figures = [f for f in _figures(sentence) if f not in self.given]
         if figures:  # a figure the lines don't hold is not supported by them, however alike the words
             scores = np.where([all(f in _squash(text) for f in figures) for *_, text in self.runs], scores, -1.0)
         best = int(np.argmax(scores))
@@ -161,9 +168,10 @@ class Aligner:
         return out
 
 
-def support(answer: str, excerpts: Sequence[Hit], embed: Callable[[list[str]], np.ndarray] | None) -> list[Sentence]:
-    """Every sentence of the answer with the lines that support it (or none)."""
-    aligner = Aligner(excerpts, embed)
+def support(answer: str, excerpts: Sequence[Hit], embed: Callable[[list[str]], np.ndarray] | None,
+            question: str = "") -> list[Sentence]:
+    """Every sentence of the answer with the lines that support it (or none); ``question``: what was asked."""
+    aligner = Aligner(excerpts, embed, question)
     return [aligner.align(s) for s in split_sentences(answer)]
 
 
