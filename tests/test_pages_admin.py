@@ -213,10 +213,15 @@ def test_a_saved_answer_run_renders(page_env, open_page):
     assert chart["encoding"]["x"]["field"] == "run"
 
 
+def stored_source(path: str, text: str) -> dict:
+    """A source as a saved chat answer keeps it (xtuner, lines 3-9)."""
+    return {"rank": 1, "score": 0.03, "mode": "hybrid", "source": "xtuner", "path": path,
+            "line_start": 3, "line_end": 9, "commit": "abc", "url": "", "text": text, "heading": ""}
+
+
 def test_rated_answers_become_a_question_set(page_env, open_page):
     store = ConversationStore(page_env)
-    hit = {"rank": 1, "score": 0.03, "mode": "hybrid", "source": "xtuner", "path": "docs/en/install.md",
-           "line_start": 3, "line_end": 9, "commit": "abc", "url": "", "text": "pip install xtuner", "heading": ""}
+    hit = stored_source("docs/en/install.md", "pip install xtuner")
     conv = store.new()
     conv["messages"] = [
         {"role": "user", "content": "How do I install xtuner?"},
@@ -277,8 +282,7 @@ def test_evaluation_kinds_render_on_an_empty_knowledge_base(page_env, open_page,
 def test_a_withheld_answer_shows_the_decline_and_keeps_the_models_text_apart(page_env):
     """An answer none of whose sentences is in the sources reads as a decline; the model's text is one click away."""
     store = ConversationStore(page_env)
-    hit = {"rank": 1, "score": 0.03, "mode": "hybrid", "source": "xtuner", "path": "README.md",
-           "line_start": 3, "line_end": 9, "commit": "abc", "url": "", "text": "XTuner V1 is a training engine", "heading": ""}
+    hit = stored_source("README.md", "XTuner V1 is a training engine")
     conv = store.new()
     conv["messages"] = [
         {"role": "user", "content": "Does XTuner run on TPUs?"},
