@@ -24,6 +24,7 @@ passage in README.md and docs/get_started must not take two of five slots.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -176,6 +177,12 @@ def _own_headings(doc) -> list[str]:
     return path[-1:] + headings(doc)[len(path):]
 
 
+@functools.lru_cache(maxsize=8192)
+def _word_set(text: str) -> frozenset[str]:
+    """BM25 words of a README chunk, kept: the same chunks are read for every question naming the source."""
+    return frozenset(tokenize(text))
+
+
 def _stem_match(wanted: set[str], words: set[str]) -> set[str]:
     """The wanted words found in ``words``; a Latin word also by a shared stem ("install" in "installation",
     "support" in "supported", "models" in "model"), since BM25's words are not stemmed."""
@@ -209,8 +216,8 @@ def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) 
     if not docs or not wanted:
         return []
     copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
-    found = [(_stem_match(wanted, set(tokenize(d.metadata.get("heading", "") + "\n" + d.page_content))),
-              _stem_match(wanted, set(tokenize(" ".join(_own_headings(d)))))) for d in copy]
+    found = [(_stem_match(wanted, _word_set(d.metadata.get("heading", "") + "\n" + d.page_content)),
+              _stem_match(wanted, _word_set(" ".join(_own_headings(d))))) for d in copy]
     df = {w: sum(w in body for body, _ in found) for w in wanted}
     idf = {w: math.log(1 + (len(copy) - n + 0.5) / (n + 0.5)) for w, n in df.items()}
     scored = [(-sum(idf[w] for w in heading), -sum(idf[w] for w in body), int(d.metadata["line_start"]), d)
