@@ -81,12 +81,13 @@ class Window:
 def _windows(lines: Sequence[str], budget: int) -> list[Window]:
     """Runs of consecutive lines within ``budget`` tokens, one starting at each non-blank line."""
     out = []
+    costs = [estimate_tokens(compact(line)) + 1 for line in lines]  # once per line, not once per window
     for i, first in enumerate(lines):
         if not first.strip():
             continue
         used, j = 0, i
         while j < len(lines):
-            cost = estimate_tokens(compact(lines[j])) + 1
+            cost = costs[j]
             if used + cost > budget and j > i:
                 break
             used += cost
@@ -163,7 +164,8 @@ def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]
 
     budgets = _budgets(needs, total)
     chosen = {i: choose(i, b) for i, b in enumerate(budgets)}
-    chosen = {i: w for i, w in chosen.items() if i in _distinct(chosen)}
+    distinct = _distinct(chosen)
+    chosen = {i: w for i, w in chosen.items() if i in distinct}
     cost = {i: _cost(all_lines[i][w.start:w.end]) for i, w in chosen.items()}
     short = [i for i in chosen if cost[i] < needs[i]]
     left = total - sum(cost.values())

@@ -143,12 +143,6 @@ def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, 
     return [t for t in tokens if t not in names and t not in QUESTION_WORDS]
 
 
-def headings(doc) -> list[str]:
-    """A chunk's headings: the path it sits under, and any heading that starts inside it."""
-    inner = [HEADING_RE.sub("", l).strip() for l in doc.page_content.splitlines() if HEADING_RE.match(l)]
-    return [h for h in doc.metadata.get("heading", "").split(" > ") if h] + inner
-
-
 def opening(docs: Sequence, language: str, n: int) -> list:
     """A root README's opening: its introduction section, else its first chunks with content.
 
@@ -172,9 +166,9 @@ def opening(docs: Sequence, language: str, n: int) -> list:
 
 
 def _own_headings(doc) -> list[str]:
-    """The chunk's nearest heading and those inside it (not the document title above everything)."""
+    """The chunk's nearest heading and those that start inside it (not the document title above everything)."""
     path = [h for h in doc.metadata.get("heading", "").split(" > ") if h]
-    return path[-1:] + headings(doc)[len(path):]
+    return path[-1:] + [HEADING_RE.sub("", l).strip() for l in doc.page_content.splitlines() if HEADING_RE.match(l)]
 
 
 @functools.lru_cache(maxsize=8192)
