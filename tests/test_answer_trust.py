@@ -65,6 +65,14 @@ def test_alignment_finds_the_supporting_line_and_flags_the_rest():
     assert lead_in and not lead_in[0].claim and coverage(lead_in) is None
 
 
+def test_a_bare_figure_is_a_claim_checked_against_the_lines():
+    sources = [hit("| Models | Score | Chat Hard | Safety |\n|---|---|---|---|\n| InternLM2-7B-Reward | 86.6 | 66.7 | 88.3 |", 1)]
+    right, wrong, words = (support(a, sources, embed=None)[0] for a in ("66.7", "77.7 分。", "好的"))
+    assert right.claim and right.supported and right.line_start == 12, "the row that holds the figure"
+    assert wrong.claim and not wrong.supported, "a figure no line states is not supported"
+    assert not words.claim
+
+
 def test_answer_markdown_links_each_sentence_to_the_documents_page():
     sources = [hit("XTuner is a toolkit for fine-tuning large models.", 1)]
     answer = "XTuner is a toolkit for fine-tuning large models [1].\n\nIt runs on the Moon."

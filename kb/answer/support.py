@@ -8,7 +8,7 @@ BM25 words) found in those lines, plus the embedding model's cosine between
 the sentence and the lines. The best run above ``THRESHOLD`` supports the
 sentence; a marker the model wrote is kept when its own source clears the bar,
 else the sentence is re-attached to the source that does. A sentence with fewer
-than two words to check, or a lead-in ("以下是："), claims nothing and needs no source.
+than two words to check and no figure, or a lead-in ("以下是："), claims nothing and needs no source.
 A sentence that states a figure (a version, a default, a count) is supported
 only by lines that hold that figure: words and embeddings can't tell 92542
 from 92543; a figure the question names and an excerpt states ("浦语·灵笔2.5")
@@ -83,8 +83,11 @@ def _figures(sentence: str) -> list[str]:
 
 
 def is_claim(sentence: str) -> bool:
-    """Two words or more, and not a lead-in ending with a colon ("以下是：", "Steps:")."""
-    return len(_claim_words(sentence)) >= 2 and not MARKER_RE.sub("", sentence).rstrip().endswith((":", "："))
+    """Two words or more, or a figure ("88.3%", "86.6 分。": a terse answer is still one), and not a lead-in
+    ending with a colon ("以下是：", "Steps:")."""
+    if MARKER_RE.sub("", sentence).rstrip().endswith((":", "：")):
+        return False
+    return len(_claim_words(sentence)) >= 2 or bool(_figures(sentence))
 
 
 def _runs(lines: Sequence[str]) -> list[tuple[int, int, str]]:
