@@ -69,10 +69,11 @@ QUESTION_SETS = {  # name -> (file, what it is for)
     "dev": (ROOT / "kb" / "questions" / "dev_questions.jsonl", "tuning (the shared dev set, with facts and categories)"),
     "overview-dev": (ROOT / "kb" / "questions" / "overview_dev.jsonl", "tuning (overview questions)"),
     "holdout": (ROOT / "kb" / "questions" / "holdout_questions.jsonl", "checking only"),
-    "overview-holdout": (ROOT / "kb" / "questions" / "overview_holdout.jsonl", "checking only, never tuned on"),
+    "overview-holdout": (ROOT / "kb" / "questions" / "overview_holdout.jsonl", "checking only; its misses were read for the third round of signals"),
+    "overview-fresh": (ROOT / "kb" / "questions" / "overview_fresh.jsonl", "checking only, written blind before that round"),
 }
 # The document-level signals off: the fusion of the previous round, for the before/after table.
-SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "empty_penalty": 1.0, "collapse": False}
+SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False}
 
 
 def six_repo_kb():

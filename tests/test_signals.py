@@ -175,6 +175,21 @@ def test_readme_sections_rank_a_matching_section_title_first_and_match_word_stem
     assert signals.readme_sections(docs, "en", ["quantization"], 3) == []  # no chunk holds it
 
 
+def test_a_tables_header_labels_its_chunk_as_a_heading_does():
+    body = " ".join(["text"] * 40)
+    docs = [_doc("README.md", 40, "Key Features", "### Key Features\n" + body + " train models, support MoE"),
+            _doc("README.md", 68, "Training Engine", "### Training Engine\n" + body +
+                 "\n| Model | GPU(FP8) | NPU |\n|-------|---|---|\n| Qwen3 | ✅ | ✅ |")]
+    # both hold "model(s)" and the features also "support"; the table's header says which one lists models
+    assert signals.readme_sections(docs, "en", ["models", "support"], 2)[0].id == "README.md:68"
+
+
+def test_a_readme_section_holding_every_asked_word_is_that_readmes_answer():
+    chunk = _doc("README.md", 50, "Features", "Train on Ascend NPU and GPUs with XTuner V1.")
+    assert signals.holds_all(chunk, ["train", "ascend", "npu"])
+    assert not signals.holds_all(chunk, ["train", "huawei"]) and not signals.holds_all(chunk, [])
+
+
 @pytest.mark.parametrize("question,expected", [
     ("xtuner是什么？", True), ("InternLM 是干什么的？", True), ("What is LMDeploy?", True), ("What's Lagent?", True),
     ("介绍一下 OpenCompass", True), ("How do I install LMDeploy?", False), ("xtuner支持哪些模型？", False),

@@ -63,6 +63,7 @@ class _Lexical:
     sources: np.ndarray
     paths: np.ndarray
     parents: list[str]  # passages: each one's chunk; chunks: empty
+    owners: signals.Sources  # the same sources, counted once for the named-source signals
 
 
 class SearchEngine:
@@ -117,8 +118,9 @@ class SearchEngine:
                 if len(page["ids"]) < 5000:
                     break
                 offset += 5000
-            lex = _Lexical(version, BM25Matrix(tokens), ids, np.asarray(sources, dtype=object),
-                           np.asarray(paths, dtype=object), parents)
+            sources = np.asarray(sources, dtype=object)
+            lex = _Lexical(version, BM25Matrix(tokens), ids, sources, np.asarray(paths, dtype=object), parents,
+                           signals.Sources(sources))
             self._lexical[key] = lex
             return lex
 
@@ -220,7 +222,7 @@ class SearchEngine:
         if opts.mode == "hybrid":
             lex, tokens = self.lexical(collection), tokenize(query)
             if not opts.source:
-                named = signals.named_sources(lex.matrix, lex.sources, tokens, self._aliases(collection))
+                named = signals.named_sources(lex.matrix, lex.owners, tokens, self._aliases(collection))
         if opts.mode in ("dense", "hybrid"):
             if pcoll is not None and not opts.mmr:
                 in_source = named[0] if len(named) == 1 and opts.in_source_weight else None
@@ -258,23 +260,8 @@ class SearchEngine:
                 lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions) -> list[Hit]:
         """Fuse the lists, with the document-level signals of ``kb/search/signals.py``."""
         language = signals.query_language(query)
-        weights = {}
-        if IN_SOURCE in lists:
-            rest = signals.asked_about(tokens, named, self._aliases(collection))
-            fade = 1.0 - min(1.0, lex.matrix.max_idf(rest) / opts.rest_idf) if rest else 1.0
-            weights[IN_SOURCE] = opts.in_source_weight * fade
-            # A question about what the source is ("InternLM 是什么？书生·浦语大模型是干什么的？") wants its
-            # opening; one asking about something generic in it ("How do I install LMDeploy?") its README's
-            # section on that. Both lists fade as the question's other words get specific.
-            readmes = None if opts.path_prefix else self._readmes(coll, collection, named[0])
-            if readmes and opts.opening_weight and (not rest or signals.definitional(query)) and fade > 0:
-                lists = {**lists, OPENING: [(d, 0.0) for d in signals.opening(readmes, language, opts.opening_chunks)]}
-                weights[OPENING] = opts.opening_weight * fade
-            if readmes and opts.readme_weight and rest and fade > 0:
-                lists = {**lists, README_SECTION: [(d, 0.0) for d in signals.readme_sections(
-                    readmes, language, rest, opts.opening_chunks)]}
-                weights[README_SECTION] = opts.readme_weight * fade
-        hits = fuse(lists, opts, bm25_scale=specificity(lex.matrix, tokens), extra_weights=weights)
+        extra, weights = self._named_source_lists(coll, collection, query, lex, tokens, named, language, opts)
+        hits = fuse({**lists, **extra}, opts, bm25_scale=specificity(lex.matrix, tokens), extra_weights=weights)
         if opts.empty_penalty != 1.0:
             for h in hits:
                 if signals.is_empty(h):
@@ -287,6 +274,61 @@ class SearchEngine:
         for h in hits:
             h.score = round(h.score, 6)
         return hits
+
+    def _fade(self, lex: _Lexical, rest: list[str], source: str, opts: SearchOptions) -> float:
+        """1 for a question whose other words are generic, down to 0 as they get specific.
+
+        With ``own_words_fade``, only the words the source itself uses count: a
+        word it never uses ("异步" for Lagent, whose docs say "async") can't be
+        found in it by BM25, which leaves dense search within it the only way in.
+        """
+        if opts.own_words_fade:
+            rest = [w for w in rest if signals.uses(lex.matrix, lex.owners, source, w)]
+        return 1.0 - min(1.0, lex.matrix.max_idf(rest) / opts.rest_idf) if rest else 1.0
+
+    def _named_source_lists(self, coll, collection: str, query: str, lex: _Lexical, tokens: list[str],
+                            named: list[str], language: str, opts: SearchOptions) -> tuple[dict, dict]:
+        """The lists a named source adds (its README's opening and sections), and every signal list's weight.
+
+        A question about what the source is ("InternLM 是什么？书生·浦语大模型是干什么的？") wants its
+        opening; one asking about something generic in it ("How do I install LMDeploy?") its README's section
+        on that. Both fade as the question's other words get specific, unless the README's best section
+        holds them all. A question naming two sources ("怎么用 LMDeploy 给浦语·灵笔2.5 加速推理？") gets each
+        one's sections, ranked by the words that are not its own name, at a share of the weight.
+        """
+        if not named:
+            return {}, {}
+        aliases = self._aliases(collection)
+        lists: dict[str, list[tuple[Document, float]]] = {}
+        weights: dict[str, float] = {}
+        if len(named) == 1:
+            rest = signals.asked_about(tokens, named, aliases)
+            fade = self._fade(lex, rest, named[0], opts)
+            weights[IN_SOURCE] = opts.in_source_weight * fade
+            readmes = None if opts.path_prefix else self._readmes(coll, collection, named[0])
+            if readmes and opts.opening_weight and (not rest or signals.definitional(query)) and fade > 0:
+                lists[OPENING] = [(d, 0.0) for d in signals.opening(readmes, language, opts.opening_chunks)]
+                weights[OPENING] = opts.opening_weight * fade
+            self._sections(lists, weights, README_SECTION, readmes, language, rest, fade, 1.0, opts)
+        elif opts.each_named and not opts.path_prefix:
+            for src in named:
+                rest = signals.asked_about(tokens, [src], aliases)
+                self._sections(lists, weights, f"{README_SECTION} ({src})", self._readmes(coll, collection, src),
+                               language, rest, self._fade(lex, rest, src, opts), 1.0 / len(named), opts)
+        return lists, weights
+
+    @staticmethod
+    def _sections(lists: dict, weights: dict, name: str, readmes: list[Document], language: str, rest: list[str],
+                  fade: float, share: float, opts: SearchOptions) -> None:
+        """A README's sections on the question's other words, as list ``name``."""
+        if not (readmes and opts.readme_weight and rest):
+            return
+        found = signals.readme_sections(readmes, language, rest, opts.opening_chunks)
+        if found and opts.readme_holds_all and signals.holds_all(found[0], rest):
+            fade = 1.0
+        if found and fade > 0:
+            lists[name] = [(d, 0.0) for d in found]
+            weights[name] = opts.readme_weight * fade * share
 
     def _doc_fact(self, key: tuple, collection: str, read):
         """``read()`` once per collection version (a sync changes the version), cached under ``key``."""

@@ -54,6 +54,9 @@ class SearchOptions:
     opening_weight: float = 3.0  # RRF weight of the named source's root README opening (definitional questions)
     opening_chunks: int = 2  # how many opening chunks that list holds
     readme_weight: float = 5.0  # RRF weight of the named source's README chunks holding the question's other words
+    readme_holds_all: bool = True  # ... at full weight, however specific the words, when its best chunk holds them all
+    own_words_fade: bool = True  # the in-source list fades only for words the named source itself uses
+    each_named: bool = True  # a question naming two sources gets each one's README sections, at half weight
     empty_penalty: float = 0.5  # fused score x this for a hit that is only a heading (1: off)
     collapse: bool = True  # keep one of near-duplicate hits, the copy that fits the question's language
 

@@ -60,7 +60,15 @@ def is_root_readme(path: str) -> bool:
     return "/" not in path and bool(README_RE.match(path))
 
 
-def _source_shares(matrix: BM25Matrix, sources: np.ndarray, token: str) -> dict[str, float]:
+class Sources:
+    """Which source each BM25 row belongs to, with the per-source counts every share needs, computed once."""
+
+    def __init__(self, sources: np.ndarray) -> None:
+        self.names, self.inverse = np.unique(sources, return_inverse=True)
+        self.sizes = np.bincount(self.inverse, minlength=len(self.names))
+
+
+def _source_shares(matrix: BM25Matrix, sources: Sources | np.ndarray, token: str) -> dict[str, float]:
     """For one word: how its chunks spread over the sources, each source's share normalised by its size.
 
     A big repository is not named just because it holds many chunks; the
@@ -69,13 +77,19 @@ def _source_shares(matrix: BM25Matrix, sources: np.ndarray, token: str) -> dict[
     col = matrix.vocab.get(token)
     if col is None:
         return {}
-    names, inverse = np.unique(sources, return_inverse=True)
+    if not isinstance(sources, Sources):
+        sources = Sources(sources)
     rows = matrix.weights.indices[matrix.weights.indptr[col] : matrix.weights.indptr[col + 1]]
     if not len(rows):
         return {}
-    share = np.bincount(inverse[rows], minlength=len(names)) / np.bincount(inverse, minlength=len(names))
+    share = np.bincount(sources.inverse[rows], minlength=len(sources.names)) / sources.sizes
     share = share / share.sum()
-    return {str(n): float(v) for n, v in zip(names, share) if v > 0}
+    return {str(n): float(v) for n, v in zip(sources.names, share) if v > 0}
+
+
+def uses(matrix: BM25Matrix, sources: Sources, source: str, token: str) -> bool:
+    """Whether any of ``source``'s chunks holds the word."""
+    return source in _source_shares(matrix, sources, token)
 
 
 TITLE_RE = re.compile(r"^#\s+(.+)$|<b>(?:<[^>]+>)*([^<]+)")
@@ -96,7 +110,7 @@ def readme_title(text: str, lines: int = 30) -> str:
     return " · ".join(found[g] for g in sorted(found))
 
 
-def named_sources(matrix: BM25Matrix, sources: np.ndarray, tokens: Sequence[str],
+def named_sources(matrix: BM25Matrix, sources: Sources | np.ndarray, tokens: Sequence[str],
                   aliases: dict[str, set[str]], margin: float = 1.5) -> list[str]:
     """The sources the question names.
 
@@ -107,6 +121,8 @@ def named_sources(matrix: BM25Matrix, sources: np.ndarray, tokens: Sequence[str]
     the InternLM repository unless the question is about it.
     """
     named: dict[str, set[str]] = {}
+    if not isinstance(sources, Sources):
+        sources = Sources(sources)
     for t in dict.fromkeys(tokens):
         owners = [s for s, words in aliases.items() if t in words]
         if not owners:
@@ -171,6 +187,21 @@ def _own_headings(doc) -> list[str]:
     return path[-1:] + [HEADING_RE.sub("", l).strip() for l in doc.page_content.splitlines() if HEADING_RE.match(l)]
 
 
+TABLE_RULE_RE = re.compile(r"^\s*\|?\s*:?-{3,}")
+
+
+def _labels(doc) -> list[str]:
+    """What a chunk says it is about: its own headings, and its tables' header rows.
+
+    A table's header names what it lists, as a heading does: XTuner's model
+    table sits under "Training Engine", and only its "| Model | GPU(FP8) |"
+    row says that it is the list of supported models.
+    """
+    lines = doc.page_content.splitlines()
+    headers = [l for l, nxt in zip(lines, lines[1:]) if l.lstrip().startswith("|") and TABLE_RULE_RE.match(nxt)]
+    return _own_headings(doc) + headers
+
+
 @functools.lru_cache(maxsize=8192)
 def _word_set(text: str) -> frozenset[str]:
     """BM25 words of a README chunk, kept: the same chunks are read for every question naming the source."""
@@ -181,11 +212,21 @@ def _stem_match(wanted: set[str], words: set[str]) -> set[str]:
     """The wanted words found in ``words``; a Latin word also by a shared stem ("install" in "installation",
     "support" in "supported", "models" in "model"), since BM25's words are not stemmed."""
     found = wanted & words
-    latin = [v for v in words if v.isascii() and len(v) >= 5]
+    by_prefix = _by_prefix(frozenset(words))
     for w in wanted - found:
-        if w.isascii() and len(w) >= 5 and any(_same_stem(w, v) for v in latin):
+        if w.isascii() and len(w) >= 5 and any(_same_stem(w, v) for v in by_prefix.get(w[:5], ())):
             found.add(w)
     return found
+
+
+@functools.lru_cache(maxsize=8192)
+def _by_prefix(words: frozenset[str]) -> dict[str, list[str]]:
+    """A chunk's Latin words by their first five letters: a shared stem is at least that long."""
+    out: dict[str, list[str]] = {}
+    for v in words:
+        if v.isascii() and len(v) >= 5:
+            out.setdefault(v[:5], []).append(v)
+    return out
 
 
 def _same_stem(a: str, b: str) -> bool:
@@ -210,8 +251,7 @@ def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) 
     if not docs or not wanted:
         return []
     copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
-    found = [(_stem_match(wanted, _word_set(d.metadata.get("heading", "") + "\n" + d.page_content)),
-              _stem_match(wanted, _word_set(" ".join(_own_headings(d))))) for d in copy]
+    found = [(_section_words(d, wanted), _stem_match(wanted, _word_set(" ".join(_labels(d))))) for d in copy]
     df = {w: sum(w in body for body, _ in found) for w in wanted}
     idf = {w: math.log(1 + (len(copy) - n + 0.5) / (n + 0.5)) for w, n in df.items()}
     scored = [(-sum(idf[w] for w in heading), -sum(idf[w] for w in body), int(d.metadata["line_start"]), d)
@@ -219,6 +259,21 @@ def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) 
     return [d for *_, d in sorted(scored, key=lambda t: t[:3])][:n]
 
 
+def _section_words(doc, wanted: set[str]) -> set[str]:
+    return _stem_match(wanted, _word_set(doc.metadata.get("heading", "") + "\n" + doc.page_content))
+
+
+def holds_all(doc, rest: Sequence[str]) -> bool:
+    """Whether a README chunk holds every word the question asks about besides the source's name.
+
+    Then it is that README's own answer, however specific the words ("Can I
+    train with XTuner on Huawei Ascend NPUs?" and its feature list's "Ascend
+    NPU"), and the README list need not fade as specific questions make it.
+    """
+    return bool(rest) and _section_words(doc, set(rest)) == set(rest)
+
+
+@functools.lru_cache(maxsize=16384)
 def content_words(text: str) -> int:
     """Words beyond headings and markup (a CJK character counts as a word)."""
     body = "\n".join(l for l in text.splitlines() if not HEADING_RE.match(l))
@@ -229,9 +284,10 @@ def is_empty(hit: Hit) -> bool:
     return content_words(hit.text) < CONTENT_WORDS
 
 
-def shingles(text: str, n: int = 5) -> set[str]:
+@functools.lru_cache(maxsize=16384)
+def shingles(text: str, n: int = 5) -> frozenset[str]:
     flat = re.sub(r"\s+", " ", MARKUP_RE.sub(" ", text.lower())).strip()
-    return {flat[i : i + n] for i in range(max(1, len(flat) - n + 1))}
+    return frozenset(flat[i : i + n] for i in range(max(1, len(flat) - n + 1)))
 
 
 def near_duplicate(a: set[str], b: set[str], threshold: float = 0.8) -> bool:
