@@ -175,6 +175,17 @@ def test_readme_sections_rank_a_matching_section_title_first_and_match_word_stem
     assert signals.readme_sections(docs, "en", ["quantization"], 3) == []  # no chunk holds it
 
 
+def test_opening_without_an_introduction_heading_is_the_chunk_that_defines_the_project():
+    filler = " ".join(["release"] * 40)
+    docs = [_doc("README.md", 30, "🔥 News", "We release **XComposer2.5-Reward**, a reward model. " + filler),
+            _doc("README.md", 40, "Projects", "> [**DualFocus**](x): a project\n" + filler),
+            _doc("README.md", 60, "Projects", "> [**ShareGPT4V**](y)\n\n**InternLM-XComposer-2.5** excels in various "
+                 "text-image comprehension and composition applications with a 7B LLM backend. " + filler)]
+    names = frozenset({"internlm", "xcomposer"})
+    assert [d.id for d in signals.opening(docs, "en", 2, names)] == ["README.md:60", "README.md:30"]
+    assert [d.id for d in signals.opening(docs, "en", 1)] == ["README.md:30"], "no names: the first chunk"
+
+
 def test_a_tables_header_labels_its_chunk_as_a_heading_does():
     body = " ".join(["text"] * 40)
     docs = [_doc("README.md", 40, "Key Features", "### Key Features\n" + body + " train models, support MoE"),

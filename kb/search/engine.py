@@ -307,7 +307,8 @@ class SearchEngine:
             weights[IN_SOURCE] = opts.in_source_weight * fade
             readmes = None if opts.path_prefix else self._readmes(coll, collection, named[0])
             if readmes and opts.opening_weight and (not rest or signals.definitional(query)) and fade > 0:
-                lists[OPENING] = [(d, 0.0) for d in signals.opening(readmes, language, opts.opening_chunks)]
+                lists[OPENING] = [(d, 0.0) for d in signals.opening(
+                    readmes, language, opts.opening_chunks, frozenset(aliases.get(named[0], ())))]
                 weights[OPENING] = opts.opening_weight * fade
             self._sections(lists, weights, README_SECTION, readmes, language, rest, fade, 1.0, opts)
         elif opts.each_named and not opts.path_prefix:

@@ -159,14 +159,15 @@ def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, 
     return [t for t in tokens if t not in names and t not in QUESTION_WORDS]
 
 
-def opening(docs: Sequence, language: str, n: int) -> list:
+def opening(docs: Sequence, language: str, n: int, names: frozenset[str] = frozenset()) -> list:
     """A root README's opening: its introduction section, else its first chunks with content.
 
     ``docs`` are LangChain documents of the source's root READMEs; the copy in
     the question's language is used. Chunks under an introduction heading
-    ("Introduction", "简介", "Welcome") come first; then the first chunks
-    with content, since badges, logos and link rows (fewer than
-    ``OPENING_WORDS`` words) are skipped.
+    ("Introduction", "简介", "Welcome") come first, or, where there is none,
+    the first chunk with a line that starts with one of the project's
+    ``names`` and defines it; then the first chunks with content, since
+    badges, logos and link rows (fewer than ``OPENING_WORDS`` words) are skipped.
     """
     by_path: dict[str, list] = {}
     for d in sorted(docs, key=lambda d: int(d.metadata["line_start"])):
@@ -178,7 +179,28 @@ def opening(docs: Sequence, language: str, n: int) -> list:
     best = min(by_path, key=lambda p: (zh != any(m in p.lower() for m in ("zh", "_cn", "-cn")), len(p)))
     chunks = by_path[best]
     intro = [d for d in chunks if any(INTRO_HEADING_RE.search(h) for h in _own_headings(d))]
+    if not intro and names:
+        intro = [d for d in chunks if _defines(d.page_content, names)][:1]
     return (intro + [d for d in chunks if d not in intro])[:n]
+
+
+DEFINING_WORDS = 12  # a line that starts with the project's name and goes on this long says what it is
+
+
+def _defines(text: str, names: frozenset[str]) -> bool:
+    """Whether a line of ``text`` starts with the project's name and goes on as prose.
+
+    Without an introduction heading, a README still defines its project in
+    the first sentence that begins with its name ("**InternLM-XComposer-2.5**
+    excels in…", "**浦语·灵笔2.5**是基于…", "LMDeploy is a toolkit…"),
+    after the news, badges and project lists above it.
+    """
+    for line in text.splitlines():
+        plain = MARKUP_RE.sub(" ", line)
+        words = tokenize(plain)
+        if words and words[0] in names and len(WORD_RE.findall(plain)) >= DEFINING_WORDS:
+            return True
+    return False
 
 
 def _own_headings(doc) -> list[str]:
