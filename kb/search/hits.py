@@ -51,7 +51,7 @@ class SearchOptions:
     # Tuned on the dev and overview-dev sets (README "Retrieval tuning"), checked on the held-out ones.
     in_source_weight: float = 1.0  # RRF weight of dense search within the named source, as another list
     rest_idf: float = 6.0  # ... which fades as the question's other words get this specific
-    opening_weight: float = 3.0  # RRF weight of the named source's root README opening (definitional questions)
+    opening_weight: float = 5.0  # RRF weight of the named source's root README opening (definitional questions)
     opening_chunks: int = 2  # how many opening chunks that list holds
     readme_weight: float = 5.0  # RRF weight of the named source's README chunks holding the question's other words
     readme_holds_all: bool = True  # ... at full weight, however specific the words, when its best chunk holds them all
