@@ -151,12 +151,21 @@ def definitional(query: str) -> bool:
 
 
 def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, set[str]]) -> list[str]:
-    """The question's words once the source's names and the bare question words are taken out.
+    """The question's words once the source's names (and parts of them) and the bare question words are taken out.
 
     None left: a definitional question ("xtuner是什么？", "What is LMDeploy?").
     """
     names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
-    return [t for t in tokens if t not in names and t not in QUESTION_WORDS]
+    return [t for t in tokens if t not in names and t not in QUESTION_WORDS and not _part_of_name(t, names)]
+
+
+def _part_of_name(word: str, names: set[str]) -> bool:
+    """"deploy" in LMDeploy, "compass" in OpenCompass: the name restated, not something asked about it.
+
+    "Which models can I deploy with LMDeploy?" asks which models; "deploy"
+    would otherwise read as a specific word and fade the README's model list.
+    """
+    return word.isascii() and len(word) >= 4 and any(word in n and word != n for n in names)
 
 
 def opening(docs: Sequence, language: str, n: int, names: frozenset[str] = frozenset()) -> list:
