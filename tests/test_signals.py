@@ -59,6 +59,7 @@ def test_named_sources(corpus, question, named):
 def test_asked_about_leaves_what_the_question_is_about():
     assert signals.asked_about(tokenize("xtuner是什么？"), ["xtuner"], ALIASES) == []
     assert signals.asked_about(tokenize("Which models can I deploy with LMDeploy?"), ["lmdeploy"], ALIASES) == ["models"]
+    assert signals.asked_about(tokenize("浦语·灵笔2.5 是什么？"), ["InternLM-XComposer"], ALIASES) == []
     assert signals.asked_about(tokenize("opencompass 是干嘛的？"), ["opencompass"], {"opencompass": {"opencompass"}}) == []
     assert signals.asked_about(tokenize("How do I install XTuner?"), ["xtuner"], ALIASES) == ["install"]
 

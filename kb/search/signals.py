@@ -156,7 +156,9 @@ def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, 
     None left: a definitional question ("xtuner是什么？", "What is LMDeploy?").
     """
     names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
-    return [t for t in tokens if t not in names and t not in QUESTION_WORDS and not _part_of_name(t, names)]
+    rest = [t for t in tokens if t not in names and t not in QUESTION_WORDS and not _part_of_name(t, names)]
+    # Numbers alone ("浦语·灵笔2.5 是什么？" leaves "2", "5") are the version in the name: the question is definitional.
+    return [] if all(t.isdigit() for t in rest) else rest
 
 
 def _part_of_name(word: str, names: set[str]) -> bool:
