@@ -299,9 +299,9 @@ def _section_words(doc, wanted: set[str]) -> set[str]:
 def holds_all(doc, rest: Sequence[str]) -> bool:
     """Whether a README chunk holds every word the question asks about besides the source's name.
 
-    Then it is that README's own answer, however specific the words ("Can I
-    train with XTuner on Huawei Ascend NPUs?" and its feature list's "Ascend
-    NPU"), and the README list need not fade as specific questions make it.
+    Then it is that README's own answer, however specific the words (a rare
+    word such as "Ascend" that the README's feature list states), and the
+    README list need not fade as specific questions make it.
     """
     return bool(rest) and _section_words(doc, set(rest)) == set(rest)
 
