@@ -41,7 +41,7 @@ ALIASES = {"xtuner": {"xtuner"}, "lmdeploy": {"lmdeploy"}, "InternLM": {"internl
 
 @pytest.fixture(scope="module")
 def corpus():
-    return BM25Matrix([tokenize(t) for _, t in CHUNKS]), np.asarray([s for s, _ in CHUNKS], dtype=object)
+    return BM25Matrix([tokenize(t) for _, t in CHUNKS]), signals.Sources(np.asarray([s for s, _ in CHUNKS], dtype=object))
 
 
 @pytest.mark.parametrize("question,named", [

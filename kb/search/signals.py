@@ -68,7 +68,7 @@ class Sources:
         self.sizes = np.bincount(self.inverse, minlength=len(self.names))
 
 
-def _source_shares(matrix: BM25Matrix, sources: Sources | np.ndarray, token: str) -> dict[str, float]:
+def _source_shares(matrix: BM25Matrix, sources: Sources, token: str) -> dict[str, float]:
     """For one word: how its chunks spread over the sources, each source's share normalised by its size.
 
     A big repository is not named just because it holds many chunks; the
@@ -77,8 +77,6 @@ def _source_shares(matrix: BM25Matrix, sources: Sources | np.ndarray, token: str
     col = matrix.vocab.get(token)
     if col is None:
         return {}
-    if not isinstance(sources, Sources):
-        sources = Sources(sources)
     rows = matrix.weights.indices[matrix.weights.indptr[col] : matrix.weights.indptr[col + 1]]
     if not len(rows):
         return {}
@@ -110,7 +108,7 @@ def readme_title(text: str, lines: int = 30) -> str:
     return " · ".join(found[g] for g in sorted(found))
 
 
-def named_sources(matrix: BM25Matrix, sources: Sources | np.ndarray, tokens: Sequence[str],
+def named_sources(matrix: BM25Matrix, sources: Sources, tokens: Sequence[str],
                   aliases: dict[str, set[str]], margin: float = 1.5) -> list[str]:
     """The sources the question names.
 
@@ -121,8 +119,6 @@ def named_sources(matrix: BM25Matrix, sources: Sources | np.ndarray, tokens: Seq
     the InternLM repository unless the question is about it.
     """
     named: dict[str, set[str]] = {}
-    if not isinstance(sources, Sources):
-        sources = Sources(sources)
     for t in dict.fromkeys(tokens):
         owners = [s for s, words in aliases.items() if t in words]
         if not owners:
