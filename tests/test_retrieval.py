@@ -158,3 +158,23 @@ def test_hybrid_hits_are_distinct_and_never_only_a_heading(engine):
         texts = [h.text for h in hits]
         assert len(set(texts)) == len(texts)
         assert not any(signals.is_empty(h) for h in hits[:3]), [h.citation for h in hits]
+
+
+def test_chunks_read_once_are_reread_after_a_change_and_passages_map_to_their_chunks(tiny_kb):
+    tiny_kb.upload({"zebra.md": b"# Zebra\n\nquuxinator zebra stripes are black\n"}, "notes")
+    engine = SearchEngine(tiny_kb)
+    first = engine.search("quuxinator zebra", SearchOptions(k=3))
+    assert "black" in first[0].text
+    assert engine.search("quuxinator zebra", SearchOptions(k=3))[0].text == first[0].text  # from memory
+    tiny_kb.upload({"zebra.md": b"# Zebra\n\nquuxinator zebra stripes are white\n"}, "notes")
+    again = engine.search("quuxinator zebra", SearchOptions(k=3))
+    assert "white" in again[0].text and "black" not in again[0].text  # the cache follows the collection's version
+
+    collection, config = tiny_kb.live()
+    pcoll = tiny_kb.index.passages(collection)
+    ids = pcoll.get(limit=5)["ids"]
+    from_rows = engine._passage_owners(pcoll, collection, ids)
+    engine.lexical(collection, passages=True).row_of.clear()  # as if a sync had added them since the rows were read
+    assert engine._passage_owners(pcoll, collection, ids) == from_rows
+    metas = pcoll.get(ids=ids, include=["metadatas"])
+    assert from_rows == {i: (m["parent"], m["source"]) for i, m in zip(metas["ids"], metas["metadatas"])}

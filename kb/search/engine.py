@@ -8,6 +8,7 @@ fuses them (``kb/search/fusion.py``), optionally reranks
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from kb.store.manifest import Manifest
 from kb.words import tokenize
 
 IN_SOURCE_DEPTH = 300  # passages read when a source is named, to rank its own chunks too
+CHUNK_CACHE = 20_000  # chunks kept in memory for the next searches (about 40 MB at most), per collection version
 
 
 class SearchableKB(Protocol):
@@ -65,6 +67,11 @@ class _Lexical:
     parents: list[str]  # passages: each one's chunk; chunks: empty
     owners: signals.Sources  # the same sources, counted once for the named-source signals
 
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        """Each id's row: a passage's chunk and source without reading its metadata back from Chroma."""
+        return {cid: i for i, cid in enumerate(self.ids)}
+
 
 class SearchEngine:
     """Searches the live collection; caches the BM25 matrix per collection version."""
@@ -79,6 +86,7 @@ class SearchEngine:
         # document-level facts (root README chunks, sources' name words), kept for the collection version they were
         # read at: (kind, collection[, source]) -> (version, value), so old versions don't pile up in a long-lived server
         self._doc_facts: dict[tuple, tuple[str, object]] = {}
+        self._chunks: tuple[tuple[str, str], dict[str, Document]] = (("", ""), {})  # (collection, version), chunks
 
     # building blocks
     def _store(self, coll) -> Chroma:
@@ -164,7 +172,7 @@ class SearchEngine:
             self._passages_of[key] = self.kb.index.passages(coll.name)
         return self._passages_of[key]
 
-    def _dense_passages(self, pcoll, query: str, n: int, opts: SearchOptions,
+    def _dense_passages(self, pcoll, collection: str, query: str, n: int, opts: SearchOptions,
                         also_in: str | None = None) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
         """Chunks ranked by their best passage's similarity (2n passages are read to find n chunks).
 
@@ -173,14 +181,35 @@ class SearchEngine:
         signal, without a second, filtered search.
         Passages keep no text (kb/passages.py), and LangChain's wrapper drops
         records without text, so this one query goes to Chroma directly; the
-        score is the wrapper's cosine relevance, 1 - distance.
+        score is the wrapper's cosine relevance, 1 - distance. Each passage's
+        chunk and source come from the passages' BM25 rows, which hold both:
+        reading 300 passages' metadata back from Chroma took longer than the
+        nearest-neighbour search itself (README "Search latency").
         """
         got = pcoll.query(query_embeddings=[self.kb.embeddings.embed_query(query)],
                           n_results=max(2 * n, IN_SOURCE_DEPTH) if also_in else 2 * n,
-                          where=self._where(opts), include=["metadatas", "distances"])
-        scored = [(m["parent"], 1.0 - d, m["source"]) for m, d in zip(got["metadatas"][0], got["distances"][0])]
+                          where=self._where(opts), include=["distances"])
+        owners = self._passage_owners(pcoll, collection, got["ids"][0])
+        scored = [(owners[pid][0], 1.0 - d, owners[pid][1]) for pid, d in zip(got["ids"][0], got["distances"][0])
+                  if pid in owners]
         in_source = self._ranked([(c, sc) for c, sc, src in scored if src == also_in], n) if also_in else []
         return self._ranked([(c, sc) for c, sc, _ in scored], n), in_source
+
+    def _passage_owners(self, pcoll, collection: str, ids: list[str]) -> dict[str, tuple[str, str]]:
+        """Each passage's (chunk, source), from the BM25 rows; one read for any a sync added since they were built."""
+        lex = self.lexical(collection, passages=True)
+        owners: dict[str, tuple[str, str]] = {}
+        missing = []
+        for pid in ids:
+            row = lex.row_of.get(pid) if lex is not None else None
+            if row is None:
+                missing.append(pid)
+            else:
+                owners[pid] = (lex.parents[row], lex.sources[row])
+        if missing:
+            got = pcoll.get(ids=missing, include=["metadatas"])
+            owners.update((pid, (m["parent"], m["source"])) for pid, m in zip(got["ids"], got["metadatas"]))
+        return owners
 
     def _bm25(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions) -> list[tuple[str, float]]:
         """Chunk ids by BM25; over passages (``lex.parents``), each passage's chunk."""
@@ -188,14 +217,20 @@ class SearchEngine:
             return [(lex.ids[i], s) for i, s in self._bm25_top(lex, tokens, n, opts)]
         return self._ranked([(lex.parents[i], s) for i, s in self._bm25_top(lex, tokens, 2 * n, opts)], n)
 
-    @staticmethod
-    def _documents(coll, ids: set[str], docs: dict[str, Document]) -> None:
-        """Read the chunks not yet in ``docs``, all in one round trip."""
-        missing = [i for i in ids if i not in docs]
+    def _documents(self, coll, collection: str, ids: set[str], docs: dict[str, Document]) -> None:
+        """Fill ``docs`` with the chunks ``ids``: those read before (for this collection version) from memory, the
+        rest in one round trip. Questions on one subject share most of their candidates, and reading 60 chunks
+        back took a fifth of a search (README "Search latency")."""
+        version = self.kb.manifest.collection_version(collection)
+        if self._chunks[0] != (collection, version) or len(self._chunks[1]) > CHUNK_CACHE:
+            self._chunks = ((collection, version), {})
+        cache = self._chunks[1]
+        missing = [i for i in ids if i not in docs and i not in cache]
         if missing:
             got = coll.get(ids=missing, include=["documents", "metadatas"])
             for i, t, m in zip(got["ids"], got["documents"], got["metadatas"]):
-                docs[i] = Document(page_content=t, metadata=m, id=i)
+                cache[i] = Document(page_content=t, metadata=m, id=i)
+        docs.update((i, cache[i]) for i in ids if i not in docs and i in cache)
 
     # the search
     def search(self, query: str, opts: SearchOptions | None = None) -> list[Hit]:
@@ -211,8 +246,8 @@ class SearchEngine:
         if not query.strip():
             raise KBError("the query is empty")
         collection, config = self.kb.live()
-        coll = self.kb.index.find(collection)
-        if coll is None or coll.count() == 0:  # a fresh knowledge base: nothing indexed yet
+        coll, count = self._doc_fact(("collection", collection), collection, lambda: self._find(collection))
+        if coll is None or count == 0:  # a fresh knowledge base: nothing indexed yet
             return []
         n = max(opts.candidates, opts.k) if opts.mode == "hybrid" else opts.k
         pcoll = self._passages(coll, config)
@@ -226,7 +261,8 @@ class SearchEngine:
         if opts.mode in ("dense", "hybrid"):
             if pcoll is not None and not opts.mmr:
                 in_source = named[0] if len(named) == 1 and opts.in_source_weight else None
-                ranked["dense"], ranked[IN_SOURCE] = self._dense_passages(pcoll, query, n, opts, also_in=in_source)
+                ranked["dense"], ranked[IN_SOURCE] = self._dense_passages(
+                    pcoll, collection, query, n, opts, also_in=in_source)
                 if not in_source:
                     del ranked[IN_SOURCE]
             else:
@@ -239,7 +275,7 @@ class SearchEngine:
             ranked["bm25"] = self._bm25(lex, tokens, n, opts)
             if opts.mode == "hybrid" and pcoll is not None:
                 ranked[PASSAGE_BM25] = self._bm25(self.lexical(collection, passages=True), tokens, n, opts)
-        self._documents(coll, {i for lst in ranked.values() for i, _ in lst}, docs)
+        self._documents(coll, collection, {i for lst in ranked.values() for i, _ in lst}, docs)
         lists = {m: [(docs[i], s) for i, s in lst if i in docs] for m, lst in ranked.items()}
         if opts.mode == "hybrid":
             hits = self._hybrid(coll, collection, query, lex, tokens, named, lists, opts)
@@ -338,6 +374,11 @@ class SearchEngine:
         if cached is None or cached[0] != version:
             cached = self._doc_facts[key] = (version, read())
         return cached[1]
+
+    def _find(self, collection: str) -> tuple[object, int]:
+        """The live collection and its size, read once per version: two round trips to Chroma a search saved."""
+        coll = self.kb.index.find(collection)
+        return coll, coll.count() if coll is not None else 0
 
     def _readmes(self, coll, collection: str, source: str) -> list[Document]:
         """The chunks of ``source``'s root READMEs."""

@@ -316,14 +316,15 @@ def is_empty(hit: Hit) -> bool:
 @functools.lru_cache(maxsize=16384)
 def shingles(text: str, n: int = 5) -> frozenset[str]:
     flat = re.sub(r"\s+", " ", MARKUP_RE.sub(" ", text.lower())).strip()
-    return frozenset(flat[i : i + n] for i in range(max(1, len(flat) - n + 1)))
+    return frozenset({flat[i : i + n] for i in range(max(1, len(flat) - n + 1))})
 
 
 def near_duplicate(a: set[str], b: set[str], threshold: float = 0.8) -> bool:
     """Jaccard similarity of character 5-grams: the same passage, reformatted or lightly edited."""
     if not a or not b or min(len(a), len(b)) < threshold * max(len(a), len(b)):  # sizes alone rule most pairs out
         return False
-    return len(a & b) / len(a | b) >= threshold
+    common = len(a & b) if len(a) <= len(b) else len(b & a)
+    return common / (len(a) + len(b) - common) >= threshold
 
 
 def fit(hit: Hit, language: str) -> tuple[int, int, int]:
