@@ -173,7 +173,7 @@ def chat_model(s: Settings | None = None):
 
 
 def preload(s: Settings | None = None) -> None:
-    """Start loading the LLM (and the embedding model) in the background, once per server and settings.
+    """Start loading the LLM (and the embedding model and search engine) in the background, once per server and settings.
 
     Called on the first script run of any page, so a first question finds the
     model loaded, or partly loaded: the chat waits for the rest and says so.
@@ -194,6 +194,7 @@ def preload(s: Settings | None = None) -> None:
     def load() -> None:
         try:
             _embeddings(_key(s, _EMBED_FIELDS), s)
+            search_engine(s).warm()  # the BM25 matrices and READMEs a first search would read
             _chat_model(key, s)
         except Exception:  # noqa: BLE001 - the chat reports the same error, with its message, when asked
             with _preload_lock:

@@ -178,3 +178,14 @@ def test_chunks_read_once_are_reread_after_a_change_and_passages_map_to_their_ch
     assert engine._passage_owners(pcoll, collection, ids) == from_rows
     metas = pcoll.get(ids=ids, include=["metadatas"])
     assert from_rows == {i: (m["parent"], m["source"]) for i, m in zip(metas["ids"], metas["metadatas"])}
+
+
+def test_warm_reads_matrices_and_readmes_once_and_an_empty_kb_is_fine(xtuner_kb, tiny_kb):
+    engine = SearchEngine(xtuner_kb)
+    engine.warm()
+    collection = xtuner_kb.live()[0]
+    readmes = engine._readmes(None, collection, "xtuner")  # from memory: no collection handed in to read from
+    assert readmes and all(d.metadata["source"] == "xtuner" for d in readmes)
+    assert engine.lexical(collection) is engine.lexical(collection)
+    assert engine.search("xtuner是什么？", SearchOptions(k=3))
+    SearchEngine(tiny_kb).warm()  # nothing indexed yet: nothing to read, no error
