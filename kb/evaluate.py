@@ -18,6 +18,7 @@ Questions saved from rated chat answers (``kb/feedback.py``) live in
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -102,18 +103,39 @@ def is_hit(hit: Hit, q: dict) -> bool:
         hit.path == path and hit.line_start <= b and hit.line_end >= a for path, a, b in gold_locations(q))
 
 
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", "", text).lower()
+
+
+def states_facts(text: str, facts: list[list[str]]) -> bool:
+    """Every group matched by one of its alternatives, ignoring case and spaces."""
+    flat = _flat(text)
+    return all(any(_flat(alt) in flat for alt in group) for group in facts)
+
+
+def facts_in_hits(hits: list[Hit], q: dict) -> bool | None:
+    """Whether the hits' texts together state the question's key facts, from any file (None: it lists none).
+
+    The gold lines are one place an answer lives; the same facts in another
+    copy (README.md, README_zh-CN.md, docs/) serve the reader as well.
+    """
+    return states_facts("\n".join(h.text for h in hits), q["facts"]) if q.get("facts") else None
+
+
 def category(q: dict) -> str:
     """The question's category as written, else "specific" (a deep fact)."""
     return str(q.get("category") or "specific")
 
 
-def scores(ranks: list[int | None]) -> dict:
+def scores(ranks: list[int | None], facts: list[bool | None] | None = None) -> dict:
     n = len(ranks) or 1
+    stated = [f for f in facts or [] if f is not None]
     return {
         "n": len(ranks),
         "hit@1": round(sum(1 for r in ranks if r == 1) / n, 4),
         "hit@k": round(sum(1 for r in ranks if r) / n, 4),
         "mrr": round(sum(1 / r for r in ranks if r) / n, 4),
+        **({"facts@k": round(sum(stated) / len(stated), 4)} if stated else {}),
     }
 
 
@@ -163,16 +185,18 @@ def evaluate(engine: SearchEngine, questions: list[dict], options: SearchOptions
         top = hits[0] if hits else None
         rows.append({
             "id": q["id"], "question": q["question"], "lang": q.get("lang", ""), "category": category(q), "rank": rank,
+            "facts_in_hits": facts_in_hits(hits, q),
             "gold": gold_label(q), "gold_text": gold_passage(engine.kb, q),
             "top_hit": top.citation if top else "", "top_text": top.text if top else "",
         })
     by_category = {
-        cat: scores([r["rank"] for r in rows if r["category"] == cat])
+        cat: scores([r["rank"] for r in rows if r["category"] == cat],
+                    [r["facts_in_hits"] for r in rows if r["category"] == cat])
         for cat in sorted({r["category"] for r in rows},
                          key=lambda c: (CATEGORIES.index(c) if c in CATEGORIES else len(CATEGORIES), c))
     }
     return {
-        **scores([r["rank"] for r in rows]),
+        **scores([r["rank"] for r in rows], [r["facts_in_hits"] for r in rows]),
         "by_category": by_category,
         "k": options.k,
         "mode": options.mode,

@@ -13,24 +13,13 @@ whether the withheld text did).
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 
 from kb.answer.chain import Answerer
 from kb.answer.prompts import declines
-from kb.evaluate import answerable, category, is_hit
+from kb.evaluate import answerable, category, is_hit, states_facts
 from kb.search.hits import SearchOptions
-
-def _flat(text: str) -> str:
-    return re.sub(r"\s+", "", text).lower()
-
-
-def states_facts(answer: str, facts: list[list[str]]) -> bool:
-    """Every group matched by one of its alternatives, ignoring case and spaces."""
-    flat = _flat(answer)
-    return all(any(_flat(alt) in flat for alt in group) for group in facts)
-
 
 def _share(values: list[bool]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
