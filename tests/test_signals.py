@@ -177,6 +177,18 @@ def test_readme_sections_rank_a_matching_section_title_first_and_match_word_stem
     assert signals.readme_sections(docs, "en", ["quantization"], 3) == []  # no chunk holds it
 
 
+def test_a_chinese_question_finds_the_section_of_an_english_only_readme_and_back():
+    body = " ".join(["text"] * 40)
+    docs = [_doc("README.md", 10, "Quick Start > Installation", "## Installation\n" + body + " pip"),
+            _doc("README.md", 120, "License", "## License\n" + body + " Apache 2.0")]
+    # "Lagent 采用什么开源协议？": no Chinese copy, and only the section words cross the languages
+    assert signals.readme_sections(docs, "zh", ["采用", "开源", "协议"], 2)[0].id == "README.md:120"
+    assert signals.readme_sections(docs, "zh", ["安装"], 2)[0].id == "README.md:10"
+    zh = [_doc("README_zh-CN.md", 10, "许可证", "## 许可证\n" + body + " Apache 2.0")]
+    assert signals.readme_sections(zh, "en", ["license"], 1)[0].id == "README_zh-CN.md:10"
+    assert signals.readme_sections(docs, "zh", ["采用"], 2) == []  # not a section word: no crossing
+
+
 def test_opening_without_an_introduction_heading_is_the_chunk_that_defines_the_project():
     filler = " ".join(["release"] * 40)
     docs = [_doc("README.md", 30, "🔥 News", "We release **XComposer2.5-Reward**, a reward model. " + filler),

@@ -34,6 +34,7 @@ import numpy as np
 
 from kb.search.bm25 import BM25Matrix
 from kb.search.hits import Hit
+from kb.search.section_words import equivalents
 from kb.words import tokenize
 
 CJK_RE = re.compile(r"[\u3400-\u9fff]")
@@ -280,7 +281,7 @@ def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) 
     if not docs or not wanted:
         return []
     copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
-    found = [(_section_words(d, wanted), _stem_match(wanted, _word_set(" ".join(_labels(d))))) for d in copy]
+    found = [(_section_words(d, wanted), _found(wanted, _word_set(" ".join(_labels(d))))) for d in copy]
     df = {w: sum(w in body for body, _ in found) for w in wanted}
     idf = {w: math.log(1 + (len(copy) - n + 0.5) / (n + 0.5)) for w, n in df.items()}
     scored = [(-sum(idf[w] for w in heading), -sum(idf[w] for w in body), int(d.metadata["line_start"]), d)
@@ -289,7 +290,17 @@ def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) 
 
 
 def _section_words(doc, wanted: set[str]) -> set[str]:
-    return _stem_match(wanted, _word_set(doc.metadata.get("heading", "") + "\n" + doc.page_content))
+    return _found(wanted, _word_set(doc.metadata.get("heading", "") + "\n" + doc.page_content))
+
+
+def _found(wanted: set[str], words: set[str]) -> set[str]:
+    """The wanted words in ``words``, by stem, or by a section word of the other language ("协议" in "License")."""
+    found = _stem_match(wanted, words)
+    for w in wanted - found:
+        alts = equivalents(w)
+        if alts and _stem_match(set(alts), words):
+            found.add(w)
+    return found
 
 
 def holds_all(doc, rest: Sequence[str]) -> bool:
