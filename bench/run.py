@@ -70,6 +70,7 @@ QUESTION_SETS = {  # name -> (file, what it is for)
     "overview-dev": (ROOT / "kb" / "questions" / "overview_dev.jsonl", "tuning (overview questions)"),
     "holdout": (ROOT / "kb" / "questions" / "holdout_questions.jsonl", "checking only"),
     "overview-holdout": (ROOT / "kb" / "questions" / "overview_holdout.jsonl", "checking only; its misses were read for the third round of signals"),
+    "overview-dev2": (ROOT / "kb" / "questions" / "overview_dev2.jsonl", "tuning (a second overview set, written blind, then its misses read)"),
     "overview-fresh": (ROOT / "kb" / "questions" / "overview_fresh.jsonl", "checking only, written blind before that round"),
 }
 # The document-level signals off: the fusion of the previous round, for the before/after table.

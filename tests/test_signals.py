@@ -50,6 +50,7 @@ def corpus():
     ("浦语·灵笔2.5 是什么？", ["InternLM-XComposer"]),
     ("What is InternLM-XComposer?", ["InternLM-XComposer"]),  # not also InternLM: its word is part of the longer name
     ("How do I install it with pip?", []),  # "install" and "pip" name no source
+    ("What is deep thinking mode in InternLM3?", ["InternLM"]),  # the name with its version run on
 ])
 def test_named_sources(corpus, question, named):
     matrix, sources = corpus
@@ -62,6 +63,7 @@ def test_asked_about_leaves_what_the_question_is_about():
     assert signals.asked_about(tokenize("浦语·灵笔2.5 是什么？"), ["InternLM-XComposer"], ALIASES) == []
     assert signals.asked_about(tokenize("opencompass 是干嘛的？"), ["opencompass"], {"opencompass": {"opencompass"}}) == []
     assert signals.asked_about(tokenize("How do I install XTuner?"), ["xtuner"], ALIASES) == ["install"]
+    assert signals.asked_about(tokenize("InternLM3 是什么？"), ["InternLM"], ALIASES) == []
 
 
 def test_readme_title_and_root_readmes():

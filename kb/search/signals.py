@@ -121,7 +121,7 @@ def named_sources(matrix: BM25Matrix, sources: Sources, tokens: Sequence[str],
     """
     named: dict[str, set[str]] = {}
     for t in dict.fromkeys(tokens):
-        owners = [s for s, words in aliases.items() if t in words]
+        owners = [s for s, words in aliases.items() if t in words or _versioned(t) in words]
         if not owners:
             continue
         ranked = sorted(_source_shares(matrix, sources, t).items(), key=lambda kv: -kv[1])
@@ -131,6 +131,14 @@ def named_sources(matrix: BM25Matrix, sources: Sources, tokens: Sequence[str],
     # words that are all part of another named source's name is that other source's.
     return [s for s, words in named.items()
             if not any(o != s and words <= aliases.get(o, set()) and words < named[o] | words for o in named)]
+
+
+VERSION_SUFFIX_RE = re.compile(r"(?<=[a-z])v?\d+$")
+
+
+def _versioned(token: str) -> str:
+    """A name with its version run on, without it: "internlm3" -> "internlm" (BM25 keeps "InternLM3" one word)."""
+    return VERSION_SUFFIX_RE.sub("", token) if token.isascii() else token
 
 
 def naming_words(tokens: Sequence[str], source: str, aliases: dict[str, set[str]]) -> set[str]:
@@ -153,7 +161,8 @@ def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, 
     None left: a definitional question ("xtuner是什么？", "What is LMDeploy?").
     """
     names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
-    rest = [t for t in tokens if t not in names and t not in QUESTION_WORDS and not _part_of_name(t, names)]
+    rest = [t for t in tokens if t not in names and _versioned(t) not in names and t not in QUESTION_WORDS
+            and not _part_of_name(t, names)]
     # Numbers alone ("浦语·灵笔2.5 是什么？" leaves "2", "5") are the version in the name: the question is definitional.
     return [] if all(t.isdigit() for t in rest) else rest
 
@@ -165,6 +174,17 @@ def _part_of_name(word: str, names: set[str]) -> bool:
     would otherwise read as a specific word and fade the README's model list.
     """
     return word.isascii() and len(word) >= 4 and any(word in n and word != n for n in names)
+
+
+def _copy(docs: Sequence, language: str) -> list:
+    by_path: dict[str, list] = {}
+    for d in sorted(docs, key=lambda d: int(d.metadata["line_start"])):
+        by_path.setdefault(d.metadata["path"], []).append(d)
+    if not by_path:
+        return []
+    zh = language == "zh"
+    best = min(by_path, key=lambda p: (zh != any(m in p.lower() for m in ("zh", "_cn", "-cn")), len(p)))
+    return by_path[best]
 
 
 def opening(docs: Sequence, language: str, n: int, names: frozenset[str] = frozenset()) -> list:
@@ -280,7 +300,11 @@ def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) 
     wanted = set(rest)
     if not docs or not wanted:
         return []
-    copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
+    import os
+    if os.environ.get('ALLCHUNKS'):
+        copy = _copy(docs, language)
+    else:
+        copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
     found = [(_section_words(d, wanted), _found(wanted, _word_set(" ".join(_labels(d))))) for d in copy]
     df = {w: sum(w in body for body, _ in found) for w in wanted}
     idf = {w: math.log(1 + (len(copy) - n + 0.5) / (n + 0.5)) for w, n in df.items()}
