@@ -316,10 +316,14 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if not args.json:
         for r in report["results"]:
             print(f"{r['id']:24} {('rank ' + str(r['rank'])) if r['rank'] else 'MISS':8} {r['question'][:60]}")
+        def facts(c: dict) -> str:  # the key facts anywhere in the top k texts, where the questions list them
+            return f"  facts@{report['k']}={c['facts@k']:.3f}" if "facts@k" in c else ""
+
         print(f"\nn={report['n']} mode={report['mode']} k={report['k']}  hit@1={report['hit@1']:.3f}  "
-              f"hit@{report['k']}={report['hit@k']:.3f}  mrr={report['mrr']:.3f}")
+              f"hit@{report['k']}={report['hit@k']:.3f}  mrr={report['mrr']:.3f}{facts(report)}")
         for cat, c in report["by_category"].items():
-            print(f"  {cat:14} n={c['n']:<3} hit@1={c['hit@1']:.3f}  hit@{report['k']}={c['hit@k']:.3f}  mrr={c['mrr']:.3f}")
+            print(f"  {cat:14} n={c['n']:<3} hit@1={c['hit@1']:.3f}  hit@{report['k']}={c['hit@k']:.3f}  "
+                  f"mrr={c['mrr']:.3f}{facts(c)}")
     return report
 
 

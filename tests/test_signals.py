@@ -223,3 +223,25 @@ def test_a_readme_section_holding_every_asked_word_is_that_readmes_answer():
 ])
 def test_definitional_questions(question, expected):
     assert signals.definitional(question) is expected
+
+
+def test_facts_at_k_counts_the_key_facts_in_any_hit_from_any_file(monkeypatch):
+    monkeypatch.setattr("kb.evaluate.gold_passage", lambda kb, q: "")
+    qs = [
+        {"id": "a", "question": "install", "repo": "xtuner", "path": "README.md", "line_start": 1, "line_end": 5,
+         "category": "overview", "facts": [["pip install xtuner"], ["3.10", "3.11"]]},
+        {"id": "b", "question": "deep", "repo": "xtuner", "path": "docs/a.md", "line_start": 10, "line_end": 12,
+         "facts": [["QLoRA"]]},
+        {"id": "c", "question": "no facts listed", "repo": "xtuner", "path": "docs/a.md", "line_start": 1, "line_end": 2},
+    ]
+    engine = FakeEngine({
+        # the gold lines missed, but another copy states both facts across two hits (spaces and case ignored)
+        "install": [hit(path="docs/install.md", text="Run `PIP install  xtuner`"), hit(path="docs/b.md", text="Python 3.10")],
+        "deep": [hit(path="docs/a.md", a=10, b=12, text="full fine-tuning only")],
+        "no facts listed": [hit(path="docs/a.md", a=1, b=2)],
+    })
+    report = evaluate(engine, qs, SearchOptions(k=5))
+    assert report["hit@k"] == round(2 / 3, 4) and report["facts@k"] == 0.5  # of the two questions that list facts
+    assert report["by_category"]["overview"]["facts@k"] == 1.0 and report["by_category"]["overview"]["hit@k"] == 0.0
+    assert report["by_category"]["specific"]["facts@k"] == 0.0
+    assert [r["facts_in_hits"] for r in report["results"]] == [True, False, None]
