@@ -74,7 +74,8 @@ QUESTION_SETS = {  # name -> (file, what it is for)
     "overview-fresh": (ROOT / "kb" / "questions" / "overview_fresh.jsonl", "checking only, written blind before that round"),
 }
 # The document-level signals off: the fusion of the previous round, for the before/after table.
-SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False}
+SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False,
+               "bm25_lead": 0.0}
 
 
 def six_repo_kb():

@@ -15,7 +15,7 @@ from kb.evaluate import is_hit
 from kb.ingest.chunking import ChunkConfig
 from kb.search import signals
 from kb.search.engine import KBRetriever, SearchEngine
-from kb.search.hits import PASSAGE_BM25, SearchOptions
+from kb.search.hits import BM25_LEAD, PASSAGE_BM25, SearchOptions
 
 from conftest import CORPUS
 
@@ -189,3 +189,16 @@ def test_warm_reads_matrices_and_readmes_once_and_an_empty_kb_is_fine(xtuner_kb,
     assert engine.lexical(collection) is engine.lexical(collection)
     assert engine.search("xtuner是什么？", SearchOptions(k=3))
     SearchEngine(tiny_kb).warm()  # nothing indexed yet: nothing to read, no error
+
+
+def test_a_chunk_whose_bm25_score_clearly_leads_gets_a_list_of_its_own(tiny_kb):
+    filler = "\n\n".join(f"Paragraph {i} says nothing in particular about anything." for i in range(3))
+    tiny_kb.upload({"a.md": f"# Alpha\n\nThe quuxinator flag sets the zebra stripes. quuxinator zebra.\n\n{filler}\n".encode(),
+                    "b.md": f"# Beta\n\nA zebra lives here.\n\n{filler}\n".encode(),
+                    "c.md": f"# Gamma\n\nAnother zebra page.\n\n{filler}\n".encode()}, "notes")
+    engine = SearchEngine(tiny_kb)
+    hits = engine.search("quuxinator zebra", SearchOptions(k=3))
+    assert hits[0].path == "uploads/a.md" and BM25_LEAD in hits[0].found_by
+    assert all(BM25_LEAD not in h.found_by for h in hits[1:])
+    assert all(BM25_LEAD not in h.found_by for h in engine.search("quuxinator zebra", SearchOptions(k=3, bm25_lead=0)))
+    assert all(BM25_LEAD not in h.found_by for h in engine.search("zebra", SearchOptions(k=3, bm25_lead=5.0)))

@@ -28,7 +28,8 @@ from kb.ingest.chunking import ChunkConfig
 from kb.search.bm25 import BM25Matrix
 from kb.search.fusion import fuse, specificity
 from kb.search import signals
-from kb.search.hits import IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit, SearchOptions, hit_from_document
+from kb.search.hits import (BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit, SearchOptions,
+                            hit_from_document)
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, reachable
 from kb.store.manifest import Manifest
@@ -311,7 +312,14 @@ class SearchEngine:
         """Fuse the lists, with the document-level signals of ``kb/search/signals.py``."""
         language = signals.query_language(query)
         extra, weights = self._named_source_lists(coll, collection, query, lex, tokens, named, language, opts)
-        hits = fuse({**lists, **extra}, opts, bm25_scale=specificity(lex.matrix, tokens), extra_weights=weights)
+        bm25_scale = specificity(lex.matrix, tokens)
+        lead = lists.get("bm25") or []
+        if opts.bm25_lead and lead and (len(lead) == 1 or lead[0][1] >= opts.bm25_lead * lead[1][1]):
+            # A chunk whose BM25 score clearly leads the next one's is a confident lexical match; where dense
+            # misses it, plain RRF lets two middling lists outvote it (README "Retrieval tuning").
+            extra[BM25_LEAD] = lead[:1]
+            weights[BM25_LEAD] = opts.bm25_lead_weight * bm25_scale
+        hits = fuse({**lists, **extra}, opts, bm25_scale=bm25_scale, extra_weights=weights)
         if opts.empty_penalty != 1.0:
             for h in hits:
                 if signals.is_empty(h):

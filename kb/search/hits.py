@@ -26,6 +26,7 @@ PASSAGE_BM25 = "bm25 passages"
 OPENING = "readme opening"
 README_SECTION = "readme section"
 IN_SOURCE = "dense in source"
+BM25_LEAD = "bm25 lead"
 
 
 @dataclass
@@ -57,6 +58,10 @@ class SearchOptions:
     readme_holds_all: bool = True  # ... at full weight, however specific the words, when its best chunk holds them all
     own_words_fade: bool = True  # the in-source list fades only for words the named source itself uses
     each_named: bool = True  # a question naming two sources gets each one's README sections, at half weight
+    # BM25's first chunk as a list of its own when its score is this many times the second's (0: off): 1.2-1.35
+    # give the same figures on every tuning set, 1.15 and 1.5 less (README "Retrieval tuning").
+    bm25_lead: float = 1.3
+    bm25_lead_weight: float = 1.0  # ... scaled like BM25's own weight by how specific the question's words are
     empty_penalty: float = 0.5  # fused score x this for a hit that is only a heading (1: off)
     collapse: bool = True  # keep one of near-duplicate hits, the copy that fits the question's language
 
