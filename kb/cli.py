@@ -316,15 +316,18 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if not args.json:
         for r in report["results"]:
             print(f"{r['id']:24} {('rank ' + str(r['rank'])) if r['rank'] else 'MISS':8} {r['question'][:60]}")
-        def facts(c: dict) -> str:  # the key facts anywhere in the top k texts, where the questions list them
-            return f"  facts@{report['k']}={c['facts@k']:.3f}" if "facts@k" in c else ""
-
-        print(f"\nn={report['n']} mode={report['mode']} k={report['k']}  hit@1={report['hit@1']:.3f}  "
-              f"hit@{report['k']}={report['hit@k']:.3f}  mrr={report['mrr']:.3f}{facts(report)}")
+        k = report["k"]
+        print(f"\nn={report['n']} mode={report['mode']} k={k}  hit@1={report['hit@1']:.3f}  "
+              f"hit@{k}={report['hit@k']:.3f}  mrr={report['mrr']:.3f}{_facts_at(report, k)}")
         for cat, c in report["by_category"].items():
-            print(f"  {cat:14} n={c['n']:<3} hit@1={c['hit@1']:.3f}  hit@{report['k']}={c['hit@k']:.3f}  "
-                  f"mrr={c['mrr']:.3f}{facts(c)}")
+            print(f"  {cat:14} n={c['n']:<3} hit@1={c['hit@1']:.3f}  hit@{k}={c['hit@k']:.3f}  "
+                  f"mrr={c['mrr']:.3f}{_facts_at(c, k)}")
     return report
+
+
+def _facts_at(scores: dict, k: int) -> str:
+    """The key facts anywhere in the top k texts, where the questions list any."""
+    return f"  facts@{k}={scores['facts@k']:.3f}" if "facts@k" in scores else ""
 
 
 def cmd_log(args: argparse.Namespace) -> dict:

@@ -238,7 +238,7 @@ class SearchEngine:
         names and their root READMEs (a first question about a source took up to 140 ms, later ones 30)."""
         with reachable(self.kb.settings):
             collection, config = self.kb.live()
-            coll, count = self._doc_fact(("collection", collection), collection, lambda: self._find(collection))
+            coll, count = self._live_collection(collection)
             if coll is None or count == 0:
                 return
             self.lexical(collection)
@@ -261,7 +261,7 @@ class SearchEngine:
         if not query.strip():
             raise KBError("the query is empty")
         collection, config = self.kb.live()
-        coll, count = self._doc_fact(("collection", collection), collection, lambda: self._find(collection))
+        coll, count = self._live_collection(collection)
         if coll is None or count == 0:  # a fresh knowledge base: nothing indexed yet
             return []
         n = max(opts.candidates, opts.k) if opts.mode == "hybrid" else opts.k
@@ -397,10 +397,14 @@ class SearchEngine:
             cached = self._doc_facts[key] = (version, read())
         return cached[1]
 
-    def _find(self, collection: str) -> tuple[object, int]:
-        """The live collection and its size, read once per version: two round trips to Chroma a search saved."""
-        coll = self.kb.index.find(collection)
-        return coll, coll.count() if coll is not None else 0
+    def _live_collection(self, collection: str) -> tuple[object, int]:
+        """The collection and its size, read once per version: two round trips to Chroma a search saved."""
+
+        def read() -> tuple[object, int]:
+            coll = self.kb.index.find(collection)
+            return coll, coll.count() if coll is not None else 0
+
+        return self._doc_fact(("collection", collection), collection, read)
 
     def _readmes(self, coll, collection: str, source: str) -> list[Document]:
         """The chunks of ``source``'s root READMEs."""
