@@ -75,7 +75,7 @@ QUESTION_SETS = {  # name -> (file, what it is for)
 }
 # The document-level signals off: the fusion of the previous round, for the before/after table.
 SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False,
-               "bm25_lead": 0.0}
+               "bm25_lead": 0.0, "bm25_in_named": False}
 
 
 def six_repo_kb():

@@ -35,7 +35,8 @@ query = st.text_input("Question", placeholder="e.g. xtuner是什么？  or  How 
 if not query.strip():
     st.caption("Ask something to see what each retriever returns. Scores are on each retriever's own scale. "
                f"Dense: {SCORE_NOTES['dense']}. BM25: {SCORE_NOTES['bm25']}. Hybrid: {SCORE_NOTES['hybrid']}; "
-               f"when a question names a source, dense search within that source (\"{IN_SOURCE}\") and, for "
+               f"when a question names one source, hybrid's BM25 lists rank that source's chunks only, "
+               f"dense search within that source (\"{IN_SOURCE}\") and, for "
                f"what-is questions, its README's opening (\"{OPENING}\") join the fusion as weighted lists too, "
                f"and so does BM25's first chunk when its score clearly leads the second's (\"{BM25_LEAD}\"). "
                "Each hit says which lists found it, at which rank.")

@@ -202,3 +202,28 @@ def test_a_chunk_whose_bm25_score_clearly_leads_gets_a_list_of_its_own(tiny_kb):
     assert all(BM25_LEAD not in h.found_by for h in hits[1:])
     assert all(BM25_LEAD not in h.found_by for h in engine.search("quuxinator zebra", SearchOptions(k=3, bm25_lead=0)))
     assert all(BM25_LEAD not in h.found_by for h in engine.search("zebra", SearchOptions(k=3, bm25_lead=5.0)))
+
+
+def test_bm25_ranks_only_the_source_a_question_names(tiny_kb):
+    """With one source named, another source's stronger lexical match stays out of both BM25 lists."""
+    filler = "\n\n".join(f"Paragraph {i} says nothing in particular about anything." for i in range(3))
+    tiny_kb.upload({"zebrakit.md": f"# Zebrakit\n\nZebrakit is a toolkit. Zebrakit paints stripes.\n\n{filler}\n".encode(),
+                    "install.md": f"# Install\n\nRun the installer to paint.\n\n{filler}\n".encode()}, "zebrakit")
+    unrelated = {f"note{i}.md": f"# Note {i}\n\nA page about topic {i}.\n".encode() for i in range(8)}
+    tiny_kb.upload({"other.md": f"# Other\n\nInstall stripes: paint stripes, paint stripes, install paint.\n\n{filler}\n"
+                    .encode(), **unrelated}, "othernotes")
+    engine = SearchEngine(tiny_kb)
+    assert signals.named_sources(*_lex_and_owners(engine, tiny_kb), tokenize("How do I paint stripes with zebrakit?"),
+                                 engine._aliases(tiny_kb.live()[0])) == ["zebrakit"]
+    hits = engine.search("How do I paint stripes with zebrakit?", SearchOptions(k=5))
+    assert all("bm25" not in h.ranks for h in hits if h.source != "zebrakit"), [(h.source, h.ranks) for h in hits]
+    assert any("bm25" in h.ranks for h in hits if h.source == "zebrakit")
+    off = engine.search("How do I paint stripes with zebrakit?", SearchOptions(k=5, bm25_in_named=False))
+    assert any("bm25" in h.ranks for h in off if h.source == "othernotes"), [(h.source, h.path, h.ranks) for h in off]
+    unnamed = engine.search("How do I paint stripes?", SearchOptions(k=5))  # no source named: every source
+    assert any("bm25" in h.ranks for h in unnamed if h.source == "othernotes")
+
+
+def _lex_and_owners(engine, kb):
+    lex = engine.lexical(kb.live()[0])
+    return lex.matrix, lex.owners
