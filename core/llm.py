@@ -58,6 +58,32 @@ class LLMError(UserError):
     """Bad LLM configuration or a model that can't be loaded; the message is for humans."""
 
 
+# --------------------------------------------------------------------------- shutting down
+
+_EXITING = threading.Event()
+
+
+def _interpreter_exiting() -> None:
+    """A stopped server's interpreter waits for every non-daemon thread, so answers still generating (or queued for
+    the model) for browsers long gone kept a SIGTERM'd dashboard alive for minutes: they end at the next token."""
+    _EXITING.set()
+
+
+# ``threading._register_atexit`` (what concurrent.futures uses) runs before those threads are joined; ``atexit``
+# runs after them, too late.
+getattr(threading, "_register_atexit", lambda f: None)(_interpreter_exiting)
+
+
+def _stopped(cancel: threading.Event | None) -> bool:
+    """The user pressed Stop, or the process is exiting."""
+    return _EXITING.is_set() or (cancel is not None and cancel.is_set())
+
+
+def _refuse_when_exiting() -> None:
+    if _EXITING.is_set():
+        raise LLMError("the server is shutting down: ask again once it is back")
+
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -132,6 +158,7 @@ class ChatLlamaCpp(BaseChatModel):
             self._queued += 1
         try:
             with self._lock:
+                _refuse_when_exiting()
                 yield
         finally:
             with self._count_lock:
@@ -182,7 +209,7 @@ class ChatLlamaCpp(BaseChatModel):
         cancel = kwargs.get("cancel_event")
         with self._turn():
             for part in self._complete(messages, stream=True, **self._params(stop, kwargs)):
-                if cancel is not None and cancel.is_set():  # Stop: llama.cpp ends when its generator is dropped
+                if _stopped(cancel):  # Stop: llama.cpp ends when its generator is dropped
                     break
                 choice = part["choices"][0]
                 text, finish = choice["delta"].get("content") or "", choice.get("finish_reason")
@@ -313,13 +340,14 @@ class ChatTransformers(BaseChatModel):
         temperature = kwargs.get("temperature", self.temperature)
         cancel = kwargs.get("cancel_event")
         with self._lock:
+            _refuse_when_exiting()
             if self.mode == "template":
                 pieces = self._stream_template(messages, stop, max_tokens, temperature)
             else:
                 pieces = self._stream_remote(messages, max_tokens, temperature)
             try:
                 for text in pieces:
-                    if cancel is not None and cancel.is_set():
+                    if _stopped(cancel):
                         break
                     if text:
                         yield _emit(text, run_manager)

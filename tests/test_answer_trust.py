@@ -3,6 +3,8 @@ instructions not obeyed, declines in the question's language, follow-ups answere
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -212,6 +214,48 @@ def test_stop_ends_the_generation_at_once(default_chat_model):
     assert lock.acquire(timeout=20), "the model kept generating after Stop"
     lock.release()
     assert default_chat_model.queue_length() == 0
+
+
+EXITING_SCRIPT = """
+import sys, threading, time
+from core.llm import LLMError, build_chat_model
+from core.settings import Settings
+llm = build_chat_model(Settings(home=sys.argv[2], llm="llamacpp", llm_gguf=sys.argv[1], llm_max_tokens=3000,
+                                llm_temperature=0.0))
+started, outcome = threading.Event(), []
+def answer():
+    for i, _ in enumerate(llm.stream("Count from 1 to 2000, one number per line.")):
+        started.set()
+    outcome.append(("answered", i))
+def queued():
+    started.wait()
+    try:
+        llm.invoke("Say hi.")
+        outcome.append(("queued answered",))
+    except LLMError as exc:
+        outcome.append(("queued refused", str(exc)))
+    print(outcome, flush=True)
+threading.Thread(target=answer).start()  # non-daemon, as a dashboard session's script thread
+threading.Thread(target=queued).start()
+started.wait()
+print("generating", flush=True)
+"""  # the main thread returns here, as a SIGTERM'd server's does
+
+
+def test_an_exiting_process_ends_generations_and_refuses_queued_ones(default_gguf_path, tmp_path):
+    """Without this, a stopped dashboard kept generating for browsers long gone (minutes at 2,000 tokens)."""
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", EXITING_SCRIPT, str(default_gguf_path), str(tmp_path)],
+                          capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "generating" in done.stdout and "queued refused" in done.stdout and "shutting down" in done.stdout
+    answered = int(done.stdout.split("('answered', ")[1].split(")")[0])
+    assert answered < 300, done.stdout  # ended at the next token, not after 2,000 numbers
+    assert time.perf_counter() - t0 < 120
 
 
 def test_a_figure_the_lines_do_not_hold_is_not_supported():
