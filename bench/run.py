@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -608,10 +609,14 @@ STREAMED_JS = """() => {
   const msgs = [...document.querySelectorAll('[data-testid="stChatMessage"]')];
   const last = msgs[msgs.length - 1];
   if (!last || !last.querySelector('[data-testid="stChatMessageAvatarAssistant"]')) return '';
-  const skip = '[data-testid="stSpinner"], [data-testid="stCaptionContainer"], [data-testid="stExpander"]';
+  // the answer's own text: not the stages box (an expander), its Stop button's label, captions or spinners
+  const skip = '[data-testid="stSpinner"], [data-testid="stCaptionContainer"], [data-testid="stExpander"], ' +
+               '[data-testid="stButton"]';
   return [...last.querySelectorAll('[data-testid="stMarkdownContainer"]')]
     .filter(e => !e.closest(skip)).map(e => e.innerText.trim()).filter(t => t).join('\\n');
 }"""
+# The final render's footer ("… s in all"): the stages box is an expander too, so an expander no longer says "done".
+DONE_TEXT = re.compile(r"\d s in all")
 
 
 def _dashboard(home: Path, port: int, max_tokens: int) -> tuple[subprocess.Popen, Path]:
@@ -665,7 +670,7 @@ def _ask_all(browser, base: str, questions: list[str], timeout_s: float) -> list
             try:
                 if r["first"] is None and page.evaluate(STREAMED_JS):
                     r["first"] = time.monotonic()
-                if page.locator('[data-testid="stChatMessage"]').last.locator('[data-testid="stExpander"]').count():
+                if page.locator('[data-testid="stChatMessage"]').last.get_by_text(DONE_TEXT).count():
                     r["done"] = time.monotonic()
                 if page.locator('[data-testid="stAlertContentError"]').count():
                     r["error"] = page.locator('[data-testid="stAlertContentError"]').first.inner_text()[:200]
