@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
-import re
 import tempfile
 import time
 from pathlib import Path
