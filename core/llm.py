@@ -22,10 +22,11 @@ backend that needs them, so e.g. the openai path never loads torch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -75,8 +76,13 @@ getattr(threading, "_register_atexit", lambda f: None)(_interpreter_exiting)
 
 
 def _stopped(cancel: threading.Event | None) -> bool:
-    """The user pressed Stop, or the process is exiting."""
+    """The user pressed Stop, or the process is exiting (``cancel``: anything with ``is_set()``)."""
     return _EXITING.is_set() or (cancel is not None and cancel.is_set())
+
+
+def _stopped_chunk() -> ChatGenerationChunk:
+    """What a stream stopped before its first word yields: LangChain's ``stream`` raises on a stream of nothing."""
+    return _chunk("", finish_reason="stop")
 
 
 def _refuse_when_exiting() -> None:
@@ -140,10 +146,50 @@ class ChatLlamaCpp(BaseChatModel):
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _queued: int = PrivateAttr(default=0)  # questions waiting for the model or being answered
     _count_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _cancel: threading.Event | None = PrivateAttr(default=None)  # the current turn's Stop, read by llama.cpp
+    _abort_fn: Any = PrivateAttr(default=None)  # the ctypes callback, kept alive: llama.cpp holds only its address
 
     @property
     def _llm_type(self) -> str:
         return "llamacpp"
+
+    @contextlib.contextmanager
+    def _abortable(self, cancel: threading.Event | None) -> Iterator[Callable[[], None]]:
+        """Let Stop (or the process exiting) end llama.cpp's reading of the prompt, not only its writing.
+
+        Reading a 900-token prompt takes 10-15 s on two cores, and a token loop
+        only sees Stop after it. llama.cpp asks an abort callback between the
+        steps of its compute graph; asking it costs nothing on an idle machine
+        but takes the GIL ~900 times per step, which slowed decoding by a third
+        beside a busy Python thread, so the caller calls the yielded function to
+        drop the callback once the first token is out (the token loop checks
+        Stop itself from there). An aborted read raises in llama.cpp and leaves
+        the cache without that prompt's tail, so the evaluated tokens are
+        forgotten; the next question reads its rules again (about 2 s).
+        """
+        ctx = getattr(self.client, "ctx", None)
+        # Not a llama_cpp.Llama (a test double), or the main thread, where Ctrl-C would land inside the callback
+        # and be lost: the token loop still checks Stop.
+        if ctx is None or threading.current_thread() is threading.main_thread():
+            yield lambda: None
+            return
+        import llama_cpp
+
+        if self._abort_fn is None:
+            self._abort_fn = llama_cpp.ggml_abort_callback(lambda _data: _stopped(self._cancel))
+        none = ctypes.cast(None, llama_cpp.ggml_abort_callback)
+        self._cancel = cancel
+        llama_cpp.llama_set_abort_callback(ctx, self._abort_fn, None)
+        try:
+            yield lambda: llama_cpp.llama_set_abort_callback(ctx, none, None)
+        except RuntimeError:  # "llama_decode returned 2": aborted while reading the prompt
+            self.client.reset()
+            if cancel is None or not cancel.is_set():
+                _refuse_when_exiting()
+                raise
+        finally:
+            llama_cpp.llama_set_abort_callback(ctx, none, None)
+            self._cancel = None
 
     supports_cancel: ClassVar[bool] = True  # ``.bind(cancel_event=threading.Event())`` stops a generation
 
@@ -185,7 +231,7 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        with self._turn():
+        with self._turn(), self._abortable(None):  # a follow-up's rewrite: ended only by the process exiting
             out = self._complete(messages, stream=False, **self._params(stop, kwargs))
         choice, usage = out["choices"][0], out.get("usage") or {}
         message = AIMessage(
@@ -206,17 +252,22 @@ class ChatLlamaCpp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        cancel = kwargs.get("cancel_event")
-        with self._turn():
+        cancel, sent = kwargs.get("cancel_event"), False
+        with self._turn(), self._abortable(cancel) as prompt_read:
             for part in self._complete(messages, stream=True, **self._params(stop, kwargs)):
+                prompt_read()
                 if _stopped(cancel):  # Stop: llama.cpp ends when its generator is dropped
                     break
                 choice = part["choices"][0]
                 text, finish = choice["delta"].get("content") or "", choice.get("finish_reason")
                 if finish:
+                    sent = True
                     yield _emit(text, run_manager, finish_reason=finish, model_name=self.model_name)
                 elif text:
+                    sent = True
                     yield _emit(text, run_manager)
+        if not sent:
+            yield _stopped_chunk()
 
     def _complete(self, messages: list[BaseMessage], **params: Any) -> Any:
         try:
@@ -345,12 +396,16 @@ class ChatTransformers(BaseChatModel):
                 pieces = self._stream_template(messages, stop, max_tokens, temperature)
             else:
                 pieces = self._stream_remote(messages, max_tokens, temperature)
+            sent = False
             try:
                 for text in pieces:
                     if _stopped(cancel):
                         break
                     if text:
+                        sent = True
                         yield _emit(text, run_manager)
+                if not sent:
+                    yield _stopped_chunk()
             finally:
                 close = getattr(pieces, "close", None)
                 if close:  # the template streamer's reader stops generation at the next token

@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import threading
 import time
+from collections.abc import Callable
 
 import streamlit as st
 
@@ -26,6 +27,42 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     Everything else is a bug: Streamlit shows it with its traceback.
     """
     return (UserError,)
+
+
+def rerun_requested(requests=None) -> Callable[[], bool]:
+    """Whether this script run has been asked to end: Stop pressed, a new question sent, the page left.
+
+    Streamlit only ends a run at its next ``st`` call, and a chat answer makes
+    none while the model reads its prompt (10-15 s on two cores); the model
+    asks this instead (``Answerer.stream(stop_requested=...)``). It reads the
+    run's request state as Streamlit's own yield point does
+    (``ScriptRequests.on_scriptrunner_yield``: a rerun of a fragment elsewhere
+    does not end the run). Streamlit has no public call for this, so any change
+    in its internals reads as "not asked": the answer then ends at its first
+    word, as before.
+    """
+    try:
+        from streamlit.runtime.scriptrunner_utils.script_requests import (
+            ScriptRequestType, _fragment_run_should_not_preempt_script,
+        )
+        from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+    except ImportError:
+        return lambda: False
+    if requests is None:
+        requests = getattr(get_script_run_ctx(), "script_requests", None)
+
+    def asked() -> bool:  # llama.cpp calls this ~900 times per step of reading the prompt: no imports here
+        try:
+            state = requests._state
+            if state == ScriptRequestType.STOP:
+                return True
+            data = requests._rerun_data
+            return state == ScriptRequestType.RERUN and not _fragment_run_should_not_preempt_script(
+                data.fragment_id_queue, data.is_fragment_scoped_rerun)
+        except Exception:  # no run context (a bare script), or Streamlit's internals have moved
+            return False
+
+    return asked
 
 
 def show_error(exc: BaseException) -> None:

@@ -20,7 +20,7 @@ from kb.citations import location, viewer_link
 from kb.conversations import ConversationStore
 from kb.markdown import escape_markdown, safe_url
 from kb.search.hits import MODES, SearchOptions
-from pages._common import expected_errors, kb_or_stop, settings_or_stop, show_error, when
+from pages._common import expected_errors, kb_or_stop, rerun_requested, settings_or_stop, show_error, when
 
 PARTIAL = "chat_partial"  # an answer being streamed; kept if the user stops it (the script run is cut short)
 
@@ -222,10 +222,11 @@ def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, 
         stop_slot.button("Stop", icon=":material/stop:", key=f"chat_stop_{len(conv['messages'])}_{use_rag}",
                          help="end the answer here; what was written so far is kept")
         partial = st.session_state[PARTIAL] = {"conv": conv["id"], "msg": msg, "text": ""}
+        stopped = rerun_requested()  # read by the model while it reads the prompt, before any st call could end it
 
         def pieces():
             for piece in answerer.stream(question, history, rag=use_rag, options=opts, result=result,
-                                         on_stage=stage_reporter(status, result, use_rag)):
+                                         on_stage=stage_reporter(status, result, use_rag), stop_requested=stopped):
                 partial["text"] += piece
                 yield piece
 

@@ -286,3 +286,43 @@ def test_padded_tables_are_compacted_for_the_model_line_for_line():
     assert estimate_tokens(out) < 0.7 * estimate_tokens(table)
     prompt = RAG_PROMPT.format_messages(**rag_inputs([hit(table)], "Which models?"))[-1].content
     assert "| Model | GPU(FP8) |" in prompt and "|------------|" not in prompt
+
+
+def test_stop_ends_the_reading_of_a_long_prompt(default_chat_model):
+    """Stop pressed while llama.cpp reads the prompt ends the read there, not at the first token 10-40 s later."""
+    import threading
+
+    llm, cancel = default_chat_model, threading.Event()
+    prompt = "Summarise this list: " + ", ".join(f"item {i}" for i in range(500))  # ~3,000 tokens: 30-40 s to read
+    n_prompt = len(llm.client.tokenize(prompt.encode()))
+    threading.Timer(0.5, cancel.set).start()
+    pieces: list[str] = []  # read on a worker thread, as a dashboard session's (Ctrl-C owns the main one)
+    reader = threading.Thread(target=lambda: pieces.extend(p.content for p in llm.bind(cancel_event=cancel).stream(prompt)))
+    reader.start()
+    reader.join(timeout=120)
+    assert not reader.is_alive() and pieces and not "".join(pieces)  # empty pieces: LangChain's stream raises on none
+    # Read to the end, the prompt's tokens would be in the model's cache; an aborted read forgets them, so a later
+    # question never reuses a half-read prefix.
+    assert n_prompt > 2500 and llm.client.n_tokens == 0
+    assert "paris" in llm.invoke("What is the capital of France? Answer in one word.").content.lower()
+
+
+def test_a_stop_asked_for_while_the_model_reads_the_prompt_ends_the_answer(xtuner_kb, default_chat_model):
+    """The chat page's Stop or a new question, heard before the first word (``stop_requested``)."""
+    import threading
+    import time
+
+    from kb.answer.chain import Answer
+
+    asked_at, result, pieces = time.monotonic(), Answer(question="", answer=""), []
+    answerer = Answerer(default_chat_model, SearchEngine(xtuner_kb), SearchOptions(k=5))
+
+    def read() -> None:
+        pieces.extend(answerer.stream("xtuner是什么？", result=result,
+                                      stop_requested=lambda: time.monotonic() - asked_at > 0.3))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(timeout=120)
+    assert not reader.is_alive() and not "".join(pieces) and result.first_token_seconds is None
+    assert result.sources and default_chat_model.client.n_tokens == 0  # searched, then the prompt's read was ended

@@ -478,3 +478,22 @@ def test_every_admin_page_needs_the_password_and_sign_out_ends_it(lagent_env, op
     at.button(key="_admin_sign_out").click().run()
     ok(at)
     assert "Admin sign-in" in texts(at.subheader) and not at.dataframe
+
+
+def test_the_model_hears_stop_or_a_new_question_while_the_chat_page_waits():
+    """Streamlit ends a run only at its next st call; the model asks this while it reads the prompt (10-15 s)."""
+    from streamlit.runtime.scriptrunner_utils.script_requests import RerunData, ScriptRequests
+
+    from pages._common import rerun_requested
+
+    requests = ScriptRequests()
+    asked = rerun_requested(requests)
+    assert not asked()
+    requests.request_rerun(RerunData(fragment_id_queue=["jobs"]))  # a fragment elsewhere refreshing: answer on
+    assert not asked()
+    for ask_again in (lambda r: r.request_rerun(RerunData()), lambda r: r.request_stop()):  # Stop's click, a new question
+        requests = ScriptRequests()
+        asked = rerun_requested(requests)
+        ask_again(requests)
+        assert asked()
+    assert rerun_requested()() is False  # no script run here: never "asked"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -158,6 +158,22 @@ def build_plain_chain(llm: BaseChatModel) -> Runnable:
             | RunnablePassthrough.assign(answer=PLAIN_PROMPT | llm | StrOutputParser()))
 
 
+class StopSignal(threading.Event):
+    """Stop for one answer: set when its reader closes the stream, or read from the caller's own check.
+
+    A reader blocked while the model reads the prompt (10-15 s on two cores)
+    can't close anything; ``requested`` lets the model ask the page instead
+    whether the user has pressed Stop or asked again meanwhile.
+    """
+
+    def __init__(self, requested: Callable[[], bool] | None = None) -> None:
+        super().__init__()
+        self._requested = requested
+
+    def is_set(self) -> bool:
+        return super().is_set() or bool(self._requested and self._requested())
+
+
 class Answerer:
     """Runs the chains; ``stream`` yields answer text and fills in an :class:`Answer`.
 
@@ -177,8 +193,12 @@ class Answerer:
         self._lines: LineReader | None = None
 
     def stream(self, question: str, history=None, rag: bool = True, options: SearchOptions | None = None,
-               result: Answer | None = None, on_stage=None) -> Iterator[str]:
-        """Yield the answer as it is generated; ``result`` is completed when the stream ends."""
+               result: Answer | None = None, on_stage=None,
+               stop_requested: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Yield the answer as it is generated; ``result`` is completed when the stream ends.
+
+        ``stop_requested()`` true ends the answer where it is, even before its first word.
+        """
         result = result if result is not None else Answer(question=question, answer="")
         result.question, result.rag = question, rag
         stage = on_stage or (lambda name, res: None)
@@ -186,7 +206,7 @@ class Answerer:
         messages = to_messages(history)
         # Stop (the reader closes this generator): the model ends at its next token instead of writing on
         # to max_tokens, holding the one model while nobody reads
-        cancel = threading.Event()
+        cancel = StopSignal(stop_requested)
         llm = self.llm.bind(cancel_event=cancel) if getattr(self.llm, "supports_cancel", False) else self.llm
         if rag:
             if self.engine is None:
