@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import git as gitpython
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
 from kb.answer.chain import Answer, Answerer
-from kb.answer.prompts import format_context
+from kb.answer.prompts import format_context, heading_label
 from kb.citations import MARKER_RE, cited_numbers
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
@@ -23,7 +24,13 @@ def test_markers_map_to_sources():
     hits = [Hit(rank=i, score=1.0, mode="hybrid", source="xtuner", path=f"p{i}.md", line_start=i, line_end=i + 2,
                 commit="abc", url="", text=f"text {i}") for i in (1, 2)]
     ctx = format_context(hits)
-    assert ctx.startswith("[1] xtuner/p1.md:1-3\ntext 1") and "[2] xtuner/p2.md:2-4" in ctx
+    assert ctx.startswith("[1] xtuner/p1.md\ntext 1") and "[2] xtuner/p2.md\n" in ctx
+    # the model cites by number: line numbers and a heading's badges are prompt tokens that tell it nothing
+    badge = "Quick Start [![Open In Colab](https://colab.research.google.com/badge.svg)](https://colab.example/x)"
+    assert heading_label(f"LMDeploy > {badge}") == "Quick Start"
+    assert heading_label("Docs > [Install](docs/install.md) guide") == "Install guide"
+    labelled = format_context([replace(hits[0], heading=f"LMDeploy > {badge}")])
+    assert labelled.startswith("[1] xtuner/p1.md · Quick Start\n")
 
 
 class RecordingChat(GenericFakeChatModel):

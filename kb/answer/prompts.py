@@ -80,11 +80,22 @@ def neutralise(text: str) -> str:
     return SPECIAL_TOKEN_RE.sub(plain, text)
 
 
+IMAGE_RE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
+LINK_RE = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+
+
+def heading_label(heading: str) -> str:
+    """A chunk's nearest heading as words: badges and link targets cost prompt tokens and say nothing."""
+    last = heading.split(" > ")[-1] if heading else ""
+    words = " ".join(LINK_RE.sub(r"\1", IMAGE_RE.sub("", last)).split())
+    return words[:40].strip()
+
+
 def format_context(hits: list[Hit]) -> str:
-    """Numbered excerpts, each under its file, lines and nearest heading (the prompt's size is the wait)."""
+    """Numbered excerpts, each under its file and nearest heading; no line numbers: the model cites by number."""
     def label(i: int, h: Hit) -> str:
-        heading = h.heading.split(" > ")[-1].strip()[:40] if h.heading else ""
-        return f"[{i}] {h.source}/{h.path}:{h.line_start}-{h.line_end}" + (f" {neutralise(heading)}" if heading else "")
+        heading = heading_label(h.heading)
+        return f"[{i}] {h.source}/{h.path}" + (f" · {neutralise(heading)}" if heading else "")
 
     return "\n\n".join(f"{label(i, h)}\n{neutralise(compact(h.text))}" for i, h in enumerate(hits, 1))
 
