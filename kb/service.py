@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,18 +65,23 @@ class KnowledgeBase:
         self._index: VectorIndex | None = None
         self._embeddings = embeddings
         self.embed_model = emb.model_name(self.settings)
+        self._loading = threading.Lock()  # every page shares one KnowledgeBase: its resources are made once
 
     # shared resources, loaded on first use
     @property
     def index(self) -> VectorIndex:
         if self._index is None:
-            self._index = VectorIndex(self.settings)
+            with self._loading:
+                if self._index is None:
+                    self._index = VectorIndex(self.settings)
         return self._index
 
     @property
     def embeddings(self) -> Embeddings:
         if self._embeddings is None:
-            self._embeddings = emb.load_embeddings(self.settings)
+            with self._loading:
+                if self._embeddings is None:
+                    self._embeddings = emb.load_embeddings(self.settings)
         return self._embeddings
 
     def _context(self) -> SyncContext:

@@ -197,3 +197,30 @@ def test_dry_run_writes_nothing(tiny_kb, corpus):
     preview = tiny_kb.sync(dry_run=True)
     assert [r.files_added > 0 for r in preview] == [True, False]  # InternLM (new) and lagent (up to date)
     assert tree(home) == files and chroma_ids(tiny_kb) == ids
+
+
+def test_sessions_opening_together_share_one_store_client(tmp_path):
+    """Two browser sessions opening the dashboard at once made chromadb's client twice, in parallel, and one of them
+    saw it half built ("'RustBindingsAPI' object has no attribute 'bindings'"): a traceback on the page."""
+    import threading
+
+    from core.settings import Settings
+    from kb.store.index import make_client
+
+    for trial in range(3):
+        settings = Settings(home=tmp_path / str(trial))
+        barrier, errors = threading.Barrier(8), []
+
+        def open_page() -> None:
+            barrier.wait()
+            try:
+                make_client(settings).heartbeat()
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=open_page) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors

@@ -8,6 +8,7 @@ default embedding function (it downloads a model): we always supply vectors.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -50,7 +51,18 @@ READ_BATCH = 500
 EF_SEARCH = 2000
 
 
+# chromadb keeps one shared "system" per path or server and builds it on a client's first use; two threads
+# building it at once (two browser sessions opening the dashboard together) see it half made: "'RustBindingsAPI'
+# object has no attribute 'bindings'", "Could not connect to tenant default_tenant" (4 of 5 tries with 8 threads).
+_CLIENT_LOCK = threading.Lock()
+
+
 def make_client(settings: Settings) -> "chromadb.ClientAPI":
+    with _CLIENT_LOCK:
+        return _make_client(settings)
+
+
+def _make_client(settings: Settings) -> "chromadb.ClientAPI":
     chroma_settings = ChromaSettings(anonymized_telemetry=False)
     if settings.chroma_url:
         url = urlsplit(settings.chroma_url)
