@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -603,22 +602,6 @@ def bench_answer_levers(k: int = 5, budgets: tuple[int, ...] = (420, 100_000)) -
 
 
 # ---------------------------------------------------------------- many users at once
-CHROMIUM = "/usr/bin/chromium"
-# JS: the text streamed so far into a page's last assistant message (as tests/test_browser.py reads it)
-STREAMED_JS = """() => {
-  const msgs = [...document.querySelectorAll('[data-testid="stChatMessage"]')];
-  const last = msgs[msgs.length - 1];
-  if (!last || !last.querySelector('[data-testid="stChatMessageAvatarAssistant"]')) return '';
-  // the answer's own text: not the stages box (an expander), its Stop button's label, captions or spinners
-  const skip = '[data-testid="stSpinner"], [data-testid="stCaptionContainer"], [data-testid="stExpander"], ' +
-               '[data-testid="stButton"]';
-  return [...last.querySelectorAll('[data-testid="stMarkdownContainer"]')]
-    .filter(e => !e.closest(skip)).map(e => e.innerText.trim()).filter(t => t).join('\\n');
-}"""
-# The final render's footer ("… s in all"): the stages box is an expander too, so an expander no longer says "done".
-DONE_TEXT = re.compile(r"\d s in all")
-
-
 def _dashboard(home: Path, port: int, max_tokens: int) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "KB_HOME": str(home), "KB_LLM_MAX_TOKENS": str(max_tokens), "KB_TOP_K": "3",
            "KB_LLM_TEMPERATURE": "0", "KB_ADMIN_PASSWORD": "", "KB_CHROMA_URL": ""}
@@ -643,62 +626,14 @@ def _wait_http(url: str, timeout: float) -> None:
     raise SystemExit(f"the dashboard did not answer at {url}")
 
 
-def _plain(text: str) -> str:
-    """Text as a page shows it: Markdown renders `code` without its backticks, and spacing varies."""
-    return "".join(text.replace("`", "").split())
-
-
-def _ask_all(browser, base: str, questions: list[str], timeout_s: float) -> list[dict]:
-    """Open one browser session per question, ask them all at once, and time each answer."""
-    pages = []
-    for q in questions:
-        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-        page.goto(f"{base}/chat", wait_until="domcontentloaded", timeout=120_000)
-        page.locator('[data-testid="stChatInput"] textarea').wait_for(timeout=180_000)
-        pages.append(page)
-    rows = []
-    for page, q in zip(pages, questions):
-        box = page.locator('[data-testid="stChatInput"] textarea')
-        box.fill(q)
-        box.press("Enter")
-        rows.append({"question": q, "asked": time.monotonic(), "first": None, "done": None, "error": ""})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(r["done"] is None and not r["error"] for r in rows):
-        for page, r in zip(pages, rows):
-            if r["done"] is not None or r["error"]:
-                continue
-            try:
-                if r["first"] is None and page.evaluate(STREAMED_JS):
-                    r["first"] = time.monotonic()
-                if page.locator('[data-testid="stChatMessage"]').last.get_by_text(DONE_TEXT).count():
-                    r["done"] = time.monotonic()
-                if page.locator('[data-testid="stAlertContentError"]').count():
-                    r["error"] = page.locator('[data-testid="stAlertContentError"]').first.inner_text()[:200]
-            except Exception as exc:  # a page that broke is an error of the run, counted, not fatal
-                r["error"] = f"{type(exc).__name__}: {exc}"[:200]
-        time.sleep(0.2)
-    for page, r in zip(pages, rows):
-        if r["done"] is None and not r["error"]:
-            r["error"] = "no answer before the timeout"
-        # answers never mix: each session shows its own question, and one answer under it
-        users = [_plain(t) for t in page.locator('[data-testid="stChatMessage"]').all_inner_texts()]
-        r["own_question_only"] = len(users) == 2 and _plain(r["question"]) in users[0] and all(
-            _plain(other["question"]) not in users[1] for other in rows if other is not r)
-        r["ttft_s"] = round(r["first"] - r["asked"], 2) if r["first"] else None
-        r["total_s"] = round(r["done"] - r["asked"], 2) if r["done"] else None
-        page.context.close()
-    return rows
-
-
 def bench_load(levels: tuple[int, ...] = (1, 5, 20), max_tokens: int = 32, name: str = "load") -> dict:
-    """1, 5 and 20 concurrent askers in real browser sessions against one dashboard process.
+    """1, 5 and 20 concurrent askers in chat sessions (Streamlit's websocket, no browser) against one dashboard.
 
     Time to first token p50/p95 per level, errors (target 0), answers never mixed between sessions; during the
     middle level an upload is indexed by the CLI, which must break no chat. Answers are capped at ``max_tokens``
     so that 20 questions on a model that answers one at a time fit in minutes.
     """
-    from playwright.sync_api import sync_playwright
-
+    from bench.streamlit_ws import ask_all
     from kb.evaluate import load_questions
 
     six_repo_kb()
@@ -707,45 +642,42 @@ def bench_load(levels: tuple[int, ...] = (1, 5, 20), max_tokens: int = 32, name:
     port = 8600 + os.getpid() % 300
     proc, log = _dashboard(home, port, max_tokens)
     base = f"http://127.0.0.1:{port}"
-    out: dict = {"max_tokens": max_tokens, "k": 3, "levels": {}}
+    out: dict = {"max_tokens": max_tokens, "k": 3, "harness": "websocket sessions (bench/streamlit_ws.py)",
+                 "levels": {}}
     try:
         _wait_http(f"{base}/_stcore/health", 180)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
-            warm = _ask_all(browser, base, ["xtuner是什么？"], 600)[0]  # loads the models; not counted
-            out["warm_up"] = {k: warm[k] for k in ("ttft_s", "total_s", "error")}
-            used = 1
-            for n in levels:
-                questions = pool[used : used + n]
-                used += n
-                writer = None
-                if n == levels[len(levels) // 2]:
-                    note = WORK / "load-note.md"
-                    note.write_text("# Load test\n\nAn upload indexed while users chat.\n" * 20)
-                    writer = subprocess.Popen([sys.executable, "-m", "kb", "upload", str(note), "--source",
-                                               f"load-{os.getpid()}", "-q"], cwd=ROOT,
-                                              env={**os.environ, "KB_HOME": str(home)},
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                t0 = time.perf_counter()
-                rows = _ask_all(browser, base, questions, timeout_s=120 + 60 * n)
-                level = {
-                    "askers": n, "seconds": round(time.perf_counter() - t0, 1),
-                    "errors": sum(1 for r in rows if r["error"]),
-                    "mixed": sum(1 for r in rows if not r["own_question_only"]),
-                    "ttft_p50_s": pct([r["ttft_s"] for r in rows if r["ttft_s"] is not None] or [0], 50),
-                    "ttft_p95_s": pct([r["ttft_s"] for r in rows if r["ttft_s"] is not None] or [0], 95),
-                    "total_p95_s": pct([r["total_s"] for r in rows if r["total_s"] is not None] or [0], 95),
-                    "rows": rows,
-                }
-                if writer is not None:
-                    writer.wait(timeout=600)
-                    level["upload_during_load"] = {"returncode": writer.returncode,
-                                                   "stderr": (writer.stderr.read() or "")[-300:]}
-                out["levels"][str(n)] = level
-                print(f"{n} askers: ttft p50 {level['ttft_p50_s']} s, p95 {level['ttft_p95_s']} s, "
-                      f"errors {level['errors']}, mixed {level['mixed']}", file=sys.stderr)
-            browser.close()
+        warm = ask_all(base, ["xtuner是什么？"], 600)[0]  # loads the models; not counted
+        out["warm_up"] = {k: warm[k] for k in ("ttft_s", "total_s", "error")}
+        used = 1
+        for n in levels:
+            questions = pool[used : used + n]
+            used += n
+            writer = None
+            if n == levels[len(levels) // 2]:
+                note = WORK / "load-note.md"
+                note.write_text("# Load test\n\nAn upload indexed while users chat.\n" * 20)
+                writer = subprocess.Popen([sys.executable, "-m", "kb", "upload", str(note), "--source",
+                                           f"load-{os.getpid()}", "-q"], cwd=ROOT,
+                                          env={**os.environ, "KB_HOME": str(home)},
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            t0 = time.perf_counter()
+            rows = ask_all(base, questions, timeout_s=120 + 60 * n)
+            level = {
+                "askers": n, "seconds": round(time.perf_counter() - t0, 1),
+                "errors": sum(1 for r in rows if r["error"]),
+                "mixed": sum(1 for r in rows if not r["own_question_only"]),
+                "ttft_p50_s": pct([r["ttft_s"] for r in rows if r["ttft_s"] is not None] or [0], 50),
+                "ttft_p95_s": pct([r["ttft_s"] for r in rows if r["ttft_s"] is not None] or [0], 95),
+                "total_p95_s": pct([r["total_s"] for r in rows if r["total_s"] is not None] or [0], 95),
+                "rows": rows,
+            }
+            if writer is not None:
+                writer.wait(timeout=600)
+                level["upload_during_load"] = {"returncode": writer.returncode,
+                                               "stderr": (writer.stderr.read() or "")[-300:]}
+            out["levels"][str(n)] = level
+            print(f"{n} askers: ttft p50 {level['ttft_p50_s']} s, p95 {level['ttft_p95_s']} s, "
+                  f"errors {level['errors']}, mixed {level['mixed']}", file=sys.stderr)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
