@@ -178,10 +178,17 @@ class ChatLlamaCpp(BaseChatModel):
         if self._abort_fn is None:
             self._abort_fn = llama_cpp.ggml_abort_callback(lambda _data: _stopped(self._cancel))
         none = ctypes.cast(None, llama_cpp.ggml_abort_callback)
+        watching = [True]
+
+        def drop() -> None:  # called for every token: a C call only the first time
+            if watching[0]:
+                watching[0] = False
+                llama_cpp.llama_set_abort_callback(ctx, none, None)
+
         self._cancel = cancel
         llama_cpp.llama_set_abort_callback(ctx, self._abort_fn, None)
         try:
-            yield lambda: llama_cpp.llama_set_abort_callback(ctx, none, None)
+            yield drop
         except RuntimeError:  # "llama_decode returned 2": aborted while reading the prompt
             self.client.reset()
             if cancel is None or not cancel.is_set():
