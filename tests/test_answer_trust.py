@@ -278,6 +278,19 @@ def test_a_figure_the_question_names_is_its_subject_when_the_sources_state_it():
     assert not claim.supported
 
 
+def test_a_name_the_lines_do_not_spell_out_is_not_supported():
+    """A wrong variable or flag that reads like the right one (seen in a hand check: ``..._ATTN_3`` for ``_ATTN_2``)."""
+    sources = [hit("使用 FlashAttention 2 训练时，设置环境变量 `XTUNER_USE_FLASH_ATTN_2=1` 即可开启。", 1)]
+    right, wrong, flag = support("设置环境变量 `XTUNER_USE_FLASH_ATTN_2=1` 开启 FlashAttention 2。"
+                                 "设置环境变量 XTUNER_USE_FLASH_ATTN_3 开启 FlashAttention 2。"
+                                 "加上 `--flash-attn` 参数开启 FlashAttention 2。", sources, embed=None)
+    assert right.supported and not wrong.supported and not flag.supported
+    # a name the question itself spells out is its subject: the lines need not repeat it
+    asked = support("XTUNER_USE_FLASH_ATTN_3 不存在，应设置 FlashAttention 2 的环境变量。", sources, embed=None,
+                    question="XTUNER_USE_FLASH_ATTN_3 怎么设置？")[0]
+    assert asked.supported
+
+
 def test_padded_tables_are_compacted_for_the_model_line_for_line():
     table = "|   Model    |  GPU(FP8) |\n|------------|-----------|\n| Intern S1  |    ✅     |\n    indented  code"
     out = compact(table)

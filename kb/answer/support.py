@@ -12,7 +12,10 @@ than two words to check and no figure, or a lead-in ("以下是："), claims not
 A sentence that states a figure (a version, a default, a count) is supported
 only by lines that hold that figure: words and embeddings can't tell 92542
 from 92543; a figure the question names and an excerpt states ("浦语·灵笔2.5")
-is the subject, not a claim. The threshold was chosen on hand-labelled sentences (README "Answers").
+is the subject, not a claim. Names are held to the same rule: a backticked name or a snake_case identifier
+(``XTUNER_USE_FLASH_ATTN_2``, `--deepspeed`) must appear letter for letter, because a wrong flag or
+variable that looks like the right one is the error a reader can least spot. The threshold was chosen on
+hand-labelled sentences (README "Answers").
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from kb.words import tokenize
 
 THRESHOLD = 0.35  # lexical share x LEXICAL + cosine x (1 - LEXICAL); README "Answers" (hand-labelled)
 NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
+CODE_SPAN_RE = re.compile(r"`([^`\n]+)`")
+IDENTIFIER_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+")  # snake_case and CONSTANT_CASE names
 LEXICAL = 0.6
 MAX_LINES = 3
 # Sentence ends: Chinese full stops anywhere, Latin ones before a space or the end, and line breaks.
@@ -82,6 +87,14 @@ def _figures(sentence: str) -> list[str]:
     return [f for f in NUMBER_RE.findall(MARKER_RE.sub(" ", sentence)) if len(f) > 1]  # "InternLM2" is a name
 
 
+def _names(sentence: str) -> list[str]:
+    """The exact names a sentence states: backticked spans and snake_case identifiers, squashed."""
+    text = MARKER_RE.sub(" ", sentence)
+    spans = [m.strip().lstrip("-'\"").rstrip("'\"") for m in CODE_SPAN_RE.findall(text)]
+    names = [_squash(n) for n in spans + IDENTIFIER_RE.findall(text)]
+    return [n for n in dict.fromkeys(names) if len(n) > 1]
+
+
 def is_claim(sentence: str) -> bool:
     """Two words or more, or a figure ("88.3%", "86.6 分。": a terse answer is still one), and not a lead-in
     ending with a colon ("以下是：", "Steps:")."""
@@ -113,6 +126,7 @@ class Aligner:
         # claim to check.
         stated = {f for h in self.excerpts for f in NUMBER_RE.findall(h.text)}
         self.given = set(_figures(question)) & stated
+        self.asked = _squash(question)  # a name the question itself spells out is the subject, not a claim
         self.runs = [(n, a, b, text) for n, h in enumerate(self.excerpts, 1)
                      for a, b, text in _runs(h.text.split("\n"))]
         self.run_words = [set(tokenize(text)) for *_, text in self.runs]
@@ -153,9 +167,10 @@ class Aligner:
         if not out.claim or not self.runs:
             return out
         scores = self.scores(sentence)
-        figures = [f for f in _figures(sentence) if f not in self.given]
-        if figures:  # a figure the lines don't hold is not supported by them, however alike the words
-            scores = np.where([all(f in _squash(text) for f in figures) for *_, text in self.runs], scores, -1.0)
+        exact = [f for f in _figures(sentence) if f not in self.given]
+        exact += [n for n in _names(sentence) if n not in self.asked]
+        if exact:  # a figure or name the lines don't hold is not supported by them, however alike the words
+            scores = np.where([all(f in _squash(text) for f in exact) for *_, text in self.runs], scores, -1.0)
         best = int(np.argmax(scores))
         own = [i for i, r in enumerate(self.runs) if r[0] in marked]
         if own:
