@@ -176,17 +176,6 @@ def _part_of_name(word: str, names: set[str]) -> bool:
     return word.isascii() and len(word) >= 4 and any(word in n and word != n for n in names)
 
 
-def _copy(docs: Sequence, language: str) -> list:
-    by_path: dict[str, list] = {}
-    for d in sorted(docs, key=lambda d: int(d.metadata["line_start"])):
-        by_path.setdefault(d.metadata["path"], []).append(d)
-    if not by_path:
-        return []
-    zh = language == "zh"
-    best = min(by_path, key=lambda p: (zh != any(m in p.lower() for m in ("zh", "_cn", "-cn")), len(p)))
-    return by_path[best]
-
-
 def opening(docs: Sequence, language: str, n: int, names: frozenset[str] = frozenset()) -> list:
     """A root README's opening: its introduction section, else its first chunks with content.
 
@@ -300,11 +289,7 @@ def readme_sections(docs: Sequence, language: str, rest: Sequence[str], n: int) 
     wanted = set(rest)
     if not docs or not wanted:
         return []
-    import os
-    if os.environ.get('ALLCHUNKS'):
-        copy = _copy(docs, language)
-    else:
-        copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
+    copy = opening(docs, language, len(docs))  # the chunks with content of the copy in the question's language
     found = [(_section_words(d, wanted), _found(wanted, _word_set(" ".join(_labels(d))))) for d in copy]
     df = {w: sum(w in body for body, _ in found) for w in wanted}
     idf = {w: math.log(1 + (len(copy) - n + 0.5) / (n + 0.5)) for w, n in df.items()}
