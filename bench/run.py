@@ -72,9 +72,13 @@ QUESTION_SETS = {  # name -> (file, what it is for)
     "overview-holdout": (ROOT / "kb" / "questions" / "overview_holdout.jsonl", "checking only; its misses were read for the third round of signals"),
     "overview-dev2": (ROOT / "kb" / "questions" / "overview_dev2.jsonl", "tuning (a second overview set, written blind, then its misses read)"),
     "overview-fresh": (ROOT / "kb" / "questions" / "overview_fresh.jsonl", "checking only, written blind before that round"),
+    "overview-features": (ROOT / "kb" / "questions" / "overview_features.jsonl",
+                          "tuning (what a project's main features are, every README with a feature list, both languages)"),
+    "overview-features-holdout": (ROOT / "kb" / "questions" / "overview_features_holdout.jsonl",
+                                  "checking only, other phrasings of the features questions, written before measuring"),
 }
 # The document-level signals off: the fusion of the previous round, for the before/after table.
-SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False,
+SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "summary_opening": False, "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False,
                "bm25_lead": 0.0, "bm25_in_named": False}
 
 

@@ -66,6 +66,15 @@ def test_asked_about_leaves_what_the_question_is_about():
     assert signals.asked_about(tokenize("InternLM3 是什么？"), ["InternLM"], ALIASES) == []
 
 
+def test_a_question_for_the_feature_list_asks_for_a_summary():
+    summary = lambda q, src: signals.asks_for_summary(signals.asked_about(tokenize(q), [src], ALIASES))  # noqa: E731
+    assert summary("XTuner 有哪些核心功能？", "xtuner") and summary("What are the highlights of XTuner?", "xtuner")
+    assert summary("XTuner V1 的主要特性是什么？", "xtuner")  # a version of the name is the name
+    assert not summary("xtuner是什么？", "xtuner"), "nothing asked: definitional, not a summary"
+    assert not summary("XTuner 的 FP8 训练有什么优势？", "xtuner"), "a feature named: a specific question"
+    assert not summary("How do I install XTuner?", "xtuner")
+
+
 def test_readme_title_and_root_readmes():
     assert signals.readme_title("<p>\n    <b><font size=\"6\">浦语·灵笔2.5</font></b>\n</p>") == "浦语·灵笔2.5"
     assert signals.readme_title("badges\n# InternLM\n\n## Introduction") == "InternLM"

@@ -374,12 +374,16 @@ class SearchEngine:
         if len(named) == 1:
             rest = signals.asked_about(tokens, named, aliases)
             fade = self._fade(lex, rest, named[0], opts)
+            # "What are X's highlights?": its words are rare in the corpus, yet ask for the README's introduction
+            summary = opts.summary_opening and signals.asks_for_summary(rest)
+            opening_fade = 1.0 if summary else fade
             weights[IN_SOURCE] = opts.in_source_weight * fade
             readmes = None if opts.path_prefix else self._readmes(coll, collection, named[0])
-            if readmes and opts.opening_weight and (not rest or signals.definitional(query)) and fade > 0:
+            if readmes and opts.opening_weight and (not rest or summary or signals.definitional(query)) \
+                    and opening_fade > 0:
                 lists[OPENING] = [(d, 0.0) for d in signals.opening(
                     readmes, language, opts.opening_chunks, frozenset(aliases.get(named[0], ())))]
-                weights[OPENING] = opts.opening_weight * fade
+                weights[OPENING] = opts.opening_weight * opening_fade
             self._sections(lists, weights, README_SECTION, readmes, language, rest, fade, 1.0, opts)
         elif opts.each_named and not opts.path_prefix:
             for src in named:

@@ -54,6 +54,7 @@ class SearchOptions:
     rest_idf: float = 6.0  # ... which fades as the question's other words get this specific
     opening_weight: float = 5.0  # RRF weight of the named source's root README opening (definitional questions)
     opening_chunks: int = 2  # how many opening chunks that list holds
+    summary_opening: bool = True  # ... also for "what are X's main features?" (signals.SUMMARY_WORDS), unfaded
     readme_weight: float = 5.0  # RRF weight of the named source's README chunks holding the question's other words
     readme_holds_all: bool = True  # ... at full weight, however specific the words, when its best chunk holds them all
     own_words_fade: bool = True  # the in-source list fades only for words the named source itself uses

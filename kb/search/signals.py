@@ -150,6 +150,20 @@ DEFINITIONAL_RE = re.compile(r"是什么|什么是|是干什么|干什么|做什
                              r"\bintroduce\b|\btell me about\b", re.IGNORECASE)
 
 
+# Words that ask for a project's feature list without naming a feature ("XTuner 有哪些核心功能？", "What are the
+# highlights of OpenCompass?"): the README's introduction, where projects list them, answers. Rare words in the
+# corpus ("亮点", "highlights"), so without this they read as specific and faded the README lists away.
+VERSION_RE = re.compile(r"v?\d+", re.IGNORECASE)
+SUMMARY_WORDS = frozenset("特点 特性 功能 亮点 优势 优点 特色 能力 主要 核心 有 "
+                          "features feature highlights highlight characteristics capabilities capability "
+                          "strengths advantages offer offers main key core".split())
+
+
+def asks_for_summary(rest: Sequence[str]) -> bool:
+    """Whether every word asked about the source is a summary word (a version of its name, "2.5", "V1", aside)."""
+    return bool(rest) and all(w in SUMMARY_WORDS or VERSION_RE.fullmatch(w) for w in rest)
+
+
 def definitional(query: str) -> bool:
     """Whether the question asks what something is ("…是什么？", "What is …?", "介绍一下 …")."""
     return bool(DEFINITIONAL_RE.search(query))
