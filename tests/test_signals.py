@@ -75,6 +75,12 @@ def test_a_question_for_the_feature_list_asks_for_a_summary():
     assert not summary("How do I install XTuner?", "xtuner")
 
 
+def test_a_model_named_in_full_is_its_source_named():
+    assert signals.name_compounds("InternLM3-8B-Instruct 有哪些亮点？", ["InternLM"], ALIASES) >= {"8b", "instruct"}
+    assert signals.name_compounds("What is InternLM2.5-7B-Chat-1M?", ["InternLM"], ALIASES) >= {"7b", "chat", "1m"}
+    assert not signals.name_compounds("Does XTuner support Llama-3-8B?", ["xtuner"], ALIASES), "another model's name"
+
+
 def test_readme_title_and_root_readmes():
     assert signals.readme_title("<p>\n    <b><font size=\"6\">浦语·灵笔2.5</font></b>\n</p>") == "浦语·灵笔2.5"
     assert signals.readme_title("badges\n# InternLM\n\n## Introduction") == "InternLM"

@@ -373,6 +373,9 @@ class SearchEngine:
         weights: dict[str, float] = {}
         if len(named) == 1:
             rest = signals.asked_about(tokens, named, aliases)
+            if opts.name_compounds:
+                parts = signals.name_compounds(query, named, aliases)
+                rest = [t for t in rest if t not in parts]
             fade = self._fade(lex, rest, named[0], opts)
             # "What are X's highlights?": its words are rare in the corpus, yet ask for the README's introduction
             summary = opts.summary_opening and signals.asks_for_summary(rest)

@@ -169,6 +169,21 @@ def definitional(query: str) -> bool:
     return bool(DEFINITIONAL_RE.search(query))
 
 
+COMPOUND_RE = re.compile(r"[A-Za-z][\w.]*(?:-[\w.]+)+")
+
+
+def name_compounds(query: str, named: Sequence[str], aliases: dict[str, set[str]]) -> set[str]:
+    """The words of hyphenated names that start with a source's name ("InternLM3-8B-Instruct": "8b", "instruct"):
+    a model the project ships, named in full, is still the project named, not something asked about it."""
+    names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
+    out: set[str] = set()
+    for compound in COMPOUND_RE.findall(query):
+        words = tokenize(compound.replace("-", " "))
+        if words and (words[0] in names or _versioned(words[0]) in names):
+            out.update(words)
+    return out
+
+
 def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, set[str]]) -> list[str]:
     """The question's words once the source's names (and parts of them) and the bare question words are taken out.
 
