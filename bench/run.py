@@ -78,7 +78,8 @@ QUESTION_SETS = {  # name -> (file, what it is for)
                                   "checking only, other phrasings of the features questions, written before measuring"),
 }
 # The document-level signals off: the fusion of the previous round, for the before/after table.
-SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "summary_opening": False, "name_compounds": False, "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False,
+SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "summary_opening": False, "name_compounds": False,
+               "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False,
                "bm25_lead": 0.0, "bm25_in_named": False}
 
 
