@@ -79,6 +79,8 @@ def test_a_model_named_in_full_is_its_source_named():
     assert signals.name_compounds("InternLM3-8B-Instruct 有哪些亮点？", ["InternLM"], ALIASES) >= {"8b", "instruct"}
     assert signals.name_compounds("What is InternLM2.5-7B-Chat-1M?", ["InternLM"], ALIASES) >= {"7b", "chat", "1m"}
     assert not signals.name_compounds("Does XTuner support Llama-3-8B?", ["xtuner"], ALIASES), "another model's name"
+    q = "InternLM3-8B-Instruct 有哪些亮点？"
+    assert signals.asked_about(tokenize(q), ["InternLM"], ALIASES, q) == ["有", "亮点"]
 
 
 def test_readme_title_and_root_readmes():

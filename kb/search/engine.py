@@ -369,13 +369,11 @@ class SearchEngine:
         if not named:
             return {}, {}
         aliases = self._aliases(collection)
+        in_full = query if opts.name_compounds else ""  # names written in full are names (signals.name_compounds)
         lists: dict[str, list[tuple[Document, float]]] = {}
         weights: dict[str, float] = {}
         if len(named) == 1:
-            rest = signals.asked_about(tokens, named, aliases)
-            if opts.name_compounds:
-                parts = signals.name_compounds(query, named, aliases)
-                rest = [t for t in rest if t not in parts]
+            rest = signals.asked_about(tokens, named, aliases, in_full)
             fade = self._fade(lex, rest, named[0], opts)
             # "What are X's highlights?": its words are rare in the corpus, yet ask for the README's introduction
             summary = opts.summary_opening and signals.asks_for_summary(rest)
@@ -390,7 +388,7 @@ class SearchEngine:
             self._sections(lists, weights, README_SECTION, readmes, language, rest, fade, 1.0, opts)
         elif opts.each_named and not opts.path_prefix:
             for src in named:
-                rest = signals.asked_about(tokens, [src], aliases)
+                rest = signals.asked_about(tokens, [src], aliases, in_full)
                 self._sections(lists, weights, f"{README_SECTION} ({src})", self._readmes(coll, collection, src),
                                language, rest, self._fade(lex, rest, src, opts), 1.0 / len(named), opts)
         return lists, weights

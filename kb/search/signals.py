@@ -184,14 +184,17 @@ def name_compounds(query: str, named: Sequence[str], aliases: dict[str, set[str]
     return out
 
 
-def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, set[str]]) -> list[str]:
+def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, set[str]],
+                query: str = "") -> list[str]:
     """The question's words once the source's names (and parts of them) and the bare question words are taken out.
 
-    None left: a definitional question ("xtuner是什么？", "What is LMDeploy?").
+    None left: a definitional question ("xtuner是什么？", "What is LMDeploy?"). With ``query``, the words of
+    a name written in full ("InternLM3-8B-Instruct") are taken out too (:func:`name_compounds`).
     """
     names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
+    in_full = name_compounds(query, named, aliases) if query else set()
     rest = [t for t in tokens if t not in names and _versioned(t) not in names and t not in QUESTION_WORDS
-            and not _part_of_name(t, names)]
+            and not _part_of_name(t, names) and t not in in_full]
     # Numbers alone ("浦语·灵笔2.5 是什么？" leaves "2", "5") are the version in the name: the question is definitional.
     return [] if all(t.isdigit() for t in rest) else rest
 
