@@ -169,13 +169,17 @@ def definitional(query: str) -> bool:
     return bool(DEFINITIONAL_RE.search(query))
 
 
+def _name_words(named: Sequence[str], aliases: dict[str, set[str]]) -> set[str]:
+    return set().union(*(aliases.get(s, set()) for s in named)) if named else set()
+
+
 COMPOUND_RE = re.compile(r"[A-Za-z][\w.]*(?:-[\w.]+)+")
 
 
 def name_compounds(query: str, named: Sequence[str], aliases: dict[str, set[str]]) -> set[str]:
     """The words of hyphenated names that start with a source's name ("InternLM3-8B-Instruct": "8b", "instruct"):
     a model the project ships, named in full, is still the project named, not something asked about it."""
-    names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
+    names = _name_words(named, aliases)
     out: set[str] = set()
     for compound in COMPOUND_RE.findall(query):
         words = tokenize(compound.replace("-", " "))
@@ -191,7 +195,7 @@ def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, 
     None left: a definitional question ("xtuner是什么？", "What is LMDeploy?"). With ``query``, the words of
     a name written in full ("InternLM3-8B-Instruct") are taken out too (:func:`name_compounds`).
     """
-    names = set().union(*(aliases.get(s, set()) for s in named)) if named else set()
+    names = _name_words(named, aliases)
     in_full = name_compounds(query, named, aliases) if query else set()
     rest = [t for t in tokens if t not in names and _versioned(t) not in names and t not in QUESTION_WORDS
             and not _part_of_name(t, names) and t not in in_full]
