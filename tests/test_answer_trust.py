@@ -265,13 +265,14 @@ def test_a_figure_the_lines_do_not_hold_is_not_supported():
 
 
 def test_a_figure_the_question_names_is_its_subject_when_the_sources_state_it():
-    filler = "\n".join(f"- 第 {i} 步：准备数据与配置文件" for i in range(1, 5))
+    # the heading is further above than a citation reaches (support.CONTEXT_LINES)
+    filler = "\n".join(f"- 第 {i} 步：准备数据与配置文件" for i in range(1, 13))
     sources = [hit(f"# 浦语·灵笔2.5 微调\n{filler}\n多图：在指令中用 `Image x <ImageHere>;` 来指定图像顺序和位置", 1)]
     answer = "多图对话的指令里图片占位符写为 `Image x <ImageHere>;`，用于指定浦语·灵笔2.5 的图像顺序和位置。"
     asked = "微调浦语·灵笔2.5 时，多图对话的图片占位符怎么写？"
     assert not support(answer, sources, embed=None)[0].supported, "without the question, 2.5 must be in the lines"
     cited = support(answer, sources, embed=None, question=asked)[0]
-    assert cited.supported and cited.line_start == 15
+    assert cited.supported and cited.line_start == 23
     # a figure the question names but no source states is still a claim to check
     claim = support("XTuner 在 AMD MI300 上用 ROCm 训练。", [hit("LMDeploy 也支持在 AMD GPU 的 ROCm 环境中安装。", 1)],
                     embed=None, question="XTuner 支持在 AMD MI300 显卡上用 ROCm 训练吗？")[0]
@@ -289,6 +290,22 @@ def test_a_name_the_lines_do_not_spell_out_is_not_supported():
     asked = support("XTUNER_USE_FLASH_ATTN_3 不存在，应设置 FlashAttention 2 的环境变量。", sources, embed=None,
                     question="XTUNER_USE_FLASH_ATTN_3 怎么设置？")[0]
     assert asked.supported
+
+
+def test_a_figure_read_from_the_heading_or_table_header_is_cited_with_it():
+    """A changelog dates its changes in the heading above them; a table row's figures mean what its header says."""
+    changelog = hit("## Changelog\n\n### v0.1.2 (24/10/2023)\n\n#### Highlights\n\n"
+                    "- Support Efficient Inference Engine lmdeploy turbomind\n\n#### Contributors", 1, line_start=1)
+    table = hit("### FP16\n\n| model | batch | tp | RPS |\n| --- | --- | --- | --- |\n"
+                "| llama2-7b | 256 | 1 | 14.556 |\n| internlm-20b | 128 | 2 | 10.291 |", 2, line_start=1)
+    dated, rps = support("Lagent v0.1.2 (24/10/2023) added support for the lmdeploy turbomind inference engine. "
+                         "The RPS of internlm-20b with batch 128 is 10.291.", [changelog, table], embed=None)
+    assert (dated.source, dated.line_start, dated.line_end) == (1, 3, 7)  # the heading through the change
+    assert (rps.source, rps.line_start, rps.line_end) == (2, 1, 6)  # its heading and header through its row
+    # a "#" comment inside a code block is not a heading, and a plain run needs no context
+    code = hit("```python\n# an example of one image\nx = 1\n```\nSet x to 1 for one image.", 1, line_start=1)
+    (plain,) = support("Set x to 1 for one image.", [code], embed=None)
+    assert (plain.line_start, plain.line_end) == (5, 5)
 
 
 def test_padded_tables_are_compacted_for_the_model_line_for_line():

@@ -9,6 +9,8 @@ the sentence and the lines. The best run above ``THRESHOLD`` supports the
 sentence; a marker the model wrote is kept when its own source clears the bar,
 else the sentence is re-attached to the source that does. A sentence with fewer
 than two words to check and no figure, or a lead-in ("以下是："), claims nothing and needs no source.
+A run of lines is also read with its section's heading or its table's header row when one sits a few
+lines above (a changelog dates a change in its heading; a figure in a row means what its column says).
 A sentence that states a figure (a version, a default, a count) is supported
 only by lines that hold that figure: words and embeddings can't tell 92542
 from 92543; a figure the question names and an excerpt states ("浦语·灵笔2.5")
@@ -37,6 +39,10 @@ CODE_SPAN_RE = re.compile(r"`([^`\n]+)`")
 IDENTIFIER_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+")  # snake_case and CONSTANT_CASE names
 LEXICAL = 0.6
 MAX_LINES = 3
+CONTEXT_COST = 0.03  # a run read with its heading or table header: cited only when that adds what the run lacks
+CONTEXT_LINES = 10  # how far above a run its heading or table header may be, to be read with it
+HEADING_RE = re.compile(r"\s{0,3}#{1,6}\s")
+TABLE_RULE_RE = re.compile(r"\s*\|?\s*:?-{3,}")
 # Sentence ends: Chinese full stops anywhere, Latin ones before a space or the end, and line breaks.
 SENTENCE_RE = re.compile(r"[^。！？!?；\n]+?(?:[。！？!?；]+|[.](?=\s+[A-Z\u3400-\u9fff*\-\d`\[]|\s*$)|(?=\n)|$)", re.S)
 
@@ -103,14 +109,57 @@ def is_claim(sentence: str) -> bool:
     return len(_claim_words(sentence)) >= 2 or bool(_figures(sentence))
 
 
-def _runs(lines: Sequence[str]) -> list[tuple[int, int, str]]:
-    """Runs of 1..MAX_LINES consecutive non-blank lines: (first, last, text), 0-based."""
+def _fenced(lines: Sequence[str]) -> list[bool]:
+    """Which lines sit inside a fenced code block (where "# …" is a comment, not a heading)."""
+    out, inside = [], False
+    for line in lines:
+        fence = line.lstrip().startswith(("```", "~~~"))
+        out.append(inside or fence)
+        inside ^= fence
+    return out
+
+
+def _context(lines: Sequence[str], fenced: Sequence[bool], i: int) -> list[int]:
+    """The lines a reader of line ``i`` reads it with: its section's heading and, in a table, the header row.
+
+    The model read the excerpt whole: "v0.1.2 (24/10/2023)" in a changelog is
+    the heading a few lines above the change it dates, and "10.291" in a
+    benchmark row means RPS only through the table's header. Only lines
+    within ``CONTEXT_LINES`` above count, so that a citation stays short.
+    """
     out = []
+    if lines[i].lstrip().startswith("|"):
+        top = i
+        while top > 0 and lines[top - 1].lstrip().startswith("|"):
+            top -= 1
+        if i - CONTEXT_LINES <= top < i - 1 and TABLE_RULE_RE.match(lines[top + 1]):
+            out.append(top)
+    for h in range(i - 1, max(-1, i - CONTEXT_LINES - 1), -1):
+        if HEADING_RE.match(lines[h]) and not fenced[h]:
+            if h < i - 1:
+                out.append(h)
+            break
+    return sorted(out)
+
+
+def _runs(lines: Sequence[str]) -> list[tuple[int, int, str, int]]:
+    """Runs of 1..MAX_LINES consecutive non-blank lines: (first, last, text, context lines read), 0-based.
+
+    Each run also comes with its context lines before it (``_context``), as
+    one more run citing from the first of them: a citation then spans the
+    heading or header that a figure or a name of the sentence is read from.
+    """
+    out = []
+    fenced = _fenced(lines)
     for i in range(len(lines)):
         if not lines[i].strip():
             continue
+        context = _context(lines, fenced, i)
         for j in range(i, min(len(lines), i + MAX_LINES)):
-            out.append((i, j, "\n".join(lines[i:j + 1])))
+            text = "\n".join(lines[i:j + 1])
+            out.append((i, j, text, 0))
+            if context:
+                out.append((context[0], j, "\n".join([lines[c] for c in context] + [text]), len(context)))
     return out
 
 
@@ -127,12 +176,15 @@ class Aligner:
         stated = {f for h in self.excerpts for f in NUMBER_RE.findall(h.text)}
         self.given = set(_figures(question)) & stated
         self.asked = _squash(question)  # a name the question itself spells out is the subject, not a claim
-        self.runs = [(n, a, b, text) for n, h in enumerate(self.excerpts, 1)
-                     for a, b, text in _runs(h.text.split("\n"))]
+        runs = [(n, a, b, text, context) for n, h in enumerate(self.excerpts, 1)
+                for a, b, text, context in _runs(h.text.split("\n"))]
+        self.runs = [(n, a, b, text) for n, a, b, text, _ in runs]
         self.run_words = [set(tokenize(text)) for *_, text in self.runs]
         # among runs that hold the sentence equally well, the fewest lines (a citation as narrow as it can be)
-        self._length_cost = np.array([0.01 * (b - a) for _, a, b, _ in self.runs])
-        docs = self.run_words or [set()]
+        self._length_cost = np.array([0.01 * (text.count("\n") - context) + (CONTEXT_COST if context else 0.0)
+                                      for _, a, b, text, context in runs])
+        # how rare a word is, among the lines as they stand (a heading repeated in its runs' context counts once)
+        docs = [w for w, (*_, context) in zip(self.run_words, runs) if not context] or [set()]
         self._n = len(docs)
         self._df: dict[str, int] = {}
         for words in docs:
