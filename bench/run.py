@@ -76,6 +76,8 @@ QUESTION_SETS = {  # name -> (file, what it is for)
                           "tuning (what a project's main features are, every README with a feature list, both languages)"),
     "overview-features-holdout": (ROOT / "kb" / "questions" / "overview_features_holdout.jsonl",
                                   "checking only, other phrasings of the features questions, written before measuring"),
+    "overview-blind3": (ROOT / "kb" / "questions" / "overview_blind3.jsonl",
+                        "checking only, written blind from the documents alone (first questions and deep facts)"),
 }
 # The document-level signals off: the fusion of the previous round, for the before/after table.
 SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "summary_opening": False, "name_compounds": False,
