@@ -82,6 +82,8 @@ QUESTION_SETS = {  # name -> (file, what it is for)
                         "checking only, a second blind set (6 per repo: 3 first questions, 2 deep facts, 1 cross-lingual)"),
     "overview-blind5": (ROOT / "kb" / "questions" / "overview_blind5.jsonl",
                         "checking only, a third blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual)"),
+    "overview-blind6": (ROOT / "kb" / "questions" / "overview_blind6.jsonl",
+                        "checking only, a fourth blind set (40: 28 first questions, 8 deep facts, 4 cross-lingual)"),
 }
 # The document-level signals off: the fusion of the previous round, for the before/after table.
 SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "summary_opening": False, "name_compounds": False,
