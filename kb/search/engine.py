@@ -27,8 +27,8 @@ from kb.errors import KBError
 from kb.ingest.chunking import ChunkConfig
 from kb.search.bm25 import BM25Matrix
 from kb.search.fusion import fuse, specificity
-from kb.search import signals, translations
-from kb.search.hits import (BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, TRANSLATED, Hit, SearchOptions,
+from kb.search import signals
+from kb.search.hits import (BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit, SearchOptions,
                             hit_from_document)
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, reachable
@@ -67,8 +67,6 @@ class _Lexical:
     paths: np.ndarray
     parents: list[str]  # passages: each one's chunk; chunks: empty
     owners: signals.Sources  # the same sources, counted once for the named-source signals
-    translations: dict[str, tuple[str, ...]]  # chunks: each word's translations, mined from translated pages
-    chinese: np.ndarray  # per row: written in Chinese
     masks: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per source, as they are asked for
 
     @functools.cached_property
@@ -122,7 +120,7 @@ class SearchEngine:
             coll = self.kb.index.passages(collection) if passages else self.kb.index.get(collection)
             if coll is None:
                 return None
-            ids, tokens, sources, paths, parents, sections = [], [], [], [], [], []
+            ids, tokens, sources, paths, parents = [], [], [], [], []
             offset = 0
             while True:
                 page = coll.get(include=["metadatas"], limit=5000, offset=offset)
@@ -133,18 +131,12 @@ class SearchEngine:
                     paths.append(meta["path"])
                     if passages:
                         parents.append(meta["parent"])
-                    else:
-                        sections.append((int(meta.get("line_start") or 0), meta.get("heading") or ""))
                 if len(page["ids"]) < 5000:
                     break
                 offset += 5000
             sources = np.asarray(sources, dtype=object)
-            table = {} if passages else translations.mine(
-                translations.ChunkWords(src, path, start, heading, toks)
-                for src, path, (start, heading), toks in zip(sources, paths, sections, tokens))
             lex = _Lexical(version, BM25Matrix(tokens), ids, sources, np.asarray(paths, dtype=object), parents,
-                           signals.Sources(sources), table,
-                           np.fromiter((translations.in_chinese(t) for t in tokens), bool, len(tokens)))
+                           signals.Sources(sources))
             self._lexical[key] = lex
             return lex
 
@@ -159,15 +151,12 @@ class SearchEngine:
         return [(d, by_id.get(d.id, 0.0)) for d in picked]
 
     def _bm25_top(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions,
-                  within: str | None = None, chinese: bool | None = None) -> list[tuple[int, float]]:
-        """The top rows, within the filter's source (or else ``within``, the one source the question names);
-        ``chinese``: only the chunks in (True) or not in (False) Chinese."""
+                  within: str | None = None) -> list[tuple[int, float]]:
+        """The top rows, within the filter's source (or else ``within``, the one source the question names)."""
         mask = None
         source = opts.source or within
-        if source or opts.path_prefix or chinese is not None:
+        if source or opts.path_prefix:
             mask = np.ones(len(lex.ids), dtype=bool)
-            if chinese is not None:
-                mask &= lex.chinese == chinese
             if source:
                 mask &= lex.of_source(source)
             if opts.path_prefix:
@@ -234,10 +223,10 @@ class SearchEngine:
         return owners
 
     def _bm25(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions,
-              within: str | None = None, chinese: bool | None = None) -> list[tuple[str, float]]:
+              within: str | None = None) -> list[tuple[str, float]]:
         """Chunk ids by BM25; over passages (``lex.parents``), each passage's chunk."""
         if not lex.parents:
-            return [(lex.ids[i], s) for i, s in self._bm25_top(lex, tokens, n, opts, within, chinese)]
+            return [(lex.ids[i], s) for i, s in self._bm25_top(lex, tokens, n, opts, within)]
         return self._ranked([(lex.parents[i], s) for i, s in self._bm25_top(lex, tokens, 2 * n, opts, within)], n)
 
     def _documents(self, coll, collection: str, ids: set[str], docs: dict[str, Document]) -> None:
@@ -313,11 +302,6 @@ class SearchEngine:
             ranked["bm25"] = self._bm25(lex, tokens, n, opts, within)
             if opts.mode == "hybrid" and pcoll is not None:
                 ranked[PASSAGE_BM25] = self._bm25(self.lexical(collection, passages=True), tokens, n, opts, within)
-            if opts.mode == "hybrid" and opts.translated_weight:
-                other = translations.translate(tokens, lex.translations)
-                if set(other) - set(tokens):  # the pages in the other language only
-                    ranked[TRANSLATED] = self._bm25(lex, other, n, opts, within,
-                                                    chinese=signals.query_language(query) != "zh")
         self._documents(coll, collection, {i for lst in ranked.values() for i, _ in lst}, docs)
         lists = {m: [(docs[i], s) for i, s in lst if i in docs] for m, lst in ranked.items()}
         if opts.mode == "hybrid":
@@ -340,9 +324,6 @@ class SearchEngine:
         """Fuse the lists, with the document-level signals of ``kb/search/signals.py``."""
         language = signals.query_language(query)
         extra, weights = self._named_source_lists(coll, collection, query, lex, tokens, named, language, opts)
-        if TRANSLATED in lists and len(named) == 1 and opts.translated_gate:
-            rest = signals.asked_about(tokens, named, self._aliases(collection), query if opts.name_compounds else "")
-            weights[TRANSLATED] = opts.translated_weight * (1.0 - self._fade(lex, rest, named[0], opts))
         bm25_scale = specificity(lex.matrix, tokens)
         lead = lists.get("bm25") or []
         if opts.bm25_lead and lead and (len(lead) == 1 or lead[0][1] >= opts.bm25_lead * lead[1][1]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from langchain_core.documents import Document
 
 from kb.search.bm25 import BM25Matrix
-from kb.search.hits import PASSAGE_BM25, TRANSLATED, Hit, SearchOptions, hit_from_document
+from kb.search.hits import PASSAGE_BM25, Hit, SearchOptions, hit_from_document
 
 SPECIFIC_IDF = 3.0
 
@@ -29,13 +29,10 @@ def fuse(lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions, bm
          extra_weights: dict[str, float] | None = None) -> list[Hit]:
     """Weighted reciprocal-rank fusion: sum of weight / (rrf_k + rank) over retrievers."""
     bm25 = opts.bm25_weight * bm25_scale
-    weights = {"dense": opts.dense_weight, "bm25": bm25, PASSAGE_BM25: bm25, TRANSLATED: opts.translated_weight,
-               **(extra_weights or {})}
+    weights = {"dense": opts.dense_weight, "bm25": bm25, PASSAGE_BM25: bm25, **(extra_weights or {})}
     fused: dict[str, Hit] = {}
     for mode, scored in lists.items():
         for r, (doc, s) in enumerate(scored, 1):
-            if opts.rrf_depth and r > opts.rrf_depth:
-                break
             h = fused.get(doc.id)
             if h is None:
                 h = fused[doc.id] = hit_from_document(doc, 0.0, "hybrid")

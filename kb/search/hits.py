@@ -27,7 +27,6 @@ OPENING = "readme opening"
 README_SECTION = "readme section"
 IN_SOURCE = "dense in source"
 BM25_LEAD = "bm25 lead"
-TRANSLATED = "bm25 translated"  # BM25 over the question's words in the other language (kb/search/translations.py)
 
 
 @dataclass
@@ -43,7 +42,6 @@ class SearchOptions:
     # dev set's plateau; no retriever needs damping (dense-on-chunks, which
     # did, is left out of the fusion).
     rrf_k: int = 60
-    rrf_depth: int = 0  # only a list's first this many count (0: all)
     dense_weight: float = 1.0
     bm25_weight: float = 1.0  # both BM25 lists
     # Chunks per retriever, before fusion. Deep lists let a chunk that sits at
@@ -69,8 +67,6 @@ class SearchOptions:
     # With one source named, both BM25 lists rank that source's chunks only (dense still reads every source): the
     # named source held the gold in all 165 such questions of the six sets (README "Retrieval tuning").
     bm25_in_named: bool = True
-    translated_gate: bool = True
-    translated_weight: float = 0.0  # RRF weight of BM25 over the question's words translated (other-language pages)
     empty_penalty: float = 0.5  # fused score x this for a hit that is only a heading (1: off)
     collapse: bool = True  # keep one of near-duplicate hits, the copy that fits the question's language
 
