@@ -70,6 +70,8 @@ def test_a_question_for_the_feature_list_asks_for_a_summary():
     summary = lambda q, src: signals.asks_for_summary(signals.asked_about(tokenize(q), [src], ALIASES))  # noqa: E731
     assert summary("XTuner 有哪些核心功能？", "xtuner") and summary("What are the highlights of XTuner?", "xtuner")
     assert summary("XTuner V1 的主要特性是什么？", "xtuner")  # a version of the name is the name
+    assert summary("What are the main selling points of XTuner?", "xtuner")
+    assert summary("What is special about XTuner?", "xtuner") and summary("XTuner 到底有什么特别？", "xtuner")
     assert not summary("xtuner是什么？", "xtuner"), "nothing asked: definitional, not a summary"
     assert not summary("XTuner 的 FP8 训练有什么优势？", "xtuner"), "a feature named: a specific question"
     assert not summary("How do I install XTuner?", "xtuner")
