@@ -54,7 +54,8 @@ def shipped_sets(corpus: Path, home: Path | None = None) -> dict[str, Path]:
     sets = {"Shared dev set": corpus / "dev_questions.jsonl", "Held-out set": HOLDOUT,
             "Overview (dev)": QUESTIONS / "overview_dev.jsonl", "Overview (dev 2)": QUESTIONS / "overview_dev2.jsonl",
             "Overview (held-out)": QUESTIONS / "overview_holdout.jsonl",
-            "Overview (main features)": QUESTIONS / "overview_features.jsonl"}
+            "Overview (main features)": QUESTIONS / "overview_features.jsonl",
+            **{f"Overview (blind {n})": QUESTIONS / f"overview_blind{n}.jsonl" for n in (3, 4, 5, 6)}}
     if home is not None and feedback_questions(home).is_file() and feedback_questions(home).stat().st_size:
         sets[FEEDBACK_LABEL] = feedback_questions(home)
     return sets
