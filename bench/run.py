@@ -593,6 +593,36 @@ def bench_answers(k: int = 5) -> dict:
     return out
 
 
+def answers_by_category(rep: dict) -> dict:
+    """Per question category: facts shown, facts of the model (the withheld text too), gold cited and retrieved."""
+    out: dict = {}
+    for cat in sorted({r["category"] for r in rep["rows"]}):
+        rows = [r for r in rep["rows"] if r["category"] == cat]
+        share = lambda f: round(sum(bool(f(r)) for r in rows) / len(rows), 3)  # noqa: E731
+        out[cat] = {"n": len(rows), "facts": share(lambda r: r.get("facts")),
+                    "facts_model": share(lambda r: r.get("facts") or r.get("facts_withheld")),
+                    "gold_cited": share(lambda r: r.get("gold_cited")),
+                    "gold_retrieved": share(lambda r: r.get("gold_retrieved")),
+                    "withheld": sum("withheld" in r for r in rows)}
+    return out
+
+
+def bench_answers_unseen(k: int = 5, name: str = "overview-blind6") -> dict:
+    """Answers on the blind set nothing was tuned or read on (first questions, deep facts, cross-lingual), per
+    category: what a user asking something new gets."""
+    from kb.answer.context import CONTEXT_TOKENS
+    from kb.answer.evaluate import evaluate_answers
+    from kb.evaluate import load_questions
+
+    kb = six_repo_kb()
+    answerer = _answerer(kb, k, CONTEXT_TOKENS)
+    rep = evaluate_answers(answerer, load_questions(QUESTION_SETS[name][0]), answerer.options)
+    out = {"k": k, "llm": kb.settings.llm, "context_tokens": CONTEXT_TOKENS, "set": name,
+           "summary": {m: rep[m] for m in ANSWER_FIELDS}, "by_category": answers_by_category(rep), "rows": rep["rows"]}
+    save("answers-unseen", out)
+    return out
+
+
 def bench_answer_levers(k: int = 5, budgets: tuple[int, ...] = (420, 100_000)) -> dict:
     """The context's size against quality and wait, on the dev set: excerpts of 420 tokens in all (700 is the default,
     measured by `answers`), and
@@ -921,6 +951,8 @@ def main() -> None:
             bench_load()
         elif name == "answers":
             bench_answers()
+        elif name == "answers-unseen":
+            bench_answers_unseen()
         elif name == "answer-levers":
             bench_answer_levers()
         elif name == "snapshot":
