@@ -308,6 +308,16 @@ def test_a_figure_read_from_the_heading_or_table_header_is_cited_with_it():
     assert (plain.line_start, plain.line_end) == (5, 5)
 
 
+def test_words_echoed_from_the_question_weigh_less_than_the_claim():
+    """A sentence that restates the question around its one new fact is held to that fact's line."""
+    line = hit("The above log shows that only 8G of memory is needed to run.", 1)
+    sentence, question = "The qwen3 example needs 8G of memory.", "How much memory does the qwen3 example need?"
+    assert not support(sentence, [line], embed=None)[0].supported, "without the question, its words are claims"
+    assert support(sentence, [line], embed=None, question=question)[0].supported
+    # a restatement with a claim the line doesn't hold stays unsupported
+    assert not support("The qwen3 example needs 24G of memory.", [line], embed=None, question=question)[0].supported
+
+
 def test_padded_tables_are_compacted_for_the_model_line_for_line():
     table = "|   Model    |  GPU(FP8) |\n|------------|-----------|\n| Intern S1  |    ✅     |\n    indented  code"
     out = compact(table)

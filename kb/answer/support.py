@@ -9,6 +9,7 @@ the sentence and the lines. The best run above ``THRESHOLD`` supports the
 sentence; a marker the model wrote is kept when its own source clears the bar,
 else the sentence is re-attached to the source that does. A sentence with fewer
 than two words to check and no figure, or a lead-in ("以下是："), claims nothing and needs no source.
+Words the sentence repeats from the question count half: they name what was asked, not what is claimed.
 A run of lines is also read with its section's heading or its table's header row when one sits a few
 lines above (a changelog dates a change in its heading; a figure in a row means what its column says).
 A sentence that states a figure (a version, a default, a count) is supported
@@ -39,6 +40,7 @@ CODE_SPAN_RE = re.compile(r"`([^`\n]+)`")
 IDENTIFIER_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+")  # snake_case and CONSTANT_CASE names
 LEXICAL = 0.6
 MAX_LINES = 3
+ECHO = 0.5  # weight of a word the sentence repeats from the question: the subject, not the claim (README "Answers")
 CONTEXT_COST = 0.03  # a run read with its heading or table header: cited only when that adds what the run lacks
 CONTEXT_LINES = 10  # how far above a run its heading or table header may be, to be read with it
 HEADING_RE = re.compile(r"\s{0,3}#{1,6}\s")
@@ -175,6 +177,9 @@ class Aligner:
         # claim to check.
         stated = {f for h in self.excerpts for f in NUMBER_RE.findall(h.text)}
         self.given = set(_figures(question)) & stated
+        # words the sentence repeats from the question weigh ECHO: "the tiny qwen3 example needs about 8G" is
+        # supported by "only 8G of memory is needed", though the line doesn't repeat the question's words
+        self.question_words = set(tokenize(question))
         self.asked = _squash(question)  # a name the question itself spells out is the subject, not a claim
         runs = [(n, a, b, text, context) for n, h in enumerate(self.excerpts, 1)
                 for a, b, text, context in _runs(h.text.split("\n"))]
@@ -205,8 +210,9 @@ class Aligner:
     def scores(self, sentence: str) -> np.ndarray:
         """Each run's support for the sentence."""
         words = set(_claim_words(sentence))
-        total = sum(self._weight(w) for w in words) or 1.0
-        lexical = np.array([sum(self._weight(w) for w in words & rw) / total for rw in self.run_words])
+        weight = {w: self._weight(w) * (ECHO if w in self.question_words else 1.0) for w in words}
+        total = sum(weight.values()) or 1.0
+        lexical = np.array([sum(weight[w] for w in words & rw) / total for rw in self.run_words])
         vectors = self._run_vectors()
         if vectors is None:
             return lexical - self._length_cost
