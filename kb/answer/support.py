@@ -181,15 +181,15 @@ class Aligner:
         # supported by "only 8G of memory is needed", though the line doesn't repeat the question's words
         self.question_words = set(tokenize(question))
         self.asked = _squash(question)  # a name the question itself spells out is the subject, not a claim
-        runs = [(n, a, b, text, context) for n, h in enumerate(self.excerpts, 1)
-                for a, b, text, context in _runs(h.text.split("\n"))]
-        self.runs = [(n, a, b, text) for n, a, b, text, _ in runs]
+        runs = [(n, *run) for n, h in enumerate(self.excerpts, 1) for run in _runs(h.text.split("\n"))]
+        self.runs = [run[:4] for run in runs]  # (excerpt number, first, last, text)
+        contexts = [run[4] for run in runs]  # the heading or header lines each run is read with
         self.run_words = [set(tokenize(text)) for *_, text in self.runs]
-        # among runs that hold the sentence equally well, the fewest lines (a citation as narrow as it can be)
-        self._length_cost = np.array([0.01 * (text.count("\n") - context) + (CONTEXT_COST if context else 0.0)
-                                      for _, a, b, text, context in runs])
+        # among runs that hold the sentence equally well, the fewest lines read (a citation as narrow as it can be)
+        self._length_cost = np.array([0.01 * (text.count("\n") - c) + (CONTEXT_COST if c else 0.0)
+                                      for (*_, text), c in zip(self.runs, contexts)])
         # how rare a word is, among the lines as they stand (a heading repeated in its runs' context counts once)
-        docs = [w for w, (*_, context) in zip(self.run_words, runs) if not context] or [set()]
+        docs = [w for w, c in zip(self.run_words, contexts) if not c] or [set()]
         self._n = len(docs)
         self._df: dict[str, int] = {}
         for words in docs:
