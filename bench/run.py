@@ -24,6 +24,7 @@ from pathlib import Path
 
 import core.settings  # noqa: F401  (offline environment first)
 from core.settings import load_settings
+from kb.question_sets import BY_KEY, retrieval_sets
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("KB_CORPUS", ROOT.parent / "shared" / "corpus"))
@@ -65,26 +66,7 @@ def eval_modes(engine, questions: Path, k: int = 5) -> dict:
 
 
 # ---------------------------------------------------------------- retrieval, per question set and category
-QUESTION_SETS = {  # name -> (file, what it is for)
-    "dev": (ROOT / "kb" / "questions" / "dev_questions.jsonl", "tuning (the shared dev set, with facts and categories)"),
-    "overview-dev": (ROOT / "kb" / "questions" / "overview_dev.jsonl", "tuning (overview questions)"),
-    "holdout": (ROOT / "kb" / "questions" / "holdout_questions.jsonl", "checking only"),
-    "overview-holdout": (ROOT / "kb" / "questions" / "overview_holdout.jsonl", "checking only; its misses were read for the third round of signals"),
-    "overview-dev2": (ROOT / "kb" / "questions" / "overview_dev2.jsonl", "tuning (a second overview set, written blind, then its misses read)"),
-    "overview-fresh": (ROOT / "kb" / "questions" / "overview_fresh.jsonl", "checking only, written blind before that round"),
-    "overview-features": (ROOT / "kb" / "questions" / "overview_features.jsonl",
-                          "tuning (what a project's main features are, every README with a feature list, both languages)"),
-    "overview-features-holdout": (ROOT / "kb" / "questions" / "overview_features_holdout.jsonl",
-                                  "checking only, other phrasings of the features questions, written before measuring"),
-    "overview-blind3": (ROOT / "kb" / "questions" / "overview_blind3.jsonl",
-                        "checking only, written blind from the documents alone (first questions and deep facts)"),
-    "overview-blind4": (ROOT / "kb" / "questions" / "overview_blind4.jsonl",
-                        "checking only, a second blind set (6 per repo: 3 first questions, 2 deep facts, 1 cross-lingual)"),
-    "overview-blind5": (ROOT / "kb" / "questions" / "overview_blind5.jsonl",
-                        "checking only, a third blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual)"),
-    "overview-blind6": (ROOT / "kb" / "questions" / "overview_blind6.jsonl",
-                        "checking only, a fourth blind set (40: 28 first questions, 8 deep facts, 4 cross-lingual)"),
-}
+QUESTION_SETS = {q.key: (q.file, q.purpose) for q in retrieval_sets()}  # name -> (file, what it is for)
 # The document-level signals off: the fusion of the previous round, for the before/after table.
 SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "summary_opening": False, "name_compounds": False,
                "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False,
@@ -584,7 +566,7 @@ def bench_answers(k: int = 5) -> dict:
     answerer = _answerer(kb, k, CONTEXT_TOKENS)
     out: dict = {"k": k, "llm": kb.settings.llm, "context_tokens": CONTEXT_TOKENS, "sets": {}}
     for name, path in (("dev", QUESTION_SETS["dev"][0]), ("holdout", QUESTION_SETS["holdout"][0]),
-                       ("unanswerable", ROOT / "kb" / "questions" / "unanswerable.jsonl")):
+                       ("unanswerable", BY_KEY["unanswerable"].file)):
         rep = evaluate_answers(answerer, load_questions(path), answerer.options)
         out["sets"][name] = rep
         print(f"{name}: " + " ".join(f"{m} {rep[m]}" for m in ANSWER_FIELDS), file=sys.stderr)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from kb.errors import KBError
+from kb.question_sets import BY_KEY, SETS
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 
@@ -31,8 +32,7 @@ CATEGORIES = ("overview", "specific", "cross-lingual")
 # 36 questions over the six shared repos, written apart from the tuning and
 # never tuned on but once (README "Retrieval tuning"): a check that settings
 # tuned on the shared dev set hold on questions they were not fitted to.
-QUESTIONS = Path(__file__).resolve().parent / "questions"
-HOLDOUT = QUESTIONS / "holdout_questions.jsonl"
+HOLDOUT = BY_KEY["holdout"].file
 
 
 FEEDBACK_LABEL = "Feedback"
@@ -51,11 +51,7 @@ def shipped_sets(corpus: Path, home: Path | None = None) -> dict[str, Path]:
     ``home``, the questions saved from rated answers (``KB_HOME/questions/
     feedback.jsonl``) are offered too, once there are any.
     """
-    sets = {"Shared dev set": corpus / "dev_questions.jsonl", "Held-out set": HOLDOUT,
-            "Overview (dev)": QUESTIONS / "overview_dev.jsonl", "Overview (dev 2)": QUESTIONS / "overview_dev2.jsonl",
-            "Overview (held-out)": QUESTIONS / "overview_holdout.jsonl",
-            "Overview (main features)": QUESTIONS / "overview_features.jsonl",
-            **{f"Overview (blind {n})": QUESTIONS / f"overview_blind{n}.jsonl" for n in (3, 4, 5, 6)}}
+    sets = {"Shared dev set": corpus / "dev_questions.jsonl", **{q.label: q.file for q in SETS}}
     if home is not None and feedback_questions(home).is_file() and feedback_questions(home).stat().st_size:
         sets[FEEDBACK_LABEL] = feedback_questions(home)
     return sets

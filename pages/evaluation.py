@@ -145,9 +145,9 @@ def rated_answers_section() -> None:
 
 def pick_questions() -> tuple[list[dict], str] | None:
     sets = shipped_sets(s.corpus, s.home)
-    origin = st.radio("Questions", [*sets, UPLOAD], horizontal=True, key="eval_origin",
-                      help="The shared dev set is what retrieval was tuned on; the held-out set was written apart from "
-                           f"it. {FEEDBACK_LABEL}: the questions saved from rated chat answers.")
+    origin = st.selectbox("Questions", [*sets, UPLOAD], key="eval_origin",
+                          help="The shared dev set is what retrieval was tuned on; the held-out and blind sets were "
+                               f"written apart from it. {FEEDBACK_LABEL}: the questions saved from rated chat answers.")
     try:
         if origin in sets:
             st.caption(f"`{sets[origin]}`")

@@ -446,7 +446,7 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     past = frame_with(at, "chunking")
     assert len(past) == 2  # this test's two runs, and no other test's
     # the held-out set runs too, and past runs are shown per question set
-    at.radio(key="eval_origin").set_value("Held-out set").run()
+    at.selectbox(key="eval_origin").set_value("Held-out set").run()
     at.multiselect(key="eval_modes").set_value(["bm25"])
     at.button(key="eval_run").click().run(timeout=180)
     ok(finish_jobs(at))  # an evaluation is a background job

@@ -165,7 +165,7 @@ def test_answers_mode_runs_the_answer_evaluation(xtuner_env, open_page):
                 "path": "README_zh-CN.md", "line_start": 1, "line_end": 60, "facts": [["XTuner"]]}
     at = ok(open_page("evaluation"))
     at.radio(key="eval_kind").set_value("Answers").run()
-    at.radio(key="eval_origin").set_value("Upload a JSONL file").run()
+    at.selectbox(key="eval_origin").set_value("Upload a JSONL file").run()
     at.file_uploader(key="eval_upload").set_value(
         [("mine.jsonl", (json.dumps(question, ensure_ascii=False) + "\n").encode(), "application/json")])
     at.run()
@@ -263,8 +263,8 @@ def test_rated_answers_become_a_question_set(page_env, open_page):
 
     # the next evaluation offers it as a question set
     at.radio(key="eval_kind").set_value("Retrieval").run()
-    assert FEEDBACK_LABEL in at.radio(key="eval_origin").options
-    at.radio(key="eval_origin").set_value(FEEDBACK_LABEL).run()
+    assert FEEDBACK_LABEL in at.selectbox(key="eval_origin").options
+    at.selectbox(key="eval_origin").set_value(FEEDBACK_LABEL).run()
     ok(at)
     assert "1 questions over xtuner." in texts(at.markdown)
 

@@ -1,0 +1,58 @@
+"""The question sets the project ships, in one list: the benchmark, the CLI and the Evaluation page read them here.
+
+Each set says what it was for, because a figure means something different on a
+set that settings were tuned on than on one nobody read: the README's tables
+quote these purposes. The shared dev set's copy here adds ``facts`` and
+categories to ``../shared/corpus/dev_questions.jsonl`` (same questions, same gold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+QUESTIONS = Path(__file__).resolve().parent / "questions"
+
+
+@dataclass(frozen=True)
+class QuestionSet:
+    key: str  # the benchmark's name for it (bench/results/*.json)
+    label: str  # the Evaluation page's name for it
+    file: Path
+    purpose: str
+    retrieval: bool = True  # has gold locations (the unanswerable set has none)
+
+
+SETS: tuple[QuestionSet, ...] = (
+    QuestionSet("dev", "Shared dev set, with facts", QUESTIONS / "dev_questions.jsonl",
+                "tuning (the shared dev set, with facts and categories)"),
+    QuestionSet("overview-dev", "Overview (dev)", QUESTIONS / "overview_dev.jsonl", "tuning (overview questions)"),
+    QuestionSet("holdout", "Held-out set", QUESTIONS / "holdout_questions.jsonl", "checking only"),
+    QuestionSet("overview-holdout", "Overview (held-out)", QUESTIONS / "overview_holdout.jsonl",
+                "checking only; its misses were read for the third round of signals"),
+    QuestionSet("overview-dev2", "Overview (dev 2)", QUESTIONS / "overview_dev2.jsonl",
+                "tuning (a second overview set, written blind, then its misses read)"),
+    QuestionSet("overview-fresh", "Overview (fresh)", QUESTIONS / "overview_fresh.jsonl",
+                "checking only, written blind before that round"),
+    QuestionSet("overview-features", "Overview (main features)", QUESTIONS / "overview_features.jsonl",
+                "tuning (what a project's main features are, every README with a feature list, both languages)"),
+    QuestionSet("overview-features-holdout", "Overview (main features, held-out)",
+                QUESTIONS / "overview_features_holdout.jsonl",
+                "checking only, other phrasings of the features questions, written before measuring"),
+    QuestionSet("overview-blind3", "Overview (blind 3)", QUESTIONS / "overview_blind3.jsonl",
+                "checking only, written blind from the documents alone (first questions and deep facts)"),
+    QuestionSet("overview-blind4", "Overview (blind 4)", QUESTIONS / "overview_blind4.jsonl",
+                "checking only, a second blind set (6 per repo: 3 first questions, 2 deep facts, 1 cross-lingual)"),
+    QuestionSet("overview-blind5", "Overview (blind 5)", QUESTIONS / "overview_blind5.jsonl",
+                "checking only, a third blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual)"),
+    QuestionSet("overview-blind6", "Overview (blind 6)", QUESTIONS / "overview_blind6.jsonl",
+                "checking only, a fourth blind set (40: 28 first questions, 8 deep facts, 4 cross-lingual)"),
+    QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
+                "answers only: plausible questions the documents do not answer", retrieval=False),
+)
+BY_KEY = {s.key: s for s in SETS}
+
+
+def retrieval_sets() -> tuple[QuestionSet, ...]:
+    """The sets with gold locations, which retrieval is scored on."""
+    return tuple(s for s in SETS if s.retrieval)
