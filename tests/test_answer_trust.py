@@ -292,6 +292,18 @@ def test_a_name_the_lines_do_not_spell_out_is_not_supported():
     assert asked.supported
 
 
+def test_a_path_or_url_the_lines_do_not_spell_out_is_not_supported():
+    """An install command for another repository shares every other word with the line beside it."""
+    sources = [hit("pip install git+https://github.com/InternLM/GroupedGEMM.git@main\n"
+                   "docker pull yhcao6/ixc2.5-ol:latest\n"
+                   "XTuner/Megatron need about 4/5 of memory, with TP/DP and/or PP.", 1)]
+    invented, pulled, words = support("pip install git+https://github.com/Dao-AILab/flash-attention-3.git@main\n\n"
+                                      "Run docker pull yhcao6/ixc2.5-ol:latest to fetch the image.\n\n"
+                                      "XTuner/Megatron need about 4/5 of memory with TP/DP or PP.", sources, embed=None)
+    assert not invented.supported
+    assert pulled.supported and words.supported  # paths it holds; "4/5", "TP/DP" are not paths
+
+
 def test_a_figure_read_from_the_heading_or_table_header_is_cited_with_it():
     """A changelog dates its changes in the heading above them; a table row's figures mean what its header says."""
     changelog = hit("## Changelog\n\n### v0.1.2 (24/10/2023)\n\n#### Highlights\n\n"
