@@ -306,9 +306,13 @@ def cmd_eval_answers(args: argparse.Namespace, questions: list[dict]) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from kb.evaluate import load_questions
+    from kb.question_sets import BY_KEY, resolve
     from kb.search.engine import SearchEngine
 
-    questions = load_questions(args.questions)
+    path = resolve(args.questions)
+    if not path.is_file():
+        raise KBError(f"no such question file: {args.questions} (or name a shipped set: {', '.join(BY_KEY)})")
+    questions = load_questions(path)
     if args.answers:
         return cmd_eval_answers(args, questions)
     kb = _kb(args)
@@ -507,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_ask)
 
     e = sub.add_parser("eval", parents=[common, ranked], help="hit@1, hit@k and MRR on a JSONL question file")
-    e.add_argument("questions")
+    e.add_argument("questions", help="a JSONL question file, or a shipped set's name (dev, holdout, overview-blind6, …)")
     e.add_argument("--answers", action="store_true",
                    help="ask every question with the LLM: facts stated, gold lines cited, unanswerable declined")
     e.set_defaults(func=cmd_eval)

@@ -56,3 +56,11 @@ BY_KEY = {s.key: s for s in SETS}
 def retrieval_sets() -> tuple[QuestionSet, ...]:
     """The sets with gold locations, which retrieval is scored on."""
     return tuple(s for s in SETS if s.retrieval)
+
+
+def resolve(name: str) -> Path:
+    """A question file given by path, or a shipped set by its key (``kb eval holdout``); a path wins."""
+    path = Path(name)
+    if path.is_file() or name not in BY_KEY:
+        return path
+    return BY_KEY[name].file

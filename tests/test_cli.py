@@ -107,6 +107,11 @@ def test_eval_contract(cli_home, tmp_path, corpus):
     bad.write_text('{"id": "q1"}\n')
     proc, out = kb(home, "eval", str(bad), "--json", env_extra=env)
     assert proc.returncode == 1 and "missing field" in out["error"]
+    # a shipped set by name; a name that is neither a file nor a set lists the sets
+    proc, out = kb(home, "eval", "holdout", "--mode", "bm25", "--json", env_extra=env)
+    assert proc.returncode == 0 and out["n"] + len(out.get("not_indexed", [])) == 36
+    proc, out = kb(home, "eval", "holdup", "--json", env_extra=env)
+    assert proc.returncode == 1 and "no such question file: holdup" in out["error"] and "overview-blind6" in out["error"]
 
 
 def test_rechunk_below_the_passage_size_uses_one_rule(cli_home, corpus):
