@@ -17,8 +17,8 @@ only by lines that hold that figure: words and embeddings can't tell 92542
 from 92543; a figure the question names and an excerpt states ("浦语·灵笔2.5")
 is the subject, not a claim. Names are held to the same rule: a backticked name, a snake_case identifier
 or a path (``XTUNER_USE_FLASH_ATTN_2``, `--deepspeed`, ``Dao-AILab/flash-attention-3.git``) must appear letter
-for letter, because a wrong flag or
-variable that looks like the right one is the error a reader can least spot. The threshold was chosen on
+for letter, because a wrong flag, variable or path that looks like the right one is the error a reader can least
+spot. The threshold was chosen on
 hand-labelled sentences (README "Answers").
 """
 
@@ -39,10 +39,10 @@ THRESHOLD = 0.35  # lexical share x LEXICAL + cosine x (1 - LEXICAL); README "An
 NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
 CODE_SPAN_RE = re.compile(r"`([^`\n]+)`")
 IDENTIFIER_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+")  # snake_case and CONSTANT_CASE names
-# Paths, repos, URLs and images ("Dao-AILab/flash-attention-3.git", "yhcao6/ixc2.5-ol"): a slash and a mark that
-# words joined by a slash ("and/or", "TP/DP") lack.
+# Paths, repos, URLs and images ("Dao-AILab/flash-attention-3.git", "yhcao6/ixc2.5-ol"): a slash, a letter, and a
+# mark that words joined by a slash ("and/or", "TP/DP") and fractions ("4/5") lack.
 PATH_RE = re.compile(r"[\w.@+-]+(?:/[\w.@+-]+)+")
-PATH_MARK_RE = re.compile(r"[.@_\d-]|/.*/")
+PATH_MARK_RE = re.compile(r"(?=.*[A-Za-z]).*(?:[.@_\d-]|/.*/)")
 LEXICAL = 0.6
 MAX_LINES = 3
 ECHO = 0.5  # weight of a word the sentence repeats from the question: the subject, not the claim (README "Answers")
@@ -104,7 +104,7 @@ def _names(sentence: str) -> list[str]:
     """The exact names a sentence states: backticked spans, snake_case identifiers and paths, squashed."""
     text = MARKER_RE.sub(" ", sentence)
     spans = [m.strip().lstrip("-'\"").rstrip("'\"") for m in CODE_SPAN_RE.findall(text)]
-    paths = [p for p in PATH_RE.findall(text) if PATH_MARK_RE.search(p) and re.search("[A-Za-z]", p)]  # not "4/5"
+    paths = [p for p in PATH_RE.findall(text) if PATH_MARK_RE.match(p)]
     names = [_squash(n) for n in spans + IDENTIFIER_RE.findall(text) + paths]
     return [n for n in dict.fromkeys(names) if len(n) > 1]
 
