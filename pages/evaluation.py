@@ -10,7 +10,7 @@ import streamlit as st
 from pages import _resources as resources
 from core.llm import describe_llm
 from kb.citations import location, parse_lines, viewer_link
-from kb.evaluate import FEEDBACK_LABEL, load_questions, question_set, run_label, run_time, shipped_sets
+from kb.evaluate import FEEDBACK_LABEL, answerable, load_questions, question_set, run_label, run_time, shipped_sets
 from kb.markdown import escape_markdown
 from kb.search.hits import MODES, SearchOptions
 from pages._jobs import ended_jobs, jobs_panel, track
@@ -217,7 +217,11 @@ def retrieval_section(questions: list[dict], questions_name: str, only_indexed: 
     modes = c1.multiselect("Modes", MODES, default=list(MODES), key="eval_modes")
     k = c2.slider("k", 1, 20, min(max(s.top_k, 1), 20), key="eval_k")
     queue = resources.job_queue(s)
-    if st.button("Run evaluation", type="primary", disabled=not modes, key="eval_run"):
+    scorable = any(answerable(q) for q in questions)
+    if not scorable:
+        st.info("This set holds only unanswerable questions, with no gold lines to find: run it under *Answers*.",
+                icon=":material/info:")
+    if st.button("Run evaluation", type="primary", disabled=not modes or not scorable, key="eval_run"):
         try:  # a job in the server's worker, with live progress: it goes on if the admin leaves this page
             track(queue.submit_evaluation(resources.search_engine(s), questions,
                                           [SearchOptions(k=k, mode=m) for m in modes], questions_name,

@@ -453,6 +453,9 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     assert list(frame_with(at, "mrr")["n"]) == [36]
     assert at.selectbox(key="eval_past_set:holdout_questions.jsonl").value == "holdout_questions.jsonl"
     assert len(frame_with(at, "chunking")) == 1
+    # a set of unanswerable questions has nothing for retrieval to find: said, and not run
+    at.selectbox(key="eval_origin").set_value("Unanswerable").run()
+    assert at.button(key="eval_run").disabled and any("only unanswerable" in i.value for i in at.info)
 
 
 def test_embedding_cache_key_follows_every_embedding_setting(tmp_path):
