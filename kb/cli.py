@@ -306,13 +306,10 @@ def cmd_eval_answers(args: argparse.Namespace, questions: list[dict]) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from kb.evaluate import load_questions
-    from kb.question_sets import BY_KEY, resolve
+    from kb.question_sets import resolve
     from kb.search.engine import SearchEngine
 
-    path = resolve(args.questions)
-    if not path.is_file():
-        raise KBError(f"no such question file: {args.questions} (or name a shipped set: {', '.join(BY_KEY)})")
-    questions = load_questions(path)
+    questions = load_questions(resolve(args.questions))
     if args.answers:
         return cmd_eval_answers(args, questions)
     kb = _kb(args)

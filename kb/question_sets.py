@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kb.errors import KBError
+
 QUESTIONS = Path(__file__).resolve().parent / "questions"
 
 
@@ -61,6 +63,8 @@ def retrieval_sets() -> tuple[QuestionSet, ...]:
 def resolve(name: str) -> Path:
     """A question file given by path, or a shipped set by its key (``kb eval holdout``); a path wins."""
     path = Path(name)
-    if path.is_file() or name not in BY_KEY:
+    if path.is_file():
         return path
-    return BY_KEY[name].file
+    if name in BY_KEY:
+        return BY_KEY[name].file
+    raise KBError(f"no such question file: {name} (or name a shipped set: {', '.join(BY_KEY)})")
