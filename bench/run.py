@@ -550,8 +550,10 @@ def _answerer(kb, k: int, context_tokens: int):
     from kb.search.engine import SearchEngine
     from kb.search.hits import SearchOptions
 
+    from kb.answer.chain import prime_answer_prompt
+
     answerer = Answerer(build_chat_model(kb.settings), SearchEngine(kb), SearchOptions(k=k), context_tokens=context_tokens)
-    answerer.ask("你好", rag=False)  # load the model outside the timings
+    prime_answer_prompt(answerer.llm)  # as the dashboard does at start-up: the rules are read before the first question
     return answerer
 
 

@@ -701,6 +701,22 @@ def describe_llm(settings: Settings) -> str:
     return f"unknown LLM backend {settings.llm!r}"
 
 
+def prime_chat_model(model: Runnable, messages: list[BaseMessage]) -> bool:
+    """Read a prompt's fixed beginning into llama.cpp's cache; True when there was a cache to fill.
+
+    llama.cpp reuses the longest common prefix of the tokens it has read, so a
+    server that reads its answer rules once at start-up spares its first
+    question those seconds, as every later question is spared them. Only the
+    in-process llama.cpp model keeps evaluated tokens; the others are left alone.
+    """
+    while not isinstance(model, BaseChatModel) and hasattr(model, "bound"):
+        model = model.bound  # type: ignore[attr-defined]
+    if not isinstance(model, ChatLlamaCpp):
+        return False
+    model.invoke(messages, max_tokens=1)
+    return True
+
+
 def reset_chat_model(model: Runnable) -> None:
     """Clear per-conversation state between independent questions.
 

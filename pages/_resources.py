@@ -192,10 +192,12 @@ def preload(s: Settings | None = None) -> None:
         _preloading.add(key)
 
     def load() -> None:
+        from kb.answer.chain import prime_answer_prompt
+
         try:
             _embeddings(_key(s, _EMBED_FIELDS), s)
             search_engine(s).warm()  # the BM25 matrices and READMEs a first search would read
-            _chat_model(key, s)
+            prime_answer_prompt(_chat_model(key, s))  # the first question then skips reading the rules
         except Exception:  # noqa: BLE001 - the chat reports the same error, with its message, when asked
             with _preload_lock:
                 _preloading.discard(key)

@@ -26,6 +26,7 @@ from core.llm import (
     LLMError,
     build_chat_model,
     describe_llm,
+    prime_chat_model,
     reset_chat_model,
     resolve_gguf,
     turn_end_ids,
@@ -48,6 +49,28 @@ def test_default_model_streams_answer(default_chat_model):
     pieces = stream_texts(default_chat_model, WHO, max_tokens=32)
     assert len(pieces) > 1, pieces
     assert "".join(pieces).strip()
+
+
+def test_priming_reads_the_answer_rules_before_the_first_question(default_chat_model):
+    from langchain_core.language_models import FakeListChatModel
+
+    from kb.answer.chain import prime_answer_prompt
+    from kb.answer.prompts import RAG_PROMPT
+
+    client = default_chat_model.client
+    reset_chat_model(default_chat_model)
+    assert prime_answer_prompt(default_chat_model.bind(max_tokens=64))  # a bound model is unwrapped
+    primed = list(client._input_ids[: client.n_tokens])
+    question = RAG_PROMPT.format_messages(context="[1] xtuner/README.md\nXTuner is a fine-tuning toolkit.",
+                                          question="What is XTuner?")
+    default_chat_model.invoke(question, max_tokens=1)
+    asked = list(client._input_ids[: client.n_tokens])
+    shared = next((i for i, (a, b) in enumerate(zip(primed, asked)) if a != b), min(len(primed), len(asked)))
+    # the rules are what was primed, and a real question's prompt reads on from them: only the empty question's
+    # own tokens differ (the blank excerpts and question, the reply's opening, the token it generated), so the
+    # first question no longer waits for the rules
+    assert len(primed) > 150 and len(primed) - shared <= 12, (len(primed), shared)
+    assert not prime_chat_model(FakeListChatModel(responses=["x"]), question)  # no cache to fill: left alone
 
 
 def test_reset_between_questions(default_chat_model):

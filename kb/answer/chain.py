@@ -20,6 +20,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, RunnablePassthrough
 
+from core.llm import prime_chat_model
 from kb.answer.context import CONTEXT_TOKENS, excerpts, unit_embedder
 from kb.answer.prompts import (
     CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, format_history, neutralise, rag_inputs,
@@ -156,6 +157,15 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
 def build_plain_chain(llm: BaseChatModel) -> Runnable:
     return (RunnableLambda(lambda x: {"question": neutralise(x["question"]), "history": x["history"]})
             | RunnablePassthrough.assign(answer=PLAIN_PROMPT | llm | StrOutputParser()))
+
+
+def prime_answer_prompt(llm: BaseChatModel) -> bool:
+    """Read the answer prompt's fixed part (its rules) into llama.cpp's cache before anyone asks.
+
+    Every later question reuses those tokens, so without this only the first
+    question of a server waits for them, and that is the one a new user asks.
+    """
+    return prime_chat_model(llm, RAG_PROMPT.format_messages(context="", question=""))
 
 
 class StopSignal(threading.Event):
