@@ -304,6 +304,16 @@ def test_a_path_or_url_the_lines_do_not_spell_out_is_not_supported():
     assert pulled.supported and words.supported  # paths it holds; "4/5", "TP/DP" are not paths
 
 
+def test_a_chat_token_quoted_as_the_model_read_it_is_checked_as_the_lines_spell_it():
+    """The prompt shows `<|im_end|>` as the look-alike `<｜im_end｜>`; an answer quoting it is still the line's claim."""
+    sources = [hit("| token | id |\n| `<|im_end|>` | 92542 |\n| `<|im_start|>` | 92543 |", 1)]
+    (quoted,) = support("The token ID of `<｜im_end｜>` is 92542 [1].", sources, embed=None,
+                        question="What token ID does `<|im_end|>` have?")
+    assert quoted.supported and quoted.text.startswith("The token ID of `<｜im_end｜>`")  # shown as written
+    (wrong,) = support("The token ID of `<｜im_stop｜>` is 92542 [1].", sources, embed=None)
+    assert not wrong.supported  # a token the lines don't hold is still held letter for letter
+
+
 def test_a_figure_read_from_the_heading_or_table_header_is_cited_with_it():
     """A changelog dates its changes in the heading above them; a table row's figures mean what its header says."""
     changelog = hit("## Changelog\n\n### v0.1.2 (24/10/2023)\n\n#### Highlights\n\n"

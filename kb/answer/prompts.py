@@ -73,6 +73,11 @@ def declines(answer: str) -> bool:
     return bool(DECLINE_RE.search(answer))
 
 
+# What ``neutralise`` turned a token into, back to what the documents spell: the model quotes the look-alike it
+# read (`<｜im_end｜>`), and a check against the lines must read it as the `<|im_end|>` they hold.
+LOOKALIKES = str.maketrans("｜‹›", "|<>")
+
+
 def neutralise(text: str) -> str:
     """Chat-template tokens made plain text: ``<|im_end|>`` becomes ``<｜im_end｜>``, read but never obeyed."""
     def plain(m: re.Match[str]) -> str:

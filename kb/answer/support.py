@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from kb.answer.prompts import LOOKALIKES
 from kb.citations import MARKER_RE, marker_numbers
 from kb.search.hits import Hit
 from kb.words import tokenize
@@ -228,6 +229,7 @@ class Aligner:
     def align(self, sentence: str) -> Sentence:
         marked = sorted({n for m in MARKER_RE.finditer(sentence) for n in marker_numbers(m)})
         out = Sentence(sentence, claim=is_claim(sentence), marked=marked)
+        sentence = sentence.translate(LOOKALIKES)  # a chat token quoted as the model read it, checked as written
         if not out.claim or not self.runs:
             return out
         scores = self.scores(sentence)
