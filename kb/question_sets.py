@@ -49,6 +49,9 @@ SETS: tuple[QuestionSet, ...] = (
                 "checking only, a third blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual)"),
     QuestionSet("overview-blind6", "Overview (blind 6)", QUESTIONS / "overview_blind6.jsonl",
                 "checking only, a fourth blind set (40: 28 first questions, 8 deep facts, 4 cross-lingual)"),
+    QuestionSet("overview-blind7", "Overview (blind 7)", QUESTIONS / "overview_blind7.jsonl",
+                "checking only, a fifth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written from the documents alone while the retriever was left as it was"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
