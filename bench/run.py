@@ -546,14 +546,12 @@ ANSWER_FIELDS = ("n", "facts", "gold_cited", "gold_retrieved", "declined", "cove
 
 def _answerer(kb, k: int, context_tokens: int):
     from core.llm import build_chat_model
-    from kb.answer.chain import Answerer
+    from kb.answer.chain import Answerer, prime_answer_prompt
     from kb.search.engine import SearchEngine
     from kb.search.hits import SearchOptions
 
-    from kb.answer.chain import prime_answer_prompt
-
     answerer = Answerer(build_chat_model(kb.settings), SearchEngine(kb), SearchOptions(k=k), context_tokens=context_tokens)
-    prime_answer_prompt(answerer.llm)  # as the dashboard does at start-up: the rules are read before the first question
+    prime_answer_prompt(answerer.llm)  # as the dashboard does at start-up: the rules read before the first question
     return answerer
 
 

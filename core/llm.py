@@ -701,6 +701,13 @@ def describe_llm(settings: Settings) -> str:
     return f"unknown LLM backend {settings.llm!r}"
 
 
+def _unbound(model: Runnable) -> Runnable:
+    """The chat model inside ``.bind(...)`` wrappers: its state is the model's, not the wrapper's."""
+    while not isinstance(model, BaseChatModel) and hasattr(model, "bound"):
+        model = model.bound  # type: ignore[attr-defined]
+    return model
+
+
 def prime_chat_model(model: Runnable, messages: list[BaseMessage]) -> bool:
     """Read a prompt's fixed beginning into llama.cpp's cache; True when there was a cache to fill.
 
@@ -709,8 +716,7 @@ def prime_chat_model(model: Runnable, messages: list[BaseMessage]) -> bool:
     question those seconds, as every later question is spared them. Only the
     in-process llama.cpp model keeps evaluated tokens; the others are left alone.
     """
-    while not isinstance(model, BaseChatModel) and hasattr(model, "bound"):
-        model = model.bound  # type: ignore[attr-defined]
+    model = _unbound(model)
     if not isinstance(model, ChatLlamaCpp):
         return False
     model.invoke(messages, max_tokens=1)
@@ -723,7 +729,6 @@ def reset_chat_model(model: Runnable) -> None:
     Only the in-process llama.cpp model keeps any (its evaluated tokens); for the
     others this does nothing. Accepts a model wrapped by ``.bind(...)`` too.
     """
-    while not isinstance(model, BaseChatModel) and hasattr(model, "bound"):
-        model = model.bound  # type: ignore[attr-defined]
+    model = _unbound(model)
     if isinstance(model, ChatLlamaCpp):
         model.reset()
