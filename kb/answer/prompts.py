@@ -73,16 +73,17 @@ def declines(answer: str) -> bool:
     return bool(DECLINE_RE.search(answer))
 
 
-# What ``neutralise`` turned a token into, back to what the documents spell: the model quotes the look-alike it
-# read (`<｜im_end｜>`), and a check against the lines must read it as the `<|im_end|>` they hold.
-LOOKALIKES = str.maketrans("｜‹›", "|<>")
+# The look-alike ``neutralise`` writes for each character of a chat token, and the way back: the model quotes the
+# look-alike it read (`<｜im_end｜>`), and a check against the lines must read it as the `<|im_end|>` they hold.
+BAR, ANGLES = str.maketrans("|", "｜"), str.maketrans("<>", "‹›")
+LOOKALIKES = {look: real for table in (BAR, ANGLES) for real, look in table.items()}
 
 
 def neutralise(text: str) -> str:
     """Chat-template tokens made plain text: ``<|im_end|>`` becomes ``<｜im_end｜>``, read but never obeyed."""
     def plain(m: re.Match[str]) -> str:
         token = m.group(0)
-        return token.replace("|", "｜") if "|" in token else token.replace("<", "‹").replace(">", "›")
+        return token.translate(BAR if "|" in token else ANGLES)
 
     return SPECIAL_TOKEN_RE.sub(plain, text)
 
