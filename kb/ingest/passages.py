@@ -48,12 +48,22 @@ def passage_splitter(config: ChunkConfig, token_len: Callable[[str], int] | None
 
 
 def split_passages(chunks: list[Chunk], config: ChunkConfig, token_len: Callable[[str], int] | None) -> list[Passage]:
-    """Each chunk's passages; a chunk no longer than a passage is its own one passage."""
+    """Each chunk's passages; a chunk no longer than a passage is its own one passage.
+
+    A chunk that repeats an earlier chunk of its document word for word gets none: its copy's passages have the
+    same vectors and find the same text. Stored, hundreds of identical vectors (one sentence repeated down a file)
+    cut Chroma's HNSW graph apart, and searches then silently missed other records (README "How indexing works").
+    """
     if not config.passage_size:
         return []
     splitter = passage_splitter(config, token_len)
     out: list[Passage] = []
+    firsts: set[tuple[str, str, str]] = set()
     for c in chunks:
+        key = (c.source, c.path, c.text_hash)
+        if c.text_hash and key in firsts:
+            continue
+        firsts.add(key)
         pieces = [p for p in splitter.split_text(c.text) if p.strip()] or [c.text]
         for j, piece in enumerate(pieces):
             text = config.embed_text(c.heading, piece)
