@@ -122,3 +122,20 @@ def test_rechunk_below_the_passage_size_uses_one_rule(cli_home, corpus):
     proc, out = kb(home, "rechunk", "--chunk-size", "100", "--chunk-overlap", "10", "--json", env_extra=env)
     assert proc.returncode == 0, proc.stderr
     assert "+passages 100" in out["chunk_config"] and out["chunks"] > 0
+
+
+def test_ask_answers_from_the_index_and_says_how_long_the_set_up_took(cli_home, corpus, default_gguf_path):
+    """`kb ask` end to end, as a user runs it: the model loads (and reads its rules) while the index is read."""
+    home, env = cli_home
+    env = {**env, "KB_LLM": "llamacpp", "KB_LLM_GGUF": str(default_gguf_path), "KB_LLM_MAX_TOKENS": "40",
+           "KB_LLM_TEMPERATURE": "0"}
+    _, stats = kb(home, "stats", "--json", env_extra=env)
+    if not stats["sources"]:
+        kb(home, "add", "lagent", str(corpus / "lagent.bundle"), "--json", env_extra=env)
+    kb(home, "sync", "--json", env_extra=env)
+    proc, _ = kb(home, "ask", "What is Lagent?", "-q", env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    answer, _, sources = proc.stdout.partition("\nSources:\n")
+    assert answer.strip(), proc.stdout
+    assert "lagent/README.md:" in sources and "*[" in sources, proc.stdout  # a source it cites, starred
+    assert "s loading the model and the index)" in proc.stderr, proc.stderr

@@ -246,7 +246,10 @@ class SearchEngine:
 
     def warm(self) -> None:
         """Read what a process's first searches would otherwise each read once: the BM25 matrices, the sources'
-        names and their root READMEs (a first question about a source took up to 140 ms, later ones 30)."""
+        names and their root READMEs (a first question about a source took up to 140 ms, later ones 30), the
+        embedding model and jieba's dictionary (0.7 and 0.6 s when a first question loaded them)."""
+        self.kb.embeddings  # noqa: B018  (loads the model)
+        tokenize("预热")
         with reachable(self.kb.settings):
             collection, config = self.kb.live()
             coll, count = self._live_collection(collection)
