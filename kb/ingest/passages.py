@@ -61,7 +61,7 @@ def split_passages(chunks: list[Chunk], config: ChunkConfig, token_len: Callable
     firsts: set[tuple[str, str, str]] = set()
     for c in chunks:
         key = (c.source, c.path, c.text_hash)
-        if c.text_hash and key in firsts:
+        if key in firsts:
             continue
         firsts.add(key)
         pieces = [p for p in splitter.split_text(c.text) if p.strip()] or [c.text]

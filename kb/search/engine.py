@@ -246,9 +246,10 @@ class SearchEngine:
 
     def warm(self) -> None:
         """Read what a process's first searches would otherwise each read once: the BM25 matrices, the sources'
-        names and their root READMEs (a first question about a source took up to 140 ms, later ones 30), the
-        embedding model and jieba's dictionary (0.7 and 0.6 s when a first question loaded them)."""
-        self.kb.embeddings  # noqa: B018  (loads the model)
+        names and their root READMEs (a first question about a source took up to 140 ms, later ones 30), and
+        jieba's dictionary (0.6 s); a knowledge base that loads its own embedding model (the CLI's) loads it here
+        too (0.7 s), while the dashboard's shared one is loaded by its preload."""
+        self.kb.embeddings  # noqa: B018
         tokenize("预热")
         with reachable(self.kb.settings):
             collection, config = self.kb.live()
