@@ -626,6 +626,62 @@ def bench_answer_levers(k: int = 5, budgets: tuple[int, ...] = (420, 100_000)) -
     return out
 
 
+def _stored_excerpts(kb, reader, sources: list[str]) -> list:
+    """The excerpts a stored answer was given, read again from their files ("repo/path:a-b@commit")."""
+    from kb.search.hits import Hit
+
+    out = []
+    for cite in sources:
+        where, commit = cite.rsplit("@", 1)
+        source_path, lines = where.rsplit(":", 1)
+        source, path = source_path.split("/", 1)
+        a, b = (int(x) for x in lines.split("-"))
+        hit = Hit(0, 0.0, "hybrid", source, path, a, b, commit, "", "")
+        hit.text = "\n".join(reader(hit))
+        out.append(hit)
+    return out
+
+
+def bench_support() -> dict:
+    """The support check as it now stands, re-run on the answers stored by `answers` and `answers-unseen`: which
+    verdicts change (answers withheld or shown, sentences cited elsewhere) without asking the model again."""
+    from kb.answer.chain import LineReader, withholds
+    from kb.answer.context import unit_embedder
+    from kb.answer.support import support
+
+    kb = six_repo_kb()
+    embed, reader = unit_embedder(kb.embeddings), LineReader(kb)
+    stored = json.loads((RESULTS / "answers.json").read_text())["sets"]
+    stored["unseen"] = json.loads((RESULTS / "answers-unseen.json").read_text())
+    out: dict = {"sets": {}}
+    for name, rep in stored.items():
+        before = after = right_before = right_after = shown_wrong_before = shown_wrong_after = 0
+        changes = []
+        for r in rep["rows"]:
+            text = r.get("withheld") or r["answer"]
+            if not r["sources"] or (not r.get("withheld") and not r["sentences"]):
+                continue  # no excerpts, or the chain's own decline
+            sentences = support(text, _stored_excerpts(kb, reader, r["sources"]), embed, r["question"])
+            now, was = withholds(text, sentences), "withheld" in r
+            right = r.get("facts_withheld") if was else r.get("facts")
+            before, after = before + was, after + now
+            right_before, right_after = right_before + bool(was and right), right_after + bool(now and right)
+            wrong = r.get("answerable", True) and right is False
+            shown_wrong_before += bool(not was and wrong)
+            shown_wrong_after += bool(not now and wrong)
+            old = {s["text"]: (s["source"], s["line_start"], s["line_end"]) for s in r["sentences"]}
+            moved = [s.text for s in sentences if s.text in old and old[s.text] != (s.source, s.line_start, s.line_end)
+                     and (s.source or old[s.text][0])]
+            if now != was or moved:
+                changes.append({"id": r["id"], "withheld": [was, now], "right": right, "sentences_recited": moved})
+        out["sets"][name] = {"withheld": [before, after], "withheld_right": [right_before, right_after],
+                             "shown_wrong": [shown_wrong_before, shown_wrong_after], "changes": changes}
+        print(f"{name}: withheld {before}->{after}, right among them {right_before}->{right_after}, "
+              f"wrong answers shown {shown_wrong_before}->{shown_wrong_after}", file=sys.stderr)
+    save("support", out)
+    return out
+
+
 # ---------------------------------------------------------------- many users at once
 def _dashboard(home: Path, port: int, max_tokens: int) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "KB_HOME": str(home), "KB_LLM_MAX_TOKENS": str(max_tokens), "KB_TOP_K": "3",
@@ -935,6 +991,8 @@ def main() -> None:
             bench_answers()
         elif name == "answers-unseen":
             bench_answers_unseen()
+        elif name == "support":
+            bench_support()
         elif name == "answer-levers":
             bench_answer_levers()
         elif name == "snapshot":

@@ -14,7 +14,7 @@ from kb.answer.chain import Answerer, LineReader
 from kb.answer.context import compact, estimate_tokens, excerpts, unit_embedder
 from kb.answer.prompts import RAG_PROMPT, neutralise, rag_inputs
 from kb.answer.render import UNSUPPORTED, answer_markdown
-from kb.answer.support import THRESHOLD, coverage, split_sentences, support
+from kb.answer.support import EXACT_RELIEF, THRESHOLD, Aligner, coverage, split_sentences, support
 from kb.citations import MARKER_RE, parse_lines, reanchor, viewer_link
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
@@ -73,6 +73,34 @@ def test_a_bare_figure_is_a_claim_checked_against_the_lines():
     assert right.claim and right.supported and right.line_start == 12, "the row that holds the figure"
     assert wrong.claim and not wrong.supported, "a figure no line states is not supported"
     assert not words.claim
+
+
+def test_a_table_figure_is_read_under_the_column_and_row_it_is_said_to_be_in():
+    table = ("| Models | Score | Chat | Chat Hard | Safety |\n|---|---|---|---|---|\n"
+             "| InternLM2-20B-Reward | 89.5 | 98.6 | 74.1 | 89.4 |\n| InternLM2-7B-Reward | 86.6 | 98.6 | 66.7 | 88.3 |")
+    sources = [hit(table, 1, line_start=25)]
+    asked = "InternLM2-7B-Reward 在 RewardBench 的 Chat Hard 子项上得分是多少？"
+
+    def supported(sentence: str, question: str = asked) -> bool:
+        return support(sentence, sources, embed=None, question=question)[0].supported
+
+    assert supported("InternLM2-7B-Reward 在 Chat Hard 子项上得分是 66.7。")
+    assert not supported("InternLM2-7B-Reward 在 Chat Hard 子项上得分是 98.6。"), "the row's Chat column, not Chat Hard"
+    assert not supported("InternLM2-7B-Reward 在 Chat Hard 子项上得分是 74.1。"), "the 20B row's Chat Hard"
+    assert supported("66.7 分。") and not supported("86.6 分。"), "a terse figure answers the column asked about"
+    # a sentence naming its own column is read by it, whatever was asked; "Models" labels rows, it is no figure
+    assert supported("The overall Score of the 7B model is 86.6.") and supported("The models score 86.6 overall.", "")
+    (both,) = support("InternLM2-7B-Reward scores 66.7 on Chat Hard and 88.3 on Safety.", sources, None, asked)
+    assert both.supported and both.line_end == 28
+
+
+def test_lines_holding_the_figures_a_sentence_states_support_it_a_little_below_the_bar():
+    sources = [hit("To reproduce the results of the paper, set `block_size=1900` and `stride=512` in the sliding window.")]
+    asked = "How should the window be set for BPC?"
+    held, wrong = "复现论文时 window 设为 1900 和 512。", "复现论文时 window 设为 2048 和 512。"
+    assert THRESHOLD - EXACT_RELIEF <= Aligner(sources, None, asked).scores(held).max() < THRESHOLD
+    assert support(held, sources, embed=None, question=asked)[0].supported
+    assert not support(wrong, sources, embed=None, question=asked)[0].supported
 
 
 def test_answer_markdown_links_each_sentence_to_the_documents_page():

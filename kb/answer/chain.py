@@ -115,6 +115,12 @@ def searched(question: str, hits: list[Hit]) -> str:
     return f"“{' '.join(neutralise(question).split())}”" + (f" → {where}" if where else "")
 
 
+def withholds(answer: str, sentences: list[Sentence]) -> bool:
+    """The answer makes claims and the sources hold none of them (and it is no decline): shown as a decline."""
+    claims = [s for s in sentences if s.claim]
+    return bool(claims) and not any(s.supported for s in claims) and not declines(answer)
+
+
 def decline_text(question: str, hits: list[Hit]) -> str:
     return DECLINE[query_language(question)].format(searched=searched(question, hits))
 
@@ -287,7 +293,7 @@ class Answerer:
         result.sentences = support(result.answer, result.sources, self._embed, asked)
         claims = [s for s in result.sentences if s.claim]
         if not any(s.supported for s in claims) and (claims or declines(result.answer)):
-            if not declines(result.answer):
+            if withholds(result.answer, result.sentences):
                 result.unverified, result.unverified_sentences = result.answer, result.sentences
             result.answer = decline_text(asked, result.sources)
             result.sentences, result.declined = [], True

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from kb.answer.prompts import LOOKALIKES
+from kb.answer.prompts import LINK_RE, LOOKALIKES
 from kb.citations import MARKER_RE, marker_numbers
 from kb.search.hits import Hit
 from kb.words import tokenize
@@ -47,10 +47,15 @@ PATH_MARK_RE = re.compile(r"(?=.*[A-Za-z]).*(?:[.@_\d-]|/.*/)")
 LEXICAL = 0.6
 MAX_LINES = 3
 ECHO = 0.5  # weight of a word the sentence repeats from the question: the subject, not the claim (README "Answers")
+# The bar is this much lower for lines that hold every figure and exact name the sentence states: those are the
+# claim, spelled out, and no neighbouring line with the same words but another claim holds them (README "Answers").
+EXACT_RELIEF = 0.05
 CONTEXT_COST = 0.03  # a run read with its heading or table header: cited only when that adds what the run lacks
 CONTEXT_LINES = 10  # how far above a run its heading or table header may be, to be read with it
 HEADING_RE = re.compile(r"\s{0,3}#{1,6}\s")
 TABLE_RULE_RE = re.compile(r"\s*\|?\s*:?-{3,}")
+CELL_SPLIT_RE = re.compile(r"((?:`[^`]*`|\\.|[^|\\])*)\|")  # each cell, up to its unescaped bar
+NUMERIC_CELL_RE = re.compile(r"[-+~≈]?\d+(?:[.,]\d+)*%?")
 # Sentence ends: Chinese full stops anywhere, Latin ones before a space or the end, and line breaks.
 SENTENCE_RE = re.compile(r"[^。！？!?；\n]+?(?:[。！？!?；]+|[.](?=\s+[A-Z\u3400-\u9fff*\-\d`\[]|\s*$)|(?=\n)|$)", re.S)
 
@@ -151,6 +156,78 @@ def _context(lines: Sequence[str], fenced: Sequence[bool], i: int) -> list[int]:
     return sorted(out)
 
 
+def _cells(line: str) -> tuple[str, ...]:
+    """A markdown table row's cells as plain words (bold, code and link marks dropped); a ``|`` inside a code
+    span or escaped does not split (`<|im_end|>`)."""
+    body = line.strip().removeprefix("|").removesuffix("|")
+    return tuple(" ".join(LINK_RE.sub(r"\1", c).replace("*", "").replace("`", "").split())
+                 for c in CELL_SPLIT_RE.findall(body + "|"))
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A table row of an excerpt, with what a reader reads its figures by: its table's header and row labels."""
+    cells: tuple[str, ...]
+    header: tuple[str, ...]
+    labels: tuple[str, ...]  # the first cell of every row of that table in the excerpt
+
+
+def _table_rows(lines: Sequence[str]) -> dict[int, _Row]:
+    """The excerpt's table data rows by line (0-based)."""
+    out: dict[int, _Row] = {}
+    i = 0
+    while i < len(lines):
+        if not lines[i].lstrip().startswith("|"):
+            i += 1
+            continue
+        top = i
+        while i < len(lines) and lines[i].lstrip().startswith("|"):
+            i += 1
+        if not (top + 1 < i and TABLE_RULE_RE.match(lines[top + 1])):
+            continue  # without its header rule, which row is the header is a guess: its figures are left alone
+        header = _cells(lines[top])
+        rows = {j: _cells(lines[j]) for j in range(top + 2, i)}
+        labels = tuple(cells[0] for cells in rows.values() if cells)
+        out.update({j: _Row(cells, header, labels) for j, cells in rows.items()})
+    return out
+
+
+def _named(sentence: str, names: Sequence[str]) -> set[str]:
+    """Which of a table's headers or row labels the sentence names, each as a whole word, a longer name winning
+    where two overlap ("Chat Hard" names that column, not "Chat")."""
+    text = " ".join(sentence.lower().split())
+    spans = []
+    for name in set(names):
+        words = name.lower().split()
+        if len(name) < 2 or NUMERIC_CELL_RE.fullmatch(name) or not words:
+            continue
+        pattern = r"(?<![a-z0-9])" + r"\s*".join(map(re.escape, words)) + r"(?![a-z0-9])"
+        spans += [(m.start(), m.end(), name) for m in re.finditer(pattern, text)]
+    return {name for a, b, name in spans
+            if not any(c <= a and b <= d and d - c > b - a for c, d, _ in spans)}
+
+
+def _read_right(figure: str, row: _Row, sentence: str, question: str = "") -> bool | None:
+    """Whether the sentence reads ``figure`` from this row under the column and row it names.
+
+    None when the figure is no cell of its own in the row. A figure in a
+    table means what its column header and row label say: "Chat Hard 98.6"
+    read from the row's Chat column is a wrong claim, though the row holds 98.6.
+    Only the headers of the row's figure columns count, so "model" in a
+    sentence does not name the "Model" column of labels. Where the sentence
+    names no column (or no row), the question's do: "86.6 分。" answers the
+    "Chat Hard" it was asked about.
+    """
+    at = [c for c, v in enumerate(row.cells) if NUMERIC_CELL_RE.fullmatch(v) and v.rstrip("%") == figure]
+    if not at:
+        return None
+    columns = {c: row.header[c] for c, v in enumerate(row.cells) if NUMERIC_CELL_RE.fullmatch(v) and c < len(row.header)}
+    said, asked = (_named(text, list(columns.values()) + list(row.labels)) for text in (sentence, question))
+    labels = (said if said & set(row.labels) else asked) & set(row.labels)
+    named_columns = {c for c, h in columns.items() if h in said} or {c for c, h in columns.items() if h in asked}
+    return (not labels or row.cells[0] in labels) and (not named_columns or bool(named_columns.intersection(at)))
+
+
 def _runs(lines: Sequence[str]) -> list[tuple[int, int, str, int]]:
     """Runs of 1..MAX_LINES consecutive non-blank lines: (first, last, text, context lines read), 0-based.
 
@@ -186,11 +263,16 @@ class Aligner:
         self.given = set(_figures(question)) & stated
         # words the sentence repeats from the question weigh ECHO: "the tiny qwen3 example needs about 8G" is
         # supported by "only 8G of memory is needed", though the line doesn't repeat the question's words
+        self.question = question  # what a table figure's column or row is read by, when the sentence names neither
         self.question_words = set(tokenize(question))
         self.asked = _squash(question)  # a name the question itself spells out is the subject, not a claim
         runs = [(n, *run) for n, h in enumerate(self.excerpts, 1) for run in _runs(h.text.split("\n"))]
         self.runs = [run[:4] for run in runs]  # (excerpt number, first, last, text)
         contexts = [run[4] for run in runs]  # the heading or header lines each run is read with
+        tables = [_table_rows(h.text.split("\n")) for h in self.excerpts]
+        # each run's own table rows (not the header it is read with), whose figures are read by column and row
+        self.run_rows = [[tables[n - 1][i] for i in range(b - text.count("\n") + c, b + 1) if i in tables[n - 1]]
+                         for (n, _, b, text), c in zip(self.runs, contexts)]
         self.run_words = [set(tokenize(text)) for *_, text in self.runs]
         # among runs that hold the sentence equally well, the fewest lines read (a citation as narrow as it can be)
         self._length_cost = np.array([0.01 * (text.count("\n") - c) + (CONTEXT_COST if c else 0.0)
@@ -226,6 +308,16 @@ class Aligner:
         q = self.embed([MARKER_RE.sub(" ", sentence)])[0]
         return LEXICAL * lexical + (1 - LEXICAL) * (vectors @ q) - self._length_cost
 
+    def _read_right(self, figures: Sequence[str], run: int, sentence: str) -> bool:
+        """No figure of the sentence is read from a table cell of the run under another column or row."""
+        plain = MARKER_RE.sub(" ", sentence)
+        for f in figures:
+            verdicts = [v for v in (_read_right(f, row, plain, self.question) for row in self.run_rows[run])
+                        if v is not None]
+            if verdicts and not any(verdicts):
+                return False
+        return True
+
     def align(self, sentence: str) -> Sentence:
         marked = sorted({n for m in MARKER_RE.finditer(sentence) for n in marker_numbers(m)})
         out = Sentence(sentence, claim=is_claim(sentence), marked=marked)
@@ -233,18 +325,22 @@ class Aligner:
         if not out.claim or not self.runs:
             return out
         scores = self.scores(sentence)
-        exact = [f for f in _figures(sentence) if f not in self.given]
-        exact += [n for n in _names(sentence) if n not in self.asked]
+        figures = [f for f in _figures(sentence) if f not in self.given]
+        exact = figures + [n for n in _names(sentence) if n not in self.asked]
+        bar = THRESHOLD
         if exact:  # a figure or name the lines don't hold is not supported by them, however alike the words
-            scores = np.where([all(f in _squash(text) for f in exact) for *_, text in self.runs], scores, -1.0)
+            held = [all(f in _squash(text) for f in exact) and self._read_right(figures, i, sentence)
+                    for i, (*_, text) in enumerate(self.runs)]
+            scores = np.where(held, scores, -1.0)
+            bar -= EXACT_RELIEF
         best = int(np.argmax(scores))
         own = [i for i, r in enumerate(self.runs) if r[0] in marked]
         if own:
             best_own = max(own, key=lambda i: scores[i])
-            out.marker_ok = bool(scores[best_own] >= THRESHOLD)
+            out.marker_ok = bool(scores[best_own] >= bar)
             if out.marker_ok:
                 best = best_own  # the model's choice, when its source holds the sentence
-        if scores[best] >= THRESHOLD:
+        if scores[best] >= bar:
             n, a, b, _ = self.runs[best]
             hit = self.excerpts[n - 1]
             out.source, out.line_start, out.line_end = n, hit.line_start + a, hit.line_start + b
