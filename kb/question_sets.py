@@ -52,6 +52,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind7", "Overview (blind 7)", QUESTIONS / "overview_blind7.jsonl",
                 "checking only, a fifth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written from the documents alone while the retriever was left as it was"),
+    QuestionSet("overview-blind8", "Overview (blind 8)", QUESTIONS / "overview_blind8.jsonl",
+                "checking only, a sixth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone, measured once before blind7's misses were read"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
