@@ -232,6 +232,30 @@ def test_repeated_line_keeps_other_sources_dense_searchable(kb):
     assert len(everything["ids"][0]) == passages.count()  # every passage is reachable
     hits = SearchEngine(kb).search("zebra quuxinator", SearchOptions(k=3, mode="dense", source=KEEP_SOURCE))
     assert [(h.source, h.path) for h in hits][:1] == [(KEEP_SOURCE, KEEP_PATH)]
+    # MMR reads the chunk collection, which still holds every repeat's vector: short graph answers are done exactly
+    hits = SearchEngine(kb).search("zebra quuxinator", SearchOptions(k=3, mode="dense", mmr=True, source=KEEP_SOURCE))
+    assert [(h.source, h.path) for h in hits][:1] == [(KEEP_SOURCE, KEEP_PATH)]
+
+
+def test_a_graph_search_that_comes_back_short_is_done_exactly(kb, monkeypatch):
+    """MMR and a configuration without passages read the chunk collection, where a repeated chunk's copies keep
+    their identical vectors; when the graph search returns fewer records than the filter holds (what a graph cut
+    apart by them does, silently), the engine searches the filter's records exactly instead."""
+    from langchain_chroma import Chroma
+
+    kb.upload({f"animal{i}.md": f"# Animal {i}\n\nThe {name} keeps its {part}.\n".encode()
+               for i, (name, part) in enumerate([("zebra", "mane"), ("tiger", "stripes"), ("okapi", "legs"),
+                                                 ("quokka", "smile")])}, "zoo")
+    engine = SearchEngine(kb)
+    mmr = SearchOptions(k=3, mode="dense", mmr=True)
+    healthy = [(h.source, h.path, h.line_start) for h in engine.search("zebra quuxinator", mmr)]
+    monkeypatch.setattr(Chroma, "similarity_search_with_relevance_scores", lambda self, *a, **kw: [])
+    monkeypatch.setattr(Chroma, "max_marginal_relevance_search", lambda self, *a, **kw: [])
+    exact = engine.search("zebra quuxinator", mmr)
+    assert [(h.source, h.path, h.line_start) for h in exact] == healthy and len(exact) == 3
+    within = engine.search("zebra quuxinator", SearchOptions(k=3, mode="dense", mmr=True, source=KEEP_SOURCE))
+    assert [(h.source, h.path) for h in within] == [(KEEP_SOURCE, KEEP_PATH)]
+    assert 0 < within[0].score <= 1  # the cosine, as the wrapper's relevance score gives it
 
 
 def test_long_line_without_spaces_is_cut_into_bounded_chunks(kb):

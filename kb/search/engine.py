@@ -9,6 +9,7 @@ fuses them (``kb/search/fusion.py``), optionally reranks
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 from langchain_chroma import Chroma
+from langchain_chroma.vectorstores import maximal_marginal_relevance
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
@@ -34,6 +36,8 @@ from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, reachable
 from kb.store.manifest import Manifest
 from kb.words import tokenize
+
+_log = logging.getLogger(__name__)
 
 IN_SOURCE_DEPTH = 300  # passages read when a source is named, to rank its own chunks too
 CHUNK_CACHE = 20_000  # chunks kept in memory for the next searches (about 40 MB at most), per collection version
@@ -143,12 +147,47 @@ class SearchEngine:
     def _dense(self, coll, query: str, n: int, opts: SearchOptions) -> list[tuple[Document, float]]:
         store = self._store(coll)
         where = self._where(opts)
-        scored = store.similarity_search_with_relevance_scores(query, k=max(n, opts.k * 4) if opts.mmr else n, filter=where)
+        wanted = max(n, opts.k * 4) if opts.mmr else n
+        scored = store.similarity_search_with_relevance_scores(query, k=wanted, filter=where)
+        exact = self._exact_if_short(coll, query, wanted, where, len(scored))
+        if exact is not None:
+            scored, vectors = exact
+            if not opts.mmr:
+                return scored
+            picked = maximal_marginal_relevance(np.asarray(self.kb.embeddings.embed_query(query)), vectors, k=n)
+            return [scored[i] for i in sorted(picked)]  # in similarity order, as LangChain's wrapper returns them
         if not opts.mmr:
             return scored
         by_id = {d.id: s for d, s in scored}
-        picked = store.max_marginal_relevance_search(query, k=n, fetch_k=max(n, opts.k * 4), filter=where)
+        picked = store.max_marginal_relevance_search(query, k=n, fetch_k=wanted, filter=where)
         return [(d, by_id.get(d.id, 0.0)) for d in picked]
+
+    def _exact_if_short(self, coll, query: str, n: int, where: dict | None,
+                        got: int) -> tuple[list[tuple[Document, float]], list] | None:
+        """Every record the filter matches, scored by cosine, when the graph search returned fewer than it holds.
+
+        Identical vectors (a chunk repeated in a file, each copy stored with
+        its own record) can cut Chroma's HNSW graph apart, and a filtered
+        query then returns a short list, or nothing, with no error (README
+        "How indexing works"). The passages skip repeats; the chunk collection,
+        read here by MMR and by a configuration without passages, can't, so a
+        short answer is checked against the filter's count and, if records
+        were missed, the search is done exactly. None: nothing was missed.
+        """
+        if got >= n:
+            return None
+        held = coll.count() if where is None else len(coll.get(where=where, include=[])["ids"])
+        if held <= got:
+            return None
+        rows = coll.get(where=where, include=["embeddings", "documents", "metadatas"])
+        vectors = np.asarray(rows["embeddings"], dtype=np.float32)
+        q = np.asarray(self.kb.embeddings.embed_query(query), dtype=np.float32)
+        cos = vectors @ q / np.clip(np.linalg.norm(vectors, axis=1) * np.linalg.norm(q), 1e-9, None)
+        top = np.argsort(-cos, kind="stable")[:n]
+        _log.warning("dense search returned %d of the %d records its filter holds: searched them exactly", got, held)
+        docs = [(Document(page_content=rows["documents"][i], metadata=rows["metadatas"][i], id=rows["ids"][i]),
+                 float(cos[i])) for i in top]
+        return docs, [vectors[i] for i in top]
 
     def _bm25_top(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions,
                   within: str | None = None) -> list[tuple[int, float]]:
