@@ -103,6 +103,18 @@ def test_lines_holding_the_figures_a_sentence_states_support_it_a_little_below_t
     assert not support(wrong, sources, embed=None, question=asked)[0].supported
 
 
+def test_a_path_named_as_the_excerpt_was_labelled_is_read_from_the_label():
+    """The prompt shows each excerpt under "[n] source/path"; a sentence pointing at that file names what it read."""
+    lines = "### Summary\n\nA GPU memory calculator that helps users estimate per-GPU memory before running training jobs."
+    sources = [hit(lines, 1, line_start=1, path="tools/llm_calc/README.md")]
+    asked = "How can I estimate per-GPU memory before launching training?"
+    right, wrong = (support(f"The `{p}` calculator helps users estimate per-GPU memory before running training jobs.",
+                            sources, embed=None, question=asked)[0] for p in ("xtuner/tools/llm_calc/README.md",
+                                                                             "xtuner/tools/mem_calc/README.md"))
+    assert right.supported and (right.line_start, right.line_end) == (3, 3)
+    assert not wrong.supported, "a path no label or line spells is not read from anywhere"
+
+
 def test_answer_markdown_links_each_sentence_to_the_documents_page():
     sources = [hit("XTuner is a toolkit for fine-tuning large models.", 1)]
     answer = "XTuner is a toolkit for fine-tuning large models [1].\n\nIt runs on the Moon."

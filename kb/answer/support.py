@@ -266,6 +266,7 @@ class Aligner:
         self.question = question  # what a table figure's column or row is read by, when the sentence names neither
         self.question_words = set(tokenize(question))
         self.asked = _squash(question)  # a name the question itself spells out is the subject, not a claim
+        self.labels = [_squash(f"{h.source}/{h.path}") for h in self.excerpts]  # as the prompt labels each excerpt
         runs = [(n, *run) for n, h in enumerate(self.excerpts, 1) for run in _runs(h.text.split("\n"))]
         self.runs = [run[:4] for run in runs]  # (excerpt number, first, last, text)
         contexts = [run[4] for run in runs]  # the heading or header lines each run is read with
@@ -326,21 +327,26 @@ class Aligner:
             return out
         scores = self.scores(sentence)
         figures = [f for f in _figures(sentence) if f not in self.given]
-        exact = figures + [n for n in _names(sentence) if n not in self.asked]
-        bar = THRESHOLD
-        if exact:  # a figure or name the lines don't hold is not supported by them, however alike the words
-            held = [all(f in _squash(text) for f in exact) and self._read_right(figures, i, sentence)
-                    for i, (*_, text) in enumerate(self.runs)]
+        names = [n for n in _names(sentence) if n not in self.asked]
+        bar = np.full(len(self.runs), THRESHOLD)
+        if figures or names:  # a figure or name the lines don't hold is not supported by them, however alike the words
+            in_lines = np.array([all(f in _squash(text) for f in figures + names) for *_, text in self.runs])
+            # the file an excerpt was shown under ("[2] xtuner/tools/llm_calc/README.md") holds its path, too
+            labelled = [all(f in _squash(text) for f in figures) and all(n in _squash(text) or n in self.labels[e - 1]
+                                                                          for n in names) for e, *_, text in self.runs]
+            held = [(lines or label) and self._read_right(figures, i, sentence)
+                    for i, (lines, label) in enumerate(zip(in_lines, labelled))]
             scores = np.where(held, scores, -1.0)
-            bar -= EXACT_RELIEF
-        best = int(np.argmax(scores))
+            bar = np.where(in_lines, THRESHOLD - EXACT_RELIEF, THRESHOLD)  # the claim spelled out in the lines
+        margin = scores - bar
+        best = int(np.argmax(margin))
         own = [i for i, r in enumerate(self.runs) if r[0] in marked]
         if own:
-            best_own = max(own, key=lambda i: scores[i])
-            out.marker_ok = bool(scores[best_own] >= bar)
+            best_own = max(own, key=lambda i: margin[i])
+            out.marker_ok = bool(margin[best_own] >= 0)
             if out.marker_ok:
                 best = best_own  # the model's choice, when its source holds the sentence
-        if scores[best] >= bar:
+        if margin[best] >= 0:
             n, a, b, _ = self.runs[best]
             hit = self.excerpts[n - 1]
             out.source, out.line_start, out.line_end = n, hit.line_start + a, hit.line_start + b
