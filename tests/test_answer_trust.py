@@ -115,6 +115,19 @@ def test_a_path_named_as_the_excerpt_was_labelled_is_read_from_the_label():
     assert not wrong.supported, "a path no label or line spells is not read from anywhere"
 
 
+def test_a_list_item_is_read_with_the_line_that_introduces_the_list():
+    lines = ("### 训练脚本参数解释\n\n以下是我们在训练脚本（`finetune.sh` 或 `finetune_lora.sh`）定义的一些关键参数的解释：\n\n"
+             "- `use_lora`：是否要使用 LoRA 微调。\n- `hd_num`: 图像切块的数量，默认是 18。如果你遇到爆显存的问题，可以调小")
+    sources = [hit(lines, 1, line_start=137)]
+    asked = "微调显存不够时，可以调小哪个控制图像切块数的参数？"
+    (item,) = support("在 `finetune.sh` 脚本中，控制图像切块数的参数是 `hd_num`。", sources, embed=None, question=asked)
+    assert item.supported and (item.line_start, item.line_end) == (137, 142), "heading, lead-in and the item"
+    (plain,) = support("`hd_num` 是图像切块的数量，默认是 18。", sources, embed=None, question=asked)
+    assert plain.supported and (plain.line_start, plain.line_end) == (142, 142), "the item alone holds it all"
+    (other,) = support("在 `train.sh` 脚本中，控制图像切块数的参数是 `hd_num`。", sources, embed=None, question=asked)
+    assert not other.supported
+
+
 def test_answer_markdown_links_each_sentence_to_the_documents_page():
     sources = [hit("XTuner is a toolkit for fine-tuning large models.", 1)]
     answer = "XTuner is a toolkit for fine-tuning large models [1].\n\nIt runs on the Moon."

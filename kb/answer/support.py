@@ -54,6 +54,7 @@ CONTEXT_COST = 0.03  # a run read with its heading or table header: cited only w
 CONTEXT_LINES = 10  # how far above a run its heading or table header may be, to be read with it
 HEADING_RE = re.compile(r"\s{0,3}#{1,6}\s")
 TABLE_RULE_RE = re.compile(r"\s*\|?\s*:?-{3,}")
+LIST_ITEM_RE = re.compile(r"\s*(?:[-*+]|\d{1,3}[.)])\s")
 CELL_SPLIT_RE = re.compile(r"((?:`[^`]*`|\\.|[^|\\])*)\|")  # each cell, up to its unescaped bar
 NUMERIC_CELL_RE = re.compile(r"[-+~≈]?\d+(?:[.,]\d+)*%?")
 # Sentence ends: Chinese full stops anywhere, Latin ones before a space or the end, and line breaks.
@@ -134,7 +135,8 @@ def _fenced(lines: Sequence[str]) -> list[bool]:
 
 
 def _context(lines: Sequence[str], fenced: Sequence[bool], i: int) -> list[int]:
-    """The lines a reader of line ``i`` reads it with: its section's heading and, in a table, the header row.
+    """The lines a reader of line ``i`` reads it with: its section's heading; in a table, the header row; in a
+    list, the line that introduces it ("以下是训练脚本（`finetune.sh`）的关键参数：").
 
     The model read the excerpt whole: "v0.1.2 (24/10/2023)" in a changelog is
     the heading a few lines above the change it dates, and "10.291" in a
@@ -142,6 +144,13 @@ def _context(lines: Sequence[str], fenced: Sequence[bool], i: int) -> list[int]:
     within ``CONTEXT_LINES`` above count, so that a citation stays short.
     """
     out = []
+    if LIST_ITEM_RE.match(lines[i]) and not fenced[i]:
+        top = i
+        while top > 0 and (LIST_ITEM_RE.match(lines[top - 1]) or not lines[top - 1].strip()) and i - top < CONTEXT_LINES:
+            top -= 1
+        lead = top - 1 if LIST_ITEM_RE.match(lines[top]) or not lines[top].strip() else top
+        if 0 <= lead < i - 1 and not fenced[lead] and lines[lead].rstrip().endswith((":", "：")):
+            out.append(lead)
     if lines[i].lstrip().startswith("|"):
         top = i
         while top > 0 and lines[top - 1].lstrip().startswith("|"):
