@@ -265,7 +265,10 @@ def cmd_ask(args: argparse.Namespace) -> dict:
     engine = None if args.no_rag else SearchEngine(kb)
     opts = _options(args, kb)
     # The model loads and reads its rules (llama.cpp, in C, without the GIL) while this thread reads what the
-    # first search needs: a cold `kb ask` spent ~3 s loading the model, then ~4 s in its first search.
+    # first search needs: a cold `kb ask` spent ~3 s loading the model, then ~4 s in its first search. An index
+    # that can't be read is an error at once, not after the model has loaded.
+    if engine is not None:
+        engine.check()
     with ThreadPoolExecutor(max_workers=1) as pool:
         ready = pool.submit(_ready_chat_model, kb.settings, engine is not None)
         if engine is not None:

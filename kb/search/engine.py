@@ -283,6 +283,12 @@ class SearchEngine:
                 cache[i] = Document(page_content=t, metadata=m, id=i)
         docs.update((i, cache[i]) for i in ids if i not in docs and i in cache)
 
+    def check(self) -> None:
+        """Raise now if the index can't be read (a Chroma server down), before a caller starts slower work."""
+        with reachable(self.kb.settings):
+            collection, _ = self.kb.live()
+            self._live_collection(collection)
+
     def warm(self) -> None:
         """Read what a process's first searches would otherwise each read once: the BM25 matrices, the sources'
         names and their root READMEs (a first question about a source took up to 140 ms, later ones 30), and
