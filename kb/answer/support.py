@@ -18,7 +18,10 @@ from 92543; a figure the question names and an excerpt states ("浦语·灵笔2.
 is the subject, not a claim. Names are held to the same rule: a backticked name, a snake_case identifier
 or a path (``XTUNER_USE_FLASH_ATTN_2``, `--deepspeed`, ``Dao-AILab/flash-attention-3.git``) must appear letter
 for letter, because a wrong flag, variable or path that looks like the right one is the error a reader can least
-spot. The threshold was chosen on
+spot. The path of the file an excerpt was shown under (its ``[n] source/path`` label) counts as spelled out,
+too. A figure read from a table cell must sit under the column and in the row the sentence (or else the
+question) names. A list item is read with the line that introduces its list, as a row is with its header. Lines
+that hold every figure and name a sentence states support it a little below the bar. The threshold was chosen on
 hand-labelled sentences (README "Answers").
 """
 
@@ -343,8 +346,7 @@ class Aligner:
             # the file an excerpt was shown under ("[2] xtuner/tools/llm_calc/README.md") holds its path, too
             labelled = [all(f in _squash(text) for f in figures) and all(n in _squash(text) or n in self.labels[e - 1]
                                                                           for n in names) for e, *_, text in self.runs]
-            held = [(lines or label) and self._read_right(figures, i, sentence)
-                    for i, (lines, label) in enumerate(zip(in_lines, labelled))]
+            held = [label and self._read_right(figures, i, sentence) for i, label in enumerate(labelled)]
             scores = np.where(held, scores, -1.0)
             bar = np.where(in_lines, THRESHOLD - EXACT_RELIEF, THRESHOLD)  # the claim spelled out in the lines
         margin = scores - bar
