@@ -149,21 +149,17 @@ class SearchEngine:
         where = self._where(opts)
         wanted = max(n, opts.k * 4) if opts.mmr else n
         scored = store.similarity_search_with_relevance_scores(query, k=wanted, filter=where)
-        exact = self._exact_if_short(coll, query, wanted, where, len(scored))
+        exact = self._exact_if_short(coll, query, wanted, where, len(scored), mmr_k=n if opts.mmr else None)
         if exact is not None:
-            scored, vectors = exact
-            if not opts.mmr:
-                return scored
-            picked = maximal_marginal_relevance(np.asarray(self.kb.embeddings.embed_query(query)), vectors, k=n)
-            return [scored[i] for i in sorted(picked)]  # in similarity order, as LangChain's wrapper returns them
+            return exact
         if not opts.mmr:
             return scored
         by_id = {d.id: s for d, s in scored}
         picked = store.max_marginal_relevance_search(query, k=n, fetch_k=wanted, filter=where)
         return [(d, by_id.get(d.id, 0.0)) for d in picked]
 
-    def _exact_if_short(self, coll, query: str, n: int, where: dict | None,
-                        got: int) -> tuple[list[tuple[Document, float]], list] | None:
+    def _exact_if_short(self, coll, query: str, n: int, where: dict | None, got: int,
+                        mmr_k: int | None = None) -> list[tuple[Document, float]] | None:
         """Every record the filter matches, scored by cosine, when the graph search returned fewer than it holds.
 
         Identical vectors (a chunk repeated in a file, each copy stored with
@@ -172,7 +168,8 @@ class SearchEngine:
         "How indexing works"). The passages skip repeats; the chunk collection,
         read here by MMR and by a configuration without passages, can't, so a
         short answer is checked against the filter's count and, if records
-        were missed, the search is done exactly. None: nothing was missed.
+        were missed, the search is done exactly (with ``mmr_k``, then MMR picks
+        that many, as LangChain's wrapper would). None: nothing was missed.
         """
         if got >= n:
             return None
@@ -185,9 +182,10 @@ class SearchEngine:
         cos = vectors @ q / np.clip(np.linalg.norm(vectors, axis=1) * np.linalg.norm(q), 1e-9, None)
         top = np.argsort(-cos, kind="stable")[:n]
         _log.warning("dense search returned %d of the %d records its filter holds: searched them exactly", got, held)
-        docs = [(Document(page_content=rows["documents"][i], metadata=rows["metadatas"][i], id=rows["ids"][i]),
+        if mmr_k is not None:  # in similarity order, as LangChain's wrapper returns its picks
+            top = top[sorted(maximal_marginal_relevance(q, [vectors[i] for i in top], k=mmr_k))]
+        return [(Document(page_content=rows["documents"][i], metadata=rows["metadatas"][i], id=rows["ids"][i]),
                  float(cos[i])) for i in top]
-        return docs, [vectors[i] for i in top]
 
     def _bm25_top(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions,
                   within: str | None = None) -> list[tuple[int, float]]:
