@@ -54,9 +54,10 @@ EF_SEARCH = 2000
 # a vector the graph links to, and pruning a crowded neighbour list can leave an outlying vector with no link in:
 # then no query finds it, at any ef. On the two-bundle index of tests/test_snapshot.py (1,699 passages, its tiny
 # random embedding model, where outliers are common) 3 of 24 snapshot imports at Chroma's defaults left a passage
-# that no query could reach (0 of 24 synced builds); 0 of 40 imports and 0 of 40 synced builds at these. New collections only: Chroma can't change them on one that exists. On the six-repo
-# index (18,129 passages, the default model) neither setting left one unreachable in 3 builds each; these build it in
-# 4.7 s against 2.8 s and answer a top-40 query in 3.1 against 2.9 ms (medians).
+# that no query could reach (0 of 24 synced builds); 0 of 40 imports and 0 of 40 synced builds at these. New
+# collections only: Chroma can't change them on one that exists. On the six-repo index (18,129 passages, the
+# default model) neither setting left one unreachable in 3 builds each; these build it in 4.7 s against 2.8 s and
+# answer a top-40 query in 3.1 against 2.9 ms (medians).
 MAX_NEIGHBORS = 32
 EF_CONSTRUCTION = 200
 
