@@ -46,8 +46,8 @@ READ_BATCH = 500
 # (18,197 passages, the 24 dev questions) Chroma left out 37 of the exact top-40 passages (15 questions) and 375 of
 # the top 300, and the copy a snapshot import built missed others, so 4-6 of the 72 searches of `bench.run snapshot`
 # changed after an import (1-2 in their hits). At 2,000 it misses none of the top 40 (1 of the 7,200 of the top
-# 300), before an import and after: the same hits in the same order, for 2-4 ms more a dense query (hnswlib's cost
-# grows with ef, hardly with the collection's size: +5 ms at 250,000 vectors).
+# 300; none with the graph built as below), before an import and after: the same hits in the same order, for 2-4 ms
+# more a dense query (hnswlib's cost grows with ef, hardly with the collection's size: +5 ms at 250,000 vectors).
 EF_SEARCH = 2000
 
 # How the graph is built (hnswlib's M and ef_construction; Chroma's defaults are 16 and 100). A search can only find
