@@ -1,8 +1,11 @@
 """Chat LLM backends behind LangChain's ``BaseChatModel``, chosen by ``settings.llm``.
 
-- ``llamacpp`` (default): a GGUF file run in-process by llama-cpp-python. With no
-  ``KB_LLM_GGUF`` it is the packaged Qwen2.5-Coder-1.5B-Instruct, joined on first
-  use (see ``core.gguf``), so a fresh machine answers offline.
+- ``auto`` (default): the GGUF model (``KB_LLM_GGUF``, else the packaged
+  Qwen2.5-Coder-1.5B-Instruct, joined on first use, see ``core.gguf``, so a fresh
+  machine answers offline) through transformers in bfloat16 where the CPU has AMX
+  (``core.gguf_checkpoint``: it reads a prompt about 5x faster than llama.cpp
+  there), else through llama.cpp.
+- ``llamacpp``: a GGUF file run in-process by llama-cpp-python.
 - ``transformers``: a local checkpoint folder (the tutorial's InternLM2 / InternLM
   chat models) loaded with ``trust_remote_code`` because transformers >= 5 has no
   built-in InternLM2.
@@ -43,13 +46,14 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from core.errors import UserError
 from core.gguf import GGUF_NAME, GGUFError, ensure_gguf
+from core.gguf_checkpoint import cpu_multiplies_bf16, ensure_checkpoint
 from core.settings import Settings
 
-BACKENDS = ("llamacpp", "transformers", "openai")
+BACKENDS = ("auto", "llamacpp", "transformers", "openai")
 
 
 GENERATE_THREAD = "kb-transformers-generate"  # named, so a test can tell it from any other thread
@@ -129,7 +133,35 @@ def _emit(
 _LLAMA_PASSTHROUGH = ("top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed")
 
 
-class ChatLlamaCpp(BaseChatModel):
+class _Turns(BaseModel):
+    """One question at a time at a model, with a count of those holding or waiting for it.
+
+    A page shows a new question its place in the queue instead of a frozen spinner.
+    """
+
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _queued: int = PrivateAttr(default=0)  # questions waiting for the model or being answered
+    _count_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def queue_length(self) -> int:
+        """How many questions hold or wait for the model now."""
+        return self._queued
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """One question's turn at the model (one context serves one question at a time)."""
+        with self._count_lock:
+            self._queued += 1
+        try:
+            with self._lock:
+                _refuse_when_exiting()
+                yield
+        finally:
+            with self._count_lock:
+                self._queued -= 1
+
+
+class ChatLlamaCpp(_Turns, BaseChatModel):
     """A ``llama_cpp.Llama`` as a chat model, using the chat template stored in the GGUF.
 
     langchain-community's ChatLlamaCpp would pull in that whole package; this is
@@ -143,9 +175,6 @@ class ChatLlamaCpp(BaseChatModel):
     model_path: str
     max_tokens: int = 512
     temperature: float = 0.1
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _queued: int = PrivateAttr(default=0)  # questions waiting for the model or being answered
-    _count_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _cancel: threading.Event | None = PrivateAttr(default=None)  # the current turn's Stop, read by llama.cpp
     _abort_fn: Any = PrivateAttr(default=None)  # the ctypes callback, kept alive: llama.cpp holds only its address
 
@@ -199,23 +228,6 @@ class ChatLlamaCpp(BaseChatModel):
             self._cancel = None
 
     supports_cancel: ClassVar[bool] = True  # ``.bind(cancel_event=threading.Event())`` stops a generation
-
-    def queue_length(self) -> int:
-        """How many questions hold or wait for the model now: a page shows a new one its place, not a freeze."""
-        return self._queued
-
-    @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
-        """One question's turn at the model (one Llama context serves one question at a time)."""
-        with self._count_lock:
-            self._queued += 1
-        try:
-            with self._lock:
-                _refuse_when_exiting()
-                yield
-        finally:
-            with self._count_lock:
-                self._queued -= 1
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -350,7 +362,7 @@ def _build_llamacpp(settings: Settings) -> ChatLlamaCpp:
 # --------------------------------------------------------------------------- transformers
 
 
-class ChatTransformers(BaseChatModel):
+class ChatTransformers(_Turns, BaseChatModel):
     """A local transformers causal LM as a chat model, streamed through TextIteratorStreamer.
 
     The prompt comes from the tokenizer's chat template when it has one; InternLM
@@ -367,7 +379,6 @@ class ChatTransformers(BaseChatModel):
     max_tokens: int = 512
     temperature: float = 0.1
     supports_cancel: ClassVar[bool] = True  # ``.bind(cancel_event=...)``: Stop ends generation at the next token
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @property
     def _llm_type(self) -> str:
@@ -397,8 +408,7 @@ class ChatTransformers(BaseChatModel):
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         temperature = kwargs.get("temperature", self.temperature)
         cancel = kwargs.get("cancel_event")
-        with self._lock:
-            _refuse_when_exiting()
+        with self._turn():
             if self.mode == "template":
                 pieces = self._stream_template(messages, stop, max_tokens, temperature)
             else:
@@ -576,18 +586,20 @@ def _chat_mode(tokenizer: Any, model: Any, path: Path) -> str:
 
 
 def _build_transformers(settings: Settings) -> ChatTransformers:
-    path = _model_dir(settings)
+    return _load_transformers(_model_dir(settings), settings)
+
+
+def _load_transformers(path: Path, settings: Settings) -> ChatTransformers:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
+    # bf16 on a GPU, and on a CPU with AMX, where oneDNN multiplies it ~9x faster than float32 (README "Answers")
+    dtype = torch.bfloat16 if cuda or cpu_multiplies_bf16() else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            path,
-            trust_remote_code=True,
-            local_files_only=True,
-            dtype=torch.bfloat16 if cuda else torch.float32,
+            path, trust_remote_code=True, local_files_only=True, dtype=dtype,
         )
     except (OSError, ValueError, ImportError, KeyError) as exc:
         raise LLMError(f"transformers cannot load {path}: {exc}") from exc
@@ -600,6 +612,23 @@ def _build_transformers(settings: Settings) -> ChatTransformers:
         max_tokens=settings.llm_max_tokens,
         temperature=settings.llm_temperature,
     )
+
+
+def auto_runtime(settings: Settings) -> str:
+    """What ``KB_LLM=auto`` runs the GGUF model with here: ``transformers`` where the CPU has AMX, else ``llamacpp``."""
+    return "transformers" if cpu_multiplies_bf16() else "llamacpp"
+
+
+def _build_auto(settings: Settings) -> BaseChatModel:
+    """The GGUF model where it answers soonest: its bf16 checkpoint on a CPU with AMX, else llama.cpp."""
+    if auto_runtime(settings) == "llamacpp":
+        return _build_llamacpp(settings)
+    gguf = resolve_gguf(settings)
+    try:
+        folder = ensure_checkpoint(gguf)
+    except GGUFError as exc:
+        raise LLMError(f"{exc}; set KB_LLM=llamacpp to run the GGUF file itself") from exc
+    return _load_transformers(folder, settings)
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible
@@ -670,7 +699,8 @@ def _build_openai(settings: Settings) -> BaseChatModel:
 
 # --------------------------------------------------------------------------- public API
 
-_BUILDERS = {"llamacpp": _build_llamacpp, "transformers": _build_transformers, "openai": _build_openai}
+_BUILDERS = {"auto": _build_auto, "llamacpp": _build_llamacpp, "transformers": _build_transformers,
+             "openai": _build_openai}
 
 
 def _backend(settings: Settings) -> str:
@@ -691,8 +721,12 @@ def build_chat_model(settings: Settings) -> BaseChatModel:
 def describe_llm(settings: Settings) -> str:
     """A short label for the UI and the CLI, computed without loading anything."""
     name = settings.llm.strip().lower()
+    gguf = Path(settings.llm_gguf).name if settings.llm_gguf else GGUF_NAME
+    if name == "auto":
+        runtime = "transformers, bf16" if auto_runtime(settings) == "transformers" else "llamacpp"
+        return f"auto: {gguf} ({runtime})"
     if name == "llamacpp":
-        return f"llamacpp: {Path(settings.llm_gguf).name if settings.llm_gguf else GGUF_NAME}"
+        return f"llamacpp: {gguf}"
     if name == "transformers":
         return f"transformers: {Path(settings.llm_path).name if settings.llm_path else '(KB_LLM_PATH not set)'}"
     if name == "openai":
@@ -709,15 +743,17 @@ def _unbound(model: Runnable) -> Runnable:
 
 
 def prime_chat_model(model: Runnable, messages: list[BaseMessage]) -> bool:
-    """Read a prompt's fixed beginning into llama.cpp's cache; True when there was a cache to fill.
+    """Read a prompt's fixed beginning before anyone asks; True when the model had something to gain.
 
     llama.cpp reuses the longest common prefix of the tokens it has read, so a
     server that reads its answer rules once at start-up spares its first
-    question those seconds, as every later question is spared them. Only the
-    in-process llama.cpp model keeps evaluated tokens; the others are left alone.
+    question those seconds, as every later question is spared them. A
+    transformers model keeps no tokens between questions, but its first long
+    prompt on a CPU pays ~3 s for oneDNN to build its kernels, which this pays
+    instead. Remote models are left alone.
     """
     model = _unbound(model)
-    if not isinstance(model, ChatLlamaCpp):
+    if not isinstance(model, (ChatLlamaCpp, ChatTransformers)):
         return False
     model.invoke(messages, max_tokens=1)
     return True

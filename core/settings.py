@@ -75,7 +75,9 @@ class Settings:
     # vector store
     chroma_url: str = ""  # empty: embedded PersistentClient in home/chroma
     # LLM
-    llm: str = "llamacpp"  # llamacpp | transformers | openai
+    # auto: the packaged GGUF through transformers in bf16 where the CPU has AMX (first token ~5x sooner, README
+    # "Answers"), else through llama.cpp | llamacpp | transformers (KB_LLM_PATH) | openai
+    llm: str = "auto"
     llm_gguf: str = ""  # empty: join the packaged Qwen2.5-Coder GGUF into home/models
     llm_path: str = ""  # local transformers checkpoint folder (InternLM)
     llm_max_tokens: int = 512

@@ -145,6 +145,15 @@ def default_chat_model(default_llm_settings: Settings):
     return build_chat_model(default_llm_settings)
 
 
+@pytest.fixture(scope="session")
+def default_bf16_checkpoint(default_gguf_path: Path) -> Path:
+    """The default GGUF converted for transformers in bf16 (``KB_LLM=auto`` on a CPU with AMX): about a minute
+    the first time on a machine, then kept beside the joined GGUF."""
+    from core.gguf_checkpoint import ensure_checkpoint
+
+    return ensure_checkpoint(default_gguf_path)
+
+
 # --------------------------------------------------------------------------- OpenAI-compatible server
 
 

