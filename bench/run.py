@@ -768,23 +768,58 @@ def bench_load(levels: tuple[int, ...] = (1, 5, 20), max_tokens: int = 32, name:
 
 
 def bench_answer(max_tokens: int = 256) -> dict:
-    """Time to first token on a k=5 prompt, decode speed, and the whole ``kb ask``.
+    """Time to first token on a k=5 prompt, decode speed, and the whole ``kb ask``, for the default runtime and,
+    where ``KB_LLM=auto`` runs the model through transformers (a CPU with AMX), for llama.cpp too, in one run.
 
-    Decode speed is (tokens - 1) / (end - first token): the first token's time
-    is the prefill, which ``prefill_tokens_per_s`` reports from the prompt's length.
+    Decode speed is (tokens - 1) / (end - first token), tokens counted by the model's own tokenizer: the first
+    token's time is the prefill, which ``prefill_tokens_per_s`` reports from the prompt's length.
     """
-    from core.llm import build_chat_model
-    from kb.answer.chain import Answer, Answerer
+    import gc
+
+    from core.llm import auto_runtime, describe_llm
+
+    kb = ours_kb(WORK / "ours")
+    runtimes = ["auto"] + (["llamacpp"] if auto_runtime(kb.settings) == "transformers" else [])
+    result: dict = {"max_tokens": max_tokens}
+    for backend in runtimes:
+        settings = kb.settings.with_(llm=backend)
+        measured = _answer_timings(kb, settings, backend, max_tokens)
+        gc.collect()
+        measured["llm"] = describe_llm(settings)
+        if backend == "auto":
+            result.update(measured)
+        else:
+            result[backend] = measured
+    if "llamacpp" in result:
+        mine, theirs = result["summary"], result["llamacpp"]["summary"]
+        result["ratio_to_llamacpp"] = {k: round(mine[k] / theirs[k], 2) for k in
+                                       ("ttft_median_s", "kb_ask_wall_s_median", "answer_s_median") if theirs.get(k)}
+    save("answer", result)
+    return result
+
+
+def _token_counter(llm):
+    """Count text in the model's own tokens: llama.cpp's tokenizer, or the transformers tokenizer."""
+    client, tokenizer = getattr(llm, "client", None), getattr(llm, "tokenizer", None)
+    if client is not None:
+        return lambda t: len(client.tokenize(t.encode(), add_bos=False, special=False))
+    if tokenizer is not None:
+        return lambda t: len(tokenizer.encode(t, add_special_tokens=False))
+    return None
+
+
+def _answer_timings(kb, settings, backend: str, max_tokens: int) -> dict:
+    from core.llm import build_chat_model, reset_chat_model
+    from kb.answer.chain import Answer, Answerer, prime_answer_prompt
     from kb.answer.prompts import RAG_PROMPT, rag_inputs
     from kb.search.engine import SearchEngine
     from kb.search.hits import SearchOptions
 
-    kb = ours_kb(WORK / "ours")
-    llm = build_chat_model(kb.settings.with_(llm_max_tokens=max_tokens, llm_temperature=0.0))
+    llm = build_chat_model(settings.with_(llm_max_tokens=max_tokens, llm_temperature=0.0))
     answerer = Answerer(llm, SearchEngine(kb), SearchOptions(k=5))
-    client = getattr(llm, "client", None)  # llama.cpp: count real tokens; otherwise stream chunks
-    count = (lambda t: len(client.tokenize(t.encode(), add_bos=False, special=False))) if client else None
+    count = _token_counter(llm)
     answerer.ask("你好", rag=False)  # load the model outside the timings
+    prime_answer_prompt(llm)  # as the dashboard and `kb ask` do before the first question
     runs = []
     for q in ANSWER_QUESTIONS:
         res = Answer(question=q, answer="")
@@ -808,31 +843,30 @@ def bench_answer(max_tokens: int = 256) -> dict:
         print(json.dumps(run, ensure_ascii=False), file=sys.stderr)
     # the prefix cache: the same questions again, with the model's evaluated tokens dropped before each (as the
     # chain did before this round), against kept (llama.cpp reuses the longest common prefix, the rules)
-    from core.llm import reset_chat_model
-
     cache = {"kept": [], "reset": []}
     for how in ("kept", "reset"):  # each question after a different one: the shared part is the rules
         for q in ANSWER_QUESTIONS:
             if how == "reset":
                 reset_chat_model(llm)
             cache[how].append(answerer.ask(q).first_token_seconds)
+    del answerer, llm  # free the model before `kb ask` loads its own
     asks = []
     for _ in range(2):
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "kb", "ask", ANSWER_QUESTIONS[1], "--json"], cwd=ROOT,
-                              capture_output=True, text=True, env={**os.environ, "KB_HOME": str(WORK / "ours")})
+                              capture_output=True, text=True,
+                              env={**os.environ, "KB_HOME": str(WORK / "ours"), "KB_LLM": backend})
         asks.append(round(time.perf_counter() - t0, 1))
     decode = [r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"] and r["tokens"] >= 10]
-    result = {"runs": runs, "max_tokens": max_tokens, "kb_ask_wall_s": asks, "kb_ask_ok": proc.returncode == 0,
-              "summary": {"ttft_median_s": statistics.median(r["ttft_s"] for r in runs),
-                          "prompt_tokens_median": statistics.median(r["prompt_tokens"] or 0 for r in runs),
-                          "decode_tokens_per_s_median": statistics.median(decode) if decode else None,
-                          "kb_ask_wall_s_median": statistics.median(asks),
-                          "check_s_median": statistics.median(r["check_s"] or 0 for r in runs),
-                          "ttft_median_prefix_kept_s": statistics.median(cache["kept"]),
-                          "ttft_median_prefix_reset_s": statistics.median(cache["reset"])}}
-    save("answer", result)
-    return result
+    return {"runs": runs, "kb_ask_wall_s": asks, "kb_ask_ok": proc.returncode == 0,
+            "summary": {"ttft_median_s": statistics.median(r["ttft_s"] for r in runs),
+                        "answer_s_median": statistics.median(r["total_s"] for r in runs),
+                        "prompt_tokens_median": statistics.median(r["prompt_tokens"] or 0 for r in runs),
+                        "decode_tokens_per_s_median": statistics.median(decode) if decode else None,
+                        "kb_ask_wall_s_median": statistics.median(asks),
+                        "check_s_median": statistics.median(r["check_s"] or 0 for r in runs),
+                        "ttft_median_prefix_kept_s": statistics.median(cache["kept"]),
+                        "ttft_median_prefix_reset_s": statistics.median(cache["reset"])}}
 
 
 # ---------------------------------------------------------------- snapshots (kb export / kb import)
