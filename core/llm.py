@@ -4,7 +4,8 @@
   Qwen2.5-Coder-1.5B-Instruct, joined on first use, see ``core.gguf``, so a fresh
   machine answers offline) through transformers in bfloat16 where the CPU has AMX
   (``core.gguf_checkpoint``: it reads a prompt about 5x faster than llama.cpp
-  there), else through llama.cpp.
+  there, and writes with the GGUF's own 4-bit blocks, ``core.decode_weights``),
+  else through llama.cpp.
 - ``llamacpp``: a GGUF file run in-process by llama-cpp-python.
 - ``transformers``: a local checkpoint folder (the tutorial's InternLM2 / InternLM
   chat models) loaded with ``trust_remote_code`` because transformers >= 5 has no
@@ -50,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from core.errors import UserError
 from core.gguf import GGUF_NAME, GGUFError, ensure_gguf
+from core import decode_weights
 from core.gguf_checkpoint import cpu_multiplies_bf16, ensure_checkpoint
 from core.settings import Settings
 
@@ -604,6 +606,8 @@ def _load_transformers(path: Path, settings: Settings) -> ChatTransformers:
     except (OSError, ValueError, ImportError, KeyError) as exc:
         raise LLMError(f"transformers cannot load {path}: {exc}") from exc
     model = model.to("cuda" if cuda else "cpu").eval()
+    if not cuda and dtype == torch.bfloat16 and decode_weights.available(path):
+        decode_weights.attach(model, path)  # the GGUF's 4-bit blocks for one token at a time: twice as fast
     return ChatTransformers(
         model=model,
         tokenizer=tokenizer,
@@ -723,7 +727,7 @@ def describe_llm(settings: Settings) -> str:
     name = settings.llm.strip().lower()
     gguf = Path(settings.llm_gguf).name if settings.llm_gguf else GGUF_NAME
     if name == "auto":
-        runtime = "transformers, bf16" if auto_runtime(settings) == "transformers" else "llamacpp"
+        runtime = "transformers, bf16, 4-bit decode" if auto_runtime(settings) == "transformers" else "llamacpp"
         return f"auto: {gguf} ({runtime})"
     if name == "llamacpp":
         return f"llamacpp: {gguf}"

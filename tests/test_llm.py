@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
-from core import gguf, gguf_checkpoint
+from core import decode_weights, gguf, gguf_checkpoint
 from core.gguf import GGUF_NAME, GGUF_SHA256, GGUFError, Part, ensure_gguf, find_parts, is_verified
 from core.gguf_checkpoint import STAMP, checkpoint_dir, cpu_multiplies_bf16, ensure_checkpoint, is_converted
 from core.llm import (
@@ -115,7 +115,7 @@ def test_invoke_reports_usage_and_honours_max_tokens(default_chat_model):
 def test_describe_llm_labels(monkeypatch):
     assert describe_llm(Settings(llm="llamacpp")) == f"llamacpp: {GGUF_NAME}"
     assert describe_llm(Settings(llm="llamacpp", llm_gguf="/m/other.gguf")) == "llamacpp: other.gguf"
-    runtime = "transformers, bf16" if cpu_multiplies_bf16() else "llamacpp"
+    runtime = "transformers, bf16, 4-bit decode" if cpu_multiplies_bf16() else "llamacpp"
     assert describe_llm(Settings()) == f"auto: {GGUF_NAME} ({runtime})"
     monkeypatch.setattr("core.llm.cpu_multiplies_bf16", lambda: False)
     assert describe_llm(Settings(llm_gguf="/m/other.gguf")) == "auto: other.gguf (llamacpp)"
@@ -383,8 +383,10 @@ def test_default_model_error_is_an_llm_error(tmp_path, monkeypatch):
 def test_conversion_is_kept_and_reused(default_bf16_checkpoint, default_gguf_path, monkeypatch):
     assert default_bf16_checkpoint == checkpoint_dir(default_gguf_path) and is_converted(default_gguf_path)
     names = {p.name for p in default_bf16_checkpoint.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", STAMP} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", STAMP,
+            decode_weights.FILE} <= names
     monkeypatch.setattr(gguf_checkpoint, "_save_bf16", lambda *_: pytest.fail("must reuse the converted folder"))
+    monkeypatch.setattr(gguf_checkpoint, "_add_decode_weights", lambda *_, **__: pytest.fail("must reuse them too"))
     assert ensure_checkpoint(default_gguf_path) == default_bf16_checkpoint
 
 
@@ -398,6 +400,7 @@ def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(default_bf16_checkpoint, d
         return
     assert isinstance(model, ChatTransformers) and model.model.dtype == torch.bfloat16
     assert model.model_path == str(default_bf16_checkpoint)
+    assert sum(type(m).__name__ == "_DualLinear" for m in model.model.modules()) == 197  # every Linear: 4-bit decode
     assert prime_chat_model(model, [SystemMessage("Answer in one word.")])
     answer = model.invoke([SystemMessage("Answer in one word."), HumanMessage("What is the capital of France?")])
     assert "paris" in answer.text.lower()
