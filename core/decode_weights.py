@@ -49,14 +49,14 @@ def _q4k_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _int4(values: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> dict[str, Any]:
-    """Q4_K's ``w = scale * q - min`` as torch's int4 form ``w = (q - 8) * scale + zero``, values two per byte."""
+    """Q4_K's ``w = scale * q - min`` as torch's int4 form ``w = (q - 8) * scale + zero``, packed as the kernel
+    reads it (so loading is a copy; the layout is torch's, hence the version in the file's metadata)."""
     import torch
 
-    packed = values[:, 0::2] | (values[:, 1::2] << 4)
+    packed = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(values.astype(np.int32)), 1)
     zero = minimum * -1 + 8 * scale
     scale_zero = np.stack([scale, zero], axis=-1).transpose(1, 0, 2)  # (K/32, N, 2), the kernel's layout
-    return {"q4": torch.from_numpy(np.ascontiguousarray(packed)),
-            "q4_scale_zero": torch.from_numpy(np.ascontiguousarray(scale_zero)).to(torch.bfloat16)}
+    return {"q4": packed, "q4_scale_zero": torch.from_numpy(np.ascontiguousarray(scale_zero)).to(torch.bfloat16)}
 
 
 def _int8(weight: Any) -> dict[str, Any]:
@@ -116,12 +116,25 @@ def save(weights: dict[str, Any], folder: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = folder / (FILE + ".part")
-    save_file(weights, str(tmp), metadata={"format": FORMAT})
+    save_file(weights, str(tmp), metadata=_metadata())
     tmp.replace(folder / FILE)
 
 
+def _metadata() -> dict[str, str]:
+    import torch
+
+    return {"format": FORMAT, "torch": torch.__version__}
+
+
 def available(folder: Path) -> bool:
-    return (Path(folder) / FILE).is_file()
+    """Whether ``folder`` holds small weights packed by this torch (another version may pack differently)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(Path(folder) / FILE), "pt") as f:  # reads the header only
+            return f.metadata() == _metadata()
+    except (OSError, SafetensorError):
+        return False
 
 
 def _dual_class() -> type:
@@ -135,9 +148,7 @@ def _dual_class() -> type:
             super().__init__()
             self.linear = linear
             if "q4" in small:
-                q = small["q4"]
-                values = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(q.shape[0], -1).to(torch.int32)
-                self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(values, 1))
+                self.register_buffer("packed", small["q4"])
                 self.register_buffer("scale_zero", small["q4_scale_zero"])
                 self.kernel = self._int4
             else:

@@ -69,7 +69,7 @@ def test_one_row_uses_the_small_weights_and_a_prompt_the_bf16_ones(small_and_ful
     from torch import nn
 
     small, weight, bias, meta = small_and_full(name)
-    assert meta == {"format": decode_weights.FORMAT} and kind in small
+    assert meta == decode_weights._metadata() and kind in small
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.bfloat16)
     linear.weight.data, linear.bias = weight, (nn.Parameter(bias) if bias is not None else None)
     dual = decode_weights._dual_class()(linear, small)
@@ -108,3 +108,18 @@ def test_decode_weights_that_cannot_be_made_leave_bf16_decoding(tmp_path, caplog
         gguf_checkpoint._add_decode_weights(junk, tmp_path, model)
     assert not decode_weights.available(tmp_path)
     assert "answers decode in bf16" in caplog.text
+
+
+def test_weights_packed_by_another_torch_are_not_used(tmp_path):
+    """The int4 layout is torch's own: a file from another version (or a half-written one) counts as missing."""
+    import torch
+    from safetensors.torch import save_file
+
+    assert not decode_weights.available(tmp_path)
+    save_file({"x.q8": torch.zeros(2, 2, dtype=torch.int8)}, str(tmp_path / decode_weights.FILE),
+              metadata={"format": decode_weights.FORMAT, "torch": "1.0"})
+    assert not decode_weights.available(tmp_path)
+    (tmp_path / decode_weights.FILE).write_bytes(b"\x10\x00")
+    assert not decode_weights.available(tmp_path)
+    decode_weights.save({"x.q8": torch.zeros(2, 2, dtype=torch.int8)}, tmp_path)
+    assert decode_weights.available(tmp_path) and not (tmp_path / (decode_weights.FILE + ".part")).exists()
