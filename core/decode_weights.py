@@ -179,16 +179,16 @@ def attach(model: Any, folder: Path) -> int:
     from safetensors.torch import load_file
     from torch import nn
 
-    weights = load_file(str(Path(folder) / FILE))
+    by_module: dict[str, dict[str, Any]] = {}
+    for key, value in load_file(str(Path(folder) / FILE)).items():
+        name, kind = key.rsplit(".", 1)  # "model.layers.0.mlp.up_proj" and "q4" / "q4_scale_zero" / "q8" / ...
+        by_module.setdefault(name, {})[kind] = value
     dual = _dual_class()
     count = 0
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            small = {key[len(name) + 1:]: value for key in (f"{name}.q4", f"{name}.q4_scale_zero",
-                                                             f"{name}.q8", f"{name}.q8_scale")
-                     if (value := weights.get(key)) is not None}
-            if isinstance(child, nn.Linear) and small:
-                setattr(parent, child_name, dual(child, small))
-                count += 1
+    for name, small in by_module.items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(getattr(parent, child_name, None), nn.Linear):
+            setattr(parent, child_name, dual(getattr(parent, child_name), small))
+            count += 1
     return count
