@@ -182,7 +182,9 @@ def attach(model: Any, folder: Path) -> int:
     by_module: dict[str, dict[str, Any]] = {}
     for key, value in load_file(str(Path(folder) / FILE)).items():
         name, kind = key.rsplit(".", 1)  # "model.layers.0.mlp.up_proj" and "q4" / "q4_scale_zero" / "q8" / ...
-        by_module.setdefault(name, {})[kind] = value
+        # a copy, because safetensors hands out tensors at the file's offsets, and torch's int8 kernel
+        # crashes on weights not aligned to 64 bytes once it is given 4 rows or more (torch 2.13)
+        by_module.setdefault(name, {})[kind] = value.clone()
     dual = _dual_class()
     count = 0
     for name, small in by_module.items():

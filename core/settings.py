@@ -83,6 +83,10 @@ class Settings:
     llm_max_tokens: int = 512
     llm_temperature: float = 0.1
     llm_n_ctx: int = 4096
+    # tokens that transformers drafts per step by finding the answer's last words in the prompt (0: off): an answer
+    # that quotes its sources is written ~1.6x faster on two cores (README "Answers"). 3 = the 4 rows that the
+    # 4-bit decode kernels take (core/decode_weights.py); llama.cpp and OpenAI servers ignore it
+    llm_prompt_lookup: int = 3
     llm_threads: int = 0  # 0: all cores
     # tokens of file excerpts the answer prompt holds in all (kb/answer/context.py): the wait before the first word
     # against the facts stated (README "Answers": 420 tokens ~8 s and fewer facts; whole chunks ~27 s)
@@ -193,4 +197,7 @@ def load_settings(env: dict[str, str] | None = None, secrets_path: Path | None =
     if not 100 <= int(values.get("context_tokens", 700)) <= 20_000:  # type: ignore[call-overload]
         raise SettingsError(f"KB_CONTEXT_TOKENS={values['context_tokens']}: use 100 to 20000 (tokens of excerpts "
                             "in the answer prompt)")
+    if not 0 <= int(values.get("llm_prompt_lookup", 3)) <= 64:  # type: ignore[call-overload]
+        raise SettingsError(f"KB_LLM_PROMPT_LOOKUP={values['llm_prompt_lookup']}: use 0 (off) to 64 (tokens drafted "
+                            "from the prompt per step)")
     return Settings(**values)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from core.llm import (
     LLMError,
     build_chat_model,
     describe_llm,
+    drafts_from_prompt,
     prime_chat_model,
     reset_chat_model,
     resolve_gguf,
@@ -257,6 +258,15 @@ def test_unknown_backend(tmp_path):
         build_chat_model(settings)
 
 
+@pytest.mark.parametrize("raw", ["-1", "65", "three"])
+def test_prompt_lookup_out_of_range_is_a_clear_error(raw, tmp_path):
+    from core.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="KB_LLM_PROMPT_LOOKUP="):
+        load_settings(env={"KB_LLM_PROMPT_LOOKUP": raw, "KB_HOME": str(tmp_path)}, secrets_path=tmp_path / "x.toml")
+    assert load_settings(env={"KB_LLM_PROMPT_LOOKUP": "0"}, secrets_path=tmp_path / "x.toml").llm_prompt_lookup == 0
+
+
 @pytest.mark.parametrize(
     ("llm_path", "message"),
     [("", "needs KB_LLM_PATH"), ("/nonexistent/internlm2", "no such folder"), ("{tmp}", "no config.json")],
@@ -404,6 +414,34 @@ def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(default_bf16_checkpoint, d
     assert prime_chat_model(model, [SystemMessage("Answer in one word.")])
     answer = model.invoke([SystemMessage("Answer in one word."), HumanMessage("What is the capital of France?")])
     assert "paris" in answer.text.lower()
+    with torch.inference_mode():  # 2-4 rows (a drafted step) on the loaded weights: torch's int8 kernel crashed
+        for rows in (2, 3, 4):  # on safetensors' unaligned tensors from 4 rows on
+            for linear in (model.model.lm_head, model.model.model.layers[0].mlp.down_proj):
+                assert linear.q8.data_ptr() % 64 == 0
+                x = torch.randn(1, rows, linear.linear.in_features, dtype=torch.bfloat16)
+                assert torch.linalg.norm(linear(x) - linear.linear(x)) <= 0.03 * torch.linalg.norm(linear.linear(x))
+
+
+def test_drafting_from_the_prompt_writes_the_same_answer_in_fewer_steps(default_bf16_checkpoint, default_gguf_path):
+    """Greedy decoding with prompt lookup must give the answer token-by-token decoding gives, in fewer forwards."""
+    if not cpu_multiplies_bf16():
+        pytest.skip("KB_LLM=auto runs llama.cpp without AMX")
+    model = build_chat_model(Settings(llm="auto", llm_gguf=str(default_gguf_path), llm_max_tokens=40,
+                                      llm_temperature=0.0))
+    assert model.prompt_lookup == 3 and drafts_from_prompt(model.model)
+    source = "The flag `--cache-max-entry-count 0.4` limits the k/v cache to forty percent of free GPU memory."
+    messages = [SystemMessage("Quote the source exactly."), HumanMessage(f"Source: {source}\nWhich flag limits "
+                                                                         "the k/v cache? Quote the sentence.")]
+    steps = []
+    hook = model.model.register_forward_hook(lambda mod, args, kwargs, out: steps.append(1), with_kwargs=True)
+    try:
+        drafted = model.invoke(messages).text
+        drafted_steps, steps[:] = len(steps), []
+        plain = model.model_copy(update={"prompt_lookup": 0}).invoke(messages).text
+    finally:
+        hook.remove()
+    assert "--cache-max-entry-count" in drafted and drafted == plain
+    assert drafted_steps < len(steps)  # drafts were accepted: fewer forward passes for the same tokens
 
 
 def test_auto_without_amx_runs_llamacpp(default_gguf_path, monkeypatch):
