@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 FILE = "kb-decode-weights.safetensors"
-FORMAT = "kb-decode-1"
+FORMAT = "kb-decode-2"  # 2: every tensor 64-byte aligned in the file (1 was not, and was copied at each load)
+ALIGN = 64  # torch's int8 kernel crashes on weights not aligned to 64 bytes once given 4 rows or more (torch 2.13)
 GROUP = 32  # Q4_K's sub-block: 32 weights share a scale and a minimum
 ROWS = 4  # up to this many rows per call use the small weights; prompts use bf16
 
@@ -117,7 +118,28 @@ def save(weights: dict[str, Any], folder: Path) -> None:
 
     tmp = folder / (FILE + ".part")
     save_file(weights, str(tmp), metadata=_metadata())
+    pad = _padding(tmp)
+    if pad:
+        save_file(weights, str(tmp), metadata={**_metadata(), "pad": " " * pad})
     tmp.replace(folder / FILE)
+
+
+def _padding(path: Path) -> int:
+    """How many characters of metadata make the data start at a multiple of ``ALIGN`` bytes.
+
+    safetensors places each tensor at a multiple of its size from the start of the
+    data (here all multiples of 64), and the data follows an 8-byte length and the
+    JSON header. So with the header padded, the memory-mapped tensors are aligned
+    and loading them needs no copy. ``attach`` copies any that are not.
+    """
+    import struct
+
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        json_length = len(fh.read(length).rstrip(b" "))  # the library pads the JSON with spaces to 8 bytes
+    if (8 + length) % ALIGN == 0:
+        return 0
+    return (ALIGN - 8 - json_length - len(',"pad":""')) % ALIGN  # the JSON then ends 8 bytes short of a multiple
 
 
 def _metadata() -> dict[str, str]:
@@ -132,7 +154,7 @@ def available(folder: Path) -> bool:
 
     try:
         with safe_open(str(Path(folder) / FILE), "pt") as f:  # reads the header only
-            return f.metadata() == _metadata()
+            return {k: v for k, v in f.metadata().items() if k != "pad"} == _metadata()
     except (OSError, SafetensorError):
         return False
 
@@ -182,9 +204,8 @@ def attach(model: Any, folder: Path) -> int:
     by_module: dict[str, dict[str, Any]] = {}
     for key, value in load_file(str(Path(folder) / FILE)).items():
         name, kind = key.rsplit(".", 1)  # "model.layers.0.mlp.up_proj" and "q4" / "q4_scale_zero" / "q8" / ...
-        # a copy, because safetensors hands out tensors at the file's offsets, and torch's int8 kernel
-        # crashes on weights not aligned to 64 bytes once it is given 4 rows or more (torch 2.13)
-        by_module.setdefault(name, {})[kind] = value.clone()
+        aligned = value.data_ptr() % ALIGN == 0  # the file's tensors are, unless another writer made it
+        by_module.setdefault(name, {})[kind] = value if aligned else value.clone()
     dual = _dual_class()
     count = 0
     for name, small in by_module.items():
