@@ -317,6 +317,18 @@ def test_a_figure_the_lines_do_not_hold_is_not_supported():
     assert right.supported and right.line_start == 11 and not wrong.supported
 
 
+def test_a_digit_standing_alone_is_a_figure_but_not_the_digit_of_a_name_or_a_list_number():
+    sources = [hit("This calculator helps users estimate per-GPU memory consumption before running training jobs.\n"
+                   "Set `batch_size` to 1 when you train InternLM2 on 8xA100.", 1)]
+    fraction, count, number, names = support("The XTuner calculator says training needs about 4/5 of per-GPU "
+                                             "memory. Set `batch_size` to 1 when training.\n\n1. InternLM2 trains "
+                                             "on 8xA100.", sources, embed=None)
+    assert not fraction.supported  # "4/5": no line says it, however alike the words
+    assert count.supported and count.line_end == 11
+    assert number.text == "1." and not number.claim  # the list number is no figure, and claims nothing
+    assert names.supported  # nor are the digits of names
+
+
 def test_a_figure_the_question_names_is_its_subject_when_the_sources_state_it():
     # the heading is further above than a citation reaches (support.CONTEXT_LINES)
     filler = "\n".join(f"- 第 {i} 步：准备数据与配置文件" for i in range(1, 13))

@@ -41,6 +41,9 @@ from kb.words import tokenize
 
 THRESHOLD = 0.35  # lexical share x LEXICAL + cosine x (1 - LEXICAL); README "Answers" (hand-labelled)
 NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
+# a digit standing alone ("4/5", "8 张", "5%", "set to 1"): a count or a fraction, unlike the digit of "InternLM2",
+# "v1" or "8xA100", which belongs to a name
+DIGIT_RE = re.compile(r"(?<![A-Za-z0-9_.,])\d(?![A-Za-z0-9_.,])")
 CODE_SPAN_RE = re.compile(r"`([^`\n]+)`")
 IDENTIFIER_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+")  # snake_case and CONSTANT_CASE names
 # Paths, repos, URLs and images ("Dao-AILab/flash-attention-3.git", "yhcao6/ixc2.5-ol"): a slash, a letter, and a
@@ -106,8 +109,11 @@ def _squash(text: str) -> str:
 
 
 def _figures(sentence: str) -> list[str]:
-    """The numbers a sentence states (its markers aside): each must appear in the lines that support it."""
-    return [f for f in NUMBER_RE.findall(MARKER_RE.sub(" ", sentence)) if len(f) > 1]  # "InternLM2" is a name
+    """The numbers a sentence states (its markers and list number aside): each must appear in the lines that
+    support it. A single digit counts where it stands alone: "4/5 of GPU memory" is a claim about a fraction."""
+    text = MARKER_RE.sub(" ", sentence)
+    text = text[item.end():] if (item := LIST_ITEM_RE.match(text)) else text
+    return [f for f in NUMBER_RE.findall(text) if len(f) > 1] + DIGIT_RE.findall(text)
 
 
 def _names(sentence: str) -> list[str]:
