@@ -194,10 +194,12 @@ def load_settings(env: dict[str, str] | None = None, secrets_path: Path | None =
             raw = secrets.get(f.name)
         if raw is not None:
             values[f.name] = _coerce(raw, default, f.name)
-    if not 100 <= int(values.get("context_tokens", 700)) <= 20_000:  # type: ignore[call-overload]
-        raise SettingsError(f"KB_CONTEXT_TOKENS={values['context_tokens']}: use 100 to 20000 (tokens of excerpts "
-                            "in the answer prompt)")
-    if not 0 <= int(values.get("llm_prompt_lookup", 3)) <= 64:  # type: ignore[call-overload]
-        raise SettingsError(f"KB_LLM_PROMPT_LOOKUP={values['llm_prompt_lookup']}: use 0 (off) to 64 (tokens drafted "
-                            "from the prompt per step)")
+    _in_range(values, "context_tokens", 100, 20_000, "100 to 20000 (tokens of excerpts in the answer prompt)")
+    _in_range(values, "llm_prompt_lookup", 0, 64, "0 (off) to 64 (tokens drafted from the prompt per step)")
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def _in_range(values: dict[str, object], name: str, low: int, high: int, what: str) -> None:
+    """Refuse a number the code would misuse (a prompt with no excerpts, a negative draft) with the setting's name."""
+    if name in values and not low <= int(values[name]) <= high:  # type: ignore[call-overload]
+        raise SettingsError(f"KB_{name.upper()}={values[name]}: use {what}")

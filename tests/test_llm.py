@@ -265,6 +265,8 @@ def test_prompt_lookup_out_of_range_is_a_clear_error(raw, tmp_path):
     with pytest.raises(SettingsError, match="KB_LLM_PROMPT_LOOKUP="):
         load_settings(env={"KB_LLM_PROMPT_LOOKUP": raw, "KB_HOME": str(tmp_path)}, secrets_path=tmp_path / "x.toml")
     assert load_settings(env={"KB_LLM_PROMPT_LOOKUP": "0"}, secrets_path=tmp_path / "x.toml").llm_prompt_lookup == 0
+    with pytest.raises(SettingsError, match=r"KB_CONTEXT_TOKENS=50: use 100 to 20000"):
+        load_settings(env={"KB_CONTEXT_TOKENS": "50"}, secrets_path=tmp_path / "x.toml")
 
 
 @pytest.mark.parametrize(
