@@ -402,11 +402,17 @@ def test_conversion_is_kept_and_reused(default_bf16_checkpoint, default_gguf_pat
     assert ensure_checkpoint(default_gguf_path) == default_bf16_checkpoint
 
 
-def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(default_bf16_checkpoint, default_gguf_path):
+@pytest.fixture(scope="module")
+def auto_model(default_bf16_checkpoint, default_gguf_path):
+    """``KB_LLM=auto`` on the packaged GGUF, loaded once for the tests that read it."""
+    return build_chat_model(Settings(llm="auto", llm_gguf=str(default_gguf_path), llm_max_tokens=40,
+                                     llm_temperature=0.0))
+
+
+def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(auto_model, default_bf16_checkpoint):
     import torch
 
-    model = build_chat_model(Settings(llm="auto", llm_gguf=str(default_gguf_path), llm_max_tokens=8,
-                                      llm_temperature=0.0))
+    model = auto_model
     if not cpu_multiplies_bf16():
         assert isinstance(model, ChatLlamaCpp)
         return
@@ -414,7 +420,8 @@ def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(default_bf16_checkpoint, d
     assert model.model_path == str(default_bf16_checkpoint)
     assert sum(type(m).__name__ == "_DualLinear" for m in model.model.modules()) == 197  # every Linear: 4-bit decode
     assert prime_chat_model(model, [SystemMessage("Answer in one word.")])
-    answer = model.invoke([SystemMessage("Answer in one word."), HumanMessage("What is the capital of France?")])
+    answer = model.invoke([SystemMessage("Answer in one word."), HumanMessage("What is the capital of France?")],
+                          max_tokens=8)
     assert "paris" in answer.text.lower()
     with torch.inference_mode():  # 2-4 rows (a drafted step) on the loaded weights: torch's int8 kernel crashed
         for rows in (2, 3, 4):  # on safetensors' unaligned tensors from 4 rows on
@@ -424,12 +431,11 @@ def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(default_bf16_checkpoint, d
                 assert torch.linalg.norm(linear(x) - linear.linear(x)) <= 0.03 * torch.linalg.norm(linear.linear(x))
 
 
-def test_drafting_from_the_prompt_writes_the_same_answer_in_fewer_steps(default_bf16_checkpoint, default_gguf_path):
+def test_drafting_from_the_prompt_writes_the_same_answer_in_fewer_steps(auto_model):
     """Greedy decoding with prompt lookup must give the answer token-by-token decoding gives, in fewer forwards."""
     if not cpu_multiplies_bf16():
         pytest.skip("KB_LLM=auto runs llama.cpp without AMX")
-    model = build_chat_model(Settings(llm="auto", llm_gguf=str(default_gguf_path), llm_max_tokens=40,
-                                      llm_temperature=0.0))
+    model = auto_model
     assert model.prompt_lookup == 3 and drafts_from_prompt(model.model)
     source = "The flag `--cache-max-entry-count 0.4` limits the k/v cache to forty percent of free GPU memory."
     messages = [SystemMessage("Quote the source exactly."), HumanMessage(f"Source: {source}\nWhich flag limits "
