@@ -453,3 +453,12 @@ def test_a_stop_asked_for_while_the_model_reads_the_prompt_ends_the_answer(xtune
     reader.join(timeout=120)
     assert not reader.is_alive() and not "".join(pieces) and result.first_token_seconds is None
     assert result.sources and default_chat_model.client.n_tokens == 0  # searched, then the prompt's read was ended
+
+
+def test_a_figure_grouped_by_thousands_is_the_same_figure_written_plainly():
+    sources = [hit("The default `max_length` is 32768 tokens.\n| Model | Params |\n|---|---|\n| tiny | 200,000 |", 1)]
+    grouped, plain, other = support("The default max_length is 32,768 tokens. The tiny model has 200000 params. "
+                                    "The default max_length is 32,769 tokens.", sources, embed=None)
+    assert grouped.supported and grouped.line_start == 10, "the line writes it without the comma"
+    assert plain.supported and plain.line_end == 13, "the table cell groups it (read with its header)"
+    assert not other.supported, "another figure, grouped or not, is still not held"

@@ -41,6 +41,8 @@ from kb.words import tokenize
 
 THRESHOLD = 0.35  # lexical share x LEXICAL + cosine x (1 - LEXICAL); README "Answers" (hand-labelled)
 NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
+# a comma grouping thousands ("200,000"): a sentence and its line may group a figure differently, or not at all
+GROUPING_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # a digit standing alone ("4/5", "8 张", "5%", "set to 1"): a count or a fraction, unlike the digit of "InternLM2",
 # "v1" or "8xA100", which belongs to a name
 DIGIT_RE = re.compile(r"(?<![A-Za-z0-9_.,])\d(?![A-Za-z0-9_.,])")
@@ -105,7 +107,12 @@ def _claim_words(sentence: str) -> list[str]:
 
 
 def _squash(text: str) -> str:
-    return re.sub(r"\s+", "", text).lower()
+    """Spaces out, lower case, and figures ungrouped: "200,000" and "200000" are one figure."""
+    return GROUPING_RE.sub("", re.sub(r"\s+", "", text)).lower()
+
+
+def _ungroup(figure: str) -> str:
+    return GROUPING_RE.sub("", figure)
 
 
 def _figures(sentence: str) -> list[str]:
@@ -113,7 +120,7 @@ def _figures(sentence: str) -> list[str]:
     support it. A single digit counts where it stands alone: "4/5 of GPU memory" is a claim about a fraction."""
     text = MARKER_RE.sub(" ", sentence)
     text = text[item.end():] if (item := LIST_ITEM_RE.match(text)) else text
-    return [f for f in NUMBER_RE.findall(text) if len(f) > 1] + DIGIT_RE.findall(text)
+    return [_ungroup(f) for f in NUMBER_RE.findall(text) if len(f) > 1] + DIGIT_RE.findall(text)
 
 
 def _names(sentence: str) -> list[str]:
@@ -236,7 +243,7 @@ def _read_right(figure: str, row: _Row, sentence: str, question: str = "") -> bo
     names no column (or no row), the question's do: "86.6 分。" answers the
     "Chat Hard" it was asked about.
     """
-    at = [c for c, v in enumerate(row.cells) if NUMERIC_CELL_RE.fullmatch(v) and v.rstrip("%") == figure]
+    at = [c for c, v in enumerate(row.cells) if NUMERIC_CELL_RE.fullmatch(v) and _ungroup(v.rstrip("%")) == figure]
     if not at:
         return None
     columns = {c: row.header[c] for c, v in enumerate(row.cells) if NUMERIC_CELL_RE.fullmatch(v) and c < len(row.header)}
@@ -277,7 +284,7 @@ class Aligner:
         # A figure the question names ("浦语·灵笔2.5", "CompassBench 2.0 v1.3") and some excerpt states is the
         # subject, not a claim: the supporting lines need not repeat it. "MI300", which no excerpt states, stays a
         # claim to check.
-        stated = {f for h in self.excerpts for f in NUMBER_RE.findall(h.text)}
+        stated = {_ungroup(f) for h in self.excerpts for f in NUMBER_RE.findall(h.text)}
         self.given = set(_figures(question)) & stated
         # words the sentence repeats from the question weigh ECHO: "the tiny qwen3 example needs about 8G" is
         # supported by "only 8G of memory is needed", though the line doesn't repeat the question's words
