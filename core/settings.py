@@ -75,8 +75,8 @@ class Settings:
     # vector store
     chroma_url: str = ""  # empty: embedded PersistentClient in home/chroma
     # LLM
-    # auto: the packaged GGUF through transformers in bf16 where the CPU has AMX (first token ~5x sooner, README
-    # "Answers"), else through llama.cpp | llamacpp | transformers (KB_LLM_PATH) | openai
+    # auto: the packaged GGUF through transformers in bf16 where the CPU multiplies bf16 (AMX: first token ~5x
+    # sooner; AVX512-BF16: ~2x; README "The runtime"), else through llama.cpp | llamacpp | transformers (KB_LLM_PATH) | openai
     llm: str = "auto"
     llm_gguf: str = ""  # empty: join the packaged Qwen2.5-Coder GGUF into home/models
     llm_path: str = ""  # local transformers checkpoint folder (InternLM)
@@ -117,6 +117,11 @@ class Settings:
     @property
     def repos_path(self) -> Path:
         return self.home / "repos"
+
+    @property
+    def cache_path(self) -> Path:
+        """What can be rebuilt from the rest (BM25 matrices): deleting it costs time, never data."""
+        return self.home / "cache"
 
     @property
     def models_path(self) -> Path:

@@ -41,6 +41,22 @@ class BM25Matrix:
         self.weights = sparse.csc_matrix((weights.astype(np.float32), (tf.row, tf.col)), shape=(n, v))
         self.size = n
 
+    def state(self) -> dict:
+        """The arrays that make the matrix, to save it (``kb/search/lexical.py``) instead of building it again."""
+        return {"data": self.weights.data, "indices": self.weights.indices, "indptr": self.weights.indptr,
+                "idf": self.idf, "vocab": list(self.vocab), "size": self.size}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "BM25Matrix":
+        """The matrix ``state()`` described; the vocabulary is in column order."""
+        matrix = cls.__new__(cls)
+        matrix.vocab = {t: i for i, t in enumerate(state["vocab"])}
+        matrix.idf = np.asarray(state["idf"], dtype=np.float64)
+        matrix.size = int(state["size"])
+        matrix.weights = sparse.csc_matrix((state["data"], state["indices"], state["indptr"]),
+                                           shape=(matrix.size, len(matrix.vocab)))
+        return matrix
+
     def max_idf(self, query_tokens: Sequence[str]) -> float:
         """How specific the query's rarest known term is (0 when none is known)."""
         cols = [self.vocab[t] for t in query_tokens if t in self.vocab]

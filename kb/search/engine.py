@@ -8,11 +8,9 @@ fuses them (``kb/search/fusion.py``), optionally reranks
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -27,9 +25,9 @@ from core.settings import Settings
 from kb import log as runlog
 from kb.errors import KBError
 from kb.ingest.chunking import ChunkConfig
-from kb.search.bm25 import BM25Matrix
 from kb.search.fusion import fuse, specificity
-from kb.search import signals
+from kb.search import lexical, signals
+from kb.search.lexical import Lexical
 from kb.search.hits import (BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit, SearchOptions,
                             hit_from_document)
 from kb.search.rerank import CrossEncoderReranker
@@ -62,35 +60,12 @@ class SearchableKB(Protocol):
     def read_document(self, source: str, path: str): ...
 
 
-@dataclass
-class _Lexical:
-    version: str
-    matrix: BM25Matrix
-    ids: list[str]
-    sources: np.ndarray
-    paths: np.ndarray
-    parents: list[str]  # passages: each one's chunk; chunks: empty
-    owners: signals.Sources  # the same sources, counted once for the named-source signals
-    masks: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per source, as they are asked for
-
-    @functools.cached_property
-    def row_of(self) -> dict[str, int]:
-        """Each id's row: a passage's chunk and source without reading its metadata back from Chroma."""
-        return {cid: i for i, cid in enumerate(self.ids)}
-
-    def of_source(self, source: str) -> np.ndarray:
-        """The rows of one source, kept: comparing every row's source per query costs ms at 200k rows."""
-        if source not in self.masks:
-            self.masks[source] = self.sources == source
-        return self.masks[source]
-
-
 class SearchEngine:
     """Searches the live collection; caches the BM25 matrix per collection version."""
 
     def __init__(self, kb: SearchableKB) -> None:
         self.kb = kb
-        self._lexical: dict[str, _Lexical] = {}
+        self._lexical: dict[str, Lexical] = {}
         self._stores: dict[tuple[str, str], Chroma] = {}
         self._passages_of: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
@@ -113,7 +88,7 @@ class SearchEngine:
     def _where(self, opts: SearchOptions) -> dict | None:
         return self.kb.where(opts.source, opts.path_prefix)
 
-    def lexical(self, collection: str, passages: bool = False) -> _Lexical | None:
+    def lexical(self, collection: str, passages: bool = False) -> Lexical | None:
         """The BM25 matrix of a collection (or of its passages), rebuilt only when a sync changed it."""
         version = self.kb.manifest.collection_version(collection)
         key = (collection, passages)
@@ -124,23 +99,7 @@ class SearchEngine:
             coll = self.kb.index.passages(collection) if passages else self.kb.index.get(collection)
             if coll is None:
                 return None
-            ids, tokens, sources, paths, parents = [], [], [], [], []
-            offset = 0
-            while True:
-                page = coll.get(include=["metadatas"], limit=5000, offset=offset)
-                for cid, meta in zip(page["ids"], page["metadatas"]):
-                    ids.append(cid)
-                    tokens.append((meta.get("bm25") or "").split())
-                    sources.append(meta["source"])
-                    paths.append(meta["path"])
-                    if passages:
-                        parents.append(meta["parent"])
-                if len(page["ids"]) < 5000:
-                    break
-                offset += 5000
-            sources = np.asarray(sources, dtype=object)
-            lex = _Lexical(version, BM25Matrix(tokens), ids, sources, np.asarray(paths, dtype=object), parents,
-                           signals.Sources(sources))
+            lex = lexical.lexical(coll, collection, version, passages, self.kb.settings.cache_path / "bm25")
             self._lexical[key] = lex
             return lex
 
@@ -187,7 +146,7 @@ class SearchEngine:
         return [(Document(page_content=rows["documents"][i], metadata=rows["metadatas"][i], id=rows["ids"][i]),
                  float(cos[i])) for i in top]
 
-    def _bm25_top(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions,
+    def _bm25_top(self, lex: Lexical, tokens: list[str], n: int, opts: SearchOptions,
                   within: str | None = None) -> list[tuple[int, float]]:
         """The top rows, within the filter's source (or else ``within``, the one source the question names)."""
         mask = None
@@ -259,7 +218,7 @@ class SearchEngine:
             owners.update((pid, (m["parent"], m["source"])) for pid, m in zip(got["ids"], got["metadatas"]))
         return owners
 
-    def _bm25(self, lex: _Lexical, tokens: list[str], n: int, opts: SearchOptions,
+    def _bm25(self, lex: Lexical, tokens: list[str], n: int, opts: SearchOptions,
               within: str | None = None) -> list[tuple[str, float]]:
         """Chunk ids by BM25; over passages (``lex.parents``), each passage's chunk."""
         if not lex.parents:
@@ -366,7 +325,7 @@ class SearchEngine:
             h.rank = r
         return hits
 
-    def _hybrid(self, coll, collection: str, query: str, lex: _Lexical, tokens: list[str], named: list[str],
+    def _hybrid(self, coll, collection: str, query: str, lex: Lexical, tokens: list[str], named: list[str],
                 lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions) -> list[Hit]:
         """Fuse the lists, with the document-level signals of ``kb/search/signals.py``."""
         language = signals.query_language(query)
@@ -392,7 +351,7 @@ class SearchEngine:
             h.score = round(h.score, 6)
         return hits
 
-    def _fade(self, lex: _Lexical, rest: list[str], source: str, opts: SearchOptions) -> float:
+    def _fade(self, lex: Lexical, rest: list[str], source: str, opts: SearchOptions) -> float:
         """1 for a question whose other words are generic, down to 0 as they get specific.
 
         With ``own_words_fade``, only the words the source itself uses count: a
@@ -403,7 +362,7 @@ class SearchEngine:
             rest = [w for w in rest if signals.uses(lex.matrix, lex.owners, source, w)]
         return 1.0 - min(1.0, lex.matrix.max_idf(rest) / opts.rest_idf) if rest else 1.0
 
-    def _named_source_lists(self, coll, collection: str, query: str, lex: _Lexical, tokens: list[str],
+    def _named_source_lists(self, coll, collection: str, query: str, lex: Lexical, tokens: list[str],
                             named: list[str], language: str, opts: SearchOptions) -> tuple[dict, dict]:
         """The lists a named source adds (its README's opening and sections), and every signal list's weight.
 
