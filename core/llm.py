@@ -2,9 +2,9 @@
 
 - ``auto`` (default): the GGUF model (``KB_LLM_GGUF``, else the packaged
   Qwen2.5-Coder-1.5B-Instruct, joined on first use, see ``core.gguf``, so a fresh
-  machine answers offline) through transformers in bfloat16 where the CPU has AMX
-  (``core.gguf_checkpoint``: it reads a prompt about 5x faster than llama.cpp
-  there, and writes with the GGUF's own 4-bit blocks, ``core.decode_weights``),
+  machine answers offline) through transformers in bfloat16 where the CPU
+  multiplies bf16 (AMX or AVX512-BF16; ``core.gguf_checkpoint``: it reads a
+  prompt about 5x (AMX) or 2x (AVX512-BF16) faster than llama.cpp there, and writes with the GGUF's own 4-bit blocks, ``core.decode_weights``),
   else through llama.cpp.
 - ``llamacpp``: a GGUF file run in-process by llama-cpp-python.
 - ``transformers``: a local checkpoint folder (the tutorial's InternLM2 / InternLM
@@ -612,7 +612,7 @@ def _load_transformers(path: Path, settings: Settings) -> ChatTransformers:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
-    # bf16 on a GPU, and on a CPU with AMX, where oneDNN multiplies it ~9x faster than float32 (README "Answers")
+    # bf16 on a GPU, and on a CPU with AMX or AVX512-BF16, where oneDNN multiplies it 3-9x faster than float32 (README "Answers")
     dtype = torch.bfloat16 if cuda or cpu_multiplies_bf16() else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, local_files_only=True)
@@ -636,12 +636,12 @@ def _load_transformers(path: Path, settings: Settings) -> ChatTransformers:
 
 
 def auto_runtime(settings: Settings) -> str:
-    """What ``KB_LLM=auto`` runs the GGUF model with here: ``transformers`` where the CPU has AMX, else ``llamacpp``."""
+    """What ``KB_LLM=auto`` runs the GGUF model with here: ``transformers`` where the CPU multiplies bf16, else ``llamacpp``."""
     return "transformers" if cpu_multiplies_bf16() else "llamacpp"
 
 
 def _build_auto(settings: Settings) -> BaseChatModel:
-    """The GGUF model where it answers soonest: its bf16 checkpoint on a CPU with AMX, else llama.cpp."""
+    """The GGUF model where it answers soonest: its bf16 checkpoint on a CPU that multiplies bf16 (AMX, AVX512-BF16), else llama.cpp."""
     if auto_runtime(settings) == "llamacpp":
         return _build_llamacpp(settings)
     gguf = resolve_gguf(settings)

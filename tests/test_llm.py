@@ -409,7 +409,7 @@ def auto_model(default_bf16_checkpoint, default_gguf_path):
                                      llm_temperature=0.0))
 
 
-def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(auto_model, default_bf16_checkpoint):
+def test_auto_runs_the_gguf_in_bf16_on_a_cpu_that_multiplies_bf16(auto_model, default_bf16_checkpoint):
     import torch
 
     model = auto_model
@@ -434,7 +434,7 @@ def test_auto_runs_the_gguf_in_bf16_on_a_cpu_with_amx(auto_model, default_bf16_c
 def test_drafting_from_the_prompt_writes_the_same_answer_in_fewer_steps(auto_model):
     """Greedy decoding with prompt lookup must give the answer token-by-token decoding gives, in fewer forwards."""
     if not cpu_multiplies_bf16():
-        pytest.skip("KB_LLM=auto runs llama.cpp without AMX")
+        pytest.skip("KB_LLM=auto runs llama.cpp on a CPU without bf16 (AMX, AVX512-BF16)")
     model = auto_model
     assert model.prompt_lookup == 3 and drafts_from_prompt(model.model)
     source = "The flag `--cache-max-entry-count 0.4` limits the k/v cache to forty percent of free GPU memory."
@@ -452,9 +452,18 @@ def test_drafting_from_the_prompt_writes_the_same_answer_in_fewer_steps(auto_mod
     assert drafted_steps < len(steps)  # drafts were accepted: fewer forward passes for the same tokens
 
 
-def test_auto_without_amx_runs_llamacpp(default_gguf_path, monkeypatch):
+def test_bf16_hardware_is_amx_or_avx512_bf16():
+    from core.gguf_checkpoint import multiplies_bf16
+
+    assert multiplies_bf16(["avx2", "amx_tile", "amx_bf16", "amx_int8"])  # Intel Sapphire Rapids
+    assert multiplies_bf16(["avx2", "avx512f", "avx512_bf16"])  # AMD Zen 4, Intel Cooper Lake
+    assert not multiplies_bf16(["avx2", "avx512f", "avx512_vnni"]) and not multiplies_bf16(["amx_tile"])
+    assert not multiplies_bf16([])
+
+
+def test_auto_without_bf16_hardware_runs_llamacpp(default_gguf_path, monkeypatch):
     monkeypatch.setattr("core.llm.cpu_multiplies_bf16", lambda: False)
-    monkeypatch.setattr("core.llm.ensure_checkpoint", lambda *_: pytest.fail("no conversion without AMX"))
+    monkeypatch.setattr("core.llm.ensure_checkpoint", lambda *_: pytest.fail("no conversion without bf16 hardware"))
     model = build_chat_model(Settings(llm="auto", llm_gguf=str(default_gguf_path), llm_max_tokens=4))
     assert isinstance(model, ChatLlamaCpp)
 
