@@ -51,9 +51,9 @@ def test_a_saved_matrix_scores_as_the_one_it_was_saved_from():
 
 def test_the_next_process_reads_the_copy_instead_of_chroma(coll, tmp_path):
     folder = tmp_path / "cache"
-    first = lexical.lexical(coll, "kb_test", "7", True, folder)
+    first = lexical.read_or_build(coll, "kb_test", "7", True, folder)
     assert coll.gets == 1 and len(list(folder.glob("*.npz"))) == 1
-    second = lexical.lexical(coll, "kb_test", "7", True, folder)
+    second = lexical.read_or_build(coll, "kb_test", "7", True, folder)
     assert coll.gets == 1, "read from the file, not from Chroma"
     assert second.ids == first.ids and second.parents == first.parents == ["chunk0", "chunk0", "chunk1", "chunk1",
                                                                            "chunk2"]
@@ -61,32 +61,32 @@ def test_the_next_process_reads_the_copy_instead_of_chroma(coll, tmp_path):
     assert second.matrix.top(["turbomind"], 3) == first.matrix.top(["turbomind"], 3)
     assert np.array_equal(second.of_source("s"), first.of_source("s"))
     assert list(second.owners.names) == ["s", "t"] and list(second.owners.sizes) == [2, 3]
-    chunks = lexical.lexical(coll, "kb_test", "7", False, folder)  # the chunks' side is a file of its own
+    chunks = lexical.read_or_build(coll, "kb_test", "7", False, folder)  # the chunks' side is a file of its own
     assert coll.gets == 2 and chunks.parents == [] and len(list(folder.glob("*.npz"))) == 2
 
 
 def test_a_new_version_or_count_is_built_again_and_replaces_the_old_copy(coll, tmp_path):
     folder = tmp_path / "cache"
-    lexical.lexical(coll, "kb_test", "7", False, folder)
-    lexical.lexical(coll, "kb_test", "8", False, folder)  # a sync changed the collection
+    lexical.read_or_build(coll, "kb_test", "7", False, folder)
+    lexical.read_or_build(coll, "kb_test", "8", False, folder)  # a sync changed the collection
     assert coll.gets == 2
     assert [p.name for p in folder.glob("*.npz")] == ["kb_test.chunks.8.npz"], "the old version is removed"
     coll.coll.add(ids=["c9"], documents=["new"], embeddings=[[9.0, 1.0]],
                   metadatas=[{"bm25": "new", "source": "s", "path": "p9.md"}])
-    grown = lexical.lexical(coll, "kb_test", "8", False, folder)  # the same version, but not the same records
+    grown = lexical.read_or_build(coll, "kb_test", "8", False, folder)  # the same version, but not the same records
     assert coll.gets == 3 and grown.ids[-1] == "c9"
-    assert lexical.lexical(coll, "kb_test", "8", False, folder).ids == grown.ids and coll.gets == 3
+    assert lexical.read_or_build(coll, "kb_test", "8", False, folder).ids == grown.ids and coll.gets == 3
 
 
 @pytest.mark.parametrize("damage", [b"", b"not a zip file", None])
 def test_a_damaged_copy_is_built_again_and_overwritten(coll, tmp_path, caplog, damage):
     folder = tmp_path / "cache"
-    built = lexical.lexical(coll, "kb_test", "7", False, folder)
+    built = lexical.read_or_build(coll, "kb_test", "7", False, folder)
     (path,) = folder.glob("*.npz")
     raw = path.read_bytes()
     path.write_bytes(damage if damage is not None else raw[: len(raw) // 2])
     with caplog.at_level(logging.WARNING, logger="kb.search.lexical"):
-        again = lexical.lexical(coll, "kb_test", "7", False, folder)
+        again = lexical.read_or_build(coll, "kb_test", "7", False, folder)
     assert coll.gets == 2 and again.ids == built.ids
     assert "building it again" in caplog.text
     assert lexical.load(path, "7", len(TEXTS)) is not None, "the copy was written again, whole"
@@ -96,7 +96,7 @@ def test_an_unwritable_cache_costs_the_build_only(coll, tmp_path, caplog):
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the folder should be")
     with caplog.at_level(logging.WARNING, logger="kb.search.lexical"):
-        lex = lexical.lexical(coll, "kb_test", "7", False, blocker / "bm25")
+        lex = lexical.read_or_build(coll, "kb_test", "7", False, blocker / "bm25")
     assert lex.ids == [f"c{i}" for i in range(len(TEXTS))] and "not written" in caplog.text
 
 

@@ -99,7 +99,7 @@ class SearchEngine:
             coll = self.kb.index.passages(collection) if passages else self.kb.index.get(collection)
             if coll is None:
                 return None
-            lex = lexical.lexical(coll, collection, version, passages, self.kb.settings.cache_path / "bm25")
+            lex = lexical.read_or_build(coll, collection, version, passages, self.kb.settings.cache_path / "bm25")
             self._lexical[key] = lex
             return lex
 

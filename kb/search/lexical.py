@@ -135,7 +135,7 @@ def load(path: Path, version: str, count: int) -> Lexical | None:
     return _lexical(version, matrix, *rows)
 
 
-def lexical(coll, collection: str, version: str, passages: bool, folder: Path | None) -> Lexical:
+def read_or_build(coll, collection: str, version: str, passages: bool, folder: Path | None) -> Lexical:
     """The collection's BM25 side: from ``folder`` when a copy of this version is there, else read from Chroma
     (and saved there). ``folder`` None: no copy on disk."""
     path = cache_path(folder, collection, version, passages) if folder is not None else None
