@@ -29,8 +29,12 @@ UPLOAD_MB = $(BIN)/python -c 'import math; from core.settings import load_settin
 run: $(STAMP)
 	$(BIN)/streamlit run Home.py --server.maxUploadSize "$$($(UPLOAD_MB))"
 
+# Two workers, each with its own session fixtures (models loaded once per worker); a test file stays on one worker,
+# so module fixtures (the crash-safety clean run) are built once. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

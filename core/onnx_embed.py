@@ -44,11 +44,25 @@ def _pooling_mode(model_dir: Path) -> str:
 
 
 def build_int8_model(model_dir: Path, cache_dir: Path) -> Path:
-    """Export to ONNX and quantize to int8, once; returns the quantized file."""
+    """Export to ONNX and quantize to int8, once; returns the quantized file.
+
+    A lock keeps two processes (the dashboard and the CLI, or two test workers) that share
+    the cache from writing the same temporary files at once; the second waits, then finds
+    the file ready.
+    """
+    from filelock import FileLock
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{model_dir.name}-{_model_fingerprint(model_dir)}.int8.onnx"
     if target.is_file():
         return target
+    with FileLock(str(target) + ".lock"):
+        if not target.is_file():
+            _export_int8(model_dir, target)
+    return target
+
+
+def _export_int8(model_dir: Path, target: Path) -> None:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModel, AutoTokenizer
@@ -78,7 +92,6 @@ def build_int8_model(model_dir: Path, cache_dir: Path) -> Path:
     quantize_dynamic(str(float_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
     float_path.unlink(missing_ok=True)
     tmp.rename(target)
-    return target
 
 
 class OnnxInt8Embeddings(Embeddings):

@@ -106,3 +106,30 @@ def test_packaged_minilm_int8_export_is_within_cosine_098(minilm_float, tmp_path
     p, u, q = np.asarray(minilm_float.embed_documents(["Steps to set up OpenCompass", "The weather is nice today",
                                                        "How do I install OpenCompass?"]))
     assert float(q @ p) > float(q @ u) + 0.2
+
+
+def test_two_processes_exporting_at_once_share_one_file(tmp_path, tiny_st_dir):
+    """The dashboard and the CLI (or two test workers) may both find the export missing: the lock makes them wait."""
+    import subprocess
+    import sys
+    import time
+
+    from filelock import FileLock
+
+    from conftest import ROOT
+    from core.onnx_embed import _model_fingerprint
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = cache / f"{tiny_st_dir.name}-{_model_fingerprint(tiny_st_dir)}.int8.onnx"
+    code = ("import sys; from pathlib import Path; from core.onnx_embed import build_int8_model; "
+            "print(build_int8_model(Path(sys.argv[1]), Path(sys.argv[2])))")
+    with FileLock(str(target) + ".lock"):  # a third process is exporting
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_st_dir), str(cache)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        time.sleep(10)  # long enough for an unguarded export of the tiny model
+        assert not target.exists() and [p.poll() for p in procs] == [None, None]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(target)}
+    assert sorted(p.name for p in cache.iterdir()) == [target.name, target.name + ".lock"]  # no temporary file left
