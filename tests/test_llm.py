@@ -402,6 +402,23 @@ def test_conversion_is_kept_and_reused(default_bf16_checkpoint, default_gguf_pat
     assert ensure_checkpoint(default_gguf_path) == default_bf16_checkpoint
 
 
+
+def test_the_conversion_parses_each_gguf_once_and_restores_the_reader(tmp_path):
+    import gguf as gguf_py
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf_py.GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", np.ones((2, 2), dtype=np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    original = gguf_py.GGUFReader
+    with gguf_checkpoint._one_reader_per_file():
+        first = gguf_py.GGUFReader(path)
+        assert gguf_py.GGUFReader(str(path)) is first and first.tensors[0].name == "w"
+    assert gguf_py.GGUFReader is original and original(path) is not first
+
 @pytest.fixture(scope="module")
 def auto_model(default_bf16_checkpoint, default_gguf_path):
     """``KB_LLM=auto`` on the packaged GGUF, loaded once for the tests that read it."""
