@@ -402,7 +402,6 @@ def test_conversion_is_kept_and_reused(default_bf16_checkpoint, default_gguf_pat
     assert ensure_checkpoint(default_gguf_path) == default_bf16_checkpoint
 
 
-
 def test_the_conversion_parses_each_gguf_once_and_restores_the_reader(tmp_path):
     import gguf as gguf_py
     import numpy as np
@@ -418,6 +417,7 @@ def test_the_conversion_parses_each_gguf_once_and_restores_the_reader(tmp_path):
         first = gguf_py.GGUFReader(path)
         assert gguf_py.GGUFReader(str(path)) is first and first.tensors[0].name == "w"
     assert gguf_py.GGUFReader is original and original(path) is not first
+
 
 @pytest.fixture(scope="module")
 def auto_model(default_bf16_checkpoint, default_gguf_path):
