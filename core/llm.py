@@ -16,8 +16,10 @@
 Every model supports ``.invoke`` and ``.stream`` (real token streaming). Loading
 is slow (seconds to minutes), so callers build a model once and cache it.
 llama.cpp keeps the tokens it has evaluated and reuses the longest common
-prefix of the next prompt (the answer prompt's rules), so the chain no longer
-resets it between questions; ``reset_chat_model`` drops that state on demand.
+prefix of the next prompt (the answer prompt's rules), and a transformers model
+keeps its last prompts' keys and values to the same end (``core.prompt_cache``),
+so the chain no longer resets them between questions; ``reset_chat_model``
+drops that state on demand.
 
 Heavy libraries (llama_cpp, torch, transformers, openai) are imported only by the
 backend that needs them, so e.g. the openai path never loads torch.
@@ -53,6 +55,7 @@ from core.errors import UserError
 from core.gguf import GGUF_NAME, GGUFError, ensure_gguf
 from core import decode_weights
 from core.gguf_checkpoint import cpu_multiplies_bf16, ensure_checkpoint
+from core.prompt_cache import PromptCache, feed_only_uncached
 from core.settings import Settings
 
 BACKENDS = ("auto", "llamacpp", "transformers", "openai")
@@ -381,6 +384,7 @@ class ChatTransformers(_Turns, BaseChatModel):
     max_tokens: int = 512
     temperature: float = 0.1
     prompt_lookup: int = 0  # tokens drafted per step from the prompt (transformers' prompt lookup); 0: off
+    _prompt_cache: PromptCache = PrivateAttr(default_factory=PromptCache)
     supports_cancel: ClassVar[bool] = True  # ``.bind(cancel_event=...)``: Stop ends generation at the next token
 
     @property
@@ -450,6 +454,9 @@ class ChatTransformers(_Turns, BaseChatModel):
         gen_kwargs["eos_token_id"] = turn_end_ids(self.tokenizer, self.model)
         if self.prompt_lookup and drafts_from_prompt(self.model):
             gen_kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup
+        prompt = inputs["input_ids"][0]
+        if cuts_cache(self.model):
+            gen_kwargs["cache"] = self._cache_for(prompt)
         if self.tokenizer.pad_token_id is None:
             gen_kwargs["pad_token_id"] = self.tokenizer.eos_token_id
         if stop:
@@ -464,8 +471,22 @@ class ChatTransformers(_Turns, BaseChatModel):
         finally:  # a reader that stops early stops generation at the next token
             cancelled.set()
             worker.join()
+            if not errors and "cache" in gen_kwargs:
+                self._prompt_cache.give_back(prompt, gen_kwargs["cache"])
         if errors:
             raise LLMError(f"generation failed in {self.model_path}: {errors[0]}") from errors[0]
+
+    def _cache_for(self, prompt: Any) -> Any:
+        """A cache already holding the longest prefix of ``prompt`` this model has read, else an empty one."""
+        from transformers import DynamicCache
+
+        feed_only_uncached(self.model)
+        cache, _ = self._prompt_cache.take(prompt)
+        return cache if cache is not None else DynamicCache(config=self.model.config)
+
+    def reset(self) -> None:
+        """Forget the prompts read so far (the next one is read in full)."""
+        self._prompt_cache.clear()
 
     def _stream_remote(self, messages: list[BaseMessage], max_tokens: int, temperature: float) -> Iterator[str]:
         """Use the checkpoint's own ``stream_chat``/``chat`` (InternLM remote code)."""
@@ -502,6 +523,15 @@ def _accepts(method: Any, name: str, via: Any = None) -> bool:
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
+def cuts_cache(model: Any) -> bool:
+    """Whether ``model``'s cache can be cut back to a prefix: transformers' own stateless architectures.
+
+    Remote code (InternLM's own) and stateful models keep other caches, which are not tested here.
+    """
+    native = type(model).__module__.startswith("transformers.models.")
+    return native and not getattr(model, "_is_stateful", False)
+
+
 def drafts_from_prompt(model: Any) -> bool:
     """Whether generate may draft tokens from the prompt for ``model``: transformers' own architectures only.
 
@@ -511,8 +541,7 @@ def drafts_from_prompt(model: Any) -> bool:
     needs a cache that can be cut back, which stateful models lack and which remote
     code (InternLM's own) is not tested with here, so those decode a token at a time.
     """
-    native = type(model).__module__.startswith("transformers.models.")
-    return native and not getattr(model, "_is_stateful", False)
+    return cuts_cache(model)
 
 
 def turn_end_ids(tokenizer: Any, model: Any) -> list[int] | None:
@@ -766,12 +795,12 @@ def _unbound(model: Runnable) -> Runnable:
 def prime_chat_model(model: Runnable, messages: list[BaseMessage]) -> bool:
     """Read a prompt's fixed beginning before anyone asks; True when the model had something to gain.
 
-    llama.cpp reuses the longest common prefix of the tokens it has read, so a
-    server that reads its answer rules once at start-up spares its first
-    question those seconds, as every later question is spared them. A
-    transformers model keeps no tokens between questions, but its first long
-    prompt on a CPU pays ~3 s for oneDNN to build its kernels, which this pays
-    instead. Remote models are left alone.
+    llama.cpp and a transformers model (``core.prompt_cache``) reuse the longest
+    common prefix of the tokens they have read, so a server that reads its answer
+    rules once at start-up spares its first question those seconds, as every
+    later question is spared them. A transformers model's first long prompt on a
+    CPU also pays ~3 s for oneDNN to build its kernels, which this pays instead.
+    Remote models are left alone.
     """
     model = _unbound(model)
     if not isinstance(model, (ChatLlamaCpp, ChatTransformers)):
@@ -783,9 +812,10 @@ def prime_chat_model(model: Runnable, messages: list[BaseMessage]) -> bool:
 def reset_chat_model(model: Runnable) -> None:
     """Clear per-conversation state between independent questions.
 
-    Only the in-process llama.cpp model keeps any (its evaluated tokens); for the
-    others this does nothing. Accepts a model wrapped by ``.bind(...)`` too.
+    Only the in-process models keep any (llama.cpp its evaluated tokens, a transformers
+    model its prompt caches); for the others this does nothing. Accepts a model
+    wrapped by ``.bind(...)`` too.
     """
     model = _unbound(model)
-    if isinstance(model, ChatLlamaCpp):
+    if isinstance(model, (ChatLlamaCpp, ChatTransformers)):
         model.reset()
