@@ -2,10 +2,10 @@
 
 llama.cpp keeps the tokens it has read and reads only what follows the longest
 common prefix of the next prompt. The answer prompt starts with the same rules
-for every question (about 190 tokens), so without this the transformers path
-read them again each time: 1.5 s of a 9 s first token on a two-core CPU without
-AMX. transformers' ``generate`` takes a filled ``DynamicCache`` as
-``past_key_values`` and reads only the tokens past its length; this keeps a few
+for every question (183 tokens), so without this the transformers path read
+them again each time: 1.2 s of a 9.7 s first token on a two-core CPU without
+AMX (README "The runtime"). transformers' ``generate`` takes a filled
+``DynamicCache`` as ``cache`` and reads only the tokens past its length; this keeps a few
 such caches (the answer prompt's and the follow-up rewrite's differ) and hands
 out the one sharing the longest prefix, cut back to it.
 
