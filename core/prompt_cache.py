@@ -7,7 +7,7 @@ them again each time: 1.2 s of a 9.7 s first token on a two-core CPU without
 AMX (README "The runtime"). transformers' ``generate`` takes a filled
 ``DynamicCache`` as ``cache`` and reads only the tokens past its length; this keeps a few
 such caches (the answer prompt's and the follow-up rewrite's differ) and hands
-out the one sharing the longest prefix, cut back to it.
+out a copy of the longest prefix one of them shares with the next prompt.
 
 A cache is kept only for the prompt (the tokens generated after it are cut off)
 and only after ``generate`` ended normally: one interrupted by an error may hold
@@ -20,13 +20,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-KEEP = 4  # caches kept: ~28 KB a token for the packaged 1.5B model, so four 1,500-token prompts hold ~170 MB
+KEEP = 4  # caches kept: ~28 KB a token for the packaged 1.5B model, so four 1,100-token prompts hold ~125 MB
+MIN_SHARED = 16  # fewer shared tokens than this (a chat template's opening) are read again rather than copied
 
 
 @dataclass
 class _Entry:
     ids: Any  # 1-D LongTensor, the prompt tokens whose keys and values ``cache`` holds
-    cache: Any  # transformers DynamicCache
+    cache: Any  # transformers DynamicCache, never changed once kept
 
 
 def common_prefix(a: Any, b: Any) -> int:
@@ -46,11 +47,27 @@ def _croppable(cache: Any) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-class PromptCache:
-    """A few prompt caches of one model; ``take`` one for a prompt, ``give_back`` it when the prompt is answered."""
+def _prefix_copy(cache: Any, length: int) -> Any:
+    """A new cache holding the first ``length`` positions of ``cache`` (a copy: ``generate`` extends it)."""
+    from transformers import DynamicCache
 
-    def __init__(self, keep: int = KEEP) -> None:
+    copy = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        copy.update(layer.keys[..., :length, :].clone(), layer.values[..., :length, :].clone(), index)
+    return copy
+
+
+class PromptCache:
+    """A few prompt caches of one model: ``take`` a copy of the best prefix for a prompt, ``give_back`` it read.
+
+    A kept cache is copied, never cut back in place: a follow-up's rewrite prompt
+    shares only the chat template's first tokens with an answer prompt, and cutting
+    the answer prompt's cache down to them would lose its rules for the next answer.
+    """
+
+    def __init__(self, keep: int = KEEP, min_shared: int = MIN_SHARED) -> None:
         self._keep = keep
+        self._min_shared = min_shared
         self._entries: list[_Entry] = []  # most recently used last
         self._lock = threading.Lock()
 
@@ -58,24 +75,21 @@ class PromptCache:
         return len(self._entries)
 
     def take(self, ids: Any) -> tuple[Any | None, int]:
-        """The cache sharing the longest prefix with ``ids`` (1-D), cut to that prefix, and its length.
+        """A copy of the longest prefix of ``ids`` (1-D) that a kept cache holds, and its length.
 
-        At least one token is always left to read (``generate`` needs one to start from),
-        and a prompt sharing nothing gets ``(None, 0)``: the caller starts a new cache.
+        At least one token is always left to read (``generate`` needs one to start
+        from); a prompt sharing fewer than ``min_shared`` tokens gets ``(None, 0)``,
+        and the caller starts a new cache.
         """
         with self._lock:
             scored = [(common_prefix(entry.ids, ids), i) for i, entry in enumerate(self._entries)]
             best, index = max(scored, default=(0, -1))
-            if best == 0:
+            length = min(best, len(ids) - 1)
+            if length < max(self._min_shared, 1):
                 return None, 0
             entry = self._entries.pop(index)
-        keep = min(best, len(ids) - 1)
-        cache = entry.cache
-        if cache.get_seq_length() > keep:
-            cache.crop(keep - cache.get_seq_length())
-        if keep == 0 or cache.get_seq_length() != keep:
-            return None, 0
-        return cache, keep
+            self._entries.append(entry)  # the most recently used goes last
+            return _prefix_copy(entry.cache, length), length
 
     def give_back(self, ids: Any, cache: Any) -> None:
         """Keep ``cache`` for the prompt ``ids``, without the tokens generated after it."""
@@ -84,7 +98,8 @@ class PromptCache:
         extra = cache.get_seq_length() - len(ids)
         if extra:
             cache.crop(-extra)
-        with self._lock:
+        with self._lock:  # a kept prompt that this one starts with holds nothing more
+            self._entries = [e for e in self._entries if common_prefix(e.ids, ids) < len(e.ids)]
             self._entries.append(_Entry(ids.clone(), cache))
             del self._entries[: -self._keep]
 

@@ -256,8 +256,8 @@ def test_a_prompt_sharing_a_prefix_reads_only_what_follows_it(tiny_float_chat, d
     assert reused_fed[1:] == fed[1:]  # and the answer was written in the same steps
 
 
-def test_a_generation_that_fails_leaves_no_cache_behind(tiny_float_chat):
-    """A cache whose layers a failed forward may have left at different lengths is never reused."""
+def test_a_generation_that_fails_keeps_nothing_and_changes_nothing_kept(tiny_float_chat):
+    """A cache whose layers a failed forward may have left at different lengths is never kept; the kept one holds."""
     chat = tiny_float_chat
     question = [RULES, HumanMessage("xtuner 是 谁")]
     expected = chat.invoke(question).text
@@ -270,37 +270,54 @@ def test_a_generation_that_fails_leaves_no_cache_behind(tiny_float_chat):
     hook = chat.model.register_forward_pre_hook(fail_while_writing, with_kwargs=True)
     try:
         with pytest.raises(LLMError, match="out of memory"):
-            chat.model_copy(update={"prompt_lookup": 0}).invoke(question)
+            chat.model_copy(update={"prompt_lookup": 0}).invoke([RULES, HumanMessage("lmdeploy 是 什么")])
     finally:
         hook.remove()
-    assert len(chat._prompt_cache) == 0
+    assert len(chat._prompt_cache) == 1
     assert chat.invoke(question).text == expected
 
 
-def test_the_prompt_cache_keeps_the_longest_prefix_and_a_token_to_read():
+def test_a_prompt_without_the_rules_does_not_cost_the_next_answer_its_rules(tiny_float_chat):
+    """A follow-up's rewrite prompt shares only the template's opening with an answer prompt; the rules stay kept."""
+    chat = tiny_float_chat
+    fed, hook = _fed(chat.model)
+    try:
+        chat.invoke([RULES, HumanMessage("lmdeploy 是 什么 模型")])
+        chat.invoke([HumanMessage("你 是 谁 我 模型 问答")])  # no rules: shares a few template tokens at most
+        fed.clear()
+        chat.invoke([RULES, HumanMessage("xtuner 是 谁")])
+    finally:
+        hook.remove()
+    assert fed[0] < 20  # only the question and the template's end; the ~40 tokens of rules were kept
+    assert len(chat._prompt_cache) == 3
+
+
+def test_the_prompt_cache_copies_the_longest_prefix_and_leaves_a_token_to_read():
     import torch
     from transformers import DynamicCache
 
-    from core.prompt_cache import KEEP, PromptCache
+    from core.prompt_cache import PromptCache
 
     def filled(ids: list[int]) -> tuple[Any, Any]:
         cache = DynamicCache()
-        cache.update(torch.zeros(1, 1, len(ids), 2), torch.zeros(1, 1, len(ids), 2), 0)
+        cache.update(torch.arange(len(ids), dtype=torch.float32).reshape(1, 1, -1, 1), torch.zeros(1, 1, len(ids), 1), 0)
         return torch.tensor(ids), cache
 
-    pool = PromptCache()
+    pool = PromptCache(keep=3, min_shared=2)
     pool.give_back(*filled([1, 2, 3, 4]))
     pool.give_back(*filled([1, 2, 9, 9, 9]))
     cache, cached = pool.take(torch.tensor([1, 2, 9, 9, 5]))
-    assert cached == 4 and cache.get_seq_length() == 4 and len(pool) == 1  # the longer match, cut back, taken out
+    assert cached == 4 and cache.layers[0].keys.flatten().tolist() == [0, 1, 2, 3]  # the longer match, copied
+    assert len(pool) == 2 and pool.take(torch.tensor([1, 2, 9, 9, 9]))[1] == 4  # the kept one is whole
     pool.give_back(torch.tensor([1, 2, 9, 9, 5]), cache)  # a prompt not read in full (4 of 5 cached) is not kept
-    assert len(pool) == 1
-    cache, cached = pool.take(torch.tensor([1, 2, 3, 4]))  # the same prompt again: its last token is read again
-    assert cached == 3 and cache.get_seq_length() == 3
-    assert pool.take(torch.tensor([7, 8])) == (None, 0)
-    for first in range(KEEP + 2):
+    assert len(pool) == 2
+    assert pool.take(torch.tensor([1, 2, 3, 4]))[1] == 3  # the same prompt again: its last token is read again
+    assert pool.take(torch.tensor([1, 7, 7])) == (None, 0)  # one shared token is below min_shared
+    pool.give_back(*filled([1, 2, 3, 4, 5, 6]))  # holds all of [1, 2, 3, 4], which goes
+    assert len(pool) == 2 and pool.take(torch.tensor([1, 2, 3, 4, 5, 6, 7]))[1] == 6
+    for first in (10, 11):
         pool.give_back(*filled([first, 1, 2]))
-    assert len(pool) == KEEP and pool.take(torch.tensor([0, 1, 2]))[0] is None  # the oldest went first
+    assert len(pool) == 3 and pool.take(torch.tensor([1, 2, 9, 9, 9]))[1] == 2  # [1, 2, 9, 9, 9], used least lately, went
 
 
 # InternLM2's own chat()/stream_chat(), as its public modeling_internlm2.py defines them (InternLM2ForCausalLM):
