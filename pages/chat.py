@@ -285,9 +285,13 @@ def answer_turn(question: str, history: list) -> dict:
     return stream_one(answerer, question, history, rag, opts, asked_at, waited)
 
 
+# one slot whether or not there is an intro, so every message keeps its place in the page between reruns: Streamlit
+# greys out and keeps the last run's elements until they are redrawn, so a shift left the previous answer's thumbs
+# and sources greyed under the user's follow-up while it was being answered
+intro = st.empty()
 if not conv["messages"]:
-    st.caption("Ask about the indexed documentation. Each sentence of an answer links to the lines that support it "
-               "(or says it found none); open a source below the answer to read it, with file, lines and commit.")
+    intro.caption("Ask about the indexed documentation. Each sentence of an answer links to the lines that support it "
+                  "(or says it found none); open a source below the answer to read it, with file, lines and commit.")
 for i, m in enumerate(conv["messages"]):
     with st.chat_message(m["role"]):
         if m["role"] == "user":
