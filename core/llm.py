@@ -304,6 +304,10 @@ class ChatLlamaCpp(_Turns, BaseChatModel):
     def model_name(self) -> str:
         return Path(self.model_path).name
 
+    def get_num_tokens(self, text: str) -> int:
+        """The GGUF's own tokenizer (LangChain's default would fetch GPT-2's from the hub)."""
+        return len(self.client.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     def reset(self) -> None:
         """Forget the evaluated tokens so the next question starts from a clean context."""
         with self._lock:
@@ -394,6 +398,10 @@ class ChatTransformers(_Turns, BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"model_path": self.model_path, "mode": self.mode, "max_tokens": self.max_tokens}
+
+    def get_num_tokens(self, text: str) -> int:
+        """The checkpoint's own tokenizer (LangChain's default would fetch GPT-2's from the hub)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _generate(
         self,
@@ -790,6 +798,18 @@ def _unbound(model: Runnable) -> Runnable:
     while not isinstance(model, BaseChatModel) and hasattr(model, "bound"):
         model = model.bound  # type: ignore[attr-defined]
     return model
+
+
+def token_counter(model: Runnable) -> Callable[[str], int] | None:
+    """The model's own token count, where its tokenizer runs in this process; None for a remote model.
+
+    The answer's context is budgeted in tokens because the first word waits
+    for every one of them; a remote server's tokenizer isn't at hand (and
+    ``ChatOpenAI.get_num_tokens`` would download tiktoken's tables), so those
+    budgets stay estimates.
+    """
+    model = _unbound(model)
+    return model.get_num_tokens if isinstance(model, (ChatLlamaCpp, ChatTransformers)) else None
 
 
 def prime_chat_model(model: Runnable, messages: list[BaseMessage]) -> bool:

@@ -11,7 +11,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
 from kb.answer.chain import Answerer, LineReader
-from kb.answer.context import compact, estimate_tokens, excerpts, unit_embedder
+from kb.answer.context import compact, estimate_tokens, excerpts, line_costs, unit_embedder
 from kb.answer.prompts import RAG_PROMPT, neutralise, rag_inputs
 from kb.answer.render import UNSUPPORTED, answer_markdown
 from kb.answer.support import EXACT_RELIEF, THRESHOLD, Aligner, coverage, split_sentences, support
@@ -170,6 +170,53 @@ def test_excerpts_show_a_copied_passage_once_and_give_its_budget_to_a_table_cut_
     out = excerpts([table, *guides], "xtuner支持哪些模型？", lambda h: h.text.split("\n"), None, total=200)
     assert [e.chunk.path for e in out] == ["README.md", "docs/a.md"], "the copy in docs/b.md is shown once"
     assert "| Model 11 |" in out[0].hit.text, "the table whole: the copy's budget went to it"
+
+
+def _lines_cost(text: str, count) -> int:
+    return sum(line_costs(text.split("\n"), count))
+
+
+@pytest.mark.parametrize("total", [600, 700, 1200])  # from 540 (9 shares of 60) no excerpt is held at MIN_TOKENS
+def test_excerpts_stay_within_their_budget(total):
+    """Whole lines leave part of a budget unused; handing it on must not count it twice (it overshot by a third)."""
+    def line(n: int, j: int) -> str:  # lines of uneven length, so whole lines leave part of a budget unused
+        return " ".join([f"doc{n}", f"line{j}"] + [f"w{n}x{j}x{w}" for w in range((n * j) % 11)] + ["qlora"] * (j % 3))
+
+    chunks = [hit("\n".join(line(n, j) for j in range(30)), n, 100 * n, f"docs/{n}.md") for n in range(1, 6)]
+    for count in (estimate_tokens, lambda t: len(t.split()) * 2):
+        out = excerpts(chunks, "qlora memory", lambda h: h.text.split("\n"), None, total=total, count=count)
+        assert sum(_lines_cost(e.hit.text, count) for e in out) <= total
+        assert len(out) == 5
+
+
+def test_excerpts_are_budgeted_in_the_tokens_they_are_given():
+    text = "\n".join(f"Line {i} of a long guide about fine-tuning settings." for i in range(60))
+    ten_per_word = lambda t: 10 * len(t.split())  # noqa: E731: a tokenizer ten times as costly as the estimate
+    cheap = excerpts([hit(text)], "fine-tuning", lambda h: h.text.split("\n"), None, total=400)[0].hit
+    costly = excerpts([hit(text)], "fine-tuning", lambda h: h.text.split("\n"), None, total=400, count=ten_per_word)[0].hit
+    assert _lines_cost(costly.text, ten_per_word) <= 400 < _lines_cost(cheap.text, ten_per_word)
+    assert costly.line_end - costly.line_start < cheap.line_end - cheap.line_start
+
+
+def test_the_answer_reads_excerpts_budgeted_in_its_own_models_tokens(xtuner_kb, tiny_transformers_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.llm import ChatTransformers
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_transformers_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_transformers_dir, dtype=torch.float32).eval()
+    chat = ChatTransformers(model=model, tokenizer=tokenizer, model_path=str(tiny_transformers_dir), max_tokens=4,
+                            temperature=0.0)
+    result = Answerer(chat, SearchEngine(xtuner_kb), SearchOptions(k=4), context_tokens=600).ask("QLoRA 显存")
+    real = lambda t: len(tokenizer.encode(t, add_special_tokens=False))  # noqa: E731
+    assert result.sources and sum(_lines_cost(h.text, real) for h in result.sources) <= 600
+
+    def narrowed(count) -> list[tuple[str, int, int]]:
+        chosen = excerpts(result.chunks, "QLoRA 显存", LineReader(xtuner_kb), unit_embedder(xtuner_kb.embeddings), 600, count)
+        return [(e.hit.path, e.hit.line_start, e.hit.line_end) for e in chosen]
+
+    assert [(h.path, h.line_start, h.line_end) for h in result.sources] == narrowed(real) != narrowed(None)
 
 
 def test_excerpts_are_the_files_lines_as_git_counts_them(xtuner_kb):

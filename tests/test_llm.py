@@ -30,6 +30,7 @@ from core.llm import (
     build_chat_model,
     describe_llm,
     drafts_from_prompt,
+    token_counter,
     prime_chat_model,
     reset_chat_model,
     resolve_gguf,
@@ -216,6 +217,19 @@ def tiny_float_chat(tiny_transformers_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_transformers_dir, dtype=torch.float32).eval()
     return ChatTransformers(model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_transformers_dir),
                             model_path=str(tiny_transformers_dir), max_tokens=12, temperature=0.0, prompt_lookup=3)
+
+
+def test_a_local_model_counts_tokens_with_its_own_tokenizer(tiny_float_chat, default_chat_model):
+    """The answer's context is budgeted in the model's tokens; a remote model's budget stays an estimate."""
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+
+    text = "XTuner 支持 QLoRA 微调，显存 8GB。\n| Model | GPU |"
+    assert token_counter(tiny_float_chat.bind(cancel_event=None))(text) == len(
+        tiny_float_chat.tokenizer.encode(text, add_special_tokens=False))
+    llama = default_chat_model.client
+    assert token_counter(default_chat_model)(text) == len(llama.tokenize(text.encode(), add_bos=False, special=False))
+    assert token_counter(default_chat_model)("") == 0
+    assert token_counter(GenericFakeChatModel(messages=iter([]))) is None
 
 
 RULES = SystemMessage("the model answers questions about the knowledge base with citations and sources " * 3)

@@ -20,8 +20,8 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, RunnablePassthrough
 
-from core.llm import prime_chat_model
-from kb.answer.context import CONTEXT_TOKENS, excerpts, unit_embedder
+from core.llm import prime_chat_model, token_counter
+from kb.answer.context import CONTEXT_TOKENS, TokenCounter, excerpts, unit_embedder
 from kb.answer.prompts import (
     CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, format_history, neutralise, rag_inputs,
 )
@@ -127,7 +127,7 @@ def decline_text(question: str, hits: list[Hit]) -> str:
 
 def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOptions,
                     context_tokens: int = CONTEXT_TOKENS, lines_of: LineReader | None = None,
-                    embed=None) -> Runnable:
+                    embed=None, count: TokenCounter | None = None) -> Runnable:
     """input {question, history} → streams {standalone}, {hits}, {excerpts}, then {answer} pieces.
 
     The answer step gets the standalone question, so a follow-up's "它" is
@@ -146,7 +146,8 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
         return x["standalone"] or x["question"]
 
     retrieve = RunnableLambda(lambda x: engine.search(asked(x), options))
-    narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens))
+    count = count or token_counter(llm)
+    narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens, count))
     generate = RunnableBranch(
         (lambda x: not x["hits"], RunnableLambda(lambda x: decline_text(asked(x), []))),
         RunnableLambda(lambda x: rag_inputs([e.hit for e in x["excerpts"]], asked(x)))

@@ -8,7 +8,10 @@ here each chunk is narrowed to the window of its lines that best matches the
 question (its words, weighted by how rare they are among the hits, plus the
 loaded embedding model's similarity), within a shared token budget. The
 excerpts are lines of the file as git numbers them, read at the indexed
-commit, so a citation of an excerpt is exact.
+commit, so a citation of an excerpt is exact. The budget is counted with the
+chat model's own tokenizer where it runs in this process (an estimate missed
+by a third either way: 518-940 real tokens under a 700-token budget), and
+estimated for a remote model.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ LEXICAL_WEIGHT = 0.5  # share of the question's (rarity-weighted) words in a win
 RANK_SHARES = (4.0, 2.0, 1.0, 1.0, 1.0)  # the budget's split over the hits by rank (README "Answers")
 WINDOWS_EMBEDDED = 3  # best windows per hit by words, re-scored with the embedding model
 
+TokenCounter = Callable[[str], int]  # text -> the chat model's tokens (``core.llm.token_counter``)
+
 
 def unit_embedder(embeddings) -> Callable[[list[str]], np.ndarray]:
     """The loaded embedding model as texts -> unit vectors (a dot product is then the cosine)."""
@@ -53,6 +58,11 @@ def estimate_tokens(text: str) -> int:
     """
     cjk = len(CJK_RE.findall(text))
     return math.ceil(cjk * 0.7 + (len(text) - cjk) / 3.2)
+
+
+def line_costs(lines: Sequence[str], count: TokenCounter = estimate_tokens) -> list[int]:
+    """Each line's tokens as the model reads it (compacted), plus its newline; a window costs their sum."""
+    return [count(compact(line)) + 1 if line.strip() else 1 for line in lines]
 
 
 INNER_SPACE_RE = re.compile(r"(?<=\S)[ \t]{2,}")
@@ -78,10 +88,9 @@ class Window:
     score: float = 0.0
 
 
-def _windows(lines: Sequence[str], budget: int) -> list[Window]:
+def _windows(lines: Sequence[str], costs: Sequence[int], budget: int) -> list[Window]:
     """Runs of consecutive lines within ``budget`` tokens, one starting at each non-blank line."""
     out = []
-    costs = [estimate_tokens(compact(line)) + 1 for line in lines]  # once per line, not once per window
     for i, first in enumerate(lines):
         if not first.strip():
             continue
@@ -122,13 +131,16 @@ class Excerpt:
     chunk: Hit  # the whole chunk the retriever found
 
 
-def _budgets(needs: list[int], total: int) -> list[int]:
-    """Split ``total`` by rank (``RANK_SHARES``): short hits take only what they need, and pass the rest down."""
+def _budgets(needs: list[int], total: int, floor: int = MIN_TOKENS) -> list[int]:
+    """Split ``total`` by rank (``RANK_SHARES``): short hits take only what they need, and pass the rest down.
+
+    No share is below ``floor`` (which can take more than ``total`` when many hits share a small one).
+    """
     budgets = [0] * len(needs)
     left, open_ = total, list(range(len(needs)))
     while open_:
         weights = [RANK_SHARES[min(i, len(RANK_SHARES) - 1)] for i in open_]
-        shares = {i: max(MIN_TOKENS, int(left * w / sum(weights))) for i, w in zip(open_, weights)}
+        shares = {i: max(floor, int(left * w / sum(weights))) for i, w in zip(open_, weights)}
         small = [i for i in open_ if needs[i] <= shares[i]]
         if not small:
             for i in open_:
@@ -142,36 +154,41 @@ def _budgets(needs: list[int], total: int) -> list[int]:
 
 
 def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]],
-             embed: Callable[[list[str]], np.ndarray] | None, total: int = CONTEXT_TOKENS) -> list[Excerpt]:
+             embed: Callable[[list[str]], np.ndarray] | None, total: int = CONTEXT_TOKENS,
+             count: TokenCounter | None = None) -> list[Excerpt]:
     """Each hit's best window of lines for ``question``, the windows within ``total`` tokens together.
 
     ``lines_of(hit)`` gives the hit's lines ``line_start..line_end`` as git
-    numbers them; ``embed`` turns texts into unit vectors (None: words alone decide).
+    numbers them; ``embed`` turns texts into unit vectors (None: words alone decide);
+    ``count`` is the chat model's tokenizer (None: ``estimate_tokens``).
     Two windows with the same text (one guide copied into another) are shown
     once, and what the budget has left once the windows are cut to whole lines
     goes to the hits that were cut short, in rank order: a model table cut
     after its header answers nothing.
     """
     all_lines = [lines_of(h) for h in hits]
-    needs = [_cost(ls) for ls in all_lines]
+    costs = [line_costs(ls, count or estimate_tokens) for ls in all_lines]  # once per line, not once per window
+    needs = [sum(c) for c in costs]
     idf = _idf(set(tokenize(question)), [line for ls in all_lines for line in ls])
 
     def choose(i: int, budget: int) -> Window:
         lines = all_lines[i]
         if needs[i] <= budget or not lines:
             return Window(0, len(lines), "\n".join(lines))
-        return _best_window(_windows(lines, budget), question, idf, embed)
+        return _best_window(_windows(lines, costs[i], budget), question, idf, embed)
 
     budgets = _budgets(needs, total)
     chosen = {i: choose(i, b) for i, b in enumerate(budgets)}
     distinct = _distinct(chosen)
     chosen = {i: w for i, w in chosen.items() if i in distinct}
-    cost = {i: _cost(all_lines[i][w.start:w.end]) for i, w in chosen.items()}
+    cost = {i: sum(costs[i][w.start:w.end]) for i, w in chosen.items()}
     short = [i for i in chosen if cost[i] < needs[i]]
     left = total - sum(cost.values())
     if short and left >= MIN_TOKENS // 2:
-        for i, extra in zip(short, _budgets([needs[i] - cost[i] for i in short], left)):
-            chosen[i] = choose(i, budgets[i] + extra)
+        # on top of what each window costs, not of its budget: the part of a budget that whole lines left
+        # unused is already in ``left`` (counting it twice overshot the total by up to a third)
+        for i, extra in zip(short, _budgets([needs[i] - cost[i] for i in short], left, floor=0)):
+            chosen[i] = choose(i, cost[i] + extra)
     out = []
     for i, best in sorted(chosen.items()):
         hit = hits[i]
@@ -179,10 +196,6 @@ def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]
         narrowed = replace(hit, line_start=a, line_end=b, text=best.text, url=reanchor(hit.url, a, b))
         out.append(Excerpt(narrowed, hit))
     return out
-
-
-def _cost(lines: Sequence[str]) -> int:
-    return estimate_tokens(compact("\n".join(lines))) + len(lines)
 
 
 def _distinct(chosen: dict[int, Window]) -> set[int]:
