@@ -841,13 +841,15 @@ def _answer_timings(kb, settings, backend: str, max_tokens: int) -> dict:
             run["prefill_tokens_per_s"] = round(run["prompt_tokens"] / res.first_token_seconds, 1)
         runs.append(run)
         print(json.dumps(run, ensure_ascii=False), file=sys.stderr)
-    # the prefix cache: the same questions again, with the model's evaluated tokens dropped before each (as the
-    # chain did before this round), against kept (llama.cpp reuses the longest common prefix, the rules)
+    # the rules kept: the same questions again, each after the model's state is dropped and the rules read again
+    # (as at start-up), against dropped with nothing read; asked as they were, each would find its whole prompt
+    # kept (a transformers model keeps its last four prompts), which measures a repeated question, not the rules
     cache = {"kept": [], "reset": []}
-    for how in ("kept", "reset"):  # each question after a different one: the shared part is the rules
+    for how in ("kept", "reset"):
         for q in ANSWER_QUESTIONS:
-            if how == "reset":
-                reset_chat_model(llm)
+            reset_chat_model(llm)
+            if how == "kept":
+                prime_answer_prompt(llm)
             cache[how].append(answerer.ask(q).first_token_seconds)
     del answerer, llm  # free the model before `kb ask` loads its own
     asks = []
