@@ -798,18 +798,8 @@ def bench_answer(max_tokens: int = 256) -> dict:
     return result
 
 
-def _token_counter(llm):
-    """Count text in the model's own tokens: llama.cpp's tokenizer, or the transformers tokenizer."""
-    client, tokenizer = getattr(llm, "client", None), getattr(llm, "tokenizer", None)
-    if client is not None:
-        return lambda t: len(client.tokenize(t.encode(), add_bos=False, special=False))
-    if tokenizer is not None:
-        return lambda t: len(tokenizer.encode(t, add_special_tokens=False))
-    return None
-
-
 def _answer_timings(kb, settings, backend: str, max_tokens: int) -> dict:
-    from core.llm import build_chat_model, reset_chat_model
+    from core.llm import build_chat_model, reset_chat_model, token_counter
     from kb.answer.chain import Answer, Answerer, prime_answer_prompt
     from kb.answer.prompts import RAG_PROMPT, rag_inputs
     from kb.search.engine import SearchEngine
@@ -817,7 +807,7 @@ def _answer_timings(kb, settings, backend: str, max_tokens: int) -> dict:
 
     llm = build_chat_model(settings.with_(llm_max_tokens=max_tokens, llm_temperature=0.0))
     answerer = Answerer(llm, SearchEngine(kb), SearchOptions(k=5))
-    count = _token_counter(llm)
+    count = token_counter(llm)
     answerer.ask("你好", rag=False)  # load the model outside the timings
     prime_answer_prompt(llm)  # as the dashboard and `kb ask` do before the first question
     runs = []
