@@ -9,9 +9,9 @@ question (its words, weighted by how rare they are among the hits, plus the
 loaded embedding model's similarity), within a shared token budget. The
 excerpts are lines of the file as git numbers them, read at the indexed
 commit, so a citation of an excerpt is exact. The budget is counted with the
-chat model's own tokenizer where it runs in this process (an estimate missed
-by a third either way: 518-940 real tokens under a 700-token budget), and
-estimated for a remote model.
+chat model's own tokenizer where it runs in this process (the estimate from
+characters was off by up to a third either way), and estimated for a remote
+model, whose tokenizer isn't at hand.
 """
 
 from __future__ import annotations
