@@ -30,11 +30,11 @@ from core.llm import (
     build_chat_model,
     describe_llm,
     drafts_from_prompt,
-    token_counter,
     prime_chat_model,
     reset_chat_model,
     resolve_gguf,
     to_chat_dicts,
+    token_counter,
     turn_end_ids,
 )
 from core.settings import Settings, load_settings
