@@ -3,6 +3,10 @@
 import sys
 
 import core.settings  # noqa: F401  (sets the offline environment before any model library loads)
-from kb.cli import main
+from kb.cli import READ_ONLY, build_parser, exit_now, run
 
-sys.exit(main())
+args = build_parser().parse_args()
+code = run(args)
+if args.command in READ_ONLY:
+    exit_now(code)
+sys.exit(code)

@@ -139,6 +139,10 @@ def test_ask_answers_from_the_index_and_says_how_long_the_set_up_took(cli_home, 
     assert answer.strip(), proc.stdout
     assert "lagent/README.md:" in sources and "*[" in sources, proc.stdout  # a source it cites, starred
     assert "s loading the model and the index)" in proc.stderr, proc.stderr
+    # `kb ask` ends without the interpreter's teardown (cli.exit_now): what it wrote before is all there
+    proc, logged = kb(home, "log", "--kind", "answer", "--kind", "search", "--json", env_extra=env)
+    kinds = [r["kind"] for r in logged["records"]]
+    assert kinds[-2:] == ["search", "answer"], logged
 
 
 def test_ask_with_an_index_it_cannot_read_fails_before_loading_the_model(cli_home, monkeypatch, capsys):
