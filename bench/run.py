@@ -70,7 +70,7 @@ QUESTION_SETS = {q.key: (q.file, q.purpose) for q in retrieval_sets()}  # name -
 # The document-level signals off: the fusion of the previous round, for the before/after table.
 SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "summary_opening": False, "name_compounds": False,
                "readme_weight": 0.0, "empty_penalty": 1.0, "collapse": False,
-               "bm25_lead": 0.0, "bm25_in_named": False, "learned_order": False}
+               "bm25_lead": 0.0, "bm25_in_named": False}
 
 
 def six_repo_kb():
@@ -118,19 +118,6 @@ def bench_retrieval(k: int = 5) -> dict:
     # the issue's second bar: the key facts somewhere in the top k texts, from any file
     out["summary_facts@k"] = {name: s["modes"]["hybrid"].get("facts@k") for name, s in out["sets"].items()}
     save("retrieval", out)
-    return out
-
-
-def bench_learned_fusion(write: bool = False) -> dict:
-    """The learned order of hybrid's top 30, each set scored by a model fitted to the others; ``write``: fit the
-    shipped model (kb/search/learned_order.json) to all of them."""
-    from bench import learned_fusion
-    from kb.search.engine import SearchEngine
-
-    engine = SearchEngine(six_repo_kb())
-    engine.warm()
-    out = learned_fusion.bench(engine, {name: path for name, (path, _) in QUESTION_SETS.items()}, write)
-    save("learned-fusion", out)
     return out
 
 
@@ -1015,7 +1002,6 @@ def main() -> None:
     p.add_argument("which", nargs="*", default=["ingest", "retrieval", "sync", "search", "answer", "answers", "load",
                                                     "snapshot"])
     p.add_argument("--skip-tutorial", action="store_true")
-    p.add_argument("--write", action="store_true", help="learned-fusion: also write kb/search/learned_order.json")
     p.add_argument("--big", type=int, default=200_000, help="chunks in the synthetic search collection (0: skip)")
     a = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -1038,8 +1024,6 @@ def main() -> None:
             bench_answers_unseen()
         elif name == "support":
             bench_support()
-        elif name == "learned-fusion":
-            bench_learned_fusion(a.write)
         elif name == "answer-levers":
             bench_answer_levers()
         elif name == "snapshot":

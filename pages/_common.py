@@ -290,8 +290,7 @@ def render_hit(hit, terms: list[str]) -> None:
     with st.container(border=True):
         found = " · ".join(f"{m} #{r}" for m, r in hit.ranks.items()) or ", ".join(hit.found_by)
         rerank = f" · rerank {hit.scores['rerank']:.3f}" if "rerank" in hit.scores else ""
-        fused = f" · fused {hit.scores['fusion']:.4f}" if "fusion" in hit.scores else ""  # before the learned order
-        st.markdown(f"**#{hit.rank}** &nbsp; score **{hit.score:.4f}** &nbsp; :gray[found by {found}{fused}{rerank}]")
+        st.markdown(f"**#{hit.rank}** &nbsp; score **{hit.score:.4f}** &nbsp; :gray[found by {found}{rerank}]")
         st.markdown(location_md(hit.source, hit.path, hit.line_start, hit.line_end, hit.commit, hit.url))
         if hit.heading:
             st.caption(escape_markdown(hit.heading))

@@ -26,7 +26,7 @@ with st.sidebar:
     prefix = st.text_input("Path prefix", key="lab_prefix", placeholder="docs/zh_cn/")
     st.markdown("**Score thresholds** (hits below are dropped)")
     thresholds: dict[str, float | None] = {}
-    for mode, default, step in (("dense", 0.3, 0.05), ("bm25", 5.0, 0.5), ("hybrid", 0.3, 0.05)):
+    for mode, default, step in (("dense", 0.3, 0.05), ("bm25", 5.0, 0.5), ("hybrid", 0.02, 0.002)):
         on = st.checkbox(f"{mode}", value=False, key=f"lab_th_on_{mode}", help=SCORE_NOTES[mode])
         thresholds[mode] = (st.number_input(f"{mode} minimum", value=default, step=step, format="%.3f",
                                             key=f"lab_th_{mode}", label_visibility="collapsed") if on else None)
@@ -39,7 +39,6 @@ if not query.strip():
                f"dense search within that source (\"{IN_SOURCE}\") and, for "
                f"what-is questions, its README's opening (\"{OPENING}\") join the fusion as weighted lists too, "
                f"and so does BM25's first chunk when its score clearly leads the second's (\"{BM25_LEAD}\"). "
-               "The fused top 30 are then put in the order a model fitted to the question sets gives them. "
                "Each hit says which lists found it, at which rank.")
     st.stop()
 

@@ -26,7 +26,7 @@ from kb import log as runlog
 from kb.errors import KBError
 from kb.ingest.chunking import ChunkConfig
 from kb.search.fusion import fuse, specificity
-from kb.search import learned, lexical, signals
+from kb.search import lexical, signals
 from kb.search.lexical import Lexical
 from kb.search.hits import (BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit, SearchOptions,
                             hit_from_document)
@@ -343,16 +343,12 @@ class SearchEngine:
                 if signals.is_empty(h):
                     h.score *= opts.empty_penalty
             hits.sort(key=lambda h: -h.score)
-        depth = max(opts.k, opts.order_depth) if opts.learned_order else opts.k
         if opts.collapse:
-            # Past the hits shown (or re-ordered) nothing counts, unless a threshold or the reranker may drop or
-            # reorder some.
+            # Past k distinct hits nothing is shown, unless a threshold or the reranker may drop or reorder some.
             whole = opts.threshold is not None or bool(self.kb.settings.reranker_path)
-            hits = signals.collapse_duplicates(hits, language, limit=None if whole else depth)
+            hits = signals.collapse_duplicates(hits, language, limit=None if whole else opts.k)
         for h in hits:
             h.score = round(h.score, 6)
-        if opts.learned_order:
-            hits = learned.shipped().order(query, hits[:depth], language)
         return hits
 
     def _fade(self, lex: Lexical, rest: list[str], source: str, opts: SearchOptions) -> float:

@@ -19,9 +19,8 @@ SPECIFIC_IDF = 3.0
 SCORE_NOTES = {
     "dense": "cosine similarity of the chunk's best passage (or of the chunk), -1..1, higher is better",
     "bm25": "BM25 (Okapi) score, >= 0, higher is better",
-    "hybrid": "the learned order's probability that the chunk holds the answer, 0..1, from its weighted "
-              "reciprocal-rank fusion over dense, bm25 and passage bm25 (kept as scores['fusion']) and the scores "
-              "behind it, higher is better",
+    "hybrid": "weighted reciprocal-rank fusion, sum of weight/(k+rank) over dense, bm25 and passage bm25, "
+              "0..0.05 by default, higher is better",
 }
 PASSAGE_BM25 = "bm25 passages"
 OPENING = "readme opening"
@@ -70,10 +69,6 @@ class SearchOptions:
     bm25_in_named: bool = True
     empty_penalty: float = 0.5  # fused score x this for a hit that is only a heading (1: off)
     collapse: bool = True  # keep one of near-duplicate hits, the copy that fits the question's language
-    # The fused top ``order_depth`` re-ordered by a model fitted to the question sets (kb/search/learned.py; README
-    # "Retrieval tuning": scored on sets it was not fitted to, hit@5 0.878 -> 0.897 over 427 questions).
-    learned_order: bool = True
-    order_depth: int = 30
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
