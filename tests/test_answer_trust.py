@@ -140,6 +140,23 @@ def test_answer_markdown_links_each_sentence_to_the_documents_page():
     assert parse_lines(link.split("lines=")[1]) == (10, 10)
 
 
+def test_a_code_block_keeps_its_lines_as_written_and_its_citations_go_below_it():
+    """A link appended inside a code block is shown as part of the command, and copied with it."""
+    sources = [hit("Install it with pip:\n\npip install -U xtuner\n\nXTuner supports QLoRA.", 1)]
+    for closed in (True, False):
+        answer = "Install XTuner with pip [1].\n```bash\npip install -U xtuner\n" + ("```\nXTuner supports QLoRA." if closed else "")
+        sents = support(answer, sources, embed=None)
+        md = answer_markdown({"content": answer, "sentences": [s.as_dict() for s in sents],
+                              "sources": [h.as_dict() for h in sources]})
+        code_link = f"[\\[1\\]]({viewer_link('xtuner', 'README.md', 12, 12)} "
+        block = md[md.index("```bash"):]
+        # the command exactly as written, its citation on the line below the block
+        assert block.startswith("```bash\npip install -U xtuner\n```\n" + code_link), md  # closed, or closed for it
+        if closed:
+            assert "XTuner supports QLoRA. [\\[1\\]]" in md, "a sentence after the block is cited in line"
+        assert md.startswith("Install XTuner with pip. [\\[1\\]]"), "the model's marker replaced, no space left"
+
+
 def test_reanchor_keeps_each_hosts_format():
     assert reanchor("https://gitee.com/o/r/blob/c/a.md#L1-L9", 3, 4) == "https://gitee.com/o/r/blob/c/a.md#L3-L4"
     assert reanchor("https://gitlab.com/o/r/-/blob/c/a.md#L1-9", 3, 4) == "https://gitlab.com/o/r/-/blob/c/a.md#L3-4"

@@ -8,15 +8,21 @@ the permalink on the web host sits with the source below the answer.
 
 from __future__ import annotations
 
+import re
+
 from kb.citations import MARKER_RE, link_markers, viewer_link
 from kb.markdown import safe_url
 
 UNSUPPORTED = ":gray-badge[not found in the sources]"
 
 
+MARKER_AND_SPACE_RE = re.compile(r"[ \t]*" + MARKER_RE.pattern)
+
+
 def _clean(sentence: str) -> str:
-    """The sentence without the model's own markers (the checked citation replaces them)."""
-    return MARKER_RE.sub("", sentence).rstrip()
+    """The sentence without the model's own markers, or the space before them ("pip [1]." reads "pip.");
+    the checked citation replaces them."""
+    return MARKER_AND_SPACE_RE.sub("", sentence).rstrip()
 
 
 def cite(sentence: dict, sources: list[dict]) -> str:
@@ -29,20 +35,50 @@ def cite(sentence: dict, sources: list[dict]) -> str:
     return f"[\\[{n}\\]]({safe_url(link)} \"{h['path']}, line {lines}\")"
 
 
+FENCES = ("```", "~~~")
+
+
+def _fence(text: str) -> bool:
+    return text.lstrip().startswith(FENCES)
+
+
+def _block_citations(tags: list[str]) -> str:
+    """The citations of a code block's lines, once each, on a line of their own below the block."""
+    unique = list(dict.fromkeys(t for t in tags if t))
+    return ("\n" + " ".join(unique)) if unique else ""
+
+
 def answer_markdown(msg: dict) -> str:
     """``msg``: the chat's stored answer (``content``, ``sentences``, ``sources``). Text between sentences
-    (line breaks, list markers) is kept as the model wrote it."""
+    (line breaks, list markers) is kept as the model wrote it.
+
+    A line inside a fenced code block stays exactly as written: a link appended to `pip install xtuner` would
+    be shown as part of the command and copied with it. Its citation goes below the block instead.
+    """
     content, sentences, sources = msg.get("content") or "", msg.get("sentences") or [], msg.get("sources") or []
     if not sentences:
         return link_markers(content, [h.get("url", "") for h in sources])
-    out, cursor = [], 0
+    out, cursor, in_code, pending = [], 0, False, []
     for x in sentences:
         at = content.find(x["text"], cursor)
         if at < 0:  # the stored text no longer matches: show it plainly rather than misplace links
             return link_markers(content, [h.get("url", "") for h in sources])
         out.append(content[cursor:at])
-        tag = cite(x, sources)
-        out.append(_clean(x["text"]) + (" " + tag if tag else ""))
         cursor = at + len(x["text"])
+        if _fence(x["text"]):
+            out.append(x["text"])
+            if in_code:
+                out.append(_block_citations(pending))
+                pending = []
+            in_code = not in_code
+            continue
+        tag = cite(x, sources)
+        if in_code:
+            out.append(x["text"])
+            pending.append(tag)
+        else:
+            out.append(_clean(x["text"]) + (" " + tag if tag else ""))
     out.append(content[cursor:])
+    if pending:  # a block the answer never closed (cut off at the token limit): close it, or the links are code
+        out.append(("" if content.endswith("\n") else "\n") + FENCES[0] + _block_citations(pending))
     return "".join(out)
