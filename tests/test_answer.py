@@ -10,7 +10,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
 from kb.answer.chain import Answer, Answerer
-from kb.answer.prompts import format_context, heading_label
+from kb.answer.prompts import echo_at, format_context, heading_label, undecided_tail
 from kb.citations import MARKER_RE, cited_numbers
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
@@ -65,6 +65,35 @@ def test_marker_wiring_and_threshold(xtuner_kb):
     none = Answerer(llm, engine, SearchOptions(k=3, mode="dense", threshold=0.999)).ask("xtuner是什么？")
     assert none.declined and "没有找到" in none.answer and "xtuner是什么" in none.answer
     assert none.sources == [] and llm.seen == []
+
+
+def test_the_prompt_written_back_is_found_where_it_starts():
+    assert echo_at("abc\n\n[6] opencompass/docs/zh_cn/summarizer.md · 结果展示\n在评测完成后") == 5
+    assert echo_at("abc\n问题：用 OpenCompass 把评测结果存到公共数据站时") == 4
+    assert echo_at("见 [1] xtuner/README.md 的说明") is None  # a marker inside a sentence
+    assert echo_at("[1] 支持 QLoRA 微调") is None and echo_at("Run `xtuner list-cfg`.") is None
+    # a last line that may still become a label waits; one that can't any more goes out
+    assert [undecided_tail("abc\n" + tail) for tail in ("[", "[6", "[6] ", "[6] opencompass", "问", "问题")] == \
+        [1, 2, 4, 15, 1, 2]
+    assert undecided_tail("abc\n[6] 支持 ") == undecided_tail("abc\nplain") == undecided_tail("abc [6") == 0
+
+
+def test_an_answer_ends_where_it_writes_the_prompt_back(xtuner_kb):
+    """After a code block the default model sometimes writes on as if it were the context: a sixth excerpt's label,
+    copied lines, the question. None of it reaches the reader, and the model is stopped there."""
+    engine = SearchEngine(xtuner_kb)
+    first = Answerer(RecordingChat(messages=iter([AIMessage("x")])), engine, SearchOptions(k=3)).ask("xtuner是什么？")
+    line = max(first.sources[0].text.splitlines(), key=len).strip()
+    echo = ("\n\n[4] xtuner/docs/zh_cn/get_started/installation.md · 安装\npip install -U 'xtuner[deepspeed]'\n\n"
+            "问题：xtuner是什么？")
+    script = f"{line} [1]\n\n```bash\nxtuner list-cfg\n```{echo}"
+    streamed, result = [], Answer(question="", answer="")
+    answerer = Answerer(RecordingChat(messages=iter([AIMessage(script)])), engine, SearchOptions(k=3))
+    for piece in answerer.stream("xtuner是什么？", result=result):
+        streamed.append(piece)
+    shown = "".join(streamed)
+    assert shown.rstrip().endswith("```") and "[4] xtuner/" not in shown and "问题" not in shown, shown
+    assert result.answer == script[: script.index(echo)] and not result.declined
 
 
 def test_ask_cites_the_gold_file_with_real_lines(xtuner_kb, default_chat_model):

@@ -23,7 +23,8 @@ from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, R
 from core.llm import prime_chat_model, token_counter
 from kb.answer.context import CONTEXT_TOKENS, TokenCounter, excerpts, unit_embedder
 from kb.answer.prompts import (
-    CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, format_history, neutralise, rag_inputs,
+    CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, echo_at, format_history, neutralise, rag_inputs,
+    undecided_tail,
 )
 from kb.answer.support import Sentence, coverage, support
 from kb.citations import cited_numbers
@@ -253,6 +254,9 @@ class Answerer:
 
     @staticmethod
     def _collect(parts, result: Answer, stage, t0: float, pieces: list[str]) -> Iterator[str]:
+        """Yield the answer as it comes; a RAG answer ends where it starts writing the prompt back (an excerpt's
+        label, the question line), and a line that may be such a start waits until it is decided."""
+        shown = 0
         for part in parts:
             if "standalone" in part:
                 result.standalone_question = part["standalone"]
@@ -267,8 +271,21 @@ class Answerer:
                 if result.first_token_seconds is None:
                     result.first_token_seconds = round(time.perf_counter() - t0, 3)
                 pieces.append(part["answer"])
-                result.answer = "".join(pieces)
-                yield part["answer"]
+                text = "".join(pieces)
+                cut = echo_at(text) if result.rag else None
+                if cut is not None:  # the caller's cancel then stops the model at its next token
+                    pieces[:] = [text[:cut].rstrip()]
+                    result.answer = pieces[0]
+                    if len(pieces[0]) > shown:
+                        yield pieces[0][shown:]
+                    return
+                result.answer = text
+                ready = len(text) - (undecided_tail(text) if result.rag else 0)
+                if ready > shown:
+                    yield text[shown:ready]
+                    shown = ready
+        if len(result.answer) > shown:
+            yield result.answer[shown:]
 
     def _tools(self) -> None:
         """The file reader and unit-vector embedder of RAG answers, made once per answerer."""

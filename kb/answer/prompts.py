@@ -108,6 +108,26 @@ def format_context(hits: list[Hit]) -> str:
     return "\n\n".join(f"{label(i, h)}\n{neutralise(compact(h.text))}" for i, h in enumerate(hits, 1))
 
 
+# The prompt's own format written back: an excerpt's label ("[6] opencompass/docs/…/summarizer.md · 结果展示") or
+# its question line. After closing a code block the model sometimes goes on writing excerpts that don't exist,
+# copied text and the question, until its token limit (README "Answers"): nothing from there on is an answer.
+ECHO_RE = re.compile(r"^(?:\[\d+\] [^\s/]+/\S*|问题[：:])", re.MULTILINE)
+# The start of a line that may still become such a label ("[6", "[6] opencompass"): held back until it is decided.
+ECHO_START_RE = re.compile(r"\[\d*(?:\](?: [^\s/]*)?)?|问题?")
+
+
+def echo_at(text: str) -> int | None:
+    """Where ``text`` starts writing the prompt back, if it does."""
+    m = ECHO_RE.search(text)
+    return m.start() if m else None
+
+
+def undecided_tail(text: str) -> int:
+    """How many characters at the end of ``text`` must wait: a last line that may yet turn out to be an echo."""
+    line = text[text.rfind("\n") + 1:]
+    return len(line) if ECHO_START_RE.fullmatch(line) else 0
+
+
 def rag_inputs(hits: list[Hit], question: str) -> dict[str, str]:
     """What ``RAG_PROMPT`` is filled with; the chain and the answer benchmark share it."""
     return {"context": format_context(hits), "question": neutralise(question)}
