@@ -9,6 +9,7 @@ message, never a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -586,14 +587,26 @@ def exit_now(code: int) -> NoReturn:
     after their output is flushed: atexit handlers are skipped, so nothing may still be unwritten (their logs
     and cache files are written and renamed before they return). mypy ends its runs the same way.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away (`kb search … | head -1`): nothing more can reach it
+            pass
     os._exit(code)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         out = args.func(args)
+        if args.json:
+            print(json.dumps(out, ensure_ascii=False, default=str))
+    except BrokenPipeError:
+        # the reader went away (`kb search … | head -1`): stop quietly, as Unix tools do, with the shell's status
+        # for it; what is still buffered goes nowhere rather than failing again at exit
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            out_fd = sys.stdout.fileno()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out_fd)
+        return 141
     except UserError as exc:
         if args.json:
             print(json.dumps({"error": str(exc)}, ensure_ascii=False))
@@ -605,6 +618,4 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # a bug: logged, then Python prints its traceback as before
         _log_error(exc, args)
         raise
-    if args.json:
-        print(json.dumps(out, ensure_ascii=False, default=str))
     return 1 if out.get("error") else 0

@@ -158,3 +158,24 @@ def test_ask_with_an_index_it_cannot_read_fails_before_loading_the_model(cli_hom
     assert cli.main(["ask", "What is Lagent?"]) == 1
     assert "cannot reach the Chroma server at http://127.0.0.1:9" in capsys.readouterr().err
     assert loads == []
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(cli_home, monkeypatch, capsys):
+    """`kb search … | head -1`: the next write fails with a broken pipe, which is no error of ours."""
+    from kb import cli
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    home, env = cli_home
+    for key, value in {"KB_HOME": str(home), **env}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert cli.main(["stats"]) == 141
+    assert cli.main(["sources", "--json"]) == 141
+    assert "Traceback" not in capsys.readouterr().err
+
