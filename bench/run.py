@@ -12,6 +12,7 @@ medians, not single timings.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -774,8 +775,6 @@ def bench_answer(max_tokens: int = 256) -> dict:
     Decode speed is (tokens - 1) / (end - first token), tokens counted by the model's own tokenizer: the first
     token's time is the prefill, which ``prefill_tokens_per_s`` reports from the prompt's length.
     """
-    import gc
-
     from core.llm import auto_runtime, describe_llm
 
     kb = ours_kb(WORK / "ours")
@@ -799,8 +798,6 @@ def bench_answer(max_tokens: int = 256) -> dict:
 
 
 def _answer_timings(kb, settings, backend: str, max_tokens: int) -> dict:
-    import gc
-
     from core.llm import build_chat_model, reset_chat_model, token_counter
     from kb.answer.chain import Answer, Answerer, prime_answer_prompt
     from kb.answer.prompts import RAG_PROMPT, rag_inputs

@@ -17,6 +17,14 @@ from collections.abc import Iterable
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>&~$:=^\"'])")
 
 
+FENCES = ("```", "~~~")
+
+
+def is_fence(line: str) -> bool:
+    """A line that opens or closes a fenced code block."""
+    return line.lstrip().startswith(FENCES)
+
+
 def escape_markdown(text: str) -> str:
     """Text shown literally by st.markdown: no formatting, links, HTML or directives from it."""
     return _MD_SPECIAL.sub(r"\\\1", text)

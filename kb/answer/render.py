@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from kb.citations import MARKER_RE, link_markers, viewer_link
-from kb.markdown import safe_url
+from kb.markdown import FENCES, is_fence, safe_url
 
 UNSUPPORTED = ":gray-badge[not found in the sources]"
 
@@ -33,13 +33,6 @@ def cite(sentence: dict, sources: list[dict]) -> str:
     link = viewer_link(h["source"], h["path"], sentence["line_start"], sentence["line_end"])
     lines = f"{sentence['line_start']}" + (f"–{sentence['line_end']}" if sentence["line_end"] != sentence["line_start"] else "")
     return f"[\\[{n}\\]]({safe_url(link)} \"{h['path']}, line {lines}\")"
-
-
-FENCES = ("```", "~~~")
-
-
-def _fence(text: str) -> bool:
-    return text.lstrip().startswith(FENCES)
 
 
 def _block_citations(tags: list[str]) -> str:
@@ -65,7 +58,7 @@ def answer_markdown(msg: dict) -> str:
             return link_markers(content, [h.get("url", "") for h in sources])
         out.append(content[cursor:at])
         cursor = at + len(x["text"])
-        if _fence(x["text"]):
+        if is_fence(x["text"]):
             out.append(x["text"])
             if in_code:
                 out.append(_block_citations(pending))

@@ -36,6 +36,7 @@ import numpy as np
 
 from kb.answer.prompts import LINK_RE, LOOKALIKES
 from kb.citations import MARKER_RE, marker_numbers
+from kb.markdown import is_fence
 from kb.search.hits import Hit
 from kb.words import tokenize
 
@@ -144,7 +145,7 @@ def _fenced(lines: Sequence[str]) -> list[bool]:
     """Which lines sit inside a fenced code block (where "# …" is a comment, not a heading)."""
     out, inside = [], False
     for line in lines:
-        fence = line.lstrip().startswith(("```", "~~~"))
+        fence = is_fence(line)
         out.append(inside or fence)
         inside ^= fence
     return out
