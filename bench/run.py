@@ -606,6 +606,57 @@ def bench_answers_unseen(k: int = 5, name: str = "overview-blind9") -> dict:
     return out
 
 
+def bench_excerpts(k: int = 5, budgets: tuple[int, ...] = (600, 700, 850, 1000)) -> dict:
+    """What narrowing the hits to excerpts costs before the model reads a word, with no model run: per question
+    set, the questions whose key facts (and gold lines) the k hits' whole chunks hold, and how many of those the
+    excerpts still hold, at the default budget and around it, counted in the chat model's own tokens.
+
+    The answer can only state what its excerpts show, so this bounds the answer's facts from above; and at a
+    few minutes for every set, a change to how excerpts are chosen can be read here before a 20-minute
+    answers run (README "Answers").
+    """
+    from core.llm import build_chat_model, token_counter
+    from kb.answer.chain import LineReader
+    from kb.answer.context import CONTEXT_TOKENS, compact, excerpts, unit_embedder
+    from kb.evaluate import facts_in_hits, is_hit, load_questions
+    from kb.search.engine import SearchEngine
+    from kb.search.hits import SearchOptions
+
+    kb = six_repo_kb()
+    llm = build_chat_model(kb.settings)
+    count = token_counter(llm)
+    engine, reader, embed = SearchEngine(kb), LineReader(kb), unit_embedder(kb.embeddings)
+    budgets = tuple(sorted(set(budgets) | {CONTEXT_TOKENS}))
+    out: dict = {"k": k, "llm": kb.settings.llm, "default_budget": CONTEXT_TOKENS, "sets": {}}
+    for name, (path, purpose) in QUESTION_SETS.items():
+        qs = [q for q in load_questions(path) if q.get("facts")]
+        hits = {q["id"]: engine.search(q["question"], SearchOptions(k=k)) for q in qs}
+        row: dict = {"n": len(qs), "purpose": purpose,
+                     "facts_in_hits": sum(bool(facts_in_hits(hits[q["id"]], q)) for q in qs),
+                     "gold_in_hits": sum(any(is_hit(h, q) for h in hits[q["id"]]) for q in qs), "budgets": {}}
+        for budget in budgets:
+            shown, used, lost = [], [], []
+            for q in qs:
+                chosen = [e.hit for e in excerpts(hits[q["id"]], q["question"], reader, embed, budget, count)]
+                shown.append((bool(facts_in_hits(chosen, q)), any(is_hit(h, q) for h in chosen)))
+                used.append(sum(count(compact(h.text)) for h in chosen) if count else 0)
+                if facts_in_hits(hits[q["id"]], q) and not shown[-1][0]:
+                    lost.append(q["id"])
+            row["budgets"][str(budget)] = {
+                "facts_in_excerpts": sum(f for f, _ in shown), "gold_in_excerpts": sum(g for _, g in shown),
+                "tokens_median": statistics.median(used) if used else 0, "facts_lost": lost}
+        out["sets"][name] = row
+        d = row["budgets"][str(CONTEXT_TOKENS)]
+        print(f"{name}: facts in hits {row['facts_in_hits']}/{row['n']}, in excerpts {d['facts_in_excerpts']} "
+              f"at {CONTEXT_TOKENS} tokens", file=sys.stderr)
+    out["summary"] = {str(b): {key: sum(s["budgets"][str(b)][key] for s in out["sets"].values())
+                               for key in ("facts_in_excerpts", "gold_in_excerpts")} for b in budgets}
+    for key in ("n", "facts_in_hits", "gold_in_hits"):
+        out["summary"][key] = sum(s[key] for s in out["sets"].values())
+    save("excerpts", out)
+    return out
+
+
 def bench_answer_levers(k: int = 5, budgets: tuple[int, ...] = (420, 100_000)) -> dict:
     """The context's size against quality and wait, on the dev set: excerpts of 420 tokens in all (700 is the default,
     measured by `answers`), and
@@ -1021,6 +1072,8 @@ def main() -> None:
             bench_answers_unseen()
         elif name == "support":
             bench_support()
+        elif name == "excerpts":
+            bench_excerpts()
         elif name == "answer-levers":
             bench_answer_levers()
         elif name == "snapshot":
