@@ -189,24 +189,6 @@ def test_excerpts_show_a_copied_passage_once_and_give_its_budget_to_a_table_cut_
     assert "| Model 11 |" in out[0].hit.text, "the table whole: the copy's budget went to it"
 
 
-def test_excerpts_show_a_translation_of_lines_already_shown_once():
-    en = "| model | tp | RPS |\n|---|---|---|\n| llama2-7b | 1 | 14.556 |\n| internlm-20b | 2 | 10.291 |"
-    zh = "| 模型 | tp | 每秒请求数 |\n|---|---|---|\n| llama2-7b | 1 | 14.556 |\n| internlm-20b | 2 | 10.291 |"
-    other = "安装：`pip install lmdeploy==0.2.0` 需要 Python 3.8 及以上。"
-    hits = [hit(en, 1, 17, "docs/en/benchmark/a100.md"), hit(zh, 2, 17, "docs/zh_cn/benchmark/a100.md"),
-            hit(other, 3, 5, "docs/zh_cn/get_started/installation.md")]
-    def shown(question: str) -> list[str]:
-        return [e.chunk.path for e in excerpts(hits, question, lambda h: h.text.split("\n"), None, total=300)]
-
-    # one copy, in the question's language (the answer's sentences are checked against its lines), where it was found
-    assert shown("What is the RPS of internlm-20b?") == ["docs/en/benchmark/a100.md", "docs/zh_cn/get_started/installation.md"]
-    assert shown("internlm-20b 的 RPS 是多少？") == ["docs/zh_cn/benchmark/a100.md", "docs/zh_cn/get_started/installation.md"]
-    # another file's lines, or the translation's other lines, are not a copy of what is shown
-    elsewhere = hit("| model | tp | RPS |\n|---|---|---|\n| llama2-70b | 4 | 7.231 |", 2, 30, "docs/zh_cn/benchmark/a100.md")
-    out = excerpts([hits[0], elsewhere], "RPS", lambda h: h.text.split("\n"), None, total=300)
-    assert len(out) == 2
-
-
 def _lines_cost(text: str, count) -> int:
     return sum(line_costs(text.split("\n"), count))
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from kb.citations import reanchor
 from kb.search.hits import Hit
-from kb.search.signals import fit, near_duplicate, query_language, shingles
+from kb.search.signals import near_duplicate, shingles
 from kb.words import tokenize
 
 CJK_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
@@ -34,12 +34,6 @@ MIN_TOKENS = 60  # no excerpt is cut below this (a table row and its header need
 LEXICAL_WEIGHT = 0.5  # share of the question's (rarity-weighted) words in a window, next to the cosine
 RANK_SHARES = (4.0, 2.0, 1.0, 1.0, 1.0)  # the budget's split over the hits by rank (README "Answers")
 WINDOWS_EMBEDDED = 3  # best windows per hit by words, re-scored with the embedding model
-
-# A translation's path: a language suffix before the extension, or a language folder (README_zh-CN.md, docs/zh_cn/).
-LANGUAGE_MARK_RE = re.compile(r"(?i)[_.-](?:zh[_-]?cn|zh|cn|en|ja(?:[_-]?jp)?)(?=\.[a-z]+$)|(?:^|(?<=/))(?:zh[_-]?cn|zh|cn|en)(?=/)")
-# What a translation keeps as written: figures and names with digits, snake_case names, code spans.
-LITERAL_RE = re.compile(r"`[^`\n]+`|[A-Za-z_]*\d[\w.-]*|[A-Za-z]+(?:_[A-Za-z0-9]+)+")
-MIN_LITERALS = 3  # fewer: too little to tell a translation of these lines from other lines of that file
 
 TokenCounter = Callable[[str], int]  # text -> the chat model's tokens (``core.llm.token_counter``)
 
@@ -185,7 +179,7 @@ def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]
 
     budgets = _budgets(needs, total)
     chosen = {i: choose(i, b) for i, b in enumerate(budgets)}
-    distinct = _distinct(chosen, hits, query_language(question))
+    distinct = _distinct(chosen)
     chosen = {i: w for i, w in chosen.items() if i in distinct}
     cost = {i: sum(costs[i][w.start:w.end]) for i, w in chosen.items()}
     short = [i for i in chosen if cost[i] < needs[i]]
@@ -204,40 +198,14 @@ def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]
     return out
 
 
-def _distinct(chosen: dict[int, Window], hits: Sequence[Hit], language: str) -> set[int]:
-    """The windows whose text no better-ranked window already shows: near-duplicates, as in retrieval, and
-    translations. Of a window and its translation, the copy in the question's ``language`` stays, when each
-    states what the other does: the answer is written in that language, and its sentences are checked
-    against lines in the same language far better than across languages."""
+def _distinct(chosen: dict[int, Window]) -> set[int]:
+    """The windows whose text no better-ranked window already shows (near-duplicates, as in retrieval)."""
     kept: list[tuple[int, set[str]]] = []
     for i, w in sorted(chosen.items()):
         sh = shingles(w.text)
-        if any(near_duplicate(sh, other) for _, other in kept):
-            continue
-        original = next((n for n, (j, _) in enumerate(kept)
-                         if _translation(hits[j], chosen[j].text, hits[i], w.text)), None)
-        if original is None:
+        if not any(near_duplicate(sh, other) for _, other in kept):
             kept.append((i, sh))
-            continue
-        j = kept[original][0]
-        if (fit(hits[i], language)[0] < fit(hits[j], language)[0]
-                and _translation(hits[i], w.text, hits[j], chosen[j].text)):
-            kept[original] = (i, sh)
     return {i for i, _ in kept}
-
-
-def copy_key(source: str, path: str) -> tuple[str, str]:
-    """A file and its translations share this: ``README_zh-CN.md`` and ``docs/zh_cn/x.md`` are ``README.md``'s and ``docs/en/x.md``'s."""
-    return source, LANGUAGE_MARK_RE.sub("", path).lower()
-
-
-def _translation(kept: Hit, kept_text: str, hit: Hit, text: str) -> bool:
-    """``text`` says in another language what ``kept_text`` already shows: the same file in another language, whose
-    figures, names and code (``LITERAL_RE``, at least ``MIN_LITERALS``) are nearly all in the kept window."""
-    if hit.path == kept.path or copy_key(hit.source, hit.path) != copy_key(kept.source, kept.path):
-        return False
-    literals = set(LITERAL_RE.findall(text))
-    return len(literals) >= MIN_LITERALS and len(literals & set(LITERAL_RE.findall(kept_text))) >= 0.8 * len(literals)
 
 
 def _best_window(windows: list[Window], question: str, idf: dict[str, float],
