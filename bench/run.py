@@ -542,7 +542,8 @@ ANSWER_QUESTIONS = [
 
 
 # ---------------------------------------------------------------- answers, scored
-ANSWER_FIELDS = ("n", "facts", "gold_cited", "gold_retrieved", "declined", "coverage", "ttft_median", "seconds_median")
+ANSWER_FIELDS = ("n", "facts", "gold_cited", "gold_retrieved", "facts_shown", "declined", "coverage", "ttft_median",
+                 "seconds_median")
 
 
 def _answerer(kb, k: int, context_tokens: int):
@@ -577,7 +578,8 @@ def bench_answers(k: int = 5) -> dict:
 
 
 def answers_by_category(rep: dict) -> dict:
-    """Per question category: facts shown, facts of the model (the withheld text too), gold cited and retrieved."""
+    """Per question category: facts shown, facts of the model (the withheld text too), gold cited and retrieved, and
+    the facts in the excerpts."""
     out: dict = {}
     for cat in sorted({r["category"] for r in rep["rows"]}):
         rows = [r for r in rep["rows"] if r["category"] == cat]
@@ -586,6 +588,7 @@ def answers_by_category(rep: dict) -> dict:
                     "facts_model": share(lambda r: r.get("facts") or r.get("facts_withheld")),
                     "gold_cited": share(lambda r: r.get("gold_cited")),
                     "gold_retrieved": share(lambda r: r.get("gold_retrieved")),
+                    "facts_shown": share(lambda r: r.get("facts_shown")),
                     "withheld": sum("withheld" in r for r in rows)}
     return out
 

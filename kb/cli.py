@@ -326,7 +326,8 @@ def cmd_eval_answers(args: argparse.Namespace, questions: list[dict]) -> dict:
             verdict = (f"facts {fmt(r.get('facts'))}, gold cited {fmt(r.get('gold_cited'))}" if r["answerable"]
                        else f"declined {fmt(r.get('declined'))}") + (", withheld" if "withheld" in r else "")
             print(f"{r['id']:28} {verdict:34} {r['ttft_s'] or 0:5.1f}s  {r['answer'][:70]!r}")
-        print(f"\nn={report['n']} facts={fmt(report['facts'])} gold_cited={fmt(report['gold_cited'])} "
+        print(f"\nn={report['n']} facts={fmt(report['facts'])} facts_shown={fmt(report['facts_shown'])} "
+              f"gold_cited={fmt(report['gold_cited'])} "
               f"declined={fmt(report['declined'])} withheld={fmt(report['withheld'])} "
               f"ttft_median={report['ttft_median']}s "
               f"seconds_median={report['seconds_median']}s (k={report['k']}, {report['mode']})")

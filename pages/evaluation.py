@@ -22,7 +22,9 @@ kb = kb_or_stop(s)
 UPLOAD = "Upload a JSONL file"
 RETRIEVAL, ANSWERS, RATED = "Retrieval", "Answers", "Rated answers"
 ANSWER_METRICS = {"facts": "key facts stated", "gold_cited": "gold lines cited", "gold_retrieved": "gold lines retrieved",
-                  "declined": "unanswerable declined", "coverage": "sentences cited"}
+                  "facts_shown": "key facts in the excerpts", "declined": "unanswerable declined",
+                  "coverage": "sentences cited"}
+CONTEXT_METRICS = ("gold_retrieved", "facts_shown")  # what the model was given, not what it wrote
 
 
 def esc_list(items) -> str:
@@ -318,6 +320,8 @@ def answers_report(report: dict) -> None:
                f"**{report.get('seconds_median')} s** · k = {report.get('k')}, {report.get('mode')}"
                + (f" · gold lines retrieved {share(report.get('gold_retrieved'))}"
                   if report.get("gold_retrieved") is not None else "")
+               + (f" · key facts in the excerpts {share(report.get('facts_shown'))}"
+                  if report.get("facts_shown") is not None else "")
                + (f" · answers withheld (nothing in them found in the sources) {share(report.get('withheld'))},"
                   f" {report.get('withheld_right', 0)} of them stating the facts" if report.get("withheld") else ""))
     bars = [{"metric": label, "value": report[key]} for key, label in ANSWER_METRICS.items()
@@ -345,8 +349,8 @@ def answers_report(report: dict) -> None:
             "id": r["id"], "question": r["question"], "answer": r["answer"], "citations": "\n".join(cited),
             "withheld answer": r.get("withheld", ""),
             "gold lines": r.get("gold") or ("(unanswerable)" if not r.get("answerable", True) else ""),
-            "facts": mark(r.get("facts")), "gold cited": mark(r.get("gold_cited")),
-            "declined": mark(r.get("declined")), "first token s": r.get("ttft_s"), "seconds": r.get("seconds"),
+            "facts": mark(r.get("facts")), "facts in excerpts": mark(r.get("facts_shown")),
+            "gold cited": mark(r.get("gold_cited")), "declined": mark(r.get("declined")), "first token s": r.get("ttft_s"), "seconds": r.get("seconds"),
         })
     right.dataframe(
         pd.DataFrame([{"id": x["id"], "facts": x["facts"], "gold cited": x["gold cited"], "declined": x["declined"],
@@ -395,7 +399,7 @@ def answers_section(questions: list[dict], questions_name: str, only_indexed: bo
     if not runs:
         st.caption("No saved answer runs on this question set yet.")
         return
-    st.altair_chart(over_runs(runs, {m: v for m, v in ANSWER_METRICS.items() if m != "gold_retrieved"}, "metric",
+    st.altair_chart(over_runs(runs, {m: v for m, v in ANSWER_METRICS.items() if m not in CONTEXT_METRICS}, "metric",
                               f"Past answer runs on {shown}"), width="stretch")
     past = sorted(runs, key=run_time, reverse=True)
     st.dataframe(

@@ -154,4 +154,7 @@ def test_answer_evaluation_scores_facts_citations_and_declines(xtuner_kb):
     report = evaluate_answers(Answerer(llm, engine, SearchOptions(k=3)), questions, SearchOptions(k=3))
     assert (report["n"], report["facts"], report["gold_cited"], report["declined"]) == (2, 1.0, 1.0, 1.0)
     assert gold_n in report["rows"][0]["cited"] and report["ttft_median"] is not None
+    # the excerpts the model read held the facts (so a miss would be the model's), and the share says so
+    assert report["rows"][0]["facts_shown"] is True and report["facts_shown"] == 1.0
+    assert "facts_shown" not in report["rows"][1], "an unanswerable question has no facts to show"
     assert {"n", "facts", "gold_cited", "declined", "ttft_median", "seconds_median", "k", "mode", "rows"} <= set(report)

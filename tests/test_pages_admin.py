@@ -192,7 +192,7 @@ def test_a_saved_answer_run_renders(page_env, open_page):
         {"id": "q1", "question": "XTuner 是什么？", "category": "overview", "answer": "XTuner 是微调工具 [1]。",
          "answerable": True, "cited": [1], "sources": ["xtuner/README.md:1-9@abcdef12", "xtuner/docs/a.md:3-4@abcdef12"],
          "gold": "xtuner/README.md:1-12", "ttft_s": 4.2, "seconds": 9.1, "facts": True, "gold_cited": True,
-         "gold_retrieved": True},
+         "gold_retrieved": True, "facts_shown": True},
         {"id": "q2", "question": "价格多少？", "category": "unanswerable", "answer": "文档中没有提到。",
          "answerable": False, "cited": [], "sources": [], "gold": "", "ttft_s": 3.0, "seconds": 5.0, "declined": True},
     ]
@@ -209,6 +209,7 @@ def test_a_saved_answer_run_renders(page_env, open_page):
     assert per_q["citations"].tolist() == ["[1] xtuner/README.md:1-9@abcdef12", ""]
     assert per_q["gold lines"].tolist() == ["xtuner/README.md:1-12", "(unanswerable)"]
     assert per_q["declined"].tolist() == ["–", "yes"] and per_q["facts"].tolist() == ["yes", "–"]
+    assert per_q["facts in excerpts"].tolist() == ["yes", "–"]
     chart = next(s for s in specs(at) if "Past answer runs on" in json.dumps(s.get("title", "")))
     assert chart["encoding"]["x"]["field"] == "run"
 

@@ -5,7 +5,10 @@ question: ``facts`` (every group of ``"facts": [["alt", ...], ...]`` appears in
 the answer by one alternative, case-insensitive, spaces ignored),
 ``gold_cited`` (a ``[n]`` marker points at a source overlapping a gold
 location), ``declined`` (for ``"answerable": false``, the answer says the
-sources don't hold it) and the time to the first token and in all. Facts are
+sources don't hold it) and the time to the first token and in all. ``facts_shown``
+says whether the excerpts the model was given state the facts at all: an answer
+can't state what it wasn't shown, so it tells a fact the model missed from one
+the context never held. Facts are
 checked in the answer as shown: an answer withheld because nothing in it was
 found in the sources counts as not stating them (``facts_withheld`` says
 whether the withheld text did).
@@ -18,7 +21,7 @@ import time
 
 from kb.answer.chain import Answerer
 from kb.answer.prompts import declines
-from kb.evaluate import answerable, category, is_hit, states_facts
+from kb.evaluate import answerable, category, facts_in_hits, is_hit, states_facts
 from kb.search.hits import SearchOptions
 
 def _share(values: list[bool]) -> float | None:
@@ -49,6 +52,7 @@ def evaluate_answers(answerer: Answerer, questions: list[dict], options: SearchO
                 row["facts_withheld"] = states_facts(result.unverified, q["facts"])
             row["gold_cited"] = any(is_hit(h, q) for h in cited)
             row["gold_retrieved"] = any(is_hit(h, q) for h in result.sources)
+            row["facts_shown"] = facts_in_hits(result.sources, q)
         else:
             row["declined"] = result.declined or declines(result.answer)
         rows.append(row)
@@ -59,6 +63,7 @@ def evaluate_answers(answerer: Answerer, questions: list[dict], options: SearchO
         "facts": _share([r["facts"] for r in rows if r.get("facts") is not None]),
         "gold_cited": _share([r["gold_cited"] for r in rows if "gold_cited" in r]),
         "gold_retrieved": _share([r["gold_retrieved"] for r in rows if "gold_retrieved" in r]),
+        "facts_shown": _share([r["facts_shown"] for r in rows if r.get("facts_shown") is not None]),
         "declined": _share([r["declined"] for r in rows if "declined" in r]),
         # answers withheld (nothing in them found in the sources), and how many of those stated the facts
         "withheld": _share(["withheld" in r for r in rows]),
