@@ -145,6 +145,34 @@ def test_ask_answers_from_the_index_and_says_how_long_the_set_up_took(cli_home, 
     assert kinds[-2:] == ["search", "answer"], logged
 
 
+def test_eval_answers_json_contract(cli_home, corpus, default_gguf_path, tmp_path):
+    """`kb eval QUESTIONS --answers --json` through the real chain and model: the report the README and the issue
+    name, a row per question, and whether the excerpts held the facts (``facts_shown``)."""
+    home, env = cli_home
+    env = {**env, "KB_LLM": "llamacpp", "KB_LLM_GGUF": str(default_gguf_path), "KB_LLM_MAX_TOKENS": "24",
+           "KB_LLM_TEMPERATURE": "0"}
+    _, stats = kb(home, "stats", "--json", env_extra=env)
+    if not stats["sources"]:
+        kb(home, "add", "lagent", str(corpus / "lagent.bundle"), "--json", env_extra=env)
+    kb(home, "sync", "--json", env_extra=env)
+    qfile = tmp_path / "answers.jsonl"
+    qfile.write_text(
+        '{"id": "a", "question": "What is Lagent?", "repo": "lagent", "path": "README.md", "line_start": 1, '
+        '"line_end": 9999, "facts": [["agent"]]}\n'
+        '{"id": "u", "question": "How much does a Lagent enterprise licence cost?", "repo": "lagent", "path": "", '
+        '"line_start": 0, "line_end": 0, "answerable": false}\n', encoding="utf-8")
+    proc, out = kb(home, "eval", str(qfile), "--answers", "-k", "2", "--json", env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert {"n", "facts", "facts_shown", "gold_cited", "declined", "coverage", "ttft_median", "seconds_median", "k",
+            "mode", "rows"} <= set(out)
+    assert out["n"] == 2 and out["k"] == 2 and [r["id"] for r in out["rows"]] == ["a", "u"]
+    answered, unanswerable = out["rows"]
+    assert answered["facts_shown"] is True and out["facts_shown"] == 1.0, "the README's lines say what Lagent is"
+    assert answered["sources"] and isinstance(answered["facts"], bool) and isinstance(answered["gold_cited"], bool)
+    assert isinstance(unanswerable["declined"], bool) and "facts" not in unanswerable
+    assert all(r["ttft_s"] is not None and r["seconds"] >= r["ttft_s"] for r in out["rows"])
+
+
 def test_ask_with_an_index_it_cannot_read_fails_before_loading_the_model(cli_home, monkeypatch, capsys):
     """The index is checked before the model starts loading in its thread: the error comes at once (1.5 s for the
     whole process against 6.3 s when it waited for the model), and no model is loaded for an answer that can't be."""
