@@ -350,7 +350,8 @@ def answers_report(report: dict) -> None:
             "withheld answer": r.get("withheld", ""),
             "gold lines": r.get("gold") or ("(unanswerable)" if not r.get("answerable", True) else ""),
             "facts": mark(r.get("facts")), "facts in excerpts": mark(r.get("facts_shown")),
-            "gold cited": mark(r.get("gold_cited")), "declined": mark(r.get("declined")), "first token s": r.get("ttft_s"), "seconds": r.get("seconds"),
+            "gold cited": mark(r.get("gold_cited")), "declined": mark(r.get("declined")),
+            "first token s": r.get("ttft_s"), "seconds": r.get("seconds"),
         })
     right.dataframe(
         pd.DataFrame([{"id": x["id"], "facts": x["facts"], "gold cited": x["gold cited"], "declined": x["declined"],
