@@ -124,15 +124,22 @@ def test_rechunk_below_the_passage_size_uses_one_rule(cli_home, corpus):
     assert "+passages 100" in out["chunk_config"] and out["chunks"] > 0
 
 
-def test_ask_answers_from_the_index_and_says_how_long_the_set_up_took(cli_home, corpus, default_gguf_path):
-    """`kb ask` end to end, as a user runs it: the model loads (and reads its rules) while the index is read."""
+def _lagent_with_the_default_model(cli_home, corpus, gguf, max_tokens: int) -> tuple:
+    """The CLI home with lagent indexed, and the environment that answers with the default GGUF in llama.cpp
+    (greedy, ``max_tokens`` at most): what the commands that ask the model run on."""
     home, env = cli_home
-    env = {**env, "KB_LLM": "llamacpp", "KB_LLM_GGUF": str(default_gguf_path), "KB_LLM_MAX_TOKENS": "40",
+    env = {**env, "KB_LLM": "llamacpp", "KB_LLM_GGUF": str(gguf), "KB_LLM_MAX_TOKENS": str(max_tokens),
            "KB_LLM_TEMPERATURE": "0"}
     _, stats = kb(home, "stats", "--json", env_extra=env)
     if not stats["sources"]:
         kb(home, "add", "lagent", str(corpus / "lagent.bundle"), "--json", env_extra=env)
     kb(home, "sync", "--json", env_extra=env)
+    return home, env
+
+
+def test_ask_answers_from_the_index_and_says_how_long_the_set_up_took(cli_home, corpus, default_gguf_path):
+    """`kb ask` end to end, as a user runs it: the model loads (and reads its rules) while the index is read."""
+    home, env = _lagent_with_the_default_model(cli_home, corpus, default_gguf_path, max_tokens=40)
     proc, _ = kb(home, "ask", "What is Lagent?", "-q", env_extra=env)
     assert proc.returncode == 0, proc.stderr
     answer, _, sources = proc.stdout.partition("\nSources:\n")
@@ -148,13 +155,7 @@ def test_ask_answers_from_the_index_and_says_how_long_the_set_up_took(cli_home, 
 def test_eval_answers_json_contract(cli_home, corpus, default_gguf_path, tmp_path):
     """`kb eval QUESTIONS --answers --json` through the real chain and model: the report the README and the issue
     name, a row per question, and whether the excerpts held the facts (``facts_shown``)."""
-    home, env = cli_home
-    env = {**env, "KB_LLM": "llamacpp", "KB_LLM_GGUF": str(default_gguf_path), "KB_LLM_MAX_TOKENS": "24",
-           "KB_LLM_TEMPERATURE": "0"}
-    _, stats = kb(home, "stats", "--json", env_extra=env)
-    if not stats["sources"]:
-        kb(home, "add", "lagent", str(corpus / "lagent.bundle"), "--json", env_extra=env)
-    kb(home, "sync", "--json", env_extra=env)
+    home, env = _lagent_with_the_default_model(cli_home, corpus, default_gguf_path, max_tokens=24)
     qfile = tmp_path / "answers.jsonl"
     qfile.write_text(
         '{"id": "a", "question": "What is Lagent?", "repo": "lagent", "path": "README.md", "line_start": 1, '
