@@ -58,6 +58,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind9", "Overview (blind 9)", QUESTIONS / "overview_blind9.jsonl",
                 "checking only, a seventh blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the thirty-fifth stop, measured once as it came"),
+    QuestionSet("overview-blind10", "Overview (blind 10)", QUESTIONS / "overview_blind10.jsonl",
+                "checking only, an eighth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the thirty-seventh stop, measured once as it came"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
