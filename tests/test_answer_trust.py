@@ -408,6 +408,36 @@ def test_a_figure_the_question_names_is_its_subject_when_the_sources_state_it():
     assert not claim.supported
 
 
+def test_a_figure_the_question_names_is_the_premise_of_a_sentence_with_a_name_of_its_own():
+    """"在 H800 这类 Hopper 卡上" repeats the question; the claim is the variable, which the lines hold (blind9)."""
+    asked = "在 H800 这类 Hopper 卡上，xtuner 怎么开启 flash attention 3？"
+    sources = [hit("对于 Hopper 架构的 GPU，可以额外安装 fa3，并通过 `export XTUNER_USE_FA3=1` 启用 fa3", 1)]
+    answer = "在 H800 这类 Hopper 卡上，你可以通过 `export XTUNER_USE_FA3=1` 来开启 flash attention 3。"
+    assert support(answer, sources, embed=None, question=asked)[0].supported
+    assert not support(answer.replace("FA3", "FA2"), sources, embed=None, question=asked)[0].supported
+    # with no name of its own, the question's figures stay claims: a stray figure of the lines is no anchor
+    asked = "灵笔2.5 用 lmdeploy 跑 4bit 量化版，显存占用比 FP16 少多少？"
+    sources = [hit("lmdeploy 支持 4bit 量化，Qwen3-235B 也可以用 lmdeploy 部署。", 1)]
+    claim = support("灵笔2.5 用 lmdeploy 跑 4bit 量化版，显存占用比 FP16 少 235B。", sources, embed=None, question=asked)
+    assert not claim[0].supported
+
+
+def test_a_sentence_translating_its_lines_is_supported_across_languages(default_embeddings, monkeypatch):
+    """A Chinese answer over English lines shares few words with them: the cosine decides, against a higher bar."""
+    import kb.answer.support as sup
+
+    embed = unit_embedder(default_embeddings)
+    sources = [hit("However, make sure the internal consistency of agents, i.e. asynchronous agents should be "
+                   "equipped with asynchronous LLMs and asynchronous action executors that drive asynchronous tools.", 1)]
+    asked = "lagent 有没有异步版本的接口？什么时候该用异步"
+    translated = "使用异步类时，需要确保内部一致性，即异步智能体应配备异步 LLM 和异步 action executors，驱动异步工具。"
+    unrelated = "安装 lagent 之前需要先把显卡驱动升级到 550 以上，并准备 80G 显存。"
+    right, wrong = support(translated + unrelated, sources, embed, asked)
+    assert right.supported and right.source == 1 and not wrong.supported
+    monkeypatch.setattr(sup, "CROSS_LINGUAL_OFFSET", 9.0)  # the words and the cosine alone, as before
+    assert not support(translated, sources, embed, asked)[0].supported
+
+
 def test_a_name_the_lines_do_not_spell_out_is_not_supported():
     """A wrong variable or flag that reads like the right one (seen in a hand check: ``..._ATTN_3`` for ``_ATTN_2``)."""
     sources = [hit("使用 FlashAttention 2 训练时，设置环境变量 `XTUNER_USE_FLASH_ATTN_2=1` 即可开启。", 1)]

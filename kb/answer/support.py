@@ -38,6 +38,7 @@ from kb.answer.prompts import LINK_RE, LOOKALIKES
 from kb.citations import MARKER_RE, marker_numbers
 from kb.markdown import is_fence
 from kb.search.hits import Hit
+from kb.search.signals import query_language
 from kb.words import tokenize
 
 THRESHOLD = 0.35  # lexical share x LEXICAL + cosine x (1 - LEXICAL); README "Answers" (hand-labelled)
@@ -59,6 +60,7 @@ ECHO = 0.5  # weight of a word the sentence repeats from the question: the subje
 # The bar is this much lower for lines that hold every figure and exact name the sentence states: those are the
 # claim, spelled out, and no neighbouring line with the same words but another claim holds them (README "Answers").
 EXACT_RELIEF = 0.05
+CROSS_LINGUAL_OFFSET = 0.25  # across languages: the cosine less this is the score (README "Answers")
 CONTEXT_COST = 0.03  # a run read with its heading or table header: cited only when that adds what the run lacks
 CONTEXT_LINES = 10  # how far above a run its heading or table header may be, to be read with it
 HEADING_RE = re.compile(r"\s{0,3}#{1,6}\s")
@@ -286,7 +288,8 @@ class Aligner:
         # subject, not a claim: the supporting lines need not repeat it. "MI300", which no excerpt states, stays a
         # claim to check.
         stated = {_ungroup(f) for h in self.excerpts for f in NUMBER_RE.findall(h.text)}
-        self.given = set(_figures(question)) & stated
+        self.asked_figures = set(_figures(question))
+        self.given = self.asked_figures & stated
         # words the sentence repeats from the question weigh ECHO: "the tiny qwen3 example needs about 8G" is
         # supported by "only 8G of memory is needed", though the line doesn't repeat the question's words
         self.question = question  # what a table figure's column or row is read by, when the sentence names neither
@@ -312,6 +315,7 @@ class Aligner:
             for w in words:
                 self._df[w] = self._df.get(w, 0) + 1
         self._vectors: np.ndarray | None = None
+        self._run_zh = np.array([query_language(text) == "zh" for *_, text in self.runs], dtype=bool)
 
     def _weight(self, word: str) -> float:
         return math.log(1 + self._n / (1 + self._df.get(word, 0))) + 0.5  # unseen words weigh most
@@ -333,7 +337,12 @@ class Aligner:
         if vectors is None:
             return lexical - self._length_cost
         q = self.embed([MARKER_RE.sub(" ", sentence)])[0]
-        return LEXICAL * lexical + (1 - LEXICAL) * (vectors @ q) - self._length_cost
+        cosine = vectors @ q
+        score = LEXICAL * lexical + (1 - LEXICAL) * cosine
+        # a sentence and lines in different languages share few words however exactly one translates the other:
+        # there the cosine alone decides, against a higher bar (README "Answers")
+        across = self._run_zh != (query_language(sentence) == "zh")
+        return np.where(across, np.maximum(score, cosine - CROSS_LINGUAL_OFFSET), score) - self._length_cost
 
     def _read_right(self, figures: Sequence[str], run: int, sentence: str) -> bool:
         """No figure of the sentence is read from a table cell of the run under another column or row."""
@@ -354,6 +363,13 @@ class Aligner:
         scores = self.scores(sentence)
         figures = [f for f in _figures(sentence) if f not in self.given]
         names = [n for n in _names(sentence) if n not in self.asked]
+        if names:
+            # The sentence states an exact name of its own (a flag, a variable, a path), which the lines must hold;
+            # a figure it repeats from the question ("在 H800 这类 Hopper 卡上，…`XTUNER_USE_FA3=1`") is then its
+            # premise. Otherwise the question's figure is checked: "XTuner 在 AMD MI300 上用 ROCm 训练" claims it,
+            # and a figure of the sentence's own is too weak an anchor ("4bit 量化版比 FP16 少 235B" passed on a
+            # Qwen3-235B line when the question's 4 and 16 were let go).
+            figures = [f for f in figures if f not in self.asked_figures]
         bar = np.full(len(self.runs), THRESHOLD)
         if figures or names:  # a figure or name the lines don't hold is not supported by them, however alike the words
             in_lines = np.array([all(f in _squash(text) for f in figures + names) for *_, text in self.runs])
