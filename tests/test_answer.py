@@ -60,6 +60,13 @@ def test_marker_wiring_and_threshold(xtuner_kb):
     kept = Answerer(llm, engine, SearchOptions(k=3)).ask("xtuner是什么？")
     assert not kept.declined and not kept.unverified and 2 in kept.cited, kept
 
+    # the question written back as the answer asks, claims nothing: no citation, and withheld like an unfound claim
+    echo = "xtuner支持哪些模型？"
+    llm = RecordingChat(messages=iter([AIMessage(echo)]))
+    asked = Answerer(llm, engine, SearchOptions(k=3)).ask(echo)
+    assert asked.declined and "没有找到" in asked.answer and asked.cited == [] and asked.unverified == echo
+    assert not asked.unverified_sentences[0].claim and not asked.unverified_sentences[0].supported
+
     # nothing passes the threshold: say so in the question's language, with what was searched; never ask the model
     llm.seen.clear()
     none = Answerer(llm, engine, SearchOptions(k=3, mode="dense", threshold=0.999)).ask("xtuner是什么？")

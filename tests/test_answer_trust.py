@@ -408,6 +408,17 @@ def test_a_figure_the_question_names_is_its_subject_when_the_sources_state_it():
     assert not claim.supported
 
 
+def test_a_question_is_not_a_claim():
+    """The model writing the question back was cited to the lines the question was about (blind10)."""
+    sources = [hit("OpenCompass 会占用机器上所有的卡，可以用 CUDA_VISIBLE_DEVICES 限制它用几张 GPU。", 1)]
+    echo, answer = support("OpenCompass 会将机器上所有卡都占了，怎么限制它用几张 GPU？"
+                           "设置 CUDA_VISIBLE_DEVICES 可以限制它用几张 GPU。", sources, embed=None)
+    assert not echo.claim and not echo.supported and answer.claim and answer.supported
+    # a question mark in a link's address ends no question
+    linked = "转换命令见 [这里](https://github.com/ggerganov/llama.cpp?tab=readme-ov-file#prepare-and-quantize)"
+    assert all(s.claim for s in support(linked, sources, embed=None))
+
+
 def test_a_figure_the_question_names_is_the_premise_of_a_sentence_with_a_name_of_its_own():
     """"在 H800 这类 Hopper 卡上" repeats the question; the claim is the variable, which the lines hold (blind9)."""
     asked = "在 H800 这类 Hopper 卡上，xtuner 怎么开启 flash attention 3？"

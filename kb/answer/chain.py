@@ -26,7 +26,7 @@ from kb.answer.prompts import (
     CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, echo_at, format_history, neutralise, rag_inputs,
     undecided_tail,
 )
-from kb.answer.support import Sentence, coverage, support
+from kb.answer.support import Sentence, coverage, is_question, support
 from kb.citations import cited_numbers
 from kb.errors import KBError
 from kb.ingest.loaders import git_lines
@@ -117,9 +117,12 @@ def searched(question: str, hits: list[Hit]) -> str:
 
 
 def withholds(answer: str, sentences: list[Sentence]) -> bool:
-    """The answer makes claims and the sources hold none of them (and it is no decline): shown as a decline."""
+    """The answer makes claims and the sources hold none of them, or it only asks questions (the question
+    written back), and it is no decline: shown as a decline."""
     claims = [s for s in sentences if s.claim]
-    return bool(claims) and not any(s.supported for s in claims) and not declines(answer)
+    if not claims:
+        return bool(sentences) and all(is_question(s.text) for s in sentences) and not declines(answer)
+    return not any(s.supported for s in claims) and not declines(answer)
 
 
 def decline_text(question: str, hits: list[Hit]) -> str:
@@ -310,8 +313,9 @@ class Answerer:
         self._tools()
         result.sentences = support(result.answer, result.sources, self._embed, asked)
         claims = [s for s in result.sentences if s.claim]
-        if not any(s.supported for s in claims) and (claims or declines(result.answer)):
-            if withholds(result.answer, result.sentences):
+        withheld = withholds(result.answer, result.sentences)
+        if withheld or (declines(result.answer) and not any(s.supported for s in claims)):
+            if withheld:
                 result.unverified, result.unverified_sentences = result.answer, result.sentences
             result.answer = decline_text(asked, result.sources)
             result.sentences, result.declined = [], True

@@ -135,10 +135,21 @@ def _names(sentence: str) -> list[str]:
     return [n for n in dict.fromkeys(names) if len(n) > 1]
 
 
+def is_question(sentence: str) -> bool:
+    """The sentence asks rather than states: it ends with a question mark (one in a link's address aside).
+
+    The small model sometimes writes the question back as its answer ("OpenCompass 会将机器上所有卡都占了，
+    怎么限制它用几张 GPU？"), and its words are all in the lines the question was about: scored as a claim, it
+    was cited to them, as if the sources said it (README "Answers").
+    """
+    text = MARKER_RE.sub("", sentence).rstrip()
+    return text.endswith(("?", "？")) and "](" not in text and "://" not in text
+
+
 def is_claim(sentence: str) -> bool:
     """Two words or more, or a figure ("88.3%", "86.6 分。": a terse answer is still one), and not a lead-in
-    ending with a colon ("以下是：", "Steps:")."""
-    if MARKER_RE.sub("", sentence).rstrip().endswith((":", "：")):
+    ending with a colon ("以下是：", "Steps:") nor a question."""
+    if MARKER_RE.sub("", sentence).rstrip().endswith((":", "：")) or is_question(sentence):
         return False
     return len(_claim_words(sentence)) >= 2 or bool(_figures(sentence))
 
