@@ -414,6 +414,14 @@ def test_a_question_is_not_a_claim():
     echo, answer = support("OpenCompass 会将机器上所有卡都占了，怎么限制它用几张 GPU？"
                            "设置 CUDA_VISIBLE_DEVICES 可以限制它用几张 GPU。", sources, embed=None)
     assert not echo.claim and not echo.supported and answer.claim and answer.supported
+    # a piece of the question copied whole, question word and all, asks too, with or without its question mark
+    asked = "我是 50 系显卡，直接 pip 装 lmdeploy 行不行？pypi 上的 wheel 是用哪个 CUDA 编的"
+    sources = [hit("默认 PyPI 上的 wheel 用 CUDA 12.8 编译，50 系显卡可以直接 pip install lmdeploy。", 1)]
+    first, second = support("pip 装 lmdeploy 行不行？pypi 上的 wheel 是用哪个 CUDA 编的 [1]", sources, None, asked)
+    assert first.asks and second.asks and not second.claim and not second.supported
+    # a restatement that answers is a claim: it has no question word
+    restated = support("50 系显卡可以直接 pip 装 lmdeploy。", sources, None, "50 系显卡可以直接 pip 装 lmdeploy 吗？")[0]
+    assert restated.claim and not restated.asks
     # a question mark in a link's address ends no question
     linked = "转换命令见 [这里](https://github.com/ggerganov/llama.cpp?tab=readme-ov-file#prepare-and-quantize)"
     assert all(s.claim for s in support(linked, sources, embed=None))

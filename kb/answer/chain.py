@@ -26,7 +26,7 @@ from kb.answer.prompts import (
     CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, echo_at, format_history, neutralise, rag_inputs,
     undecided_tail,
 )
-from kb.answer.support import Sentence, coverage, is_question, support
+from kb.answer.support import Sentence, coverage, support
 from kb.citations import cited_numbers
 from kb.errors import KBError
 from kb.ingest.loaders import git_lines
@@ -121,7 +121,7 @@ def withholds(answer: str, sentences: list[Sentence]) -> bool:
     written back), and it is no decline: shown as a decline."""
     claims = [s for s in sentences if s.claim]
     if not claims:
-        return bool(sentences) and all(is_question(s.text) for s in sentences) and not declines(answer)
+        return bool(sentences) and all(s.asks for s in sentences) and not declines(answer)
     return not any(s.supported for s in claims) and not declines(answer)
 
 

@@ -65,6 +65,8 @@ CONTEXT_COST = 0.03  # a run read with its heading or table header: cited only w
 CONTEXT_LINES = 10  # how far above a run its heading or table header may be, to be read with it
 HEADING_RE = re.compile(r"\s{0,3}#{1,6}\s")
 TABLE_RULE_RE = re.compile(r"\s*\|?\s*:?-{3,}")
+ASKING_RE = re.compile(r"[?？]|哪|什么|吗|怎么|如何|多少|是否|能不能|行不行|有没有|"
+                       r"\b(?:which|what|how|why|where|when|who|whether|does|do|is|are|can)\b", re.IGNORECASE)
 LIST_ITEM_RE = re.compile(r"\s*(?:[-*+]|\d{1,3}[.)])\s")
 CELL_SPLIT_RE = re.compile(r"((?:`[^`]*`|\\.|[^|\\])*)\|")  # each cell, up to its unescaped bar
 NUMERIC_CELL_RE = re.compile(r"[-+~≈]?\d+(?:[.,]\d+)*%?")
@@ -82,6 +84,7 @@ class Sentence:
     score: float = 0.0
     marked: list[int] = field(default_factory=list)  # the model's own markers
     marker_ok: bool | None = None  # the model's marker names a supporting source (None: no marker)
+    asks: bool = False  # a question, not a claim (``is_question``): an answer made only of these is withheld
 
     @property
     def supported(self) -> bool:
@@ -135,15 +138,20 @@ def _names(sentence: str) -> list[str]:
     return [n for n in dict.fromkeys(names) if len(n) > 1]
 
 
-def is_question(sentence: str) -> bool:
-    """The sentence asks rather than states: it ends with a question mark (one in a link's address aside).
+def is_question(sentence: str, question: str = "") -> bool:
+    """The sentence asks rather than states: it ends with a question mark (one in a link's address aside), or it
+    is a piece of the question copied whole, its question word included ("pypi 上的 wheel 是用哪个 CUDA 编的").
 
     The small model sometimes writes the question back as its answer ("OpenCompass 会将机器上所有卡都占了，
     怎么限制它用几张 GPU？"), and its words are all in the lines the question was about: scored as a claim, it
-    was cited to them, as if the sources said it (README "Answers").
+    was cited to them, as if the sources said it (README "Answers"). A restatement that answers ("LMDeploy 支持
+    V100") has no question word, and a sentence that goes on past the copied part is no copy.
     """
-    text = MARKER_RE.sub("", sentence).rstrip()
-    return text.endswith(("?", "？")) and "](" not in text and "://" not in text
+    text = MARKER_RE.sub("", sentence).strip()
+    if text.endswith(("?", "？")) and "](" not in text and "://" not in text:
+        return True
+    copied = _squash(text.rstrip("。.!！"))
+    return len(copied) >= 6 and copied in _squash(question) and bool(ASKING_RE.search(text))
 
 
 def is_claim(sentence: str) -> bool:
@@ -367,7 +375,8 @@ class Aligner:
 
     def align(self, sentence: str) -> Sentence:
         marked = sorted({n for m in MARKER_RE.finditer(sentence) for n in marker_numbers(m)})
-        out = Sentence(sentence, claim=is_claim(sentence), marked=marked)
+        asks = is_question(sentence, self.question)
+        out = Sentence(sentence, claim=is_claim(sentence) and not asks, marked=marked, asks=asks)
         sentence = sentence.translate(LOOKALIKES)  # a chat token quoted as the model read it, checked as written
         if not out.claim or not self.runs:
             return out
