@@ -244,6 +244,19 @@ def test_definitional_questions(question, expected):
     assert signals.definitional(question) is expected
 
 
+@pytest.mark.parametrize("question,expected", [
+    ("what is xtuner v1 actually for? is it just another finetuning toolkit?", True),
+    ("What's InternLM3 and who made it?", True), ("浦语·灵笔2.5 是什么？主要能干些啥", True),
+    ("什么是 LMDeploy，它支持哪些模型？", True), ("InternLM 是什么？书生·浦语大模型是干什么的？", True),
+    ("What is the default port of LMDeploy?", False), ("What is LMDeploy's TurboMind?", False),
+    ("lmdeploy 的 turbomind 是什么", False), ("xtuner支持哪些模型？", False),
+])
+def test_a_question_asking_what_the_source_itself_is_names_its_subject(question, expected):
+    # the asking words beside the name: its opening answers, whatever the question goes on to ask
+    names = set().union(*ALIASES.values())
+    assert signals.names_subject(question, names) is expected
+
+
 def test_facts_at_k_counts_the_key_facts_in_any_hit_from_any_file(monkeypatch):
     monkeypatch.setattr("kb.evaluate.gold_passage", lambda kb, q: "")
     qs = [

@@ -383,7 +383,9 @@ class SearchEngine:
             fade = self._fade(lex, rest, named[0], opts)
             # "What are X's highlights?": its words are rare in the corpus, yet ask for the README's introduction
             summary = opts.summary_opening and signals.asks_for_summary(rest)
-            opening_fade = 1.0 if summary else fade
+            # "What is X …? Is it …?": X itself is asked about, whatever the other words (signals.names_subject)
+            subject = opts.subject_opening and signals.names_subject(query, aliases.get(named[0], set()))
+            opening_fade = 1.0 if summary or subject else fade
             weights[IN_SOURCE] = opts.in_source_weight * fade
             readmes = None if opts.path_prefix else self._readmes(coll, collection, named[0])
             if readmes and opts.opening_weight and (not rest or summary or signals.definitional(query)) \

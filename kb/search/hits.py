@@ -55,6 +55,7 @@ class SearchOptions:
     opening_weight: float = 5.0  # RRF weight of the named source's root README opening (definitional questions)
     opening_chunks: int = 2  # how many opening chunks that list holds
     summary_opening: bool = True  # ... also for "what are X's main features?" (signals.SUMMARY_WORDS), unfaded
+    subject_opening: bool = True  # ... and for "what is X …" with more words after X (signals.names_subject)
     name_compounds: bool = True  # "InternLM3-8B-Instruct" is the source named in full: "8b", "instruct" aren't asked
     readme_weight: float = 5.0  # RRF weight of the named source's README chunks holding the question's other words
     readme_holds_all: bool = True  # ... at full weight, however specific the words, when its best chunk holds them all

@@ -170,6 +170,40 @@ def definitional(query: str) -> bool:
     return bool(DEFINITIONAL_RE.search(query))
 
 
+# "What is X …", "What's X …", "X 是什么 …", "什么是 X": the asking words and the name side by side. The other
+# words of such a question ("what is xtuner v1 actually for? is it just another finetuning toolkit?") are a second
+# part of it, not what is asked about instead ("What is the default port of LMDeploy?" puts them between).
+WHAT_IS_EN_RE = re.compile(r"\b(?:what(?:'s|\s+is|\s+are)|introduce|tell\s+me\s+about)\s+(?:the\s+)?([A-Za-z][\w.·-]*)"
+                           r"(?!\s*['’]s\b)", re.IGNORECASE)
+WHAT_IS_ZH_BEFORE_RE = re.compile(r"是什么|是啥|是干什么|是干嘛|是做什么|是个什么|到底是")
+WHAT_IS_ZH_AFTER_RE = re.compile(r"什么是|介绍一下|介绍下")
+
+
+def names_subject(query: str, names: set[str]) -> bool:
+    """Whether the question asks what the source itself is, its name right beside the asking words.
+
+    Unlike :func:`definitional`, which any "what is …" question trips, this
+    holds only when the thing asked about is one of ``names``: the source's
+    own introduction then answers it, whatever else the question goes on to ask.
+    """
+    def is_name(words: list[str]) -> bool:
+        words = [w for w in words if not VERSION_RE.fullmatch(w)]
+        return bool(words) and (words[0] in names or _versioned(words[0]) in names)
+
+    for m in WHAT_IS_EN_RE.finditer(query):
+        if is_name(tokenize(m.group(1).replace("-", " "))[:1]):
+            return True
+    for m in WHAT_IS_ZH_BEFORE_RE.finditer(query):
+        before = re.split(r"[，,。？?！!；;：:\n]", query[: m.start()])[-1]
+        if is_name(tokenize(before)[::-1]):
+            return True
+    for m in WHAT_IS_ZH_AFTER_RE.finditer(query):
+        after = re.split(r"[，,。？?！!；;：:\n]", query[m.end():])[0]
+        if is_name(tokenize(after)[:1]):
+            return True
+    return False
+
+
 def _name_words(named: Sequence[str], aliases: dict[str, set[str]]) -> set[str]:
     return set().union(*(aliases.get(s, set()) for s in named)) if named else set()
 
