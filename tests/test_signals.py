@@ -257,6 +257,13 @@ def test_a_question_asking_what_the_source_itself_is_names_its_subject(question,
     assert signals.names_subject(question, names) is expected
 
 
+def test_a_name_of_three_parts_has_the_short_forms_its_docs_write():
+    assert "ixc" in signals.acronyms("InternLM-XComposer-2.5"), "IXC-2.5, IXC2.5-OL: the XComposer docs' own short form"
+    assert signals.acronyms("InternLM-XComposer") == {"ixc", "ilc", "ilxc"}
+    assert not signals.acronyms("LMDeploy") and not signals.acronyms("OpenCompass"), "two parts: no short form"
+    assert not signals.acronyms("InternLM · 书生·浦语 官网"), "a title's names are taken one by one"
+
+
 def test_facts_at_k_counts_the_key_facts_in_any_hit_from_any_file(monkeypatch):
     monkeypatch.setattr("kb.evaluate.gold_passage", lambda kb, q: "")
     qs = [

@@ -445,16 +445,17 @@ class SearchEngine:
         return self._doc_fact(("readmes", collection, source), collection, read)
 
     def _aliases(self, collection: str) -> dict[str, set[str]]:
-        """Each source's name words: its name and its root READMEs' titles, as BM25 words."""
+        """Each source's name words: its name and its root READMEs' titles, as BM25 words, and their short forms."""
 
         def read() -> dict[str, set[str]]:
             out: dict[str, set[str]] = {}
             for src in self.kb.manifest.sources():
-                words = set(tokenize(src.name))
+                words = set(tokenize(src.name)) | signals.acronyms(src.name)
                 for d in self.kb.manifest.documents(src.name):
                     if d.status == "indexed" and signals.is_root_readme(d.path):
                         try:
-                            words |= set(tokenize(signals.readme_title(self.kb.read_document(src.name, d.path).text)))
+                            title = signals.readme_title(self.kb.read_document(src.name, d.path).text)
+                            words |= set(tokenize(title)) | signals.acronyms(title)
                         except KBError:  # the clone lost the commit: its name still counts
                             pass
                 out[src.name] = {w for w in words if not w.isdigit()}

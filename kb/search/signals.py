@@ -25,6 +25,7 @@ passage in README.md and docs/get_started must not take two of five slots.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import re
@@ -107,6 +108,28 @@ def readme_title(text: str, lines: int = 30) -> str:
             group = 1 if m.group(1) else 2
             found.setdefault(group, (m.group(group) or "").strip())
     return " · ".join(found[g] for g in sorted(found))
+
+
+CAMEL_PART_RE = re.compile(r"[A-Z][a-z]+|[A-Z]+(?![a-z])|[a-z]+")
+
+
+def acronyms(name: str) -> set[str]:
+    """The short forms a project's docs write for a name of three or more parts: "IXC" for InternLM-XComposer.
+
+    The parts are the name's words and camel-case humps (Intern, LM, X,
+    Composer); a short form keeps the first and the last part's initial and
+    any of those between, three letters at least. Only a form the source's
+    own chunks use far more than any other's names it (:func:`named_sources`).
+    """
+    out: set[str] = set()
+    for compound in re.split(r"[\s·]+", name):  # a title may hold several names ("InternLM · 书生·浦语")
+        initials = [p[0].lower() for p in CAMEL_PART_RE.findall(re.sub(r"[\d.]+", " ", compound))]
+        if len(initials) < 3:
+            continue
+        first, middle, last = initials[0], initials[1:-1], initials[-1]
+        out |= {first + "".join(c for c, keep in zip(middle, mask) if keep) + last
+                for mask in itertools.product((False, True), repeat=len(middle)) if sum(mask) + 2 >= 3}
+    return out
 
 
 def named_sources(matrix: BM25Matrix, sources: Sources, tokens: Sequence[str],
