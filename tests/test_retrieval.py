@@ -175,6 +175,17 @@ def test_hybrid_hits_are_distinct_and_never_only_a_heading(engine):
         assert not any(signals.is_empty(h) for h in hits[:3]), [h.citation for h in hits]
 
 
+def test_a_hit_in_a_hidden_folder_counts_half(engine):
+    """xtuner's .claude/skills pages (agent instructions) held 5 of 542 questions' gold out of the top five."""
+    question = "How do I add a new HuggingFace model to XTuner?"
+    on = {h.id: h.score for h in engine.search(question, SearchOptions(k=20))}
+    off = {h.id: (h.path, h.score) for h in engine.search(question, SearchOptions(k=20, hidden_penalty=1.0))}
+    hidden = [i for i, (path, _) in off.items() if signals.is_hidden(path)]
+    assert hidden, off
+    for i in hidden:
+        assert i not in on or on[i] == pytest.approx(off[i][1] / 2, rel=1e-3)
+
+
 def test_chunks_read_once_are_reread_after_a_change_and_passages_map_to_their_chunks(tiny_kb):
     tiny_kb.upload({"zebra.md": b"# Zebra\n\nquuxinator zebra stripes are black\n"}, "notes")
     engine = SearchEngine(tiny_kb)

@@ -264,6 +264,12 @@ def test_a_name_of_three_parts_has_the_short_forms_its_docs_write():
     assert not signals.acronyms("InternLM · 书生·浦语 官网"), "a title's names are taken one by one"
 
 
+def test_a_file_in_a_hidden_folder_is_a_tools_not_the_users():
+    assert signals.is_hidden(".claude/skills/add_hf_model/SKILL.md") and signals.is_hidden("docs/.github/x.md")
+    assert not signals.is_hidden("README.md") and not signals.is_hidden("docs/en/get_started/installation.md")
+    assert not signals.is_hidden(".README.md"), "only folders count: a file's own name is its business"
+
+
 def test_facts_at_k_counts_the_key_facts_in_any_hit_from_any_file(monkeypatch):
     monkeypatch.setattr("kb.evaluate.gold_passage", lambda kb, q: "")
     qs = [

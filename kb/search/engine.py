@@ -338,10 +338,12 @@ class SearchEngine:
             extra[BM25_LEAD] = lead[:1]
             weights[BM25_LEAD] = opts.bm25_lead_weight * bm25_scale
         hits = fuse({**lists, **extra}, opts, bm25_scale=bm25_scale, extra_weights=weights)
-        if opts.empty_penalty != 1.0:
+        if opts.empty_penalty != 1.0 or opts.hidden_penalty != 1.0:
             for h in hits:
                 if signals.is_empty(h):
                     h.score *= opts.empty_penalty
+                if signals.is_hidden(h.path):
+                    h.score *= opts.hidden_penalty
             hits.sort(key=lambda h: -h.score)
         if opts.collapse:
             # Past k distinct hits nothing is shown, unless a threshold or the reranker may drop or reorder some.

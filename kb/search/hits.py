@@ -69,6 +69,7 @@ class SearchOptions:
     # named source held the gold in all 165 such questions of the six sets (README "Retrieval tuning").
     bm25_in_named: bool = True
     empty_penalty: float = 0.5  # fused score x this for a hit that is only a heading (1: off)
+    hidden_penalty: float = 0.5  # ... and for one in a hidden folder (.github, .claude: signals.is_hidden)
     collapse: bool = True  # keep one of near-duplicate hits, the copy that fits the question's language
 
     def __post_init__(self) -> None:

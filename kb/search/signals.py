@@ -423,6 +423,12 @@ def content_words(text: str) -> int:
     return len(WORD_RE.findall(MARKUP_RE.sub(" ", body)))
 
 
+def is_hidden(path: str) -> bool:
+    """Whether a file sits in a hidden folder (``.github/``, ``.claude/``): a tool's templates and agent
+    instructions, written for contributors' tools rather than for the project's users."""
+    return any(part.startswith(".") for part in path.split("/")[:-1])
+
+
 def is_empty(hit: Hit) -> bool:
     return content_words(hit.text) < CONTENT_WORDS
 
