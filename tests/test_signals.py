@@ -249,6 +249,7 @@ def test_definitional_questions(question, expected):
     ("What's InternLM3 and who made it?", True), ("浦语·灵笔2.5 是什么？主要能干些啥", True),
     ("什么是 LMDeploy，它支持哪些模型？", True), ("InternLM 是什么？书生·浦语大模型是干什么的？", True),
     ("What is the default port of LMDeploy?", False), ("What is LMDeploy's TurboMind?", False),
+    ("What's XTuner’s licence?", False),
     ("lmdeploy 的 turbomind 是什么", False), ("xtuner支持哪些模型？", False),
 ])
 def test_a_question_asking_what_the_source_itself_is_names_its_subject(question, expected):

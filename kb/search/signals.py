@@ -196,7 +196,7 @@ def definitional(query: str) -> bool:
 # "What is X …", "What's X …", "X 是什么 …", "什么是 X": the asking words and the name side by side. The other
 # words of such a question ("what is xtuner v1 actually for? is it just another finetuning toolkit?") are a second
 # part of it, not what is asked about instead ("What is the default port of LMDeploy?" puts them between).
-WHAT_IS_EN_RE = re.compile(r"\b(?:what(?:'s|\s+is|\s+are)|introduce|tell\s+me\s+about)\s+(?:the\s+)?([A-Za-z][\w.·-]*)"
+WHAT_IS_EN_RE = re.compile(r"\b(?:what(?:'s|\s+is|\s+are)|introduce|tell\s+me\s+about)\s+(?:the\s+)?([A-Za-z][\w.·-]*)\b"
                            r"(?!\s*['’]s\b)", re.IGNORECASE)
 WHAT_IS_ZH_BEFORE_RE = re.compile(r"是什么|是啥|是干什么|是干嘛|是做什么|是个什么|到底是")
 WHAT_IS_ZH_AFTER_RE = re.compile(r"什么是|介绍一下|介绍下")
