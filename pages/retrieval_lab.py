@@ -39,7 +39,8 @@ if not query.strip():
                f"dense search within that source (\"{IN_SOURCE}\") and, for "
                f"what-is questions, its README's opening (\"{OPENING}\") join the fusion as weighted lists too, "
                f"and so does BM25's first chunk when its score clearly leads the second's (\"{BM25_LEAD}\"). "
-               "Each hit says which lists found it, at which rank.")
+               "A hybrid hit that is only a heading, or that sits in a hidden folder (`.github/`, `.claude/`: "
+               "contributors' tooling), counts half. Each hit says which lists found it, at which rank.")
     st.stop()
 
 terms = tokenize(query)
