@@ -169,8 +169,11 @@ def naming_words(tokens: Sequence[str], source: str, aliases: dict[str, set[str]
     return {t for t in tokens if t in aliases.get(source, set())}
 
 
-DEFINITIONAL_RE = re.compile(r"是什么|什么是|是干什么|干什么|做什么|是啥|介绍一下|\bwhat\s+(is|are)\b|\bwhat's\b|"
-                             r"\bintroduce\b|\btell me about\b", re.IGNORECASE)
+DEFINITIONAL_RE = re.compile(r"是什么|什么是|是干什么|干什么|做什么|是啥|是干嘛|是个什么|到底是|介绍一下|介绍下|"
+                             r"\bwhat\s+(is|are)\b|\bwhat's\b|\bintroduce\b|\btell me about\b", re.IGNORECASE)
+# Of those, the ones the subject follows ("什么是 X", "What is X"); it comes before the others ("X 是什么").
+SUBJECT_FOLLOWS = ("什么是", "介绍", "what", "introduce", "tell")
+CLAUSE_MARK_RE = re.compile(r"[，,。？?！!；;：:\n]")
 
 
 # Words that ask for a project's feature list without naming a feature ("XTuner 有哪些核心功能？", "What are the
@@ -193,36 +196,27 @@ def definitional(query: str) -> bool:
     return bool(DEFINITIONAL_RE.search(query))
 
 
-# "What is X …", "What's X …", "X 是什么 …", "什么是 X": the asking words and the name side by side. The other
-# words of such a question ("what is xtuner v1 actually for? is it just another finetuning toolkit?") are a second
-# part of it, not what is asked about instead ("What is the default port of LMDeploy?" puts them between).
-WHAT_IS_EN_RE = re.compile(r"\b(?:what(?:'s|\s+is|\s+are)|introduce|tell\s+me\s+about)\s+(?:the\s+)?([A-Za-z][\w.·-]*)\b"
-                           r"(?!\s*['’]s\b)", re.IGNORECASE)
-WHAT_IS_ZH_BEFORE_RE = re.compile(r"是什么|是啥|是干什么|是干嘛|是做什么|是个什么|到底是")
-WHAT_IS_ZH_AFTER_RE = re.compile(r"什么是|介绍一下|介绍下")
-
-
 def names_subject(query: str, names: set[str]) -> bool:
     """Whether the question asks what the source itself is, its name right beside the asking words.
 
     Unlike :func:`definitional`, which any "what is …" question trips, this
-    holds only when the thing asked about is one of ``names``: the source's
-    own introduction then answers it, whatever else the question goes on to ask.
+    holds only when the thing asked about is one of ``names`` ("what is xtuner
+    v1 actually for? is it just another finetuning toolkit?", "X 是什么？主要能干些啥"):
+    the source's own introduction then answers it, whatever else the question
+    goes on to ask. "What is the default port of LMDeploy?" puts other words
+    between, and "What is LMDeploy's TurboMind?" asks about something of it.
     """
     def is_name(words: list[str]) -> bool:
         words = [w for w in words if not VERSION_RE.fullmatch(w)]
         return bool(words) and (words[0] in names or _versioned(words[0]) in names)
 
-    for m in WHAT_IS_EN_RE.finditer(query):
-        if is_name(tokenize(m.group(1).replace("-", " "))[:1]):
-            return True
-    for m in WHAT_IS_ZH_BEFORE_RE.finditer(query):
-        before = re.split(r"[，,。？?！!；;：:\n]", query[: m.start()])[-1]
-        if is_name(tokenize(before)[::-1]):
-            return True
-    for m in WHAT_IS_ZH_AFTER_RE.finditer(query):
-        after = re.split(r"[，,。？?！!；;：:\n]", query[m.end():])[0]
-        if is_name(tokenize(after)[:1]):
+    for m in DEFINITIONAL_RE.finditer(query):
+        if m.group(0).lower().startswith(SUBJECT_FOLLOWS):
+            after = CLAUSE_MARK_RE.split(query[m.end():])[0]
+            word = re.match(r"\s*(?:the\s+)?([^\s'’]+)(?!['’]s\b)(?=\s|$)", after, re.IGNORECASE)
+            if word and is_name(tokenize(word.group(1).replace("-", " "))[:1]):
+                return True
+        elif is_name(tokenize(CLAUSE_MARK_RE.split(query[: m.start()])[-1])[::-1]):
             return True
     return False
 
