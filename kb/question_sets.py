@@ -64,6 +64,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind11", "Overview (blind 11)", QUESTIONS / "overview_blind11.jsonl",
                 "checking only, a ninth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the thirty-eighth stop, measured once as it came"),
+    QuestionSet("overview-blind12", "Overview (blind 12)", QUESTIONS / "overview_blind12.jsonl",
+                "checking only, a tenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the thirty-eighth stop, measured once at the next"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
