@@ -67,6 +67,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind12", "Overview (blind 12)", QUESTIONS / "overview_blind12.jsonl",
                 "checking only, a tenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the thirty-eighth stop, measured once at the next"),
+    QuestionSet("overview-blind13", "Overview (blind 13)", QUESTIONS / "overview_blind13.jsonl",
+                "checking only, an eleventh blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the thirty-ninth stop, measured once as it came"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
