@@ -9,7 +9,7 @@ import pytest
 from rank_bm25 import BM25Okapi
 
 from kb.search.bm25 import BM25Matrix
-from kb.words import tokenize
+from kb.words import query_tokens, tokenize
 from kb.errors import KBError
 from kb.evaluate import is_hit
 from kb.ingest.chunking import ChunkConfig
@@ -173,6 +173,18 @@ def test_hybrid_hits_are_distinct_and_never_only_a_heading(engine):
         texts = [h.text for h in hits]
         assert len(set(texts)) == len(texts)
         assert not any(signals.is_empty(h) for h in hits[:3]), [h.citation for h in hits]
+
+
+def test_a_colloquial_install_question_reaches_the_install_page(engine):
+    """jieba keeps "安装" whole, so "怎么装" matched no install text: on the six-repo index the page was 5th."""
+    assert query_tokens("xtuner 怎么装") == ["xtuner", "安装"]
+    assert tokenize("xtuner 怎么装") == ["xtuner", "装"]  # the stored words stay the docs' own
+    hits = engine.search("xtuner 怎么装", SearchOptions(k=5))
+    assert hits[0].path.endswith("get_started/installation.md"), [h.citation for h in hits]
+    # to BM25 the two phrasings are one question
+    bm25 = SearchOptions(k=5, mode="bm25")
+    assert ([h.citation for h in engine.search("xtuner 怎么装", bm25)] ==
+            [h.citation for h in engine.search("xtuner 怎么安装", bm25)])
 
 
 def test_a_hit_in_a_hidden_folder_counts_half(engine):

@@ -33,7 +33,7 @@ from kb.search.hits import (BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, reachable
 from kb.store.manifest import Manifest
-from kb.words import tokenize
+from kb.words import query_tokens, tokenize
 
 _log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class SearchEngine:
         docs: dict[str, Document] = {}
         named: list[str] = []
         if opts.mode == "hybrid":
-            lex, tokens = self.lexical(collection), tokenize(query)
+            lex, tokens = self.lexical(collection), query_tokens(query)
             if not opts.source:
                 named = signals.named_sources(lex.matrix, lex.owners, tokens, self._aliases(collection))
         if opts.mode in ("dense", "hybrid"):
@@ -303,7 +303,7 @@ class SearchEngine:
                 ranked["dense"] = [(d.id, s) for d, s in scored]
         if opts.mode in ("bm25", "hybrid"):
             if opts.mode == "bm25":
-                lex, tokens = self.lexical(collection), tokenize(query)
+                lex, tokens = self.lexical(collection), query_tokens(query)
             within = named[0] if opts.bm25_in_named and len(named) == 1 else None
             ranked["bm25"] = self._bm25(lex, tokens, n, opts, within)
             if opts.mode == "hybrid" and pcoll is not None:
