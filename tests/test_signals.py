@@ -210,6 +210,19 @@ def test_a_chinese_question_finds_the_section_of_an_english_only_readme_and_back
     assert signals.readme_sections(docs, "zh", ["采用"], 2) == []  # not a section word: no crossing
 
 
+def test_a_section_word_finds_its_siblings_in_the_same_language():
+    """"How do I cite InternLM?": "cite" is no stem of the "Citation" heading, but both name one kind of section."""
+    from kb.search.section_words import equivalents
+
+    assert {"citation", "bibtex", "引用"} <= equivalents("cite") and "cite" not in equivalents("cite")
+    assert {"协议", "许可证", "license"} <= equivalents("许可")
+    assert equivalents("采用") == frozenset()  # not a section word
+    body = " ".join(["text"] * 40)
+    docs = [_doc("README.md", 10, "News", body + " our paper is out"),
+            _doc("README.md", 560, "Citation", "## Citation\n" + body + " @misc{cai2024internlm2,")]
+    assert signals.readme_sections(docs, "en", ["cite", "paper"], 2)[0].id == "README.md:560"
+
+
 def test_opening_without_an_introduction_heading_is_the_chunk_that_defines_the_project():
     filler = " ".join(["release"] * 40)
     docs = [_doc("README.md", 30, "🔥 News", "We release **XComposer2.5-Reward**, a reward model. " + filler),

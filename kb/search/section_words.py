@@ -28,7 +28,7 @@ ZH_EN: dict[str, tuple[str, ...]] = {
     "开源": ("open", "source"),
     "商用": ("commercial",),
     "商业": ("commercial",),
-    "引用": ("citation", "cite"),
+    "引用": ("citation", "cite", "bibtex"),
     "特性": ("features", "feature"),
     "功能": ("features", "feature"),
     "亮点": ("highlights",),
@@ -83,6 +83,14 @@ def _en_zh() -> dict[str, tuple[str, ...]]:
     return {en: tuple(zhs) for en, zhs in out.items()}
 
 
+def _across(word: str) -> tuple[str, ...]:
+    return ZH_EN.get(word) or _en_zh().get(word) or ()
+
+
+@functools.cache
 def equivalents(word: str) -> frozenset[str]:
-    """The words naming the same kind of section in the other language (empty for any other word)."""
-    return frozenset(ZH_EN.get(word) or _en_zh().get(word) or ())
+    """The words naming the same kind of section: the other language's, and this language's other ones through
+    them ("cite" finds a "Citation" heading by way of "引用"; "许可" a "协议" one by way of "license"). Empty for
+    any other word."""
+    other = set(_across(word))
+    return frozenset(other.union(*(_across(o) for o in other)) - {word})
