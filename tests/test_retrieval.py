@@ -187,6 +187,15 @@ def test_a_colloquial_install_question_reaches_the_install_page(engine):
             [h.citation for h in engine.search("xtuner 怎么安装", bm25)])
 
 
+def test_a_misspelt_source_name_searches_as_the_name(engine):
+    """"xtunner" is no word of any document: every mode searches the name the user meant (as "lmdepoy", blind15's
+    miss on the six-repo index, now found first)."""
+    for mode in ("hybrid", "bm25", "dense"):
+        opts = SearchOptions(k=5, mode=mode)
+        assert ([h.citation for h in engine.search("xtunner 怎么安装", opts)] ==
+                [h.citation for h in engine.search("xtuner 怎么安装", opts)])
+
+
 def test_a_hit_in_a_hidden_folder_counts_half(engine):
     """xtuner's .claude/skills pages (agent instructions) pushed 5 of 547 questions' gold down, 2 out of the top five."""
     question = "How do I add a new HuggingFace model to XTuner?"

@@ -304,3 +304,29 @@ def test_facts_at_k_counts_the_key_facts_in_any_hit_from_any_file(monkeypatch):
     assert report["by_category"]["overview"]["facts@k"] == 1.0 and report["by_category"]["overview"]["hit@k"] == 0.0
     assert report["by_category"]["specific"]["facts@k"] == 0.0
     assert [r["facts_in_hits"] for r in report["results"]] == [True, False, None]
+
+
+NAMES = {"lmdeploy", "opencompass", "xtuner", "lagent", "internlm", "浦语"}
+CORPUS_WORDS = {"agent", "open", "compass", "deploy", "tuner", "install"}
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("lmdepoy keeps downloading from huggingface", "lmdeploy keeps downloading from huggingface"),  # a letter lost
+    ("lagnet 怎么装", "lagent 怎么装"),  # two swapped
+    ("xtunner 支持哪些模型", "xtuner 支持哪些模型"),  # one added
+    ("how many datasets does open compass cover", "how many datasets does opencompass cover"),  # split
+    ("X-Tuner 是什么", "XTuner 是什么"),
+    ("what is an agent in lagent", "what is an agent in lagent"),  # a word the docs use stays, however close
+    ("install opencompass", "install opencompass"),
+    ("浦语 是什么", "浦语 是什么"),
+])
+def test_a_slipped_or_split_source_name_is_searched_as_the_docs_write_it(question, expected):
+    assert signals.respell(question, NAMES, CORPUS_WORDS.__contains__) == expected
+
+
+def test_one_slip_is_one_edit_or_one_swap():
+    assert signals.one_slip("lmdepoy", "lmdeploy") and signals.one_slip("mldeploy", "lmdeploy")
+    assert signals.one_slip("lmdeployy", "lmdeploy") and signals.one_slip("lxdeploy", "lmdeploy")
+    assert not signals.one_slip("lmdeploy", "lmdeploy")
+    assert not signals.one_slip("ldmepoly", "lmdeploy")  # two slips
+    assert not signals.one_slip("deploy", "lmdeploy")

@@ -281,6 +281,7 @@ class SearchEngine:
         coll, count = self._live_collection(collection)
         if coll is None or count == 0:  # a fresh knowledge base: nothing indexed yet
             return []
+        query = self._respelled(collection, query)
         n = max(opts.candidates, opts.k) if opts.mode == "hybrid" else opts.k
         pcoll = self._passages(coll, config)
         ranked: dict[str, list[tuple[str, float]]] = {}
@@ -324,6 +325,15 @@ class SearchEngine:
         for r, h in enumerate(hits, 1):
             h.rank = r
         return hits
+
+    def _respelled(self, collection: str, query: str) -> str:
+        """The question with a slipped or split source name ("lmdepoy", "open compass") written as the docs write it:
+        every mode then searches for the name (``signals.respell``)."""
+        lex = self.lexical(collection)
+        if lex is None:
+            return query
+        names = set().union(*self._aliases(collection).values())
+        return signals.respell(query, names, lambda w: w in lex.matrix.vocab)
 
     def _hybrid(self, coll, collection: str, query: str, lex: Lexical, tokens: list[str], named: list[str],
                 lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions) -> list[Hit]:

@@ -29,7 +29,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -219,6 +219,53 @@ def names_subject(query: str, names: set[str]) -> bool:
         elif is_name(tokenize(CLAUSE_MARK_RE.split(query[: m.start()])[-1])[::-1]):
             return True
     return False
+
+
+LATIN_WORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+JOIN_RE = re.compile(r"[\s-]+")  # what may stand between the two halves of a split name
+SLIP_MIN = 6  # a name this long at least is read through one slip: "lagent" for "lagnet", not "lmd" for "lm"
+
+
+def one_slip(word: str, name: str) -> bool:
+    """Whether ``word`` is ``name`` with one letter left out, added, changed or two swapped ("lmdepoy")."""
+    if word == name or abs(len(word) - len(name)) > 1:
+        return False
+    i = next((k for k, (a, b) in enumerate(zip(word, name)) if a != b), min(len(word), len(name)))
+    if len(word) == len(name):
+        return word[i + 1:] == name[i + 1:] or (word[i:i + 2] == name[i:i + 2][::-1] and word[i + 2:] == name[i + 2:])
+    short, long = (word, name) if len(word) < len(name) else (name, word)
+    return short[i:] == long[i + 1:]
+
+
+def respell(query: str, names: set[str], known: Callable[[str], bool]) -> str:
+    """The question with a source's name written as its docs write it, where the user slipped.
+
+    Users misspell a name ("lmdepoy") or split it ("open compass", "X-Tuner"), and then no list sees the
+    name: BM25 has no such word, the named-source signals stay off, and the answer drifts to another repository.
+    A word no document uses (``known`` is false) one slip from a name of ``SLIP_MIN`` letters or more is read as
+    that name; two words that join into a name are read as it. Known words stay ("agent" is not "lagent").
+    """
+    long_names = {n for n in names if n.isascii() and len(n) >= SLIP_MIN}
+    words = list(LATIN_WORD_RE.finditer(query))
+    out, at, i = [], 0, 0
+    while i < len(words):
+        m = words[i]
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        if nxt and JOIN_RE.fullmatch(query[m.end():nxt.start()]) and (m.group(0) + nxt.group(0)).lower() in long_names:
+            out += [query[at:m.start()], m.group(0) + nxt.group(0)]
+            at, i = nxt.end(), i + 2
+            continue
+        out += [query[at:m.start()], _named_as(m.group(0), long_names, known)]
+        at, i = m.end(), i + 1
+    return "".join(out) + query[at:]
+
+
+def _named_as(word: str, names: set[str], known: Callable[[str], bool]) -> str:
+    low = word.lower()
+    if len(low) < SLIP_MIN - 1 or low in names or known(low):
+        return word
+    close = [n for n in names if one_slip(low, n)]
+    return close[0] if len(close) == 1 else word
 
 
 def _name_words(named: Sequence[str], aliases: dict[str, set[str]]) -> set[str]:
