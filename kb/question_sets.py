@@ -70,6 +70,10 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind13", "Overview (blind 13)", QUESTIONS / "overview_blind13.jsonl",
                 "checking only, an eleventh blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the thirty-ninth stop, measured once as it came"),
+    QuestionSet("overview-blind14", "Overview (blind 14)", QUESTIONS / "overview_blind14.jsonl",
+                "checking only, a twelfth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the thirty-ninth stop, measured once at the fortieth "
+                "on its final code"),
     QuestionSet("overview-blind15", "Overview (blind 15)", QUESTIONS / "overview_blind15.jsonl",
                 "checking only, a thirteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the thirty-ninth stop, measured once at the fortieth"),
