@@ -128,6 +128,25 @@ def test_a_list_item_is_read_with_the_line_that_introduces_the_list():
     assert not other.supported
 
 
+def test_a_sentence_summing_up_a_long_list_is_supported_by_the_whole_list():
+    """blind14's requirements answer named four items' figures in one sentence; no three lines held them all, so the
+    right answer was withheld."""
+    lines = ("### Requirements\n\n- Python 3.8 and above\n- PyTorch 1.12 and above, 2.0 and above are recommended\n"
+             "- CUDA 11.4 and above are recommended (this is for GPU users)\n"
+             "- [Flash-Attention2](https://github.com/Dao-AILab/flash-attention) is required for high-resolution usage of "
+             "InternLM-XComposer2.5.\n\n## Quickstart")
+    sources = [hit(lines, 1, line_start=176)]
+    asked = "what are the system requirements for internlm-xcomposer 2.5 (python / pytorch / cuda)?"
+    (whole,) = support("It needs Python 3.8 and above, PyTorch 1.12 and above, CUDA 11.4 and above, and "
+                       "[flash-attention2](https://github.com/Dao-AILab/flash-attention) for high resolution.",
+                       sources, embed=None, question=asked)
+    assert whole.supported and (whole.line_start, whole.line_end) == (178, 181), "the four items, not more"
+    (one,) = support("CUDA 11.4 and above is recommended for GPU users.", sources, embed=None, question=asked)
+    assert one.supported and (one.line_start, one.line_end) == (180, 180), "an item alone still cites its line"
+    (wrong,) = support("It needs Python 3.8, PyTorch 1.12 and CUDA 12.1.", sources, embed=None, question=asked)
+    assert not wrong.supported, "a figure no line states"
+
+
 def test_answer_markdown_links_each_sentence_to_the_documents_page():
     sources = [hit("XTuner is a toolkit for fine-tuning large models.", 1)]
     answer = "XTuner is a toolkit for fine-tuning large models [1].\n\nIt runs on the Moon."

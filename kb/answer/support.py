@@ -20,7 +20,8 @@ or a path (``XTUNER_USE_FLASH_ATTN_2``, `--deepspeed`, ``Dao-AILab/flash-attenti
 for letter, because a wrong flag, variable or path that looks like the right one is the error a reader can least
 spot. The path of the file an excerpt was shown under (its ``[n] source/path`` label) counts as spelled out,
 too. A figure read from a table cell must sit under the column and in the row the sentence (or else the
-question) names. A list item is read with the line that introduces its list, as a row is with its header. Lines
+question) names. A list item is read with the line that introduces its list, as a row is with its header, and a list
+of up to ``MAX_LIST_LINES`` items is also read whole, for a sentence that sums it up. Lines
 that hold every figure and name a sentence states support it a little below the bar. The threshold was chosen on
 hand-labelled sentences (README "Answers").
 """
@@ -56,6 +57,7 @@ PATH_RE = re.compile(r"[\w.@+-]+(?:/[\w.@+-]+)+")
 PATH_MARK_RE = re.compile(r"(?=.*[A-Za-z]).*(?:[.@_\d-]|/.*/)")
 LEXICAL = 0.6
 MAX_LINES = 3
+MAX_LIST_LINES = 8  # a list this long at most is also read whole (``_lists``)
 ECHO = 0.5  # weight of a word the sentence repeats from the question: the subject, not the claim (README "Answers")
 # The bar is this much lower for lines that hold every figure and exact name the sentence states: those are the
 # claim, spelled out, and no neighbouring line with the same words but another claim holds them (README "Answers").
@@ -275,8 +277,9 @@ def _read_right(figure: str, row: _Row, sentence: str, question: str = "") -> bo
     return (not labels or row.cells[0] in labels) and (not named_columns or bool(named_columns.intersection(at)))
 
 
-def _runs(lines: Sequence[str]) -> list[tuple[int, int, str, int]]:
-    """Runs of 1..MAX_LINES consecutive non-blank lines: (first, last, text, context lines read), 0-based.
+def _runs(lines: Sequence[str]) -> list[tuple[int, int, str, int, bool]]:
+    """Runs of 1..MAX_LINES consecutive non-blank lines, and whole lists (``_lists``): (first, last, text, context
+    lines read, whole list), 0-based.
 
     Each run also comes with its context lines before it (``_context``), as
     one more run citing from the first of them: a citation then spans the
@@ -290,9 +293,30 @@ def _runs(lines: Sequence[str]) -> list[tuple[int, int, str, int]]:
         context = _context(lines, fenced, i)
         for j in range(i, min(len(lines), i + MAX_LINES)):
             text = "\n".join(lines[i:j + 1])
-            out.append((i, j, text, 0))
+            out.append((i, j, text, 0, False))
             if context:
-                out.append((context[0], j, "\n".join([lines[c] for c in context] + [text]), len(context)))
+                out.append((context[0], j, "\n".join([lines[c] for c in context] + [text]), len(context), False))
+    for i, j in _lists(lines, fenced):
+        context = _context(lines, fenced, i)
+        text = "\n".join(lines[i:j + 1])
+        out.append((i, j, text, 0, True))
+        if context:
+            out.append((context[0], j, "\n".join([lines[c] for c in context] + [text]), len(context), True))
+    return out
+
+
+def _lists(lines: Sequence[str], fenced: Sequence[bool]) -> list[tuple[int, int]]:
+    """Lists of more than ``MAX_LINES`` items (up to ``MAX_LIST_LINES``), each as one run: a sentence that sums a
+    list up ("Python 3.8+, PyTorch 1.12+, CUDA 11.4+ and flash-attention2") states figures no three lines hold."""
+    out, start = [], None
+    for i in range(len(lines) + 1):
+        item = i < len(lines) and not fenced[i] and bool(LIST_ITEM_RE.match(lines[i]))
+        if item and start is None:
+            start = i
+        elif not item and start is not None:
+            if MAX_LINES < i - start <= MAX_LIST_LINES:
+                out.append((start, i - 1))
+            start = None
     return out
 
 
@@ -318,14 +342,17 @@ class Aligner:
         runs = [(n, *run) for n, h in enumerate(self.excerpts, 1) for run in _runs(h.text.split("\n"))]
         self.runs = [run[:4] for run in runs]  # (excerpt number, first, last, text)
         contexts = [run[4] for run in runs]  # the heading or header lines each run is read with
+        whole_lists = [run[5] for run in runs]
         tables = [_table_rows(h.text.split("\n")) for h in self.excerpts]
         # each run's own table rows (not the header it is read with), whose figures are read by column and row
         self.run_rows = [[tables[n - 1][i] for i in range(b - text.count("\n") + c, b + 1) if i in tables[n - 1]]
                          for (n, _, b, text), c in zip(self.runs, contexts)]
         self.run_words = [set(tokenize(text)) for *_, text in self.runs]
         # among runs that hold the sentence equally well, the fewest lines read (a citation as narrow as it can be)
+        # (a whole list, like a heading, is cited only when it adds what its shorter runs lack)
         self._length_cost = np.array([0.01 * (text.count("\n") - c) + (CONTEXT_COST if c else 0.0)
-                                      for (*_, text), c in zip(self.runs, contexts)])
+                                      + (CONTEXT_COST if listed else 0.0)
+                                      for (*_, text), c, listed in zip(self.runs, contexts, whole_lists)])
         # how rare a word is, among the lines as they stand (a heading repeated in its runs' context counts once)
         docs = [w for w, c in zip(self.run_words, contexts) if not c] or [set()]
         self._n = len(docs)
