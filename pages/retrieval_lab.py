@@ -7,7 +7,7 @@ import time
 import streamlit as st
 
 from pages import _resources as resources
-from kb.words import tokenize
+from kb.words import query_tokens
 from kb.markdown import escape_markdown
 from kb.search.hits import BM25_LEAD, IN_SOURCE, MODES, OPENING, SCORE_NOTES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, render_hit, show_error
@@ -43,10 +43,13 @@ if not query.strip():
                "contributors' tooling), counts half. Each hit says which lists found it, at which rank.")
     st.stop()
 
-terms = tokenize(query)
-st.markdown("Query terms (BM25): " + (" ".join(f"`{escape_markdown(t)}`" for t in terms) if terms else "*none*"))
 try:
     engine = resources.search_engine(s)
+    searched = engine.searched_as(query)
+    terms = query_tokens(searched)
+    st.markdown("Query terms (BM25): " + (" ".join(f"`{escape_markdown(t)}`" for t in terms) if terms else "*none*"))
+    if searched != query:
+        st.caption(f"Searched as “{escape_markdown(searched)}”: a project name written as its docs write it.")
     results = {}
     with st.spinner("Searching…"):
         for mode in MODES:

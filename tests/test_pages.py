@@ -364,6 +364,18 @@ def test_retrieval_lab_side_by_side(xtuner_env, open_page):
     assert "No hits above the threshold." in texts(at.info)
 
 
+def test_retrieval_lab_says_what_a_slipped_name_was_searched_as(xtuner_env, open_page):
+    at = ok(open_page("retrieval_lab"))
+    at.text_input(key="lab_query").input("xtunner 怎么装").run(timeout=120)
+    ok(at)
+    assert "Searched as “xtuner 怎么装”: a project name written as its docs write it." in texts(at.caption)
+    assert "Query terms (BM25): `xtuner` `安装`" in texts(at.markdown), "the words BM25 reads, as it reads them"
+    at.text_input(key="lab_query").input("xtuner 怎么安装").run(timeout=120)
+    ok(at)
+    assert "Query terms (BM25): `xtuner` `安装`" in texts(at.markdown)
+    assert "Searched as" not in texts(at.caption), "nothing to say when nothing changed"
+
+
 def test_two_sessions_share_one_engine_model_and_kb(xtuner_env, open_page):
     from pages import _resources as resources
 

@@ -326,6 +326,11 @@ class SearchEngine:
             h.rank = r
         return hits
 
+    def searched_as(self, query: str) -> str:
+        """The question as every mode searches it: what the Retrieval lab shows beside the hits when it differs."""
+        with reachable(self.kb.settings):
+            return self._respelled(self.kb.live()[0], query)
+
     def _respelled(self, collection: str, query: str) -> str:
         """The question with a slipped or split source name ("lmdepoy", "open compass") written as the docs write it:
         every mode then searches for the name (``signals.respell``)."""
