@@ -593,7 +593,7 @@ def answers_by_category(rep: dict) -> dict:
     return out
 
 
-def bench_answers_unseen(k: int = 5, name: str = "overview-blind14") -> dict:
+def bench_answers_unseen(k: int = 5, name: str = "overview-blind17") -> dict:
     """Answers on the blind set nothing was tuned or read on (first questions, deep facts, cross-lingual), per
     category: what a user asking something new gets."""
     from kb.answer.context import CONTEXT_TOKENS
