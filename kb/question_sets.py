@@ -77,6 +77,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind15", "Overview (blind 15)", QUESTIONS / "overview_blind15.jsonl",
                 "checking only, a thirteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the thirty-ninth stop, measured once at the fortieth"),
+    QuestionSet("overview-blind16", "Overview (blind 16)", QUESTIONS / "overview_blind16.jsonl",
+                "checking only, a fourteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fortieth stop, measured once at the forty-first"),
     QuestionSet("overview-blind17", "Overview (blind 17)", QUESTIONS / "overview_blind17.jsonl",
                 "checking only, a fifteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fortieth stop, measured once at the forty-first"),
