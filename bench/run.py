@@ -593,9 +593,15 @@ def answers_by_category(rep: dict) -> dict:
     return out
 
 
-def bench_answers_unseen(k: int = 5, name: str = "overview-blind17") -> dict:
+UNSEEN_SET = "overview-blind17"  # the clean set `answers-unseen` asks by default (README "Answers")
+
+
+def bench_answers_unseen(k: int = 5, name: str = UNSEEN_SET) -> dict:
     """Answers on the blind set nothing was tuned or read on (first questions, deep facts, cross-lingual), per
-    category: what a user asking something new gets."""
+    category: what a user asking something new gets. Another set (``--set``) is saved beside it, as
+    ``answers-unseen-<set>.json``, so the clean set's run and ``support``'s replay of it stay as they were."""
+    if name not in QUESTION_SETS:
+        raise SystemExit(f"unknown question set {name!r}; registered: {', '.join(QUESTION_SETS)}")
     from kb.answer.context import CONTEXT_TOKENS
     from kb.answer.evaluate import evaluate_answers
     from kb.evaluate import load_questions
@@ -605,7 +611,7 @@ def bench_answers_unseen(k: int = 5, name: str = "overview-blind17") -> dict:
     rep = evaluate_answers(answerer, load_questions(QUESTION_SETS[name][0]), answerer.options)
     out = {"k": k, "llm": kb.settings.llm, "context_tokens": CONTEXT_TOKENS, "set": name,
            "summary": {m: rep[m] for m in ANSWER_FIELDS}, "by_category": answers_by_category(rep), "rows": rep["rows"]}
-    save("answers-unseen", out)
+    save("answers-unseen" if name == UNSEEN_SET else f"answers-unseen-{name}", out)
     return out
 
 
@@ -1054,7 +1060,11 @@ def main() -> None:
                                                     "snapshot"])
     p.add_argument("--skip-tutorial", action="store_true")
     p.add_argument("--big", type=int, default=200_000, help="chunks in the synthetic search collection (0: skip)")
+    p.add_argument("--set", dest="question_set", default=UNSEEN_SET,
+                   help=f"the set answers-unseen asks (default {UNSEEN_SET}; another goes to answers-unseen-SET.json)")
     a = p.parse_args()
+    if a.question_set not in QUESTION_SETS:  # before any benchmark runs, not after the first ones
+        p.error(f"unknown question set {a.question_set!r}; registered: {', '.join(QUESTION_SETS)}")
     WORK.mkdir(parents=True, exist_ok=True)
     for name in a.which:
         if name == "ingest":
@@ -1072,7 +1082,7 @@ def main() -> None:
         elif name == "answers":
             bench_answers()
         elif name == "answers-unseen":
-            bench_answers_unseen()
+            bench_answers_unseen(name=a.question_set)
         elif name == "support":
             bench_support()
         elif name == "excerpts":
