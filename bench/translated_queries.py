@@ -1,0 +1,119 @@
+"""Experiment (forty-first stop, not built into search): each question also searched in the other language.
+
+The default model translates a sample of the registered sets' questions (every cross-lingual one and every fifth
+other one), greedy, and hybrid search gets two more lists from the translation: BM25 on its words and dense on its
+passages, each at RRF weight ``WB`` / ``WD``. Compared with hybrid as it is, per category, on the same sample;
+an optional trigger translates only when ``TRIG`` of hybrid's first five hits are in the other language.
+
+    python -m bench.translated_queries [WB WD [TRIG]]   # writes bench/results/translated-queries.json
+
+Translations are kept in that file, so a second run does not ask the model again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+
+from bench.run import RESULTS, six_repo_kb
+from kb.evaluate import is_hit, load_questions
+from kb.question_sets import retrieval_sets
+from kb.search import engine as E
+from kb.search.engine import SearchEngine
+from kb.search.hits import SearchOptions
+from kb.search.signals import query_language
+from kb.words import query_tokens
+
+OUT = RESULTS / "translated-queries.json"
+SYSTEM = {"zh": "Translate the user's question into English. Keep names, commands and code as they are. "
+                "Output only the translation.",
+          "en": "把用户的问题翻译成中文。名称、命令和代码保持原样。只输出译文。"}
+
+
+def sample() -> list[tuple[str, dict]]:
+    out, i = [], 0
+    for s in retrieval_sets():
+        for q in load_questions(s.file):
+            i += 1
+            if q.get("category") == "cross-lingual" or i % 5 == 0:
+                out.append((s.key, q))
+    return out
+
+
+def translate(questions: list[str], kept: dict[str, str]) -> tuple[dict[str, str], float]:
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from core.llm import build_chat_model
+
+    todo = [q for q in questions if q not in kept]
+    if not todo:
+        return kept, 0.0
+    kb = six_repo_kb()
+    llm = build_chat_model(kb.settings.with_(llm_max_tokens=80, llm_temperature=0.0))
+    llm.invoke([SystemMessage(SYSTEM["en"]), HumanMessage("你好")])  # the model loaded outside the timing
+    t0 = time.perf_counter()
+    for q in todo:
+        text = llm.invoke([SystemMessage(SYSTEM[query_language(q)]), HumanMessage(q)]).content.strip()
+        kept[q] = text.splitlines()[0] if text else ""
+    return kept, (time.perf_counter() - t0) / len(todo)
+
+
+def main() -> None:
+    wb, wd = (float(sys.argv[1]), float(sys.argv[2])) if len(sys.argv) > 2 else (1.0, 1.0)
+    trig = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    stored = json.loads(OUT.read_text()) if OUT.exists() else {}
+    pairs = sample()
+    trans, per_question = translate([q["question"] for _, q in pairs], stored.get("translations", {}))
+    eng = SearchEngine(six_repo_kb())
+    hybrid, fuse = SearchEngine._hybrid, E.fuse
+    state = {"on": False, "fired": 0}
+
+    def with_translation(self, coll, collection, query, lex, tokens, named, lists, opts):
+        t = trans.get(query) if state["on"] else None
+        if t and trig:
+            first = hybrid(self, coll, collection, query, lex, tokens, named, {k: list(v) for k, v in lists.items()},
+                           opts)[:5]
+            t = t if sum(query_language(h.text[:300]) != query_language(query) for h in first) >= trig else None
+        if t:
+            state["fired"] += 1
+            n = max(opts.candidates, opts.k)
+            extra = {"bm25 tr": self._bm25(lex, query_tokens(t), n, opts)}
+            extra["dense tr"], _ = self._dense_passages(self._passages(coll, self.kb.live()[1]), collection, t, n, opts)
+            docs: dict = {}
+            self._documents(coll, collection, {i for lst in extra.values() for i, _ in lst}, docs)
+            lists.update({k: [(docs[i], s) for i, s in lst if i in docs] for k, lst in extra.items()})
+        return hybrid(self, coll, collection, query, lex, tokens, named, lists, opts)
+
+    def weighted(lists, opts, bm25_scale=1.0, extra_weights=None):
+        return fuse(lists, opts, bm25_scale=bm25_scale, extra_weights={**(extra_weights or {}), "bm25 tr": wb,
+                                                                        "dense tr": wd})
+
+    SearchEngine._hybrid, E.fuse = with_translation, weighted
+    totals: dict = defaultdict(lambda: {arm: [0, 0, 0, 0.0] for arm in ("as is", "translated")})
+    changed = []
+    for key, q in pairs:
+        ranks = {}
+        for arm in ("as is", "translated"):
+            state["on"] = arm == "translated"
+            hits = eng.search(q["question"], SearchOptions(k=5))
+            r = next((h.rank for h in hits if is_hit(h, q)), None)
+            ranks[arm] = r
+            t = totals[q.get("category", "specific")][arm]
+            t[0] += 1; t[1] += r == 1; t[2] += r is not None; t[3] += 1 / r if r else 0.0
+        if ranks["as is"] != ranks["translated"]:
+            changed.append({"set": key, "id": q["id"], "ranks": ranks})
+    summary = {c: {arm: {"n": v[0], "hit@1": v[1], "hit@5": v[2], "mrr_sum": round(v[3], 1)} for arm, v in d.items()}
+               for c, d in totals.items()}
+    runs = stored.get("runs", [])
+    runs.append({"weights": {"bm25": wb, "dense": wd}, "trigger": trig, "fired": state["fired"] // 1,
+                 "by_category": summary, "changed": changed})
+    if per_question:
+        stored["seconds_per_translation"] = round(per_question, 2)
+    OUT.write_text(json.dumps({**stored, "translations": trans, "runs": runs}, ensure_ascii=False, indent=1))
+    print(json.dumps(summary), "fired", state["fired"])
+
+
+if __name__ == "__main__":
+    main()
