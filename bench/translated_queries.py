@@ -107,7 +107,7 @@ def main() -> None:
     summary = {c: {arm: {"n": v[0], "hit@1": v[1], "hit@5": v[2], "mrr_sum": round(v[3], 1)} for arm, v in d.items()}
                for c, d in totals.items()}
     runs = stored.get("runs", [])
-    runs.append({"weights": {"bm25": wb, "dense": wd}, "trigger": trig, "fired": state["fired"] // 1,
+    runs.append({"weights": {"bm25": wb, "dense": wd}, "trigger": trig, "fired": state["fired"],
                  "by_category": summary, "changed": changed})
     if per_question:
         stored["seconds_per_translation"] = round(per_question, 2)

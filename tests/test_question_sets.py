@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from kb.evaluate import answerable, load_questions, shipped_sets
 from kb.question_sets import SETS, retrieval_sets
 
@@ -24,8 +26,6 @@ def test_the_benchmark_and_the_page_offer_the_same_sets():
 
 def test_the_benchmark_refuses_an_unknown_set_before_running_anything(monkeypatch, capsys):
     """`bench.run retrieval answers-unseen --set typo` must not spend a minute on retrieval and then fail."""
-    import pytest
-
     from bench import run
 
     monkeypatch.setattr(run, "bench_retrieval", lambda: pytest.fail("ran before the set was checked"))
