@@ -83,6 +83,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind17", "Overview (blind 17)", QUESTIONS / "overview_blind17.jsonl",
                 "checking only, a fifteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fortieth stop, measured once at the forty-first"),
+    QuestionSet("overview-blind18", "Overview (blind 18)", QUESTIONS / "overview_blind18.jsonl",
+                "checking only, a sixteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-first stop, measured once at the forty-second"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
