@@ -57,6 +57,19 @@ def test_default_tokenizer_matches_the_packages_own_port():
     assert emb.count_tokens(s, ["hello world"]) == [emb.token_counter(s)("hello world") + 2]
 
 
+def test_the_splitters_count_is_transformers_own_even_after_a_truncating_call():
+    """The chunk splitter counts through the fast tokenizer's Rust core: the same numbers transformers gives, and a
+    call that left truncation on the shared tokenizer (as the embedding model's batches do) cuts none of them."""
+    s = base_settings(Path("/tmp")).with_(embed_backend="torch")
+    tok = emb.load_tokenizer(s)
+    tok(["x " * 600], truncation=True, max_length=16)
+    count = emb.token_counter(s)
+    texts = ["XTuner 是一个高效的微调工具。", "lmdeploy serve api_server --tp 2", "  混合 mixed 文本\n\n第二行 ",
+             "word " * 700, "🚀 emoji and ünïcödé", "a" * 5000, "", "| col | col |\n|---|---|"]
+    assert [count(t) for t in texts] == [len(tok.encode(t, add_special_tokens=False)) for t in texts]
+    assert count("word " * 700) == 700
+
+
 def test_onnx_int8_matches_the_float_model(tmp_path, tiny_st_dir, tiny_embeddings):
     s = base_settings(tmp_path, embed_model=str(tiny_st_dir), embed_backend="onnx-int8", model_cache="")
     assert emb.model_name(s) == "tiny-st-int8"  # its vectors never share a collection with the float model's
