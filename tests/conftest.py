@@ -122,25 +122,58 @@ def tiny_kb(tmp_path, tiny_st_dir, tiny_embeddings):
     kb.close()
 
 
+def indexed_once(factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """A KB_HOME that ``build(home)`` fills once per test run, copied for the caller.
+
+    The two xdist workers both asked for the same costly index (the xtuner docs through the default model: about
+    35 s of embedding each); the first one to ask builds it, and every worker, that one too, works on its own copy,
+    whose sources point at its own clones (as a snapshot import points them).
+    """
+    import shutil
+    import sqlite3
+
+    from filelock import FileLock
+
+    base = factory.getbasetemp()
+    master = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"indexed-{name}"
+    with FileLock(str(master) + ".lock"):
+        if not (master / ".built").exists():
+            shutil.rmtree(master, ignore_errors=True)
+            master.mkdir()
+            build(master)
+            (master / ".built").touch()
+    home = factory.mktemp(name)
+    shutil.copytree(master, home, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".built", ".write.lock"))
+    with sqlite3.connect(home / "manifest.sqlite") as con:
+        for (source,) in con.execute("SELECT name FROM sources").fetchall():
+            con.execute("UPDATE sources SET repo_path = ? WHERE name = ?",
+                        (str((home / "repos" / source).resolve()), source))
+    con.close()
+    return home
+
+
+def indexed_kb(factory: pytest.TempPathFactory, corpus: Path, embeddings, bundle: str):
+    """A knowledge base with one shared bundle synced through ``embeddings``, indexed once per run."""
+    from kb.service import KnowledgeBase
+
+    def build(home: Path) -> None:
+        kb = KnowledgeBase(base_settings(home), embeddings=embeddings)
+        add_bundle(kb, corpus, bundle)
+        kb.close()
+
+    return KnowledgeBase(base_settings(indexed_once(factory, f"{bundle}-home", build)), embeddings=embeddings)
+
+
 @pytest.fixture(scope="session")
 def xtuner_kb(tmp_path_factory, corpus, default_embeddings):
     """The xtuner docs indexed with the real default model, shared by retrieval and answer tests."""
-    from kb.service import KnowledgeBase
-
-    home = tmp_path_factory.mktemp("xtuner-home")
-    kb = KnowledgeBase(base_settings(home), embeddings=default_embeddings)
-    add_bundle(kb, corpus, "xtuner")
-    return kb
+    return indexed_kb(tmp_path_factory, corpus, default_embeddings, "xtuner")
 
 
 @pytest.fixture(scope="session")
 def lagent_kb(tmp_path_factory, corpus, default_embeddings):
     """The lagent docs (the smallest bundle) with the real default model."""
-    from kb.service import KnowledgeBase
-
-    kb = KnowledgeBase(base_settings(tmp_path_factory.mktemp("lagent-home")), embeddings=default_embeddings)
-    add_bundle(kb, corpus, "lagent")
-    return kb
+    return indexed_kb(tmp_path_factory, corpus, default_embeddings, "lagent")
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
