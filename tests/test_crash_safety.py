@@ -25,7 +25,8 @@ SOURCES = ["lagent", "InternLM"]
 
 def kb_env(home: Path, tiny_st_dir: Path) -> dict[str, str]:
     # one torch thread: the tests run on two workers on two cores, and the tiny model gains nothing from a second
-    # thread that the other worker is using (this file and test_sync.py, measured together: 222 s, 195 s so)
+    # thread that the other worker is using (this file and test_sync.py on two workers: 222 s, 195 s with every
+    # process on one thread)
     return {**os.environ, "KB_HOME": str(home), "KB_EMBED_MODEL": str(tiny_st_dir), "KB_EMBED_BACKEND": "torch",
             "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
