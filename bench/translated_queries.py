@@ -1,4 +1,5 @@
-"""Experiment (forty-first stop, not built into search): each question also searched in the other language.
+"""Experiment (forty-first stop; built at the forty-second as ``KB_TRANSLATE_QUESTIONS``, off by default): each
+question also searched in the other language.
 
 The default model translates a sample of the registered sets' questions (every cross-lingual one and every fifth
 other one), greedy, and hybrid search gets two more lists from the translation: BM25 on its words and dense on its
@@ -6,6 +7,7 @@ passages, each at RRF weight ``WB`` / ``WD``. Compared with hybrid as it is, per
 an optional trigger translates only when ``TRIG`` of hybrid's first five hits are in the other language.
 
     python -m bench.translated_queries [WB WD [TRIG]]   # writes bench/results/translated-queries.json
+    python -m bench.translated_queries built            # the same sample through the built SearchOptions.also_as
 
 Translations are kept in that file, so a second run does not ask the model again.
 """
@@ -18,6 +20,7 @@ import time
 from collections import defaultdict
 
 from bench.run import RESULTS, six_repo_kb
+from kb.answer.prompts import TRANSLATE_PROMPTS
 from kb.evaluate import is_hit, load_questions
 from kb.question_sets import retrieval_sets
 from kb.search import engine as E
@@ -27,9 +30,8 @@ from kb.search.signals import query_language
 from kb.words import query_tokens
 
 OUT = RESULTS / "translated-queries.json"
-SYSTEM = {"zh": "Translate the user's question into English. Keep names, commands and code as they are. "
-                "Output only the translation.",
-          "en": "把用户的问题翻译成中文。名称、命令和代码保持原样。只输出译文。"}
+# the product's own translation prompts (kb/answer/translate.py, KB_TRANSLATE_QUESTIONS), built from this experiment
+SYSTEM = {lang: prompt.messages[0].prompt.template for lang, prompt in TRANSLATE_PROMPTS.items()}
 
 
 def sample() -> list[tuple[str, dict]]:
@@ -60,7 +62,49 @@ def translate(questions: list[str], kept: dict[str, str]) -> tuple[dict[str, str
     return kept, (time.perf_counter() - t0) / len(todo)
 
 
+def built() -> None:
+    """The built path (``SearchOptions.also_as`` at its default weight) on the same sample: a question new since the
+    kept translations is translated by the product's own step (kb/answer/translate.py)."""
+    stored = json.loads(OUT.read_text()) if OUT.exists() else {}
+    pairs = sample()
+    kept = stored.get("translations", {})
+    todo = [q["question"] for _, q in pairs if q["question"] not in kept]
+    per_question = 0.0
+    if todo:
+        from core.llm import build_chat_model
+        from kb.answer.translate import build_translate
+
+        step = build_translate(build_chat_model(six_repo_kb().settings))
+        step.invoke("你好")  # the model loaded outside the timing
+        t0 = time.perf_counter()
+        kept.update({q: step.invoke(q) for q in todo})
+        per_question = (time.perf_counter() - t0) / len(todo)
+    eng = SearchEngine(six_repo_kb())
+    totals: dict = defaultdict(lambda: {arm: [0, 0, 0, 0.0] for arm in ("as is", "translated")})
+    changed = []
+    for key, q in pairs:
+        ranks = {}
+        for arm in ("as is", "translated"):
+            also = kept.get(q["question"], "") if arm == "translated" else ""
+            hits = eng.search(q["question"], SearchOptions(k=5, also_as=also))
+            r = next((h.rank for h in hits if is_hit(h, q)), None)
+            ranks[arm] = r
+            t = totals[q.get("category", "specific")][arm]
+            t[0] += 1; t[1] += r == 1; t[2] += r is not None; t[3] += 1 / r if r else 0.0
+        if ranks["as is"] != ranks["translated"]:
+            changed.append({"set": key, "id": q["id"], "ranks": ranks})
+    summary = {c: {arm: {"n": v[0], "hit@1": v[1], "hit@5": v[2], "mrr_sum": round(v[3], 1)} for arm, v in d.items()}
+               for c, d in totals.items()}
+    runs = stored.get("runs", [])
+    runs.append({"built": True, "weights": {"bm25": 1.0, "dense": 1.0}, "trigger": 0, "new_translations": len(todo),
+                 "seconds_per_new_translation": round(per_question, 2), "by_category": summary, "changed": changed})
+    OUT.write_text(json.dumps({**stored, "translations": kept, "runs": runs}, ensure_ascii=False, indent=1))
+    print(json.dumps(summary), "new translations", len(todo), f"{per_question:.2f} s each")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["built"]:
+        return built()
     wb, wd = (float(sys.argv[1]), float(sys.argv[2])) if len(sys.argv) > 2 else (1.0, 1.0)
     trig = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     stored = json.loads(OUT.read_text()) if OUT.exists() else {}

@@ -91,6 +91,9 @@ class Settings:
     # tokens of file excerpts the answer prompt holds in all (kb/answer/context.py): the wait before the first word
     # against the facts stated (README "Answers": 420 tokens ~8 s and fewer facts; whole chunks ~27 s)
     context_tokens: int = 700
+    # answers also search the question in the other language, translated by the model first (kb/answer/translate.py):
+    # more cross-lingual questions found, for one short generation before the search (README "Answers")
+    translate_questions: bool = False
     llm_preload: bool = True  # the dashboard starts loading the LLM in the background as soon as it starts
     openai_base_url: str = ""
     openai_model: str = ""

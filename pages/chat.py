@@ -74,6 +74,11 @@ with st.sidebar:
     k = st.slider("Sources per answer (k)", 1, 10, min(max(s.top_k, 1), 10), key="chat_k", disabled=not (rag or compare))
     mode = st.selectbox("Retrieval", MODES, index=MODES.index(s.retrieval_mode) if s.retrieval_mode in MODES else 2,
                         key="chat_mode", disabled=not (rag or compare))
+    translate = st.toggle("Also search in the other language", value=s.translate_questions, key="chat_translate",
+                          disabled=not (rag or compare) or mode != "hybrid",
+                          help="the model first translates the question (Chinese ↔ English) and hybrid search looks "
+                               "for both: finds pages written only in the other language, for a few seconds more "
+                               "before the first word")
     if st.button(":material/delete_sweep: Clear: new conversation", key="chat_clear", width="stretch",
                  help="start a new conversation; this one stays in the saved list"):
         st.session_state["chat_conv"] = conv = store.new()
@@ -129,6 +134,8 @@ def render_answer(msg: dict) -> None:
     facts = []
     if msg.get("standalone") and msg["standalone"].strip() != msg.get("question", "").strip():
         facts.append(f"searched for: {escape_markdown(msg['standalone'])}")
+    if msg.get("also_as"):
+        facts.append(f"also searched as: {escape_markdown(msg['also_as'])}")
     claims = [x for x in msg.get("sentences") or [] if x.get("claim")]
     if claims:
         facts.append(f"{sum(x['supported'] for x in claims)} of {len(claims)} sentences found in the sources")
@@ -241,7 +248,8 @@ def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, 
     first = None if result.first_token_seconds is None else round(result.first_token_seconds + lag, 3)
     msg.update(
         content=result.answer, sources=[h.as_dict() for h in result.sources], cited=result.cited,
-        standalone=result.standalone_question, seconds=round(time.perf_counter() - asked_at, 3),
+        standalone=result.standalone_question, also_as=result.also_as,
+        seconds=round(time.perf_counter() - asked_at, 3),
         first_token_seconds=first, waited_seconds=round(waited, 2),
         sentences=[x.as_dict() for x in result.sentences], declined=result.declined, unverified=result.unverified,
     )
@@ -272,7 +280,7 @@ def answer_turn(question: str, history: list) -> dict:
     except expected_errors() as exc:
         show_error(exc)
         return {"role": "assistant", "question": question, "content": "", "error": str(exc), "rag": rag}
-    answerer = Answerer(llm, engine, opts)
+    answerer = Answerer(llm, engine, opts, translate=translate and mode == "hybrid")
     if compare:
         left, right = st.columns(2, gap="medium")
         with left:

@@ -43,6 +43,39 @@ class RecordingChat(GenericFakeChatModel):
         return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
 
 
+def test_a_translated_question_is_searched_too_when_asked_for(tiny_kb):
+    """With ``translate``, the model first writes the question in the other language (its first line only), and the
+    search reads both; without it the model is asked once, for the answer."""
+    from kb.answer.translate import first_line
+    from kb.search.hits import ALSO_BM25
+
+    tiny_kb.upload({"stripes.md": b"# Stripes\n\nThe quuxinator paints the zebra stripes.\n",
+                    "zh.md": "# 说明\n\n这一页介绍斑马的条纹怎么画。\n".encode(),
+                    **{f"note{i}.md": f"# Note {i}\n\nA page about topic {i}.\n".encode() for i in range(4)}}, "notes")
+    engine = SearchEngine(tiny_kb)
+    llm = RecordingChat(messages=iter([AIMessage("What paints the zebra stripes?\nNote: a translation."),
+                                       AIMessage("The quuxinator paints the zebra stripes [1].")]))
+    llm.seen.clear()
+    result = Answerer(llm, engine, SearchOptions(k=2), translate=True).ask("斑马的条纹用什么画？")
+    assert len(llm.seen) == 2 and "Translate the user's question into English" in llm.seen[0][0].content
+    assert llm.seen[0][-1].content == "斑马的条纹用什么画？"
+    assert result.also_as == "What paints the zebra stripes?" and result.as_dict()["also_as"] == result.also_as
+    found = [h for h in result.chunks if h.path == "uploads/stripes.md"]
+    assert found and ALSO_BM25 in found[0].found_by, [(h.path, h.found_by) for h in result.chunks]
+    assert "notes/uploads/stripes.md" in llm.seen[1][-1].content
+
+    llm = RecordingChat(messages=iter([AIMessage("The quuxinator paints the zebra stripes [1].")]))
+    llm.seen.clear()
+    plain = Answerer(llm, engine, SearchOptions(k=2)).ask("斑马的条纹用什么画？")
+    assert len(llm.seen) == 1 and plain.also_as == "" and all(ALSO_BM25 not in h.found_by for h in plain.chunks)
+    # the model writing the question back, or nothing, searches as asked; an English question goes to Chinese
+    assert first_line("  斑马的条纹用什么画？ \n", "斑马的条纹用什么画？") == "" and first_line("\n\n", "q") == ""
+    llm = RecordingChat(messages=iter([AIMessage("斑马的条纹用什么画？"), AIMessage("The quuxinator [1].")]))
+    llm.seen.clear()
+    english = Answerer(llm, engine, SearchOptions(k=2), translate=True).ask("What paints the zebra stripes?")
+    assert "翻译成中文" in llm.seen[0][0].content and english.also_as == "斑马的条纹用什么画？"
+
+
 def test_marker_wiring_and_threshold(xtuner_kb):
     engine = SearchEngine(xtuner_kb)
     llm = RecordingChat(messages=iter([AIMessage("XTuner 是一个微调工具库 [2]。")]))

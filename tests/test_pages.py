@@ -450,6 +450,16 @@ def test_chat_shows_llm_errors(page_env, open_page, monkeypatch):
     assert ConversationStore(page_env).list()[0]["turns"] == 1, "the failed turn is saved with its error"
 
 
+def test_chat_can_also_search_in_the_other_language(page_env, open_page, monkeypatch):
+    at = ok(open_page("chat"))
+    toggle = at.toggle(key="chat_translate")
+    assert not toggle.value and not toggle.disabled  # off by default: a generation before every search
+    at.selectbox(key="chat_mode").set_value("bm25").run()
+    assert at.toggle(key="chat_translate").disabled  # hybrid only
+    monkeypatch.setenv("KB_TRANSLATE_QUESTIONS", "1")
+    assert ok(open_page("chat")).toggle(key="chat_translate").value
+
+
 def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     at = ok(open_page("evaluation"))
     assert "Not indexed here" in texts(at.warning)

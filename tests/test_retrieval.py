@@ -15,7 +15,7 @@ from kb.evaluate import is_hit
 from kb.ingest.chunking import ChunkConfig
 from kb.search import signals
 from kb.search.engine import KBRetriever, SearchEngine
-from kb.search.hits import BM25_LEAD, PASSAGE_BM25, SearchOptions
+from kb.search.hits import ALSO_BM25, ALSO_DENSE, BM25_LEAD, PASSAGE_BM25, SearchOptions
 
 from conftest import CORPUS
 
@@ -269,6 +269,33 @@ def test_bm25_ranks_only_the_source_a_question_names(tiny_kb):
     assert any("bm25" in h.ranks for h in off if h.source == "othernotes"), [(h.source, h.path, h.ranks) for h in off]
     unnamed = engine.search("How do I paint stripes?", SearchOptions(k=5))  # no source named: every source
     assert any("bm25" in h.ranks for h in unnamed if h.source == "othernotes")
+
+
+def test_the_questions_translation_is_searched_too(tiny_kb):
+    """A Chinese question about a page written only in English shares no word with it; its translation
+    (``also_as``) adds a BM25 and a dense list, which find it. Hybrid only: the single modes search as asked."""
+    filler = "\n\n".join(f"Paragraph {i} says nothing in particular about anything." for i in range(3))
+    tiny_kb.upload({"stripes.md": f"# Stripes\n\nThe quuxinator paints the zebra stripes.\n\n{filler}\n".encode(),
+                    "zh.md": "# 说明\n\n这一页介绍斑马的条纹怎么画，以及画笔的颜色。\n\n颜色可以自己选。\n".encode(),
+                    **{f"note{i}.md": f"# Note {i}\n\nA page about topic {i}.\n".encode() for i in range(6)}},
+                   "notes")
+    engine = SearchEngine(tiny_kb)
+    question, english = "斑马的条纹用什么画？", "What paints the zebra stripes?"
+    def rank(hits) -> int:
+        return next((h.rank for h in hits if h.path == "uploads/stripes.md"), 99)
+
+    plain = engine.search(question, SearchOptions(k=10))
+    assert all(ALSO_BM25 not in h.found_by and ALSO_DENSE not in h.found_by for h in plain)
+    both = engine.search(question, SearchOptions(k=10, also_as=english))
+    found = next(h for h in both if h.path == "uploads/stripes.md")
+    before = next((h.score for h in plain if h.path == "uploads/stripes.md"), 0.0)
+    assert found.rank <= rank(plain) and found.score > before and {ALSO_BM25, ALSO_DENSE} <= set(found.found_by), \
+        [(h.path, h.found_by) for h in both]
+    lower = engine.search(question, SearchOptions(k=10, also_as=english, also_as_weight=0.01))
+    assert next(h.score for h in lower if h.path == "uploads/stripes.md") < found.score  # the lists' RRF weight
+    for mode in ("bm25", "dense"):
+        single = engine.search(question, SearchOptions(k=3, mode=mode, also_as=english))
+        assert [h.id for h in single] == [h.id for h in engine.search(question, SearchOptions(k=3, mode=mode))]
 
 
 def _lex_and_owners(engine, kb):

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
@@ -27,6 +27,7 @@ from kb.answer.prompts import (
     undecided_tail,
 )
 from kb.answer.support import Sentence, coverage, support
+from kb.answer.translate import build_translate
 from kb.citations import cited_numbers
 from kb.errors import KBError
 from kb.ingest.loaders import git_lines
@@ -54,13 +55,14 @@ class Answer:
     # shown only on request and labelled unverified (``unverified_sentences``: its sentences, all unsupported).
     unverified: str = ""
     unverified_sentences: list[Sentence] = field(default_factory=list)
+    also_as: str = ""  # the question in the other language, searched as well (kb/answer/translate.py)
 
     def as_dict(self) -> dict:
         return {
             "question": self.question, "standalone_question": self.standalone_question, "answer": self.answer,
             "rag": self.rag, "cited": self.cited, "seconds": self.seconds,
             "first_token_seconds": self.first_token_seconds, "declined": self.declined,
-            "unverified": self.unverified,
+            "unverified": self.unverified, "also_as": self.also_as,
             "sentences": [s.as_dict() for s in self.sentences], "coverage": coverage(self.sentences),
             "sources": [
                 {"n": i, **{k: h.as_dict()[k] for k in ("rank", "score", "mode", "source", "path", "line_start",
@@ -131,11 +133,12 @@ def decline_text(question: str, hits: list[Hit]) -> str:
 
 def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOptions,
                     context_tokens: int = CONTEXT_TOKENS, lines_of: LineReader | None = None,
-                    embed=None, count: TokenCounter | None = None) -> Runnable:
-    """input {question, history} → streams {standalone}, {hits}, {excerpts}, then {answer} pieces.
+                    embed=None, count: TokenCounter | None = None, translate: bool = False) -> Runnable:
+    """input {question, history} → streams {standalone}, {also_as}, {hits}, {excerpts}, then {answer} pieces.
 
     The answer step gets the standalone question, so a follow-up's "它" is
-    already resolved; retrieval searches the same text.
+    already resolved; retrieval searches the same text, and with ``translate``
+    its translation too (kb/answer/translate.py).
     """
     condense = RunnableBranch(
         (lambda x: bool(x["history"]),
@@ -149,7 +152,9 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     def asked(x: dict) -> str:
         return x["standalone"] or x["question"]
 
-    retrieve = RunnableLambda(lambda x: engine.search(asked(x), options))
+    other = build_translate(llm) if translate else RunnableLambda(lambda q: "")
+    retrieve = RunnableLambda(lambda x: engine.search(
+        asked(x), replace(options, also_as=x["also_as"]) if x["also_as"] else options))
     count = count or token_counter(llm)
     narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens, count))
     generate = RunnableBranch(
@@ -159,6 +164,7 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     )
     return (
         RunnablePassthrough.assign(standalone=condense)
+        | RunnablePassthrough.assign(also_as=RunnableLambda(asked) | other)
         | RunnablePassthrough.assign(hits=retrieve)
         | RunnablePassthrough.assign(excerpts=narrow)
         | RunnablePassthrough.assign(answer=generate)
@@ -203,12 +209,14 @@ class Answerer:
     """
 
     def __init__(self, llm: BaseChatModel, engine: SearchEngine | None = None, options: SearchOptions | None = None,
-                 context_tokens: int | None = None) -> None:
+                 context_tokens: int | None = None, translate: bool | None = None) -> None:
         self.llm = llm
         self.engine = engine
         self.options = options or SearchOptions()
-        configured = getattr(getattr(getattr(engine, "kb", None), "settings", None), "context_tokens", None)
-        self.context_tokens = context_tokens or configured or CONTEXT_TOKENS
+        settings = getattr(getattr(engine, "kb", None), "settings", None)
+        self.context_tokens = context_tokens or getattr(settings, "context_tokens", None) or CONTEXT_TOKENS
+        # search the question's translation too (KB_TRANSLATE_QUESTIONS; kb/answer/translate.py)
+        self.translate = bool(getattr(settings, "translate_questions", False)) if translate is None else translate
         # made on the first RAG answer and kept, so an evaluation run reuses the files it has read
         self._embed = None  # the embedding model as unit vectors
         self._lines: LineReader | None = None
@@ -234,7 +242,7 @@ class Answerer:
                 raise ValueError("RAG needs a search engine")
             self._tools()
             chain = build_rag_chain(self.engine, llm, options or self.options, self.context_tokens,
-                                    self._lines, self._embed)
+                                    self._lines, self._embed, translate=self.translate)
         else:
             chain = build_plain_chain(llm)
         yield from self._run(chain, question, messages, result, stage, t0, cancel)
@@ -264,6 +272,8 @@ class Answerer:
             if "standalone" in part:
                 result.standalone_question = part["standalone"]
                 stage("searching", result)
+            if "also_as" in part:
+                result.also_as = part["also_as"]
             if "hits" in part:
                 result.chunks = part["hits"]
             if "excerpts" in part:

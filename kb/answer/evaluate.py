@@ -44,6 +44,8 @@ def evaluate_answers(answerer: Answerer, questions: list[dict], options: SearchO
             "ttft_s": result.first_token_seconds, "seconds": round(time.perf_counter() - t0, 3),
             "sentences": [x.as_dict() for x in result.sentences],
         }
+        if result.also_as:  # the question's translation, searched as well (kb/answer/translate.py)
+            row["also_as"] = result.also_as
         if result.unverified:  # the model's answer, withheld because nothing in it was found in the sources
             row["withheld"] = result.unverified
         if answerable(q):

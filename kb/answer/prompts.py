@@ -51,6 +51,15 @@ DECLINE = {
 # a document they would end the turn or open a new one, since llama.cpp reads the prompt with special tokens on.
 SPECIAL_TOKEN_RE = re.compile(r"<\|[A-Za-z_\-]{1,40}\|>|</?s>|\[/?INST\]|<<SYS>>|<</SYS>>")
 
+# The question in the other language, for the search only (kb/answer/translate.py): by the question's language.
+TRANSLATE_PROMPTS = {
+    "zh": ChatPromptTemplate.from_messages([
+        ("system", "Translate the user's question into English. Keep names, commands and code as they are. "
+                   "Output only the translation."),
+        ("human", "{question}")]),
+    "en": ChatPromptTemplate.from_messages([
+        ("system", "把用户的问题翻译成中文。名称、命令和代码保持原样。只输出译文。"), ("human", "{question}")]),
+}
 RAG_PROMPT = ChatPromptTemplate.from_messages([("system", SYSTEM_RAG), ("human", RAG_TEMPLATE)])
 CONDENSE_PROMPT = ChatPromptTemplate.from_messages([("human", CONDENSE_TEMPLATE)])
 PLAIN_PROMPT = ChatPromptTemplate.from_messages(

@@ -28,8 +28,8 @@ from kb.ingest.chunking import ChunkConfig
 from kb.search.fusion import fuse, specificity
 from kb.search import lexical, signals
 from kb.search.lexical import Lexical
-from kb.search.hits import (BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit, SearchOptions,
-                            hit_from_document)
+from kb.search.hits import (ALSO_BM25, ALSO_DENSE, BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit,
+                            SearchOptions, hit_from_document)
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, reachable
 from kb.store.manifest import Manifest
@@ -309,6 +309,8 @@ class SearchEngine:
             ranked["bm25"] = self._bm25(lex, tokens, n, opts, within)
             if opts.mode == "hybrid" and pcoll is not None:
                 ranked[PASSAGE_BM25] = self._bm25(self.lexical(collection, passages=True), tokens, n, opts, within)
+        if opts.mode == "hybrid" and opts.also_as.strip():
+            self._also_as(lex, pcoll, coll, collection, opts.also_as, n, opts, ranked, docs)
         self._documents(coll, collection, {i for lst in ranked.values() for i, _ in lst}, docs)
         lists = {m: [(docs[i], s) for i, s in lst if i in docs] for m, lst in ranked.items()}
         if opts.mode == "hybrid":
@@ -325,6 +327,18 @@ class SearchEngine:
         for r, h in enumerate(hits, 1):
             h.rank = r
         return hits
+
+    def _also_as(self, lex: Lexical, pcoll, coll, collection: str, other: str, n: int, opts: SearchOptions,
+                 ranked: dict, docs: dict) -> None:
+        """BM25 and dense lists for the question's translation: every source, as the user's words would not name one
+        in the other language the same way."""
+        ranked[ALSO_BM25] = self._bm25(lex, query_tokens(other), n, opts)
+        if pcoll is not None and not opts.mmr:
+            ranked[ALSO_DENSE], _ = self._dense_passages(pcoll, collection, other, n, opts)
+        else:
+            scored = self._dense(coll, other, n, opts)
+            docs.update((d.id, d) for d, _ in scored)
+            ranked[ALSO_DENSE] = [(d.id, s) for d, s in scored]
 
     def searched_as(self, query: str) -> str:
         """The question as every mode searches it: what the Retrieval lab shows beside the hits when it differs."""
@@ -352,6 +366,7 @@ class SearchEngine:
             # misses it, plain RRF lets two middling lists outvote it (README "Retrieval tuning").
             extra[BM25_LEAD] = lead[:1]
             weights[BM25_LEAD] = opts.bm25_lead_weight * bm25_scale
+        weights.update({m: opts.also_as_weight for m in (ALSO_BM25, ALSO_DENSE) if m in lists})
         hits = fuse({**lists, **extra}, opts, bm25_scale=bm25_scale, extra_weights=weights)
         if opts.empty_penalty != 1.0 or opts.hidden_penalty != 1.0:
             for h in hits:

@@ -26,6 +26,8 @@ PASSAGE_BM25 = "bm25 passages"
 OPENING = "readme opening"
 README_SECTION = "readme section"
 IN_SOURCE = "dense in source"
+ALSO_BM25 = "bm25 (other language)"  # the question's translation (SearchOptions.also_as), searched as well
+ALSO_DENSE = "dense (other language)"
 BM25_LEAD = "bm25 lead"
 
 
@@ -71,6 +73,11 @@ class SearchOptions:
     empty_penalty: float = 0.5  # fused score x this for a hit that is only a heading (1: off)
     hidden_penalty: float = 0.5  # ... and for one in a hidden folder (.github, .claude: signals.is_hidden)
     collapse: bool = True  # keep one of near-duplicate hits, the copy that fits the question's language
+    # The question in the other language (kb/answer/translate.py; empty: off). Hybrid also ranks by BM25 and dense on
+    # it, each list at this RRF weight: the weights that did best in the forty-first stop's experiment (README
+    # "Retrieval tuning"). A question asked in one language about a page only the other has is found so.
+    also_as: str = ""
+    also_as_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
