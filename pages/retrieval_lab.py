@@ -32,6 +32,10 @@ with st.sidebar:
                                             key=f"lab_th_{mode}", label_visibility="collapsed") if on else None)
 
 query = st.text_input("Question", placeholder="e.g. xtuner是什么？  or  How do I fine-tune with QLoRA?", key="lab_query")
+also_as = st.text_input("Also search as (hybrid only)", key="lab_also_as",
+                        placeholder="the question in the other language: what a chat answer shows as “also searched as”",
+                        help="hybrid adds a BM25 and a dense list on this text, as the chat does with "
+                             "KB_TRANSLATE_QUESTIONS or its “Also search in the other language” toggle")
 if not query.strip():
     st.caption("Ask something to see what each retriever returns. Scores are on each retriever's own scale. "
                f"Dense: {SCORE_NOTES['dense']}. BM25: {SCORE_NOTES['bm25']}. Hybrid: {SCORE_NOTES['hybrid']}; "
@@ -55,7 +59,8 @@ try:
         for mode in MODES:
             t0 = time.perf_counter()
             opts = SearchOptions(k=k, mode=mode, threshold=thresholds[mode], mmr=mmr,
-                                 source=None if source == "any" else source, path_prefix=prefix.strip() or None)
+                                 source=None if source == "any" else source, path_prefix=prefix.strip() or None,
+                                 also_as=also_as.strip())
             results[mode] = (engine.search(query, opts), (time.perf_counter() - t0) * 1000)
 except expected_errors() as exc:
     show_error(exc)

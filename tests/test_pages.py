@@ -356,6 +356,13 @@ def test_retrieval_lab_side_by_side(xtuner_env, open_page):
     assert ":orange-background[xtuner]" in body.lower() or ":orange-background[XTuner]" in body
     assert "found by dense #" in body and "bm25 #" in body
     assert "https://gitee.com/InternLM/xtuner/blob/" in body, "hits link to their permalink"
+    assert "(other language)" not in body
+
+    # another wording searched too (as a translated chat question is): hybrid's hits say which lists found them
+    at.text_input(key="lab_also_as").input("In XTuner's RL rollout, what concurrency applies when "
+                                           "rollout_max_batch_size_per_instance is not set?").run(timeout=120)
+    ok(at)
+    assert "bm25 (other language) #" in texts(at.markdown) and "dense (other language) #" in texts(at.markdown)
 
     # a threshold no hit can pass leaves the column empty
     at.checkbox(key="lab_th_on_dense").check().run()
