@@ -199,6 +199,8 @@ def stage_reporter(status, result: Answer, use_rag: bool):
             if res.standalone_question and res.standalone_question != res.question:
                 status.write(f"Searching for: *{escape_markdown(res.standalone_question)}*")
             status.update(label="Searching the knowledge base…")
+        elif stage == "translated":
+            status.write(f"Also searching as: *{escape_markdown(res.also_as)}*")
         elif stage == "sources":
             for i, h in enumerate(res.sources, 1):
                 status.markdown(f"\\[{i}\\] {escape_markdown(h.citation)}")

@@ -56,7 +56,12 @@ def test_a_translated_question_is_searched_too_when_asked_for(tiny_kb):
     llm = RecordingChat(messages=iter([AIMessage("What paints the zebra stripes?\nNote: a translation."),
                                        AIMessage("The quuxinator paints the zebra stripes [1].")]))
     llm.seen.clear()
-    result = Answerer(llm, engine, SearchOptions(k=2), translate=True).ask("斑马的条纹用什么画？")
+    stages: list[str] = []
+    result = Answer(question="", answer="")
+    for _ in Answerer(llm, engine, SearchOptions(k=2), translate=True).stream(
+            "斑马的条纹用什么画？", result=result, on_stage=lambda name, res: stages.append(name)):
+        pass
+    assert stages[0] == "searching" and stages[-3:] == ["translated", "sources", "answering"], stages  # shown at once
     assert len(llm.seen) == 2 and "Translate the user's question into English" in llm.seen[0][0].content
     assert llm.seen[0][-1].content == "斑马的条纹用什么画？"
     assert result.also_as == "What paints the zebra stripes?" and result.as_dict()["also_as"] == result.also_as

@@ -35,7 +35,7 @@ from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 from kb.search.signals import query_language
 
-STAGES = ("rewriting", "searching", "sources", "answering")
+STAGES = ("rewriting", "searching", "translated", "sources", "answering")  # "translated": only with a translation
 
 
 @dataclass
@@ -274,6 +274,8 @@ class Answerer:
                 stage("searching", result)
             if "also_as" in part:
                 result.also_as = part["also_as"]
+                if result.also_as:
+                    stage("translated", result)
             if "hits" in part:
                 result.chunks = part["hits"]
             if "excerpts" in part:
