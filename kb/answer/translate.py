@@ -30,11 +30,9 @@ def build_translate(llm: BaseChatModel | Runnable) -> Runnable:
     def prompt(question: str):
         return TRANSLATE_PROMPTS[query_language(question)].format_messages(question=neutralise(question))
 
+    write = RunnableLambda(prompt) | llm.bind(max_tokens=MAX_TOKENS, temperature=0.0) | StrOutputParser()
+
     def translate(question: str) -> str:
-        if not question.strip():
-            return ""
-        text = (RunnableLambda(prompt) | llm.bind(max_tokens=MAX_TOKENS, temperature=0.0) | StrOutputParser()).invoke(
-            question)
-        return first_line(text, question)
+        return first_line(write.invoke(question), question) if question.strip() else ""
 
     return RunnableLambda(translate)
