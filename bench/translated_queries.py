@@ -62,6 +62,25 @@ def translate(questions: list[str], kept: dict[str, str]) -> tuple[dict[str, str
     return kept, (time.perf_counter() - t0) / len(todo)
 
 
+def compare(pairs: list[tuple[str, dict]], search) -> tuple[dict, list[dict]]:
+    """Each question searched as it is and translated (``search(question, arm)``): per category, the hits at 1 and 5
+    and the MRR sum of each arm, and the questions whose gold moved."""
+    totals: dict = defaultdict(lambda: {arm: [0, 0, 0, 0.0] for arm in ("as is", "translated")})
+    changed = []
+    for key, q in pairs:
+        ranks = {}
+        for arm in ("as is", "translated"):
+            r = next((h.rank for h in search(q, arm) if is_hit(h, q)), None)
+            ranks[arm] = r
+            t = totals[q.get("category", "specific")][arm]
+            t[0] += 1; t[1] += r == 1; t[2] += r is not None; t[3] += 1 / r if r else 0.0
+        if ranks["as is"] != ranks["translated"]:
+            changed.append({"set": key, "id": q["id"], "ranks": ranks})
+    summary = {c: {arm: {"n": v[0], "hit@1": v[1], "hit@5": v[2], "mrr_sum": round(v[3], 1)} for arm, v in d.items()}
+               for c, d in totals.items()}
+    return summary, changed
+
+
 def built() -> None:
     """The built path (``SearchOptions.also_as`` at its default weight) on the same sample: a question new since the
     kept translations is translated by the product's own step (kb/answer/translate.py)."""
@@ -80,21 +99,8 @@ def built() -> None:
         kept.update({q: step.invoke(q) for q in todo})
         per_question = (time.perf_counter() - t0) / len(todo)
     eng = SearchEngine(six_repo_kb())
-    totals: dict = defaultdict(lambda: {arm: [0, 0, 0, 0.0] for arm in ("as is", "translated")})
-    changed = []
-    for key, q in pairs:
-        ranks = {}
-        for arm in ("as is", "translated"):
-            also = kept.get(q["question"], "") if arm == "translated" else ""
-            hits = eng.search(q["question"], SearchOptions(k=5, also_as=also))
-            r = next((h.rank for h in hits if is_hit(h, q)), None)
-            ranks[arm] = r
-            t = totals[q.get("category", "specific")][arm]
-            t[0] += 1; t[1] += r == 1; t[2] += r is not None; t[3] += 1 / r if r else 0.0
-        if ranks["as is"] != ranks["translated"]:
-            changed.append({"set": key, "id": q["id"], "ranks": ranks})
-    summary = {c: {arm: {"n": v[0], "hit@1": v[1], "hit@5": v[2], "mrr_sum": round(v[3], 1)} for arm, v in d.items()}
-               for c, d in totals.items()}
+    summary, changed = compare(pairs, lambda q, arm: eng.search(q["question"], SearchOptions(
+        k=5, also_as=kept.get(q["question"], "") if arm == "translated" else "")))
     runs = stored.get("runs", [])
     runs.append({"built": True, "weights": {"bm25": 1.0, "dense": 1.0}, "trigger": 0, "new_translations": len(todo),
                  "seconds_per_new_translation": round(per_question, 2), "by_category": summary, "changed": changed})
@@ -135,21 +141,11 @@ def main() -> None:
                                                                         "dense tr": wd})
 
     SearchEngine._hybrid, E.fuse = with_translation, weighted
-    totals: dict = defaultdict(lambda: {arm: [0, 0, 0, 0.0] for arm in ("as is", "translated")})
-    changed = []
-    for key, q in pairs:
-        ranks = {}
-        for arm in ("as is", "translated"):
-            state["on"] = arm == "translated"
-            hits = eng.search(q["question"], SearchOptions(k=5))
-            r = next((h.rank for h in hits if is_hit(h, q)), None)
-            ranks[arm] = r
-            t = totals[q.get("category", "specific")][arm]
-            t[0] += 1; t[1] += r == 1; t[2] += r is not None; t[3] += 1 / r if r else 0.0
-        if ranks["as is"] != ranks["translated"]:
-            changed.append({"set": key, "id": q["id"], "ranks": ranks})
-    summary = {c: {arm: {"n": v[0], "hit@1": v[1], "hit@5": v[2], "mrr_sum": round(v[3], 1)} for arm, v in d.items()}
-               for c, d in totals.items()}
+    def search(q: dict, arm: str):
+        state["on"] = arm == "translated"
+        return eng.search(q["question"], SearchOptions(k=5))
+
+    summary, changed = compare(pairs, search)
     runs = stored.get("runs", [])
     runs.append({"weights": {"bm25": wb, "dense": wd}, "trigger": trig, "fired": state["fired"],
                  "by_category": summary, "changed": changed})
