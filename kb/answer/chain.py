@@ -134,7 +134,7 @@ def decline_text(question: str, hits: list[Hit]) -> str:
 def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOptions,
                     context_tokens: int = CONTEXT_TOKENS, lines_of: LineReader | None = None,
                     embed=None, count: TokenCounter | None = None, translate: bool = False) -> Runnable:
-    """input {question, history} → streams {standalone}, {also_as}, {hits}, {excerpts}, then {answer} pieces.
+    """input {question, history} → streams {standalone}, ({also_as},) {hits}, {excerpts}, then {answer} pieces.
 
     The answer step gets the standalone question, so a follow-up's "它" is
     already resolved; retrieval searches the same text, and with ``translate``
@@ -152,9 +152,8 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     def asked(x: dict) -> str:
         return x["standalone"] or x["question"]
 
-    other = build_translate(llm) if translate else RunnableLambda(lambda q: "")
     retrieve = RunnableLambda(lambda x: engine.search(
-        asked(x), replace(options, also_as=x["also_as"]) if x["also_as"] else options))
+        asked(x), replace(options, also_as=x["also_as"]) if x.get("also_as") else options))
     count = count or token_counter(llm)
     narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens, count))
     generate = RunnableBranch(
@@ -162,9 +161,11 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
         RunnableLambda(lambda x: rag_inputs([e.hit for e in x["excerpts"]], asked(x)))
         | RAG_PROMPT | llm | StrOutputParser(),
     )
+    steps = RunnablePassthrough.assign(standalone=condense)
+    if translate:  # one model call before the search, only when asked for
+        steps = steps | RunnablePassthrough.assign(also_as=RunnableLambda(asked) | build_translate(llm))
     return (
-        RunnablePassthrough.assign(standalone=condense)
-        | RunnablePassthrough.assign(also_as=RunnableLambda(asked) | other)
+        steps
         | RunnablePassthrough.assign(hits=retrieve)
         | RunnablePassthrough.assign(excerpts=narrow)
         | RunnablePassthrough.assign(answer=generate)
