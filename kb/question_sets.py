@@ -86,6 +86,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind18", "Overview (blind 18)", QUESTIONS / "overview_blind18.jsonl",
                 "checking only, a sixteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-first stop, measured once at the forty-second"),
+    QuestionSet("overview-blind19", "Overview (blind 19)", QUESTIONS / "overview_blind19.jsonl",
+                "checking only, a seventeenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-second stop, measured once at the forty-third"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
