@@ -16,8 +16,18 @@ from pathlib import Path
 
 import pytest
 
-import core.settings  # noqa: F401  (offline environment first)
-from core.settings import Settings, load_settings
+# `make test` runs two workers on two cores: each worker's models get its share of the cores, set before torch is
+# imported. A model on both threads waits at every step for the core the other worker holds (llama.cpp spins at its
+# barriers): test_reset_between_questions took 48 s beside the other worker, 4 s alone (README "Settings",
+# KB_LLM_THREADS). Settings built in a test read TEST_THREADS; subprocesses inherit the environment.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+TEST_THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+if WORKERS > 1:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KB_LLM_THREADS"):
+        os.environ.setdefault(var, str(TEST_THREADS))
+
+import core.settings  # noqa: E402,F401  (offline environment first)
+from core.settings import Settings, load_settings  # noqa: E402
 from langchain_core.embeddings import Embeddings
 
 pytest_plugins = ["llm_fixtures", "page_fixtures"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from servers import free_port, stop, wait_for_http
 
+from conftest import TEST_THREADS
 from core.gguf import ensure_gguf
 from core.settings import Settings
 
@@ -134,6 +135,7 @@ def default_llm_settings(default_gguf_path: Path, tmp_path_factory: pytest.TempP
         llm_gguf=str(default_gguf_path),
         llm_max_tokens=64,
         llm_temperature=0.0,
+        llm_threads=TEST_THREADS,
     )
 
 
@@ -165,7 +167,7 @@ def openai_server_url(default_gguf_path: Path, tmp_path_factory: pytest.TempPath
         sys.executable, "-m", "llama_cpp.server",
         "--model", str(default_gguf_path),
         "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1),
+        "--n_ctx", "2048", "--n_threads", str(TEST_THREADS),
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

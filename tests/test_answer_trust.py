@@ -10,6 +10,8 @@ import pytest
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
+from conftest import TEST_THREADS
+
 from kb.answer.chain import Answerer, LineReader
 from kb.answer.context import compact, estimate_tokens, excerpts, line_costs, unit_embedder
 from kb.answer.prompts import RAG_PROMPT, neutralise, rag_inputs
@@ -357,7 +359,7 @@ import sys, threading, time
 from core.llm import LLMError, build_chat_model
 from core.settings import Settings
 llm = build_chat_model(Settings(home=sys.argv[2], llm="llamacpp", llm_gguf=sys.argv[1], llm_max_tokens=3000,
-                                llm_temperature=0.0))
+                                llm_temperature=0.0, llm_threads=int(sys.argv[3])))
 started, outcome = threading.Event(), []
 def answer():
     for i, _ in enumerate(llm.stream("Count from 1 to 2000, one number per line.")):
@@ -385,7 +387,8 @@ def test_an_exiting_process_ends_generations_and_refuses_queued_ones(default_ggu
     import time
 
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", EXITING_SCRIPT, str(default_gguf_path), str(tmp_path)],
+    done = subprocess.run([sys.executable, "-c", EXITING_SCRIPT, str(default_gguf_path), str(tmp_path),
+                           str(TEST_THREADS)],
                           capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "generating" in done.stdout and "queued refused" in done.stdout and "shutting down" in done.stdout
