@@ -252,6 +252,8 @@ def test_a_readme_section_holding_every_asked_word_is_that_readmes_answer():
 @pytest.mark.parametrize("question,expected", [
     ("xtuner是什么？", True), ("InternLM 是干什么的？", True), ("What is LMDeploy?", True), ("What's Lagent?", True),
     ("介绍一下 OpenCompass", True), ("How do I install LMDeploy?", False), ("xtuner支持哪些模型？", False),
+    ("Can you give me a quick intro to InternLM3?", True), ("An overview of XTuner, please", True),
+    ("Lagent 简介", True), ("Where is the intro video?", False),
 ])
 def test_definitional_questions(question, expected):
     assert signals.definitional(question) is expected
@@ -264,6 +266,8 @@ def test_definitional_questions(question, expected):
     ("What is the default port of LMDeploy?", False), ("What is LMDeploy's TurboMind?", False),
     ("What's XTuner’s licence?", False),
     ("lmdeploy 的 turbomind 是什么", False), ("xtuner支持哪些模型？", False),
+    ("Can you give me a quick intro to InternLM3 - how big is the instruct model?", True),
+    ("an introduction to the config system of xtuner", False),
 ])
 def test_a_question_asking_what_the_source_itself_is_names_its_subject(question, expected):
     # the asking words beside the name: its opening answers, whatever the question goes on to ask

@@ -169,10 +169,13 @@ def naming_words(tokens: Sequence[str], source: str, aliases: dict[str, set[str]
     return {t for t in tokens if t in aliases.get(source, set())}
 
 
-DEFINITIONAL_RE = re.compile(r"是什么|什么是|是干什么|干什么|做什么|是啥|是干嘛|是个什么|到底是|介绍一下|介绍下|"
-                             r"\bwhat\s+(is|are)\b|\bwhat's\b|\bintroduce\b|\btell me about\b", re.IGNORECASE)
+# "an intro to X", "an overview of X", "X 简介" ask the same (the forty-third stop: "a quick intro to InternLM3 - how
+# big is …" ranked a guide's "Introduction" above the README's)
+DEFINITIONAL_RE = re.compile(r"是什么|什么是|是干什么|干什么|做什么|是啥|是干嘛|是个什么|到底是|介绍一下|介绍下|简介|概述|"
+                             r"\bwhat\s+(is|are)\b|\bwhat's\b|\bintroduce\b|\btell me about\b|"
+                             r"\bintro(?:duction)?\s+(?:to|of)\b|\boverview\s+of\b", re.IGNORECASE)
 # Of those, the ones the subject follows ("什么是 X", "What is X"); it comes before the others ("X 是什么").
-SUBJECT_FOLLOWS = ("什么是", "介绍", "what", "introduce", "tell")
+SUBJECT_FOLLOWS = ("什么是", "介绍", "what", "introduce", "tell", "intro", "overview")
 CLAUSE_MARK_RE = re.compile(r"[，,。？?！!；;：:\n]")
 
 
