@@ -546,7 +546,7 @@ ANSWER_FIELDS = ("n", "facts", "gold_cited", "gold_retrieved", "facts_shown", "d
                  "seconds_median")
 
 
-def _answerer(kb, k: int, context_tokens: int, translate: bool = False):
+def _answerer(kb, k: int, context_tokens: int, translate: str = "off"):
     from core.llm import build_chat_model
     from kb.answer.chain import Answerer, prime_answer_prompt
     from kb.search.engine import SearchEngine
@@ -597,11 +597,12 @@ def answers_by_category(rep: dict) -> dict:
 UNSEEN_SET = "overview-blind19"  # the clean set `answers-unseen` asks by default (README "Answers")
 
 
-def bench_answers_unseen(k: int = 5, name: str = UNSEEN_SET, translate: bool = False) -> dict:
+def bench_answers_unseen(k: int = 5, name: str = UNSEEN_SET, translate: str = "off") -> dict:
     """Answers on the blind set nothing was tuned or read on (first questions, deep facts, cross-lingual), per
     category: what a user asking something new gets. Another set (``--set``) is saved beside it, as
     ``answers-unseen-<set>.json``, so the clean set's run and ``support``'s replay of it stay as they were; with
-    ``--translate`` (each question also searched in the other language) as ``answers-unseen-<set>-translated.json``."""
+    ``--translate`` (each question also searched in the other language) as ``answers-unseen-<set>-translated.json``,
+    with ``--translate auto`` (only where BM25 and dense disagree) as ``answers-unseen-<set>-translated-auto.json``."""
     if name not in QUESTION_SETS:
         raise SystemExit(f"unknown question set {name!r}; registered: {', '.join(QUESTION_SETS)}")
     from kb.answer.context import CONTEXT_TOKENS
@@ -613,8 +614,8 @@ def bench_answers_unseen(k: int = 5, name: str = UNSEEN_SET, translate: bool = F
     rep = evaluate_answers(answerer, load_questions(QUESTION_SETS[name][0]), answerer.options)
     out = {"k": k, "llm": kb.settings.llm, "context_tokens": CONTEXT_TOKENS, "set": name, "translate": translate,
            "summary": {m: rep[m] for m in ANSWER_FIELDS}, "by_category": answers_by_category(rep), "rows": rep["rows"]}
-    if translate:
-        save(f"answers-unseen-{name}-translated", out)
+    if translate != "off":
+        save(f"answers-unseen-{name}-translated" + ("-auto" if translate == "auto" else ""), out)
     else:
         save("answers-unseen" if name == UNSEEN_SET else f"answers-unseen-{name}", out)
     return out
@@ -1067,8 +1068,9 @@ def main() -> None:
     p.add_argument("--big", type=int, default=200_000, help="chunks in the synthetic search collection (0: skip)")
     p.add_argument("--set", dest="question_set", default=UNSEEN_SET,
                    help=f"the set answers-unseen asks (default {UNSEEN_SET}; another goes to answers-unseen-SET.json)")
-    p.add_argument("--translate", action="store_true",
-                   help="answers-unseen: each question also searched in the other language (KB_TRANSLATE_QUESTIONS)")
+    p.add_argument("--translate", nargs="?", const="always", default="off", choices=("off", "auto", "always"),
+                   help="answers-unseen: each question also searched in the other language (KB_TRANSLATE_QUESTIONS); "
+                        "auto: only where BM25's and dense's first five share no chunk")
     a = p.parse_args()
     if a.question_set not in QUESTION_SETS:  # before any benchmark runs, not after the first ones
         p.error(f"unknown question set {a.question_set!r}; registered: {', '.join(QUESTION_SETS)}")

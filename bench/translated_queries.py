@@ -8,6 +8,7 @@ an optional trigger translates only when ``TRIG`` of hybrid's first five hits ar
 
     python -m bench.translated_queries [WB WD [TRIG]]   # writes bench/results/translated-queries.json
     python -m bench.translated_queries built            # the same sample through the built SearchOptions.also_as
+    python -m bench.translated_queries gated            # ... translated only where BM25 and dense disagree (auto)
 
 Translations are kept in that file, so a second run does not ask the model again.
 """
@@ -108,9 +109,34 @@ def built() -> None:
     print(json.dumps(summary), "new translations", len(todo), f"{per_question:.2f} s each")
 
 
+def gated() -> None:
+    """The built path with ``KB_TRANSLATE_QUESTIONS=auto``'s gate (``SearchEngine.retrievers_disagree``), on the same
+    sample with the kept translations: per category, and how many questions of each it translated."""
+    stored = json.loads(OUT.read_text())
+    kept, pairs = stored["translations"], sample()
+    eng = SearchEngine(six_repo_kb())
+    fired: dict = defaultdict(lambda: [0, 0])
+    also_as: dict[str, str] = {}  # per question text: what the gate lets the search also read
+    for _, q in pairs:
+        disagree = eng.retrievers_disagree(q["question"], SearchOptions(k=5))
+        fired[q.get("category", "specific")][0] += disagree
+        fired[q.get("category", "specific")][1] += 1
+        also_as[q["question"]] = kept.get(q["question"], "") if disagree else ""
+    summary, changed = compare(pairs, lambda q, arm: eng.search(q["question"], SearchOptions(
+        k=5, also_as=also_as[q["question"]] if arm == "translated" else "")))
+    runs = stored.get("runs", [])
+    runs.append({"built": True, "gate": "bm25 and dense share no chunk in their first five",
+                 "translated": {c: {"of": n, "translated": f} for c, (f, n) in fired.items()},
+                 "by_category": summary, "changed": changed})
+    OUT.write_text(json.dumps({**stored, "runs": runs}, ensure_ascii=False, indent=1))
+    print(json.dumps(summary), "translated", dict(fired))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["built"]:
         return built()
+    if sys.argv[1:2] == ["gated"]:
+        return gated()
     wb, wd = (float(sys.argv[1]), float(sys.argv[2])) if len(sys.argv) > 2 else (1.0, 1.0)
     trig = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     stored = json.loads(OUT.read_text()) if OUT.exists() else {}

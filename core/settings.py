@@ -92,8 +92,9 @@ class Settings:
     # against the facts stated (README "Answers": 420 tokens ~8 s and fewer facts; whole chunks ~27 s)
     context_tokens: int = 700
     # answers also search the question in the other language, translated by the model first (kb/answer/translate.py):
-    # more cross-lingual questions found, for one short generation before the search (README "Answers")
-    translate_questions: bool = False
+    # more cross-lingual questions found, for one short generation before the search (README "Answers"). off; auto:
+    # only when BM25's and dense's first five share no chunk; always (true/false read as always/off)
+    translate_questions: str = "off"
     llm_preload: bool = True  # the dashboard starts loading the LLM in the background as soon as it starts
     openai_base_url: str = ""
     openai_model: str = ""
@@ -171,9 +172,25 @@ def parse_interval(raw: object, name: str = "KB_SYNC_EVERY") -> float:
     return seconds
 
 
+TRANSLATE_MODES = ("off", "auto", "always")
+
+
+def translate_mode(raw: object, name: str = "KB_TRANSLATE_QUESTIONS") -> str:
+    """off, auto or always; the yes/no words of a switch as always/off (the setting was one until the forty-third
+    stop)."""
+    text = str(raw).strip().lower()
+    text = {"1": "always", "true": "always", "yes": "always", "on": "always",
+            "0": "off", "false": "off", "no": "off", "": "off"}.get(text, text)
+    if text not in TRANSLATE_MODES:
+        raise SettingsError(f"{name}={raw!r}: use off, auto (when BM25 and dense disagree) or always")
+    return text
+
+
 def _coerce(raw: object, default: object, name: str) -> object:
     if name == "sync_every":
         return parse_interval(raw)
+    if name == "translate_questions":
+        return translate_mode(raw)
     if isinstance(default, tuple):
         return split_list(raw) if isinstance(raw, str) else tuple(str(v).lower() for v in raw)  # type: ignore[union-attr]
     if isinstance(default, Path):

@@ -13,6 +13,7 @@ import streamlit as st
 
 from pages import _resources as resources
 from core.llm import describe_llm
+from core.settings import TRANSLATE_MODES
 from kb import log as kb_log
 from kb.answer.chain import Answer, Answerer
 from kb.answer.render import answer_markdown
@@ -22,6 +23,7 @@ from kb.markdown import escape_markdown, safe_url
 from kb.search.hits import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, rerun_requested, settings_or_stop, show_error, when
 
+TRANSLATE_LABELS = {"off": "Off", "auto": "When BM25 and dense disagree", "always": "Always"}
 PARTIAL = "chat_partial"  # an answer being streamed; kept if the user stops it (the script run is cut short)
 
 st.title(":material/chat: Chat")
@@ -74,11 +76,13 @@ with st.sidebar:
     k = st.slider("Sources per answer (k)", 1, 10, min(max(s.top_k, 1), 10), key="chat_k", disabled=not (rag or compare))
     mode = st.selectbox("Retrieval", MODES, index=MODES.index(s.retrieval_mode) if s.retrieval_mode in MODES else 2,
                         key="chat_mode", disabled=not (rag or compare))
-    translate = st.toggle("Also search in the other language", value=s.translate_questions, key="chat_translate",
-                          disabled=not (rag or compare) or mode != "hybrid",
-                          help="the model first translates the question (Chinese ↔ English) and hybrid search looks "
-                               "for both: finds pages written only in the other language, for a few seconds more "
-                               "before the first word")
+    translate = st.selectbox("Also search in the other language", TRANSLATE_MODES,
+                             index=TRANSLATE_MODES.index(s.translate_questions), key="chat_translate",
+                             format_func=TRANSLATE_LABELS.get, disabled=not (rag or compare) or mode != "hybrid",
+                             help="the model first translates the question (Chinese ↔ English) and hybrid search "
+                                  "looks for both: finds pages written only in the other language, for a few seconds "
+                                  "more before the first word. \"When BM25 and dense disagree\": only when their "
+                                  "first five hits share nothing, as they do when the answer is in the other language")
     if st.button(":material/delete_sweep: Clear: new conversation", key="chat_clear", width="stretch",
                  help="start a new conversation; this one stays in the saved list"):
         st.session_state["chat_conv"] = conv = store.new()
@@ -282,7 +286,7 @@ def answer_turn(question: str, history: list) -> dict:
     except expected_errors() as exc:
         show_error(exc)
         return {"role": "assistant", "question": question, "content": "", "error": str(exc), "rag": rag}
-    answerer = Answerer(llm, engine, opts, translate=translate and mode == "hybrid")
+    answerer = Answerer(llm, engine, opts, translate=translate if mode == "hybrid" else "off")
     if compare:
         left, right = st.columns(2, gap="medium")
         with left:

@@ -81,6 +81,42 @@ def test_a_translated_question_is_searched_too_when_asked_for(tiny_kb):
     assert "翻译成中文" in llm.seen[0][0].content and english.also_as == "斑马的条纹用什么画？"
 
 
+def test_auto_translates_only_when_bm25_and_dense_disagree(tiny_kb, monkeypatch):
+    """``translate="auto"``: the model is asked for the translation only when the two retrievers' first hits share
+    no chunk; otherwise the question is searched as asked, with no generation before the search."""
+    from kb.search.hits import Hit
+
+    tiny_kb.upload({"stripes.md": b"# Stripes\n\nThe quuxinator paints the zebra stripes.\n",
+                    **{f"note{i}.md": f"# Note {i}\n\nA page about topic {i}.\n".encode() for i in range(4)}}, "notes")
+    engine = SearchEngine(tiny_kb)
+    asked: list[str] = []
+    for disagree, calls, also_as in ((True, 2, "What paints the zebra stripes?"), (False, 1, "")):
+        monkeypatch.setattr(engine, "retrievers_disagree", lambda q, opts, d=disagree: asked.append(q) or d)
+        llm = RecordingChat(messages=iter([AIMessage("What paints the zebra stripes?")] * (calls - 1)
+                                          + [AIMessage("The quuxinator paints the zebra stripes [1].")]))
+        llm.seen.clear()
+        result = Answerer(llm, engine, SearchOptions(k=2), translate="auto").ask("斑马的条纹用什么画？")
+        assert len(llm.seen) == calls and result.also_as == also_as, (disagree, result.also_as)
+    assert asked == ["斑马的条纹用什么画？"] * 2
+    # a single mode searches as asked: neither the check nor the translation runs
+    llm = RecordingChat(messages=iter([AIMessage("The quuxinator [1].")]))
+    llm.seen.clear()
+    single = Answerer(llm, engine, SearchOptions(k=2, mode="bm25"), translate="auto").ask("What paints the zebra stripes?")
+    assert len(llm.seen) == 1 and len(asked) == 2, (single.answer, single.chunks)
+
+    # the check itself: BM25's and dense's first five, compared chunk by chunk
+    def hit(path: str, line: int) -> Hit:
+        return Hit(0, 0.0, "x", "notes", path, line, line, "c", "", "")
+
+    found = {"bm25": [hit("a.md", 1), hit("b.md", 3)], "dense": [hit("b.md", 3)]}
+    engine = SearchEngine(tiny_kb)
+    seen_k: list[int] = []
+    monkeypatch.setattr(engine, "_search", lambda q, o: seen_k.append(o.k) or found[o.mode])
+    assert not engine.retrievers_disagree("q", SearchOptions(k=2)) and seen_k == [5, 5]
+    found["dense"] = [hit("b.md", 4), hit("a.md", 2)]  # the same files, other chunks: they disagree
+    assert engine.retrievers_disagree("q")
+
+
 def test_marker_wiring_and_threshold(xtuner_kb):
     engine = SearchEngine(xtuner_kb)
     llm = RecordingChat(messages=iter([AIMessage("XTuner 是一个微调工具库 [2]。")]))

@@ -398,6 +398,20 @@ def test_prompt_lookup_out_of_range_is_a_clear_error(raw, tmp_path):
         load_settings(env={"KB_CONTEXT_TOKENS": "50"}, secrets_path=tmp_path / "x.toml")
 
 
+def test_translate_questions_is_off_auto_or_always(tmp_path):
+    """The setting was a switch until the forty-third stop: its yes/no words still mean always/off."""
+    from core.errors import SettingsError
+
+    def read(raw: str) -> str:
+        return load_settings(env={"KB_TRANSLATE_QUESTIONS": raw}, secrets_path=tmp_path / "x.toml").translate_questions
+
+    assert load_settings(env={}, secrets_path=tmp_path / "x.toml").translate_questions == "off"
+    assert [read(r) for r in ("auto", "AUTO ", "always", "true", "1", "on", "false", "0", "off")] == \
+        ["auto", "auto", "always", "always", "always", "always", "off", "off", "off"]
+    with pytest.raises(SettingsError, match=r"KB_TRANSLATE_QUESTIONS='sometimes': use off, auto .* or always"):
+        read("sometimes")
+
+
 @pytest.mark.parametrize(
     ("llm_path", "message"),
     [("", "needs KB_LLM_PATH"), ("/nonexistent/internlm2", "no such folder"), ("{tmp}", "no config.json")],

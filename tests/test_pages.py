@@ -459,12 +459,17 @@ def test_chat_shows_llm_errors(page_env, open_page, monkeypatch):
 
 def test_chat_can_also_search_in_the_other_language(page_env, open_page, monkeypatch):
     at = ok(open_page("chat"))
-    toggle = at.toggle(key="chat_translate")
-    assert not toggle.value and not toggle.disabled  # off by default: a generation before every search
+    choice = at.selectbox(key="chat_translate")
+    assert choice.value == "off" and not choice.disabled  # off by default: a generation before every search
+    assert choice.options == ["Off", "When BM25 and dense disagree", "Always"]
     at.selectbox(key="chat_mode").set_value("bm25").run()
-    assert at.toggle(key="chat_translate").disabled  # hybrid only
-    monkeypatch.setenv("KB_TRANSLATE_QUESTIONS", "1")
-    assert ok(open_page("chat")).toggle(key="chat_translate").value
+    assert at.selectbox(key="chat_translate").disabled  # hybrid only
+    monkeypatch.setenv("KB_TRANSLATE_QUESTIONS", "1")  # the switch it was: on is always
+    assert ok(open_page("chat")).selectbox(key="chat_translate").value == "always"
+    monkeypatch.setenv("KB_TRANSLATE_QUESTIONS", "auto")
+    assert ok(open_page("chat")).selectbox(key="chat_translate").value == "auto"
+    monkeypatch.setenv("KB_TRANSLATE_QUESTIONS", "sometimes")
+    assert "KB_TRANSLATE_QUESTIONS='sometimes'" in texts(open_page("chat").error)
 
 
 def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):

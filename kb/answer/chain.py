@@ -21,6 +21,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, RunnablePassthrough
 
 from core.llm import prime_chat_model, token_counter
+from core.settings import translate_mode
 from kb.answer.context import CONTEXT_TOKENS, TokenCounter, excerpts, unit_embedder
 from kb.answer.prompts import (
     CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, echo_at, format_history, neutralise, rag_inputs,
@@ -133,12 +134,13 @@ def decline_text(question: str, hits: list[Hit]) -> str:
 
 def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOptions,
                     context_tokens: int = CONTEXT_TOKENS, lines_of: LineReader | None = None,
-                    embed=None, count: TokenCounter | None = None, translate: bool = False) -> Runnable:
+                    embed=None, count: TokenCounter | None = None, translate: bool | str = "off") -> Runnable:
     """input {question, history} → streams {standalone}, ({also_as},) {hits}, {excerpts}, then {answer} pieces.
 
     The answer step gets the standalone question, so a follow-up's "它" is
     already resolved; retrieval searches the same text, and with ``translate``
-    its translation too (kb/answer/translate.py).
+    its translation too (kb/answer/translate.py): "always", or "auto", only
+    when BM25's and dense's first hits share no chunk (``retrievers_disagree``).
     """
     condense = RunnableBranch(
         (lambda x: bool(x["history"]),
@@ -162,8 +164,16 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
         | RAG_PROMPT | llm | StrOutputParser(),
     )
     steps = RunnablePassthrough.assign(standalone=condense)
-    if translate:  # one model call before the search, only when asked for
+    mode = translate_mode(translate) if options.mode == "hybrid" else "off"  # only hybrid searches a translation
+    if mode == "always":  # one model call before the search, only when asked for
         steps = steps | RunnablePassthrough.assign(also_as=RunnableLambda(asked) | build_translate(llm))
+    elif mode == "auto":
+        translated = build_translate(llm)
+
+        def if_they_disagree(x: dict) -> str:
+            return translated.invoke(asked(x)) if engine.retrievers_disagree(asked(x), options) else ""
+
+        steps = steps | RunnablePassthrough.assign(also_as=RunnableLambda(if_they_disagree))
     return (
         steps
         | RunnablePassthrough.assign(hits=retrieve)
@@ -210,14 +220,15 @@ class Answerer:
     """
 
     def __init__(self, llm: BaseChatModel, engine: SearchEngine | None = None, options: SearchOptions | None = None,
-                 context_tokens: int | None = None, translate: bool | None = None) -> None:
+                 context_tokens: int | None = None, translate: bool | str | None = None) -> None:
         self.llm = llm
         self.engine = engine
         self.options = options or SearchOptions()
         settings = getattr(getattr(engine, "kb", None), "settings", None)
         self.context_tokens = context_tokens or getattr(settings, "context_tokens", None) or CONTEXT_TOKENS
         # search the question's translation too (KB_TRANSLATE_QUESTIONS; kb/answer/translate.py)
-        self.translate = bool(getattr(settings, "translate_questions", False)) if translate is None else translate
+        self.translate = translate_mode(getattr(settings, "translate_questions", "off") if translate is None
+                                        else translate)
         # made on the first RAG answer and kept, so an evaluation run reuses the files it has read
         self._embed = None  # the embedding model as unit vectors
         self._lines: LineReader | None = None

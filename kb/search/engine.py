@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -38,6 +39,9 @@ from kb.words import query_tokens, tokenize
 _log = logging.getLogger(__name__)
 
 IN_SOURCE_DEPTH = 300  # passages read when a source is named, to rank its own chunks too
+# BM25's and dense's first hits compared for KB_TRANSLATE_QUESTIONS=auto: with no chunk in common among five, 42 of the
+# 87 cross-lingual questions of the forty-third stop's sample were translated against 56 of 159 others
+AGREE_K = 5
 CHUNK_CACHE = 20_000  # chunks kept in memory for the next searches (about 40 MB at most), per collection version
 
 
@@ -339,6 +343,16 @@ class SearchEngine:
             scored = self._dense(coll, other, n, opts)
             docs.update((d.id, d) for d, _ in scored)
             ranked[ALSO_DENSE] = [(d.id, s) for d, s in scored]
+
+    def retrievers_disagree(self, query: str, opts: SearchOptions | None = None) -> bool:
+        """Whether BM25's and dense's first ``AGREE_K`` hits share no chunk: the question's words and its meaning
+        point at different pages, as they do when its answer is written in the other language (the gate of
+        ``KB_TRANSLATE_QUESTIONS=auto``; README "Retrieval tuning"). Not logged as searches of their own."""
+        opts = replace(opts or SearchOptions(), k=AGREE_K, also_as="")
+        with reachable(self.kb.settings):
+            first = [{(h.source, h.path, h.line_start) for h in self._search(query, replace(opts, mode=mode))}
+                     for mode in ("bm25", "dense")]
+        return not first[0] & first[1]
 
     def searched_as(self, query: str) -> str:
         """The question as every mode searches it: what the Retrieval lab shows beside the hits when it differs."""
