@@ -62,13 +62,18 @@ try:
                                  source=None if source == "any" else source, path_prefix=prefix.strip() or None,
                                  also_as=also_as.strip())
             results[mode] = (engine.search(query, opts), (time.perf_counter() - t0) * 1000)
+        # the gate of KB_TRANSLATE_QUESTIONS=auto, on the same filters (its own first five, no threshold)
+        disagree = engine.retrievers_disagree(query, SearchOptions(source=None if source == "any" else source,
+                                                                   path_prefix=prefix.strip() or None))
 except expected_errors() as exc:
     show_error(exc)
     st.stop()
 
 ids = {mode: {h.id for h in hits} for mode, (hits, _) in results.items()}
 both = len(ids["dense"] & ids["bm25"])
-st.caption(f"Dense and BM25 agree on {both} of their top {k}. Live collection `{kb.live()[0]}`.")
+gate = (" Their first five share no chunk: with `KB_TRANSLATE_QUESTIONS=auto` (the chat's “When BM25 and dense "
+        "disagree”) an answer also searches the question's translation." if disagree else "")
+st.caption(f"Dense and BM25 agree on {both} of their top {k}.{gate} Live collection `{kb.live()[0]}`.")
 for col, mode in zip(st.columns(3, gap="medium"), MODES):
     hits, ms = results[mode]
     with col:

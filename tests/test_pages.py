@@ -371,6 +371,22 @@ def test_retrieval_lab_side_by_side(xtuner_env, open_page):
     assert "No hits above the threshold." in texts(at.info)
 
 
+def test_retrieval_lab_says_when_an_auto_answer_would_search_a_translation(xtuner_env, open_page, monkeypatch):
+    """The gate of KB_TRANSLATE_QUESTIONS=auto (its own logic is tested in test_answer.py), shown beside the hits."""
+    from kb.search.engine import SearchEngine
+
+    asked = []
+    for disagree in (True, False):
+        monkeypatch.setattr(SearchEngine, "retrievers_disagree",
+                            lambda self, q, opts=None, d=disagree: asked.append((q, opts.source)) or d)
+        at = ok(open_page("retrieval_lab"))
+        at.selectbox(key="lab_source").set_value("xtuner")
+        at.text_input(key="lab_query").input("xtuner 怎么安装").run(timeout=120)
+        notes = texts(ok(at).caption)
+        assert ("Their first five share no chunk: with `KB_TRANSLATE_QUESTIONS=auto`" in notes) is disagree, notes
+    assert asked == [("xtuner 怎么安装", "xtuner")] * 2, "asked with the lab's filters"
+
+
 def test_retrieval_lab_says_what_a_slipped_name_was_searched_as(xtuner_env, open_page):
     at = ok(open_page("retrieval_lab"))
     at.text_input(key="lab_query").input("xtunner 怎么装").run(timeout=120)
