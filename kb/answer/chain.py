@@ -171,7 +171,8 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
         translated = build_translate(llm)
 
         def if_they_disagree(x: dict) -> str:
-            return translated.invoke(asked(x)) if engine.retrievers_disagree(asked(x), options) else ""
+            question = asked(x)
+            return translated.invoke(question) if engine.retrievers_disagree(question, options) else ""
 
         steps = steps | RunnablePassthrough.assign(also_as=RunnableLambda(if_they_disagree))
     return (
