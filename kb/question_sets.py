@@ -89,6 +89,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind19", "Overview (blind 19)", QUESTIONS / "overview_blind19.jsonl",
                 "checking only, a seventeenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-second stop, measured once at the forty-third"),
+    QuestionSet("overview-blind20", "Overview (blind 20)", QUESTIONS / "overview_blind20.jsonl",
+                "checking only, an eighteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-third stop, measured once at the forty-fourth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
