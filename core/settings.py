@@ -221,10 +221,11 @@ def load_settings(env: dict[str, str] | None = None, secrets_path: Path | None =
             values[f.name] = _coerce(raw, default, f.name)
     _in_range(values, "context_tokens", 100, 20_000, "100 to 20000 (tokens of excerpts in the answer prompt)")
     _in_range(values, "llm_prompt_lookup", 0, 64, "0 (off) to 64 (tokens drafted from the prompt per step)")
+    _in_range(values, "llm_temperature", 0, 2, "0 (greedy: the same answer every time) to 2")
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def _in_range(values: dict[str, object], name: str, low: int, high: int, what: str) -> None:
+def _in_range(values: dict[str, object], name: str, low: float, high: float, what: str) -> None:
     """Refuse a number the code would misuse (a prompt with no excerpts, a negative draft) with the setting's name."""
-    if name in values and not low <= int(values[name]) <= high:  # type: ignore[call-overload]
+    if name in values and not low <= float(values[name]) <= high:  # type: ignore[arg-type]
         raise SettingsError(f"KB_{name.upper()}={values[name]}: use {what}")

@@ -398,6 +398,16 @@ def test_prompt_lookup_out_of_range_is_a_clear_error(raw, tmp_path):
         load_settings(env={"KB_CONTEXT_TOKENS": "50"}, secrets_path=tmp_path / "x.toml")
 
 
+@pytest.mark.parametrize("raw", ["-0.5", "2.5", "warm"])
+def test_temperature_out_of_range_is_a_clear_error(raw, tmp_path):
+    """A negative temperature would quietly decode greedily in one runtime and fail in another."""
+    from core.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="KB_LLM_TEMPERATURE="):
+        load_settings(env={"KB_LLM_TEMPERATURE": raw}, secrets_path=tmp_path / "x.toml")
+    assert load_settings(env={"KB_LLM_TEMPERATURE": "0.7"}, secrets_path=tmp_path / "x.toml").llm_temperature == 0.7
+
+
 def test_translate_questions_is_off_auto_or_always(tmp_path):
     """The setting was a switch until the forty-third stop: its yes/no words still mean always/off."""
     from core.errors import SettingsError
