@@ -179,7 +179,7 @@ class ChatLlamaCpp(_Turns, BaseChatModel):
     client: Any = Field(exclude=True)
     model_path: str
     max_tokens: int = 512
-    temperature: float = 0.1
+    temperature: float = 0.0
     _cancel: threading.Event | None = PrivateAttr(default=None)  # the current turn's Stop, read by llama.cpp
     _abort_fn: Any = PrivateAttr(default=None)  # the ctypes callback, kept alive: llama.cpp holds only its address
 
@@ -386,7 +386,7 @@ class ChatTransformers(_Turns, BaseChatModel):
     model_path: str
     mode: str = "template"  # template | stream_chat | chat
     max_tokens: int = 512
-    temperature: float = 0.1
+    temperature: float = 0.0
     prompt_lookup: int = 0  # tokens drafted per step from the prompt (transformers' prompt lookup); 0: off
     _prompt_cache: PromptCache = PrivateAttr(default_factory=PromptCache)
     supports_cancel: ClassVar[bool] = True  # ``.bind(cancel_event=...)``: Stop ends generation at the next token

@@ -81,7 +81,9 @@ class Settings:
     llm_gguf: str = ""  # empty: join the packaged Qwen2.5-Coder GGUF into home/models
     llm_path: str = ""  # local transformers checkpoint folder (InternLM)
     llm_max_tokens: int = 512
-    llm_temperature: float = 0.1
+    # 0: greedy, the same answer to the same question over the same sources every time (README "Answers": two runs
+    # of blind20 word for word; at 0.1 half the answers were worded differently run to run, with the same facts)
+    llm_temperature: float = 0.0
     llm_n_ctx: int = 4096
     # tokens that transformers drafts per step by finding the answer's last words in the prompt (0: off): an answer
     # that quotes its sources is written ~1.6x faster on two cores (README "Answers"). 3 = the 4 rows that the
