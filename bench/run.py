@@ -561,13 +561,13 @@ def _answerer(kb, k: int, context_tokens: int, translate: str = "off"):
 def bench_answers(k: int = 5) -> dict:
     """`kb eval --answers` on the dev, held-out and unanswerable sets with the default LLM and context: facts
     stated, gold lines cited, unanswerable questions declined, sentences with a citation, first token and in all."""
-    from kb.answer.context import CONTEXT_TOKENS
     from kb.answer.evaluate import evaluate_answers
     from kb.evaluate import load_questions
 
     kb = six_repo_kb()
-    answerer = _answerer(kb, k, CONTEXT_TOKENS)
-    out: dict = {"k": k, "llm": kb.settings.llm, "context_tokens": CONTEXT_TOKENS, "sets": {}}
+    budget = kb.settings.context_tokens  # KB_CONTEXT_TOKENS, as the product reads it (700 unless set)
+    answerer = _answerer(kb, k, budget)
+    out: dict = {"k": k, "llm": kb.settings.llm, "context_tokens": budget, "sets": {}}
     for name, path in (("dev", QUESTION_SETS["dev"][0]), ("holdout", QUESTION_SETS["holdout"][0]),
                        ("unanswerable", BY_KEY["unanswerable"].file)):
         rep = evaluate_answers(answerer, load_questions(path), answerer.options)
@@ -605,14 +605,14 @@ def bench_answers_unseen(k: int = 5, name: str = UNSEEN_SET, translate: str = "o
     with ``--translate auto`` (only where BM25 and dense disagree) as ``answers-unseen-<set>-translated-auto.json``."""
     if name not in QUESTION_SETS:
         raise SystemExit(f"unknown question set {name!r}; registered: {', '.join(QUESTION_SETS)}")
-    from kb.answer.context import CONTEXT_TOKENS
     from kb.answer.evaluate import evaluate_answers
     from kb.evaluate import load_questions
 
     kb = six_repo_kb()
-    answerer = _answerer(kb, k, CONTEXT_TOKENS, translate)
+    budget = kb.settings.context_tokens  # KB_CONTEXT_TOKENS, as the product reads it
+    answerer = _answerer(kb, k, budget, translate)
     rep = evaluate_answers(answerer, load_questions(QUESTION_SETS[name][0]), answerer.options)
-    out = {"k": k, "llm": kb.settings.llm, "context_tokens": CONTEXT_TOKENS, "set": name, "translate": translate,
+    out = {"k": k, "llm": kb.settings.llm, "context_tokens": budget, "set": name, "translate": translate,
            "summary": {m: rep[m] for m in ANSWER_FIELDS}, "by_category": answers_by_category(rep), "rows": rep["rows"]}
     if translate != "off":
         save(f"answers-unseen-{name}-translated" + ("-auto" if translate == "auto" else ""), out)
