@@ -32,11 +32,12 @@ run: $(STAMP)
 	$(BIN)/streamlit run Home.py --server.maxUploadSize "$$($(UPLOAD_MB))"
 
 # Two workers, each with its own session fixtures (models loaded once per worker); a test file stays on one worker,
-# so module fixtures (the crash-safety clean run) are built once. TEST_WORKERS=0 runs it in one process.
+# so module fixtures (the crash-safety clean run) are built once. TEST_WORKERS=0 runs it in one process. The fifteen
+# slowest tests are listed at the end, so a CI log shows where the suite's time went.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
