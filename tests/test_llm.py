@@ -408,6 +408,15 @@ def test_temperature_out_of_range_is_a_clear_error(raw, tmp_path):
     assert load_settings(env={"KB_LLM_TEMPERATURE": "0.7"}, secrets_path=tmp_path / "x.toml").llm_temperature == 0.7
 
 
+def test_answers_are_greedy_unless_asked(tmp_path):
+    """The same question over the same sources gets the same answer: no runtime samples by default."""
+    from core.llm import ChatLlamaCpp, ChatTransformers
+
+    assert load_settings(env={}, secrets_path=tmp_path / "x.toml").llm_temperature == 0
+    assert ChatLlamaCpp.model_fields["temperature"].default == ChatTransformers.model_fields["temperature"].default == 0
+    assert ChatTransformers._sampling(None, 64, 0.0) == {"max_new_tokens": 64, "do_sample": False}  # type: ignore[arg-type]
+
+
 def test_translate_questions_is_off_auto_or_always(tmp_path):
     """The setting was a switch until the forty-third stop: its yes/no words still mean always/off."""
     from core.errors import SettingsError
