@@ -546,7 +546,8 @@ ANSWER_FIELDS = ("n", "facts", "gold_cited", "gold_retrieved", "facts_shown", "d
                  "seconds_median")
 
 
-def _answerer(kb, k: int, context_tokens: int, translate: str = "off"):
+def _answerer(kb, k: int, context_tokens: int | None = None, translate: str = "off"):
+    """The product's answer chain; without ``context_tokens`` it takes KB_CONTEXT_TOKENS, as the dashboard does."""
     from core.llm import build_chat_model
     from kb.answer.chain import Answerer, prime_answer_prompt
     from kb.search.engine import SearchEngine
@@ -565,9 +566,8 @@ def bench_answers(k: int = 5) -> dict:
     from kb.evaluate import load_questions
 
     kb = six_repo_kb()
-    budget = kb.settings.context_tokens  # KB_CONTEXT_TOKENS, as the product reads it (700 unless set)
-    answerer = _answerer(kb, k, budget)
-    out: dict = {"k": k, "llm": kb.settings.llm, "context_tokens": budget, "sets": {}}
+    answerer = _answerer(kb, k)
+    out: dict = {"k": k, "llm": kb.settings.llm, "context_tokens": answerer.context_tokens, "sets": {}}
     for name, path in (("dev", QUESTION_SETS["dev"][0]), ("holdout", QUESTION_SETS["holdout"][0]),
                        ("unanswerable", BY_KEY["unanswerable"].file)):
         rep = evaluate_answers(answerer, load_questions(path), answerer.options)
@@ -609,10 +609,9 @@ def bench_answers_unseen(k: int = 5, name: str = UNSEEN_SET, translate: str = "o
     from kb.evaluate import load_questions
 
     kb = six_repo_kb()
-    budget = kb.settings.context_tokens  # KB_CONTEXT_TOKENS, as the product reads it
-    answerer = _answerer(kb, k, budget, translate)
+    answerer = _answerer(kb, k, translate=translate)
     rep = evaluate_answers(answerer, load_questions(QUESTION_SETS[name][0]), answerer.options)
-    out = {"k": k, "llm": kb.settings.llm, "context_tokens": budget, "set": name, "translate": translate,
+    out = {"k": k, "llm": kb.settings.llm, "context_tokens": answerer.context_tokens, "set": name, "translate": translate,
            "summary": {m: rep[m] for m in ANSWER_FIELDS}, "by_category": answers_by_category(rep), "rows": rep["rows"]}
     if translate != "off":
         save(f"answers-unseen-{name}-translated" + ("-auto" if translate == "auto" else ""), out)
