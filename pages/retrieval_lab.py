@@ -55,16 +55,15 @@ try:
     if searched != query:
         st.caption(f"Searched as “{escape_markdown(searched)}”: a project name written as its docs write it.")
     results = {}
+    filters = {"source": None if source == "any" else source, "path_prefix": prefix.strip() or None}
     with st.spinner("Searching…"):
         for mode in MODES:
             t0 = time.perf_counter()
-            opts = SearchOptions(k=k, mode=mode, threshold=thresholds[mode], mmr=mmr,
-                                 source=None if source == "any" else source, path_prefix=prefix.strip() or None,
-                                 also_as=also_as.strip())
+            opts = SearchOptions(k=k, mode=mode, threshold=thresholds[mode], mmr=mmr, also_as=also_as.strip(),
+                                 **filters)
             results[mode] = (engine.search(query, opts), (time.perf_counter() - t0) * 1000)
         # the gate of KB_TRANSLATE_QUESTIONS=auto, on the same filters (its own first five, no threshold)
-        disagree = engine.retrievers_disagree(query, SearchOptions(source=None if source == "any" else source,
-                                                                   path_prefix=prefix.strip() or None))
+        disagree = engine.retrievers_disagree(query, SearchOptions(**filters))
 except expected_errors() as exc:
     show_error(exc)
     st.stop()
