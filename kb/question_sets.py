@@ -92,6 +92,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind20", "Overview (blind 20)", QUESTIONS / "overview_blind20.jsonl",
                 "checking only, an eighteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-third stop, measured once at the forty-fourth"),
+    QuestionSet("overview-blind21", "Overview (blind 21)", QUESTIONS / "overview_blind21.jsonl",
+                "checking only, a nineteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-fourth stop, measured once at the forty-fifth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
