@@ -744,8 +744,40 @@ def bench_support() -> dict:
                              "shown_wrong": [shown_wrong_before, shown_wrong_after], "changes": changes}
         print(f"{name}: withheld {before}->{after}, right among them {right_before}->{right_after}, "
               f"wrong answers shown {shown_wrong_before}->{shown_wrong_after}", file=sys.stderr)
+    out["every_stored_run"] = _support_on_every_run(kb, embed, reader)
     save("support", out)
     return out
+
+
+def _support_on_every_run(kb, embed, reader) -> dict:
+    """The same re-check over every answer run kept in bench/results (each distinct answer once): a threshold is
+    chosen on all of them, so that a change that shows more right answers is seen to show no unanswerable one."""
+    from kb.answer.chain import withholds
+    from kb.answer.support import support
+
+    seen: set = set()
+    tally = dict.fromkeys(("answers", "withheld_before", "withheld_after", "right_withheld_before",
+                           "right_withheld_after", "unanswerable_shown_before", "unanswerable_shown_after"), 0)
+    for path in sorted(RESULTS.glob("answers*.json")):
+        report = json.loads(path.read_text())
+        for rep in report.get("sets", {"": report}).values():
+            for r in rep.get("rows", []):
+                text = r.get("withheld") or r["answer"]
+                key = (r["question"], text, tuple(r["sources"]))
+                if not r["sources"] or (not r.get("withheld") and not r["sentences"]) or key in seen:
+                    continue
+                seen.add(key)
+                now = withholds(text, support(text, _stored_excerpts(kb, reader, r["sources"]), embed, r["question"]))
+                was, answerable = "withheld" in r, r.get("answerable", True)
+                right = bool(r.get("facts_withheld") if was else r.get("facts"))
+                tally["answers"] += 1
+                for name, before, after in (("withheld", was, now), ("right_withheld", was and right, now and right),
+                                            ("unanswerable_shown", not answerable and not was,
+                                             not answerable and not now)):
+                    tally[f"{name}_before"] += before
+                    tally[f"{name}_after"] += after
+    print("every stored run: " + ", ".join(f"{k} {v}" for k, v in tally.items()), file=sys.stderr)
+    return tally
 
 
 # ---------------------------------------------------------------- many users at once

@@ -476,6 +476,7 @@ def test_a_sentence_translating_its_lines_is_supported_across_languages(default_
     right, wrong = support(translated + unrelated, sources, embed, asked)
     assert right.supported and right.source == 1 and not wrong.supported
     monkeypatch.setattr(sup, "CROSS_LINGUAL_OFFSET", 9.0)  # the words and the cosine alone, as before
+    monkeypatch.setattr(sup, "_terms", lambda sentence: [])  # and no relief for its Latin terms ("LLM", "action")
     assert not support(translated, sources, embed, asked)[0].supported
 
 
@@ -597,3 +598,25 @@ def test_a_figure_grouped_by_thousands_is_the_same_figure_written_plainly():
     assert grouped.supported and grouped.line_start == 10, "the line writes it without the comma"
     assert plain.supported and plain.line_end == 13, "the table cell groups it (read with its header)"
     assert not other.supported, "another figure, grouped or not, is still not held"
+
+
+def test_lines_spelling_out_a_translated_sentences_terms_support_it_a_little_below_the_bar(default_embeddings,
+                                                                                             monkeypatch):
+    """Across languages a sentence shares only its Latin terms with the lines it translates (blind21: withheld)."""
+    import kb.answer.support as sup
+
+    embed = unit_embedder(default_embeddings)
+    sources = [hit("Lagent is inspired by the design philosophy of PyTorch. We expect that the analogy of neural "
+                   "network layers will make the workflow clearer and more intuitive, so users only need to focus on "
+                   "creating layers and defining message passing between them in a Pythonic way. This is a simple "
+                   "tutorial to get you quickly started with building multi-agent applications.", 1)]
+    asked = "Lagent 的整体设计借鉴了哪个深度学习框架的设计理念？"
+    (right,) = support("Lagent 的整体设计借鉴了 PyTorch 的设计理念。", sources, embed, asked)
+    assert right.supported and right.source == 1
+    (other,) = support("Lagent 的整体设计借鉴了 TensorFlow 的设计理念。", sources, embed, asked)
+    assert not other.supported  # a term the lines don't spell out earns nothing
+    # in English, only names in capitals or mixed case are terms; in Chinese, every Latin word
+    assert sup._terms("XTuner supports ORPO, which needs no reference model.") == ["xtuner", "orpo"]
+    assert sup._terms("LMDeploy 支持 Windows。") == ["lmdeploy", "windows"]
+    monkeypatch.setattr(sup, "_terms", lambda sentence: [])
+    assert not support("Lagent 的整体设计借鉴了 PyTorch 的设计理念。", sources, embed, asked)[0].supported
