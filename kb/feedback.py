@@ -56,7 +56,8 @@ def _rating(msg: dict) -> dict | None:
 def rated_answers(home: Path) -> list[dict]:
     """Every rated assistant message of the saved conversations, newest rating first.
 
-    Each: ``question``, ``answer``, ``sources`` (the answer's hits as saved:
+    Each: ``question``, ``searched`` (a follow-up rewritten to stand alone, as it was searched; else the
+    question), ``answer``, ``sources`` (the answer's hits as saved:
     source, path, line_start, line_end, commit, url, text, ...), ``cited``
     (the source numbers the answer marks), ``score`` (1 up, 0 down),
     ``comment``, ``conversation`` (its id), ``title``, ``message`` (the
@@ -82,8 +83,11 @@ def rated_answers(home: Path) -> list[dict]:
                 asked = [m for m in messages[:i] if isinstance(m, dict) and m.get("role") == "user"]
                 question = str(asked[-1].get("content", "")) if asked else ""
             sources = [h for h in (msg.get("sources") or []) if isinstance(h, dict)]
+            standalone = msg.get("standalone")
             out.append({
                 "question": question, "answer": str(msg.get("content") or ""), "sources": sources,
+                # a follow-up ("它支持哪些模型？") as it was searched: the question that means something on its own
+                "searched": standalone.strip() if isinstance(standalone, str) and standalone.strip() else question,
                 "cited": [n for n in (msg.get("cited") or []) if isinstance(n, int)],
                 "score": rating["score"], "comment": rating["comment"], "when": rating["at"] or info["updated"],
                 "conversation": conv["id"], "title": info["title"], "message": i,

@@ -100,6 +100,8 @@ def rated_answers_section() -> None:
     ident = f"{r['conversation']}:{r['message']}"
     with st.container(border=True):
         st.markdown(f"**Question:** {escape_markdown(r['question'])}")
+        if r["searched"] != r["question"]:
+            st.markdown(f"**Searched as:** {escape_markdown(r['searched'])} (a follow-up, rewritten to stand alone)")
         st.markdown(f"**Answer:** {escape_markdown(r['answer']) or '*empty*'}")
         if r["comment"]:
             st.markdown(f"**Comment:** {escape_markdown(r['comment'])}")
@@ -110,7 +112,8 @@ def rated_answers_section() -> None:
         st.markdown("Its sources: " + " · ".join(
             f"[{escape_markdown(labels[n])}]({viewer_link(h['source'], h['path'], h['line_start'], h['line_end'])})"
             for n, h in enumerate(sources, 1) if {"source", "path", "line_start", "line_end"} <= set(h)))
-    question = st.text_area("Question", value=r["question"], key=f"fb_question:{ident}", height=80)
+    question = st.text_area("Question", value=r["searched"], key=f"fb_question:{ident}", height=80,
+                            help="as it was searched: a follow-up is saved rewritten, so that it means something alone")
     gold = st.multiselect("Gold lines from its sources", list(labels), format_func=labels.get, key=f"fb_gold:{ident}",
                           help="the sources whose lines answer the question (all in one source)")
     st.caption("…or type a location (the file's path in its source, and lines like `3-9`):")

@@ -57,7 +57,17 @@ def test_rated_answers_newest_first(tmp_path):
     assert down["sources"][0]["path"] == "docs/en/install.md" and down["conversation"] == one["id"]
     assert down["message"] == 1 and down["when"] == pytest.approx(now - 60)
     assert rated[0]["conversation"] == two["id"] and rated[1]["comment"] == ""
+    assert [r["searched"] for r in rated] == [r["question"] for r in rated]  # no follow-up: as asked
     assert rated_answers(tmp_path / "nowhere") == []
+
+
+def test_a_rated_follow_up_is_offered_as_it_was_searched(tmp_path):
+    """"它支持哪些模型？" means nothing in a question set; the rewrite that was searched does (a review found it)."""
+    store = ConversationStore(tmp_path)
+    conversation(store, ("它支持哪些模型？", {"content": "…", "sources": [HIT], "cited": [], "standalone": "LMDeploy 支持哪些模型？",
+                                           "feedback": {"score": 0, "comment": "", "at": time.time()}}))
+    (r,) = rated_answers(tmp_path)
+    assert r["question"] == "它支持哪些模型？" and r["searched"] == "LMDeploy 支持哪些模型？"
 
 
 def test_add_question_writes_the_question_format(tmp_path):

@@ -270,6 +270,23 @@ def test_rated_answers_become_a_question_set(page_env, open_page):
     assert "1 questions over xtuner." in texts(at.markdown)
 
 
+def test_a_rated_follow_up_is_offered_as_the_question_it_was_searched_as(page_env, open_page):
+    """Saved as asked, "它支持哪些模型？" would mean nothing in a question set."""
+    store = ConversationStore(page_env)
+    conv = store.new()
+    conv["messages"] = [
+        {"role": "user", "content": "它支持哪些模型？"},
+        {"role": "assistant", "question": "它支持哪些模型？", "standalone": "LMDeploy 支持哪些模型？", "content": "…",
+         "sources": [stored_source("README.md", "Llama")], "cited": [], "feedback": {"score": 0, "at": time.time()}},
+    ]
+    store.save(conv)
+    at = ok(open_page("evaluation"))
+    at.radio(key="eval_kind").set_value("Rated answers").run()
+    ok(at)
+    assert at.text_area(key=f"fb_question:{conv['id']}:1").value == "LMDeploy 支持哪些模型？"
+    assert "**Searched as:** LMDeploy 支持哪些模型？" in texts(at.markdown)
+
+
 @pytest.mark.parametrize("kind", ["Retrieval", "Answers", "Rated answers"])
 def test_evaluation_kinds_render_on_an_empty_knowledge_base(page_env, open_page, kind):
     at = ok(open_page("evaluation"))
