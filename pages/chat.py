@@ -99,7 +99,8 @@ def render_sources(msg: dict) -> None:
     if not msg.get("rag", True) or msg.get("error"):
         return
     if not sources:
-        st.caption("No sources: nothing in the knowledge base passed the retrieval threshold.")
+        st.caption("Stopped before its sources were found." if msg.get("stopped") and "sources" not in msg
+                   else "No sources: nothing in the knowledge base passed the retrieval threshold.")
         return
     cited = set(msg.get("cited") or [])
     st.caption(f"Sources: {len(sources)} read by the model, {len(cited)} cited in the answer")
@@ -193,8 +194,12 @@ def render_assistant(msg: dict, index: int) -> None:
 # ---------------------------------------------------------------------------- answering
 
 
-def stage_reporter(status, result: Answer, use_rag: bool):
-    """``Answerer.stream``'s ``on_stage``: the status box says what is happening, and lists the sources at once."""
+def stage_reporter(status, result: Answer, use_rag: bool, msg: dict):
+    """``Answerer.stream``'s ``on_stage``: the status box says what is happening, and lists the sources at once.
+
+    The sources also go into the message as soon as they are found, so that an answer stopped while the model
+    writes keeps the sources it was written from (``keep_stopped``).
+    """
 
     def on_stage(stage: str, res: Answer) -> None:
         if stage == "rewriting":
@@ -206,6 +211,8 @@ def stage_reporter(status, result: Answer, use_rag: bool):
         elif stage == "translated":
             status.write(f"Also searching as: *{escape_markdown(res.also_as)}*")
         elif stage == "sources":
+            msg.update(sources=[h.as_dict() for h in res.sources], standalone=res.standalone_question,
+                       also_as=res.also_as)
             for i, h in enumerate(res.sources, 1):
                 status.markdown(f"\\[{i}\\] {escape_markdown(h.citation)}")
             status.update(label=f"Found {len(res.sources)} sources · writing the answer…" if res.sources
@@ -239,7 +246,7 @@ def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, 
 
         def pieces():
             for piece in answerer.stream(question, history, rag=use_rag, options=opts, result=result,
-                                         on_stage=stage_reporter(status, result, use_rag), stop_requested=stopped):
+                                         on_stage=stage_reporter(status, result, use_rag, msg), stop_requested=stopped):
                 partial["text"] += piece
                 yield piece
 

@@ -297,6 +297,26 @@ def test_evaluation_kinds_render_on_an_empty_knowledge_base(page_env, open_page,
 
 
 
+def test_a_stopped_answer_keeps_its_sources_or_says_it_stopped_before_them(page_env):
+    """Stopped while the model wrote, an answer keeps the sources it was written from; stopped while searching, it
+    says so, not that nothing passed the threshold (a browser review saw "No sources" under a stopped answer)."""
+    store = ConversationStore(page_env)
+    conv = store.new()
+    conv["messages"] = [
+        {"role": "user", "content": "详细介绍 OpenCompass 的评测流程。"},
+        {"role": "assistant", "question": "详细介绍 OpenCompass 的评测流程。", "rag": True, "stopped": True,
+         "content": "OpenCompass 的评测流程", "sources": [stored_source("README.md", "评测流程")]},
+        {"role": "user", "content": "What is OpenCompass?"},
+        {"role": "assistant", "question": "What is OpenCompass?", "rag": True, "stopped": True, "content": ""},
+    ]
+    store.save(conv)
+    at = open_with("chat", {"c": conv["id"]})
+    writing, searching = at.chat_message[1], at.chat_message[3]
+    assert "Sources: 1 read by the model" in texts(writing.caption)
+    assert "Stopped before its sources were found." in texts(searching.caption)
+    assert "No sources" not in texts(writing.caption) + texts(searching.caption)
+
+
 def test_a_withheld_answer_shows_the_decline_and_keeps_the_models_text_apart(page_env):
     """An answer none of whose sentences is in the sources reads as a decline; the model's text is one click away."""
     store = ConversationStore(page_env)
