@@ -30,6 +30,16 @@ def escape_markdown(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
+def code_span(text: str) -> str:
+    """Text shown literally as inline code. Inside a code span a backslash escape shows as written
+    (``escape_markdown`` there gave "xtuner/README\\.md"), so the text is fenced instead, with one backtick more
+    than its longest run of them, and kept on one line."""
+    text = " ".join(text.split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if not text or text[0] == "`" or text[-1] == "`" else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def safe_url(url: str) -> str:
     """A URL that can sit inside ``[text](url)`` without ending the link early."""
     return url.replace("(", "%28").replace(")", "%29").replace(" ", "%20")

@@ -502,10 +502,14 @@ class KnowledgeBase:
     @reaching_chroma
     def records(self, collection: str, source: str | None = None, path: str = "", page: int = 1,
                 size: int = 50) -> dict:
-        """One page of a collection's records, filtered by source and by a path (exact, or a prefix ending in /)."""
+        """One page of a collection's records, filtered by source and by a path (exact, or a prefix ending in /);
+        ``nothing_under`` names a prefix no indexed document's path starts with."""
         coll = self.index.get(collection)
         path = path.strip()
         prefix = path.endswith("/")
+        if prefix and not any(d.path.startswith(path) for d in self.manifest.documents(source)):
+            # said as such: the filter that matches nothing (``where``) is an implementation detail
+            return {"total": 0, "pages": 1, "page": 1, "where": None, "rows": [], "nothing_under": path}
         where = self.where(source, path_prefix=path if prefix else None, path=path if path and not prefix else None)
         total = len(coll.get(where=where, include=[])["ids"]) if where else coll.count()
         pages = max(1, math.ceil(total / size))

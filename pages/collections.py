@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from kb.markdown import escape_markdown
+from kb.markdown import code_span, escape_markdown
 from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
 
 st.title(":material/database: Collections")
@@ -173,8 +173,12 @@ with records_tab:
         show_error(exc)
         st.stop()
     where = got["where"]
-    st.caption(f"{got['total']:,} record(s) match" + (f" `where={json.dumps(where, ensure_ascii=False)}`" if where else "")
-               + f" · showing {len(got['rows'])}")
+    if got.get("nothing_under"):
+        st.caption(f"0 record(s) match: no indexed document's path starts with {code_span(got['nothing_under'])}.")
+    else:
+        st.caption(f"{got['total']:,} record(s) match"
+                   + (f" {code_span('where=' + json.dumps(where, ensure_ascii=False))}" if where else "")
+                   + f" · showing {len(got['rows'])}")
     table = pd.DataFrame(
         [
             {"id": m["id"], "source": m.get("source"), "path": m.get("path"),
@@ -215,7 +219,7 @@ with lookup_tab:
             show_error(exc)
             st.stop()
         if rec is None:
-            st.warning(f"No record with id `{escape_markdown(rid.strip())}` in `{picked}`.")
+            st.warning(f"No record with id {code_span(rid.strip())} in {code_span(picked)}.")
         else:
             show_record(rec)
 

@@ -15,7 +15,7 @@ import streamlit as st
 
 from kb.ingest.chunking import SPLITTERS, UNITS
 from kb.ingest.preview import annotated_lines, length_histogram, over_window, preview_chunks
-from kb.markdown import escape_markdown
+from kb.markdown import code_span, escape_markdown
 from kb.citations import file_url as web_file_url, parse_lines
 from pages import _resources as resources
 from pages._common import expected_errors, kb_or_stop, require_admin, show_error
@@ -48,13 +48,13 @@ def open_link(kb, names: list[str]) -> None:
         return
     st.session_state[LINK] = link
     source, path, lines = link
-    shown = f"`{escape_markdown(source)}/{escape_markdown(path)}`"
+    shown = code_span(f"{source}/{path}")
     if not source or not path:
         st.warning("This link does not name a document: it needs a source and a path "
                    "(`documents?source=S&path=P&lines=A-B`).", icon=":material/link_off:")
         return
     if source not in names:
-        st.warning(f"The link names the source `{escape_markdown(source)}`, which this knowledge base does not have "
+        st.warning(f"The link names the source {code_span(source)}, which this knowledge base does not have "
                    f"(sources: {escape_markdown(', '.join(names))}). Pick a document below.",
                    icon=":material/link_off:")
         return
@@ -69,7 +69,7 @@ def open_link(kb, names: list[str]) -> None:
         return
     span = parse_lines(lines) if lines else None
     if lines and span is None:
-        st.warning(f"The link's lines `{escape_markdown(lines)}` are not a line range like `3-9`: {shown} opens "
+        st.warning(f"The link's lines {code_span(lines)} are not a line range like `3-9`: {shown} opens "
                    "without highlighted lines.", icon=":material/link_off:")
     st.session_state["docs_source"] = source
     if st.session_state.get("docs_status") == "skipped":

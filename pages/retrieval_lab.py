@@ -8,7 +8,7 @@ import streamlit as st
 
 from pages import _resources as resources
 from kb.words import query_tokens
-from kb.markdown import escape_markdown
+from kb.markdown import code_span, escape_markdown
 from kb.search.hits import BM25_LEAD, IN_SOURCE, MODES, OPENING, SCORE_NOTES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, render_hit, show_error
 
@@ -51,7 +51,7 @@ try:
     engine = resources.search_engine(s)
     searched = engine.searched_as(query)
     terms = query_tokens(searched)
-    st.markdown("Query terms (BM25): " + (" ".join(f"`{escape_markdown(t)}`" for t in terms) if terms else "*none*"))
+    st.markdown("Query terms (BM25): " + (" ".join(code_span(t) for t in terms) if terms else "*none*"))
     if searched != query:
         st.caption(f"Searched as “{escape_markdown(searched)}”: a project name written as its docs write it.")
     results = {}

@@ -18,7 +18,7 @@ from kb.conversations import ConversationStore, title_of
 from kb.errors import KBError
 from kb.citations import link_markers
 from kb.ingest.preview import annotated_lines, length_histogram, line_cover, preview_chunks
-from kb.markdown import escape_markdown, mark_terms, snippet
+from kb.markdown import code_span, escape_markdown, mark_terms, snippet
 from page_helpers import finish_jobs, frame_with, ok, texts
 
 
@@ -29,6 +29,14 @@ EVIL_DOC = (
 
 
 # ---------------------------------------------------------------------------- plain helpers
+
+
+def test_code_span_shows_the_text_as_written():
+    """Inside a code span a backslash escape would show ("xtuner/README\\.md"): the text is fenced instead."""
+    assert code_span("xtuner/README.md") == "`xtuner/README.md`"
+    assert code_span("a `b` c") == "``a `b` c``"
+    assert code_span("`x``") == "``` `x`` ```"
+    assert code_span("two\nlines") == "`two lines`" and code_span("") == "`  `"
 
 
 def test_escape_and_mark_terms_are_inert():

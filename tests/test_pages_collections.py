@@ -134,3 +134,13 @@ def test_import_from_a_path_on_the_server(page_env, tmp_path, monkeypatch, corpu
     at.button(key="snap_import_btn").click().run()
     ok(at)
     assert "Imported" in texts(at.success) and shared_kb().verify()["healthy"]
+
+
+def test_a_path_prefix_matching_nothing_says_so(lagent_env, open_page):
+    """Not the filter that matches nothing (``{"path": {"$in": ["\\u0000"]}}``, an implementation detail)."""
+    at = ok(open_page("collections"))
+    at.text_input(key="coll_path").input("no/such/").run()
+    ok(at)
+    caption = texts(at.caption)
+    assert "no indexed document's path starts with `no/such/`" in caption
+    assert "$in" not in caption and "u0000" not in caption
