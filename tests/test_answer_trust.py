@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage
 
 from conftest import TEST_THREADS
 
-from kb.answer.chain import Answerer, LineReader
+from kb.answer.chain import Answer, Answerer, LineReader
 from kb.answer.context import compact, estimate_tokens, excerpts, line_costs, unit_embedder
 from kb.answer.prompts import RAG_PROMPT, neutralise, rag_inputs
 from kb.answer.render import UNSUPPORTED, answer_markdown
@@ -339,6 +339,23 @@ def test_follow_up_answer_step_gets_the_standalone_question(xtuner_kb):
     assert "xtuner是什么" in rewrite[-1].content and "它支持哪些模型" in rewrite[-1].content
     assert "问题：XTuner 支持哪些模型？" in answer[-1].content and "它支持" not in answer[-1].content
     assert result.standalone_question == "XTuner 支持哪些模型？"
+
+
+def test_a_long_follow_up_is_searched_as_asked(xtuner_kb):
+    """A question longer than ``REWRITE_MAX_CHARS`` carries its own context: not rewritten, the model asked once."""
+    from kb.answer.chain import REWRITE_MAX_CHARS
+
+    llm = RecordingChat(messages=iter([AIMessage("XTuner 支持 QLoRA [1]。")]))
+    llm.seen.clear()
+    history = [("user", "xtuner是什么？"), ("assistant", "XTuner 是一个大模型微调工具库。")]
+    question = "请详细介绍一下 XTuner 的 QLoRA 微调。" * (REWRITE_MAX_CHARS // 10)
+    stages: list[str] = []
+    result = Answer(question="", answer="")
+    for _ in Answerer(llm, SearchEngine(xtuner_kb), SearchOptions(k=3)).stream(
+            question, history, result=result, on_stage=lambda stage, res: stages.append(stage)):
+        pass
+    assert len(llm.seen) == 1 and "rewriting" not in stages
+    assert result.standalone_question == question and result.sources
 
 
 def test_stop_ends_the_generation_at_once(default_chat_model):

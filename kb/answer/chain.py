@@ -37,6 +37,10 @@ from kb.search.hits import Hit, SearchOptions
 from kb.search.signals import query_language
 
 STAGES = ("rewriting", "searching", "translated", "sources", "answering")  # "translated": only with a translation
+# A follow-up that needs the conversation to be understood is short ("它支持哪些模型？"). A longer question carries its
+# own context, and given one the small model answered it instead of rewriting it (a browser review: a 5,000-character
+# second question was searched as "LMDeploy 是一个用于压缩、部署和服务 LLM 的工具…"), after reading it once more.
+REWRITE_MAX_CHARS = 300
 
 
 @dataclass
@@ -143,7 +147,7 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     when BM25's and dense's first hits share no chunk (``retrievers_disagree``).
     """
     condense = RunnableBranch(
-        (lambda x: bool(x["history"]),
+        (lambda x: bool(x["history"]) and len(x["question"]) <= REWRITE_MAX_CHARS,
          RunnableLambda(lambda x: {"history": format_history(x["history"]), "question": neutralise(x["question"])})
          | CONDENSE_PROMPT | llm | StrOutputParser() | RunnableLambda(lambda s: s.strip().splitlines()[0] if s.strip() else "")),
         RunnableLambda(lambda x: x["question"]),
@@ -266,7 +270,8 @@ class Answerer:
     def _run(self, chain: Runnable, question: str, messages: list[BaseMessage], result: Answer, stage,
              t0: float, cancel: threading.Event) -> Iterator[str]:
         rag = result.rag
-        stage("rewriting" if rag and messages else ("searching" if rag else "answering"), result)
+        rewrites = rag and messages and len(question) <= REWRITE_MAX_CHARS
+        stage("rewriting" if rewrites else ("searching" if rag else "answering"), result)
         pieces: list[str] = []
         parts = chain.stream({"question": question, "history": messages})
         try:
