@@ -3,6 +3,7 @@ instructions not obeyed, declines in the question's language, follow-ups answere
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -637,3 +638,28 @@ def test_lines_spelling_out_a_translated_sentences_terms_support_it_a_little_bel
     assert sup._terms("LMDeploy 支持 Windows。") == ["lmdeploy", "windows"]
     monkeypatch.setattr(sup, "_terms", lambda sentence: [])
     assert not support("Lagent 的整体设计借鉴了 PyTorch 的设计理念。", sources, embed, asked)[0].supported
+
+
+def test_a_sentence_listing_names_is_supported_item_by_item_across_one_files_excerpts(monkeypatch):
+    """Twenty models read from a table two excerpts share: no run of three lines holds them all (a browser review saw
+    the faithful list withheld). Every item spelled out in the file's excerpts, and the lead supported, it is cited
+    from the first item's line to the last's."""
+    import kb.answer.support as sup
+
+    table = hit("# 支持的模型\n\n<ul>\n  <li>Llama (7B - 65B)</li>\n  <li>Llama3.1 (8B, 70B)</li>\n"
+                "  <li>InternLM2.5 (7B)</li>\n  <li>Qwen1.5 - MoE (0.5B - 72B)</li>", 1, line_start=114)
+    rest = hit("  <li>Mistral (7B)</li>\n  <li>DeepSeek-V3.2 (685B)</li>\n</ul>", 2, line_start=147)
+    asked = "LMDeploy 支持哪些模型？"
+    listed = "LMDeploy 支持的模型包括 Llama、Llama3.1、InternLM2.5、Qwen1.5 - MoE、Mistral、DeepSeek-V3.2。"
+    (right,) = support(listed, [table, rest], None, asked)
+    assert right.supported and (right.source, right.line_start, right.line_end) == (1, 117, 148)
+    (wrong,) = support(listed.replace("Llama3.1", "Llama3.7"), [table, rest], None, asked)
+    assert not wrong.supported  # an item the lines don't spell out
+    (elsewhere,) = support(listed, [table, replace(rest, path="docs/other.md")], None, asked)
+    assert not elsewhere.supported  # the items must all be in one file's excerpts
+    # the lead and its items: names only, four at least, in either language
+    assert sup._enumeration("XTuner 支持 QLoRA、LoRA 和全量微调。")[1] == []
+    assert sup._enumeration("LMDeploy supports Llama, Llama2, InternLM2, Qwen2 and DeepSeek-V3 [1].") == (
+        "LMDeploy supports", ["llama", "llama2", "internlm2", "qwen2", "deepseek-v3"])
+    monkeypatch.setattr(sup, "_enumeration", lambda sentence: (sentence, []))
+    assert not support(listed, [table, rest], None, asked)[0].supported  # item by item, or not at all

@@ -23,7 +23,9 @@ too. A figure read from a table cell must sit under the column and in the row th
 question) names. A list item is read with the line that introduces its list, as a row is with its header, and a list
 of up to ``MAX_LIST_LINES`` items is also read whole, for a sentence that sums it up. Lines
 that hold every figure and name a sentence states support it a little below the bar, and across languages so do
-lines that spell out its Latin-script terms ("PyTorch" in a Chinese sentence over English lines). The threshold was chosen on
+lines that spell out its Latin-script terms ("PyTorch" in a Chinese sentence over English lines). A sentence listing
+four names or more ("支持 Llama、Llama2、…") that no run holds is checked item by item, in the excerpts of one file,
+its lead against that file's runs. The threshold was chosen on
 hand-labelled sentences (README "Answers").
 """
 
@@ -59,6 +61,13 @@ PATH_MARK_RE = re.compile(r"(?=.*[A-Za-z]).*(?:[.@_\d-]|/.*/)")
 # Latin-script terms (``_terms``): what survives translation; in English, only names in capitals or mixed case
 TERM_RE = re.compile(r"[A-Za-z][A-Za-z0-9.+-]*[A-Za-z0-9+]")
 MIXED_RE = re.compile(r"(?=.*[A-Z])(?=.*(?:[a-z].*[A-Z]|[A-Z].*[A-Z]|\d))")
+# An enumeration ("支持 Llama、Llama2、…、DeepSeek-V3.2", "supports A, B, C and D"): its items, split at list commas
+ITEM_SPLIT_RE = re.compile(r"[、，,；;]\s*(?:and\s+|or\s+|和|及|以及)?|\s+(?:and|or)\s+|(?<=[A-Za-z0-9)])\s*(?:和|及|以及)\s*")
+# the first part: the lead, up to its last Chinese character or colon (else its last space), then the first item
+LEAD_RE = re.compile(r"(.*?[\u3400-\u9fff:：]\s*|.*\s)?([^\u3400-\u9fff]+)$")
+MIN_ITEMS = 4  # fewer items are read as an ordinary sentence: the runs of 1–3 lines and short lists hold them
+MAX_ITEM_WORDS = 4
+ENUMERATION_SPAN = 80  # the most lines an enumeration's citation may span in its file
 LEXICAL = 0.6
 MAX_LINES = 3
 MAX_LIST_LINES = 8  # a list this long at most is also read whole (``_lists``)
@@ -158,6 +167,27 @@ def _terms(sentence: str) -> list[str]:
     if query_language(text) != "zh":
         words = [w for w in words if MIXED_RE.match(w)]
     return [t for t in dict.fromkeys(_squash(w) for w in words) if len(t) > 1]
+
+
+def _enumeration(sentence: str) -> tuple[str, list[str]]:
+    """The lead and the items of a sentence that lists names ("LMDeploy 支持的模型包括 Llama、Llama2、…"): each item a
+    short Latin-script name, squashed; no items unless there are at least ``MIN_ITEMS``.
+
+    A faithful list of twenty models read from a table that two excerpts share was withheld whole: no run of three
+    lines, nor any list of eight, holds every figure it names (a browser review). Its items are checked one by one.
+    """
+    text = MARKER_RE.sub(" ", sentence).strip().rstrip("。.!！")
+    parts = [p.strip(" *`'\"") for p in ITEM_SPLIT_RE.split(text)]
+    if len(parts) < MIN_ITEMS:
+        return text, []
+    head = LEAD_RE.match(parts[0])
+    if not head or not head.group(1):
+        return text, []
+    lead, items = head.group(1).strip(), [head.group(2).strip(), *parts[1:]]
+    if not lead or not all(re.search(r"[A-Za-z]", i) and len(i.split()) <= MAX_ITEM_WORDS
+                           and not re.search(r"[\u3400-\u9fff]", i) for i in items):
+        return text, []
+    return lead, [_squash(i) for i in items]
 
 
 def is_question(sentence: str, question: str = "") -> bool:
@@ -463,8 +493,37 @@ class Aligner:
             n, a, b, _ = self.runs[best]
             hit = self.excerpts[n - 1]
             out.source, out.line_start, out.line_end = n, hit.line_start + a, hit.line_start + b
+        elif (listed := self._enumerated(sentence)) is not None:
+            out.source, out.line_start, out.line_end, score = listed
+            out.score = round(score, 3)
+            return out
         out.score = round(float(scores[best]), 3)
         return out
+
+    def _enumerated(self, sentence: str) -> tuple[int, int, int, float] | None:
+        """A sentence listing names, supported when one file's excerpts spell out every item and a run of that file
+        supports its lead ("LMDeploy 支持的模型包括" over "# 支持的模型"): (excerpt, first line, last line, score) of the
+        file's lines from the first item to the last, or None."""
+        lead, items = _enumeration(sentence)
+        if not items or len(_claim_words(lead)) < 2:
+            return None
+        lead_scores = self.scores(lead)
+        for key in dict.fromkeys((h.source, h.path) for h in self.excerpts):
+            shown = [(n, h) for n, h in enumerate(self.excerpts, 1) if (h.source, h.path) == key]
+            where = []  # (file line, excerpt) of each item's first line
+            for item in items:
+                found = next(((h.line_start + i, n) for n, h in shown for i, line in enumerate(h.text.split("\n"))
+                              if item in _squash(line)), None)
+                if found is None:
+                    break
+                where.append(found)
+            else:
+                first, last = min(where)[0], max(where)[0]
+                runs = [i for i, r in enumerate(self.runs) if r[0] in {n for n, _ in shown}]
+                lead_score = max((float(lead_scores[i]) for i in runs), default=-1.0)
+                if last - first < ENUMERATION_SPAN and lead_score >= THRESHOLD - EXACT_RELIEF:
+                    return min(where)[1], first, last, lead_score
+        return None
 
 
 def support(answer: str, excerpts: Sequence[Hit], embed: Callable[[list[str]], np.ndarray] | None,
