@@ -23,6 +23,9 @@ from pages._jobs import ended_jobs, jobs_panel, track
 
 MAX_VIEW_LINES = 1500
 LINK = "_docs_link"  # (source, path, lines) of the URL last applied or written: a new one is a link to open
+# A link that names no document here: kept in the URL, with the file first shown, until another file is picked,
+# so that a reload (or the link shared again) warns again instead of opening that unrelated file
+BAD_LINK = "_docs_bad_link"
 HIGHLIGHT = "_docs_highlight"  # {"key": "source/path", "lines": (a, b)}: the lines to highlight in that file
 SCROLL = "_docs_scroll"  # scroll the highlighted lines into view on this run (once per opened link)
 HIGHLIGHT_KEY = "docs_highlight"  # the highlighted lines' container; Streamlit gives it the class st-key-<key>
@@ -47,6 +50,7 @@ def open_link(kb, names: list[str]) -> None:
     if not any(link) or link == st.session_state.get(LINK):
         return
     st.session_state[LINK] = link
+    st.session_state[BAD_LINK] = {"link": link, "shown": None}  # until it is found to name a document
     source, path, lines = link
     shown = code_span(f"{source}/{path}")
     if not source or not path:
@@ -67,6 +71,7 @@ def open_link(kb, names: list[str]) -> None:
         st.warning(f"The link names {shown}, which is not indexed ({escape_markdown(doc.reason or doc.status)}).",
                    icon=":material/link_off:")
         return
+    del st.session_state[BAD_LINK]
     span = parse_lines(lines) if lines else None
     if lines and span is None:
         st.warning(f"The link's lines {code_span(lines)} are not a line range like `3-9`: {shown} opens "
@@ -82,7 +87,14 @@ def open_link(kb, names: list[str]) -> None:
 
 
 def follow_in_url(source: str, path: str, span: tuple[int, int] | None) -> None:
-    """Keep the URL in step with the file on show (and its highlighted lines), so a reload opens it again."""
+    """Keep the URL in step with the file on show (and its highlighted lines), so a reload opens it again; a link
+    that named no document stays until another file is picked."""
+    bad = st.session_state.get(BAD_LINK)
+    if bad is not None:
+        if bad["shown"] in (None, (source, path)):
+            bad["shown"] = (source, path)
+            return
+        del st.session_state[BAD_LINK]
     want = {"source": source, "path": path, **({"lines": f"{span[0]}-{span[1]}"} if span else {})}
     if st.query_params.to_dict() != want:
         st.query_params.from_dict(want)

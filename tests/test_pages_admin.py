@@ -115,6 +115,18 @@ def test_bad_links_warn_and_the_page_still_works(lagent_env, shared_kb):
     ]
     for params, message in cases:
         at = open_with("documents", params)
+        if params.get("source") != "lagent" or params["path"] != path:  # names no document: the link stays
+            warning = texts(at.warning)
+            assert message in warning, (params, warning)
+            assert gutter_blocks(at) and at.selectbox(key="docs_open").value, "the page still works"
+            assert dict(at.query_params) == params, "the link stays: a reload warns again"
+            shown = at.selectbox(key="docs_open").value
+            other = next(f"lagent/{d.path}" for d in kb.documents("lagent", status="indexed")
+                         if f"lagent/{d.path}" != shown)
+            at.selectbox(key="docs_open").set_value(other).run()  # another file picked: the URL follows it
+            assert at.query_params["path"] == other.split("/", 1)[1]
+            assert not [w for w in at.warning if w.icon == ":material/link_off:"], "the warning was the link's"
+            continue
         warning = texts(at.warning)
         assert message in warning, (params, warning)
         assert "<b>" not in warning.replace("`<b>x</b>](javascript:1)`", ""), "the URL's text is shown as code"
