@@ -43,6 +43,11 @@ STAGES = ("rewriting", "searching", "translated", "sources", "answering")  # "tr
 REWRITE_MAX_CHARS = 300
 
 
+def rewrites(question: str, history: list) -> bool:
+    """Whether the question is rewritten to stand alone before it is searched: a short follow-up."""
+    return bool(history) and len(question) <= REWRITE_MAX_CHARS
+
+
 @dataclass
 class Answer:
     question: str
@@ -147,7 +152,7 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     when BM25's and dense's first hits share no chunk (``retrievers_disagree``).
     """
     condense = RunnableBranch(
-        (lambda x: bool(x["history"]) and len(x["question"]) <= REWRITE_MAX_CHARS,
+        (lambda x: rewrites(x["question"], x["history"]),
          RunnableLambda(lambda x: {"history": format_history(x["history"]), "question": neutralise(x["question"])})
          | CONDENSE_PROMPT | llm | StrOutputParser() | RunnableLambda(lambda s: s.strip().splitlines()[0] if s.strip() else "")),
         RunnableLambda(lambda x: x["question"]),
@@ -270,8 +275,7 @@ class Answerer:
     def _run(self, chain: Runnable, question: str, messages: list[BaseMessage], result: Answer, stage,
              t0: float, cancel: threading.Event) -> Iterator[str]:
         rag = result.rag
-        rewrites = rag and messages and len(question) <= REWRITE_MAX_CHARS
-        stage("rewriting" if rewrites else ("searching" if rag else "answering"), result)
+        stage("rewriting" if rag and rewrites(question, messages) else ("searching" if rag else "answering"), result)
         pieces: list[str] = []
         parts = chain.stream({"question": question, "history": messages})
         try:
