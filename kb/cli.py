@@ -47,10 +47,14 @@ def cmd_add(args: argparse.Namespace) -> dict:
     kb, progress = _kb(args), _progress(args)
     try:
         if args.defaults:
+            if args.name or args.url:
+                raise KBError("kb add --defaults takes no NAME or URL: it registers the six default repos")
             results = kb.add_defaults(progress)
             for r in results:
                 print(f"{'ok ' if r['ok'] else 'ERR'} {r['name']}: {r['message']}", file=sys.stderr)
-            return {"sources": results}
+            failed = [r for r in results if not r["ok"]]  # any: the exit status says so, as `kb sync`'s does
+            return {"sources": results, **({"error": "; ".join(f"{r['name']}: {r['message']}" for r in failed)}
+                                           if failed else {})}
         if not args.name or not args.url:
             raise KBError("usage: kb add NAME URL_OR_PATH [--branch B]  (or kb add --defaults)")
         exts = split_list(args.extensions) or None if args.extensions else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -57,11 +58,23 @@ def config_label(raw: str) -> str:
         return raw or "?"
 
 
+def open_home(settings: Settings) -> Manifest:
+    """The data folder's manifest, the folder made if missing; a ``KB_HOME`` that is a file, or can't be written,
+    is one error naming it (it was a traceback from ``mkdir`` or SQLite)."""
+    home = settings.home
+    if home.exists() and not home.is_dir():
+        raise KBError(f"KB_HOME {home} is a file, not a folder: point KB_HOME at a folder (it is made if missing)")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return Manifest(settings.manifest_path)
+    except (OSError, sqlite3.Error) as exc:
+        raise KBError(f"cannot use the data folder KB_HOME {home}: {exc}") from exc
+
+
 class KnowledgeBase:
     def __init__(self, settings: Settings | None = None, embeddings: Embeddings | None = None) -> None:
         self.settings = settings or load_settings()
-        self.settings.home.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(self.settings.manifest_path)
+        self.manifest = open_home(self.settings)
         self._index: VectorIndex | None = None
         self._embeddings = embeddings
         self.embed_model = emb.model_name(self.settings)
@@ -259,11 +272,11 @@ class KnowledgeBase:
                 src = self.manifest.source(source)
                 if src.kind != "files":
                     raise KBError(f"source {source!r} is a git repository; uploads go to a files-only source")
-                sources.commit_uploads(Path(src.repo_path), checked)
+                sources.commit_uploads(source, Path(src.repo_path), checked)
             else:
                 src = self._new_upload_source(source)
                 try:
-                    sources.commit_uploads(Path(src.repo_path), checked)
+                    sources.commit_uploads(source, Path(src.repo_path), checked)
                 except BaseException:  # the first upload failed: the new source goes with it
                     with self.manifest.transaction() as con:
                         self.manifest.delete_source(con, source)
@@ -615,7 +628,11 @@ class KnowledgeBase:
         row = self.manifest.document(source, path)
         if row is None:
             raise KBError(f"{source} has no document {path!r}")
-        data, why = read_blob(git.Repo(src.repo_path).commit(row.commit), path)
+        try:
+            repo = git.Repo(src.repo_path)
+        except (git.NoSuchPathError, git.InvalidGitRepositoryError):
+            raise KBError(f"{source}/{path} can't be read: the source's files are missing ({src.repo_path})") from None
+        data, why = read_blob(repo.commit(row.commit), path)
         if data is None:
             raise KBError(f"{path}: {why}")
         try:

@@ -89,6 +89,23 @@ def test_unreachable_host_is_named(cli_home):
     assert not (home / "repos" / "InternLM").exists()
 
 
+def test_defaults_that_fail_to_add_fail_the_command(tmp_path):
+    """Six "cannot reach gitee.com" lines used to end with status 0 (a CLI review)."""
+    proc, out = kb(tmp_path / "home", "add", "--defaults", "--json", env_extra=NO_NETWORK)
+    assert proc.returncode == 1 and len(out["sources"]) == 6 and not any(r["ok"] for r in out["sources"])
+    assert "gitee.com" in out["error"] and proc.stderr.count("ERR ") == 6
+    proc, _ = kb(tmp_path / "home", "add", "x", "/tmp", "--defaults")
+    assert proc.returncode == 1 and "takes no NAME or URL" in proc.stderr
+
+
+def test_a_data_folder_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "home").write_text("not a folder")
+    for args in (["stats"], ["search", "xtuner"], ["sync"]):
+        proc, _ = kb(tmp_path / "home", *args)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: KB_HOME") and "is a file" in proc.stderr
+    assert (tmp_path / "home").read_text() == "not a folder"
+
+
 def test_eval_contract(cli_home, tmp_path, corpus):
     home, env = cli_home
     qfile = tmp_path / "q.jsonl"

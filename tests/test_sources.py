@@ -140,3 +140,23 @@ def test_upload_markdown_and_html(tiny_kb):
 def test_permalink_format_per_host(web_url, expected):
     assert citations.permalink(web_url, "abc123", "docs/a.md", 3, 9) == expected
     assert citations.file_url(web_url, "abc123", "docs/a.md") == expected.split("#")[0]
+
+
+def test_a_source_whose_files_are_missing_fails_alone_and_keeps_its_chunks(tiny_kb):
+    """A snapshot imported without --with-repos restores an upload source's chunks, not its files: syncing every
+    source crashed on it (a CLI review). Now it is that source's error, the others sync, and nothing is deleted."""
+    import shutil
+
+    tiny_kb.upload({"guide.md": b"# Guide\n\nInternLM answers questions.\n"}, "files")
+    tiny_kb.upload({"other.md": b"# Other\n\nXTuner fine-tunes models.\n"}, "more")
+    chunks = tiny_kb.stats()["chunks"]
+    shutil.rmtree(tiny_kb.manifest.source("files").repo_path)
+    reports = {r.name: r for r in tiny_kb.sync()}
+    assert "uploaded files of source 'files' are missing" in reports["files"].error
+    assert not reports["more"].error
+    assert tiny_kb.stats()["chunks"] == chunks  # its chunks stay searchable
+    with pytest.raises(KBError, match="are missing"):
+        tiny_kb.upload({"new.md": b"# New\n"}, "files")
+    with pytest.raises(KBError, match="can't be read"):
+        tiny_kb.read_document("files", "uploads/guide.md")
+    assert tiny_kb.stats()["chunks"] == chunks
