@@ -268,6 +268,8 @@ def cmd_ask(args: argparse.Namespace) -> dict:
     from kb.search.engine import SearchEngine
 
     started = time.perf_counter()
+    if not args.question.strip():  # before the model loads (seconds) to say so
+        raise KBError("the question is empty")
     kb = _kb(args)
     engine = None if args.no_rag else SearchEngine(kb)
     opts = _options(args, kb)
@@ -458,7 +460,8 @@ def _options(args: argparse.Namespace, kb, **extra):
     """Search options from the flags, falling back to KB_TOP_K and KB_RETRIEVAL_MODE."""
     from kb.search.hits import SearchOptions
 
-    return SearchOptions(k=args.k or kb.settings.top_k, mode=args.mode or kb.settings.retrieval_mode, threshold=getattr(args, "threshold", None),
+    k = kb.settings.top_k if args.k is None else args.k  # -k 0 is refused by SearchOptions, not read as the default
+    return SearchOptions(k=k, mode=args.mode or kb.settings.retrieval_mode, threshold=getattr(args, "threshold", None),
                          source=getattr(args, "source", None), path_prefix=getattr(args, "path_prefix", None), **extra)
 
 

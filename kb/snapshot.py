@@ -94,7 +94,10 @@ def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = F
         raise KBError(f"{dest} is a folder; give the archive's file name, e.g. {dest / 'kb-snapshot.tar.gz'}")
     if not dest.parent.is_dir():
         raise KBError(f"folder {dest.parent} does not exist")
-    work = Path(tempfile.mkdtemp(prefix=".kb-export-", dir=dest.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=".kb-export-", dir=dest.parent))
+    except OSError as exc:  # a folder that can't be written ("/proc", read-only, full): said, not a traceback
+        raise KBError(f"cannot write the snapshot in {dest.parent}: {exc.strerror or exc}") from None
     partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     try:
         with write_lock(kb.settings.home):  # a consistent snapshot: no sync or re-chunk while it is read
@@ -108,6 +111,8 @@ def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = F
         with open(partial, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(partial, dest)
+    except OSError as exc:  # the disk filled up, or the folder went away, while writing
+        raise KBError(f"cannot write the snapshot {dest}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
         partial.unlink(missing_ok=True)

@@ -64,6 +64,9 @@ def test_add_sync_stats_search_json(cli_home, corpus):
         (["rechunk", "--chunk-size", "100", "--chunk-overlap", "200"], "overlap"),
         (["upload", "/no/such/file.md", "--source", "f"], "no such file"),
         (["search", "  "], "empty"),
+        (["search", "xtuner", "-k", "0"], "k must be between 1 and 200"),  # was read as the default
+        (["ask", "  "], "the question is empty"),  # said before the model loads
+        (["export", "/proc/kb.tar.gz"], "cannot write the snapshot in /proc"),  # was mkdtemp's traceback
         (["eval", "/no/such.jsonl"], "no such question file"),
     ],
 )
