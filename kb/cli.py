@@ -349,6 +349,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from kb.search.engine import SearchEngine
 
     questions = load_questions(resolve(args.questions))
+    _note_unindexed(questions, _kb(args))
     if args.answers:
         return cmd_eval_answers(args, questions)
     kb = _kb(args)
@@ -363,6 +364,15 @@ def cmd_eval(args: argparse.Namespace) -> dict:
             print(f"  {cat:14} n={c['n']:<3} hit@1={c['hit@1']:.3f}  hit@{k}={c['hit@k']:.3f}  "
                   f"mrr={c['mrr']:.3f}{_facts_at(c, k)}")
     return report
+
+
+def _note_unindexed(questions: list[dict], kb) -> None:
+    """Questions on a source this knowledge base doesn't index can only miss: said before they are scored."""
+    missing = sorted({q["repo"] for q in questions} - kb.indexed_sources())
+    if missing:
+        n = sum(q["repo"] in missing for q in questions)
+        print(f"note: {n} of {len(questions)} questions name a source not indexed here ({', '.join(missing)}): "
+              "they can only miss", file=sys.stderr)
 
 
 def _facts_at(scores: dict, k: int) -> str:

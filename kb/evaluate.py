@@ -63,7 +63,10 @@ def load_questions(path: Path | str, text: str | None = None) -> list[dict]:
         p = Path(path)
         if not p.is_file():
             raise KBError(f"no such question file: {path}")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise KBError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     questions = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -72,17 +75,54 @@ def load_questions(path: Path | str, text: str | None = None) -> list[dict]:
             q = json.loads(line)
         except json.JSONDecodeError as exc:
             raise KBError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        missing = [f for f in REQUIRED if f not in q]
-        if missing:
-            raise KBError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
-        gold = q.get("gold")
-        if gold is not None and not (isinstance(gold, list) and gold and all(
-                isinstance(g, dict) and {"path", "line_start", "line_end"} <= set(g) for g in gold)):
-            raise KBError(f"{path}:{n}: \"gold\" must be a non-empty list of {{path, line_start, line_end}}")
+        problem = question_problem(q)
+        if problem:
+            raise KBError(f"{path}:{n}: {problem}")
         questions.append(q)
     if not questions:
         raise KBError(f"{path}: no questions")
     return questions
+
+
+def _lines_problem(where: str, start: object, end: object) -> str | None:
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+        return f"{where}line_start and line_end must be whole numbers"
+    if not 1 <= start <= end:  # type: ignore[operator]
+        return f"{where}lines {start}-{end} are not a range: 1 <= line_start <= line_end"
+    return None
+
+
+def question_problem(q: object) -> str | None:
+    """What makes a question line unusable, or None. A wrong type used to end in a traceback, and a reversed line
+    range or a non-list ``facts`` to score silently (always a miss; facts always stated) (a CLI review)."""
+    if not isinstance(q, dict):
+        return "not a JSON object"
+    missing = [f for f in REQUIRED if f not in q]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    if not isinstance(q["question"], str) or not q["question"].strip():
+        return "\"question\" must be a non-empty string"
+    if not isinstance(q["repo"], str):
+        return "\"repo\" must be a string"
+    gold = q.get("gold")
+    if gold is not None:
+        if not (isinstance(gold, list) and gold and all(
+                isinstance(g, dict) and {"path", "line_start", "line_end"} <= set(g) for g in gold)):
+            return "\"gold\" must be a non-empty list of {path, line_start, line_end}"
+        for i, g in enumerate(gold, 1):
+            problem = _lines_problem(f"gold {i}: ", g["line_start"], g["line_end"])
+            if problem or not isinstance(g["path"], str):
+                return problem or f"gold {i}: \"path\" must be a string"
+    elif answerable(q):
+        problem = _lines_problem("", q["line_start"], q["line_end"])
+        if problem or not isinstance(q["path"], str):
+            return problem or "\"path\" must be a string"
+    facts = q.get("facts")
+    if facts is not None and not (isinstance(facts, list) and all(
+            isinstance(group, list) and group and all(isinstance(alt, str) and alt.strip() for alt in group)
+            for group in facts)):
+        return "\"facts\" must be a list of groups, each a list of strings: [[\"alt1\", \"alt2\"], [\"alt3\"]]"
+    return None
 
 
 def answerable(q: dict) -> bool:
