@@ -471,8 +471,23 @@ def _options(args: argparse.Namespace, kb, **extra):
     from kb.search.hits import SearchOptions
 
     k = kb.settings.top_k if args.k is None else args.k  # -k 0 is refused by SearchOptions, not read as the default
+    source = getattr(args, "source", None)
+    if source and not kb.manifest.has_source(source):  # "no hits" would read as a search that found nothing
+        names = ", ".join(r.name for r in kb.sources()) or "none yet"
+        raise KBError(f"no source named {source!r} (sources: {names})")
     return SearchOptions(k=k, mode=args.mode or kb.settings.retrieval_mode, threshold=getattr(args, "threshold", None),
                          source=getattr(args, "source", None), path_prefix=getattr(args, "path_prefix", None), **extra)
+
+
+def _positive(raw: str) -> int:
+    """A count of 1 or more: `--runs 0` and `--runs -1` each ran one pass."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -574,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt = sub.add_parser("watch", parents=[common], help="fetch every git source on an interval; sync what changed")
     wt.add_argument("--every", help="interval: 30s, 15m, 1h, 1h30m (default KB_SYNC_EVERY)")
     wt.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
-    wt.add_argument("--runs", type=int, help="stop after this many passes")
+    wt.add_argument("--runs", type=_positive, help="stop after this many passes (1 or more)")
     wt.set_defaults(func=cmd_watch)
     return p
 

@@ -164,6 +164,7 @@ class KnowledgeBase:
     ) -> SourceRow:
         """Validate, clone into KB_HOME/repos/NAME and register; nothing is left behind on failure."""
         sources.validate_name(name)
+        extensions = sources.validate_extensions(tuple(extensions)) if extensions else None
         spec = sources.SourceSpec(name, sources.validate_url(url), sources.validate_branch(branch))
         if self.manifest.has_source(name):
             raise KBError(f"source {name!r} already exists")

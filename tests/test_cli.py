@@ -66,6 +66,8 @@ def test_add_sync_stats_search_json(cli_home, corpus):
         (["search", "  "], "empty"),
         (["search", "xtuner", "-k", "0"], "k must be between 1 and 200"),  # was read as the default
         (["ask", "  "], "the question is empty"),  # said before the model loads
+        (["search", "xtuner", "--source", "nosuch"], "no source named 'nosuch'"),  # was "no hits", status 0
+        (["add", "x", "/tmp", "--extensions", "../x,*"], "invalid extension"),  # matched no file, silently
         (["export", "/proc/kb.tar.gz"], "cannot write the snapshot in /proc"),  # was mkdtemp's traceback
         (["eval", "/no/such.jsonl"], "no such question file"),
     ],

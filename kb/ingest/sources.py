@@ -57,6 +57,17 @@ def validate_name(name: str) -> str:
     return name
 
 
+EXTENSION_RE = re.compile(r"[a-z0-9][a-z0-9_+-]{0,15}")
+
+
+def validate_extensions(extensions: tuple[str, ...]) -> tuple[str, ...]:
+    """File extensions as names ("md", "rst"): "../x" or "*" matched no file, and the sync indexed nothing, silently."""
+    bad = [e for e in extensions if not EXTENSION_RE.fullmatch(e)]
+    if bad:
+        raise KBError(f"invalid extension(s) {', '.join(map(repr, bad))}: give names like md,txt,rst")
+    return extensions
+
+
 def validate_branch(branch: str | None) -> str | None:
     if branch is None:
         return None
