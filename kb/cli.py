@@ -35,7 +35,12 @@ def _kb(args: argparse.Namespace):
 def _progress(args: argparse.Namespace):
     from kb.progress import TqdmProgress
 
-    return TqdmProgress(enabled=not args.quiet and sys.stderr.isatty() or args.progress)
+    return TqdmProgress(enabled=_bars(args))
+
+
+def _bars(args: argparse.Namespace) -> bool:
+    """Progress bars on stderr: on a terminal unless -q, or wherever --progress asks for them."""
+    return bool(not args.quiet and sys.stderr.isatty() or args.progress)
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -250,6 +255,14 @@ def cmd_search(args: argparse.Namespace) -> dict:
                      for h in hits], "score": SCORE_NOTES[opts.mode]}
 
 
+def _quiet_model_loading(args: argparse.Namespace) -> None:
+    """transformers' "Loading weights" bar only where progress bars are shown, not under -q or in a pipe. Set
+    before transformers is imported (it reads this once, at import): importing it here to switch the bar off raced
+    the search thread's import of it."""
+    if not _bars(args):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def _ready_chat_model(settings, rag: bool):
     """The chat model, loaded and (for a RAG answer) with the answer rules already read into its cache."""
     from core.llm import build_chat_model
@@ -270,6 +283,7 @@ def cmd_ask(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     if not args.question.strip():  # before the model loads (seconds) to say so
         raise KBError("the question is empty")
+    _quiet_model_loading(args)
     kb = _kb(args)
     engine = None if args.no_rag else SearchEngine(kb)
     opts = _options(args, kb)
@@ -317,9 +331,9 @@ def cmd_ask(args: argparse.Namespace) -> dict:
 
 def cmd_eval_answers(args: argparse.Namespace, questions: list[dict]) -> dict:
     from kb.answer.chain import Answerer
-    from kb.answer.evaluate import evaluate_answers
     from kb.search.engine import SearchEngine
 
+    _quiet_model_loading(args)
     kb = _kb(args)
     opts = _options(args, kb)
     engine = SearchEngine(kb)
@@ -328,7 +342,8 @@ def cmd_eval_answers(args: argparse.Namespace, questions: list[dict]) -> dict:
     engine.warm()
     answerer = Answerer(_ready_chat_model(kb.settings, rag=True), engine, opts)
     show = (lambda i, n: print(f"\r{i}/{n} answered", end="", file=sys.stderr)) if sys.stderr.isatty() else (lambda i, n: None)
-    report = evaluate_answers(answerer, questions, opts, progress=show)
+    # kept in KB_HOME/evals/answers, as the Evaluation page keeps its runs (and `kb eval`'s retrieval runs are kept)
+    report = kb.run_and_save_answer_evaluation(answerer, questions, opts, str(args.questions), progress=show)
     if not args.json:
         fmt = lambda v: "-" if v is None else ("yes" if v is True else "no" if v is False else v)  # noqa: E731
         for r in report["rows"]:

@@ -194,6 +194,8 @@ def test_eval_answers_json_contract(cli_home, corpus, default_gguf_path, tmp_pat
     assert answered["sources"] and isinstance(answered["facts"], bool) and isinstance(answered["gold_cited"], bool)
     assert isinstance(unanswerable["declined"], bool) and "facts" not in unanswerable
     assert all(r["ttft_s"] is not None and r["seconds"] >= r["ttft_s"] for r in out["rows"])
+    saved = sorted((home / "evals" / "answers").glob("*.json"))  # kept as the Evaluation page keeps its runs
+    assert saved and json.loads(saved[-1].read_text())["n"] == 2
 
 
 def test_ask_with_an_index_it_cannot_read_fails_before_loading_the_model(cli_home, monkeypatch, capsys):

@@ -129,7 +129,7 @@ def web_url_for(url: str) -> str:
     return f"https://{host}/{path}" if path else ""
 
 
-def _git_error(exc: git.GitCommandError, spec_url: str, progress: GitProgress) -> KBError:
+def _git_error(exc: git.GitCommandError, spec_url: str, progress: GitProgress, verb: str = "clone") -> KBError:
     """A one-line reason from git's own words; with progress on, they arrive on the progress object."""
     stderr = "\n".join([(exc.stderr or "").replace("\\n", "\n"), *progress.error_lines, *progress.other_lines])
     lines = [l.strip().strip("'").strip() for l in stderr.splitlines() if l.strip()]
@@ -137,7 +137,7 @@ def _git_error(exc: git.GitCommandError, spec_url: str, progress: GitProgress) -
     reason = redact_all(reason or (lines[-1] if lines else f"git exited with status {exc.status}"))
     host = host_of(spec_url)
     if host == "local":
-        return KBError(f"cannot clone {redact(spec_url)}: {reason}")
+        return KBError(f"cannot {verb} {redact(spec_url)}: {reason}")
     return KBError(f"cannot reach {host or 'the remote'}: {reason}")
 
 
@@ -184,7 +184,7 @@ def fetch(repo_path: Path, branch: str, url: str, progress: Progress = no_progre
     try:
         repo.remote("origin").fetch(progress=watcher)
     except git.GitCommandError as exc:
-        raise _git_error(exc, url, watcher) from None
+        raise _git_error(exc, url, watcher, verb="fetch from") from None
     return head_commit(repo_path, branch)
 
 
