@@ -405,6 +405,8 @@ def cmd_log(args: argparse.Namespace) -> dict:
     since = runlog.parse_since(args.since) if args.since is not None else None
     kinds = sorted(set(args.kind)) if args.kind else None
     home = load_settings().home  # not KnowledgeBase(): reading the log must work whatever state the KB is in
+    if home.exists() and not home.is_dir():
+        raise KBError(f"KB_HOME {home} is a file, not a folder: there is no log to read")
     records = runlog.read(home, since=since, kinds=kinds)
     if args.limit:
         records = records[-args.limit:]

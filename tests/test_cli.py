@@ -105,7 +105,7 @@ def test_defaults_that_fail_to_add_fail_the_command(tmp_path):
 
 def test_a_data_folder_that_is_a_file_is_one_clear_error(tmp_path):
     (tmp_path / "home").write_text("not a folder")
-    for args in (["stats"], ["search", "xtuner"], ["sync"]):
+    for args in (["stats"], ["search", "xtuner"], ["sync"], ["log"]):
         proc, _ = kb(tmp_path / "home", *args)
         assert proc.returncode == 1 and proc.stderr.startswith("error: KB_HOME") and "is a file" in proc.stderr
     assert (tmp_path / "home").read_text() == "not a folder"
