@@ -329,12 +329,10 @@ def cmd_ask(args: argparse.Namespace) -> dict:
     return result.as_dict()
 
 
-def cmd_eval_answers(args: argparse.Namespace, questions: list[dict]) -> dict:
+def cmd_eval_answers(args: argparse.Namespace, questions: list[dict], kb) -> dict:
     from kb.answer.chain import Answerer
     from kb.search.engine import SearchEngine
 
-    _quiet_model_loading(args)
-    kb = _kb(args)
     opts = _options(args, kb)
     engine = SearchEngine(kb)
     # set up as the dashboard is before anyone asks (the index warmed, the rules read): the first question's times
@@ -364,10 +362,12 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from kb.search.engine import SearchEngine
 
     questions = load_questions(resolve(args.questions))
-    _note_unindexed(questions, _kb(args))
     if args.answers:
-        return cmd_eval_answers(args, questions)
+        _quiet_model_loading(args)  # before anything imports transformers
     kb = _kb(args)
+    _note_unindexed(questions, kb)
+    if args.answers:
+        return cmd_eval_answers(args, questions, kb)
     report = kb.run_and_save_evaluation(SearchEngine(kb), questions, _options(args, kb), str(args.questions))
     if not args.json:
         for r in report["results"]:
