@@ -95,6 +95,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind21", "Overview (blind 21)", QUESTIONS / "overview_blind21.jsonl",
                 "checking only, a nineteenth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-fourth stop, measured once at the forty-fifth"),
+    QuestionSet("overview-blind22", "Overview (blind 22)", QUESTIONS / "overview_blind22.jsonl",
+                "checking only, a twentieth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-fifth stop, measured once at the forty-sixth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
