@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from core.errors import UserError
+from kb import log as runlog
 from kb.errors import KBError
 from kb.progress import Progress, no_progress
 
@@ -75,6 +76,8 @@ class Cancelled(Exception):
     ``KBError`` into one source's error and go on with the next source, while a
     cancel must end the whole job.
     """
+
+    cancelled = True  # the log records it as cancelled, not as a failure (kb.log.job)
 
 
 def new_id() -> str:
@@ -293,6 +296,15 @@ class WatchState:
 
     def ran(self, at: float, every: float, origin: str) -> None:
         self._change(lambda data: data.update(last_run=at, every=every, origin=origin))
+
+
+def schedule_status(home: Path, every: float) -> dict:
+    """The scheduled sync at a glance: this process's interval (0: off), and the last pass on ``home``, whoever ran
+    it (``origin``: "schedule" for the dashboard's, "cli" for ``kb watch`` or ``kb watch --once``)."""
+    data = WatchState(home / "jobs" / WATCH_FILE).load()
+    last = data.get("last_run")
+    return {"every": every, "last_run": last, "origin": data.get("origin"), "last_every": data.get("every"),
+            "next_run": (last + every) if (last and every) else None}
 
 
 def sync_failures(home: Path, names: list[str] | None = None) -> list[dict]:
@@ -771,10 +783,12 @@ def _sync_one(kb, name: str, ctl: JobControl) -> dict:
     ctl.wait_for_lock()
     try:
         return kb.sync([name], progress=ctl)[0].as_dict()
-    except ChromaUnreachable:
+    except (ChromaUnreachable, Cancelled):  # every source would fail alike; a cancel ends the whole job
         raise
     except KBError as exc:  # e.g. the source was deleted while the job waited
         return SyncReport(name, None, None, error=str(exc)).as_dict()
+    except Exception as exc:  # a bug, or a store error nobody foresaw: this source's error, the others still sync
+        return SyncReport(name, None, None, error=runlog.unexpected(kb.settings, exc, f"sync of {name}")).as_dict()
 
 
 def _sync_work(names: list[str] | None) -> Work:
@@ -896,6 +910,7 @@ def _scheduled_work(queue: JobQueue, every: float) -> Work:
 
     def work(kb, ctl: JobControl) -> dict:
         from kb.ingest.sync import SyncReport
+        from kb.store.index import ChromaUnreachable
 
         at = time.time()
         live = kb.live()[0]
@@ -911,9 +926,15 @@ def _scheduled_work(queue: JobQueue, every: float) -> Work:
             ctl.wait_for_lock()
             try:
                 head = kb.fetch_source(src.name, progress=ctl)
-            except KBError as exc:  # unreachable remote, missing branch: recorded, the index is not touched
-                queue.watch.failed(src.name, str(exc), at, every)
-                out["sources"].append(SyncReport(src.name, src.indexed_commit, None, error=f"fetch failed: {exc}").as_dict())
+            except (ChromaUnreachable, Cancelled):
+                raise
+            except Exception as exc:  # unreachable remote, missing branch: recorded, the index is not touched
+                error = str(exc) if isinstance(exc, KBError) else runlog.unexpected(kb.settings, exc, f"fetch of {src.name}")
+                queue.watch.failed(src.name, error, at, every)  # backs off, as a failing sync does
+                rep = SyncReport(src.name, src.indexed_commit, None, error=f"fetch failed: {error}").as_dict()
+                out["sources"].append(rep)
+                # logged as a job of its own: no sync runs, and the Home page would show the source's last sync "ok"
+                runlog.log_job(kb.settings, "fetch", {"sources": [rep], "origin": ctl.job.origin})
                 continue
             if head == src.indexed_commit and src.indexed_collection == live:
                 queue.watch.succeeded(src.name, at)

@@ -64,7 +64,7 @@ BACKUPS = 5
 LIST_CAP = 100  # a job report's lists (paths added, skipped files, problems) keep this many entries
 TEXT_CAP = 2_000  # messages
 TRACEBACK_CAP = 20_000
-JOB_KINDS = ("sync", "upload", "rechunk", "verify", "export", "import")
+JOB_KINDS = ("sync", "upload", "rechunk", "verify", "export", "import", "fetch")  # fetch: a scheduled one that failed
 KINDS = JOB_KINDS + ("search", "answer", "feedback", "error")
 _RESERVED = ("ts", "kind", "pid")
 
@@ -283,7 +283,8 @@ def job(kind: str, report: Callable[[Any], dict], when: Callable[[dict], bool] |
 
     ``report(result)`` gives the fields; ``when(arguments)`` (the call's
     arguments by name) may skip the record. A job that raises is logged with
-    ``error`` and ``type``, then the exception goes on unchanged.
+    ``error`` and ``type`` (one cancelled, with ``cancelled``), then the
+    exception goes on unchanged.
     """
 
     def deco(method):
@@ -304,9 +305,12 @@ def job(kind: str, report: Callable[[Any], dict], when: Callable[[dict], bool] |
             try:
                 result = method(self, *args, **kwargs)
             except Exception as exc:
-                log_job(self.settings, kind, {"error": (str(exc) or type(exc).__name__)[:TEXT_CAP],
-                                              "type": _type_name(exc),
-                                              "wall_seconds": round(time.perf_counter() - t0, 3)})
+                wall = round(time.perf_counter() - t0, 3)
+                if getattr(exc, "cancelled", False):  # kb.jobs.Cancelled: what someone asked for, not a failure
+                    log_job(self.settings, kind, {"cancelled": True, "note": str(exc)[:TEXT_CAP], "wall_seconds": wall})
+                else:
+                    log_job(self.settings, kind, {"error": (str(exc) or type(exc).__name__)[:TEXT_CAP],
+                                                  "type": _type_name(exc), "wall_seconds": wall})
                 raise
             try:
                 fields = report(result)
@@ -426,6 +430,14 @@ def _type_name(exc: BaseException) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def unexpected(where: Any, exc: BaseException, origin: str) -> str:
+    """An unexpected error of one part of a job (one source's sync or fetch), logged with its traceback: the
+    message that part's report carries, so the rest of the job goes on and the admin knows where to look."""
+    log_error(where, exc, origin=origin)
+    _warn.error("%s failed", origin, exc_info=exc)
+    return f"unexpected {type(exc).__name__}: {exc} (its traceback is in the log: python -m kb log --kind error)"
+
+
 def log_error(where: Any, exc: BaseException, origin: str = "") -> bool:
     """An unexpected error (a bug): type, message, traceback, and where it was caught (``origin``)."""
     try:
@@ -452,8 +464,9 @@ def p95(values: list[float]) -> float | None:
 
 
 def _sync_reports(rec: dict) -> list[dict]:
-    """The per-source reports of a job record (sync, upload; a repairing verify keeps them in ``reports``)."""
-    reps = rec.get("sources") if rec.get("kind") in ("sync", "upload") else rec.get("reports")
+    """The per-source reports of a job record (sync, upload, a failed fetch; a repairing verify keeps them in
+    ``reports``)."""
+    reps = rec.get("sources") if rec.get("kind") in ("sync", "upload", "fetch") else rec.get("reports")
     return [r for r in reps or [] if isinstance(r, dict) and r.get("name")]
 
 
@@ -562,6 +575,8 @@ def describe(rec: dict) -> str:
         parts = []
         if g("error"):
             parts.append(f"ERROR {g('error')}")
+        if g("cancelled"):
+            parts.append("cancelled" + (f" (job {g('note')})" if g("note") else ""))
         for rep in _sync_reports(rec):
             if rep.get("error"):
                 parts.append(f"{rep['name']}: ERROR {rep['error']}")

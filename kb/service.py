@@ -11,6 +11,7 @@ data: no page touches the manifest, the Chroma client or raw records.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import shutil
 import sqlite3
@@ -34,6 +35,8 @@ from kb.ingest.sync import SyncContext, SyncReport, read_blob, sync_source
 from kb.progress import Progress, no_progress
 from kb.store.index import ChromaUnreachable, VectorIndex, collection_name, passage_collection, reachable
 from kb.store.manifest import DocumentRow, Manifest, SourceRow, write_lock
+
+_log = logging.getLogger(__name__)
 
 
 F = TypeVar("F", bound=Callable)
@@ -79,14 +82,18 @@ class KnowledgeBase:
         self._embeddings = embeddings
         self.embed_model = emb.model_name(self.settings)
         self._loading = threading.Lock()  # every page shares one KnowledgeBase: its resources are made once
+        self._index_lock = threading.Lock()  # apart: a search needn't wait for the embedding model to load
 
     # shared resources, loaded on first use
     @property
     def index(self) -> VectorIndex:
-        if self._index is None:
-            with self._loading:
-                if self._index is None:
-                    self._index = VectorIndex(self.settings)
+        """The vector store, opened again when another process (``kb sync``, ``kb watch``) wrote to it since."""
+        with self._index_lock:
+            if self._index is None:
+                self._index = VectorIndex(self.settings)
+            elif self._index.stale():
+                _log.info("another process wrote to %s: reopening the vector store", self.settings.chroma_path)
+                self._index.reopen()
         return self._index
 
     @property
@@ -235,7 +242,7 @@ class KnowledgeBase:
         rows = [self.manifest.source(n) for n in names] if names else self.manifest.sources()
         if not rows:
             raise KBError("no sources yet: add one with `kb add NAME URL_OR_PATH`")
-        with write_lock(self.settings.home):
+        with write_lock(self.settings.home, writes=not dry_run):
             return self._sync_locked(rows, dry_run, progress)
 
     def _sync_locked(self, rows: list[SourceRow], dry_run: bool = False, progress: Progress = no_progress,
@@ -252,6 +259,11 @@ class KnowledgeBase:
                 raise  # every source would fail alike: one error, not one per source
             except KBError as exc:
                 reports.append(SyncReport(src.name, src.indexed_commit, None, dry_run=dry_run, error=str(exc)))
+            except Exception as exc:  # a bug or an unforeseen store error: this source's, the others still sync
+                if getattr(exc, "cancelled", False):  # kb.jobs.Cancelled ends the whole job
+                    raise
+                reports.append(SyncReport(src.name, src.indexed_commit, None, dry_run=dry_run,
+                                          error=runlog.unexpected(self.settings, exc, f"sync of {src.name}")))
         return reports
 
     @runlog.job("upload", lambda report: {"sources": [report.as_dict()]})
@@ -303,8 +315,14 @@ class KnowledgeBase:
         src = self.manifest.source(name)
         if src.kind != "git":
             raise KBError(f"source {name!r} is not a git repository: there is nothing to fetch")
-        with write_lock(self.settings.home):  # a sync may be fetching into the same clone
+        with write_lock(self.settings.home, writes=False):  # a sync may be fetching into the same clone
             return sources.fetch(Path(src.repo_path), src.branch, src.url, progress)
+
+    def schedule_status(self) -> dict:
+        """``every`` (KB_SYNC_EVERY in seconds, 0: off), ``last_run``, ``origin``, ``next_run`` (epoch seconds)."""
+        from kb.jobs import schedule_status
+
+        return schedule_status(self.settings.home, self.settings.sync_every)
 
     def sync_failures(self) -> list[dict]:
         """Sources whose scheduled fetch or sync is failing now: ``source, failures, last_error, last_failure,
@@ -623,16 +641,14 @@ class KnowledgeBase:
 
     def read_document(self, source: str, path: str) -> LoadedDocument:
         """A document's text as indexed (at the source's indexed commit)."""
-        import git
-
         src = self.manifest.source(source)
         row = self.manifest.document(source, path)
         if row is None:
             raise KBError(f"{source} has no document {path!r}")
         try:
-            repo = git.Repo(src.repo_path)
-        except (git.NoSuchPathError, git.InvalidGitRepositoryError):
-            raise KBError(f"{source}/{path} can't be read: the source's files are missing ({src.repo_path})") from None
+            repo = sources.open_repo(src.name, src.kind, Path(src.repo_path), src.url)
+        except KBError as exc:
+            raise KBError(f"{source}/{path} can't be read: {exc}") from None
         data, why = read_blob(repo.commit(row.commit), path)
         if data is None:
             raise KBError(f"{path}: {why}")

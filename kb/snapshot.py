@@ -100,7 +100,7 @@ def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = F
         raise KBError(f"cannot write the snapshot in {dest.parent}: {exc.strerror or exc}") from None
     partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     try:
-        with write_lock(kb.settings.home):  # a consistent snapshot: no sync or re-chunk while it is read
+        with write_lock(kb.settings.home, writes=False):  # a consistent snapshot: no sync or re-chunk while it is read
             index = _write_parts(kb, work, with_repos, progress)
         progress("pack", 0, len(index["parts"]), dest.name)
         with tarfile.open(partial, "w:gz", compresslevel=COMPRESSLEVEL) as tar:

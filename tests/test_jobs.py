@@ -26,6 +26,7 @@ from pydantic import Field
 from conftest import ROOT, base_settings, git
 from core.errors import SettingsError
 from core.settings import load_settings, parse_interval
+from kb import log as runlog
 from kb.errors import KBError
 from kb.jobs import CANCELLED, DONE, FAILED, JobQueue, WatchState, sync_failures, watch
 
@@ -199,6 +200,9 @@ def test_cancel_mid_sync_leaves_a_healthy_index_and_a_resync_completes(tmp_path,
     out = queue.wait(job["id"], 300)
     assert out["state"] == CANCELLED and out["report"] == {"sources": []}, out
     assert out["chunks_embedded"] > 0  # it was stopped after a batch, before any write
+    logged = runlog.read(kb.settings, kinds=["sync"])[-1]  # a cancel is what someone asked for, not a failure
+    assert logged["cancelled"] and "error" not in logged and not kb.activity(1)["failed_jobs"]
+    assert runlog.describe(logged).endswith(f"cancelled (job {job['id']})")
     assert kb.verify()["healthy"]
     assert kb.manifest.source("lagent").indexed_commit is None and kb.stats()["chunks"] == 0
     again = kb.sync()
@@ -244,6 +248,7 @@ def test_cancelled_rechunk_keeps_the_live_collection_and_drops_the_half_built_on
     held.release.set()
     out = queue.wait(job["id"], 300)
     assert out["state"] == CANCELLED and out["report"]["dropped"]
+    assert runlog.read(kb.settings, kinds=["rechunk"])[-1]["cancelled"] and not kb.activity(1)["failed_jobs"]
     assert kb.manifest.live_collection == live and kb.index.names() == [live] and ids(kb) == before
     assert kb.verify()["healthy"] and not [p for p in kb.health() if p["kind"] == "not_live"]
 
@@ -359,6 +364,11 @@ def test_an_unreachable_remote_is_recorded_retried_with_backoff_and_never_touche
     assert ids(tiny_kb) == before and tiny_kb.manifest.source("lagent").indexed_commit == old
     fail = tiny_kb.sync_failures()
     assert [f["source"] for f in fail] == ["lagent"] and fail[0]["failures"] == 1 and fail[0]["last_error"]
+    # in the log too, so the Home page shows the source's last outcome as this failure, not its last sync's "ok"
+    act = tiny_kb.activity(1)
+    assert [(f["kind"], f["source"]) for f in act["failed_jobs"]] == [("fetch", "lagent")]
+    assert act["last_sync"]["lagent"]["job"] == "fetch" and "fetch failed" in act["last_sync"]["lagent"]["error"]
+    assert "lagent: ERROR fetch failed" in runlog.describe(runlog.read(tiny_kb.settings, kinds=["fetch"])[-1])
     assert fail[0]["next_try"] - fail[0]["last_failure"] == every
     # until then, a pass leaves it alone (backing off), without touching it
     out = queue.run_scheduled_now()
@@ -508,3 +518,62 @@ def test_answer_evaluation_job_counts_questions_saves_the_run_and_cancels_betwee
     assert out["state"] == CANCELLED and llm.calls == 2, out
     assert (out["report"]["answered"], out["report"]["of"]) == (2, 3) and out["stage_done"] == 2
     assert len(past_runs(tiny_kb.settings.home, "answers")) == 1, "an unfinished run is not saved"
+
+
+def test_one_sources_unexpected_error_is_its_own_and_the_others_sync(tiny_kb, corpus, queue_of, monkeypatch):
+    """A bug or an unforeseen store error in one source ended the whole pass: the sources after it never synced, and
+    a scheduled pass retried the same failing source first, every time, with no back-off."""
+    for name in ("lagent", "InternLM"):
+        tiny_kb.add_source(name, str(corpus / f"{name}.bundle"))
+    real_fetch, real_sync = tiny_kb.fetch_source, tiny_kb.sync
+
+    def fetch(name, progress=None):
+        if name == "lagent":
+            raise OSError("the disk went away")
+        return real_fetch(name, progress=progress)
+
+    monkeypatch.setattr(tiny_kb, "fetch_source", fetch)
+    queue = queue_of(tiny_kb, every=60.0, start=False)
+    out = queue.run_scheduled_now()
+    assert out["state"] == DONE, out
+    reps = {r["name"]: r for r in out["report"]["sources"]}
+    assert "unexpected OSError: the disk went away" in reps["lagent"]["error"]
+    assert not reps["InternLM"]["error"] and tiny_kb.manifest.source("InternLM").indexed_commit
+    (fail,) = tiny_kb.sync_failures()  # backs off like an unreachable remote
+    assert fail["source"] == "lagent" and fail["next_try"] > fail["last_failure"]
+    (err,) = runlog.read(tiny_kb.settings, kinds=["error"])
+    assert err["type"] == "OSError" and "fetch of lagent" in err["origin"] and "Traceback" in err["traceback"]
+
+    def sync(names=None, dry_run=False, progress=None):
+        if names == ["InternLM"]:
+            raise RuntimeError("a bug")
+        return real_sync(names, dry_run=dry_run, progress=progress)
+
+    monkeypatch.setattr(tiny_kb, "sync", sync)
+    monkeypatch.setattr(tiny_kb, "fetch_source", real_fetch)
+    runner = queue_of(tiny_kb)  # a queue with its worker: a sync job the Sources page starts
+    job = runner.submit_sync(["InternLM", "lagent"])
+    out = runner.wait(job["id"], 300)
+    assert out["state"] == DONE, out
+    reps = {r["name"]: r for r in out["report"]["sources"]}
+    assert "unexpected RuntimeError: a bug" in reps["InternLM"]["error"]
+    assert not reps["lagent"]["error"] and tiny_kb.manifest.source("lagent").indexed_commit
+
+
+def test_kb_sync_goes_on_past_one_sources_unexpected_error(tiny_kb, corpus, monkeypatch):
+    import kb.service
+
+    for name in ("InternLM", "lagent"):
+        tiny_kb.add_source(name, str(corpus / f"{name}.bundle"))
+    real = kb.service.sync_source
+
+    def sync_source(ctx, src, *args, **kwargs):
+        if src.name == "InternLM":
+            raise RuntimeError("a bug")
+        return real(ctx, src, *args, **kwargs)
+
+    monkeypatch.setattr(kb.service, "sync_source", sync_source)
+    first, second = tiny_kb.sync()
+    assert first.name == "InternLM" and "unexpected RuntimeError: a bug" in first.error
+    assert second.name == "lagent" and not second.error and second.files_added > 0
+    assert runlog.read(tiny_kb.settings, kinds=["error"])[-1]["origin"] == "sync of InternLM"

@@ -173,13 +173,27 @@ def clone(spec: SourceSpec, dest: Path, progress: Progress = no_progress) -> str
         raise
 
 
+def open_repo(name: str, kind: str, repo_path: Path, url: str = "") -> git.Repo:
+    """A source's repository, or one error saying that it is missing and what to do about it.
+
+    Sync, fetch, upload and reading a document all come here: a data folder restored from a snapshot made without
+    ``--with-repos`` has its chunks but not its clones, and each of them must say so the same way, not crash.
+    A git source's clone comes back by adding it again; a files-only source's uploads exist nowhere else.
+    """
+    try:
+        return git.Repo(repo_path)
+    except (git.NoSuchPathError, git.InvalidGitRepositoryError):
+        if kind == "git":
+            raise KBError(f"the clone of {redact(url)} is missing ({repo_path}): its chunks stay searchable; remove the "
+                          "source and add it again to clone it anew") from None
+        raise KBError(f"the uploaded files of source {name!r} are missing ({repo_path}): its chunks stay searchable, "
+                      f"but it can't be synced or take more uploads; import a snapshot made with --with-repos, or "
+                      f"remove it (kb remove {name}) and upload its files again") from None
+
+
 def fetch(repo_path: Path, branch: str, url: str, progress: Progress = no_progress) -> str:
     """Fetch the remote and return the branch's new head commit."""
-    try:
-        repo = git.Repo(repo_path)
-    except (git.NoSuchPathError, git.InvalidGitRepositoryError):
-        raise KBError(f"the clone of {redact(url)} is missing ({repo_path}): its chunks stay searchable; remove the "
-                      "source and add it again to clone it anew") from None
+    repo = open_repo("", "git", repo_path, url)
     watcher = GitProgress(progress, "fetch")
     try:
         repo.remote("origin").fetch(progress=watcher)
@@ -193,17 +207,6 @@ def head_commit(repo_path: Path, branch: str) -> str:
         return git.Repo(repo_path).commit(f"refs/heads/{branch}").hexsha
     except (git.BadName, ValueError):
         raise KBError(f"branch {branch!r} not found in {repo_path.name}") from None
-
-
-def files_repo(name: str, repo_path: Path) -> git.Repo:
-    """A files-only source's repository, or an error saying it is missing: the source's uploads exist nowhere else
-    (a snapshot imported without ``--with-repos`` restores its chunks, not its files), so nothing rebuilds it."""
-    try:
-        return git.Repo(repo_path)
-    except (git.NoSuchPathError, git.InvalidGitRepositoryError):
-        raise KBError(f"the uploaded files of source {name!r} are missing ({repo_path}): its chunks stay searchable, "
-                      f"but it can't be synced or take more uploads; import a snapshot made with --with-repos, or "
-                      f"remove it (kb remove {name}) and upload its files again") from None
 
 
 def init_files_repo(dest: Path) -> str:
@@ -234,7 +237,7 @@ def safe_upload_name(raw_name: str, allowed: tuple[str, ...]) -> str:
 
 def commit_uploads(name: str, repo_path: Path, files: dict[str, bytes]) -> str:
     """Write files into the upload repo and commit them; returns the commit."""
-    repo = files_repo(name, repo_path)
+    repo = open_repo(name, "files", repo_path)
     target = repo_path / UPLOADS_DIR
     target.mkdir(exist_ok=True)
     rels = []

@@ -25,7 +25,7 @@ from kb.store.manifest import DocumentRow, Manifest, SourceRow
 from kb.ingest.passages import Passage, split_passages
 from kb.progress import Progress, no_progress
 from kb.words import tokenize
-from kb.ingest.sources import fetch, files_repo, head_commit
+from kb.ingest.sources import fetch, head_commit, open_repo
 
 SYMLINK_MODE = 0o120000
 EMBED_BATCH = 256
@@ -212,7 +212,7 @@ def _commits(ctx: SyncContext, src: SourceRow, collection: str, rebuild_at: str 
     if src.kind == "git":
         new = fetch(repo_path, src.branch, src.url, progress)
     else:
-        new = head_commit(repo_path, src.branch) if files_repo(src.name, repo_path).head.is_valid() else None
+        new = head_commit(repo_path, src.branch) if open_repo(src.name, src.kind, repo_path).head.is_valid() else None
     return (src.indexed_commit if src.indexed_collection == collection else None), new
 
 

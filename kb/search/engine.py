@@ -70,8 +70,8 @@ class SearchEngine:
     def __init__(self, kb: SearchableKB) -> None:
         self.kb = kb
         self._lexical: dict[str, Lexical] = {}
-        self._stores: dict[tuple[str, str], Chroma] = {}
-        self._passages_of: dict[tuple[str, str], object] = {}
+        self._stores: dict[tuple[str, str, int], Chroma] = {}
+        self._passages_of: dict[tuple[str, str, int], object] = {}
         self._lock = threading.Lock()
         self._reranker: CrossEncoderReranker | None = None
         # document-level facts (root README chunks, sources' name words), kept for the collection version they were
@@ -82,10 +82,13 @@ class SearchEngine:
     # building blocks
     def _store(self, coll) -> Chroma:
         """LangChain's wrapper over a collection, kept: building one costs a round trip to Chroma per query."""
-        key = (coll.name, str(coll.id))  # a dropped and rebuilt collection has a new id
+        index = self.kb.index
+        # a dropped and rebuilt collection has a new id; a reopened store (another process wrote) a new client
+        key = (coll.name, str(coll.id), index.opened)
         store = self._stores.get(key)
         if store is None:
-            store = self._stores[key] = Chroma(client=self.kb.index.client, collection_name=coll.name,
+            self._stores = {k: v for k, v in self._stores.items() if k[2] == index.opened}
+            store = self._stores[key] = Chroma(client=index.client, collection_name=coll.name,
                                                embedding_function=self.kb.embeddings)
         return store
 
@@ -178,9 +181,12 @@ class SearchEngine:
         """The live collection's passages (kept, as the wrappers are), or None when it was built without."""
         if not config.passage_size:
             return None
-        key = ("passages " + coll.name, str(coll.id))  # a rebuilt collection has a new id, and new passages
+        index = self.kb.index
+        # a rebuilt collection has a new id, and new passages; a reopened store a new client
+        key = ("passages " + coll.name, str(coll.id), index.opened)
         if key not in self._passages_of:
-            self._passages_of[key] = self.kb.index.passages(coll.name)
+            self._passages_of = {k: v for k, v in self._passages_of.items() if k[2] == index.opened}
+            self._passages_of[key] = index.passages(coll.name)
         return self._passages_of[key]
 
     def _dense_passages(self, pcoll, collection: str, query: str, n: int, opts: SearchOptions,

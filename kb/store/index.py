@@ -20,6 +20,7 @@ from chromadb.errors import ChromaError, NotFoundError
 
 from core.settings import Settings
 from kb.errors import KBError
+from kb.store.manifest import write_number, written_elsewhere
 
 
 class ChromaUnreachable(KBError):
@@ -127,8 +128,43 @@ class VectorIndex:
     """The operations sync, re-chunk and the pages need, on raw Chroma collections."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.seen = self._write_number()  # before the client opens: a write after it is caught by ``stale``
         self.client = make_client(settings)
+        self.opened = 1  # how many clients this index has opened: caches of collection wrappers key on it
         self._ef_checked: set = set()  # ids of the collections known to have EF_SEARCH
+
+    def _write_number(self) -> int:
+        return 0 if self.settings.chroma_url else write_number(self.settings.home)
+
+    def stale(self) -> bool:
+        """Whether another process wrote to the embedded store since this client opened it.
+
+        chromadb's embedded client loads a collection's vector graph once per process and never reads the disk
+        again: a dashboard left open while ``kb sync`` ran in a terminal searched the graph it had loaded, never
+        found the new chunks, and failed its next write on ids the other process had deleted ("Error finding id").
+        A Chroma server is one process for every client, so it is never stale.
+        """
+        if self.settings.chroma_url:
+            return False
+        foreign, now = written_elsewhere(self.settings.home, self.seen)
+        if not foreign:
+            self.seen = now
+        return foreign
+
+    def reopen(self) -> None:
+        """A new client, which reads the store as it is on disk now.
+
+        chromadb shares one client system per folder within a process and stops it when its last client closes:
+        this index's client is the only one in the dashboard and the CLI, so the next opens afresh. A query another
+        thread had started on the old client ends normally; one that starts on a collection read from it before
+        the reopen fails once, and succeeds when asked again.
+        """
+        self.seen = self._write_number()
+        self.client.close()
+        self.client = make_client(self.settings)
+        self.opened += 1
+        self._ef_checked.clear()
 
     def _with_ef_search(self, coll):
         """``coll``, with ``ef_search`` raised to EF_SEARCH when it has less (a collection made before it was set).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -212,8 +213,13 @@ class Manifest:
 
 
 @contextlib.contextmanager
-def write_lock(home: Path) -> Iterator[None]:
-    """One writer at a time per KB_HOME (the CLI and the dashboard may race)."""
+def write_lock(home: Path, writes: bool = True) -> Iterator[None]:
+    """One writer at a time per KB_HOME (the CLI and the dashboard may race).
+
+    Every hold that ``writes`` to the store is numbered, when it starts and when it ends (``write_number``): a
+    process that keeps the embedded store open learns from the numbers that another process wrote to it, and opens
+    it again (``written_elsewhere``). A hold that only reads (a dry run, an export, a fetch) changes no file.
+    """
     home.mkdir(parents=True, exist_ok=True)
     with open(home / ".write.lock", "w") as fh:
         try:
@@ -221,6 +227,53 @@ def write_lock(home: Path) -> Iterator[None]:
         except BlockingIOError:
             raise KBError(f"another sync or re-chunk is running on {home}; try again when it ends") from None
         try:
+            if writes:
+                _number_write(home)  # as well as at the end: a writer killed half-way leaves its start numbered
             yield
         finally:
+            if writes:
+                _number_write(home)
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+WRITES = ".writes"  # in KB_HOME: the number of the last start or end of a hold of the write lock
+_own_writes: dict[str, set[int]] = {}  # per data folder, the numbers this process wrote
+_own_lock = threading.Lock()
+
+
+def write_number(home: Path) -> int:
+    """How many times a writer has started or ended on ``home`` (0 for a folder from before the numbers)."""
+    try:
+        return int((home / WRITES).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _number_write(home: Path) -> None:
+    """The next number, written whole (a reader never sees half of it), and remembered as this process's own."""
+    number = write_number(home) + 1
+    tmp = home / f"{WRITES}.tmp"
+    try:
+        tmp.write_text(f"{number}\n")
+        os.replace(tmp, home / WRITES)
+    except OSError:  # a full disk: the write itself will say so; the readers reopen at the next number
+        return
+    with _own_lock:
+        _own_writes.setdefault(str(home.resolve()), set()).add(number)
+
+
+def written_elsewhere(home: Path, seen: int) -> tuple[bool, int]:
+    """Whether another process held the write lock on ``home`` since number ``seen``, and the number now.
+
+    A process's own writes go through its own client, which sees them; only another process's are unknown to it.
+    """
+    now = write_number(home)
+    if now == seen:
+        return False, now
+    if now < seen:  # the folder was replaced under this process
+        return True, now
+    with _own_lock:
+        own = _own_writes.get(str(home.resolve()), set())
+        foreign = any(n not in own for n in range(seen + 1, now + 1))
+        own.difference_update(range(seen + 1))  # numbers no reader of this process will ask about again
+    return foreign, now
