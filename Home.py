@@ -84,7 +84,7 @@ def home() -> None:
                   chart_data=[b["ttft_p95_s"] for b in hourly if b["ttft_p95_s"] is not None] or None)
         g4.metric("Errors", act["errors"] + len(failed), border=True,
                   help=f"{act['errors']} unexpected (bugs, with a traceback in the log), {len(failed)} failed "
-                       "sync/upload/re-chunk/repair jobs; `python -m kb log --kind error --since 24h`")
+                       "sync/scheduled fetch/upload/re-chunk/repair jobs; `python -m kb log --kind error --since 24h`")
         if act["searches"] or act["questions"]:
             import pandas as pd
 
@@ -145,7 +145,9 @@ def home() -> None:
             )
 
         st.subheader("Stale")
-        for f in kb.sync_failures():  # scheduled sync: a remote that can't be reached never touches the index
+        st.caption(schedule_line(kb.schedule_status()))
+        failures = kb.sync_failures()
+        for f in failures:  # scheduled sync: a remote that can't be reached never touches the index
             st.warning(f"**{f['source']}**: the scheduled fetch failed {f['failures']} time(s), last {when(f['last_failure'])}"
                        f" ({f['last_error']}); next try {when(f['next_try'])}. The index keeps the last good sync.",
                        icon=":material/cloud_off:")
@@ -157,12 +159,27 @@ def home() -> None:
                 st.warning(f"{p['message']} Sync it on the Sources page.")
         if not rows:  # nothing to be stale about is not "nothing stale"
             st.caption("Nothing indexed yet.")
+        elif not problems and failures:  # indexed as synced, but a remote could not be asked whether it moved
+            st.caption("Every source is indexed in the live collection; the sources above may be behind their remotes.")
         elif not problems:
             st.success("Nothing stale: every source is indexed in the live collection, with its chunk config and "
                        "model.")
 
         st.subheader("Consistency")
         consistency(kb, s, is_admin, run_with_status)
+
+
+def schedule_line(sched: dict) -> str:
+    """The scheduled sync in one line: its interval and its last and next pass, or how to turn it on."""
+    from pages._common import interval, when
+
+    last = (f"last pass {when(sched['last_run'])}" + (" (`kb watch`)" if sched["origin"] == "cli" else "")
+            if sched["last_run"] else "no pass yet")
+    if sched["every"]:
+        return (f"Scheduled sync every {interval(sched['every'])} (`KB_SYNC_EVERY`): {last}"
+                + (f", next {when(sched['next_run'])}." if sched["next_run"] else "."))
+    return (f"Scheduled sync is off in the dashboard (set `KB_SYNC_EVERY`, e.g. 15m, or run `python -m kb watch`): "
+            f"{last}.")
 
 
 def consistency(kb, s, is_admin, run_with_status) -> None:

@@ -146,12 +146,23 @@ def kb_or_stop(s: Settings | None = None):
         raise
 
 
+def interval(seconds: float) -> str:
+    """An interval as a person writes it: 45 s, 15 min, 2 h, 1.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h"
+
+
 def when(ts: float | None) -> str:
     if not ts:
         return "never"
     ago = time.time() - ts
     if ago < -90:  # a time to come (a retry, a scheduled run)
         rel = f"in {-ago / 60:.0f} min" if ago > -5400 else f"in {-ago / 3600:.0f} h"
+    elif ago < 0:  # a retry due within the next 90 s is not "just now"
+        rel = "in under 2 min"
     elif ago < 90:
         rel = "just now"
     elif ago < 5400:

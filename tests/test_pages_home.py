@@ -89,3 +89,32 @@ def test_logging_errors_records_bugs_only(page_env):
             raise KBError("expected")
     (rec,) = runlog.read(page_env)
     assert rec["kind"] == "error" and rec["origin"] == "a page" and rec["message"] == "unexpected"
+
+
+def test_home_shows_the_schedule_and_a_failing_fetch_without_nothing_stale(lagent_env, open_page, shared_kb):
+    import time
+
+    from kb.jobs import WatchState
+
+    state = WatchState(lagent_env / "jobs" / "watch.json")
+    now = time.time()
+    state.ran(now - 600, 900.0, "cli")  # a `kb watch` pass ten minutes ago
+    state.failed("lagent", "cannot reach the remote", now - 600, 630.0)  # its retry is due in 30 s
+    at = ok(open_page())
+    line = next(c.value for c in at.caption if c.value.startswith("Scheduled sync"))
+    assert "off in the dashboard" in line and "KB_SYNC_EVERY" in line and "(10 min ago) (`kb watch`)" in line
+    (warning,) = [w.value for w in at.warning if "scheduled fetch failed" in w.value]
+    assert "next try" in warning and "(in under 2 min)" in warning and "just now" not in warning
+    # indexed as synced, but maybe behind its remote: not "Nothing stale" under a warning that says otherwise
+    assert "Nothing stale" not in texts(at.success)
+    assert "may be behind their remotes" in texts(at.caption)
+
+
+def test_intervals_and_times_to_come_read_as_a_person_writes_them():
+    import time
+
+    from pages._common import interval, when
+
+    assert [interval(s) for s in (45, 900, 3600, 5400, 21600)] == ["45 s", "15 min", "60 min", "1.5 h", "6 h"]
+    assert when(time.time() + 30).endswith("(in under 2 min)") and when(time.time() - 30).endswith("(just now)")
+    assert when(time.time() + 1800).endswith("(in 30 min)")
