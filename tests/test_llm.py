@@ -184,6 +184,21 @@ def test_transformers_template_model_streams(tiny_transformers_dir, monkeypatch)
     assert model.invoke(WHO, max_tokens=4).text.strip()
 
 
+def test_an_answer_counts_its_tokens_for_the_log(tiny_transformers_dir, tmp_path):
+    """Every answer was logged as "? tokens": nothing counted them, so the log could give no decode speed."""
+    from kb import log as runlog
+    from kb.answer.chain import Answer, Answerer
+
+    model = build_chat_model(Settings(llm="transformers", llm_path=str(tiny_transformers_dir), llm_max_tokens=12))
+    result = Answer(question="", answer="")
+    list(Answerer(model).stream("你 是 谁", rag=False, result=result))
+    assert result.answer and result.tokens == model.get_num_tokens(result.answer) > 0
+    settings = Settings(home=tmp_path)
+    runlog.log_answer(settings, result)
+    (rec,) = runlog.read(settings, kinds=["answer"])
+    assert rec["tokens"] == result.tokens and f"{result.tokens} tokens" in runlog.describe(rec)
+
+
 def test_transformers_stops_at_template_turn_end(tiny_transformers_dir):
     """A checkpoint whose eos is </s> but whose template ends turns with <|im_end|> stops at either."""
     model = build_chat_model(Settings(llm="transformers", llm_path=str(tiny_transformers_dir)))

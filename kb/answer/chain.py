@@ -66,13 +66,14 @@ class Answer:
     unverified: str = ""
     unverified_sentences: list[Sentence] = field(default_factory=list)
     also_as: str = ""  # the question in the other language, searched as well (kb/answer/translate.py)
+    tokens: int | None = None  # the answer's length in the model's tokens (None: a remote model, whose tokenizer isn't here)
 
     def as_dict(self) -> dict:
         return {
             "question": self.question, "standalone_question": self.standalone_question, "answer": self.answer,
             "rag": self.rag, "cited": self.cited, "seconds": self.seconds,
             "first_token_seconds": self.first_token_seconds, "declined": self.declined,
-            "unverified": self.unverified, "also_as": self.also_as,
+            "unverified": self.unverified, "also_as": self.also_as, "tokens": self.tokens,
             "sentences": [s.as_dict() for s in self.sentences], "coverage": coverage(self.sentences),
             "sources": [
                 {"n": i, **{k: h.as_dict()[k] for k in ("rank", "score", "mode", "source", "path", "line_start",
@@ -268,6 +269,8 @@ class Answerer:
         else:
             chain = build_plain_chain(llm)
         yield from self._run(chain, question, messages, result, stage, t0, cancel)
+        count = token_counter(self.llm)  # for the log's "N tokens" (decode speed), once the answer is whole
+        result.tokens = (count(result.answer) if result.answer else 0) if count else None
         if rag:
             self._check(result)
         result.seconds = round(time.perf_counter() - t0, 3)
