@@ -481,7 +481,11 @@ class SearchEngine:
             coll = self.kb.index.find(collection)
             return coll, coll.count() if coll is not None else 0
 
-        return self._doc_fact(("collection", collection), collection, read)
+        # the collection object belongs to the store's client: a reopened store (another process wrote) reads anew
+        opened = self.kb.index.opened
+        for old in [k for k in self._doc_facts if k[0] == "collection" and k[2] != opened]:
+            self._doc_facts.pop(old, None)
+        return self._doc_fact(("collection", collection, opened), collection, read)
 
     def _readmes(self, coll, collection: str, source: str) -> list[Document]:
         """The chunks of ``source``'s root READMEs."""
