@@ -431,12 +431,15 @@ class SearchEngine:
         lists: dict[str, list[tuple[Document, float]]] = {}
         weights: dict[str, float] = {}
         if len(named) == 1:
-            rest = signals.asked_about(tokens, named, aliases, in_full)
+            # "OpenCompass（司南）是什么？": the bracket names the source again (signals.name_asides)
+            plain, asides = (signals.name_asides(query, named[0], aliases, lex.matrix, lex.owners)
+                             if opts.name_asides else (query, set()))
+            rest = signals.asked_about(tokens, named, aliases, in_full, asides)
             fade = self._fade(lex, rest, named[0], opts)
             # "What are X's highlights?": its words are rare in the corpus, yet ask for the README's introduction
             summary = opts.summary_opening and signals.asks_for_summary(rest)
             # "What is X …? Is it …?": X itself is asked about, whatever the other words (signals.names_subject)
-            subject = opts.subject_opening and signals.names_subject(query, aliases.get(named[0], set()))
+            subject = opts.subject_opening and signals.names_subject(plain, aliases.get(named[0], set()))
             opening_fade = 1.0 if summary or subject else fade
             weights[IN_SOURCE] = opts.in_source_weight * fade
             readmes = None if opts.path_prefix else self._readmes(coll, collection, named[0])

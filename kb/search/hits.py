@@ -59,6 +59,7 @@ class SearchOptions:
     summary_opening: bool = True  # ... also for "what are X's main features?" (signals.SUMMARY_WORDS), unfaded
     subject_opening: bool = True  # ... and for "what is X …" with more words after X (signals.names_subject)
     name_compounds: bool = True  # "InternLM3-8B-Instruct" is the source named in full: "8b", "instruct" aren't asked
+    name_asides: bool = True  # "OpenCompass（司南）": a bracket glossing the name is the source named again
     readme_weight: float = 5.0  # RRF weight of the named source's README chunks holding the question's other words
     readme_holds_all: bool = True  # ... at full weight, however specific the words, when its best chunk holds them all
     own_words_fade: bool = True  # the in-source list fades only for words the named source itself uses

@@ -290,17 +290,54 @@ def name_compounds(query: str, named: Sequence[str], aliases: dict[str, set[str]
     return out
 
 
+ASIDE_RE = re.compile(r"([^\s（(]+)\s*[（(]([^（）()]{1,40})[）)]")  # "OpenCompass（司南）", "浦语灵笔2.5 (IXC-2.5)"
+ASIDE_WORDS = 3  # a gloss of a name is short: "(the older config-based version)" is not one
+
+
+def name_asides(query: str, source: str, aliases: dict[str, set[str]], matrix: BM25Matrix, sources: Sources,
+                margin: float = 1.5) -> tuple[str, set[str]]:
+    """The question without a parenthesis that glosses the source's name, and the words in it.
+
+    "OpenCompass（司南）是什么？" gives the project's other name in brackets: its words are the source named again,
+    not something asked about it, so the question is still definitional. A bracket counts as a gloss when it follows
+    one of the source's names, holds at most ``ASIDE_WORDS`` words, and each of them lives in the source's chunks
+    ``margin`` times more than anywhere else, as a name does (:func:`named_sources`): "XTuner（旧版文档）", legacy
+    docs, is a qualifier ("文档" is everywhere) and stays in the question.
+    """
+    names = aliases.get(source, set())
+    found: set[str] = set()
+
+    def gloss(m: re.Match) -> str:
+        before = tokenize(m.group(1).replace("-", " "))
+        inside = tokenize(m.group(2).replace("-", " "))
+        if not before or not (before[-1] in names or _versioned(before[-1]) in names):
+            return m.group(0)
+        if not 0 < len(inside) <= ASIDE_WORDS or not all(_lives_in(matrix, sources, w, source, margin)
+                                                         for w in inside if not VERSION_RE.fullmatch(w)):
+            return m.group(0)
+        found.update(inside)
+        return m.group(1)
+
+    return ASIDE_RE.sub(gloss, query), found
+
+
+def _lives_in(matrix: BM25Matrix, sources: Sources, word: str, source: str, margin: float) -> bool:
+    ranked = sorted(_source_shares(matrix, sources, word).items(), key=lambda kv: -kv[1])
+    return bool(ranked) and ranked[0][0] == source and (len(ranked) == 1 or ranked[0][1] >= margin * ranked[1][1])
+
+
 def asked_about(tokens: Sequence[str], named: Sequence[str], aliases: dict[str, set[str]],
-                query: str = "") -> list[str]:
+                query: str = "", asides: set[str] = frozenset()) -> list[str]:
     """The question's words once the source's names (and parts of them) and the bare question words are taken out.
 
     None left: a definitional question ("xtuner是什么？", "What is LMDeploy?"). With ``query``, the words of
-    a name written in full ("InternLM3-8B-Instruct") are taken out too (:func:`name_compounds`).
+    a name written in full ("InternLM3-8B-Instruct") are taken out too (:func:`name_compounds`), and so are
+    ``asides``, the words of a bracket glossing the name (:func:`name_asides`).
     """
     names = _name_words(named, aliases)
     in_full = name_compounds(query, named, aliases) if query else set()
     rest = [t for t in tokens if t not in names and _versioned(t) not in names and t not in QUESTION_WORDS
-            and not _part_of_name(t, names) and t not in in_full]
+            and not _part_of_name(t, names) and t not in in_full and t not in asides]
     # Numbers alone ("浦语·灵笔2.5 是什么？" leaves "2", "5") are the version in the name: the question is definitional.
     return [] if all(t.isdigit() for t in rest) else rest
 
