@@ -727,7 +727,8 @@ def bench_support() -> dict:
             text = r.get("withheld") or r["answer"]
             if not r["sources"] or (not r.get("withheld") and not r["sentences"]):
                 continue  # no excerpts, or the chain's own decline
-            sentences = support(text, _stored_excerpts(kb, reader, r["sources"]), embed, r["question"])
+            shown = _stored_excerpts(kb, reader, r["sources"])
+            sentences = support(text, shown, embed, r["question"], [reader.section(h) for h in shown])
             now, was = withholds(text, sentences), "withheld" in r
             right = r.get("facts_withheld") if was else r.get("facts")
             before, after = before + was, after + now
@@ -767,7 +768,9 @@ def _support_on_every_run(kb, embed, reader) -> dict:
                 if not r["sources"] or (not r.get("withheld") and not r["sentences"]) or key in seen:
                     continue
                 seen.add(key)
-                now = withholds(text, support(text, _stored_excerpts(kb, reader, r["sources"]), embed, r["question"]))
+                shown = _stored_excerpts(kb, reader, r["sources"])
+                sections = [reader.section(h) for h in shown]
+                now = withholds(text, support(text, shown, embed, r["question"], sections))
                 was, answerable = "withheld" in r, r.get("answerable", True)
                 right = bool(r.get("facts_withheld") if was else r.get("facts"))
                 tally["answers"] += 1

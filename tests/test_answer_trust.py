@@ -549,6 +549,29 @@ def test_a_figure_read_from_the_heading_or_table_header_is_cited_with_it():
     assert (plain.line_start, plain.line_end) == (5, 5)
 
 
+def test_an_excerpt_holds_the_figures_of_the_headings_it_sits_under_in_its_file():
+    """blind22's "What was the highlight of the Lagent v0.1.2 release?" was answered right from a changelog's lines
+    9-15, and withheld: the version is in the heading at line 3, above the excerpt, and the lines didn't say it."""
+    from kb.markdown import headings_above
+
+    text = ("## Changelog\n\n### v0.1.2 (24/10/2023)\n\n#### Highlights\n\n- Support lmdeploy turbomind\n\n"
+            "#### New Features\n\n```bash\n# not a heading\n```\n- Support the TurboMind engine for LLaMA models on GPUs.")
+    lines = text.split("\n")
+    assert headings_above(lines, 14) == ["Changelog", "v0.1.2 (24/10/2023)", "New Features"]  # the code skipped
+    assert headings_above(lines, 1) == [] and headings_above(lines, 5) == ["Changelog", "v0.1.2 (24/10/2023)"]
+    excerpt = hit("\n".join(lines[8:]), 1, line_start=9, path="docs/en/changelog.md")
+    other = hit("## v0.2.0\n\nSupport the TurboMind engine for LLaMA models on GPUs.", 2, path="docs/news.md")
+    sentence = "Lagent v0.1.2 added support for the TurboMind engine for LLaMA models on GPUs."
+    question = "What was new in Lagent v0.1.2?"
+    assert not support(sentence, [excerpt], embed=None, question=question)[0].supported
+    (got,) = support(sentence, [excerpt, other], embed=None, question=question,
+                     sections=[headings_above(lines, 9), ["Changelog", "v0.2.0"]])
+    assert got.supported and (got.source, got.line_start) == (1, 14)
+    # another file's headings lend nothing: the same lines under v0.2.0 don't support a v0.1.2 claim
+    (elsewhere,) = support(sentence, [other], embed=None, question=question, sections=[["Changelog", "v0.2.0"]])
+    assert not elsewhere.supported
+
+
 def test_words_echoed_from_the_question_weigh_less_than_the_claim():
     """A sentence that restates the question around its one new fact is held to that fact's line."""
     line = hit("The above log shows that only 8G of memory is needed to run.", 1)

@@ -32,6 +32,7 @@ from kb.answer.translate import build_translate
 from kb.citations import cited_numbers
 from kb.errors import KBError
 from kb.ingest.loaders import git_lines
+from kb.markdown import headings_above
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 from kb.search.signals import query_language
@@ -114,6 +115,12 @@ class LineReader:
                 self._files.popitem(last=False)
         self._files.move_to_end(key)
         return self._files[key]
+
+    def section(self, hit: Hit) -> list[str]:
+        """The headings the hit's first line sits under in its file (none where the file can't be read)."""
+        lines = self._file(hit)
+        return headings_above(lines, hit.line_start) if lines is not None and hit.path.lower().endswith(
+            (".md", ".markdown")) else []
 
     def __call__(self, hit: Hit) -> list[str]:
         lines = self._file(hit)
@@ -348,7 +355,8 @@ class Answerer:
             result.declined = True
             return
         self._tools()
-        result.sentences = support(result.answer, result.sources, self._embed, asked)
+        result.sentences = support(result.answer, result.sources, self._embed, asked,
+                                   [self._lines.section(h) for h in result.sources])
         claims = [s for s in result.sentences if s.claim]
         withheld = withholds(result.answer, result.sentences)
         if withheld or (declines(result.answer) and not any(s.supported for s in claims)):

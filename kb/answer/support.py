@@ -374,7 +374,7 @@ class Aligner:
     """Aligns sentences with the excerpts of one answer."""
 
     def __init__(self, excerpts: Sequence[Hit], embed: Callable[[list[str]], np.ndarray] | None,
-                 question: str = "") -> None:
+                 question: str = "", sections: Sequence[Sequence[str]] = ()) -> None:
         self.excerpts = list(excerpts)
         self.embed = embed
         # A figure the question names ("浦语·灵笔2.5", "CompassBench 2.0 v1.3") and some excerpt states is the
@@ -398,6 +398,11 @@ class Aligner:
         self.run_rows = [[tables[n - 1][i] for i in range(b - text.count("\n") + c, b + 1) if i in tables[n - 1]]
                          for (n, _, b, text), c in zip(self.runs, contexts)]
         self.run_words = [set(tokenize(text)) for *_, text in self.runs]
+        # A run holds the figures and names of the headings its excerpt sits under in its file, as a reader of the
+        # citation sees them: lines 9-15 of a changelog are v0.1.2's ("### v0.1.2 (24/10/2023)" at line 3), so
+        # "the highlight of v0.1.2 was …" is checked against them; another file's lines still can't lend it "v0.1.2".
+        above = [" ".join(sections[n - 1]) if n <= len(sections) else "" for n, *_ in self.runs]
+        self.run_held = [_squash(f"{text}\n{heads}") for (*_, text), heads in zip(self.runs, above)]
         # among runs that hold the sentence equally well, the fewest lines read (a citation as narrow as it can be)
         # (a whole list, like a heading, is cited only when it adds what its shorter runs lack)
         self._length_cost = np.array([0.01 * (text.count("\n") - c) + (CONTEXT_COST if c else 0.0)
@@ -469,10 +474,10 @@ class Aligner:
             figures = [f for f in figures if f not in self.asked_figures]
         bar = np.full(len(self.runs), THRESHOLD)
         if figures or names:  # a figure or name the lines don't hold is not supported by them, however alike the words
-            in_lines = np.array([all(f in _squash(text) for f in figures + names) for *_, text in self.runs])
+            in_lines = np.array([all(f in held for f in figures + names) for held in self.run_held])
             # the file an excerpt was shown under ("[2] xtuner/tools/llm_calc/README.md") holds its path, too
-            labelled = [all(f in _squash(text) for f in figures) and all(n in _squash(text) or n in self.labels[e - 1]
-                                                                          for n in names) for e, *_, text in self.runs]
+            labelled = [all(f in held for f in figures) and all(n in held or n in self.labels[e - 1] for n in names)
+                        for (e, *_), held in zip(self.runs, self.run_held)]
             held = [label and self._read_right(figures, i, sentence) for i, label in enumerate(labelled)]
             scores = np.where(held, scores, -1.0)
             bar = np.where(in_lines, THRESHOLD - EXACT_RELIEF, THRESHOLD)  # the claim spelled out in the lines
@@ -527,9 +532,10 @@ class Aligner:
 
 
 def support(answer: str, excerpts: Sequence[Hit], embed: Callable[[list[str]], np.ndarray] | None,
-            question: str = "") -> list[Sentence]:
-    """Every sentence of the answer with the lines that support it (or none); ``question``: what was asked."""
-    aligner = Aligner(excerpts, embed, question)
+            question: str = "", sections: Sequence[Sequence[str]] = ()) -> list[Sentence]:
+    """Every sentence of the answer with the lines that support it (or none); ``question``: what was asked;
+    ``sections``: the headings each excerpt sits under in its file."""
+    aligner = Aligner(excerpts, embed, question, sections)
     return [aligner.align(s) for s in split_sentences(answer)]
 
 
