@@ -59,3 +59,22 @@ def test_a_snapshot_after_another_process_synced_a_new_commit(tiny_kb, tiny_st_d
     exported = tiny_kb.export_snapshot(tmp_path / "snap.tar.gz")
     assert exported["chunks"] == tiny_kb.stats()["chunks"] > 0
     assert tiny_kb.manifest.source("xtuner").indexed_commit == new and tiny_kb.verify()["healthy"]
+
+
+def test_a_search_whose_store_is_reopened_under_it_runs_again(tiny_kb, monkeypatch):
+    """Another thread may reopen the store (another process wrote) while a search holds a collection of the old
+    client: chromadb then fails with "'RustBindingsAPI' object has no attribute 'bindings'"; the search runs again."""
+    tiny_kb.upload({"zebras.md": FIRST}, "notes")
+    engine = SearchEngine(tiny_kb)
+    assert paths(engine, "zebra stripes") == {"zebras.md"}
+    real, calls = SearchEngine._dense_passages, []
+
+    def reopened_under_it(self, pcoll, *args, **kwargs):
+        calls.append(pcoll)
+        if len(calls) == 1:
+            self.kb.index.reopen()  # as another thread would, between reading the collection and querying it
+        return real(self, pcoll, *args, **kwargs)
+
+    monkeypatch.setattr(SearchEngine, "_dense_passages", reopened_under_it)
+    assert paths(engine, "zebra stripes") == {"zebras.md"}
+    assert len(calls) == 2 and calls[0] is not calls[1]

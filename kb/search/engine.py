@@ -279,8 +279,14 @@ class SearchEngine:
         """The hits for ``query``; a Chroma server outage is an error naming it, never an empty list."""
         opts = opts or SearchOptions()
         t0 = time.perf_counter()
+        opened = self.kb.index.opened
         with reachable(self.kb.settings):
-            hits = self._search(query, opts)
+            try:
+                hits = self._search(query, opts)
+            except AttributeError:  # chromadb's "…has no attribute 'bindings'": a collection of a client closed
+                if self.kb.index.opened == opened:  # under this search, when another thread reopened the store
+                    raise
+                hits = self._search(query, opts)  # (VectorIndex.reopen); once more, on the new client
         runlog.log_search(self.kb.settings, query, opts, hits, (time.perf_counter() - t0) * 1000)
         return hits
 

@@ -157,8 +157,8 @@ class VectorIndex:
 
         chromadb shares one client system per folder within a process and stops it when its last client closes:
         this index's client is the only one in the dashboard and the CLI, so the next opens afresh. A query another
-        thread had started on the old client ends normally; one that starts on a collection read from it before
-        the reopen fails once, and succeeds when asked again.
+        thread had started on the old client ends normally; a search that had read a collection from it before the
+        reopen fails on it, and ``SearchEngine.search`` runs it once more on the new client.
         """
         self.seen = self._write_number()
         self.client.close()
