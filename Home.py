@@ -13,6 +13,7 @@ st.set_page_config(page_title="KB dashboard", page_icon="📚", layout="wide")
 
 def home() -> None:
     import datetime as dt
+    import time
 
     from core import auth
     from core.errors import UserError
@@ -99,11 +100,17 @@ def home() -> None:
         if act["last_error"]:
             e = act["last_error"]
             st.caption(f"Last error {when(e['ts'])}: `{e['type']}`: {escape_markdown(str(e['message'])[:200])}")
+        last = act["last_sync"]
         for f in failed[-3:]:
-            st.warning(f"{f['kind'].capitalize()} failed {when(f['ts'])}"
-                       + (f" for {f['source']}" if f["source"] else "") + f": {escape_markdown(str(f['error'])[:300])}")
+            text = (f"{f['kind'].capitalize()} failed {when(f['ts'])}" + (f" for {f['source']}" if f["source"] else "")
+                    + f": {escape_markdown(str(f['error'])[:300])}")
+            done = last.get(f["source"]) if f["source"] else None  # the source synced or fetched fine since
+            if done and done["ts"] >= f["ts"] and not done["error"]:  # (milliseconds: two may share one)
+                st.info(f"{text}. It has {'fetched' if done['job'] == 'fetch' else 'synced'} fine since "
+                        f"({when(done['ts'])}).", icon=":material/check_circle:")
+            else:
+                st.warning(text)
         if rows:
-            last = act["last_sync"]
             st.dataframe(
                 [
                     {
@@ -149,7 +156,9 @@ def home() -> None:
         failures = kb.sync_failures()
         for f in failures:  # scheduled sync: a remote that can't be reached never touches the index
             st.warning(f"**{f['source']}**: the scheduled fetch failed {f['failures']} time(s), last {when(f['last_failure'])}"
-                       f" ({f['last_error']}); next try {when(f['next_try'])}. The index keeps the last good sync.",
+                       f" ({f['last_error']}); next try "
+                       + (when(f["next_try"]) if (f["next_try"] or 0) > time.time() else "at the next scheduled pass")
+                       + ". The index keeps the last good sync.",
                        icon=":material/cloud_off:")
         problems = kb.health()
         for p in problems:

@@ -66,6 +66,7 @@ WATCH_FILE = "watch.json"
 KEEP = 200  # finished job files kept in KB_HOME/jobs (and records in memory)
 PERSIST_EVERY = 2.0  # seconds between writes of a running job's record
 BACKOFF_CAP = 6 * 3600.0  # the longest wait before retrying a failing remote
+DUE_SLACK = 0.1  # of an interval: a retry is due at a pass that starts this much before its time
 LOCK_POLL = 0.5
 
 
@@ -285,7 +286,9 @@ class WatchState:
             e["last_error"] = error
             e["last_failure"] = at
             wait = min(max(every, 1.0) * 2 ** (e["failures"] - 1), max(every, BACKOFF_CAP))
-            e["next_try"] = at + wait
+            # due at the pass that many intervals on, which may start a little early: a pass's clock starts when
+            # its job does, after any job queued before it (a review saw the first retry come two intervals late)
+            e["next_try"] = at + wait - DUE_SLACK * max(every, 1.0)
         self._change(fn)
 
     def succeeded(self, name: str, at: float) -> None:
@@ -936,6 +939,10 @@ def _scheduled_work(queue: JobQueue, every: float) -> Work:
                 # logged as a job of its own: no sync runs, and the Home page would show the source's last sync "ok"
                 runlog.log_job(kb.settings, "fetch", {"sources": [rep], "origin": ctl.job.origin})
                 continue
+            if state.get(src.name, {}).get("failures"):  # back after failing: logged, so Home's last outcome is it
+                runlog.log_job(kb.settings, "fetch", {"sources": [SyncReport(src.name, src.indexed_commit, head)
+                                                                  .as_dict()], "origin": ctl.job.origin,
+                                                      "recovered": True})
             if head == src.indexed_commit and src.indexed_collection == live:
                 queue.watch.succeeded(src.name, at)
                 out["unchanged"].append(src.name)

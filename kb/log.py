@@ -64,7 +64,8 @@ BACKUPS = 5
 LIST_CAP = 100  # a job report's lists (paths added, skipped files, problems) keep this many entries
 TEXT_CAP = 2_000  # messages
 TRACEBACK_CAP = 20_000
-JOB_KINDS = ("sync", "upload", "rechunk", "verify", "export", "import", "fetch")  # fetch: a scheduled one that failed
+# fetch: a scheduled fetch that failed, or came back after failing (one that finds nothing new is not logged)
+JOB_KINDS = ("sync", "upload", "rechunk", "verify", "export", "import", "fetch", "remove")
 KINDS = JOB_KINDS + ("search", "answer", "feedback", "error")
 _RESERVED = ("ts", "kind", "pid")
 
@@ -590,6 +591,10 @@ def describe(rec: dict) -> str:
         if kind in ("export", "import") and g("collection"):
             parts.append(f"{g('collection')}: {g('chunks')} chunks, {g('passages')} passages, {g('sources')} sources"
                          + (f", {g('path')} ({g('bytes')} bytes)" if g("path") else "") + f", {g('seconds')} s")
+        if kind == "fetch" and g("recovered"):
+            parts.append("fetched again after failing")
+        if kind == "remove":
+            parts.append(f"source {g('source')} removed, {g('chunks_removed')} chunks with it")
         if kind == "verify" and "healthy" in rec:
             parts.append(("healthy" if g("healthy") else "NOT healthy") + (" after repair" if g("repaired") else ""))
         text = "; ".join(parts) or json.dumps({k: v for k, v in rec.items() if k not in _RESERVED}, ensure_ascii=False)

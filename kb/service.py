@@ -229,6 +229,7 @@ class KnowledgeBase:
             with self.manifest.transaction() as con:
                 self.manifest.delete_source(con, name)
             shutil.rmtree(src.repo_path, ignore_errors=True)
+        runlog.log_job(self.settings, "remove", {"source": name, "chunks_removed": removed})
         return removed
 
     def sources(self) -> list[SourceRow]:
@@ -388,14 +389,19 @@ class KnowledgeBase:
             passage_size=int(passage_size),
         )
 
+    def is_live(self, config: ChunkConfig) -> bool:
+        """Whether re-chunking with ``config`` would build the live collection again: nothing to do."""
+        # by name: the live collection may be another model's, which is what a rebuild fixes
+        return collection_name(config.hash, emb.model_slug(self.settings)) == self.manifest.live_collection
+
     @runlog.job("rechunk", dict)
     @reaching_chroma
     def rechunk(self, config: ChunkConfig, progress: Progress = no_progress) -> dict:
         """Build a collection with ``config`` beside the live one; switch only when complete."""
         name = collection_name(config.hash, emb.model_slug(self.settings))
-        live = self.manifest.live_collection  # by name: it may be another model's, which is what a rebuild fixes
-        if name == live:
+        if self.is_live(config):
             raise KBError(f"{name} with these settings is already the live collection")
+        live = self.manifest.live_collection  # by name: it may be another model's, which is what a rebuild fixes
         t0 = time.perf_counter()
         with write_lock(self.settings.home):
             if self.index.exists(name):

@@ -265,6 +265,7 @@ def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, 
         seconds=round(time.perf_counter() - asked_at, 3),
         first_token_seconds=first, waited_seconds=round(waited, 2),
         sentences=[x.as_dict() for x in result.sentences], declined=result.declined, unverified=result.unverified,
+        tokens=result.tokens,
     )
     msg["log_id"] = kb_log.log_answer(s, msg)
     with slot.container():

@@ -351,7 +351,10 @@ with rechunk_tab:
                "their indexed commits, embeds what isn't stored yet, and switches the live collection only when it "
                "is complete. The old collection stays (see Collections) until you delete it.")
     queue = resources.job_queue(s)
-    if st.button("Re-chunk the whole knowledge base", type="primary", key="rc_apply"):
+    same = kb.is_live(config)  # the job would only fail, and count as a failed job on Home
+    if same:
+        st.caption("These are the live collection's settings: change one above to build another collection.")
+    if st.button("Re-chunk the whole knowledge base", type="primary", key="rc_apply", disabled=same):
         try:  # a job in the server's worker: it goes on if the admin leaves this page
             track(queue.submit_rechunk(config), "rc")
         except expected_errors() as exc:

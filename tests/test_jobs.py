@@ -28,7 +28,7 @@ from core.errors import SettingsError
 from core.settings import load_settings, parse_interval
 from kb import log as runlog
 from kb.errors import KBError
-from kb.jobs import CANCELLED, DONE, FAILED, JobQueue, WatchState, sync_failures, watch
+from kb.jobs import CANCELLED, DONE, DUE_SLACK, FAILED, JobQueue, WatchState, sync_failures, watch
 
 CLI_FIELDS = ["name", "commit_before", "commit_after", "files_added", "files_modified", "files_deleted",
               "chunks_embedded", "chunks_reused", "chunks_deleted", "seconds"]
@@ -369,7 +369,8 @@ def test_an_unreachable_remote_is_recorded_retried_with_backoff_and_never_touche
     assert [(f["kind"], f["source"]) for f in act["failed_jobs"]] == [("fetch", "lagent")]
     assert act["last_sync"]["lagent"]["job"] == "fetch" and "fetch failed" in act["last_sync"]["lagent"]["error"]
     assert "lagent: ERROR fetch failed" in runlog.describe(runlog.read(tiny_kb.settings, kinds=["fetch"])[-1])
-    assert fail[0]["next_try"] - fail[0]["last_failure"] == every
+    # due at the next pass, even one that starts a little before a whole interval has passed
+    assert fail[0]["next_try"] - fail[0]["last_failure"] == pytest.approx(every * (1 - DUE_SLACK))
     # until then, a pass leaves it alone (backing off), without touching it
     out = queue.run_scheduled_now()
     assert out["report"]["sources"] == [] and [b["name"] for b in out["report"]["backing_off"]] == ["lagent"]
@@ -379,7 +380,8 @@ def test_an_unreachable_remote_is_recorded_retried_with_backoff_and_never_touche
     state._change(lambda d: d["sources"]["lagent"].update(next_try=0))
     queue.run_scheduled_now()
     fail = sync_failures(tiny_kb.settings.home)
-    assert fail[0]["failures"] == 2 and fail[0]["next_try"] - fail[0]["last_failure"] == 2 * every
+    assert fail[0]["failures"] == 2 and fail[0]["next_try"] - fail[0]["last_failure"] == pytest.approx(
+        2 * every - DUE_SLACK * every)
     assert ids(tiny_kb) == before
 
     # the remote is back: the next try syncs the new commit and the failure is cleared
@@ -388,6 +390,9 @@ def test_an_unreachable_remote_is_recorded_retried_with_backoff_and_never_touche
     out = queue.run_scheduled_now()
     assert out["report"]["sources"][0]["commit_after"] == new and not out["report"].get("error")
     assert tiny_kb.sync_failures() == [] and tiny_kb.verify()["healthy"]
+    back = runlog.read(tiny_kb.settings, kinds=["fetch"])[-1]  # logged, so Home's last outcome is not the failure
+    assert back["recovered"] and "fetched again after failing" in runlog.describe(back)
+    assert not tiny_kb.activity(1)["last_sync"]["lagent"]["error"]
 
 
 def test_kb_watch_cli_syncs_a_new_commit_and_stops_on_sigterm(tmp_path, tiny_st_dir, small_remote):

@@ -307,6 +307,9 @@ def test_documents_view_and_rechunk(lagent_env, open_page, shared_kb):
     after, cfg = kb.live()
     assert after != before and cfg.unit == "tokens" and cfg.size == 64
     assert "Live collection is now" in texts(at.success)
+    # the form now holds the live settings: a job that could only fail (and count as a failed job on Home) is not offered
+    at.run()
+    assert at.button(key="rc_apply").disabled and "These are the live collection's settings" in texts(at.caption)
 
 
 def test_collections_records_lookup_switch_delete(lagent_env, open_page, shared_kb):
@@ -440,6 +443,11 @@ def test_chat_answers_with_citations_and_saves(xtuner_env, open_page):
     assert labels and all("xtuner/" in l and "@" in l for l in labels), labels
     assert any("README" in l for l in labels)
     assert any("gitee.com/InternLM/xtuner/blob/" in m.value for m in answer.markdown)
+    from core.settings import load_settings
+    from kb import log as runlog
+
+    (logged,) = runlog.read(load_settings(), kinds=["answer"])  # with its length: it said "? tokens" from the page
+    assert logged["tokens"] > 0 and f"{logged['tokens']} tokens" in runlog.describe(logged)
     # the next run (a follow-up asked) draws the conversation where this run drew it: Streamlit keeps a moved
     # element's old children, greyed, so the answer's thumbs showed under the user's follow-up
     asked_in = message_places(at)

@@ -99,7 +99,7 @@ def test_home_shows_the_schedule_and_a_failing_fetch_without_nothing_stale(lagen
     state = WatchState(lagent_env / "jobs" / "watch.json")
     now = time.time()
     state.ran(now - 600, 900.0, "cli")  # a `kb watch` pass ten minutes ago
-    state.failed("lagent", "cannot reach the remote", now - 600, 630.0)  # its retry is due in 30 s
+    state.failed("lagent", "cannot reach the remote", now - 600, 700.0)  # its retry is due in 30 s (0.9 x 700 - 600)
     at = ok(open_page())
     line = next(c.value for c in at.caption if c.value.startswith("Scheduled sync"))
     assert "off in the dashboard" in line and "KB_SYNC_EVERY" in line and "(10 min ago) (`kb watch`)" in line
@@ -108,6 +108,22 @@ def test_home_shows_the_schedule_and_a_failing_fetch_without_nothing_stale(lagen
     # indexed as synced, but maybe behind its remote: not "Nothing stale" under a warning that says otherwise
     assert "Nothing stale" not in texts(at.success)
     assert "may be behind their remotes" in texts(at.caption)
+    # a retry whose time has passed (no schedule running, `kb watch --once` only) waits for the next pass
+    state._change(lambda d: d["sources"]["lagent"].update(next_try=now - 60))
+    at = ok(open_page())
+    assert any("next try at the next scheduled pass" in w.value for w in at.warning)
+
+
+def test_a_failure_since_mended_is_shown_as_mended(lagent_env, open_page):
+    s = Settings(home=lagent_env)
+    failed = {"name": "lagent", "commit_before": "a" * 40, "commit_after": None, "error": "fetch failed: gone"}
+    runlog.log_job(s, "fetch", {"sources": [failed]})
+    back = {"name": "lagent", "commit_before": "a" * 40, "commit_after": "a" * 40, "error": ""}
+    runlog.log_job(s, "fetch", {"sources": [back], "recovered": True})
+    at = ok(open_page())
+    assert not [w for w in at.warning if "Fetch failed" in w.value]
+    assert any("Fetch failed" in i.value and "fetched fine since" in i.value for i in at.info)
+    assert frame_with(at, "chunks embedded").loc[0, "result"] == "ok"
 
 
 def test_intervals_and_times_to_come_read_as_a_person_writes_them():

@@ -185,6 +185,11 @@ def test_remove_source_deletes_its_chunks(tiny_kb, corpus):
     assert not passages.get(where={"source": "lagent"}, include=[])["ids"] and passages.count() > 0
     assert coll.count() > 0 and not tiny_kb.manifest.has_source("lagent")
     assert not (tiny_kb.settings.repos_path / "lagent").exists()
+    from kb import log as runlog
+
+    (rec,) = runlog.read(tiny_kb.settings, kinds=["remove"])  # the log says what went, as it says what came
+    assert rec["source"] == "lagent" and rec["chunks_removed"] == removed
+    assert f"source lagent removed, {removed} chunks with it" in runlog.describe(rec)
 
 
 def test_sync_without_sources_is_a_clear_error(tiny_kb):
