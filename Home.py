@@ -140,7 +140,7 @@ def home() -> None:
                     {
                         "source": r["name"],
                         "indexed commit": (r["indexed_commit"] or "")[:12] or "not synced",
-                        "last sync": when(r["last_synced"]),
+                        "indexed at": when(r["last_synced"]),  # a sync that finds nothing new leaves it
                         "documents": r["documents"], "chunks": r["chunks"], "skipped": r["skipped"],
                         "in live collection": r["in_live_collection"],
                         "kind": r["kind"], "branch": r["branch"], "url": r["url"],

@@ -136,7 +136,7 @@ if overview:
         [
             {
                 "source": r["name"], "indexed commit": (r["indexed_commit"] or "")[:12] or "not synced",
-                "last sync": when(r["last_synced"]), "documents": r["documents"], "skipped": r["skipped"],
+                "indexed at": when(r["last_synced"]), "documents": r["documents"], "skipped": r["skipped"],
                 "kind": r["kind"], "branch": r["branch"], "url": r["url"], "web URL": r["web_url"],
                 "extensions": ", ".join(r["extensions"]),
             }
