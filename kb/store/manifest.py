@@ -275,5 +275,5 @@ def written_elsewhere(home: Path, seen: int) -> tuple[bool, int]:
     with _own_lock:
         own = _own_writes.get(str(home.resolve()), set())
         foreign = any(n not in own for n in range(seen + 1, now + 1))
-        own.difference_update(range(seen + 1))  # numbers no reader of this process will ask about again
+        own.difference_update([n for n in own if n <= seen])  # no reader of this process asks about these again
     return foreign, now
