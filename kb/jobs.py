@@ -932,7 +932,8 @@ def _scheduled_work(queue: JobQueue, every: float) -> Work:
             except (ChromaUnreachable, Cancelled):
                 raise
             except Exception as exc:  # unreachable remote, missing branch: recorded, the index is not touched
-                error = str(exc) if isinstance(exc, KBError) else runlog.unexpected(kb.settings, exc, f"fetch of {src.name}")
+                error = (str(exc) if isinstance(exc, KBError)
+                         else runlog.unexpected(kb.settings, exc, f"fetch of {src.name}"))
                 queue.watch.failed(src.name, error, at, every)  # backs off, as a failing sync does
                 rep = SyncReport(src.name, src.indexed_commit, None, error=f"fetch failed: {error}").as_dict()
                 out["sources"].append(rep)

@@ -465,8 +465,8 @@ def p95(values: list[float]) -> float | None:
 
 
 def _sync_reports(rec: dict) -> list[dict]:
-    """The per-source reports of a job record (sync, upload, a failed fetch; a repairing verify keeps them in
-    ``reports``)."""
+    """The per-source reports of a job record (sync, upload, a scheduled fetch that failed or came back; a repairing
+    verify keeps them in ``reports``)."""
     reps = rec.get("sources") if rec.get("kind") in ("sync", "upload", "fetch") else rec.get("reports")
     return [r for r in reps or [] if isinstance(r, dict) and r.get("name")]
 

@@ -26,7 +26,8 @@ def test_chunks_another_process_wrote_are_searched(tiny_kb, tiny_st_dir, tmp_pat
     engine = SearchEngine(tiny_kb)
     assert paths(engine, "zebra stripes") == {"zebras.md"}  # the graph is loaded into this process
     (tmp_path / "giraffes.md").write_bytes(SECOND)
-    out = kb(kb_env(tiny_kb.settings.home, tiny_st_dir), "upload", str(tmp_path / "giraffes.md"), "--source", "notes", "-q")
+    env = kb_env(tiny_kb.settings.home, tiny_st_dir)
+    out = kb(env, "upload", str(tmp_path / "giraffes.md"), "--source", "notes", "-q")
     assert out.returncode == 0, out.stderr
     assert paths(engine, "giraffe necks") == {"zebras.md", "giraffes.md"}
     assert tiny_kb.stats()["chunks"] == 2

@@ -67,7 +67,7 @@ class Answer:
     unverified: str = ""
     unverified_sentences: list[Sentence] = field(default_factory=list)
     also_as: str = ""  # the question in the other language, searched as well (kb/answer/translate.py)
-    tokens: int | None = None  # the answer's length in the model's tokens (None: a remote model, whose tokenizer isn't here)
+    tokens: int | None = None  # the answer's length in the model's tokens (None: a remote model's tokenizer isn't here)
 
     def as_dict(self) -> dict:
         return {

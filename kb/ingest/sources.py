@@ -184,8 +184,8 @@ def open_repo(name: str, kind: str, repo_path: Path, url: str = "") -> git.Repo:
         return git.Repo(repo_path)
     except (git.NoSuchPathError, git.InvalidGitRepositoryError):
         if kind == "git":
-            raise KBError(f"the clone of {redact(url)} is missing ({repo_path}): its chunks stay searchable; remove the "
-                          "source and add it again to clone it anew") from None
+            raise KBError(f"the clone of {redact(url)} is missing ({repo_path}): its chunks stay searchable; "
+                          "remove the source and add it again to clone it anew") from None
         raise KBError(f"the uploaded files of source {name!r} are missing ({repo_path}): its chunks stay searchable, "
                       f"but it can't be synced or take more uploads; import a snapshot made with --with-repos, or "
                       f"remove it (kb remove {name}) and upload its files again") from None
