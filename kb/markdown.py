@@ -25,25 +25,6 @@ def is_fence(line: str) -> bool:
     return line.lstrip().startswith(FENCES)
 
 
-ATX_HEADING_RE = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
-
-
-def headings_above(lines: list[str], line: int) -> list[str]:
-    """The headings a Markdown file's line sits under, outermost first ("Changelog", "v0.1.2 (24/10/2023)",
-    "Highlights" for a changelog entry); code blocks skipped, ``line`` 1-based and not itself counted."""
-    path: list[tuple[int, str]] = []
-    fenced = False
-    for text in lines[: max(0, line - 1)]:
-        if is_fence(text):
-            fenced = not fenced
-            continue
-        m = None if fenced else ATX_HEADING_RE.match(text)
-        if m:
-            level = len(m.group(1))
-            path = [(lv, h) for lv, h in path if lv < level] + [(level, m.group(2))]
-    return [h for _, h in path]
-
-
 def escape_markdown(text: str) -> str:
     """Text shown literally by st.markdown: no formatting, links, HTML or directives from it."""
     return _MD_SPECIAL.sub(r"\\\1", text)

@@ -31,8 +31,7 @@ from kb.answer.support import Sentence, coverage, support
 from kb.answer.translate import build_translate
 from kb.citations import cited_numbers
 from kb.errors import KBError
-from kb.ingest.loaders import git_lines
-from kb.markdown import headings_above
+from kb.ingest.loaders import LoadedDocument, git_lines
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 from kb.search.signals import query_language
@@ -102,13 +101,15 @@ class LineReader:
     def __init__(self, kb, keep: int = 64) -> None:
         self.kb = kb
         self.keep = keep
-        self._files: OrderedDict[tuple[str, str, str], list[str] | None] = OrderedDict()
+        # per file: its lines as git numbers them, and the loader's document (its heading path per line)
+        self._files: OrderedDict[tuple[str, str, str], tuple[list[str], LoadedDocument] | None] = OrderedDict()
 
-    def _file(self, hit: Hit) -> list[str] | None:
+    def _read(self, hit: Hit) -> tuple[list[str], LoadedDocument] | None:
         key = (hit.source, hit.path, hit.commit)
         if key not in self._files:
             try:
-                self._files[key] = git_lines(self.kb.read_document(hit.source, hit.path).text)
+                doc = self.kb.read_document(hit.source, hit.path)
+                self._files[key] = (git_lines(doc.text), doc)
             except (KBError, OSError, ValueError):  # a clone that lost the commit: the chunk's own text will do
                 self._files[key] = None
             while len(self._files) > self.keep:
@@ -116,11 +117,15 @@ class LineReader:
         self._files.move_to_end(key)
         return self._files[key]
 
+    def _file(self, hit: Hit) -> list[str] | None:
+        read = self._read(hit)
+        return None if read is None else read[0]
+
     def section(self, hit: Hit) -> list[str]:
-        """The headings the hit's first line sits under in its file (none where the file can't be read)."""
-        lines = self._file(hit)
-        return headings_above(lines, hit.line_start) if lines is not None and hit.path.lower().endswith(
-            (".md", ".markdown")) else []
+        """The headings the hit's first line sits under in its file, outermost first (the loader's heading path)."""
+        read = self._read(hit)
+        path = read[1].heading_at(hit.line_start) if read is not None else ""
+        return path.split(" > ") if path else []
 
     def __call__(self, hit: Hit) -> list[str]:
         lines = self._file(hit)
