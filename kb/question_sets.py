@@ -98,6 +98,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind22", "Overview (blind 22)", QUESTIONS / "overview_blind22.jsonl",
                 "checking only, a twentieth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-fifth stop, measured once at the forty-sixth"),
+    QuestionSet("overview-blind23", "Overview (blind 23)", QUESTIONS / "overview_blind23.jsonl",
+                "checking only, a twenty-first blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-sixth stop, measured once at the forty-seventh"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
