@@ -33,7 +33,9 @@ from kb.ingest.chunking import ChunkConfig
 from kb.ingest.loaders import LoadedDocument, SkipFile, load_document
 from kb.ingest.sync import SyncContext, SyncReport, read_blob, sync_source
 from kb.progress import Progress, no_progress
-from kb.store.index import ChromaUnreachable, VectorIndex, collection_name, passage_collection, reachable
+from kb.store.index import (
+    ChromaUnreachable, VectorIndex, collection_name, once_more_if_reopened, passage_collection, reachable,
+)
 from kb.store.manifest import DocumentRow, Manifest, SourceRow, write_lock
 
 _log = logging.getLogger(__name__)
@@ -49,6 +51,18 @@ def reaching_chroma(method: F) -> F:
     def wrapper(self: "KnowledgeBase", *args, **kwargs):
         with reachable(self.settings):
             return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def reading_chroma(method: F) -> F:
+    """``reaching_chroma`` for a method that only reads: run once more when another thread reopened the store under
+    it (another process wrote), so a page's read doesn't fail once and work on reload."""
+
+    @functools.wraps(method)
+    def wrapper(self: "KnowledgeBase", *args, **kwargs):
+        with reachable(self.settings):
+            return once_more_if_reopened(lambda: self.index, lambda: method(self, *args, **kwargs))
 
     return wrapper  # type: ignore[return-value]
 
@@ -333,7 +347,7 @@ class KnowledgeBase:
         return sync_failures(self.settings.home, [s.name for s in self.manifest.sources()])
 
     # collections
-    @reaching_chroma
+    @reading_chroma
     def collections(self) -> list[dict]:
         live = self.manifest.live_collection
         rows = self.manifest.collection_rows()
@@ -537,7 +551,7 @@ class KnowledgeBase:
         """The embedding model's token window (None: it has none, nothing is cut)."""
         return emb.max_tokens(self.settings)
 
-    @reaching_chroma
+    @reading_chroma
     def records(self, collection: str, source: str | None = None, path: str = "", page: int = 1,
                 size: int = 50) -> dict:
         """One page of a collection's records, filtered by source and by a path (exact, or a prefix ending in /);
@@ -556,7 +570,7 @@ class KnowledgeBase:
         rows = [{"id": i, "text": d or "", **m} for i, d, m in zip(got["ids"], got["documents"], got["metadatas"])]
         return {"total": total, "pages": pages, "page": page, "where": where, "rows": rows}
 
-    @reaching_chroma
+    @reading_chroma
     def record(self, collection: str, record_id: str) -> dict | None:
         """One record with its text, metadata and a summary of its vector; None when no such id."""
         got = self.index.get(collection).get(ids=[record_id.strip()], include=["documents", "metadatas", "embeddings"])
@@ -635,7 +649,7 @@ class KnowledgeBase:
         """What the log (``KB_HOME/logs``) says about the last ``hours``: see :func:`kb.log.glance`."""
         return runlog.glance(self.settings, hours)
 
-    @reaching_chroma
+    @reading_chroma
     def stats(self) -> dict:
         counts = self.manifest.counts()
         live = self.manifest.live_collection
@@ -663,7 +677,7 @@ class KnowledgeBase:
         except SkipFile as exc:
             raise KBError(f"{path} is not indexed: {exc}") from None
 
-    @reaching_chroma
+    @reading_chroma
     def chunks_of(self, source: str, path: str, collection: str | None = None) -> list[dict]:
         coll = self.index.get(collection or self.live()[0])
         page = coll.get(where={"$and": [{"source": source}, {"path": path}]}, include=["documents", "metadatas"])

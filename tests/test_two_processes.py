@@ -7,11 +7,13 @@ were never found, and ids another process had deleted failed its next write ("Er
 
 from __future__ import annotations
 
+import pytest
 from conftest import git
 from test_crash_safety import kb, kb_env
 
 from kb.search.engine import SearchEngine
 from kb.search.hits import SearchOptions
+from kb.store.index import VectorIndex
 
 FIRST = b"# Zebras\n\nThe quuxinator paints the zebra stripes every spring.\n"
 SECOND = b"# Giraffes\n\nThe flibbertigibbet measures giraffe necks in the autumn.\n"
@@ -79,3 +81,39 @@ def test_a_search_whose_store_is_reopened_under_it_runs_again(tiny_kb, monkeypat
     monkeypatch.setattr(SearchEngine, "_dense_passages", reopened_under_it)
     assert paths(engine, "zebra stripes") == {"zebras.md"}
     assert len(calls) == 2 and calls[0] is not calls[1]
+
+
+def test_a_page_read_whose_store_is_reopened_under_it_runs_again(tiny_kb, monkeypatch):
+    """The Collections page's record browser (and a document's chunks) read a collection the same way: a reopen by
+    another thread between taking the collection and reading it failed the page once; it reads again now."""
+    tiny_kb.upload({"zebras.md": FIRST}, "notes")
+    live = tiny_kb.live()[0]
+    real, calls = VectorIndex.get, []
+
+    def reopened_under_it(self, name):
+        coll = real(self, name)
+        calls.append(coll)
+        if len(calls) == 1:
+            self.reopen()  # as another thread would, after this read took the collection
+        return coll
+
+    monkeypatch.setattr(VectorIndex, "get", reopened_under_it)
+    rows = tiny_kb.records(live)["rows"]
+    assert [r["path"] for r in rows] == ["uploads/zebras.md"] and len(calls) == 2
+    calls.clear()
+    assert [c["path"] for c in tiny_kb.chunks_of("notes", "uploads/zebras.md")] == ["uploads/zebras.md"]
+
+
+def test_a_read_that_fails_on_a_client_nobody_reopened_is_raised(tiny_kb, monkeypatch):
+    """Only a reopen under the read earns a second try: the same error otherwise is a bug to see, once."""
+    tiny_kb.upload({"zebras.md": FIRST}, "notes")
+    calls = []
+
+    def broken(self, name):
+        calls.append(name)
+        raise AttributeError("'RustBindingsAPI' object has no attribute 'bindings'")
+
+    monkeypatch.setattr(VectorIndex, "get", broken)
+    with pytest.raises(AttributeError):
+        tiny_kb.records(tiny_kb.live()[0])
+    assert len(calls) == 1

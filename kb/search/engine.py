@@ -32,7 +32,7 @@ from kb.search.lexical import Lexical
 from kb.search.hits import (ALSO_BM25, ALSO_DENSE, BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit,
                             SearchOptions, hit_from_document)
 from kb.search.rerank import CrossEncoderReranker
-from kb.store.index import VectorIndex, reachable
+from kb.store.index import VectorIndex, once_more_if_reopened, reachable
 from kb.store.manifest import Manifest
 from kb.words import query_tokens, tokenize
 
@@ -279,14 +279,8 @@ class SearchEngine:
         """The hits for ``query``; a Chroma server outage is an error naming it, never an empty list."""
         opts = opts or SearchOptions()
         t0 = time.perf_counter()
-        opened = self.kb.index.opened
         with reachable(self.kb.settings):
-            try:
-                hits = self._search(query, opts)
-            except AttributeError:  # chromadb's "…has no attribute 'bindings'": a collection of a client closed
-                if self.kb.index.opened == opened:  # under this search, when another thread reopened the store
-                    raise
-                hits = self._search(query, opts)  # (VectorIndex.reopen); once more, on the new client
+            hits = once_more_if_reopened(lambda: self.kb.index, lambda: self._search(query, opts))
         runlog.log_search(self.kb.settings, query, opts, hits, (time.perf_counter() - t0) * 1000)
         return hits
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import chromadb
@@ -124,6 +124,25 @@ def _batches(seq: Sequence, size: int) -> Iterable[Sequence]:
         yield seq[i : i + size]
 
 
+T = TypeVar("T")
+
+
+def once_more_if_reopened(index: Callable[[], "VectorIndex"], read: Callable[[], T]) -> T:
+    """``read()``, run once more when another thread reopened the store under it (``VectorIndex.reopen``).
+
+    A read that took a collection from the old client fails on it with chromadb's "'RustBindingsAPI' object has no
+    attribute 'bindings'": a search, and a page's read (Collections' record browser, a document's chunks) alike.
+    Anything else, and the same error on a client nobody reopened, is raised as it came.
+    """
+    opened = index().opened
+    try:
+        return read()
+    except AttributeError:
+        if index().opened == opened:
+            raise
+        return read()
+
+
 class VectorIndex:
     """The operations sync, re-chunk and the pages need, on raw Chroma collections."""
 
@@ -157,8 +176,8 @@ class VectorIndex:
 
         chromadb shares one client system per folder within a process and stops it when its last client closes:
         this index's client is the only one in the dashboard and the CLI, so the next opens afresh. A query another
-        thread had started on the old client ends normally; a search that had read a collection from it before the
-        reopen fails on it, and ``SearchEngine.search`` runs it once more on the new client.
+        thread had started on the old client ends normally; a search or a page's read that had taken a collection from
+        it before the reopen fails on it, and runs once more on the new client (``once_more_if_reopened``).
         """
         self.seen = self._write_number()
         self.client.close()
