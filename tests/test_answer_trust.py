@@ -97,6 +97,21 @@ def test_a_table_figure_is_read_under_the_column_and_row_it_is_said_to_be_in():
     assert both.supported and both.line_end == 28
 
 
+def test_a_yes_answer_is_checked_for_what_follows_the_yes():
+    """"Yes, Lagent supports both …" was withheld although the lines say so: "yes" and "both" weighed as words the
+    lines lack. They say nothing the lines could hold; what follows them is still checked."""
+    lines = ("### Dual Interfaces\n\nLagent adopts dual interface design, where almost every component(LLMs, actions, "
+             "action executors...) has the corresponding asynchronous variant by prefixing its identifier with 'Async'."
+             "\n\nHowever, make sure the internal consistency of agents, i.e. asynchronous agents should be equipped "
+             "with asynchronous LLMs and asynchronous action executors.")
+    sources = [hit(lines, line_start=280), hit("## Installation\n\nInstall lagent with pip, then run the demo.", n=2)]
+    asked = "Does lagent support asynchronous agents and LLMs?"
+    (yes,) = support("Yes, Lagent supports both asynchronous agents and LLMs.", sources, None, asked)
+    (plain,) = support("Lagent supports asynchronous agents and LLMs.", sources, None, asked)
+    assert yes.supported and (yes.source, yes.line_start) == (plain.source, plain.line_start) == (1, 282)
+    assert not support("Yes, Lagent supports ROS robots and drones.", sources, None, asked)[0].supported
+
+
 def test_lines_holding_the_figures_a_sentence_states_support_it_a_little_below_the_bar():
     sources = [hit("To reproduce the results of the paper, set `block_size=1900` and `stride=512` in the sliding window.")]
     asked = "How should the window be set for BPC?"

@@ -71,6 +71,10 @@ ENUMERATION_SPAN = 80  # the most lines an enumeration's citation may span in it
 LEXICAL = 0.6
 MAX_LINES = 3
 MAX_LIST_LINES = 8  # a list this long at most is also read whole (``_lists``)
+# Words that answer a yes-or-no question without saying anything the lines could hold: "Yes, Lagent supports
+# asynchronous agents." is checked for what follows them. Over every stored answer (580): 12 sentences more
+# cited, 11 of them right (README "Answers"); one right answer shown instead of withheld, none lost.
+AFFIRMATIONS = frozenset("yes both indeed certainly 没错 确实 当然".split())
 ECHO = 0.5  # weight of a word the sentence repeats from the question: the subject, not the claim (README "Answers")
 # The bar is this much lower for lines that hold every figure and exact name the sentence states: those are the
 # claim, spelled out, and no neighbouring line with the same words but another claim holds them (README "Answers").
@@ -430,7 +434,7 @@ class Aligner:
 
     def scores(self, sentence: str) -> np.ndarray:
         """Each run's support for the sentence."""
-        words = set(_claim_words(sentence))
+        words = set(_claim_words(sentence)) - AFFIRMATIONS
         weight = {w: self._weight(w) * (ECHO if w in self.question_words else 1.0) for w in words}
         total = sum(weight.values()) or 1.0
         lexical = np.array([sum(weight[w] for w in words & rw) / total for rw in self.run_words])
