@@ -460,7 +460,7 @@ def _load(kb: "KnowledgeBase", index: dict, temp: Path, token: str, t0: float, p
             target = repos_root / n
             os.rename(temp / "repos" / n, target)
             moved.append(target)
-        _write_manifest(kb, tables, config, repos_root)
+        _write_manifest(kb, tables, config)
         committed = True
         progress("switch", 1, 1)
     except BaseException:
@@ -523,7 +523,7 @@ def _stage_repos(kb: "KnowledgeBase", index: dict, parts: Path, dest: Path, src_
     return {"restored": restored, "recloned": recloned, "missing": missing}
 
 
-def _write_manifest(kb: "KnowledgeBase", tables: dict, config: dict, repos_root: Path) -> None:
+def _write_manifest(kb: "KnowledgeBase", tables: dict, config: dict) -> None:
     """Every row in one transaction: the commit point of an import."""
     live = config["collection"]
     m = kb.manifest
@@ -536,7 +536,7 @@ def _write_manifest(kb: "KnowledgeBase", tables: dict, config: dict, repos_root:
             for row in rows:
                 row = dict(row)
                 if table == "sources":
-                    row["repo_path"] = str((repos_root / str(row["name"])).resolve())
+                    row["repo_path"] = f"repos/{row['name']}"  # read as this folder's (Manifest._source)
                 if table == "meta" and (row.get("key") == "live_collection" or str(row.get("key")).startswith("version:")):
                     continue
                 keep = [c for c in row if c in cols]

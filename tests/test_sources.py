@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kb import citations
@@ -160,3 +162,35 @@ def test_a_source_whose_files_are_missing_fails_alone_and_keeps_its_chunks(tiny_
     with pytest.raises(KBError, match="can't be read"):
         tiny_kb.read_document("files", "uploads/guide.md")
     assert tiny_kb.stats()["chunks"] == chunks
+
+
+def test_a_copied_data_folder_reads_and_writes_its_own_clones(tiny_kb, tiny_st_dir, tiny_embeddings, tmp_path):
+    """A review copied a data folder (as a backup restored, or a second instance, would): the copy's rows held the
+    first folder's clone paths, so `kb remove` in the copy deleted the original's clone and an upload to the copy
+    was committed into the original's. Rows written so (absolute paths) are read as the copy's own now."""
+    import shutil
+    import sqlite3
+
+    from conftest import base_settings, git
+    from kb.service import KnowledgeBase
+
+    tiny_kb.upload({"guide.md": b"# Guide\n\nInternLM answers questions.\n"}, "files")
+    original = Path(tiny_kb.manifest.source("files").repo_path)
+    head = git("rev-parse", "HEAD", cwd=original)
+    tiny_kb.close()
+    home = tmp_path / "copy"
+    shutil.copytree(tiny_kb.settings.home, home, ignore=shutil.ignore_patterns(".write.lock"))
+    with sqlite3.connect(home / "manifest.sqlite") as con:  # as a row written before the fix holds it
+        con.execute("UPDATE sources SET repo_path = ?", (str(original),))
+    con.close()
+    copy = KnowledgeBase(base_settings(home, embed_model=str(tiny_st_dir), embed_backend="torch"),
+                         embeddings=tiny_embeddings)
+    try:
+        assert Path(copy.manifest.source("files").repo_path) == (home / "repos" / "files").resolve()
+        assert not copy.upload({"private.md": b"# Private\n\nOnly the copy has this.\n"}, "files").error
+        copy.remove_source("files")
+    finally:
+        copy.close()
+    assert not (home / "repos" / "files").exists()
+    assert original.is_dir() and git("rev-parse", "HEAD", cwd=original) == head
+    assert not (original / "uploads" / "private.md").exists()

@@ -76,6 +76,8 @@ class Manifest:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # every source's clone lives in this data folder's repos/ (add, upload and snapshot import put it there)
+        self.repos_root = (path.parent / "repos").resolve()
         self._local = threading.local()
         self.db.executescript(SCHEMA)
 
@@ -107,7 +109,7 @@ class Manifest:
             with self.db:
                 self.db.execute(
                     "INSERT INTO sources VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (row.name, row.kind, row.url, row.web_url, row.branch, row.repo_path,
+                    (row.name, row.kind, row.url, row.web_url, row.branch, f"repos/{row.name}",
                      json.dumps(list(row.extensions)), row.indexed_commit, row.indexed_collection,
                      row.last_synced, row.created),
                 )
@@ -115,7 +117,14 @@ class Manifest:
             raise KBError(f"source {row.name!r} already exists") from None
 
     def _source(self, r: sqlite3.Row) -> SourceRow:
+        """A source's row, its clone in this data folder's ``repos/``, whatever path the row holds.
+
+        Rows written before the forty-seventh stop hold the clone's absolute path: a data folder copied or moved
+        elsewhere (a backup restored, a second instance) read and wrote the first folder's clones, so ``kb remove``
+        in the copy deleted the original's clone and an upload to the copy was committed into the original's.
+        """
         d = dict(r)
+        d["repo_path"] = str(self.repos_root / d["name"])
         d["extensions"] = tuple(json.loads(d["extensions"]))
         return SourceRow(**d)
 
