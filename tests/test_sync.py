@@ -214,3 +214,24 @@ def test_a_new_embedding_model_asks_for_a_rebuild_that_works(tiny_kb, corpus, de
     assert out["previous"] == old and out["chunks"] > 0
     assert kb.live()[0] == out["collection"] != old and old in [c["name"] for c in kb.collections()]
     assert SearchEngine(kb).search("Lagent 工具")
+
+
+def test_a_branch_deleted_upstream_is_a_fetch_error_not_unchanged(tiny_kb, history_remote):
+    """The clone fetches without pruning, so a followed branch deleted on the remote stayed where it was and every
+    sync (and `kb watch`) reported the source unchanged, healthy, forever (a review). It is that source's error now,
+    its chunks kept; the remote's other branches still sync."""
+    remote, old, new = history_remote
+    git("branch", "feat", old, cwd=remote)
+    tiny_kb.add_source("feat", str(remote), branch="feat")
+    tiny_kb.add_source("xtuner", str(remote))
+    assert not any(r.error for r in tiny_kb.sync())
+    chunks = tiny_kb.stats()["chunks"]
+    git("branch", "-D", "feat", cwd=remote)
+    git("update-ref", "refs/heads/main", new, cwd=remote)
+    reports = {r.name: r for r in tiny_kb.sync()}
+    assert "branch 'feat' no longer exists on" in reports["feat"].error
+    assert not reports["xtuner"].error and reports["xtuner"].commit_after == new
+    assert tiny_kb.manifest.source("feat").indexed_commit == old
+    assert tiny_kb.stats()["chunks"] > chunks // 2  # feat's chunks stay searchable
+    with pytest.raises(KBError, match="no longer exists"):
+        tiny_kb.fetch_source("feat")

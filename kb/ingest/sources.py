@@ -196,9 +196,14 @@ def fetch(repo_path: Path, branch: str, url: str, progress: Progress = no_progre
     repo = open_repo("", "git", repo_path, url)
     watcher = GitProgress(progress, "fetch")
     try:
-        repo.remote("origin").fetch(progress=watcher)
+        fetched = repo.remote("origin").fetch(progress=watcher)
     except git.GitCommandError as exc:
         raise _git_error(exc, url, watcher, verb="fetch from") from None
+    advertised = {i.name for i in fetched} | {str(i.remote_ref_path).strip().removeprefix("refs/heads/") for i in fetched}
+    if fetched and branch not in advertised:
+        # the fetch doesn't prune: the clone's branch stays where it was, and every sync said "unchanged" forever
+        raise KBError(f"branch {branch!r} no longer exists on {redact(url)}: the source stays at its last indexed "
+                      "commit, its chunks searchable; remove it and add it again with another --branch")
     return head_commit(repo_path, branch)
 
 
