@@ -131,6 +131,8 @@ def cmd_upload(args: argparse.Namespace) -> dict:
     files: dict[str, bytes] = {}
     for f in args.files:
         p = Path(f)
+        if p.is_dir():
+            raise KBError(f"{f} is a folder: give its files (e.g. {f.rstrip('/')}/*.md)")
         if not p.is_file():
             raise KBError(f"no such file: {f}")
         files[p.name] = p.read_bytes()
@@ -143,6 +145,9 @@ def cmd_upload(args: argparse.Namespace) -> dict:
     out = {"sources": [rep]}
     if rep["error"]:
         out["error"] = rep["error"]
+    elif {s["path"].removeprefix("uploads/") for s in rep["skipped"]} >= set(files):
+        # every file given was refused (binary, empty, too big, not UTF-8): a failure, not a quiet success
+        out["error"] = f"none of the {len(files)} file(s) was indexed: each is listed as skipped, with its reason"
     return out
 
 
@@ -210,7 +215,7 @@ def cmd_verify(args: argparse.Namespace) -> dict:
 def cmd_export(args: argparse.Namespace) -> dict:
     kb, progress = _kb(args), _progress(args)
     try:
-        out = kb.export_snapshot(args.file, with_repos=args.with_repos, progress=progress)
+        out = kb.export_snapshot(args.file, with_repos=args.with_repos, progress=progress, overwrite=args.force)
     finally:
         progress.close()
     _say(args, f"wrote {out['path']} ({out['bytes'] / 2**20:.1f} MiB): {out['sources']} sources, {out['chunks']} chunks, "
@@ -565,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", parents=[common], help="write a snapshot: manifest, live collection (+ clones)")
     x.add_argument("file", metavar="FILE.tar.gz")
     x.add_argument("--with-repos", action="store_true", help="include every source's clone")
+    x.add_argument("--force", action="store_true", help="replace FILE if it exists")
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("import", parents=[common], help="load a snapshot into an empty knowledge base")

@@ -688,13 +688,13 @@ class KnowledgeBase:
     @reaching_chroma
     @runlog.job("export", dict)
     def export_snapshot(self, path: str | Path | None = None, with_repos: bool = False,
-                        progress: Progress = no_progress) -> dict:
+                        progress: Progress = no_progress, overwrite: bool = False) -> dict:
         """Write the manifest, the live collection and its passages (and the clones) to one checked ``.tar.gz``;
-        no ``path``: a new file in ``KB_HOME/snapshots``."""
+        no ``path``: a new file in ``KB_HOME/snapshots``; an existing file only with ``overwrite``."""
         from kb import snapshot
 
         return snapshot.export_snapshot(self, Path(path) if path is not None else None, with_repos=with_repos,
-                                        progress=progress)
+                                        progress=progress, overwrite=overwrite)
 
     @reaching_chroma
     @runlog.job("import", dict)

@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -74,16 +75,53 @@ COPY_BLOCK = 1 << 20
 
 
 def default_path(kb: "KnowledgeBase") -> Path:
-    """``KB_HOME/snapshots/kb-snapshot-<UTC time>.tar.gz``, where the dashboard writes its exports."""
+    """``KB_HOME/snapshots/kb-snapshot-<UTC time>.tar.gz``, where the dashboard writes its exports (a second export
+    within the same second gets ``-2``, never the first one's file)."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return kb.settings.home / "snapshots" / f"kb-snapshot-{stamp}.tar.gz"
+    folder = kb.settings.home / "snapshots"
+    path, n = folder / f"kb-snapshot-{stamp}.tar.gz", 1
+    while path.exists():
+        n += 1
+        path = folder / f"kb-snapshot-{stamp}-{n}.tar.gz"
+    return path
+
+
+# An export's work folder and half-written archive carry its process id: a later export removes those of a process
+# that is gone (a killed export left them, tens of MB each, and nothing ever removed them).
+WORK_RE = re.compile(r"\.kb-export-(\d+)-")
+PART_RE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.part$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def clear_leftovers(folder: Path) -> list[str]:
+    """Remove the work folders and half-written archives of exports whose process is gone; their names."""
+    gone = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        m = WORK_RE.match(entry.name) if entry.is_dir() else PART_RE.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            gone.append(entry.name)
+    return gone
 
 
 def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = False,
-                    progress: Progress = no_progress) -> dict:
+                    progress: Progress = no_progress, overwrite: bool = False) -> dict:
     """Write a snapshot of ``kb`` to ``dest`` (written beside it under a temporary name, then renamed).
 
-    ``dest`` None: :func:`default_path`.
+    ``dest`` None: :func:`default_path`. An existing file is replaced only with ``overwrite``: it may be another
+    knowledge base's only backup.
     """
     t0 = time.perf_counter()
     if dest is None:
@@ -94,11 +132,14 @@ def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = F
         raise KBError(f"{dest} is a folder; give the archive's file name, e.g. {dest / 'kb-snapshot.tar.gz'}")
     if not dest.parent.is_dir():
         raise KBError(f"folder {dest.parent} does not exist")
+    if dest.exists() and not overwrite:
+        raise KBError(f"{dest} already exists; give another file name, or --force to replace it")
     try:
-        work = Path(tempfile.mkdtemp(prefix=".kb-export-", dir=dest.parent))
+        clear_leftovers(dest.parent)
+        work = Path(tempfile.mkdtemp(prefix=f".kb-export-{os.getpid()}-", dir=dest.parent))
     except OSError as exc:  # a folder that can't be written ("/proc", read-only, full): said, not a traceback
         raise KBError(f"cannot write the snapshot in {dest.parent}: {exc.strerror or exc}") from None
-    partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     try:
         with write_lock(kb.settings.home, writes=False):  # a consistent snapshot: no sync or re-chunk while it is read
             index = _write_parts(kb, work, with_repos, progress)

@@ -63,12 +63,15 @@ def test_add_sync_stats_search_json(cli_home, corpus):
         (["drop-collection", "nope"], "no collection"),
         (["rechunk", "--chunk-size", "100", "--chunk-overlap", "200"], "overlap"),
         (["upload", "/no/such/file.md", "--source", "f"], "no such file"),
+        (["upload", "/tmp", "--source", "f"], "/tmp is a folder: give its files"),  # was "no such file"
+        (["search", "xtuner", "--threshold", "nan"], "the threshold must be a number"),  # was "no hits", status 0
         (["search", "  "], "empty"),
         (["search", "xtuner", "-k", "0"], "k must be between 1 and 200"),  # was read as the default
         (["ask", "  "], "the question is empty"),  # said before the model loads
         (["search", "xtuner", "--source", "nosuch"], "no source named 'nosuch'"),  # was "no hits", status 0
         (["add", "x", "/tmp", "--extensions", "../x,*"], "invalid extension"),  # matched no file, silently
         (["export", "/proc/kb.tar.gz"], "cannot write the snapshot in /proc"),  # was mkdtemp's traceback
+        (["export", "/etc/passwd"], "already exists; give another file name, or --force"),  # was replaced unasked
         (["eval", "/no/such.jsonl"], "no such question file"),
     ],
 )
@@ -79,6 +82,22 @@ def test_errors_are_clear(cli_home, args, message):
     json_args = args[:1] + ["--json"] + args[1:]
     proc, out = kb(home, *json_args, env_extra=env)
     assert proc.returncode == 1 and message in out["error"]
+
+
+def test_an_upload_whose_every_file_is_refused_fails(cli_home, tmp_path):
+    """Every file skipped (binary, empty) exited 0, its reasons only as indented lines (a review); nothing stored
+    changes either way."""
+    home, env = cli_home
+    (tmp_path / "blob.md").write_bytes(b"\x00\x01\x02 binary")
+    (tmp_path / "empty.md").write_bytes(b"")
+    proc, out = kb(home, "upload", str(tmp_path / "blob.md"), str(tmp_path / "empty.md"), "--source", "refused",
+                   "--json", env_extra=env)
+    assert proc.returncode == 1 and "none of the 2 file(s) was indexed" in out["error"]
+    assert {s["path"] for s in out["sources"][0]["skipped"]} == {"uploads/blob.md", "uploads/empty.md"}
+    (tmp_path / "ok.md").write_bytes(b"# Notes\n\nA file that is indexed.\n")
+    proc, out = kb(home, "upload", str(tmp_path / "ok.md"), str(tmp_path / "blob.md"), "--source", "refused",
+                   "--json", env_extra=env)
+    assert proc.returncode == 0 and "error" not in out, out
 
 
 # git's HTTPS to a closed local port: unreachable on any machine, at once, whatever the network

@@ -243,6 +243,28 @@ def test_export_needs_a_live_collection_and_a_file_name(tmp_path, tiny_st_dir, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
+def test_export_never_replaces_a_file_unasked_and_clears_a_killed_exports_leftovers(tmp_path, source):
+    """A review: `kb export` replaced an existing archive (another knowledge base's backup) without a word, and
+    exports killed part-way left their work folders and half-written archives (tens of MB each) for good."""
+    backup = tmp_path / "backup.tar.gz"
+    backup.write_bytes(b"another knowledge base's only backup")
+    with pytest.raises(KBError, match="already exists; give another file name, or --force"):
+        source["kb"].export_snapshot(backup)
+    assert backup.read_bytes() == b"another knowledge base's only backup"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended, as a killed export's has
+    (tmp_path / f".kb-export-{pid}-abcd1234").mkdir()
+    (tmp_path / f".kb-export-{pid}-abcd1234" / "chunks.npy").write_bytes(b"0" * 1000)
+    (tmp_path / f".backup.tar.gz.{pid}.0123abcd.part").write_bytes(b"half")
+    (tmp_path / f".kb-export-{os.getppid()}-live0000").mkdir()  # a running process's: left alone
+    out = source["kb"].export_snapshot(backup, overwrite=True)
+    assert out["chunks"] == source["before"]["stats"]["chunks"]
+    assert snapshot.read_index(backup)["counts"]["chunks"] == out["chunks"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".kb-export-{os.getppid()}-live0000", "backup.tar.gz"]
+    again = source["kb"].export_snapshot()  # the dashboard's default name, twice in a second: two files
+    assert source["kb"].export_snapshot()["path"] != again["path"]
+
+
 # ---------------------------------------------------------------------------- round trips
 
 

@@ -7,6 +7,8 @@ chunk came back; these are plain data for the CLI, the pages and the answer chai
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 
 from langchain_core.documents import Document
@@ -85,6 +87,8 @@ class SearchOptions:
             raise KBError(f"unknown search mode {self.mode!r}: use one of {', '.join(MODES)}")
         if not 1 <= self.k <= 200:
             raise KBError(f"k must be between 1 and 200, not {self.k}")
+        if self.threshold is not None and not math.isfinite(self.threshold):  # nan passed every filter as "no hits"
+            raise KBError(f"the threshold must be a number, not {self.threshold}")
 
 
 @dataclass
