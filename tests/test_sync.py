@@ -235,3 +235,29 @@ def test_a_branch_deleted_upstream_is_a_fetch_error_not_unchanged(tiny_kb, histo
     assert tiny_kb.stats()["chunks"] > chunks // 2  # feat's chunks stay searchable
     with pytest.raises(KBError, match="no longer exists"):
         tiny_kb.fetch_source("feat")
+
+
+def test_a_clone_whose_folder_is_gone_is_cloned_anew_by_the_next_sync(tiny_kb, history_remote):
+    """A review: after a snapshot imported without its clones while the remote was away, `kb sync` kept saying
+    "remove the source and add it again" (embedding all of it anew) and `kb verify --repair` couldn't mend it.
+    The next sync clones it from its remote and goes on from the indexed commit, embedding nothing it has."""
+    import shutil
+
+    remote, old, new = history_remote
+    tiny_kb.add_source("xtuner", str(remote))
+    assert not tiny_kb.sync()[0].error
+    chunks = tiny_kb.stats()["chunks"]
+    clone = tiny_kb.manifest.source("xtuner").repo_path
+    shutil.rmtree(clone)
+    assert not tiny_kb.verify()["healthy"]  # the indexed commit is missing with its clone
+    moved = remote.with_name("away.git")
+    remote.rename(moved)  # the remote away too: that source's error, its chunks kept
+    report = tiny_kb.sync()[0]
+    assert "is missing and cannot be cloned anew" in report.error and tiny_kb.stats()["chunks"] == chunks
+    moved.rename(remote)
+    git("update-ref", "refs/heads/main", new, cwd=remote)
+    tiny_kb.embeddings.reset()
+    report = tiny_kb.sync()[0]
+    assert not report.error and (report.commit_before, report.commit_after) == (old, new)
+    assert report.chunks_reused > 0  # went on from the indexed commit: only the changed files embedded
+    assert tiny_kb.verify()["healthy"] and tiny_kb.read_document("xtuner", "README.md").text

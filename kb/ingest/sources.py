@@ -151,8 +151,8 @@ def clone(spec: SourceSpec, dest: Path, progress: Progress = no_progress) -> str
     Branches are fetched straight into ``refs/heads`` so a later fetch moves
     them; a failure removes the half-made folder.
     """
-    if dest.exists():
-        raise KBError(f"folder {dest} already exists; remove the source first")
+    if dest.exists():  # no source has this name (checked first): a folder left behind by hand or by a crash
+        raise KBError(f"folder {dest} already exists, though no source uses it: delete it, then add the source")
     watcher = GitProgress(progress, "clone")
     try:
         kwargs = {"branch": spec.branch} if spec.branch else {}
@@ -185,14 +185,26 @@ def open_repo(name: str, kind: str, repo_path: Path, url: str = "") -> git.Repo:
     except (git.NoSuchPathError, git.InvalidGitRepositoryError):
         if kind == "git":
             raise KBError(f"the clone of {redact(url)} is missing ({repo_path}): its chunks stay searchable; "
-                          "remove the source and add it again to clone it anew") from None
+                          f"kb sync {repo_path.name} clones it anew from its remote") from None
         raise KBError(f"the uploaded files of source {name!r} are missing ({repo_path}): its chunks stay searchable, "
                       f"but it can't be synced or take more uploads; import a snapshot made with --with-repos, or "
                       f"remove it (kb remove {name}) and upload its files again") from None
 
 
 def fetch(repo_path: Path, branch: str, url: str, progress: Progress = no_progress) -> str:
-    """Fetch the remote and return the branch's new head commit."""
+    """Fetch the remote and return the branch's new head commit.
+
+    A clone whose folder is gone (a snapshot imported without ``--with-repos`` while the remote was away, a folder
+    deleted by hand) is cloned anew: its indexed commit is the remote's too, so the sync goes on from it. Before,
+    the only way back was to remove the source and add it again, embedding all of it anew.
+    """
+    if not repo_path.exists() and url:
+        try:
+            clone(SourceSpec(repo_path.name, validate_url(url), branch), repo_path, progress)
+        except KBError as exc:
+            raise KBError(f"the clone ({repo_path}) is missing and cannot be cloned anew: {exc}; its chunks stay "
+                          "searchable, and the next sync tries again") from None
+        return head_commit(repo_path, branch)
     repo = open_repo("", "git", repo_path, url)
     watcher = GitProgress(progress, "fetch")
     try:
