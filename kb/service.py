@@ -457,6 +457,9 @@ class KnowledgeBase:
         if not repair or not problems:
             return consistency.report(problems)
         with write_lock(self.settings.home):
+            if any(p.kind == "lost_vector_index" for p in problems):
+                # its vectors can't be read back: the collection is made anew and every source embedded into it
+                self.index.drop(live)
             self._delete_strays(problems, live, config)
             names = sorted({p.source for p in problems
                             if p.kind in consistency.REBUILD and self.manifest.has_source(p.source)})

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 import git
+from chromadb.errors import ChromaError
 
 from kb.ingest.chunking import ChunkConfig
 from kb.store.index import VectorIndex, passage_collection
@@ -23,6 +24,7 @@ READ_PAGE = 5000
 # problem kinds, in the order a person should read them
 KINDS = {
     "no_live_collection": "the live collection is missing from the vector store",
+    "lost_vector_index": "the live collection's vector index is lost or damaged: dense search finds almost nothing",
     "missing_commit": "the source's clone lacks the indexed commit",
     "missing_chunks": "a document has fewer chunks stored than indexed",
     "extra_chunks": "chunks are stored for a document that the manifest does not list with them",
@@ -32,7 +34,7 @@ KINDS = {
     "unknown_source": "records of a source that is not registered",
 }
 # what a full, checked rebuild of the source repairs; the rest is deleted directly
-REBUILD = {"no_live_collection", "missing_commit", "missing_chunks", "extra_chunks", "chunks_without_passages",
+REBUILD = {"no_live_collection", "lost_vector_index", "missing_commit", "missing_chunks", "extra_chunks", "chunks_without_passages",
            "foreign_records", "orphan_passages"}
 
 
@@ -70,6 +72,28 @@ def _missing_commits(manifest: Manifest, live: str) -> list[Problem]:
     return out
 
 
+LOST_SHARE = 0.05  # more of a collection than this out of a query's reach: its vector graph is lost, not imperfect
+
+
+def index_lost(coll) -> bool:
+    """Whether a query for every record of the collection reaches too few of them, or fails.
+
+    Chroma keeps the records in SQLite and their vector graph in files of its own: with those files gone (a backup
+    that skipped them, a disk error) counts, metadata and BM25 look whole, while dense search reaches only the
+    records added since the graph was last written (a review saw one hit of four, and "Error finding id" reading a
+    vector). A graph that is merely imperfect leaves a stray record or two unreachable, not a share.
+    """
+    n = coll.count()
+    dimension = getattr(coll._model, "dimension", None)  # chromadb's collection model; None before a first add
+    if not n or not dimension:
+        return False
+    try:
+        found = coll.query(query_embeddings=[[1.0] * int(dimension)], n_results=n, include=[])["ids"][0]
+    except ChromaError:
+        return True
+    return len(found) < n * (1 - LOST_SHARE)
+
+
 def check(manifest: Manifest, index: VectorIndex, live: str, config: ChunkConfig, embed_model: str) -> list[Problem]:
     """Every inconsistency between the manifest, the live collection, its passages and the clones."""
     sources = {s.name: s for s in manifest.sources()}
@@ -78,6 +102,9 @@ def check(manifest: Manifest, index: VectorIndex, live: str, config: ChunkConfig
     coll = index.find(live)
     if coll is None:
         return problems + [Problem("no_live_collection", name) for name in sorted(indexed)]
+    pcoll = index.find(passage_collection(live)) if config.passage_size else None
+    if any(index_lost(c) for c in (coll, pcoll) if c is not None):
+        problems += [Problem("lost_vector_index", name) for name in sorted(indexed)]
     chunks = _all(coll, ("source", "path", "chunk_config", "embed_model", "text_hash"))
     stored = Counter((m["source"], m["path"]) for _, m in chunks)
     expected = {(d.source, d.path): d.chunks for d in manifest.documents()
@@ -94,7 +121,6 @@ def check(manifest: Manifest, index: VectorIndex, live: str, config: ChunkConfig
             per_source[("unknown_source", m["source"])] += 1
         elif m["chunk_config"] != config.hash or m["embed_model"] != embed_model:
             per_source[("foreign_records", m["source"])] += 1
-    pcoll = index.find(passage_collection(live)) if config.passage_size else None
     if config.passage_size:
         passages = _all(pcoll, ("parent", "source")) if pcoll is not None else []
         parents = {m["parent"] for _, m in passages}

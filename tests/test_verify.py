@@ -105,6 +105,31 @@ def test_a_deleted_chroma_folder_is_rebuilt_searchable(synced, tiny_st_dir):
     assert [h["text"] for h in found] and len(hits_before) == 3
 
 
+def test_a_lost_vector_index_is_found_and_rebuilt(synced, tiny_st_dir):
+    """A review deleted the files of the passages' vector graph (Chroma keeps the records in SQLite apart): counts and
+    BM25 looked whole, `kb verify` said healthy, and a dense search found one passage of thousands. Found and rebuilt
+    now, in new processes as an admin would run them."""
+    kb = synced
+    clean = ids(kb)
+    segments = [d for d in kb.settings.chroma_path.iterdir() if d.is_dir()]
+    kb.close()
+    assert segments, "the passages' vector graph is written to its own folder"
+    for d in segments:
+        shutil.rmtree(d)
+    run = cli(kb, tiny_st_dir)
+    broken = json.loads(run("verify", "--json").stdout)
+    assert {p["kind"] for p in broken["problems"]} == {"lost_vector_index"} and not broken["healthy"]
+    repaired = run("verify", "--repair", "--json")
+    assert repaired.returncode == 0 and json.loads(repaired.stdout)["healthy"], repaired.stderr[-2000:]
+    assert len(json.loads(run("search", "custom tool", "--mode", "dense", "-k", "5", "--json").stdout)["hits"]) == 5
+    check = subprocess.run([sys.executable, "-c", (
+        "import json; from kb.service import KnowledgeBase; kb = KnowledgeBase(); live = kb.live()[0]; "
+        "print(json.dumps([sorted(kb.index.get(live).get(include=[])['ids']), "
+        "sorted(kb.index.passages(live).get(include=[])['ids'])]))")],
+        cwd=ROOT, env=env_of(kb, tiny_st_dir), capture_output=True, text=True, timeout=300)
+    assert tuple(json.loads(check.stdout)) == clean  # the same chunk and passage ids as before the loss
+
+
 def test_a_clone_without_the_indexed_commit(synced):
     kb = synced
     with kb.manifest.transaction() as con:
