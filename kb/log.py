@@ -313,6 +313,10 @@ def job(kind: str, report: Callable[[Any], dict], when: Callable[[dict], bool] |
                     log_job(self.settings, kind, {"error": (str(exc) or type(exc).__name__)[:TEXT_CAP],
                                                   "type": _type_name(exc), "wall_seconds": wall})
                 raise
+            except KeyboardInterrupt:  # Ctrl-C in a terminal: stopped on purpose, like a cancel (it left no record)
+                log_job(self.settings, kind, {"cancelled": True, "note": "interrupted (Ctrl-C)",
+                                              "wall_seconds": round(time.perf_counter() - t0, 3)})
+                raise
             try:
                 fields = report(result)
             except Exception as exc:  # a report that can't be built is the log's problem, not the job's

@@ -368,3 +368,19 @@ def test_cli_logs_unexpected_errors(tmp_path, monkeypatch):
     (err,) = runlog.read(tmp_path)
     assert err["kind"] == "error" and err["origin"] == "kb stats" and err["message"] == "a bug in stats"
     assert "in broken" in err["traceback"]
+
+
+def test_a_job_stopped_with_ctrl_c_is_logged_as_cancelled(tiny_kb, monkeypatch):
+    """A `kb sync` stopped with Ctrl-C printed "interrupted" and left nothing in the log (a review)."""
+    from kb.service import KnowledgeBase
+
+    tiny_kb.upload({"notes.md": b"# Notes\n\nSomething to sync.\n"}, "notes")
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(KnowledgeBase, "_sync_locked", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_kb.sync()
+    last = runlog.read(tiny_kb.settings, kinds=["sync"])[-1]
+    assert last["cancelled"] is True and last["note"] == "interrupted (Ctrl-C)" and "error" not in last
