@@ -49,11 +49,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 from core.errors import UserError
 from kb import log as runlog
 from kb.errors import KBError
 from kb.progress import Progress, no_progress
+from kb.store.manifest import WriteLockBusy
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,9 @@ def _alive(pid: int, host: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+T = TypeVar("T")
 
 
 def lock_busy(home: Path) -> bool:
@@ -252,6 +257,20 @@ class JobControl:
             self.checkpoint()
             time.sleep(LOCK_POLL)
         self.queue._set(self.job, stage="", message="")
+
+    def when_lock_free(self, call: Callable[[], T]) -> T:
+        """``call()`` once the write lock is free, waiting again if another writer takes it first.
+
+        The wait only looks: a `kb sync` in a terminal could take the lock between the wait and the call, and a
+        scheduled fetch then recorded the source as failing and backed it off (a review read it in the code).
+        """
+        while True:
+            self.wait_for_lock()
+            try:
+                return call()
+            except WriteLockBusy:
+                self.checkpoint()
+                time.sleep(LOCK_POLL)
 
 
 # ---------------------------------------------------------------------------- scheduled-sync state
@@ -783,9 +802,8 @@ def _sync_one(kb, name: str, ctl: JobControl) -> dict:
     from kb.ingest.sync import SyncReport
     from kb.store.index import ChromaUnreachable
 
-    ctl.wait_for_lock()
     try:
-        return kb.sync([name], progress=ctl)[0].as_dict()
+        return ctl.when_lock_free(lambda: kb.sync([name], progress=ctl))[0].as_dict()
     except (ChromaUnreachable, Cancelled):  # every source would fail alike; a cancel ends the whole job
         raise
     except KBError as exc:  # e.g. the source was deleted while the job waited
@@ -926,9 +944,8 @@ def _scheduled_work(queue: JobQueue, every: float) -> Work:
         ctl.report = out
         for i, src in enumerate(due):
             ctl.begin_source(src.name, i, len(due))
-            ctl.wait_for_lock()
             try:
-                head = kb.fetch_source(src.name, progress=ctl)
+                head = ctl.when_lock_free(lambda: kb.fetch_source(src.name, progress=ctl))
             except (ChromaUnreachable, Cancelled):
                 raise
             except Exception as exc:  # unreachable remote, missing branch: recorded, the index is not touched

@@ -582,3 +582,39 @@ def test_kb_sync_goes_on_past_one_sources_unexpected_error(tiny_kb, corpus, monk
     assert first.name == "InternLM" and "unexpected RuntimeError: a bug" in first.error
     assert second.name == "lagent" and not second.error and second.files_added > 0
     assert runlog.read(tiny_kb.settings, kinds=["error"])[-1]["origin"] == "sync of InternLM"
+
+
+def test_a_writer_taking_the_lock_between_the_wait_and_the_fetch_is_waited_for(tiny_kb, corpus, queue_of,
+                                                                               monkeypatch):
+    """The scheduled pass waited for the write lock by looking, then took it: a `kb sync` in a terminal taking it in
+    between made the fetch fail, and the source was recorded as failing and backed off (a review read it in the
+    code). The pass waits again instead; the sync job's sources likewise."""
+    from kb.jobs import JobControl
+    from kb.store.manifest import write_lock
+
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    real_wait, holders = JobControl.wait_for_lock, []
+
+    def wait_then_race(self):
+        real_wait(self)
+        if len(holders) < 2:  # the first two waits: another writer takes the lock just after the wait saw it free
+            taken = threading.Event()
+
+            def hold():
+                with write_lock(tiny_kb.settings.home):
+                    taken.set()
+                    time.sleep(0.4)
+
+            holders.append(threading.Thread(target=hold))
+            holders[-1].start()
+            taken.wait()
+
+    monkeypatch.setattr(JobControl, "wait_for_lock", wait_then_race)
+    queue = queue_of(tiny_kb, every=60.0, start=False)
+    out = queue.run_scheduled_now()
+    assert out["state"] == DONE, out
+    (rep,) = out["report"]["sources"]
+    assert not rep["error"] and tiny_kb.manifest.source("lagent").indexed_commit and len(holders) == 2
+    assert tiny_kb.sync_failures() == [] and not runlog.read(tiny_kb.settings, kinds=["fetch"])
+    for t in holders:
+        t.join()

@@ -221,6 +221,10 @@ class Manifest:
         return self.get_meta("live_collection")
 
 
+class WriteLockBusy(KBError):
+    """Another process or job holds the data folder's write lock: nothing was done, and trying again later works."""
+
+
 @contextlib.contextmanager
 def write_lock(home: Path, writes: bool = True) -> Iterator[None]:
     """One writer at a time per KB_HOME (the CLI and the dashboard may race).
@@ -234,7 +238,7 @@ def write_lock(home: Path, writes: bool = True) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise KBError(f"another sync or re-chunk is running on {home}; try again when it ends") from None
+            raise WriteLockBusy(f"another sync or re-chunk is running on {home}; try again when it ends") from None
         try:
             if writes:
                 _number_write(home)  # as well as at the end: a writer killed half-way leaves its start numbered
