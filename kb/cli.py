@@ -148,6 +148,8 @@ def cmd_upload(args: argparse.Namespace) -> dict:
     elif {s["path"].removeprefix("uploads/") for s in rep["skipped"]} >= set(files):
         # every file given was refused (binary, empty, too big, not UTF-8): a failure, not a quiet success
         out["error"] = f"none of the {len(files)} file(s) was indexed: each is listed as skipped, with its reason"
+        if not args.json:
+            print(f"error: {out['error']}", file=sys.stderr)
     return out
 
 

@@ -421,19 +421,7 @@ class KnowledgeBase:
             if self.index.exists(name):
                 self.index.drop(name)  # a leftover, maybe half-built: start clean
             self.manifest.put_collection(name, config.to_json(), self.embed_model, "building")
-            self.index.create(name, config.to_json(), self.embed_model)
-            reports = []
-            for src in self.manifest.sources():
-                if src.indexed_commit:
-                    progress("rechunk", len(reports), None, src.name)
-                    reports.append(sync_source(self._context(), src, name, config, rebuild_at=src.indexed_commit, progress=progress))
-            self.manifest.put_collection(name, config.to_json(), self.embed_model, "ready")
-            with self.manifest.transaction() as con:
-                for rep in reports:
-                    for row in rep.documents:
-                        self.manifest.put_document(con, row)
-                    self.manifest.mark_indexed(con, rep.name, rep.commit_after, name)
-                self.manifest.set_meta(con, "live_collection", name)
+            reports = self._build_at_indexed(name, config, "rechunk", progress)
         return {
             "collection": name, "previous": live, "chunk_config": config.label(),
             "chunks": sum(r.chunks_embedded + r.chunks_reused for r in reports),
@@ -441,6 +429,37 @@ class KnowledgeBase:
             "chunks_overlong": sum(len(r.chunks_overlong) for r in reports),
             "seconds": round(time.perf_counter() - t0, 2),
         }
+
+    def _build_at_indexed(self, name: str, config: ChunkConfig, stage: str, progress: Progress) -> list[SyncReport]:
+        """Build collection ``name`` from every source at its indexed commit, fetching nothing, and make it live
+        (the caller holds the write lock and has dropped any collection of that name)."""
+        self.index.create(name, config.to_json(), self.embed_model)
+        reports = []
+        for src in self.manifest.sources():
+            if src.indexed_commit:
+                progress(stage, len(reports), None, src.name)
+                reports.append(sync_source(self._context(), src, name, config, rebuild_at=src.indexed_commit,
+                                           progress=progress))
+        self.manifest.put_collection(name, config.to_json(), self.embed_model, "ready")
+        with self.manifest.transaction() as con:
+            for rep in reports:
+                for row in rep.documents:
+                    self.manifest.put_document(con, row)
+                self.manifest.mark_indexed(con, rep.name, rep.commit_after, name)
+            self.manifest.set_meta(con, "live_collection", name)
+        return reports
+
+    def _rebuild_lost_index(self, problems: list, live: str, config: ChunkConfig, progress: Progress) -> list:
+        """A live collection whose vector graph is lost, built anew at the indexed commits (its vectors can't be read
+        back). Nothing is fetched, and nothing is dropped while a clone lacks its indexed commit: a repair that
+        fetched first lost every chunk of a source whose remote was away (a review)."""
+        lacking = sorted({p.source for p in problems if p.kind == "missing_commit"})
+        if lacking:
+            raise KBError(f"the live collection's vector index is lost, and the clone of {', '.join(lacking)} lacks its "
+                          f"indexed commit: sync {'them' if len(lacking) > 1 else 'it'} first (kb sync "
+                          f"{' '.join(lacking)}), then repair again; nothing was changed")
+        self.index.drop(live)
+        return self._build_at_indexed(live, config, "rebuild", progress)
 
     # read models for the pages and the CLI
     @runlog.job("verify", dict, when=lambda a: a["repair"])  # a check alone is not logged: Home runs one per view
@@ -457,13 +476,14 @@ class KnowledgeBase:
         if not repair or not problems:
             return consistency.report(problems)
         with write_lock(self.settings.home):
+            reports = []
             if any(p.kind == "lost_vector_index" for p in problems):
-                # its vectors can't be read back: the collection is made anew and every source embedded into it
-                self.index.drop(live)
+                reports = self._rebuild_lost_index(problems, live, config, progress)
+                problems = consistency.check(self.manifest, self.index, live, config, self.embed_model)
             self._delete_strays(problems, live, config)
             names = sorted({p.source for p in problems
                             if p.kind in consistency.REBUILD and self.manifest.has_source(p.source)})
-            reports = self._sync_locked([self.manifest.source(n) for n in names], progress=progress, full=True)
+            reports += self._sync_locked([self.manifest.source(n) for n in names], progress=progress, full=True)
         out = consistency.report(consistency.check(self.manifest, self.index, live, config, self.embed_model),
                                  repaired=True)
         out["reports"] = [r.as_dict() for r in reports]

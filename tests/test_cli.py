@@ -94,6 +94,9 @@ def test_an_upload_whose_every_file_is_refused_fails(cli_home, tmp_path):
                    "--json", env_extra=env)
     assert proc.returncode == 1 and "none of the 2 file(s) was indexed" in out["error"]
     assert {s["path"] for s in out["sources"][0]["skipped"]} == {"uploads/blob.md", "uploads/empty.md"}
+    (tmp_path / "blob2.md").write_bytes(b"\x00\x03 binary too")
+    proc, _ = kb(home, "upload", str(tmp_path / "blob2.md"), "--source", "refused", env_extra=env, check_json=False)
+    assert proc.returncode == 1 and "error: none of the 1 file(s) was indexed" in proc.stderr  # said in text too
     (tmp_path / "ok.md").write_bytes(b"# Notes\n\nA file that is indexed.\n")
     proc, out = kb(home, "upload", str(tmp_path / "ok.md"), str(tmp_path / "blob.md"), "--source", "refused",
                    "--json", env_extra=env)

@@ -116,9 +116,19 @@ def test_a_lost_vector_index_is_found_and_rebuilt(synced, tiny_st_dir):
     assert segments, "the passages' vector graph is written to its own folder"
     for d in segments:
         shutil.rmtree(d)
+    for name in ("lagent", "InternLM"):  # the remotes away: the repair must not need them
+        subprocess.run(["git", "config", "remote.origin.url", "/nonexistent/remote.git"],
+                       cwd=kb.settings.repos_path / name, check=True)
     run = cli(kb, tiny_st_dir)
     broken = json.loads(run("verify", "--json").stdout)
     assert {p["kind"] for p in broken["problems"]} == {"lost_vector_index"} and not broken["healthy"]
+    chunks = json.loads(run("stats", "--json").stdout)["chunks"]
+    clone = kb.settings.repos_path / "lagent"
+    shutil.move(clone, clone.with_name("aside"))  # a clone lacking its indexed commit: refused, nothing dropped
+    refused = run("verify", "--repair", "--json")
+    assert refused.returncode == 1 and "lacks its indexed commit" in json.loads(refused.stdout)["error"]
+    assert json.loads(run("stats", "--json").stdout)["chunks"] == chunks
+    shutil.move(clone.with_name("aside"), clone)
     repaired = run("verify", "--repair", "--json")
     assert repaired.returncode == 0 and json.loads(repaired.stdout)["healthy"], repaired.stderr[-2000:]
     assert len(json.loads(run("search", "custom tool", "--mode", "dense", "-k", "5", "--json").stdout)["hits"]) == 5
