@@ -34,6 +34,16 @@ def ids(kb) -> tuple[list[str], list[str]]:
     return sorted(coll.get(include=[])["ids"]), sorted(pcoll.get(include=[])["ids"])
 
 
+def ids_in_a_new_process(kb, tiny_st_dir) -> tuple[list[str], list[str]]:
+    """``ids(kb)`` as a new process reads the store (this one's client may hold an older view)."""
+    check = subprocess.run([sys.executable, "-c", (
+        "import json; from kb.service import KnowledgeBase; kb = KnowledgeBase(); live = kb.live()[0]; "
+        "print(json.dumps([sorted(kb.index.get(live).get(include=[])['ids']), "
+        "sorted(kb.index.passages(live).get(include=[])['ids'])]))")],
+        cwd=ROOT, env=env_of(kb, tiny_st_dir), capture_output=True, text=True, timeout=300)
+    return tuple(json.loads(check.stdout))
+
+
 @pytest.fixture
 def synced(tiny_kb, corpus):
     for name in ("lagent", "InternLM"):
@@ -96,12 +106,7 @@ def test_a_deleted_chroma_folder_is_rebuilt_searchable(synced, tiny_st_dir):
     assert repaired.returncode == 0 and json.loads(repaired.stdout)["healthy"], repaired.stderr[-2000:]
     found = json.loads(run("search", "custom tool", "--mode", "bm25", "-k", "3", "--json").stdout)["hits"]
     assert len(found) == 3
-    check = subprocess.run([sys.executable, "-c", (
-        "import json; from kb.service import KnowledgeBase; kb = KnowledgeBase(); live = kb.live()[0]; "
-        "print(json.dumps([sorted(kb.index.get(live).get(include=[])['ids']), "
-        "sorted(kb.index.passages(live).get(include=[])['ids'])]))")],
-        cwd=ROOT, env=env_of(kb, tiny_st_dir), capture_output=True, text=True, timeout=300)
-    assert tuple(json.loads(check.stdout)) == clean  # the same chunk and passage ids as before the loss
+    assert ids_in_a_new_process(kb, tiny_st_dir) == clean  # the same chunk and passage ids as before the loss
     assert [h["text"] for h in found] and len(hits_before) == 3
 
 
@@ -132,12 +137,7 @@ def test_a_lost_vector_index_is_found_and_rebuilt(synced, tiny_st_dir):
     repaired = run("verify", "--repair", "--json")
     assert repaired.returncode == 0 and json.loads(repaired.stdout)["healthy"], repaired.stderr[-2000:]
     assert len(json.loads(run("search", "custom tool", "--mode", "dense", "-k", "5", "--json").stdout)["hits"]) == 5
-    check = subprocess.run([sys.executable, "-c", (
-        "import json; from kb.service import KnowledgeBase; kb = KnowledgeBase(); live = kb.live()[0]; "
-        "print(json.dumps([sorted(kb.index.get(live).get(include=[])['ids']), "
-        "sorted(kb.index.passages(live).get(include=[])['ids'])]))")],
-        cwd=ROOT, env=env_of(kb, tiny_st_dir), capture_output=True, text=True, timeout=300)
-    assert tuple(json.loads(check.stdout)) == clean  # the same chunk and passage ids as before the loss
+    assert ids_in_a_new_process(kb, tiny_st_dir) == clean  # the same chunk and passage ids as before the loss
 
 
 def test_a_clone_without_the_indexed_commit(synced):
