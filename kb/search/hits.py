@@ -8,7 +8,6 @@ chunk came back; these are plain data for the CLI, the pages and the answer chai
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 
 from langchain_core.documents import Document
