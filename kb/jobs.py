@@ -53,6 +53,7 @@ from typing import TypeVar
 
 from core.errors import UserError
 from kb import log as runlog
+from kb import pids
 from kb.errors import KBError
 from kb.progress import Progress, no_progress
 from kb.store.manifest import WriteLockBusy
@@ -106,15 +107,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _alive(pid: int, host: str) -> bool:
     """Whether the process that wrote a running job's record still exists (unknowable on another host: yes)."""
-    if host != socket.gethostname() or pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return host != socket.gethostname() or pid == os.getpid() or pids.alive(pid)
 
 
 T = TypeVar("T")

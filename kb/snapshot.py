@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kb import pids
 from kb.errors import KBError
 from kb.ingest import sources as git_sources
 from kb.progress import Progress, no_progress
@@ -92,22 +93,12 @@ WORK_RE = re.compile(r"\.kb-export-(\d+)-")
 PART_RE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.part$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 def clear_leftovers(folder: Path) -> list[str]:
     """Remove the work folders and half-written archives of exports whose process is gone; their names."""
     gone = []
     for entry in folder.iterdir() if folder.is_dir() else ():
         m = WORK_RE.match(entry.name) if entry.is_dir() else PART_RE.match(entry.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and not pids.alive(int(m.group(1))):  # this process's own are alive too
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
