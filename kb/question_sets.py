@@ -101,6 +101,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind23", "Overview (blind 23)", QUESTIONS / "overview_blind23.jsonl",
                 "checking only, a twenty-first blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-sixth stop, measured once at the forty-seventh"),
+    QuestionSet("overview-blind24", "Overview (blind 24)", QUESTIONS / "overview_blind24.jsonl",
+                "checking only, a twenty-second blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-seventh stop, measured once at the forty-eighth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
