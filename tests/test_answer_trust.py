@@ -357,6 +357,28 @@ def test_follow_up_answer_step_gets_the_standalone_question(xtuner_kb):
     assert result.standalone_question == "XTuner 支持哪些模型？"
 
 
+def test_a_rewrite_that_loses_the_question_is_not_searched(xtuner_kb):
+    """The review's case: after a declined off-topic question, "what is xtuner?" came back as another question."""
+    llm = RecordingChat(messages=iter([AIMessage("What is the term used to describe the artificial intelligence model?"),
+                                       AIMessage("XTuner 是一个微调工具库 [1]。")]))
+    history = [("user", "What is the capital of Australia?"), ("assistant", "The knowledge base holds nothing.")]
+    result = Answerer(llm, SearchEngine(xtuner_kb), SearchOptions(k=3)).ask("what is xtuner?", history)
+    assert result.standalone_question == "what is xtuner?"
+    answer_prompt = llm.seen[-1][-1].content
+    assert "what is xtuner?" in answer_prompt and "term used" not in answer_prompt
+    assert any("xtuner" in h.path.lower() or h.source == "xtuner" for h in result.sources)
+
+
+def test_kept_rewrite_keeps_what_a_follow_up_leaves_out():
+    from kb.answer.chain import kept_rewrite
+
+    assert kept_rewrite("它支持哪些模型？", "XTuner 支持哪些模型？") == "XTuner 支持哪些模型？"
+    assert kept_rewrite("how do I install it?", "How do I install LMDeploy?") == "How do I install LMDeploy?"
+    assert kept_rewrite("why?", "Why does XTuner use DeepSpeed?") == "Why does XTuner use DeepSpeed?"
+    assert kept_rewrite("what is lagent?", "What is the term for an AI model?") == "what is lagent?"
+    assert kept_rewrite("lagent 怎么安装？", "") == "lagent 怎么安装？"
+
+
 def test_a_long_follow_up_is_searched_as_asked(xtuner_kb):
     """A question longer than ``REWRITE_MAX_CHARS`` carries its own context: not rewritten, the model asked once."""
     from kb.answer.chain import REWRITE_MAX_CHARS

@@ -35,6 +35,7 @@ from kb.ingest.loaders import LoadedDocument, git_lines
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 from kb.search.signals import query_language
+from kb.words import tokenize
 
 STAGES = ("rewriting", "searching", "translated", "sources", "answering")  # "translated": only with a translation
 # A follow-up that needs the conversation to be understood is short ("它支持哪些模型？"). A longer question carries its
@@ -46,6 +47,23 @@ REWRITE_MAX_CHARS = 300
 def rewrites(question: str, history: list) -> bool:
     """Whether the question is rewritten to stand alone before it is searched: a short follow-up."""
     return bool(history) and len(question) <= REWRITE_MAX_CHARS
+
+
+def kept_rewrite(question: str, rewrite: str) -> str:
+    """The rewrite, unless it has lost the question: then the question as asked.
+
+    A rewrite adds what the conversation settles ("它" → "XTuner") and keeps the
+    rest. After a declined off-topic question, the small model rewrote "what is
+    lagent?" into "What is the term used to describe the artificial intelligence
+    model?", and that was searched and answered (a browser review). A rewrite
+    keeping fewer than half of the question's own words (``tokenize``: stop words
+    and "它" drop out) is another question; a question of stop words alone ("why?")
+    has nothing to lose and takes the rewrite.
+    """
+    words = set(tokenize(question))
+    if not rewrite or (words and 2 * len(words & set(tokenize(rewrite))) < len(words)):
+        return question
+    return rewrite
 
 
 @dataclass
@@ -164,10 +182,12 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     its translation too (kb/answer/translate.py): "always", or "auto", only
     when BM25's and dense's first hits share no chunk (``retrievers_disagree``).
     """
+    rewrite = (RunnableLambda(lambda x: {"history": format_history(x["history"]), "question": neutralise(x["question"])})
+               | CONDENSE_PROMPT | llm | StrOutputParser()
+               | RunnableLambda(lambda s: s.strip().splitlines()[0] if s.strip() else ""))
     condense = RunnableBranch(
         (lambda x: rewrites(x["question"], x["history"]),
-         RunnableLambda(lambda x: {"history": format_history(x["history"]), "question": neutralise(x["question"])})
-         | CONDENSE_PROMPT | llm | StrOutputParser() | RunnableLambda(lambda s: s.strip().splitlines()[0] if s.strip() else "")),
+         RunnablePassthrough.assign(rewrite=rewrite) | RunnableLambda(lambda x: kept_rewrite(x["question"], x["rewrite"]))),
         RunnableLambda(lambda x: x["question"]),
     )
     lines_of = lines_of or LineReader(engine.kb)
