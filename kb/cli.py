@@ -128,14 +128,17 @@ def cmd_sync(args: argparse.Namespace) -> dict:
 
 
 def cmd_upload(args: argparse.Namespace) -> dict:
-    files: dict[str, bytes] = {}
+    from kb.ingest.sources import named_files
+
+    given = []
     for f in args.files:
         p = Path(f)
         if p.is_dir():
             raise KBError(f"{f} is a folder: give its files (e.g. {f.rstrip('/')}/*.md)")
         if not p.is_file():
             raise KBError(f"no such file: {f}")
-        files[p.name] = p.read_bytes()
+        given.append((p.name, p.read_bytes()))
+    files = named_files(given)
     kb, progress = _kb(args), _progress(args)
     try:
         rep = kb.upload(files, args.source, progress).as_dict()

@@ -410,7 +410,16 @@ class JobQueue:
         return self.submit("sync", {"names": names}, _sync_work(names), label=label, origin=origin)
 
     def submit_upload(self, files: dict[str, bytes], source: str, origin: str = "dashboard") -> dict:
-        """Commit uploaded files to a files-only source and index them (``kb upload``)."""
+        """Commit uploaded files to a files-only source and index them (``kb upload``).
+
+        A bad source name is refused here, not by the queued job: it became a failed job (counted among Home's
+        errors) labelled "Upload 1 file(s) to failed" for an empty name (a browser review).
+        """
+        from kb.ingest.sources import validate_name
+
+        validate_name(source)
+        if not files:
+            raise KBError("no files given")
         files = dict(files)
         args = {"source": source, "files": sorted(files), "bytes": sum(len(b) for b in files.values())}
         return self.submit("upload", args, _upload_work(files, source),

@@ -15,7 +15,9 @@ import streamlit as st
 from kb.markdown import escape_markdown
 from core.settings import split_list
 from pages import _resources as resources
-from pages._common import kb_or_stop, require_admin, run_with_status, when
+from kb.errors import KBError
+from kb.ingest.sources import named_files
+from pages._common import kb_or_stop, require_admin, run_with_status, show_error, when
 from pages._jobs import ended_jobs, jobs_panel, track
 
 st.title(":material/source: Sources")
@@ -54,7 +56,8 @@ def show_reports(reports: list[dict]) -> None:
         if r["error"]:
             st.error(f"**{r['name']}**: {r['error']}", icon=":material/error:")
             continue
-        if r["commit_before"] and r["commit_before"] == r["commit_after"] and not (r["added"] or r["modified"] or r["deleted"]):
+        if (r["commit_before"] and r["commit_before"] == r["commit_after"]
+                and not (r["added"] or r["modified"] or r["deleted"] or r["skipped"])):
             st.caption(f"{r['name']}: up to date at {r['commit_after'][:8]}, nothing to do.")
             continue
         over = f", {len(r['chunks_overlong'])} chunks over the window" if r["chunks_overlong"] else ""
@@ -89,6 +92,24 @@ def sync_summary(reports: list[dict]) -> tuple[str, str]:
     return ("warning" if failed else "success"), text
 
 
+def upload_summary(r: dict, given: int) -> tuple[str, str]:
+    """What an upload did with each file: it said "Indexed 2 file(s)" when both were skipped (a browser review).
+
+    A skipped file (binary, empty, not UTF-8, over KB_MAX_FILE_BYTES) stays in the upload source, listed among its
+    documents with the reason, as a git source's would be; ``kb upload`` exits 1 when every file was skipped.
+    """
+    refused = {x["path"] for x in r["skipped"]}
+    new = len(set(r["added"]) - refused)
+    changed = len(set(r["modified"]) - refused)
+    unchanged = max(0, given - len(refused) - new - changed)
+    parts = [f"{n} {label}" for n, label in ((new, "new"), (changed, "changed"), (unchanged, "unchanged"),
+                                              (len(refused), "skipped, not indexed (reasons below)")) if n]
+    text = (f"Uploaded {given} file(s) to **{escape_markdown(r['name'])}** at {(r['commit_after'] or '')[:8]}: "
+            f"{', '.join(parts)}; {r['chunks_embedded']} chunks embedded.")
+    kind = "error" if len(refused) >= given else "warning" if refused else "success"
+    return kind, text
+
+
 def remember_job(job: dict, prefix: str = "") -> None:
     """A job of this session has ended: keep its outcome for the message box."""
     rep = job.get("report") or {}
@@ -106,9 +127,8 @@ def remember_job(job: dict, prefix: str = "") -> None:
         if r["error"]:
             remember("error", r["error"], reports)
         else:
-            n = len(job["args"].get("files", []))
-            remember("success", f"Indexed {n} file(s) into **{escape_markdown(r['name'])}** "
-                                f"at {(r['commit_after'] or '')[:8]}: {r['chunks_embedded']} chunks embedded.", reports)
+            kind, text = upload_summary(r, len(job["args"].get("files", [])))
+            remember(kind, text, reports)
     else:
         kind, text = sync_summary(reports)
         remember(kind, lead + text, reports)
@@ -258,9 +278,13 @@ with upload_tab:
     uploaded = st.file_uploader("Files", type=list(s.upload_extensions), accept_multiple_files=True, key="upload_files",
                                 max_upload_size=limit_mb)
     if st.button("Upload and index", type="primary", disabled=not uploaded, key="upload_btn"):
-        files = {f.name: f.getvalue() for f in uploaded}
-        job = queue.submit_upload(files, target_src.strip())
-        enqueued(job, f"Indexing {len(files)} file(s) into **{escape_markdown(target_src.strip())}** is queued.")
+        try:
+            files = named_files((f.name, f.getvalue()) for f in uploaded)
+            job = queue.submit_upload(files, target_src.strip())
+        except KBError as exc:
+            show_error(exc)
+        else:
+            enqueued(job, f"Indexing {len(files)} file(s) into **{escape_markdown(target_src.strip())}** is queued.")
 
 # ---------------------------------------------------------------------------- delete
 

@@ -216,6 +216,14 @@ def test_every_page_shows_a_running_job_and_drops_it_when_it_ends_in_a_browser(t
         stop(proc)
 
 
+def upload(at, files: list[tuple[str, bytes]], source: str = "notes", finished: bool = True):
+    at.text_input(key="upload_source").input(source)
+    at.file_uploader(key="upload_files").set_value([(name, data, "text/markdown") for name, data in files])
+    at.run()
+    at.button(key="upload_btn").click().run()
+    return finish(at) if finished else ok(at)
+
+
 def test_upload_is_a_job_and_the_widget_limit_follows_the_setting(page_env, open_page, shared_kb, monkeypatch):
     at = ok(open_page("sources"))
     assert at.file_uploader(key="upload_files").proto.max_upload_size_mb == math.ceil(20_000_000 / 2**20) == 20
@@ -226,9 +234,23 @@ def test_upload_is_a_job_and_the_widget_limit_follows_the_setting(page_env, open
     ok(at)
     assert "is queued" in texts(at.info)
     finish(at)
-    assert "Indexed 1 file(s) into **notes**" in texts(at.success), texts(at.error) + texts(at.warning)
+    assert re.search(r"Uploaded 1 file\(s\) to \*\*notes\*\* at \w{8}: 1 new; \d+ chunks embedded", texts(at.success)), \
+        texts(at.success) + texts(at.error) + texts(at.warning)
     assert shared_kb().manifest.source("notes").kind == "files"
     assert frame_with(at, "took").loc[0, "job"] == "Upload 1 file(s) to notes"
+
+    # the review's uploads: a skipped file is said to be skipped, not "indexed"; every file skipped is an error
+    upload(at, [("notes.md", EVIL_FREE_DOC), ("binary.md", b"\x00\x01\x02 binary")])
+    assert "1 unchanged, 1 skipped, not indexed" in texts(at.warning), texts(at.success) + texts(at.warning)
+    upload(at, [("latin.md", b"\xff\xfe caf\xe9")])
+    assert "1 skipped, not indexed" in texts(at.error) and not texts(at.success)
+    # two files of one name, and a bad source name: refused at once, nothing queued
+    jobs = [j["id"] for j in queue().jobs()]
+    upload(at, [("a.md", b"# One\n\nfirst"), ("a.md", b"# Two\n\nsecond")], finished=False)
+    assert "two files named 'a.md' in one upload" in texts(at.error) and "is queued" not in texts(at.info)
+    upload(at, [("c.md", b"# C\n\ntext")], source="bad name!", finished=False)
+    assert "invalid source name 'bad name!'" in texts(at.error)
+    assert [j["id"] for j in queue().jobs()] == jobs
 
     monkeypatch.setenv("KB_UPLOAD_MAX_BYTES", "5000000")
     small = ok(open_page("sources"))

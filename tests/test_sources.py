@@ -194,3 +194,10 @@ def test_a_copied_data_folder_reads_and_writes_its_own_clones(tiny_kb, tiny_st_d
     assert not (home / "repos" / "files").exists()
     assert original.is_dir() and git("rev-parse", "HEAD", cwd=original) == head
     assert not (original / "uploads" / "private.md").exists()
+
+
+def test_one_upload_may_not_hold_two_files_of_one_name():
+    """The dashboard built {name: bytes}, and `kb upload a/x.md b/x.md` too: the second file replaced the first."""
+    assert sources.named_files([("a.md", b"1"), ("b.md", b"2")]) == {"a.md": b"1", "b.md": b"2"}
+    with pytest.raises(KBError, match=r"two files named 'x.md' in one upload"):
+        sources.named_files([("x.md", b"1"), ("y.md", b"2"), ("x.md", b"3")])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -250,6 +251,21 @@ def safe_upload_name(raw_name: str, allowed: tuple[str, ...]) -> str:
     if ext not in allowed:
         raise KBError(f"refused {name!r}: extension {('.' + ext) if ext else '(none)'} is not allowed (allowed: {', '.join(allowed)})")
     return name
+
+
+def named_files(files: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
+    """One upload's files by name; two with one name are refused (the upload folder holds one file of each name,
+    and the dashboard's dict of them kept the second without a word: a browser review)."""
+    out: dict[str, bytes] = {}
+    twice = []
+    for name, data in files:
+        if name in out:
+            twice.append(name)
+        out[name] = data
+    if twice:
+        raise KBError(f"two files named {', '.join(repr(n) for n in sorted(set(twice)))} in one upload: "
+                      "an upload folder holds one file of each name; rename one or upload them separately")
+    return out
 
 
 def commit_uploads(name: str, repo_path: Path, files: dict[str, bytes]) -> str:
