@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import git
 from langchain_core.embeddings import Embeddings
 
 from core import embeddings as emb
@@ -556,6 +557,11 @@ class KnowledgeBase:
                 problems.append({"kind": "other_collection", "subject": r.name,
                                  "message": f"Source {r.name} was indexed into {r.indexed_collection}, not the live "
                                             "collection: its chunks were built with another chunk config or model."})
+            elif (head := self._unindexed_head(r)) is not None:
+                what = "uploaded files" if r.kind == "files" else "fetched commits"
+                problems.append({"kind": "not_indexed", "subject": r.name,
+                                 "message": f"Source {r.name} has {what} not yet indexed: its branch is at {head[:8]}, "
+                                            f"its chunks at {r.indexed_commit[:8]}. A sync indexes them."})
         for name, c in sorted(self.manifest.collection_rows().items()):
             if name == live_name:
                 continue
@@ -569,6 +575,19 @@ class KnowledgeBase:
                              "message": f"Collection {name} is not live ({c['status']}): "
                                         + ("; ".join(diff) or "same settings as the live one") + "."})
         return problems
+
+    @staticmethod
+    def _unindexed_head(src: SourceRow) -> str | None:
+        """The clone's branch head where it is ahead of the indexed commit (None: level, or no clone to read).
+
+        An upload killed between its commit and its index left the files committed and unsearchable while every
+        check said healthy (a browser review, ``kill -9`` mid-upload); a fetch killed before its sync, the same.
+        """
+        try:
+            head = sources.head_commit(Path(src.repo_path), src.branch)
+        except (KBError, git.GitError, OSError, ValueError):
+            return None
+        return head if head != src.indexed_commit else None
 
     def model_window(self) -> int | None:
         """The embedding model's token window (None: it has none, nothing is cut)."""

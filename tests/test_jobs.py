@@ -263,6 +263,21 @@ def test_upload_job_and_a_failing_one(tiny_kb, queue_of):
     assert tiny_kb.verify()["healthy"]
 
 
+def test_files_committed_by_an_upload_killed_before_indexing_are_reported_stale(tiny_kb):
+    """kill -9 between an upload's commit and its index left the files unsearchable while every check said healthy."""
+    from kb.ingest import sources
+
+    tiny_kb.upload({"notes.md": b"# Notes\n\nIndexed.\n"}, "notes")
+    assert tiny_kb.health() == []
+    src = tiny_kb.manifest.source("notes")
+    head = sources.commit_uploads("notes", Path(src.repo_path), {"late.md": b"# Late\n\nCommitted, never indexed.\n"})
+    stale = [p for p in tiny_kb.health() if p["subject"] == "notes"]
+    assert [p["kind"] for p in stale] == ["not_indexed"]
+    assert f"uploaded files not yet indexed: its branch is at {head[:8]}" in stale[0]["message"]
+    (report,) = tiny_kb.sync(["notes"])
+    assert report.added == ["uploads/late.md"] and tiny_kb.health() == []
+
+
 def test_evaluation_job_reports_each_question(tiny_kb, corpus, queue_of):
     from kb.evaluate import load_questions
     from kb.search.engine import SearchEngine
