@@ -85,7 +85,9 @@ def home() -> None:
                   chart_data=[b["ttft_p95_s"] for b in hourly if b["ttft_p95_s"] is not None] or None)
         g4.metric("Errors", act["errors"] + len(failed), border=True,
                   help=f"{act['errors']} unexpected (bugs, with a traceback in the log), {len(failed)} failed "
-                       "sync/scheduled fetch/upload/re-chunk/repair jobs; `python -m kb log --kind error --since 24h`")
+                       "sync/scheduled fetch/upload/re-chunk/repair jobs (those a stopped server interrupted "
+                       "included); the unexpected ones: `python -m kb log --kind error --since 24h`, the jobs: "
+                       "`python -m kb log --since 24h`")
         if act["searches"] or act["questions"]:
             import pandas as pd
 

@@ -729,7 +729,10 @@ class JobQueue:
         try:
             _atomic_write(path, rec)
         except OSError:
-            pass
+            return rec
+        if rec.get("kind") in runlog.JOB_KINDS:  # Home's errors and `kb log --kind KIND` count it, as the jobs table
+            runlog.log_job(self.kb.settings, rec["kind"], {"error": rec["error"], "interrupted": True,
+                                                           "job": rec.get("id"), "origin": rec.get("origin")})
         return rec
 
     def _from_disk(self) -> list[dict]:

@@ -311,6 +311,10 @@ def test_a_job_whose_process_died_is_recorded_as_interrupted(tiny_kb, queue_of):
     got = queue.get(rec["id"])
     assert got["state"] == FAILED and "interrupted" in got["error"] and not queue.active()
     assert json.loads((folder / f"{rec['id']}.json").read_text())["state"] == FAILED
+    # counted where the other failures are: Home's errors and `kb log` (a browser review: Home said 3, the jobs table 7)
+    (logged,) = [r for r in runlog.read(tiny_kb.settings, kinds=["sync"]) if r.get("job") == rec["id"]]
+    assert logged["interrupted"] and "interrupted" in logged["error"]
+    assert any("interrupted" in f["error"] for f in tiny_kb.activity(1)["failed_jobs"])
 
 
 # ---------------------------------------------------------------------------- scheduled sync
