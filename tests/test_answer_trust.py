@@ -194,6 +194,19 @@ def test_a_code_block_keeps_its_lines_as_written_and_its_citations_go_below_it()
         assert md.startswith("Install XTuner with pip. [\\[1\\]]"), "the model's marker replaced, no space left"
 
 
+def test_a_code_blocks_lines_from_one_source_carry_one_citation_in_a_paragraph_of_their_own():
+    """The review's install block showed "[1] [1] [1]" (one link per line), run into the sentence after it."""
+    sources = [hit("From source:\n\ngit clone https://github.com/InternLM/lagent.git\ncd lagent\npip install -e .", 1)]
+    answer = ("Install it from source:\n```bash\ngit clone https://github.com/InternLM/lagent.git\ncd lagent\n"
+              "pip install -e .\n```\nThese commands install Lagent.")
+    sents = support(answer, sources, embed=None)
+    md = answer_markdown({"content": answer, "sentences": [s.as_dict() for s in sents],
+                          "sources": [h.as_dict() for h in sources]})
+    block_link = f"[\\[1\\]]({viewer_link('xtuner', 'README.md', 12, 14)} \"README.md, line 12–14\")"
+    assert "pip install -e .\n```\n" + block_link + "\n\n" in md, md
+    assert "\n\nThese commands install Lagent." in md, "the block's citations are a paragraph of their own"
+
+
 def test_reanchor_keeps_each_hosts_format():
     assert reanchor("https://gitee.com/o/r/blob/c/a.md#L1-L9", 3, 4) == "https://gitee.com/o/r/blob/c/a.md#L3-L4"
     assert reanchor("https://gitlab.com/o/r/-/blob/c/a.md#L1-9", 3, 4) == "https://gitlab.com/o/r/-/blob/c/a.md#L3-4"

@@ -35,10 +35,25 @@ def cite(sentence: dict, sources: list[dict]) -> str:
     return f"[\\[{n}\\]]({safe_url(link)} \"{h['path']}, line {lines}\")"
 
 
-def _block_citations(tags: list[str]) -> str:
-    """The citations of a code block's lines, once each, on a line of their own below the block."""
-    unique = list(dict.fromkeys(t for t in tags if t))
-    return ("\n" + " ".join(unique)) if unique else ""
+def _block_citations(lines: list[dict], sources: list[dict]) -> str:
+    """The citations of a code block's lines on a line of their own below the block: one per source, spanning the
+    lines the block's lines were found at (three lines of one command showed "[1] [1] [1]", each linking one line),
+    and a paragraph of their own (the next sentence was read as carrying them: a browser review)."""
+    spans: dict[int, dict] = {}
+    tags = []
+    for x in lines:
+        n = x.get("source")
+        if n and 1 <= n <= len(sources):
+            if n in spans:
+                spans[n]["line_start"] = min(spans[n]["line_start"], x["line_start"])
+                spans[n]["line_end"] = max(spans[n]["line_end"], x["line_end"])
+            else:
+                spans[n] = dict(x)
+                tags.append(n)
+        elif cite(x, sources):
+            tags.append(cite(x, sources))
+    unique = list(dict.fromkeys(cite(spans[t], sources) if isinstance(t, int) else t for t in tags))
+    return ("\n" + " ".join(unique) + "\n") if unique else ""
 
 
 def answer_markdown(msg: dict) -> str:
@@ -61,17 +76,17 @@ def answer_markdown(msg: dict) -> str:
         if is_fence(x["text"]):
             out.append(x["text"])
             if in_code:
-                out.append(_block_citations(pending))
+                out.append(_block_citations(pending, sources))
                 pending = []
             in_code = not in_code
             continue
-        tag = cite(x, sources)
         if in_code:
             out.append(x["text"])
-            pending.append(tag)
+            pending.append(x)
         else:
+            tag = cite(x, sources)
             out.append(_clean(x["text"]) + (" " + tag if tag else ""))
     out.append(content[cursor:])
     if pending:  # a block the answer never closed (cut off at the token limit): close it, or the links are code
-        out.append(("" if content.endswith("\n") else "\n") + FENCES[0] + _block_citations(pending))
+        out.append(("" if content.endswith("\n") else "\n") + FENCES[0] + _block_citations(pending, sources))
     return "".join(out)
