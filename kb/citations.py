@@ -44,14 +44,39 @@ def file_url(web_url: str, commit: str, path: str) -> str:
     return permalink(web_url, commit, path, 1, 1).split("#")[0]
 
 
-def viewer_link(source: str, path: str, line_start: int, line_end: int) -> str:
+LINK_COMMIT = 12  # hex digits of the cited commit a deep link carries
+
+
+def viewer_link(source: str, path: str, line_start: int, line_end: int, commit: str = "") -> str:
     """The dashboard's own deep link: the Documents page at that file, with those lines highlighted.
 
     Relative to the app's root, so it works behind any host and survives a
-    reload (the page reads ``source``, ``path`` and ``lines`` from the URL).
+    reload (the page reads ``source``, ``path``, ``lines`` and ``commit`` from the
+    URL). The commit lets the page find the cited lines after a sync has moved
+    them: without it, an old answer's link highlighted whatever the new version
+    held at those numbers, an empty line in the review's case.
     """
-    query = urlencode({"source": source, "path": path, "lines": f"{line_start}-{line_end}"})
-    return f"{VIEWER_PAGE}?{query}"
+    query = {"source": source, "path": path, "lines": f"{line_start}-{line_end}"}
+    if commit:
+        query["commit"] = commit[:LINK_COMMIT]
+    return f"{VIEWER_PAGE}?{urlencode(query)}"
+
+
+def relocate(then: Sequence[str], line_start: int, line_end: int, now: Sequence[str]) -> tuple[int, int] | None:
+    """Where lines ``line_start..line_end`` of a file's old version stand in its new one (1-based), or None.
+
+    The cited block must appear unchanged; of several places, the nearest to the old numbers. A block of blank
+    lines alone is found everywhere, so nowhere.
+    """
+    block = list(then[line_start - 1:line_end])
+    if not block or not any(line.strip() for line in block):
+        return None
+    size = len(block)
+    found = [i + 1 for i in range(len(now) - size + 1) if list(now[i:i + size]) == block]
+    if not found:
+        return None
+    start = min(found, key=lambda a: abs(a - line_start))
+    return start, start + size - 1
 
 
 def parse_lines(value: str | None) -> tuple[int, int] | None:

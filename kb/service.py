@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import shutil
 import sqlite3
 import threading
@@ -31,7 +32,7 @@ from kb import verify as consistency
 from kb.errors import KBError
 from kb.ingest import sources
 from kb.ingest.chunking import ChunkConfig
-from kb.ingest.loaders import LoadedDocument, SkipFile, load_document
+from kb.ingest.loaders import LoadedDocument, SkipFile, decode, git_lines, load_document
 from kb.ingest.sync import SyncContext, SyncReport, read_blob, sync_source
 from kb.progress import Progress, no_progress
 from kb.store.index import (
@@ -42,6 +43,7 @@ from kb.store.manifest import DocumentRow, Manifest, SourceRow, write_lock
 _log = logging.getLogger(__name__)
 
 
+HEX_RE = re.compile(r"[0-9a-f]{7,40}")  # a commit id as a link carries it
 F = TypeVar("F", bound=Callable)
 
 
@@ -700,6 +702,26 @@ class KnowledgeBase:
             "sources": counts["sources"], "documents": counts["documents"], "skipped": counts["skipped"],
             "chunks": chunks, "live_collection": live, "collections": self.index.names(),
         }
+
+    def lines_at(self, source: str, path: str, commit: str) -> list[str] | None:
+        """A file's lines (as git numbers them) at a commit of its source's clone; None when the clone lacks it.
+
+        For a citation made before a sync: its lines are read where they were (``kb.citations.relocate``).
+        """
+        if not HEX_RE.fullmatch(commit or ""):  # from a URL: a commit id, never a revision expression
+            return None
+        src = self.manifest.source(source)
+        try:
+            repo = sources.open_repo(src.name, src.kind, Path(src.repo_path), src.url)
+            data, _ = read_blob(repo.commit(commit), path)
+        except (KBError, KeyError, ValueError, git.GitError, git.BadName, git.BadObject):
+            return None
+        if data is None:
+            return None
+        try:
+            return git_lines(decode(data))
+        except SkipFile:
+            return None
 
     def read_document(self, source: str, path: str) -> LoadedDocument:
         """A document's text as indexed (at the source's indexed commit)."""

@@ -109,7 +109,7 @@ def render_sources(msg: dict) -> None:
         label = f"\\[{i}\\] {escape_markdown(loc)}" + (" · cited" if i in cited else "")
         with st.expander(label, icon=":material/task_alt:" if i in cited else ":material/article:"):
             links = [f"[Open in Documents, lines {h['line_start']}–{h['line_end']} highlighted]"
-                     f"({safe_url(viewer_link(h['source'], h['path'], h['line_start'], h['line_end']))})"]
+                     f"({safe_url(viewer_link(h['source'], h['path'], h['line_start'], h['line_end'], str(h.get('commit') or '')))})"]
             if h.get("url"):
                 links.append(f"[permalink at {str(h.get('commit', ''))[:8]}]({safe_url(h['url'])})")
             st.markdown(" · ".join(links))

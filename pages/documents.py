@@ -1,10 +1,14 @@
 """Documents (admin): browse each source's files, view one with its chunks, preview and apply a re-chunk.
 
-Deep links: ``documents?source=S&path=P&lines=A-B`` (``kb.citations.viewer_link``,
+Deep links: ``documents?source=S&path=P&lines=A-B&commit=C`` (``kb.citations.viewer_link``,
 how the chat links each citation) opens that file with lines A..B highlighted
 and scrolled into view. The URL follows the file on show, so a reload opens it
 again; a link to an unknown source or file, or with malformed lines, says so
-and leaves the page working.
+and leaves the page working. A link made at another commit than the one indexed
+now highlights the cited lines where they stand now, or shows them as they were.
+Without admin rights (an admin password is set and this session is not signed
+in), a link shows only the cited lines, read-only: whoever may chat may check
+what an answer cites.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import streamlit as st
 from kb.ingest.chunking import SPLITTERS, UNITS
 from kb.ingest.preview import annotated_lines, length_histogram, over_window, preview_chunks
 from kb.markdown import code_span, escape_markdown
-from kb.citations import file_url as web_file_url, parse_lines
+from kb.citations import file_url as web_file_url, parse_lines, relocate
 from pages import _resources as resources
-from pages._common import expected_errors, kb_or_stop, require_admin, show_error
+from pages._common import expected_errors, is_admin, kb_or_stop, require_admin, settings_or_stop, show_error
 from pages._jobs import ended_jobs, jobs_panel, track
 
 MAX_VIEW_LINES = 1500
+CITED_CONTEXT = 15  # lines shown around the cited ones in the read-only view
 LINK = "_docs_link"  # (source, path, lines) of the URL last applied or written: a new one is a link to open
 # A link that names no document here: kept in the URL, with the file first shown, until another file is picked,
 # so that a reload (or the link shared again) warns again instead of opening that unrelated file
@@ -46,12 +51,12 @@ SCROLL_JS = (
 def open_link(kb, names: list[str]) -> None:
     """Select the file a new URL names and remember its lines; warn (and open nothing) when it names none."""
     qp = st.query_params
-    link = (qp.get("source", ""), qp.get("path", ""), qp.get("lines", ""))
+    link = (qp.get("source", ""), qp.get("path", ""), qp.get("lines", ""), qp.get("commit", ""))
     if not any(link) or link == st.session_state.get(LINK):
         return
     st.session_state[LINK] = link
     st.session_state[BAD_LINK] = {"link": link, "shown": None}  # until it is found to name a document
-    source, path, lines = link
+    source, path, lines, commit = link
     shown = code_span(f"{source}/{path}")
     if not source or not path:
         st.warning("This link does not name a document: it needs a source and a path "
@@ -76,6 +81,7 @@ def open_link(kb, names: list[str]) -> None:
     if lines and span is None:
         st.warning(f"The link's lines {code_span(lines)} are not a line range like `3-9`: {shown} opens "
                    "without highlighted lines.", icon=":material/link_off:")
+    span = cited_span(kb, doc, span, commit)
     st.session_state["docs_source"] = source
     if st.session_state.get("docs_status") == "skipped":
         st.session_state["docs_status"] = "all"
@@ -84,6 +90,69 @@ def open_link(kb, names: list[str]) -> None:
     st.session_state["docs_open"] = f"{source}/{path}"
     st.session_state[HIGHLIGHT] = {"key": f"{source}/{path}", "lines": span} if span else None
     st.session_state[SCROLL] = bool(span)
+
+
+def cited_span(kb, doc, span: tuple[int, int] | None, commit: str) -> tuple[int, int] | None:
+    """The link's lines in the version indexed now, saying so when the link was made at another commit.
+
+    An answer cited before a sync links lines of the old version: highlighted by their numbers alone, they were
+    an empty line in the new one (a browser review). Found unchanged elsewhere, they are highlighted there;
+    changed, they are shown as they were, and nothing is highlighted.
+    """
+    if not span or not commit or doc.commit.startswith(commit):
+        return span
+    shown, then_at, now_at = code_span(f"{doc.source}/{doc.path}"), f"`{commit[:8]}`", f"`{doc.commit[:8]}`"
+    then = kb.lines_at(doc.source, doc.path, commit)
+    if then is None:
+        st.warning(f"This link cites {shown} at commit {then_at}, which its clone doesn't hold: lines {span[0]}–"
+                   f"{span[1]} are highlighted as numbered at {now_at}, and may not be the cited ones.",
+                   icon=":material/history:")
+        return span
+    moved = relocate(then, span[0], span[1], kb.lines_at(doc.source, doc.path, doc.commit) or [])
+    if moved is None:
+        st.warning(f"This link cites {shown} at commit {then_at}; the file has changed since (indexed at {now_at}) "
+                   f"and the cited lines are no longer in it. At {then_at}, lines {span[0]}–{span[1]} read:",
+                   icon=":material/history:")
+        st.code("\n".join(then[span[0] - 1:span[1]]), language=None, wrap_lines=True)
+        return None
+    where = "the same lines" if moved == span else f"lines {moved[0]}–{moved[1]}"
+    st.info(f"This link cites {shown} at commit {then_at}; it is indexed at {now_at} now, where the cited lines "
+            f"are {where} (highlighted).", icon=":material/history:")
+    return moved
+
+
+def cited_view(kb) -> None:
+    """A link's cited lines, read-only, for a session without admin rights (the chat's users)."""
+    qp = st.query_params
+    source, path, commit = qp.get("source", ""), qp.get("path", ""), qp.get("commit", "")
+    doc = next((d for d in kb.documents(source) if d.path == path and d.status == "indexed"), None) \
+        if source in {r.name for r in kb.sources()} else None
+    if doc is None:
+        st.warning(f"The link names {code_span(f'{source}/{path}')}, which is not an indexed document here.",
+                   icon=":material/link_off:")
+        return
+    try:
+        lines = kb.read_document(source, path).text.split("\n")
+    except expected_errors() as exc:
+        show_error(exc)
+        return
+    span = cited_span(kb, doc, parse_lines(qp.get("lines", "")), commit)
+    st.subheader(f"{source}/{path}", anchor=False)
+    st.caption(f"commit `{doc.commit[:12]}` · {len(lines)} lines · read-only: the lines an answer cites")
+    if span is None or span[0] > len(lines):
+        return
+    a, b = span[0], min(span[1], len(lines))
+    first, last = max(1, a - CITED_CONTEXT), min(len(lines), b + CITED_CONTEXT)
+    numbered = [f"{i:>5} │ {lines[i - 1]}" for i in range(first, last + 1)]
+    if a > first:
+        st.code("\n".join(numbered[:a - first]), language=None, wrap_lines=True)
+    with st.container(border=True, key=HIGHLIGHT_KEY):
+        st.markdown(f":orange-background[**Lines {a}–{b}**] · the lines the link points at")
+        st.code("\n".join(numbered[a - first:b - first + 1]), language=None, wrap_lines=True)
+    if b < last:
+        st.code("\n".join(numbered[b - first + 1:]), language=None, wrap_lines=True)
+    st.html(HIGHLIGHT_CSS)
+    st.html(SCROLL_JS, unsafe_allow_javascript=True)
 
 
 def follow_in_url(source: str, path: str, span: tuple[int, int] | None) -> None:
@@ -98,7 +167,7 @@ def follow_in_url(source: str, path: str, span: tuple[int, int] | None) -> None:
     want = {"source": source, "path": path, **({"lines": f"{span[0]}-{span[1]}"} if span else {})}
     if st.query_params.to_dict() != want:
         st.query_params.from_dict(want)
-    st.session_state[LINK] = (source, path, want.get("lines", ""))
+    st.session_state[LINK] = (source, path, want.get("lines", ""), "")  # lines of the version on show: no commit
 
 
 def shared_histogram(series: dict[str, list[int]], window: int | None) -> list[dict]:
@@ -108,6 +177,9 @@ def shared_histogram(series: dict[str, list[int]], window: int | None) -> list[d
             for name, tokens in series.items() for h in bins]
 
 st.title(":material/description: Documents")
+if st.query_params.get("source") and not is_admin(settings_or_stop()):
+    cited_view(kb_or_stop())
+    st.divider()
 s = require_admin()
 kb = kb_or_stop(s)
 rows = kb.sources()

@@ -110,7 +110,7 @@ def rated_answers_section() -> None:
                  + (" · cited" if n in r["cited"] else "") for n, h in enumerate(sources, 1)}
     if sources:
         st.markdown("Its sources: " + " · ".join(
-            f"[{escape_markdown(labels[n])}]({viewer_link(h['source'], h['path'], h['line_start'], h['line_end'])})"
+            f"[{escape_markdown(labels[n])}]({viewer_link(h['source'], h['path'], h['line_start'], h['line_end'], str(h.get('commit') or ''))})"
             for n, h in enumerate(sources, 1) if {"source", "path", "line_start", "line_end"} <= set(h)))
     question = st.text_area("Question", value=r["searched"], key=f"fb_question:{ident}", height=80,
                             help="as it was searched: a follow-up is saved rewritten, so that it means something alone")

@@ -52,6 +52,44 @@ def params_of(link: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------- Documents: deep links, line view, charts
 
 
+GUIDE_V1 = "# Guide\n\nIntro line.\n\nThe judger pool runs judgers in parallel.\nIt retries twice.\n\nEnd.\n"
+GUIDE_V2 = GUIDE_V1.replace("Intro line.", "A new paragraph.\nAnother new line.\n\nIntro line.")
+
+
+def test_a_link_made_before_a_sync_finds_its_lines_or_shows_them_as_they_were(page_env, shared_kb, monkeypatch):
+    """A browser review: an answer cited lines 87 at one commit; after a sync its link highlighted line 87 of the
+    new version, an empty line, with nothing said."""
+    kb = shared_kb()
+    c1 = kb.upload({"guide.md": GUIDE_V1.encode()}, "notes").commit_after
+    c2 = kb.upload({"guide.md": GUIDE_V2.encode()}, "notes").commit_after
+    link = params_of(viewer_link("notes", "uploads/guide.md", 5, 6, c1))
+    assert link["commit"] == c1[:12]
+    at = open_with("documents", link)
+    assert "where the cited lines are lines 8–9 (highlighted)" in texts(at.info), texts(at.info) + texts(at.warning)
+    assert "Lines 8–9" in texts(at.markdown) and at.query_params["lines"] == "8-9"
+    assert "commit" not in at.query_params, "the URL now names lines of the version on show"
+    # the cited lines changed: shown as they were at the cited commit, nothing highlighted
+    kb.upload({"guide.md": GUIDE_V2.replace("twice", "three times").encode()}, "notes")
+    at = open_with("documents", params_of(viewer_link("notes", "uploads/guide.md", 8, 9, c2)))
+    assert "the cited lines are no longer in it" in texts(at.warning)
+    assert any(c.value == "The judger pool runs judgers in parallel.\nIt retries twice." for c in at.code)
+    assert "Lines 8–9" not in texts(at.markdown)
+    at = open_with("documents", params_of(viewer_link("notes", "uploads/guide.md", 8, 9, "0" * 40)))
+    assert "which its clone doesn't hold" in texts(at.warning) and "Lines 8–9" in texts(at.markdown)
+
+
+def test_a_citation_link_shows_its_lines_read_only_without_admin_rights(page_env, shared_kb, monkeypatch):
+    """With an admin password set, the chat's citations opened the Documents sign-in: users couldn't check them."""
+    commit = shared_kb().upload({"guide.md": GUIDE_V2.encode()}, "notes").commit_after
+    monkeypatch.setenv("KB_ADMIN_PASSWORD", "s3cret")
+    at = open_with("documents", params_of(viewer_link("notes", "uploads/guide.md", 8, 9, commit)))
+    assert "Lines 8–9" in texts(at.markdown) and "Admin sign-in" in texts(at.subheader)
+    assert any("8 │ The judger pool runs judgers in parallel." in c.value for c in at.code)
+    assert not at.tabs and not at.selectbox, "nothing of the admin page"
+    at = open_with("documents", {"source": "notes", "path": "../../etc/passwd", "lines": "1-2"})
+    assert "not an indexed document here" in texts(at.warning) and not at.code
+
+
 def test_deep_link_opens_the_file_with_its_lines_highlighted(lagent_env, shared_kb):
     kb = shared_kb()
     docs = sorted((d for d in kb.documents("lagent", status="indexed")), key=lambda d: -d.chunks)

@@ -30,7 +30,7 @@ def cite(sentence: dict, sources: list[dict]) -> str:
     if not n or not 1 <= n <= len(sources):
         return UNSUPPORTED if sentence.get("claim") else ""
     h = sources[n - 1]
-    link = viewer_link(h["source"], h["path"], sentence["line_start"], sentence["line_end"])
+    link = viewer_link(h["source"], h["path"], sentence["line_start"], sentence["line_end"], str(h.get("commit") or ""))
     lines = f"{sentence['line_start']}" + (f"–{sentence['line_end']}" if sentence["line_end"] != sentence["line_start"] else "")
     return f"[\\[{n}\\]]({safe_url(link)} \"{h['path']}, line {lines}\")"
 
