@@ -38,7 +38,7 @@ from kb.progress import Progress, no_progress
 from kb.store.index import (
     ChromaUnreachable, VectorIndex, collection_name, once_more_if_reopened, passage_collection, reachable,
 )
-from kb.store.manifest import DocumentRow, Manifest, SourceRow, write_lock
+from kb.store.manifest import DocumentRow, Manifest, SourceRow, lock_free, write_lock
 
 _log = logging.getLogger(__name__)
 
@@ -359,6 +359,8 @@ class KnowledgeBase:
             info = self.index.describe(name)
             info["live"] = name == live
             info["status"] = rows.get(name, {}).get("status", "unknown")
+            if info["status"] == "building" and lock_free(self.settings.home):
+                info["status"] = "interrupted"  # its re-chunk died: incomplete, never to be made live
             info["chunk_config_label"] = config_label(info["chunk_config"])
             out.append(info)
         return out

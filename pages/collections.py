@@ -127,6 +127,11 @@ a1, a2, _ = st.columns([1, 1, 3])
 if info["live"]:
     a1.button("Make live", disabled=True, key="coll_live_btn", help="already the live collection")
     a2.button("Delete…", disabled=True, key="coll_delete_btn", help="the live collection can't be deleted")
+elif info["status"] != "ready":
+    a1.button("Make live", disabled=True, key="coll_live_btn",
+              help=f"incomplete ({info['status']}): re-chunk again to build it whole, or delete it")
+    if a2.button("Delete…", key="coll_delete_btn"):
+        st.session_state["coll_delete_pending"] = picked
 else:
     if a1.button("Make live", type="primary", key="coll_live_btn",
                  help="search and chat use it from now on; every source must be synced into it"):

@@ -253,6 +253,23 @@ def test_cancelled_rechunk_keeps_the_live_collection_and_drops_the_half_built_on
     assert kb.verify()["healthy"] and not [p for p in kb.health() if p["kind"] == "not_live"]
 
 
+def test_a_collection_left_building_by_a_dead_rechunk_is_interrupted_and_never_made_live(tiny_kb):
+    """kill -9 mid re-chunk left its collection "building", and the page offered to make it live (a review)."""
+    from kb.store.manifest import write_lock
+
+    tiny_kb.upload({"notes.md": b"# Notes\n\nLive.\n"}, "notes")
+    config = tiny_kb.rechunk_config(size=200, overlap=20)
+    name = "kb-halfbuilt"
+    tiny_kb.index.create(name, config.to_json(), tiny_kb.embed_model)
+    tiny_kb.manifest.put_collection(name, config.to_json(), tiny_kb.embed_model, "building")
+    status = lambda: next(c["status"] for c in tiny_kb.collections() if c["name"] == name)  # noqa: E731
+    with write_lock(tiny_kb.settings.home):  # a re-chunk running: it holds the lock while it builds
+        assert status() == "building"
+    assert status() == "interrupted"
+    with pytest.raises(KBError, match="is not complete"):
+        tiny_kb.set_live(name)
+
+
 def test_upload_job_and_a_failing_one(tiny_kb, queue_of):
     queue = queue_of(tiny_kb)
     ok = queue.wait(queue.submit_upload({"notes.md": b"# Notes\n\nJobs run in the background.\n"}, "notes")["id"], 300)

@@ -225,6 +225,23 @@ class WriteLockBusy(KBError):
     """Another process or job holds the data folder's write lock: nothing was done, and trying again later works."""
 
 
+def lock_free(home: Path) -> bool:
+    """Whether no process holds the write lock now (a look, not a hold: the answer may change at once).
+
+    A collection still marked "building" while nobody holds the lock was left by a re-chunk whose process died
+    (a browser review killed one: the page offered to make its 428 of several thousand chunks live).
+    """
+    try:
+        with open(home / ".write.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # no lock file, or an unreadable one: nobody holds it through this folder
+    return True
+
+
 @contextlib.contextmanager
 def write_lock(home: Path, writes: bool = True) -> Iterator[None]:
     """One writer at a time per KB_HOME (the CLI and the dashboard may race).
