@@ -193,8 +193,14 @@ class KnowledgeBase:
         if self.manifest.has_source(name):
             raise KBError(f"source {name!r} already exists")
         dest = self.settings.repos_path / name
+        self._refuse_twin(spec.display_url, spec.branch)  # before cloning, where the branch is named
         with write_lock(self.settings.home):
             followed = sources.clone(spec, dest, progress)
+            try:
+                self._refuse_twin(spec.display_url, followed)
+            except KBError:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
             row = SourceRow(
                 name=name, kind="git", url=spec.display_url,
                 web_url=web_url if web_url is not None else sources.web_url_for(spec.url),
@@ -204,6 +210,15 @@ class KnowledgeBase:
             )
             self._register(row)
         return row
+
+    def _refuse_twin(self, url: str, branch: str | None) -> None:
+        """A second source following the same branch of the same remote returns every hit twice (a browser review
+        added lagent's bundle again under another name: the first five hits were pairs); another branch is fine."""
+        twin = next((s for s in self.manifest.sources()
+                     if s.kind == "git" and s.url == url and branch is not None and s.branch == branch), None)
+        if twin is not None:
+            raise KBError(f"{url} (branch {branch}) is already the source {twin.name!r}: a second copy would return "
+                          f"every hit twice; sync {twin.name} instead, or follow another branch (--branch)")
 
     def _register(self, row: SourceRow) -> SourceRow:
         """Write a new source's manifest row; if that fails, its new folder goes too (nothing half-made stays)."""

@@ -173,6 +173,15 @@ def test_rechunk_switches_only_when_complete(tiny_kb, corpus):
     assert rep.chunks_embedded == 0  # the new live collection is complete
 
 
+def test_the_same_branch_of_the_same_remote_is_not_added_twice(tiny_kb, corpus):
+    """Added again under another name, every hit came back twice (a browser review)."""
+    first = tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    for branch in (None, first.branch):  # found after cloning, or before it when the branch is named
+        with pytest.raises(KBError, match=r"is already the source 'lagent': a second copy would return every hit twice"):
+            tiny_kb.add_source("twin", str(corpus / "lagent.bundle"), branch=branch)
+        assert not tiny_kb.manifest.has_source("twin") and not (tiny_kb.settings.repos_path / "twin").exists()
+
+
 def test_remove_source_deletes_its_chunks(tiny_kb, corpus):
     tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
     tiny_kb.add_source("InternLM", str(corpus / "InternLM.bundle"))
