@@ -19,6 +19,7 @@ from kb.answer.prompts import RAG_PROMPT, neutralise, rag_inputs
 from kb.answer.render import UNSUPPORTED, answer_markdown
 from kb.answer.support import EXACT_RELIEF, THRESHOLD, Aligner, coverage, split_sentences, support
 from kb.citations import MARKER_RE, parse_lines, reanchor, viewer_link
+from kb.errors import KBError
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 from kb.service import KnowledgeBase
@@ -390,6 +391,15 @@ def test_kept_rewrite_keeps_what_a_follow_up_leaves_out():
     assert kept_rewrite("why?", "Why does XTuner use DeepSpeed?") == "Why does XTuner use DeepSpeed?"
     assert kept_rewrite("what is lagent?", "What is the term for an AI model?") == "what is lagent?"
     assert kept_rewrite("lagent 怎么安装？", "") == "lagent 怎么安装？"
+
+
+def test_a_question_too_long_for_the_models_window_is_refused_before_the_model_runs(xtuner_kb):
+    """A browser review's 19 KB question was answered with one sentence 23 times over, to the token limit."""
+    llm = RecordingChat(messages=iter([AIMessage("never asked")]))
+    llm.seen.clear()
+    with pytest.raises(KBError, match=r"the question is too long \(about [\d,]+ tokens; at most 1,000"):
+        Answerer(llm, SearchEngine(xtuner_kb), SearchOptions(k=3)).ask("How do I install XTuner? " * 400)
+    assert not llm.seen
 
 
 def test_a_long_follow_up_is_searched_as_asked(xtuner_kb):

@@ -245,7 +245,7 @@ def test_upload_view_escaped_then_delete(page_env, open_page, shared_kb):
     at.run()
     finish_jobs(at.button(key="upload_btn").click().run())
     ok(at)
-    assert "Indexed 1 file(s) into **notes**" in texts(at.success), texts(at.error)
+    assert "Uploaded 1 file(s) to **notes**" in texts(at.success) and ": 1 new;" in texts(at.success), texts(at.error)
     assert shared_kb().manifest.source("notes").kind == "files"
 
     docs = ok(open_page("documents"))

@@ -22,7 +22,7 @@ from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, R
 
 from core.llm import prime_chat_model, token_counter
 from core.settings import translate_mode
-from kb.answer.context import CONTEXT_TOKENS, TokenCounter, excerpts, unit_embedder
+from kb.answer.context import CONTEXT_TOKENS, TokenCounter, estimate_tokens, excerpts, unit_embedder
 from kb.answer.prompts import (
     CONDENSE_PROMPT, DECLINE, PLAIN_PROMPT, RAG_PROMPT, declines, echo_at, format_history, neutralise, rag_inputs,
     undecided_tail,
@@ -42,6 +42,10 @@ STAGES = ("rewriting", "searching", "translated", "sources", "answering")  # "tr
 # own context, and given one the small model answered it instead of rewriting it (a browser review: a 5,000-character
 # second question was searched as "LMDeploy 是一个用于压缩、部署和服务 LLM 的工具…"), after reading it once more.
 REWRITE_MAX_CHARS = 300
+# A question this long (estimated tokens) leaves too little of the model's 4,096-token window (KB_LLM_N_CTX) for the
+# rules, the excerpts and the answer: a browser review's 19 KB question was answered with one sentence repeated 23
+# times, over 130 s, to the token limit. About 3,000 Latin or 1,400 Chinese characters.
+MAX_QUESTION_TOKENS = 1000
 
 
 def rewrites(question: str, history: list) -> bool:
@@ -285,6 +289,9 @@ class Answerer:
         """
         result = result if result is not None else Answer(question=question, answer="")
         result.question, result.rag = question, rag
+        if (size := estimate_tokens(question)) > MAX_QUESTION_TOKENS:
+            raise KBError(f"the question is too long (about {size:,} tokens; at most {MAX_QUESTION_TOKENS:,} fit beside "
+                          "its sources): ask about one thing at a time, and quote only the lines that matter")
         stage = on_stage or (lambda name, res: None)
         t0 = time.perf_counter()
         messages = to_messages(history)
