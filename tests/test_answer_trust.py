@@ -98,6 +98,21 @@ def test_a_table_figure_is_read_under_the_column_and_row_it_is_said_to_be_in():
     assert both.supported and both.line_end == 28
 
 
+def test_a_sentence_restating_a_removed_feature_without_the_removal_is_not_supported():
+    """A browser review: "…和 kv 离线量化方式" (offline kv quantisation is supported) was cited to the line saying it
+    was removed. The rest of that line still supports what it does say."""
+    lines = "## 量化\n\nLMDeploy 支持在线 kv cache int4/int8 量化，原来的 kv 离线量化方式移除。"
+    sources = [hit(lines, line_start=1)]
+    asked = "lmdeploy 支持哪些量化方式？"
+    (wrong,) = support("LMDeploy 支持在线 kv cache int4/int8 量化和 kv 离线量化方式。", sources, None, asked)
+    (right,) = support("LMDeploy 支持在线 kv cache int4/int8 量化。", sources, None, asked)
+    (said,) = support("原来的 kv 离线量化方式已经移除。", sources, None, asked)
+    assert not wrong.supported and right.supported and said.supported
+    en = [hit("Online int4/int8 KV quantization is supported; the offline KV quantization was removed.", n=1)]
+    assert not support("LMDeploy supports offline KV quantization.", en, None, "")[0].supported
+    assert support("LMDeploy supports online int4/int8 KV quantization.", en, None, "")[0].supported
+
+
 def test_a_yes_answer_is_checked_for_what_follows_the_yes():
     """"Yes, Lagent supports both …" was withheld although the lines say so: "yes" and "both" weighed as words the
     lines lack. They say nothing the lines could hold; what follows them is still checked."""
@@ -172,10 +187,10 @@ def test_answer_markdown_links_each_sentence_to_the_documents_page():
     sents = support(answer, sources, embed=None)
     md = answer_markdown({"content": answer, "sentences": [s.as_dict() for s in sents],
                           "sources": [h.as_dict() for h in sources]})
-    link = viewer_link("xtuner", "README.md", 10, 10)
+    link = viewer_link("xtuner", "README.md", 10, 10, "c0ffee")
     assert f"({link} " in md and md.count("[\\[1\\]]") == 1 and "[1]." not in md
     assert md.rstrip().endswith(UNSUPPORTED) and "\n\nIt runs on the Moon." in md
-    assert parse_lines(link.split("lines=")[1]) == (10, 10)
+    assert parse_lines(link.split("lines=")[1].split("&")[0]) == (10, 10) and link.endswith("&commit=c0ffee")
 
 
 def test_a_code_block_keeps_its_lines_as_written_and_its_citations_go_below_it():
@@ -186,7 +201,7 @@ def test_a_code_block_keeps_its_lines_as_written_and_its_citations_go_below_it()
         sents = support(answer, sources, embed=None)
         md = answer_markdown({"content": answer, "sentences": [s.as_dict() for s in sents],
                               "sources": [h.as_dict() for h in sources]})
-        code_link = f"[\\[1\\]]({viewer_link('xtuner', 'README.md', 12, 12)} "
+        code_link = f"[\\[1\\]]({viewer_link('xtuner', 'README.md', 12, 12, 'c0ffee')} "
         block = md[md.index("```bash"):]
         # the command exactly as written, its citation on the line below the block
         assert block.startswith("```bash\npip install -U xtuner\n```\n" + code_link), md  # closed, or closed for it
@@ -203,7 +218,7 @@ def test_a_code_blocks_lines_from_one_source_carry_one_citation_in_a_paragraph_o
     sents = support(answer, sources, embed=None)
     md = answer_markdown({"content": answer, "sentences": [s.as_dict() for s in sents],
                           "sources": [h.as_dict() for h in sources]})
-    block_link = f"[\\[1\\]]({viewer_link('xtuner', 'README.md', 12, 14)} \"README.md, line 12–14\")"
+    block_link = f"[\\[1\\]]({viewer_link('xtuner', 'README.md', 12, 14, 'c0ffee')} \"README.md, line 12–14\")"
     assert "pip install -e .\n```\n" + block_link + "\n\n" in md, md
     assert "\n\nThese commands install Lagent." in md, "the block's citations are a paragraph of their own"
 

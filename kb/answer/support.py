@@ -75,6 +75,13 @@ MAX_LIST_LINES = 8  # a list this long at most is also read whole (``_lists``)
 # asynchronous agents." is checked for what follows them. Over every stored answer (580): 12 sentences more
 # cited, 11 of them right (README "Answers"); one right answer shown instead of withheld, none lost.
 AFFIRMATIONS = frozenset("yes both indeed certainly 没错 确实 当然".split())
+# What turns a line's statement around: "the offline kv quantization was removed". A sentence restating the rest of
+# such a clause without it states the opposite (a browser review: "支持…和 kv 离线量化方式" was cited to
+# "原来的 kv 离线量化方式移除"). Bare "not" and "不" are left out: "不同", "not only" turn nothing around.
+REVERSAL_RE = re.compile(r"\b(?:removed|deprecated|no longer|not supported|unsupported|discontinued|dropped)\b|"
+                         r"移除|已删除|不再|不支持|弃用|废弃", re.IGNORECASE)
+CLAUSE_SPLIT_RE = re.compile(r"[，,。；;：:！!？?\n]|\.(?:\s|$)")
+RESTATED = 0.75  # the share of a reversed clause's other words that a sentence restating it repeats
 ECHO = 0.5  # weight of a word the sentence repeats from the question: the subject, not the claim (README "Answers")
 # The bar is this much lower for lines that hold every figure and exact name the sentence states: those are the
 # claim, spelled out, and no neighbouring line with the same words but another claim holds them (README "Answers").
@@ -129,6 +136,17 @@ def split_sentences(answer: str) -> list[str]:
 
 def _claim_words(sentence: str) -> list[str]:
     return [w for w in tokenize(MARKER_RE.sub(" ", sentence)) if not w.isdigit() or len(w) > 1]
+
+
+def _reversed_clauses(text: str) -> list[set[str]]:
+    """The words, less the reversal's own, of each clause a reversal turns around (at least two words)."""
+    out = []
+    for clause in CLAUSE_SPLIT_RE.split(text):
+        if REVERSAL_RE.search(clause):
+            words = set(_claim_words(clause)) - set(_claim_words(" ".join(REVERSAL_RE.findall(clause))))
+            if len(words) >= 2:
+                out.append(words)
+    return out
 
 
 def _squash(text: str) -> str:
@@ -421,6 +439,7 @@ class Aligner:
                 self._df[w] = self._df.get(w, 0) + 1
         self._vectors: np.ndarray | None = None
         self._run_zh = np.array([query_language(text) == "zh" for *_, text in self.runs], dtype=bool)
+        self.reversed = [_reversed_clauses(text) for *_, text in self.runs]
 
     def _weight(self, word: str) -> float:
         return math.log(1 + self._n / (1 + self._df.get(word, 0))) + 0.5  # unseen words weigh most
@@ -449,6 +468,14 @@ class Aligner:
         across = self._run_zh != (query_language(sentence) == "zh")
         return np.where(across, np.maximum(score, cosine - CROSS_LINGUAL_OFFSET), score) - self._length_cost
 
+    def _turned(self, sentence: str) -> np.ndarray:
+        """Runs a sentence contradicts: it restates a clause of theirs that a reversal turns around, without it."""
+        if REVERSAL_RE.search(sentence) or not any(self.reversed):
+            return np.zeros(len(self.runs), dtype=bool)
+        words = set(_claim_words(sentence))
+        return np.array([any(len(words & c) >= RESTATED * len(c) for c in clauses) for clauses in self.reversed],
+                        dtype=bool)
+
     def _read_right(self, figures: Sequence[str], run: int, sentence: str) -> bool:
         """No figure of the sentence is read from a table cell of the run under another column or row."""
         plain = MARKER_RE.sub(" ", sentence)
@@ -466,7 +493,7 @@ class Aligner:
         sentence = sentence.translate(LOOKALIKES)  # a chat token quoted as the model read it, checked as written
         if not out.claim or not self.runs:
             return out
-        scores = self.scores(sentence)
+        scores = np.where(self._turned(sentence), -1.0, self.scores(sentence))
         figures = [f for f in _figures(sentence) if f not in self.given]
         names = [n for n in _names(sentence) if n not in self.asked]
         if names:
