@@ -175,7 +175,9 @@ class Job:
         spent = (now or time.time()) - self.stage_started
         if spent < 0.2:
             return None
-        left = max(0.0, self.stage_total - self.stage_done)
+        left = self.stage_total - self.stage_done
+        if left <= 0:  # "3 / 3" is reported as the last item starts: what is left of it is not known
+            return None
         return round(spent * left / timed, 1)
 
     def as_dict(self, now: float | None = None) -> dict:

@@ -61,6 +61,8 @@ def stage_text(job: dict) -> str:
     parts.append(f"{seconds(job.get('elapsed'))} elapsed")
     if job.get("eta") is not None:
         parts.append(f"about {seconds(job['eta'])} left in this stage")
+    elif job.get("state") == "running" and job.get("stage_total") and job.get("stage_done", 0) >= job["stage_total"]:
+        parts.append("finishing this stage")  # it read "about 0.0 s left" for 5-10 s (a browser review)
     return " · ".join(parts)
 
 

@@ -116,6 +116,9 @@ def test_eta_is_the_current_stage_at_its_rate_so_far():
     assert job.eta(now=104.0) == 5.0  # 40 timed in 4 s (the first report's 10 were not), 50 left
     assert job.elapsed(now=104.0) == 14.0
     assert Job("j", "sync", "Sync", state="running", stage_total=None).eta() is None
+    # "3 / 3" is reported as the last item starts: not "0.0 s left" while it runs (a browser review)
+    assert Job("j", "sync", "Sync", state="running", stage_total=3, stage_done=3, stage_base=0,
+               stage_started=1.0).eta(now=10.0) is None
     assert Job("j", "sync", "Sync", state="done", stage_total=10, stage_done=5, stage_started=1.0).eta() is None
 
 
