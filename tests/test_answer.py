@@ -115,6 +115,10 @@ def test_auto_translates_only_when_bm25_and_dense_disagree(tiny_kb, monkeypatch)
     assert not engine.retrievers_disagree("q", SearchOptions(k=2)) and seen_k == [5, 5]
     found["dense"] = [hit("b.md", 4), hit("a.md", 2)]  # the same files, other chunks: they disagree
     assert engine.retrievers_disagree("q")
+    found["bm25"] = []  # words found nothing, the meaning did: a question in the docs' other language
+    assert engine.retrievers_disagree("q")
+    found["dense"] = []  # filters that match nothing: nothing to disagree on (the Retrieval lab said they disagreed)
+    assert not engine.retrievers_disagree("q")
 
 
 def test_marker_wiring_and_threshold(xtuner_kb):

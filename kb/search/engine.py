@@ -358,7 +358,7 @@ class SearchEngine:
         with reachable(self.kb.settings):
             first = [{(h.source, h.path, h.line_start) for h in self._search(query, replace(opts, mode=mode))}
                      for mode in ("bm25", "dense")]
-        return not first[0] & first[1]
+        return bool(first[0] | first[1]) and not first[0] & first[1]  # neither found anything: nothing to disagree on
 
     def searched_as(self, query: str) -> str:
         """The question as every mode searches it: what the Retrieval lab shows beside the hits when it differs."""

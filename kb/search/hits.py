@@ -21,7 +21,7 @@ SCORE_NOTES = {
     "dense": "cosine similarity of the chunk's best passage (or of the chunk), -1..1, higher is better",
     "bm25": "BM25 (Okapi) score, >= 0, higher is better",
     "hybrid": "weighted reciprocal-rank fusion, sum of weight/(k+rank) over dense, bm25, passage bm25 and the lists "
-              "of the document signals that found the chunk, under about 0.1, higher is better",
+              "of the document signals that found the chunk (the more lists found it, the larger), higher is better",
 }
 PASSAGE_BM25 = "bm25 passages"
 OPENING = "readme opening"
