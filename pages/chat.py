@@ -325,6 +325,7 @@ question = st.chat_input("Ask about the documentation…", key="chat_input")
 if question and question.strip():
     history = [(m["role"], m["content"]) for m in conv["messages"] if m.get("content") and not m.get("error")]
     conv["messages"].append({"role": "user", "content": question})
+    save(conv)  # before the answer: a reload while it streams keeps the question (``?c=`` is set now; a review lost it)
     with st.chat_message("user"):
         st.markdown(question)
     with st.chat_message("assistant"):
@@ -340,7 +341,7 @@ with st.sidebar:
     st.subheader("Saved conversations")
     saved_list = store.list()
     if not saved_list:
-        st.caption("None yet: a conversation is saved after each answer.")
+        st.caption("None yet: a conversation is saved as each question is asked.")
     else:
         titles = {c["id"]: c for c in saved_list}
         ids = list(titles)
