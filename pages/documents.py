@@ -27,7 +27,7 @@ from pages._jobs import ended_jobs, jobs_panel, track
 
 MAX_VIEW_LINES = 1500
 CITED_CONTEXT = 15  # lines shown around the cited ones in the read-only view
-LINK = "_docs_link"  # (source, path, lines) of the URL last applied or written: a new one is a link to open
+LINK = "_docs_link"  # (source, path, lines, commit) of the URL last applied or written: a new one is a link to open
 # A link that names no document here: kept in the URL, with the file first shown, until another file is picked,
 # so that a reload (or the link shared again) warns again instead of opening that unrelated file
 BAD_LINK = "_docs_bad_link"
