@@ -62,6 +62,12 @@ def viewer_link(source: str, path: str, line_start: int, line_end: int, commit: 
     return f"{VIEWER_PAGE}?{urlencode(query)}"
 
 
+def hit_link(hit: dict, line_start: int | None = None, line_end: int | None = None) -> str:
+    """``viewer_link`` for a stored hit (its lines, or some of them), at the commit it was read at."""
+    return viewer_link(hit["source"], hit["path"], hit["line_start"] if line_start is None else line_start,
+                       hit["line_end"] if line_end is None else line_end, str(hit.get("commit") or ""))
+
+
 def relocate(then: Sequence[str], line_start: int, line_end: int, now: Sequence[str]) -> tuple[int, int] | None:
     """Where lines ``line_start..line_end`` of a file's old version stand in its new one (1-based), or None.
 

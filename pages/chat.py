@@ -17,7 +17,7 @@ from core.settings import TRANSLATE_MODES
 from kb import log as kb_log
 from kb.answer.chain import Answer, Answerer
 from kb.answer.render import answer_markdown
-from kb.citations import location, viewer_link
+from kb.citations import hit_link, location
 from kb.conversations import ConversationStore
 from kb.markdown import escape_markdown, safe_url
 from kb.search.hits import MODES, SearchOptions
@@ -109,7 +109,7 @@ def render_sources(msg: dict) -> None:
         label = f"\\[{i}\\] {escape_markdown(loc)}" + (" · cited" if i in cited else "")
         with st.expander(label, icon=":material/task_alt:" if i in cited else ":material/article:"):
             links = [f"[Open in Documents, lines {h['line_start']}–{h['line_end']} highlighted]"
-                     f"({safe_url(viewer_link(h['source'], h['path'], h['line_start'], h['line_end'], str(h.get('commit') or '')))})"]
+                     f"({safe_url(hit_link(h))})"]
             if h.get("url"):
                 links.append(f"[permalink at {str(h.get('commit', ''))[:8]}]({safe_url(h['url'])})")
             st.markdown(" · ".join(links))

@@ -9,7 +9,7 @@ import streamlit as st
 
 from pages import _resources as resources
 from core.llm import describe_llm
-from kb.citations import location, parse_lines, viewer_link
+from kb.citations import hit_link, location, parse_lines
 from kb.evaluate import FEEDBACK_LABEL, answerable, load_questions, question_set, run_label, run_time, shipped_sets
 from kb.markdown import escape_markdown
 from kb.search.hits import MODES, SearchOptions
@@ -110,7 +110,7 @@ def rated_answers_section() -> None:
                  + (" · cited" if n in r["cited"] else "") for n, h in enumerate(sources, 1)}
     if sources:
         st.markdown("Its sources: " + " · ".join(
-            f"[{escape_markdown(labels[n])}]({viewer_link(h['source'], h['path'], h['line_start'], h['line_end'], str(h.get('commit') or ''))})"
+            f"[{escape_markdown(labels[n])}]({hit_link(h)})"
             for n, h in enumerate(sources, 1) if {"source", "path", "line_start", "line_end"} <= set(h)))
     question = st.text_area("Question", value=r["searched"], key=f"fb_question:{ident}", height=80,
                             help="as it was searched: a follow-up is saved rewritten, so that it means something alone")

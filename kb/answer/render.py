@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from kb.citations import MARKER_RE, link_markers, viewer_link
+from kb.citations import MARKER_RE, hit_link, link_markers
 from kb.markdown import FENCES, is_fence, safe_url
 
 UNSUPPORTED = ":gray-badge[not found in the sources]"
@@ -30,7 +30,7 @@ def cite(sentence: dict, sources: list[dict]) -> str:
     if not n or not 1 <= n <= len(sources):
         return UNSUPPORTED if sentence.get("claim") else ""
     h = sources[n - 1]
-    link = viewer_link(h["source"], h["path"], sentence["line_start"], sentence["line_end"], str(h.get("commit") or ""))
+    link = hit_link(h, sentence["line_start"], sentence["line_end"])
     lines = f"{sentence['line_start']}" + (f"–{sentence['line_end']}" if sentence["line_end"] != sentence["line_start"] else "")
     return f"[\\[{n}\\]]({safe_url(link)} \"{h['path']}, line {lines}\")"
 
@@ -39,20 +39,16 @@ def _block_citations(lines: list[dict], sources: list[dict]) -> str:
     """The citations of a code block's lines on a line of their own below the block: one per source, spanning the
     lines the block's lines were found at (three lines of one command showed "[1] [1] [1]", each linking one line),
     and a paragraph of their own (the next sentence was read as carrying them: a browser review)."""
-    spans: dict[int, dict] = {}
-    tags = []
+    found: dict = {}  # in order of first appearance: a source's number → its lines' span; a bare tag → itself
     for x in lines:
         n = x.get("source")
         if n and 1 <= n <= len(sources):
-            if n in spans:
-                spans[n]["line_start"] = min(spans[n]["line_start"], x["line_start"])
-                spans[n]["line_end"] = max(spans[n]["line_end"], x["line_end"])
-            else:
-                spans[n] = dict(x)
-                tags.append(n)
-        elif cite(x, sources):
-            tags.append(cite(x, sources))
-    unique = list(dict.fromkeys(cite(spans[t], sources) if isinstance(t, int) else t for t in tags))
+            span = found.setdefault(n, dict(x))
+            span["line_start"] = min(span["line_start"], x["line_start"])
+            span["line_end"] = max(span["line_end"], x["line_end"])
+        elif tag := cite(x, sources):
+            found.setdefault(tag, tag)
+    unique = [v if isinstance(v, str) else cite(v, sources) for v in found.values()]
     return ("\n" + " ".join(unique) + "\n") if unique else ""
 
 
