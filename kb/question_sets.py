@@ -104,6 +104,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind24", "Overview (blind 24)", QUESTIONS / "overview_blind24.jsonl",
                 "checking only, a twenty-second blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-seventh stop, measured once at the forty-eighth"),
+    QuestionSet("overview-blind25", "Overview (blind 25)", QUESTIONS / "overview_blind25.jsonl",
+                "checking only, a twenty-third blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-eighth stop, measured once at the forty-ninth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
