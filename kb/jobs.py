@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINAL = (DONE, FAILED, CANCELLED)
 KIND_LABELS = {"sync": "Sync", "upload": "Upload", "rechunk": "Re-chunk", "evaluate": "Evaluation",
-               "answers": "Answer evaluation", "scheduled": "Scheduled sync"}
+               "answers": "Answer evaluation", "scheduled": "Scheduled sync", "export": "Snapshot export"}
 GIT_STAGES = ("fetch", "clone")  # reported from git's reader threads: never raise there
 WATCH_FILE = "watch.json"
 KEEP = 200  # finished job files kept in KB_HOME/jobs (and records in memory)
@@ -431,6 +431,19 @@ class JobQueue:
         """Build a collection with ``config`` beside the live one, switching when complete (``kb rechunk``)."""
         return self.submit("rechunk", {"chunk_config": config.to_json(), "label": config.label()},
                            _rechunk_work(config), label=f"Re-chunk: {config.label()}", origin=origin, anywhere=True)
+
+    def submit_export(self, with_repos: bool = False, origin: str = "dashboard") -> dict:
+        """Write a snapshot to ``KB_HOME/snapshots`` (``kb export``); the report: ``export_snapshot``'s fields.
+
+        A job, not the page's script run: a snapshot with its clones takes
+        minutes, and one written in the page's run was lost, half-written,
+        when its browser tab closed. It takes the shared lock itself (no sync
+        or re-chunk while it reads), and a cancel anywhere leaves nothing
+        behind (the export removes its temporary files).
+        """
+        label = "Snapshot export" + (" with the clones" if with_repos else "")
+        return self.submit("export", {"with_repos": with_repos}, _export_work(with_repos), label=label,
+                           origin=origin, anywhere=True, writes=False)
 
     def submit_evaluation(self, engine, questions: list[dict], options: list, questions_name: str,
                           only_indexed: bool = False, origin: str = "dashboard") -> dict:
@@ -885,6 +898,13 @@ class _CountingEngine:
         self._done += 1
         self._ctl("evaluate", self._done, self._total, query[:80])
         return hits
+
+
+def _export_work(with_repos: bool) -> Work:
+    def work(kb, ctl: JobControl) -> dict:
+        return ctl.when_lock_free(lambda: kb.export_snapshot(with_repos=with_repos, progress=ctl))
+
+    return work
 
 
 def _evaluate_work(engine, questions: list[dict], options: list, questions_name: str, only_indexed: bool) -> Work:

@@ -785,6 +785,12 @@ class KnowledgeBase:
 
         return snapshot.import_snapshot(self, Path(path), progress=progress)
 
+    def snapshots(self) -> list[dict]:
+        """The snapshots written to ``KB_HOME/snapshots`` (the dashboard's exports), newest first."""
+        from kb import snapshot
+
+        return snapshot.written(self)
+
     @reaching_chroma
     def snapshot_target_problem(self) -> str | None:
         """Why a snapshot can't be imported here (it already holds something), or None when it can."""

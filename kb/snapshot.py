@@ -87,6 +87,31 @@ def default_path(kb: "KnowledgeBase") -> Path:
     return path
 
 
+def written(kb: "KnowledgeBase") -> list[dict]:
+    """The snapshots in ``KB_HOME/snapshots``, newest first: ``{"path", "name", "bytes", "modified"}``.
+
+    The dashboard lists them so that an export outlives the browser tab that asked for it: the job writes the file
+    whether or not anyone is still looking, and any admin session can download it afterwards. Temporary files (a
+    half-written archive, an export's work folder) start with a dot and are not listed.
+    """
+    folder = kb.settings.home / "snapshots"
+    try:
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                 and p.name.endswith(".tar.gz")]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise KBError(f"cannot list the snapshots in {folder}: {exc.strerror or exc}") from None
+    rows = []
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:  # removed between the listing and now
+            continue
+        rows.append({"path": str(p), "name": p.name, "bytes": st.st_size, "modified": st.st_mtime})
+    return sorted(rows, key=lambda r: (r["modified"], r["name"]), reverse=True)
+
+
 # An export's work folder and half-written archive carry its process id: a later export removes those of a process
 # that is gone (a killed export left them, tens of MB each, and nothing ever removed them).
 WORK_RE = re.compile(r"\.kb-export-(\d+)-")

@@ -22,7 +22,8 @@ FINAL = ("done", "failed", "cancelled")
 STAGES = {
     "clone": "Cloning", "fetch": "Fetching", "load": "Loading files", "embed": "Embedding",
     "store": "Storing vectors", "rechunk": "Re-chunking", "evaluate": "Scoring questions",
-    "answer": "Questions answered",
+    "answer": "Questions answered", "export chunks": "Reading chunks", "export passages": "Reading passages",
+    "export clones": "Packing the clones", "pack": "Packing the archive",
     "waiting": "Waiting for another writer",
 }
 _MINE = "_jobs_mine"  # this session's jobs: id -> text to put before its outcome
@@ -77,7 +78,9 @@ def summary(job: dict) -> str:
     if job["state"] == "failed":
         return f"failed: {job.get('error') or 'unknown error'}"
     text = ""
-    if "sources" in rep:
+    if job.get("kind") == "export":  # its "sources" is a count, not a sync's reports
+        text = f"{rep['bytes'] / 2**20:.1f} MiB written to {rep['path']}" if "path" in rep else ""
+    elif "sources" in rep:
         srcs = rep["sources"]
         bad = [r for r in srcs if r.get("error")]
         text = (f"{len(srcs) - len(bad)} source(s) synced, {sum(r.get('chunks_embedded', 0) for r in srcs):,} chunks "

@@ -12,10 +12,13 @@ import pandas as pd
 import streamlit as st
 
 from kb.markdown import code_span, escape_markdown
+from pages import _resources as resources
 from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
+from pages._jobs import ended_jobs, jobs_panel, track
 
 st.title(":material/database: Collections")
-kb = kb_or_stop(require_admin())
+settings = require_admin()
+kb = kb_or_stop(settings)
 
 
 def show_record(rec: dict) -> None:
@@ -35,31 +38,65 @@ def show_record(rec: dict) -> None:
         st.json(meta)
 
 
+def export_column(has_live: bool) -> None:
+    """Write a snapshot as a background job, then offer every snapshot on this server for download.
+
+    A job, so that closing the tab neither stops it nor loses the file: any admin session finds it listed here.
+    """
+    st.markdown("**Export**")
+    st.caption("The manifest, the live collection with its passages and vectors, the chunk config, and "
+               "optionally every source's clone, each part with its sha256. Written in the background to "
+               "`snapshots/` in the data folder, then offered for download (CLI: `kb export FILE.tar.gz "
+               "[--with-repos]`).")
+    with_repos = st.checkbox("Include the clones", key="snap_with_repos", disabled=not has_live,
+                             help="without them, an import clones each git source again from its URL")
+    queue = resources.job_queue(settings)
+    if st.button("Write snapshot", key="snap_export_btn", disabled=not has_live,
+                 help=None if has_live else "nothing to export: no live collection yet"):
+        try:
+            track(queue.submit_export(with_repos=with_repos), "snap")
+        except expected_errors() as exc:
+            show_error(exc)
+    for rec, prefix in ended_jobs(queue):
+        if prefix == "snap" and rec["state"] == "done" and rec.get("report"):
+            st.session_state["snap_written"] = rec["report"]
+        elif prefix == "snap" and rec["state"] == "failed":
+            show_error(Exception(f"snapshot export failed: {rec.get('error')}"))
+    jobs_panel(queue, recent=3)
+    written = st.session_state.get("snap_written")
+    if written and Path(written["path"]).is_file():
+        st.success(f"Wrote a snapshot of {written['bytes'] / 2**20:.1f} MiB: {written['sources']} sources, "
+                   f"{written['chunks']:,} chunks, {written['passages']:,} passages"
+                   + (f", {len(written['repos'])} clones" if written["with_repos"] else "") + ", on this server at:")
+        st.code(written["path"], language=None)
+    try:
+        files = kb.snapshots()
+    except expected_errors() as exc:
+        show_error(exc)
+        return
+    if not files:
+        return
+    names = [f["name"] for f in files]
+    default = Path(written["path"]).name if written and Path(written["path"]).name in names else names[0]
+    chosen = st.selectbox(f"Snapshots on this server ({len(files)})", names, index=names.index(default),
+                          key="snap_pick", format_func=lambda n: snapshot_label(files[names.index(n)]))
+    path = Path(files[names.index(chosen)]["path"])
+    st.download_button("Download", data=lambda: path.read_bytes(), file_name=path.name,
+                       mime="application/gzip", key="snap_download", icon=":material/download:")
+
+
+def snapshot_label(f: dict) -> str:
+    import datetime as dt
+
+    when = dt.datetime.fromtimestamp(f["modified"]).strftime("%Y-%m-%d %H:%M")
+    return f"{f['name']} · {f['bytes'] / 2**20:.1f} MiB · {when}"
+
+
 def snapshot_panel(has_live: bool) -> None:
     """Export the knowledge base to a checked archive (then download it), or import one into an empty one."""
     ex, im = st.columns(2)
     with ex:
-        st.markdown("**Export**")
-        st.caption("The manifest, the live collection with its passages and vectors, the chunk config, and "
-                   "optionally every source's clone, each part with its sha256. Written to `snapshots/` in the "
-                   "data folder, then offered for download (CLI: `kb export FILE.tar.gz [--with-repos]`).")
-        with_repos = st.checkbox("Include the clones", key="snap_with_repos", disabled=not has_live,
-                                 help="without them, an import clones each git source again from its URL")
-        if st.button("Write snapshot", key="snap_export_btn", disabled=not has_live,
-                     help=None if has_live else "nothing to export: no live collection yet"):
-            out, err = run_with_status("Writing snapshot",
-                                       lambda p: kb.export_snapshot(with_repos=with_repos, progress=p))
-            if err is None:
-                st.session_state["snap_written"] = out
-        written = st.session_state.get("snap_written")
-        if written and Path(written["path"]).is_file():
-            path = Path(written["path"])
-            st.success(f"Wrote a snapshot of {written['bytes'] / 2**20:.1f} MiB: {written['sources']} sources, "
-                       f"{written['chunks']:,} chunks, {written['passages']:,} passages"
-                       + (f", {len(written['repos'])} clones" if written["with_repos"] else "") + ", on this server at:")
-            st.code(str(path), language=None)
-            st.download_button("Download", data=lambda: path.read_bytes(), file_name=path.name,
-                               mime="application/gzip", key="snap_download", icon=":material/download:")
+        export_column(has_live)
     with im:
         st.markdown("**Import**")
         try:

@@ -283,6 +283,44 @@ def test_upload_job_and_a_failing_one(tiny_kb, queue_of):
     assert tiny_kb.verify()["healthy"]
 
 
+def test_a_snapshot_export_job_waits_for_a_writer_and_a_cancel_leaves_no_file(tiny_kb, corpus, queue_of,
+                                                                              monkeypatch):
+    from kb import snapshot
+    from kb.store.manifest import write_lock
+
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    tiny_kb.sync(["lagent"])
+    queue = queue_of(tiny_kb)
+    folder = tiny_kb.settings.home / "snapshots"
+    with write_lock(tiny_kb.settings.home):  # a `kb sync` in a terminal: the export waits, it does not fail
+        job = queue.submit_export(with_repos=True)
+        wait_for(lambda: queue.get(job["id"])["stage"] == "waiting")
+    done = queue.wait(job["id"], 300)
+    assert done["state"] == DONE and done["label"] == "Snapshot export with the clones"
+    rep = done["report"]
+    assert Path(rep["path"]).parent == folder and rep["repos"] == ["lagent"] and rep["chunks"] > 0
+    assert [s["path"] for s in tiny_kb.snapshots()] == [rep["path"]]
+    assert snapshot.read_index(Path(rep["path"]))["counts"]["chunks"] == rep["chunks"]
+
+    entered, release = threading.Event(), threading.Event()
+    add_file = snapshot._add_file
+
+    def held(tar, name, path):  # the archive is half-packed when the cancel comes
+        entered.set()
+        assert release.wait(60)
+        add_file(tar, name, path)
+
+    monkeypatch.setattr(snapshot, "_add_file", held)
+    second = queue.submit_export()
+    assert entered.wait(60)
+    assert queue.cancel(second["id"])
+    release.set()
+    assert queue.wait(second["id"], 60)["state"] == CANCELLED
+    assert sorted(p.name for p in folder.iterdir()) == [Path(rep["path"]).name]  # no archive, no temporary file
+    kinds = [(r["kind"], bool(r.get("cancelled"))) for r in runlog.read(tiny_kb.settings)]
+    assert ("export", False) in kinds and ("export", True) in kinds
+
+
 def test_files_committed_by_an_upload_killed_before_indexing_are_reported_stale(tiny_kb):
     """kill -9 between an upload's commit and its index left the files unsearchable while every check said healthy."""
     from kb.ingest import sources

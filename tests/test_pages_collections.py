@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import add_bundle
 from kb import snapshot
-from page_helpers import ok, texts
+from page_helpers import finish_jobs, ok, texts
 
 
 def records_frame(at):
@@ -70,6 +70,7 @@ def test_write_a_snapshot_and_download_it(lagent_env, open_page, shared_kb):
     at.checkbox(key="snap_with_repos").check()
     at.button(key="snap_export_btn").click().run()
     ok(at)
+    at = ok(finish_jobs(at))  # a background job: it goes on if the tab closes
     assert not at.error, texts(at.error)
     assert "Wrote" in texts(at.success)
     written = list((lagent_env / "snapshots").glob("kb-snapshot-*.tar.gz"))
@@ -80,6 +81,23 @@ def test_write_a_snapshot_and_download_it(lagent_env, open_page, shared_kb):
     download = at.download_button(key="snap_download")
     assert download.label == "Download" and not download.disabled
     assert not list((lagent_env / "snapshots").glob(".*"))  # no temporary file left beside it
+    jobs = at.dataframe[-1].value.set_index("job")  # the jobs panel, with what each job did
+    assert jobs.loc["Snapshot export with the clones", "result"].endswith(f"MiB written to {written[0]}")
+
+
+def test_a_snapshot_outlives_the_session_that_asked_for_it(lagent_env, open_page, shared_kb):
+    # the export runs in the server's job queue: a session opened afterwards (another tab, a reload) lists the file
+    at = ok(open_page("collections"))
+    at.button(key="snap_export_btn").click().run()
+    from pages import _resources as resources
+
+    assert resources.job_queue().wait_idle(300)
+    later = ok(open_page("collections"))
+    assert "Wrote" not in texts(later.success)  # not this session's job
+    written = sorted((lagent_env / "snapshots").glob("kb-snapshot-*.tar.gz"))
+    pick = later.selectbox(key="snap_pick")
+    assert written[-1].name in str(pick.value) and pick.index == 0  # newest first
+    assert later.download_button(key="snap_download").label == "Download"
 
 
 def test_import_an_uploaded_snapshot_into_an_empty_kb(page_env, tmp_path, monkeypatch, corpus, shared_kb, open_page):
