@@ -128,7 +128,7 @@ def cmd_sync(args: argparse.Namespace) -> dict:
 
 
 def cmd_upload(args: argparse.Namespace) -> dict:
-    from kb.ingest.sources import named_files
+    from kb.ingest.sources import named_files, outcome_text, upload_outcome
 
     given = []
     for f in args.files:
@@ -148,7 +148,10 @@ def cmd_upload(args: argparse.Namespace) -> dict:
     out = {"sources": [rep]}
     if rep["error"]:
         out["error"] = rep["error"]
-    elif {s["path"].removeprefix("uploads/") for s in rep["skipped"]} >= set(files):
+        return out
+    out["files"] = counts = upload_outcome(rep, len(files))
+    _say(args, f"{len(files)} file(s): {outcome_text(counts)}")
+    if counts["skipped"] >= len(files):
         # every file given was refused (binary, empty, too big, not UTF-8): a failure, not a quiet success
         out["error"] = f"none of the {len(files)} file(s) was indexed: each is listed as skipped, with its reason"
         if not args.json:

@@ -16,7 +16,7 @@ from kb.markdown import escape_markdown
 from core.settings import split_list
 from pages import _resources as resources
 from kb.errors import KBError
-from kb.ingest.sources import named_files
+from kb.ingest.sources import named_files, outcome_text, upload_outcome
 from pages._common import kb_or_stop, require_admin, run_with_status, show_error, when
 from pages._jobs import ended_jobs, jobs_panel, track
 
@@ -93,20 +93,13 @@ def sync_summary(reports: list[dict]) -> tuple[str, str]:
 
 
 def upload_summary(r: dict, given: int) -> tuple[str, str]:
-    """What an upload did with each file: it said "Indexed 2 file(s)" when both were skipped (a browser review).
-
-    A skipped file (binary, empty, not UTF-8, over KB_MAX_FILE_BYTES) stays in the upload source, listed among its
-    documents with the reason, as a git source's would be; ``kb upload`` exits 1 when every file was skipped.
-    """
-    refused = {x["path"] for x in r["skipped"]}
-    new = len(set(r["added"]) - refused)
-    changed = len(set(r["modified"]) - refused)
-    unchanged = max(0, given - len(refused) - new - changed)
-    parts = [f"{n} {label}" for n, label in ((new, "new"), (changed, "changed"), (unchanged, "unchanged"),
-                                              (len(refused), "skipped, not indexed (reasons below)")) if n]
+    """What an upload did with each file (``kb.ingest.sources.upload_outcome``); skipped files make it a warning,
+    all of them skipped an error (``kb upload`` then exits 1)."""
+    counts = upload_outcome(r, given)
     text = (f"Uploaded {given} file(s) to **{escape_markdown(r['name'])}** at {(r['commit_after'] or '')[:8]}: "
-            f"{', '.join(parts)}; {r['chunks_embedded']} chunks embedded.")
-    kind = "error" if len(refused) >= given else "warning" if refused else "success"
+            f"{outcome_text(counts)}" + (" (reasons below)" if counts["skipped"] else "")
+            + f"; {r['chunks_embedded']} chunks embedded.")
+    kind = "error" if counts["skipped"] >= given else "warning" if counts["skipped"] else "success"
     return kind, text
 
 

@@ -94,13 +94,22 @@ def test_an_upload_whose_every_file_is_refused_fails(cli_home, tmp_path):
                    "--json", env_extra=env)
     assert proc.returncode == 1 and "none of the 2 file(s) was indexed" in out["error"]
     assert {s["path"] for s in out["sources"][0]["skipped"]} == {"uploads/blob.md", "uploads/empty.md"}
+    assert out["files"] == {"new": 0, "changed": 0, "unchanged": 0, "skipped": 2}
     (tmp_path / "blob2.md").write_bytes(b"\x00\x03 binary too")
     proc, _ = kb(home, "upload", str(tmp_path / "blob2.md"), "--source", "refused", env_extra=env, check_json=False)
     assert proc.returncode == 1 and "error: none of the 1 file(s) was indexed" in proc.stderr  # said in text too
+    assert "1 file(s): 1 skipped, not indexed" in proc.stdout
     (tmp_path / "ok.md").write_bytes(b"# Notes\n\nA file that is indexed.\n")
     proc, out = kb(home, "upload", str(tmp_path / "ok.md"), str(tmp_path / "blob.md"), "--source", "refused",
                    "--json", env_extra=env)
     assert proc.returncode == 0 and "error" not in out, out
+    # blob.md is the same bytes as before (skipped then, with its reason listed): unchanged now, as the page says
+    assert out["files"] == {"new": 1, "changed": 0, "unchanged": 1, "skipped": 0}
+    (tmp_path / "ok.md").write_bytes(b"# Notes\n\nA file that is indexed, changed.\n")
+    (tmp_path / "more.md").write_bytes(b"# More\n\nAnother one.\n")
+    proc, _ = kb(home, "upload", str(tmp_path / "ok.md"), str(tmp_path / "more.md"), "--source", "refused",
+                 env_extra=env, check_json=False)
+    assert proc.returncode == 0 and "2 file(s): 1 new, 1 changed" in proc.stdout, proc.stdout
 
 
 # git's HTTPS to a closed local port: unreachable on any machine, at once, whatever the network

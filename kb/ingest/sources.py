@@ -268,6 +268,26 @@ def named_files(files: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
     return out
 
 
+def upload_outcome(report: dict, given: int) -> dict[str, int]:
+    """What an upload did with its ``given`` files: how many are new, changed, unchanged, and skipped.
+
+    A skipped file (binary, empty, not UTF-8, over KB_MAX_FILE_BYTES) is committed and listed among the source's
+    documents with its reason, as a git source's would be, but it is not indexed: the dashboard said "Indexed 2
+    file(s)" when both were skipped (a browser review). The dashboard and ``kb upload`` both say it from these counts.
+    """
+    skipped = {x["path"] for x in report.get("skipped", [])}
+    new = len(set(report.get("added", [])) - skipped)
+    changed = len(set(report.get("modified", [])) - skipped)
+    return {"new": new, "changed": changed, "unchanged": max(0, given - len(skipped) - new - changed),
+            "skipped": len(skipped)}
+
+
+def outcome_text(counts: dict[str, int]) -> str:
+    """``"2 new, 4 skipped, not indexed"``: the non-zero counts of :func:`upload_outcome`."""
+    labels = (("new", "new"), ("changed", "changed"), ("unchanged", "unchanged"), ("skipped", "skipped, not indexed"))
+    return ", ".join(f"{counts[key]} {label}" for key, label in labels if counts[key]) or "nothing"
+
+
 def commit_uploads(name: str, repo_path: Path, files: dict[str, bytes]) -> str:
     """Write files into the upload repo and commit them; returns the commit."""
     repo = open_repo(name, "files", repo_path)
