@@ -113,6 +113,25 @@ def test_a_sentence_restating_a_removed_feature_without_the_removal_is_not_suppo
     assert support("LMDeploy supports online int4/int8 KV quantization.", en, None, "")[0].supported
 
 
+def test_the_prompts_own_example_written_back_is_not_supported():
+    """blind25: "xtuner 对显卡驱动版本有什么要求？" was answered "XTuner 支持 QLoRA 微调 [1]。", the rules' worked example,
+    and shown as supported because a changelog line mentions QLoRA; the answer is withheld now. A question about
+    QLoRA may still get those words as its answer."""
+    from kb.answer.chain import withholds
+    from kb.answer.prompts import EXAMPLE_SENTENCE, SYSTEM_RAG
+
+    assert EXAMPLE_SENTENCE in SYSTEM_RAG
+    sources = [hit("## 变更\n\n- 支持 QLoRA 微调，显存需求更低。", line_start=20)]
+    (echo,) = support("XTuner 支持 QLoRA 微调 [1]。", sources, None, "xtuner 对显卡驱动版本有什么要求？")
+    assert echo.claim and echo.echo and not echo.supported
+    assert withholds("XTuner 支持 QLoRA 微调 [1]。", [echo])
+    (answer,) = support("XTuner 支持 QLoRA 微调 [1]。", sources, None, "xtuner 支持 QLoRA 微调吗？")
+    assert answer.supported and not answer.echo
+    echo, real = support("XTuner 支持 QLoRA 微调 [1]。显存需求更低 [1]。", sources, None, "xtuner 有什么变化？")
+    assert not echo.supported and real.supported  # one unsupported sentence beside a supported one: not withheld
+    assert not withholds("XTuner 支持 QLoRA 微调 [1]。显存需求更低 [1]。", [echo, real])
+
+
 def test_a_yes_answer_is_checked_for_what_follows_the_yes():
     """"Yes, Lagent supports both …" was withheld although the lines say so: "yes" and "both" weighed as words the
     lines lack. They say nothing the lines could hold; what follows them is still checked."""

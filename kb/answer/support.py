@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from kb.answer.prompts import LINK_RE, LOOKALIKES
+from kb.answer.prompts import EXAMPLE_SENTENCE, EXAMPLE_SUBJECT, LINK_RE, LOOKALIKES
 from kb.citations import MARKER_RE, marker_numbers
 from kb.markdown import is_fence
 from kb.search.hits import Hit
@@ -111,6 +111,7 @@ class Sentence:
     marked: list[int] = field(default_factory=list)  # the model's own markers
     marker_ok: bool | None = None  # the model's marker names a supporting source (None: no marker)
     asks: bool = False  # a question, not a claim (``is_question``): an answer made only of these is withheld
+    echo: bool = False  # the prompt's own example written back (``repeats_example``): never supported
 
     @property
     def supported(self) -> bool:
@@ -226,6 +227,17 @@ def is_question(sentence: str, question: str = "") -> bool:
         return True
     copied = _squash(text.rstrip("。.!！"))
     return len(copied) >= 6 and copied in _squash(question) and bool(ASKING_RE.search(text))
+
+
+def repeats_example(sentence: str, question: str = "") -> bool:
+    """The sentence is the rules' worked example of a marker (``prompts.EXAMPLE_SENTENCE``) and the question does not
+    ask about its subject: the model wrote its instructions back, which no source makes an answer."""
+    def bare(text: str) -> str:
+        return _squash(MARKER_RE.sub("", text)).rstrip("。.!！")
+
+    if bare(sentence) != bare(EXAMPLE_SENTENCE):
+        return False
+    return EXAMPLE_SUBJECT not in _squash(question)
 
 
 def is_claim(sentence: str) -> bool:
@@ -490,6 +502,9 @@ class Aligner:
         marked = sorted({n for m in MARKER_RE.finditer(sentence) for n in marker_numbers(m)})
         asks = is_question(sentence, self.question)
         out = Sentence(sentence, claim=is_claim(sentence) and not asks, marked=marked, asks=asks)
+        if out.claim and repeats_example(sentence, self.question):
+            out.echo = True
+            return out
         sentence = sentence.translate(LOOKALIKES)  # a chat token quoted as the model read it, checked as written
         if not out.claim or not self.runs:
             return out
