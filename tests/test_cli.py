@@ -84,6 +84,18 @@ def test_errors_are_clear(cli_home, args, message):
     assert proc.returncode == 1 and message in out["error"]
 
 
+def test_an_upload_file_name_that_is_not_utf8_is_refused_before_anything_is_written(cli_home, tmp_path):
+    """An operator review: a Latin-1 name ("caf\\xe9.md") got git's traceback, and the file stayed in the upload
+    folder untracked for good."""
+    home, env = cli_home
+    raw = os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.md")
+    with open(raw, "wb") as fh:
+        fh.write(b"# Cafe\n\nA page.\n")
+    proc, _ = kb(home, "upload", os.fsdecode(raw), "--source", "latin", env_extra=env)
+    assert proc.returncode == 1 and "not UTF-8; rename the file" in proc.stderr
+    assert not (home / "repos" / "latin").exists()
+
+
 def test_an_upload_whose_every_file_is_refused_fails(cli_home, tmp_path):
     """Every file skipped (binary, empty) exited 0, its reasons only as indented lines (a review); nothing stored
     changes either way."""

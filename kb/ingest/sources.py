@@ -245,6 +245,11 @@ def safe_upload_name(raw_name: str, allowed: tuple[str, ...]) -> str:
     name = raw_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
     if raw_name != name and (".." in raw_name.split("/") or raw_name.startswith(("/", "\\"))):
         raise KBError(f"refused file name {raw_name!r}: paths are not allowed")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a name in another encoding, as the shell passed its bytes (git's index refused it
+        # half-way, with a traceback, and the file stayed in the upload folder untracked: an operator review)
+        raise KBError(f"refused file name {ascii(raw_name)}: not UTF-8; rename the file") from None
     if not name or name.startswith((".", "-")) or not SAFE_FILE_RE.fullmatch(name):
         raise KBError(f"refused file name {raw_name!r}")
     ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
