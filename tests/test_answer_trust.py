@@ -127,6 +127,7 @@ def test_the_prompts_own_example_written_back_is_not_supported():
     assert withholds("XTuner 支持 QLoRA 微调 [1]。", [echo])
     (answer,) = support("XTuner 支持 QLoRA 微调 [1]。", sources, None, "xtuner 支持 QLoRA 微调吗？")
     assert answer.supported and not answer.echo
+    assert answer.as_dict()["cited"] == [1] and echo.as_dict()["cited"] == []  # DESIGN §6's sentence field
     echo, real = support("XTuner 支持 QLoRA 微调 [1]。显存需求更低 [1]。", sources, None, "xtuner 有什么变化？")
     assert not echo.supported and real.supported  # one unsupported sentence beside a supported one: not withheld
     assert not withholds("XTuner 支持 QLoRA 微调 [1]。显存需求更低 [1]。", [echo, real])

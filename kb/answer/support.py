@@ -118,7 +118,9 @@ class Sentence:
         return self.source is not None
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "supported": self.supported}
+        # "cited": DESIGN §6's field, the source numbers the sentence is tied to (none when no source supports it;
+        # an operator review found it missing from `kb ask --json`)
+        return {**asdict(self), "supported": self.supported, "cited": [self.source] if self.source is not None else []}
 
 
 def split_sentences(answer: str) -> list[str]:
