@@ -109,6 +109,10 @@ class Settings:
     admin_password: str = field(default="", repr=False)
     # scheduled sync (KB_SYNC_EVERY=15m): seconds between fetches of every git source; 0: off
     sync_every: float = 0.0
+    # scheduled snapshots (KB_SNAPSHOT_EVERY=1d): a checked archive with the clones in KB_HOME/snapshots every
+    # interval, the newest KB_SNAPSHOT_KEEP of them kept; 0: off (README "Snapshots")
+    snapshot_every: float = 0.0
+    snapshot_keep: int = 7
     # the log (KB_HOME/logs/kb.jsonl): keep the text of questions in search and answer records only when true
     log_queries: bool = False
 
@@ -147,15 +151,15 @@ def _secrets(path: Path) -> dict[str, object]:
         raise SettingsError(f"cannot read {path}: {exc}") from exc
 
 
-_INTERVAL_PART = re.compile(r"(\d+(?:\.\d+)?)([smh])")
-_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600}
+_INTERVAL_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_interval(raw: object, name: str = "KB_SYNC_EVERY") -> float:
-    """An interval such as ``30s``, ``15m``, ``1h`` or ``1h30m``, in seconds; ``0``, ``off`` or empty: 0 (off).
+    """An interval such as ``30s``, ``15m``, ``1h``, ``1h30m`` or ``1d``, in seconds; ``0``, ``off`` or empty: 0 (off).
 
     A bare number is refused (is ``15`` seconds or minutes?), and so is anything
-    else that is not a positive amount of s, m or h.
+    else that is not a positive amount of s, m, h or d.
     """
     text = str(raw).strip().lower().replace(" ", "")
     if text in {"", "0", "0s", "0m", "0h", "off", "none", "false"}:
@@ -169,7 +173,7 @@ def parse_interval(raw: object, name: str = "KB_SYNC_EVERY") -> float:
         pos = m.end()
     if pos != len(text) or not text or seconds <= 0:
         raise SettingsError(
-            f"{name}={raw!r} is not an interval: give a number with s, m or h (e.g. 30s, 15m, 1h, 1h30m), or 0 for off"
+            f"{name}={raw!r} is not an interval: give a number with s, m, h or d (e.g. 30s, 15m, 1h, 1h30m, 1d), or 0 for off"
         )
     return seconds
 
@@ -189,8 +193,8 @@ def translate_mode(raw: object, name: str = "KB_TRANSLATE_QUESTIONS") -> str:
 
 
 def _coerce(raw: object, default: object, name: str) -> object:
-    if name == "sync_every":
-        return parse_interval(raw)
+    if name in ("sync_every", "snapshot_every"):
+        return parse_interval(raw, f"KB_{name.upper()}")
     if name == "translate_questions":
         return translate_mode(raw)
     if isinstance(default, tuple):
@@ -224,6 +228,7 @@ def load_settings(env: dict[str, str] | None = None, secrets_path: Path | None =
     _in_range(values, "context_tokens", 100, 20_000, "100 to 20000 (tokens of excerpts in the answer prompt)")
     _in_range(values, "llm_prompt_lookup", 0, 64, "0 (off) to 64 (tokens drafted from the prompt per step)")
     _in_range(values, "llm_temperature", 0, 2, "0 (greedy: the same answer every time) to 2")
+    _in_range(values, "snapshot_keep", 1, 10_000, "1 or more (the scheduled snapshots kept, newest first)")
     return Settings(**values)  # type: ignore[arg-type]
 
 

@@ -440,7 +440,10 @@ def cmd_watch(args: argparse.Namespace) -> dict:
     Each pass is a job kept in KB_HOME/jobs, like the dashboard's scheduled sync
     (KB_SYNC_EVERY). With ``--json`` each pass prints one JSON line (the fields
     of ``kb sync --json``, plus ``unchanged`` and ``backing_off``); ``--once``
-    prints just that one. SIGTERM ends the running pass at a safe point.
+    prints just that one. A scheduled snapshot (``--snapshot-every``,
+    KB_SNAPSHOT_EVERY) due after a pass is written then: one more line,
+    ``"kind": "snapshot"`` (under ``snapshot`` with ``--once``). SIGTERM ends
+    the running pass at a safe point.
     """
     import signal
     import threading
@@ -455,7 +458,9 @@ def cmd_watch(args: argparse.Namespace) -> dict:
     if not every and not args.once:
         raise KBError("give an interval, e.g. `kb watch --every 15m` (or set KB_SYNC_EVERY), or use --once")
     progress = _progress(args)
-    queue = JobQueue(kb, every=every, start=False, forward=progress)
+    snap_every = (parse_interval(args.snapshot_every, "--snapshot-every") if args.snapshot_every
+                  else kb.settings.snapshot_every)
+    queue = JobQueue(kb, every=every, snapshot_every=snap_every, start=False, forward=progress)
     stop = threading.Event()
     last: dict = {}
 
@@ -465,6 +470,19 @@ def cmd_watch(args: argparse.Namespace) -> dict:
 
     def on_run(job: dict) -> None:
         rep = job.get("report") or {}
+        if job["kind"] == "export":  # the scheduled snapshot after a pass
+            snap = {"job": job["id"], "state": job["state"], **rep, **({"error": job["error"]} if job.get("error") else {})}
+            if args.json and args.once:
+                last["snapshot"] = snap  # --once prints one JSON object: the pass's, with its snapshot in it
+            elif args.json:
+                print(json.dumps({"kind": "snapshot", **snap}, ensure_ascii=False, default=str), flush=True)
+            elif job["state"] == "done":
+                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} snapshot: {rep['path']} ({rep['bytes'] / 2**20:.1f} MiB)"
+                      + (f", {len(rep['removed'])} older removed" if rep.get("removed") else ""), flush=True)
+            else:
+                print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} snapshot {job['state']}: {job.get('error') or ''}",
+                      file=sys.stderr, flush=True)
+            return
         last.clear()
         last.update({"job": job["id"], "state": job["state"], **rep})
         if job.get("error"):
@@ -619,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wt = sub.add_parser("watch", parents=[common], help="fetch every git source on an interval; sync what changed")
     wt.add_argument("--every", help="interval: 30s, 15m, 1h, 1h30m (default KB_SYNC_EVERY)")
+    wt.add_argument("--snapshot-every", help="also write a snapshot (with the clones) to KB_HOME/snapshots this "
+                                             "often, after a pass, keeping the newest KB_SNAPSHOT_KEEP "
+                                             "(default KB_SNAPSHOT_EVERY: off)")
     wt.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
     wt.add_argument("--runs", type=_positive, help="stop after this many passes (1 or more)")
     wt.set_defaults(func=cmd_watch)

@@ -352,11 +352,16 @@ class JobQueue:
     ``start=False`` makes a queue without threads, for :meth:`run_now` (the CLI).
     """
 
-    def __init__(self, kb, *, every: float = 0.0, start: bool = True, forward: Progress = no_progress) -> None:
+    def __init__(self, kb, *, every: float = 0.0, snapshot_every: float = 0.0, snapshot_keep: int | None = None,
+                 start: bool = True, forward: Progress = no_progress) -> None:
         self.kb = kb
         self.home: Path = kb.settings.home
         self.folder = self.home / "jobs"
         self.every = float(every or 0.0)
+        self.snapshot_every = float(snapshot_every or 0.0)
+        self.snapshot_keep = int(snapshot_keep or kb.settings.snapshot_keep)
+        self._snapshot_not_before = 0.0  # the schedule's last submission plus its interval
+        self._snapshotter: threading.Thread | None = None
         self.forward = forward
         self.watch = WatchState(self.folder / WATCH_FILE)
         self._cond = threading.Condition()
@@ -376,6 +381,23 @@ class JobQueue:
             self._worker = threading.Thread(target=self._loop, name="kb-jobs", daemon=True)
             self._worker.start()
             self.set_every(self.every)
+            self.set_snapshot_every(self.snapshot_every)
+
+    def set_snapshot_every(self, every: float, keep: int | None = None) -> None:
+        """Set the scheduled-snapshot interval (``KB_SNAPSHOT_EVERY``, 0: off) and how many are kept
+        (``KB_SNAPSHOT_KEEP``); the first is due ``every`` after the newest scheduled archive on disk, or now."""
+        with self._cond:
+            changed = float(every or 0.0) != self.snapshot_every
+            self.snapshot_every = float(every or 0.0)
+            if keep:
+                self.snapshot_keep = int(keep)
+            self._cond.notify_all()
+            if self.snapshot_every > 0 and self._worker is not None and self._snapshotter is None:
+                self._snapshotter = threading.Thread(target=self._snapshot_loop, name="kb-snapshot-schedule",
+                                                     daemon=True)
+                self._snapshotter.start()
+        if changed:
+            log.info("scheduled snapshot every %s s", self.snapshot_every or "(off)")
 
     def set_every(self, every: float) -> None:
         """Set the scheduled-sync interval (0: off); the first pass runs now when the schedule starts."""
@@ -489,6 +511,37 @@ class JobQueue:
         return self.submit("scheduled", {"every": self.every}, _scheduled_work(self, self.every),
                            label="Scheduled sync", origin=origin)
 
+    def submit_scheduled_snapshot(self, origin: str = "schedule") -> dict | None:
+        """Queue one scheduled snapshot (with the clones: an upload source can't be cloned again), unless there is
+        nothing to back up yet or one is queued or running already (then None)."""
+        if not self._has_live():
+            return None
+        with self._cond:
+            if any(j.kind == "export" and j.args.get("scheduled") and j.state in (QUEUED, RUNNING)
+                   for j in self._jobs.values()):
+                return None
+        return self.submit("export", {"with_repos": True, "scheduled": True, "keep": self.snapshot_keep},
+                           _export_work(True, scheduled=True, keep=self.snapshot_keep),
+                           label="Scheduled snapshot", origin=origin, anywhere=True, writes=False)
+
+    def run_scheduled_snapshot_now(self, origin: str = "cli") -> dict | None:
+        """``kb watch``: the scheduled snapshot in the calling thread, when one is due (else None)."""
+        from kb import snapshot
+
+        if self.snapshot_every <= 0 or not self._has_live():
+            return None
+        if snapshot.scheduled_due(self.kb, self.snapshot_every) > time.time():
+            return None
+        return self.run_now("export", {"with_repos": True, "scheduled": True, "keep": self.snapshot_keep},
+                            _export_work(True, scheduled=True, keep=self.snapshot_keep),
+                            label="Scheduled snapshot", origin=origin, anywhere=True, writes=False)
+
+    def _has_live(self) -> bool:
+        try:
+            return bool(self.kb.manifest.live_collection)
+        except Exception:  # an unreadable manifest: the export would fail the same way, and say why
+            return True
+
     def run_now(self, kind: str, args: dict, work: Work, *, label: str = "", origin: str = "cli",
                 anywhere: bool = False, writes: bool = True) -> dict:
         """Run a job in the calling thread (the CLI), with the same record, progress and persistence."""
@@ -540,7 +593,7 @@ class JobQueue:
             if self._running is not None:
                 self._running.cancel_requested = True
             self._cond.notify_all()
-        for t in (self._worker, self._scheduler):
+        for t in (self._worker, self._scheduler, self._snapshotter):
             if t is not None and t is not threading.current_thread():
                 t.join(timeout)
 
@@ -670,6 +723,31 @@ class JobQueue:
             except KBError:
                 return  # closed meanwhile
             next_at = max(next_at + self.every, time.monotonic())
+
+    def _snapshot_loop(self) -> None:
+        from kb import snapshot
+
+        while True:
+            with self._cond:
+                every = self.snapshot_every
+                wait = None
+                if every > 0:
+                    try:
+                        due = snapshot.scheduled_due(self.kb, every)
+                    except KBError:  # the folder can't be listed: try again an interval later
+                        due = time.time() + every
+                    wait = max(0.0, max(due, self._snapshot_not_before) - time.time())
+                self._cond.wait_for(lambda: self._closed or self.snapshot_every != every, wait)
+                if self._closed:
+                    return
+                if self.snapshot_every != every:
+                    continue
+                # one submission an interval at most, even while its file is not written yet or its export fails
+                self._snapshot_not_before = time.time() + every
+            try:
+                self.submit_scheduled_snapshot()
+            except KBError:
+                return  # closed meanwhile
 
     # ------------------------------------------------------------------ records (called with or without the lock)
 
@@ -900,9 +978,10 @@ class _CountingEngine:
         return hits
 
 
-def _export_work(with_repos: bool) -> Work:
+def _export_work(with_repos: bool, scheduled: bool = False, keep: int | None = None) -> Work:
     def work(kb, ctl: JobControl) -> dict:
-        return ctl.when_lock_free(lambda: kb.export_snapshot(with_repos=with_repos, progress=ctl))
+        return ctl.when_lock_free(lambda: kb.export_snapshot(with_repos=with_repos, progress=ctl, scheduled=scheduled,
+                                                             keep=keep))
 
     return work
 
@@ -962,6 +1041,9 @@ def _scheduled_work(queue: JobQueue, every: float) -> Work:
 
         at = time.time()
         live = kb.live()[0]
+        # a pass that finds nothing new touches no vector: it said "done, 0 failed" for hours with the Chroma server
+        # down (an operator review). The pass fails at once, naming the server, and the next one tries again.
+        kb.check_store()
         rows = [s for s in kb.sources() if s.kind == "git"]
         due = [s for s in rows if queue.watch.due(s.name, at)]
         state = queue.watch.load()["sources"]
@@ -1010,12 +1092,14 @@ def watch(kb, every: float, *, once: bool = False, runs: int | None = None, prog
           queue: JobQueue | None = None) -> int:
     """``kb watch``: a scheduled fetch-and-sync now and then every ``every`` seconds, in this thread.
 
-    Each pass is a job like the dashboard's (kept in KB_HOME/jobs). Ends after
+    Each pass is a job like the dashboard's (kept in KB_HOME/jobs), followed by a scheduled snapshot when
+    ``KB_SNAPSHOT_EVERY`` makes one due (so a snapshot is at most one pass late). Ends after
     one pass (``once``), ``runs`` passes, or when ``stop`` is set (the running
     pass stops at its next safe point if the caller also calls
     ``queue.request_stop()``). Returns the number of passes.
     """
-    queue = queue or JobQueue(kb, every=every, start=False, forward=progress)
+    queue = queue or JobQueue(kb, every=every, snapshot_every=kb.settings.snapshot_every, start=False,
+                              forward=progress)
     stop = stop or threading.Event()
     n = 0
     while not stop.is_set():
@@ -1024,6 +1108,12 @@ def watch(kb, every: float, *, once: bool = False, runs: int | None = None, prog
         n += 1
         if on_run is not None:
             on_run(job)
+        if job["state"] != CANCELLED and not stop.is_set():  # a due snapshot, after the pass (KB_SNAPSHOT_EVERY)
+            snap = queue.run_scheduled_snapshot_now()
+            if snap is not None and on_run is not None:
+                on_run(snap)
+            if snap is not None and snap["state"] == CANCELLED:
+                break
         if once or (runs is not None and n >= runs) or job["state"] == CANCELLED:
             break
         stop.wait(max(0.0, every - (time.monotonic() - t0)))

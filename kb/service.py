@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import git
+import httpx
 from langchain_core.embeddings import Embeddings
 
 from core import embeddings as emb
@@ -38,6 +39,7 @@ from kb.progress import Progress, no_progress
 from kb.store.index import (
     ChromaUnreachable, VectorIndex, collection_name, once_more_if_reopened, passage_collection, reachable,
 )
+from kb.store import server_owner
 from kb.store.manifest import DocumentRow, Manifest, SourceRow, lock_free, write_lock
 
 _log = logging.getLogger(__name__)
@@ -107,7 +109,11 @@ class KnowledgeBase:
         """The vector store, opened again when another process (``kb sync``, ``kb watch``) wrote to it since."""
         with self._index_lock:
             if self._index is None:
-                self._index = VectorIndex(self.settings)
+                index = VectorIndex(self.settings)
+                if self.settings.chroma_url:  # one data folder per server (kb/store/server_owner.py)
+                    with reachable(self.settings):
+                        server_owner.claim(index.client, self.manifest, self.settings.home, self.settings.chroma_url)
+                self._index = index
             elif self._index.stale():
                 _log.info("another process wrote to %s: reopening the vector store", self.settings.chroma_path)
                 self._index.reopen()
@@ -295,6 +301,8 @@ class KnowledgeBase:
             except Exception as exc:  # a bug or an unforeseen store error: this source's, the others still sync
                 if getattr(exc, "cancelled", False):  # kb.jobs.Cancelled ends the whole job
                     raise
+                if self.settings.chroma_url and isinstance(exc, httpx.TransportError):
+                    raise  # the server went away mid-sync: `reachable` names it, and no other source is tried
                 reports.append(SyncReport(src.name, src.indexed_commit, None, dry_run=dry_run,
                                           error=runlog.unexpected(self.settings, exc, f"sync of {src.name}")))
         return reports
@@ -314,6 +322,7 @@ class KnowledgeBase:
         if not checked:
             raise KBError("no files given")
         with write_lock(s.home):  # all of it: a failure leaves no folder or row behind
+            self.index.ping()  # a store that is down fails the upload before anything is written
             if self.manifest.has_source(source):
                 src = self.manifest.source(source)
                 if src.kind != "files":
@@ -769,13 +778,26 @@ class KnowledgeBase:
     @reaching_chroma
     @runlog.job("export", dict)
     def export_snapshot(self, path: str | Path | None = None, with_repos: bool = False,
-                        progress: Progress = no_progress, overwrite: bool = False) -> dict:
+                        progress: Progress = no_progress, overwrite: bool = False, scheduled: bool = False,
+                        keep: int | None = None) -> dict:
         """Write the manifest, the live collection and its passages (and the clones) to one checked ``.tar.gz``;
-        no ``path``: a new file in ``KB_HOME/snapshots``; an existing file only with ``overwrite``."""
+        no ``path``: a new file in ``KB_HOME/snapshots``; an existing file only with ``overwrite``; ``scheduled``:
+        the schedule's, its old ones beyond ``keep`` (``KB_SNAPSHOT_KEEP``) removed once it is written."""
         from kb import snapshot
 
         return snapshot.export_snapshot(self, Path(path) if path is not None else None, with_repos=with_repos,
-                                        progress=progress, overwrite=overwrite)
+                                        progress=progress, overwrite=overwrite, scheduled=scheduled, keep=keep)
+
+    def snapshot_schedule(self, now: float | None = None) -> dict:
+        """``every`` (KB_SNAPSHOT_EVERY in seconds, 0: off), ``keep``, ``kept`` (the schedule's archives on disk),
+        ``next_run`` (epoch seconds, None when off)."""
+        from kb import snapshot
+
+        every = self.settings.snapshot_every
+        kept = [f for f in snapshot.written(self) if f["name"].startswith(snapshot.SCHEDULED_PREFIX)]
+        return {"every": every, "keep": self.settings.snapshot_keep, "kept": len(kept),
+                "last_run": kept[0]["modified"] if kept else None,
+                "next_run": snapshot.scheduled_due(self, every, now) if every > 0 else None}
 
     @reaching_chroma
     @runlog.job("import", dict)

@@ -35,6 +35,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -55,11 +56,13 @@ from kb.errors import KBError
 from kb.ingest import sources as git_sources
 from kb.progress import Progress, no_progress
 from kb.store.index import PREFIX, passage_collection
+from kb.store.server_owner import OWNER
 from kb.store.manifest import write_lock
 
 if TYPE_CHECKING:
     from kb.service import KnowledgeBase
 
+log = logging.getLogger(__name__)
 FORMAT = "kb-snapshot"
 VERSION = 1
 INDEX = "index.json"
@@ -75,16 +78,46 @@ COPY_BLOCK = 1 << 20
 # ---------------------------------------------------------------------------- export
 
 
-def default_path(kb: "KnowledgeBase") -> Path:
+SCHEDULED_PREFIX = "kb-snapshot-auto-"  # the schedule's archives: the only ones it ever removes
+
+
+def default_path(kb: "KnowledgeBase", scheduled: bool = False) -> Path:
     """``KB_HOME/snapshots/kb-snapshot-<UTC time>.tar.gz``, where the dashboard writes its exports (a second export
-    within the same second gets ``-2``, never the first one's file)."""
+    within the same second gets ``-2``, never the first one's file); ``kb-snapshot-auto-…`` for the schedule's."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     folder = kb.settings.home / "snapshots"
-    path, n = folder / f"kb-snapshot-{stamp}.tar.gz", 1
+    prefix = SCHEDULED_PREFIX if scheduled else "kb-snapshot-"
+    path, n = folder / f"{prefix}{stamp}.tar.gz", 1
     while path.exists():
         n += 1
-        path = folder / f"kb-snapshot-{stamp}-{n}.tar.gz"
+        path = folder / f"{prefix}{stamp}-{n}.tar.gz"
     return path
+
+
+def scheduled_due(kb: "KnowledgeBase", every: float, now: float | None = None) -> float:
+    """When the next scheduled snapshot is due (epoch seconds): ``every`` after the newest one on disk, or now.
+
+    Read from the files, not kept in memory, so that a restarted dashboard or ``kb watch`` neither writes one at
+    every start nor forgets one that is overdue.
+    """
+    now = time.time() if now is None else now
+    newest = max((f["modified"] for f in written(kb) if f["name"].startswith(SCHEDULED_PREFIX)), default=None)
+    return now if newest is None else min(newest, now) + every  # a file dated ahead of the clock counts as now
+
+
+def prune_scheduled(kb: "KnowledgeBase", keep: int) -> list[str]:
+    """Remove the schedule's archives beyond the newest ``keep``; an export written by hand is never removed."""
+    auto = [f for f in written(kb) if f["name"].startswith(SCHEDULED_PREFIX)]  # newest first
+    removed = []
+    for f in auto[max(1, keep):]:
+        try:
+            Path(f["path"]).unlink()
+            removed.append(f["name"])
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove the old scheduled snapshot %s: %s", f["path"], exc)
+    return removed
 
 
 def written(kb: "KnowledgeBase") -> list[dict]:
@@ -133,15 +166,20 @@ def clear_leftovers(folder: Path) -> list[str]:
 
 
 def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = False,
-                    progress: Progress = no_progress, overwrite: bool = False) -> dict:
+                    progress: Progress = no_progress, overwrite: bool = False, scheduled: bool = False,
+                    keep: int | None = None) -> dict:
     """Write a snapshot of ``kb`` to ``dest`` (written beside it under a temporary name, then renamed).
 
     ``dest`` None: :func:`default_path`. An existing file is replaced only with ``overwrite``: it may be another
-    knowledge base's only backup.
+    knowledge base's only backup. ``scheduled``: one of the schedule's (``KB_SNAPSHOT_EVERY``), in
+    ``KB_HOME/snapshots``; once it is written, the schedule's older ones beyond ``keep`` (default
+    ``KB_SNAPSHOT_KEEP``) are removed (never before: a failed export leaves the old ones as they were).
     """
     t0 = time.perf_counter()
+    if scheduled:
+        dest = None
     if dest is None:
-        dest = default_path(kb)
+        dest = default_path(kb, scheduled)
         dest.parent.mkdir(parents=True, exist_ok=True)
     dest = Path(dest).expanduser()
     if dest.is_dir():
@@ -173,8 +211,10 @@ def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = F
     finally:
         shutil.rmtree(work, ignore_errors=True)
         partial.unlink(missing_ok=True)
+    removed = prune_scheduled(kb, keep or kb.settings.snapshot_keep) if scheduled else []
     return {
-        "path": str(dest), "bytes": dest.stat().st_size, "collection": index["collection"],
+        "path": str(dest), "bytes": dest.stat().st_size, "collection": index["collection"], "scheduled": scheduled,
+        "removed": removed,
         "chunks": index["counts"]["chunks"], "passages": index["counts"]["passages"],
         "sources": index["counts"]["sources"], "documents": index["counts"]["documents"],
         "with_repos": with_repos, "repos": index["repos"], "seconds": round(time.perf_counter() - t0, 2),
@@ -317,7 +357,8 @@ def target_problem(kb: "KnowledgeBase") -> str | None:
         return f"{kb.settings.home} already holds {n_sources} source(s)"
     if m.collection_rows() or m.live_collection:
         return f"{kb.settings.home} already records collections in its manifest"
-    held = sorted(c.name for c in kb.index.client.list_collections() if not c.name.startswith(STAGING_PREFIX))
+    held = sorted(c.name for c in kb.index.client.list_collections()
+                  if not c.name.startswith(STAGING_PREFIX) and c.name != OWNER)
     if held:
         where = f"the Chroma server at {kb.settings.chroma_url}" if kb.settings.chroma_url else f"{kb.settings.chroma_path}"
         return f"{where} already holds collection(s): {', '.join(held[:5])}" + (" …" if len(held) > 5 else "")
@@ -594,8 +635,9 @@ def _write_manifest(kb: "KnowledgeBase", tables: dict, config: dict) -> None:
                 row = dict(row)
                 if table == "sources":
                     row["repo_path"] = f"repos/{row['name']}"  # read as this folder's (Manifest._source)
-                if table == "meta" and (row.get("key") == "live_collection" or str(row.get("key")).startswith("version:")):
-                    continue
+                if table == "meta" and (row.get("key") in ("live_collection", "kb_id")
+                                        or str(row.get("key")).startswith("version:")):
+                    continue  # kb_id: this folder's own, which its Chroma server knows it by (kb/store/server_owner.py)
                 keep = [c for c in row if c in cols]
                 columns = ", ".join(f'"{c}"' for c in keep)
                 try:

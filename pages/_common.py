@@ -147,12 +147,14 @@ def kb_or_stop(s: Settings | None = None):
 
 
 def interval(seconds: float) -> str:
-    """An interval as a person writes it: 45 s, 15 min, 2 h, 1.5 h."""
+    """An interval as a person writes it: 45 s, 15 min, 2 h, 1.5 h, 7 d."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.3g} h"
+    if seconds < 86400 or seconds % 86400:
+        return f"{seconds / 3600:.3g} h"
+    return f"{seconds / 86400:.0f} d"
 
 
 def when(ts: float | None) -> str:

@@ -30,6 +30,7 @@ from core.settings import Settings, load_settings
 _EMBED_FIELDS = tuple(f.name for f in fields(Settings) if f.name.startswith("embed_")) + ("model_cache",)
 _LLM_FIELDS = tuple(f.name for f in fields(Settings) if f.name.startswith(("llm", "openai_")))
 _SECRET_FIELDS = ("admin_password", "openai_api_key")
+_SCHEDULE_FIELDS = ("sync_every", "snapshot_every", "snapshot_keep")  # retune the job queue, not replace it
 
 
 def settings() -> Settings:
@@ -229,18 +230,21 @@ def loaded(s: Settings | None = None) -> dict[str, dict | None]:
 def _job_queue(key: str, _settings: Settings):
     from kb.jobs import JobQueue
 
-    # One worker per server process and knowledge base; with KB_SYNC_EVERY, the scheduled sync runs in it too.
-    return JobQueue(knowledge_base(_settings), every=_settings.sync_every)
+    # One worker per server process and knowledge base; with KB_SYNC_EVERY (KB_SNAPSHOT_EVERY), the scheduled sync
+    # (snapshot) runs in it too.
+    return JobQueue(knowledge_base(_settings), every=_settings.sync_every, snapshot_every=_settings.snapshot_every,
+                    snapshot_keep=_settings.snapshot_keep)
 
 
 def job_queue(s: Settings | None = None):
     """The server's job queue (kb/jobs.py) for the configured ``KB_HOME``: sync, upload, re-chunk and evaluation
     run in its one worker thread, not in a page's script run, so they go on when the admin navigates away.
 
-    A changed ``KB_SYNC_EVERY`` retunes the same queue's schedule (it is not part of the key: two schedules of one
-    knowledge base would both run)."""
+    A changed ``KB_SYNC_EVERY``, ``KB_SNAPSHOT_EVERY`` or ``KB_SNAPSHOT_KEEP`` retunes the same queue's schedules
+    (they are not part of the key: two schedules of one knowledge base would both run)."""
     s = s or settings()
-    queue = _job_queue(_key(s, exclude=_LLM_FIELDS + _SECRET_FIELDS + ("sync_every",)), s)
+    queue = _job_queue(_key(s, exclude=_LLM_FIELDS + _SECRET_FIELDS + _SCHEDULE_FIELDS), s)
     queue.set_every(s.sync_every)
+    queue.set_snapshot_every(s.snapshot_every, s.snapshot_keep)
     _note("job_queue", queue)
     return queue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ import streamlit as st
 
 from kb.markdown import code_span, escape_markdown
 from pages import _resources as resources
-from pages._common import expected_errors, kb_or_stop, require_admin, run_with_status, show_error
+from pages._common import expected_errors, interval, kb_or_stop, require_admin, run_with_status, show_error, when
 from pages._jobs import ended_jobs, jobs_panel, track
 
 st.title(":material/database: Collections")
@@ -50,6 +51,7 @@ def export_column(has_live: bool) -> None:
                "[--with-repos]`).")
     with_repos = st.checkbox("Include the clones", key="snap_with_repos", disabled=not has_live,
                              help="without them, an import clones each git source again from its URL")
+    st.caption(schedule_line(kb.snapshot_schedule()))
     queue = resources.job_queue(settings)
     if st.button("Write snapshot", key="snap_export_btn", disabled=not has_live,
                  help=None if has_live else "nothing to export: no live collection yet"):
@@ -83,6 +85,18 @@ def export_column(has_live: bool) -> None:
     path = Path(files[names.index(chosen)]["path"])
     st.download_button("Download", data=lambda: path.read_bytes(), file_name=path.name,
                        mime="application/gzip", key="snap_download", icon=":material/download:")
+
+
+def schedule_line(sched: dict) -> str:
+    """The scheduled snapshots in one line: interval, how many are kept, the last and the next, or how to start them."""
+    if not sched["every"]:
+        return ("No scheduled snapshots: set `KB_SNAPSHOT_EVERY` (e.g. 1d) for one with the clones every interval, "
+                "the newest `KB_SNAPSHOT_KEEP` (7) kept; `kb watch` writes them too.")
+    return (f"Scheduled: a snapshot with the clones every {interval(sched['every'])} (`KB_SNAPSHOT_EVERY`), the "
+            f"newest {sched['keep']} kept (`KB_SNAPSHOT_KEEP`; {sched['kept']} now, only `kb-snapshot-auto-*` "
+            f"files are ever removed): last {when(sched['last_run'])}, next "
+            + ("now" if sched["next_run"] <= time.time() + 5 else when(sched["next_run"]))
+            + (" (once there is a live collection)" if not sched["kept"] else "") + ".")
 
 
 def snapshot_label(f: dict) -> str:

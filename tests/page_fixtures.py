@@ -25,7 +25,7 @@ HOME_PY = ROOT / "Home.py"
 # What a developer's .streamlit/secrets.toml might change: the environment wins over it.
 BASE_ENV = {
     "KB_ADMIN_PASSWORD": "", "KB_CHROMA_URL": "", "KB_RERANKER_PATH": "", "KB_LLM": "llamacpp",
-    "KB_RETRIEVAL_MODE": "hybrid", "KB_TOP_K": "3",
+    "KB_RETRIEVAL_MODE": "hybrid", "KB_TOP_K": "3", "KB_SNAPSHOT_EVERY": "0",
 }
 
 

@@ -129,3 +129,70 @@ def test_every_page_shows_the_outage_and_recovers(chroma_server, page_env, monke
     lab.text_input(key="lab_query").set_value("custom tool").run()
     assert not lab.error and not lab.exception
     assert any("lagent/" in m.value for m in lab.markdown)
+
+
+def test_one_server_serves_one_data_folder(chroma_server, tmp_path, corpus, tiny_st_dir, tiny_embeddings):
+    """An operator review: a second data folder on the same server shared the first's collection (same settings,
+    same name), searched its documents, and `kb verify --repair` in it deleted the first's chunks."""
+    from kb.service import KnowledgeBase
+    from kb.store.server_owner import ID_KEY, OWNER, ServerOwnedElsewhere
+
+    def make(name: str) -> KnowledgeBase:
+        return KnowledgeBase(base_settings(tmp_path / name, embed_model=str(tiny_st_dir), embed_backend="torch",
+                                           chroma_url=chroma_server.url), embeddings=tiny_embeddings)
+
+    first = make("first")
+    first.add_source("lagent", str(corpus / "lagent.bundle"))
+    first.sync()
+    chunks = first.stats()["chunks"]
+    second = make("second")
+    for call in (second.stats, lambda: second.verify(repair=True), lambda: second.upload({"a.md": b"# A\n"}, "n")):
+        with pytest.raises(ServerOwnedElsewhere, match=f"belongs to the knowledge base in {tmp_path / 'first'}"):
+            call()
+    env = {**os.environ, "KB_HOME": str(tmp_path / "second"), "KB_CHROMA_URL": chroma_server.url,
+           "KB_EMBED_MODEL": str(tiny_st_dir), "KB_EMBED_BACKEND": "torch"}
+    done = cli(env, "verify", "--repair")
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and "belongs to" in done.stderr
+    assert first.stats()["chunks"] == chunks and first.verify()["healthy"]  # nothing of the first's was touched
+    assert [c["name"] for c in first.collections()] == [first.live()[0]]  # the claim is hidden from listings
+
+    # a server used before the claim existed: the folder that records its collections claims it, another is refused
+    owner_id = first.index.client.get_collection(OWNER).metadata[ID_KEY]
+    first.index.client.delete_collection(OWNER)
+    with pytest.raises(ServerOwnedElsewhere, match="holds collections that .* does not record"):
+        make("third").stats()
+    again = make("first")
+    assert again.stats()["chunks"] == chunks
+    assert again.index.client.get_collection(OWNER).metadata[ID_KEY] == owner_id
+
+
+def test_a_server_lost_mid_sync_ends_the_sync_and_an_upload_or_pass_without_it_writes_nothing(
+        chroma_server, tmp_path, corpus, tiny_st_dir, tiny_embeddings, monkeypatch):
+    import httpx
+
+    import kb.service as service
+    from kb.jobs import FAILED, JobQueue
+    from kb.store.index import ChromaUnreachable
+
+    kb = service.KnowledgeBase(base_settings(tmp_path / "home", embed_model=str(tiny_st_dir), embed_backend="torch",
+                                             chroma_url=chroma_server.url), embeddings=tiny_embeddings)
+    kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    kb.add_source("InternLM", str(corpus / "InternLM.bundle"))
+    tried = []
+
+    def dies(ctx, src, *args, **kwargs):  # the server went away while the first source was being written
+        tried.append(src.name)
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    monkeypatch.setattr(service, "sync_source", dies)
+    with pytest.raises(ChromaUnreachable, match=f"cannot reach the Chroma server at {chroma_server.url}"):
+        kb.sync()
+    assert len(tried) == 1  # it stopped there: the next source was not tried (and reported done) on a dead server
+    monkeypatch.undo()
+
+    chroma_server.stop()
+    with pytest.raises(ChromaUnreachable):
+        kb.upload({"notes.md": b"# Notes\n\nkept nowhere\n"}, "notes")
+    assert not kb.manifest.has_source("notes") and not (tmp_path / "home" / "repos" / "notes").exists()
+    job = JobQueue(kb, start=False).run_scheduled_now()  # nothing changed upstream: it still says the store is down
+    assert job["state"] == FAILED and "cannot reach the Chroma server" in job["error"]

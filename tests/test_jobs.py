@@ -100,9 +100,17 @@ def test_sync_every_setting():
     assert parse_interval("1h30m") == 5400 and parse_interval("0") == 0 and parse_interval("") == 0
     assert load_settings(env={"KB_SYNC_EVERY": "15m"}, secrets_path=Path("/nonexistent")).sync_every == 900
     assert load_settings(env={}, secrets_path=Path("/nonexistent")).sync_every == 0
-    for bad in ("15", "15x", "m", "-5m", "fast", "1d"):
-        with pytest.raises(SettingsError, match="KB_SYNC_EVERY=.*s, m or h"):
+    assert parse_interval("1d") == 86400 and parse_interval("1d12h") == 129600
+    for bad in ("15", "15x", "m", "-5m", "fast", "1w"):
+        with pytest.raises(SettingsError, match="KB_SYNC_EVERY=.*s, m, h or d"):
             load_settings(env={"KB_SYNC_EVERY": bad}, secrets_path=Path("/nonexistent"))
+    snap = load_settings(env={"KB_SNAPSHOT_EVERY": "1d", "KB_SNAPSHOT_KEEP": "3"}, secrets_path=Path("/nonexistent"))
+    assert (snap.snapshot_every, snap.snapshot_keep) == (86400, 3)
+    assert load_settings(env={}, secrets_path=Path("/nonexistent")).snapshot_every == 0
+    with pytest.raises(SettingsError, match="KB_SNAPSHOT_EVERY='daily' is not an interval"):
+        load_settings(env={"KB_SNAPSHOT_EVERY": "daily"}, secrets_path=Path("/nonexistent"))
+    with pytest.raises(SettingsError, match="KB_SNAPSHOT_KEEP=0: use 1 or more"):
+        load_settings(env={"KB_SNAPSHOT_KEEP": "0"}, secrets_path=Path("/nonexistent"))
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -321,6 +329,54 @@ def test_a_snapshot_export_job_waits_for_a_writer_and_a_cancel_leaves_no_file(ti
     assert ("export", False) in kinds and ("export", True) in kinds
 
 
+def test_scheduled_snapshots_are_due_an_interval_after_the_newest_and_only_theirs_are_pruned(tiny_kb):
+    from kb import snapshot
+
+    folder = tiny_kb.settings.home / "snapshots"
+    assert snapshot.scheduled_due(tiny_kb, 3600, now=1000.0) == 1000.0  # none yet: due now
+    folder.mkdir(parents=True)
+    made = {}
+    for i, name in enumerate(["kb-snapshot-auto-1.tar.gz", "kb-snapshot-auto-2.tar.gz", "kb-snapshot-by-hand.tar.gz",
+                              "kb-snapshot-auto-3.tar.gz", ".kb-snapshot-auto-4.tar.gz.123.abcd1234.part"]):
+        path = folder / name
+        path.write_bytes(b"x")
+        os.utime(path, (1000.0 + i, 1000.0 + i))
+        made[name] = path
+    assert snapshot.scheduled_due(tiny_kb, 3600, now=2000.0) == 1003.0 + 3600  # the newest auto one, not by hand
+    assert snapshot.scheduled_due(tiny_kb, 3600, now=500.0) == 500.0 + 3600  # a file dated ahead of the clock
+    assert snapshot.prune_scheduled(tiny_kb, 2) == ["kb-snapshot-auto-1.tar.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(n for n in made if n != "kb-snapshot-auto-1.tar.gz")
+    assert snapshot.prune_scheduled(tiny_kb, 0) == ["kb-snapshot-auto-2.tar.gz"]  # at least one is always kept
+    assert [f["name"] for f in tiny_kb.snapshots()] == ["kb-snapshot-auto-3.tar.gz", "kb-snapshot-by-hand.tar.gz"]
+
+
+def test_the_queue_writes_scheduled_snapshots_and_keeps_the_newest(tiny_kb, corpus, queue_of):
+    from kb import snapshot
+
+    idle = queue_of(tiny_kb, snapshot_every=0.5, snapshot_keep=2)
+    time.sleep(1.5)
+    assert not idle.jobs() and not tiny_kb.snapshots()  # nothing to back up yet: no job, no failure
+    idle.close(timeout=30)
+
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    tiny_kb.sync(["lagent"])
+    by_hand = tiny_kb.export_snapshot()["path"]
+    queue = queue_of(tiny_kb, snapshot_every=1.0, snapshot_keep=2)
+    done = wait_for(lambda: (lambda d: d if len(d) >= 3 else None)(
+        [j for j in queue.jobs(recent=20) if j["kind"] == "export" and j["state"] == DONE]), timeout=300)
+    assert all(j["label"] == "Scheduled snapshot" and j["origin"] == "schedule" for j in done)
+    assert any(j["report"]["removed"] for j in done)  # the third removed the first
+    queue.set_snapshot_every(0)
+    assert queue.wait_idle(120)
+    names = [f["name"] for f in tiny_kb.snapshots()]
+    auto = [n for n in names if n.startswith(snapshot.SCHEDULED_PREFIX)]
+    assert len(auto) == 2 and Path(by_hand).name in names  # the newest two, and the one written by hand
+    index = snapshot.read_index(tiny_kb.settings.home / "snapshots" / auto[0])
+    assert index["with_repos"] is True and index["repos"] == ["lagent"]
+    sched = tiny_kb.snapshot_schedule()
+    assert sched["every"] == 0 and sched["next_run"] is None  # the settings' schedule: off
+
+
 def test_files_committed_by_an_upload_killed_before_indexing_are_reported_stale(tiny_kb):
     """kill -9 between an upload's commit and its index left the files unsearchable while every check said healthy."""
     from kb.ingest import sources
@@ -485,6 +541,16 @@ def test_kb_watch_cli_syncs_a_new_commit_and_stops_on_sigterm(tmp_path, tiny_st_
     assert once.returncode == 0, once.stderr
     out = json.loads(once.stdout)
     assert out["state"] == "done" and out["sources"][0]["commit_after"] == old and CLI_FIELDS[0] in out["sources"][0]
+    assert "snapshot" not in out  # KB_SNAPSHOT_EVERY is off
+    # a scheduled snapshot after the pass, once it is due: the first now, the next an interval after it
+    bad = run("watch", "--once", "--snapshot-every", "5")
+    assert bad.returncode == 1 and "--snapshot-every='5' is not an interval" in bad.stderr
+    snap = json.loads(run("watch", "--once", "--json", "--snapshot-every", "1h").stdout)["snapshot"]
+    assert snap["state"] == "done" and snap["scheduled"] and snap["repos"] == ["lagent"]
+    assert Path(snap["path"]).name.startswith("kb-snapshot-auto-") and Path(snap["path"]).is_file()
+    assert "snapshot" not in json.loads(run("watch", "--once", "--json", "--snapshot-every", "1h").stdout)
+    text = run("watch", "--once", "--snapshot-every", "1s")
+    assert text.returncode == 0 and " snapshot: " in text.stdout and "kb-snapshot-auto-" in text.stdout, text.stdout
 
     proc = subprocess.Popen([sys.executable, "-m", "kb", "watch", "--every", "1s", "--json"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -67,6 +67,7 @@ def test_write_a_snapshot_and_download_it(lagent_env, open_page, shared_kb):
     assert not at.download_button  # nothing written yet
     assert at.button(key="snap_import_btn").disabled  # not an empty knowledge base
     assert "already holds 1 source" in texts(at.caption)
+    assert "No scheduled snapshots: set `KB_SNAPSHOT_EVERY`" in texts(at.caption)
     at.checkbox(key="snap_with_repos").check()
     at.button(key="snap_export_btn").click().run()
     ok(at)
@@ -98,6 +99,34 @@ def test_a_snapshot_outlives_the_session_that_asked_for_it(lagent_env, open_page
     pick = later.selectbox(key="snap_pick")
     assert written[-1].name in str(pick.value) and pick.index == 0  # newest first
     assert later.download_button(key="snap_download").label == "Download"
+
+
+def test_the_snapshots_tab_shows_the_schedule_and_its_archives(lagent_env, open_page, monkeypatch):
+    monkeypatch.setenv("KB_SNAPSHOT_EVERY", "1d")
+    monkeypatch.setenv("KB_SNAPSHOT_KEEP", "3")
+    at = ok(open_page("collections"))
+    caption = texts(at.caption)
+    assert "a snapshot with the clones every 1 d (`KB_SNAPSHOT_EVERY`), the newest 3 kept" in caption
+    from pages import _resources as resources
+
+    assert resources.job_queue().snapshot_every == 86400
+    written = wait_for_file(lagent_env / "snapshots", "kb-snapshot-auto-*.tar.gz")  # the first is due at once
+    assert resources.job_queue().wait_idle(120)
+    at = ok(open_page("collections"))
+    assert "(`KB_SNAPSHOT_KEEP`; 1 now" in texts(at.caption) and "(in 24 h)." in texts(at.caption)
+    assert written.name in str(at.selectbox(key="snap_pick").value)
+
+
+def wait_for_file(folder: Path, pattern: str, timeout: float = 120) -> Path:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {pattern} in {folder}")
 
 
 def test_import_an_uploaded_snapshot_into_an_empty_kb(page_env, tmp_path, monkeypatch, corpus, shared_kb, open_page):
