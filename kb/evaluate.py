@@ -61,6 +61,8 @@ def load_questions(path: Path | str, text: str | None = None) -> list[dict]:
     """Parse a JSONL question file; a bad line is reported with its number."""
     if text is None:
         p = Path(path)
+        if p.is_dir():
+            raise KBError(f"{path} is a folder: give a question file (.jsonl)")
         if not p.is_file():
             raise KBError(f"no such question file: {path}")
         try:

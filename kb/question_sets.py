@@ -125,4 +125,6 @@ def resolve(name: str) -> Path:
         return path
     if name in BY_KEY:
         return BY_KEY[name].file
+    if path.is_dir():
+        raise KBError(f"{name} is a folder: give a question file (.jsonl) in it, or a shipped set: {', '.join(BY_KEY)}")
     raise KBError(f"no such question file: {name} (or name a shipped set: {', '.join(BY_KEY)})")

@@ -278,7 +278,8 @@ class KnowledgeBase:
                 when=lambda a: not a["dry_run"])  # a dry run writes nothing, not even a log line
     @reaching_chroma
     def sync(self, names: list[str] | None = None, dry_run: bool = False, progress: Progress = no_progress) -> list[SyncReport]:
-        rows = [self.manifest.source(n) for n in names] if names else self.manifest.sources()
+        # a name given twice is synced once (`kb sync lagent lagent` synced and reported it twice)
+        rows = [self.manifest.source(n) for n in dict.fromkeys(names)] if names else self.manifest.sources()
         if not rows:
             raise KBError("no sources yet: add one with `kb add NAME URL_OR_PATH`")
         with write_lock(self.settings.home, writes=not dry_run):
@@ -337,7 +338,19 @@ class KnowledgeBase:
                         self.manifest.delete_source(con, source)
                     shutil.rmtree(src.repo_path, ignore_errors=True)
                     raise
-            return self._sync_locked([self.manifest.source(source)], progress=progress)[0]
+            report = self._sync_locked([self.manifest.source(source)], progress=progress)[0]
+            self._still_skipped(report, source, checked)
+            return report
+
+    def _still_skipped(self, report: SyncReport, source: str, files: dict[str, bytes]) -> None:
+        """A file sent again unchanged that was skipped before is still not indexed: listed among the skipped, with
+        its reason (it was counted "unchanged", as if indexed: an operator review)."""
+        listed = {x["path"] for x in report.skipped}
+        for name in files:
+            path = f"{sources.UPLOADS_DIR}/{name}"
+            doc = self.manifest.document(source, path)
+            if path not in listed and doc is not None and doc.status == "skipped":
+                report.skipped.append({"path": path, "reason": f"{doc.reason} (unchanged since it was skipped)"})
 
     def _new_upload_source(self, source: str) -> SourceRow:
         """A files-only source: its repository and manifest row, or neither (the caller holds the lock)."""

@@ -184,6 +184,8 @@ def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = F
     dest = Path(dest).expanduser()
     if dest.is_dir():
         raise KBError(f"{dest} is a folder; give the archive's file name, e.g. {dest / 'kb-snapshot.tar.gz'}")
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise KBError(f"{dest.parent} is a file, not a folder: give the archive's path in a folder")
     if not dest.parent.is_dir():
         raise KBError(f"folder {dest.parent} does not exist")
     if dest.exists() and not overwrite:

@@ -29,7 +29,8 @@ def test_add_sync_stats_search_json(cli_home, corpus):
     home, env = cli_home
     proc, out = kb(home, "add", "lagent", str(corpus / "lagent.bundle"), "--json", env_extra=env)
     assert proc.returncode == 0 and out["source"]["name"] == "lagent"
-    proc, out = kb(home, "sync", "--dry-run", "--json", env_extra=env)
+    proc, out = kb(home, "sync", "lagent", "lagent", "--dry-run", "--json", env_extra=env)
+    assert len(out["sources"]) == 1  # a name given twice is synced once (it was synced and reported twice)
     rep = out["sources"][0]
     assert rep["files_added"] > 0 and rep["chunks_embedded"] > 0 and rep["dry_run"] is True
     proc, out = kb(home, "stats", "--json", env_extra=env)
@@ -73,6 +74,8 @@ def test_add_sync_stats_search_json(cli_home, corpus):
         (["export", "/proc/kb.tar.gz"], "cannot write the snapshot in /proc"),  # was mkdtemp's traceback
         (["export", "/etc/passwd"], "already exists; give another file name, or --force"),  # was replaced unasked
         (["eval", "/no/such.jsonl"], "no such question file"),
+        (["eval", "/tmp"], "/tmp is a folder: give a question file"),  # was "no such question file"
+        (["export", "/etc/passwd/kb.tar.gz"], "/etc/passwd is a file, not a folder"),  # was "does not exist"
     ],
 )
 def test_errors_are_clear(cli_home, args, message):
@@ -115,8 +118,10 @@ def test_an_upload_whose_every_file_is_refused_fails(cli_home, tmp_path):
     proc, out = kb(home, "upload", str(tmp_path / "ok.md"), str(tmp_path / "blob.md"), "--source", "refused",
                    "--json", env_extra=env)
     assert proc.returncode == 0 and "error" not in out, out
-    # blob.md is the same bytes as before (skipped then, with its reason listed): unchanged now, as the page says
-    assert out["files"] == {"new": 1, "changed": 0, "unchanged": 1, "skipped": 0}
+    # blob.md is the same bytes as before, skipped then: still skipped, not "unchanged" as if indexed (a review)
+    assert out["files"] == {"new": 1, "changed": 0, "unchanged": 0, "skipped": 1}
+    (again,) = [s for s in out["sources"][0]["skipped"] if s["path"] == "uploads/blob.md"]
+    assert again["reason"].endswith("(unchanged since it was skipped)")
     (tmp_path / "ok.md").write_bytes(b"# Notes\n\nA file that is indexed, changed.\n")
     (tmp_path / "more.md").write_bytes(b"# More\n\nAnother one.\n")
     proc, _ = kb(home, "upload", str(tmp_path / "ok.md"), str(tmp_path / "more.md"), "--source", "refused",

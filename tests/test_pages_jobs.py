@@ -244,6 +244,8 @@ def test_upload_is_a_job_and_the_widget_limit_follows_the_setting(page_env, open
     assert "1 unchanged, 1 skipped, not indexed" in texts(at.warning), texts(at.success) + texts(at.warning)
     upload(at, [("latin.md", b"\xff\xfe caf\xe9")])
     assert "1 skipped, not indexed" in texts(at.error) and not texts(at.success)
+    upload(at, [("binary.md", b"\x00\x01\x02 binary")])  # sent again unchanged: still skipped, not "unchanged"
+    assert "1 skipped, not indexed" in texts(at.error) and "unchanged" not in texts(at.error)
     # two files of one name, and a bad source name: refused at once, nothing queued
     jobs = [j["id"] for j in queue().jobs()]
     upload(at, [("a.md", b"# One\n\nfirst"), ("a.md", b"# Two\n\nsecond")], finished=False)

@@ -255,7 +255,8 @@ def write_lock(home: Path, writes: bool = True) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise WriteLockBusy(f"another sync or re-chunk is running on {home}; try again when it ends") from None
+            raise WriteLockBusy(f"another writer (a sync, upload, re-chunk, import or repair) is running on {home}; "
+                                "try again when it ends") from None
         try:
             if writes:
                 _number_write(home)  # as well as at the end: a writer killed half-way leaves its start numbered
