@@ -215,6 +215,16 @@ def cmd_verify(args: argparse.Namespace) -> dict:
                 print(f"    … and {len(examples) - 5} more")
         if not out["healthy"] and not out["repaired"]:
             print("run `kb verify --repair` to re-index what is inconsistent", file=sys.stderr)
+        if not out["healthy"] and out["repaired"] and "missing_commit" in out["totals"]:
+            # a repair re-indexes from the clone: one that lacks the commit can't be repaired from it
+            print("the clone of " + ", ".join(sorted({p["source"] for p in out["problems"]
+                                                       if p["kind"] == "missing_commit"}))
+                  + " lacks the indexed commit, so a repair can't rebuild from it: sync it (a git source fetches the "
+                  "commit again), restore it from a snapshot made with --with-repos, or remove the source",
+                  file=sys.stderr)
+        for row in out.get("not_indexed", []):
+            print(f"note: {row['source']} has commits not yet indexed (head {row['head'][:10]}): "
+                  f"`kb sync {row['source']}` indexes them")
     if not out["healthy"]:
         out["error"] = "the knowledge base is not consistent" + (" after repair" if out["repaired"] else "")
     return out

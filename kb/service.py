@@ -516,7 +516,7 @@ class KnowledgeBase:
         live, config = self.live()
         problems = consistency.check(self.manifest, self.index, live, config, self.embed_model)
         if not repair or not problems:
-            return consistency.report(problems)
+            return {**consistency.report(problems), "not_indexed": self.not_indexed()}
         with write_lock(self.settings.home):
             reports = []
             if any(p.kind == "lost_vector_index" for p in problems):
@@ -529,6 +529,18 @@ class KnowledgeBase:
         out = consistency.report(consistency.check(self.manifest, self.index, live, config, self.embed_model),
                                  repaired=True)
         out["reports"] = [r.as_dict() for r in reports]
+        out["not_indexed"] = self.not_indexed()
+        return out
+
+    def not_indexed(self) -> list[dict]:
+        """Sources whose clone holds commits not yet indexed (``{"source", "head"}``): not an inconsistency, but
+        files committed and unsearchable until a sync (a killed upload, a fetch whose sync never ran), which
+        ``kb verify`` said nothing about (an operator review)."""
+        out = []
+        for src in self.manifest.sources():
+            head = self._unindexed_head(src)  # a source never synced, too: its files are committed, not indexed
+            if head:
+                out.append({"source": src.name, "head": head})
         return out
 
     def _delete_strays(self, problems: list, live: str, config: ChunkConfig) -> None:

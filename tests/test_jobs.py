@@ -388,8 +388,11 @@ def test_files_committed_by_an_upload_killed_before_indexing_are_reported_stale(
     stale = [p for p in tiny_kb.health() if p["subject"] == "notes"]
     assert [p["kind"] for p in stale] == ["not_indexed"]
     assert f"uploaded files not yet indexed: its branch is at {head[:8]}" in stale[0]["message"]
+    # kb verify says so too (an operator review: it said healthy, and nothing else), without calling it inconsistent
+    checked = tiny_kb.verify()
+    assert checked["healthy"] and checked["not_indexed"] == [{"source": "notes", "head": head}]
     (report,) = tiny_kb.sync(["notes"])
-    assert report.added == ["uploads/late.md"] and tiny_kb.health() == []
+    assert report.added == ["uploads/late.md"] and tiny_kb.health() == [] and tiny_kb.verify()["not_indexed"] == []
 
 
 def test_evaluation_job_reports_each_question(tiny_kb, corpus, queue_of):

@@ -350,6 +350,9 @@ def test_round_trip_without_repos_clones_again_from_the_recorded_urls(source, tm
     assert same_results(results(kb), source["before"]["results"])
     report = kb.verify()  # only the uploads' clone is missing, and verify says so
     assert {(p["kind"], p["source"]) for p in report["problems"]} == {("missing_commit", "notes")}
+    # a repair can't rebuild from a clone that lacks the commit: it says why, not only "NOT healthy after repair"
+    done = cli(kb_env(tmp_path / "target", tiny_st_dir), "verify", "--repair")
+    assert done.returncode == 1 and "the clone of notes lacks the indexed commit" in done.stderr, done.stderr
 
 
 def test_refuses_a_target_that_is_not_empty(source, tmp_path, corpus, tiny_st_dir, tiny_embeddings):

@@ -54,7 +54,7 @@ def synced(tiny_kb, corpus):
 
 def test_a_clean_sync_is_healthy(synced):
     out = synced.verify()
-    assert out == {"healthy": True, "problems": [], "totals": {}, "repaired": False}
+    assert out == {"healthy": True, "problems": [], "totals": {}, "repaired": False, "not_indexed": []}
 
 
 def test_each_kind_of_damage_is_found_and_repaired(synced):
