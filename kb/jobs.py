@@ -814,6 +814,13 @@ class JobQueue:
             if rec and rec.get("state") in (QUEUED, RUNNING) and not _alive(int(rec.get("pid") or 0), rec.get("host", "")):
                 self._interrupted(path, rec)
 
+    def _logged_by_its_marker(self, rec: dict) -> bool:
+        """A running job's method left a marker that logged its death already (``kb.log.reap``, run by the read)."""
+        pid = int(rec.get("pid") or 0)
+        since = rec.get("started") or rec.get("created")
+        return any(r.get("interrupted") and r.get("process") == pid
+                   for r in runlog.read(self.kb.settings, since=since, kinds=[rec.get("kind")]))
+
     def _interrupted(self, path: Path, rec: dict) -> dict:
         was = rec.get("state")
         rec.update(state=FAILED, finished=rec.get("finished") or rec.get("started") or rec.get("created"),
@@ -823,7 +830,8 @@ class JobQueue:
             _atomic_write(path, rec)
         except OSError:
             return rec
-        if rec.get("kind") in runlog.JOB_KINDS:  # Home's errors and `kb log --kind KIND` count it, as the jobs table
+        if rec.get("kind") in runlog.JOB_KINDS and not (was == RUNNING and self._logged_by_its_marker(rec)):
+            # Home's errors and `kb log --kind KIND` count it, as the jobs table does
             runlog.log_job(self.kb.settings, rec["kind"], {"error": rec["error"], "interrupted": True,
                                                            "job": rec.get("id"), "origin": rec.get("origin")})
         return rec

@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import traceback
@@ -56,6 +57,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from kb import pids
 from kb.errors import KBError
 
 FILE_NAME = "kb.jsonl"
@@ -256,7 +258,9 @@ def write(where: Any, kind: str, **fields: Any) -> bool:
 
 
 def read(where: Any, since: float | None = None, kinds: Iterable[str] | None = None) -> list[dict]:
-    """Every kept record of KB_HOME (or settings) since ``since``, of ``kinds``, oldest first."""
+    """Every kept record of KB_HOME (or settings) since ``since``, of ``kinds``, oldest first; a job whose process
+    died under way is logged first (:func:`reap`), so `kb log` and Home's errors count it."""
+    reap(where)
     return JsonlLog(log_dir(where)).read(since, kinds)
 
 
@@ -277,6 +281,60 @@ def _capped(value: Any, cap: int = LIST_CAP) -> Any:
 def log_job(where: Any, kind: str, report: dict) -> bool:
     """A finished job (``sync``, ``upload``, ``rechunk``, ``verify``) with its report (the ``--json`` fields)."""
     return write(where, kind, **_capped(report))
+
+
+RUNNING = "running"  # in KB_HOME/logs: one marker per job under way, removed when it ends
+
+
+@contextlib.contextmanager
+def running(where: Any, kind: str):
+    """Mark a job as under way while it runs, so that one whose process dies is logged by the next (:func:`reap`).
+
+    A `kb sync` killed with SIGKILL wrote nothing, and `kb log` could not tell that it had died (an operator review):
+    a process can't log its own death, so the marker outlives it and another process reports it.
+    """
+    path = None
+    try:
+        folder = log_dir(where) / RUNNING
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{os.getpid()}-{kind}-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps({"kind": kind, "pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": iso(time.time())}))
+    except OSError:  # a log must never break what it records
+        path = None
+    try:
+        yield
+    finally:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def reap(where: Any) -> list[tuple[int, str]]:
+    """Log each job whose process died under way (its marker is left, its process gone), once; returns
+    ``(pid, kind)`` of each. Markers of another host are left to that host."""
+    out: list[tuple[int, str]] = []
+    try:
+        markers = list((log_dir(where) / RUNNING).glob("*.json"))
+    except OSError:
+        return out
+    for path in markers:
+        try:
+            rec = json.loads(path.read_text())
+            pid, kind = int(rec["pid"]), str(rec["kind"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if rec.get("host") != socket.gethostname() or pids.alive(pid):
+            continue
+        try:
+            path.unlink()  # only the process that removes it logs it
+        except OSError:
+            continue
+        log_job(where, kind, {"error": f"interrupted: process {pid} stopped before this {kind} ended (killed, or the "
+                                       "machine went down); a sync converges on its next run",
+                              "interrupted": True, "started": rec.get("started"), "process": pid})
+        out.append((pid, kind))
+    return out
 
 
 def job(kind: str, report: Callable[[Any], dict], when: Callable[[dict], bool] | None = None):
@@ -302,9 +360,11 @@ def job(kind: str, report: Callable[[Any], dict], when: Callable[[dict], bool] |
                     wanted = True
                 if not wanted:
                     return method(self, *args, **kwargs)
+            reap(self.settings)
             t0 = time.perf_counter()
             try:
-                result = method(self, *args, **kwargs)
+                with running(self.settings, kind):
+                    result = method(self, *args, **kwargs)
             except Exception as exc:
                 wall = round(time.perf_counter() - t0, 3)
                 if getattr(exc, "cancelled", False):  # kb.jobs.Cancelled: what someone asked for, not a failure

@@ -433,6 +433,38 @@ def test_a_job_whose_process_died_is_recorded_as_interrupted(tiny_kb, queue_of):
     assert logged["interrupted"] and "interrupted" in logged["error"]
     assert any("interrupted" in f["error"] for f in tiny_kb.activity(1)["failed_jobs"])
 
+    # the same death, also left as its method's marker (kb.log.running): logged once, not twice
+    before = len(runlog.read(tiny_kb.settings, kinds=["sync"]))
+    rec2 = {**rec, "id": "20000101-000000000-abcde2", "started": 3.0}
+    (folder / f"{rec2['id']}.json").write_text(json.dumps(rec2))
+    markers = tiny_kb.settings.home / "logs" / runlog.RUNNING
+    markers.mkdir(parents=True, exist_ok=True)
+    (markers / f"{rec2['pid']}-sync-deadbeef.json").write_text(json.dumps(
+        {"kind": "sync", "pid": rec2["pid"], "host": socket.gethostname(), "started": "2000-01-01T00:00:03.000Z"}))
+    assert queue_of(tiny_kb).get(rec2["id"])["state"] == FAILED
+    after = runlog.read(tiny_kb.settings, kinds=["sync"])
+    assert len(after) == before + 1 and after[-1]["process"] == rec2["pid"] and not list(markers.iterdir())
+
+
+def test_a_cli_sync_killed_mid_way_is_logged_as_interrupted_by_the_next_process(tmp_path, tiny_st_dir, corpus):
+    """An operator review: `kill -9` of a `kb sync` left nothing in `kb log`; its marker now outlives it."""
+    env = {**os.environ, "KB_HOME": str(tmp_path / "home"), "KB_EMBED_MODEL": str(tiny_st_dir),
+           "KB_EMBED_BACKEND": "torch"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kb", *a], cwd=ROOT, env=env, capture_output=True,  # noqa: E731
+                                    text=True, timeout=600)
+    assert run("add", "InternLM", str(corpus / "InternLM.bundle"), "-q").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "kb", "sync", "-q"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = tmp_path / "home" / "logs" / runlog.RUNNING
+    wait_for(lambda: markers.is_dir() and list(markers.glob(f"{proc.pid}-sync-*.json")), timeout=120, every=0.02)
+    proc.kill()
+    proc.wait(timeout=30)
+    (rec,) = json.loads(run("log", "--kind", "sync", "--json").stdout)["records"]
+    assert rec["interrupted"] and rec["process"] == proc.pid and "interrupted: process" in rec["error"]
+    assert not list(markers.iterdir())
+    assert len(json.loads(run("log", "--kind", "sync", "--json").stdout)["records"]) == 1  # logged once
+    assert run("sync", "-q").returncode == 0  # and the next sync converges
+
 
 # ---------------------------------------------------------------------------- scheduled sync
 
