@@ -482,6 +482,8 @@ def cmd_watch(args: argparse.Namespace) -> dict:
         rep = job.get("report") or {}
         if job["kind"] == "export":  # the scheduled snapshot after a pass
             snap = {"job": job["id"], "state": job["state"], **rep, **({"error": job["error"]} if job.get("error") else {})}
+            if args.once and job["state"] != "done":  # a cron job's exit status says the backup failed too
+                last.setdefault("error", f"the scheduled snapshot {job['state']}: {job.get('error') or ''}".strip())
             if args.json and args.once:
                 last["snapshot"] = snap  # --once prints one JSON object: the pass's, with its snapshot in it
             elif args.json:

@@ -530,8 +530,11 @@ class JobQueue:
 
         if self.snapshot_every <= 0 or not self._has_live():
             return None
-        if snapshot.scheduled_due(self.kb, self.snapshot_every) > time.time():
-            return None
+        try:
+            if snapshot.scheduled_due(self.kb, self.snapshot_every) > time.time():
+                return None
+        except KBError:  # the folder can't be read: the export fails too, and its job says why
+            pass
         return self.run_now("export", {"with_repos": True, "scheduled": True, "keep": self.snapshot_keep},
                             _export_work(True, scheduled=True, keep=self.snapshot_keep),
                             label="Scheduled snapshot", origin=origin, anywhere=True, writes=False)
@@ -745,7 +748,9 @@ class JobQueue:
                 # one submission an interval at most, even while its file is not written yet or its export fails
                 self._snapshot_not_before = time.time() + every
             try:
-                self.submit_scheduled_snapshot()
+                if self.submit_scheduled_snapshot() is None and not self._has_live():
+                    # nothing to back up yet: look again within a minute, not a whole interval after the first sync
+                    self._snapshot_not_before = time.time() + min(every, 60.0)
             except KBError:
                 return  # closed meanwhile
 

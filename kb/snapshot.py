@@ -180,7 +180,10 @@ def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = F
         dest = None
     if dest is None:
         dest = default_path(kb, scheduled)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # KB_HOME/snapshots is a file, or can't be made
+            raise KBError(f"cannot write the snapshot in {dest.parent}: {exc.strerror or exc}") from None
     dest = Path(dest).expanduser()
     if dest.is_dir():
         raise KBError(f"{dest} is a folder; give the archive's file name, e.g. {dest / 'kb-snapshot.tar.gz'}")

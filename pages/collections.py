@@ -51,7 +51,10 @@ def export_column(has_live: bool) -> None:
                "[--with-repos]`).")
     with_repos = st.checkbox("Include the clones", key="snap_with_repos", disabled=not has_live,
                              help="without them, an import clones each git source again from its URL")
-    st.caption(schedule_line(kb.snapshot_schedule()))
+    try:
+        st.caption(schedule_line(kb.snapshot_schedule()))
+    except expected_errors() as exc:  # KB_HOME/snapshots can't be read: said here, the export then fails alike
+        show_error(exc)
     queue = resources.job_queue(settings)
     if st.button("Write snapshot", key="snap_export_btn", disabled=not has_live,
                  help=None if has_live else "nothing to export: no live collection yet"):

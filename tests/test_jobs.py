@@ -586,6 +586,14 @@ def test_kb_watch_cli_syncs_a_new_commit_and_stops_on_sigterm(tmp_path, tiny_st_
     assert "snapshot" not in json.loads(run("watch", "--once", "--json", "--snapshot-every", "1h").stdout)
     text = run("watch", "--once", "--snapshot-every", "1s")
     assert text.returncode == 0 and " snapshot: " in text.stdout and "kb-snapshot-auto-" in text.stdout, text.stdout
+    snaps = tmp_path / "home" / "snapshots"  # a backup that fails fails a cron job's `kb watch --once` too
+    snaps.rename(tmp_path / "aside")
+    snaps.write_text("in the way")
+    failed = run("watch", "--once", "--snapshot-every", "1s")
+    assert failed.returncode == 1 and "snapshot failed: cannot write the snapshot in" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr
+    snaps.unlink()
+    (tmp_path / "aside").rename(snaps)
 
     proc = subprocess.Popen([sys.executable, "-m", "kb", "watch", "--every", "1s", "--json"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -605,7 +613,9 @@ def test_kb_watch_cli_syncs_a_new_commit_and_stops_on_sigterm(tmp_path, tiny_st_
     assert proc.returncode == 0, proc.stderr.read()
     assert lines[-1]["stopped"] == "signal" and lines[-1]["runs"] >= 2
     jobs = [json.loads(p.read_text()) for p in (tmp_path / "home" / "jobs").glob("2*.json")]
-    assert jobs and all(j["state"] in ("done", "cancelled") and j["origin"] == "cli" for j in jobs)
+    assert jobs and all(j["origin"] == "cli" for j in jobs)
+    failed = [j for j in jobs if j["state"] not in ("done", "cancelled")]
+    assert [(j["kind"], j["state"]) for j in failed] == [("export", "failed")]  # the snapshot in the way, above
 
 
 def test_watch_function_runs_passes_and_stops(tiny_kb, corpus):
