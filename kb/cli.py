@@ -335,8 +335,10 @@ def cmd_ask(args: argparse.Namespace) -> dict:
         if claims:
             print("\nSentences:")
             for x in claims:
-                where = (f"[{x.source}] {result.sources[x.source - 1].path}:{x.line_start}-{x.line_end}"
-                         if x.supported else "not found in the sources")
+                hit = result.sources[x.source - 1] if x.supported else None
+                # the source's name too, as the Sources block writes it (it read "[1] uploads/good.md:3-3": a review)
+                where = (f"[{x.source}] {hit.source}/{hit.path}:{x.line_start}-{x.line_end}" if hit is not None
+                         else "not found in the sources")
                 print(f"  {where:60} {x.text[:80]}")
         if result.sources:
             print("\nSources:")

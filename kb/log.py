@@ -4,7 +4,8 @@ Every record is one JSON object on one line, ``ts`` (UTC, ISO 8601 with
 milliseconds, always 24 characters, so records compare as strings) and
 ``kind`` first, then ``pid`` and the kind's own fields:
 
-- ``sync``, ``upload``, ``rechunk``, ``verify`` (jobs, written by the
+- ``add`` (``source``, ``source_kind``, ``url``, ``branch``: a clone is a job too),
+  ``sync``, ``upload``, ``rechunk``, ``verify`` (jobs, written by the
   :class:`~kb.service.KnowledgeBase` facade when they finish): the report
   ``kb <job> --json`` prints (lists longer than :data:`LIST_CAP` cut, their
   length in ``<name>_total``), ``wall_seconds``; a job that raised:
@@ -67,7 +68,7 @@ LIST_CAP = 100  # a job report's lists (paths added, skipped files, problems) ke
 TEXT_CAP = 2_000  # messages
 TRACEBACK_CAP = 20_000
 # fetch: a scheduled fetch that failed, or came back after failing (one that finds nothing new is not logged)
-JOB_KINDS = ("sync", "upload", "rechunk", "verify", "export", "import", "fetch", "remove")
+JOB_KINDS = ("add", "sync", "upload", "rechunk", "verify", "export", "import", "fetch", "remove")
 KINDS = JOB_KINDS + ("search", "answer", "feedback", "error")
 _RESERVED = ("ts", "kind", "pid")
 
@@ -659,6 +660,8 @@ def describe(rec: dict) -> str:
             parts.append("fetched again after failing")
         if kind == "remove":
             parts.append(f"source {g('source')} removed, {g('chunks_removed')} chunks with it")
+        if kind == "add" and g("source"):
+            parts.append(f"source {g('source')} added ({g('source_kind')}, {g('url')}, branch {g('branch')})")
         if kind == "verify" and "healthy" in rec:
             parts.append(("healthy" if g("healthy") else "NOT healthy") + (" after repair" if g("repaired") else ""))
         text = "; ".join(parts) or json.dumps({k: v for k, v in rec.items() if k not in _RESERVED}, ensure_ascii=False)

@@ -188,6 +188,8 @@ class KnowledgeBase:
         return name, config
 
     # sources
+    @runlog.job("add", lambda row: {"source": row.name, "source_kind": row.kind, "url": row.url,
+                                    "branch": row.branch})
     def add_source(
         self, name: str, url: str, branch: str | None = None, web_url: str | None = None,
         extensions: tuple[str, ...] | None = None, progress: Progress = no_progress,

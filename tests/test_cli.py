@@ -215,6 +215,9 @@ def test_ask_answers_from_the_index_and_says_how_long_the_set_up_took(cli_home, 
     answer, _, sources = proc.stdout.partition("\nSources:\n")
     assert answer.strip(), proc.stdout
     assert "lagent/README.md:" in sources and "*[" in sources, proc.stdout  # a source it cites, starred
+    _, _, sentences = answer.partition("\nSentences:\n")
+    supported = [line for line in sentences.splitlines() if line.strip().startswith("[")]
+    assert all(line.strip().split()[1].startswith("lagent/") for line in supported), proc.stdout  # source/path:a-b
     assert "s loading the model and the index)" in proc.stderr, proc.stderr
     # `kb ask` ends without the interpreter's teardown (cli.exit_now): what it wrote before is all there
     proc, logged = kb(home, "log", "--kind", "answer", "--kind", "search", "--json", env_extra=env)

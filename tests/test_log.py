@@ -252,8 +252,11 @@ def test_jobs_and_searches_are_logged_by_the_kb(tiny_kb, corpus, caplog):
     tiny_kb.verify()  # a check alone is not logged
     tiny_kb.verify(repair=True)
     recs = runlog.read(home)
-    assert [r["kind"] for r in recs] == ["sync", "sync", "search", "verify"]
-    sync, failed, search, verify = recs
+    assert [r["kind"] for r in recs] == ["add", "sync", "sync", "search", "verify"]
+    added, sync, failed, search, verify = recs
+    assert (added["source"], added["source_kind"]) == ("lagent", "git")
+    assert added["branch"] == tiny_kb.source("lagent").branch
+    assert runlog.describe(added).endswith(f"source lagent added (git, {added['url']}, branch {added['branch']})")
     rep = sync["sources"][0]
     contract = ["name", "commit_before", "commit_after", "files_added", "files_modified", "files_deleted",
                 "chunks_embedded", "chunks_reused", "chunks_deleted", "seconds"]
