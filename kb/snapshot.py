@@ -55,7 +55,7 @@ from kb import pids
 from kb.errors import KBError
 from kb.ingest import sources as git_sources
 from kb.progress import Progress, no_progress
-from kb.store.index import PREFIX, passage_collection
+from kb.store.index import STAGING_PREFIX, passage_collection
 from kb.store.server_owner import OWNER
 from kb.store.manifest import write_lock
 
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 FORMAT = "kb-snapshot"
 VERSION = 1
 INDEX = "index.json"
-STAGING_PREFIX = PREFIX + "import-"  # "kbp-…": hidden from every collection listing, like passage collections
 PENDING = ".import-pending.json"
 TEMP_PREFIX = ".import-"
 READ_PAGE = 2000

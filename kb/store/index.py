@@ -99,6 +99,7 @@ def collection_name(config_hash: str, model_slug: str) -> str:
 
 
 PREFIX = "kbp-"
+STAGING_PREFIX = PREFIX + "import-"  # a snapshot import's staging collections: hidden, like passage collections
 
 
 def passage_collection(chunk_collection: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from chromadb.errors import NotFoundError
 
 from kb.errors import KBError
-from kb.store.index import PREFIX, passage_collection
+from kb.store.index import PREFIX, STAGING_PREFIX, passage_collection
 
 OWNER = PREFIX + "owner"  # "kbp-…": hidden from every collection listing, like passage collections
 ID_KEY = "kb_id"  # in the manifest's meta table
@@ -57,7 +57,7 @@ def claim(client, manifest, home: Path, url: str) -> None:
         owner = None
     if owner is None:
         held = {c.name for c in client.list_collections()} - {OWNER}
-        held = {n for n in held if not n.startswith(PREFIX + "import-")}  # an import's staging, removed by the next
+        held = {n for n in held if not n.startswith(STAGING_PREFIX)}  # an import's staging, removed by the next
         if held and not held & recorded(manifest):
             names = ", ".join(sorted(held)[:3]) + (" …" if len(held) > 3 else "")
             raise ServerOwnedElsewhere(
