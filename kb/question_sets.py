@@ -107,6 +107,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind25", "Overview (blind 25)", QUESTIONS / "overview_blind25.jsonl",
                 "checking only, a twenty-third blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-eighth stop, measured once at the forty-ninth"),
+    QuestionSet("overview-blind26", "Overview (blind 26)", QUESTIONS / "overview_blind26.jsonl",
+                "checking only, a twenty-fourth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the forty-ninth stop, measured once at the fiftieth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
