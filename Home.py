@@ -198,8 +198,15 @@ def consistency(kb, s, is_admin, run_with_status) -> None:
     from kb.verify import KINDS
 
     report = kb.verify()
+    if report["import_leftovers"]:
+        st.info(f"A snapshot import was interrupted and left {'; '.join(report['import_leftovers'])}. A repair "
+                "(below, or `python -m kb verify --repair`) or the next import removes them.", icon=":material/info:")
     if report["healthy"]:
         st.success("Healthy: the manifest, the live collection, its passages and the clones agree.")
+        if report["import_leftovers"] and is_admin(s) and st.button("Remove them", key="home_leftovers"):
+            out, _ = run_with_status("Removing", lambda p: kb.verify(repair=True, progress=p))
+            if out is not None and not out["import_leftovers"]:
+                st.success("Removed.")
         return
     st.error("The knowledge base is not consistent: search may miss documents until it is repaired.",
              icon=":material/report:")

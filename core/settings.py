@@ -34,8 +34,15 @@ UPLOAD_EXTENSIONS = ("md", "markdown", "txt", "rst", "html", "htm", "xml", "csv"
 
 
 def split_list(value: str) -> tuple[str, ...]:
-    """A comma-separated list of extensions, lower-cased and without leading dots."""
-    return tuple(v.strip().lower().lstrip(".") for v in value.split(",") if v.strip())
+    """A comma-separated list of extensions, lower-cased, one leading dot dropped (".md" is "md").
+
+    Only one: "../x" stays as typed, so the refusal names what was given, not "/x".
+    """
+    return tuple(_one_dot(v.strip().lower()) for v in value.split(",") if v.strip())
+
+
+def _one_dot(ext: str) -> str:
+    return ext[1:] if ext.startswith(".") and not ext.startswith("..") else ext
 
 
 @dataclass(frozen=True)

@@ -89,10 +89,10 @@ def _print_report(args: argparse.Namespace, rep: dict) -> None:
     if rep["error"]:
         print(f"{rep['name']}: ERROR {rep['error']}", file=sys.stderr)
         return
-    verb = "would" if rep["dry_run"] else "did"
+    dry = " (dry run: what a sync would do, nothing written)" if rep["dry_run"] else ""
     before, after = (rep["commit_before"] or "none")[:10], (rep["commit_after"] or "none")[:10]
     print(
-        f"{rep['name']}: {before} -> {after} ({verb}): files +{rep['files_added']} ~{rep['files_modified']} "
+        f"{rep['name']}: {before} -> {after}{dry}: files +{rep['files_added']} ~{rep['files_modified']} "
         f"-{rep['files_deleted']}; chunks embedded {rep['chunks_embedded']}, reused {rep['chunks_reused']}, "
         f"deleted {rep['chunks_deleted']}; passages embedded {rep['passages_embedded']}; {rep['seconds']:.2f}s"
     )
@@ -222,6 +222,10 @@ def cmd_verify(args: argparse.Namespace) -> dict:
                   + " lacks the indexed commit, so a repair can't rebuild from it: sync it (a git source fetches the "
                   "commit again), restore it from a snapshot made with --with-repos, or remove the source",
                   file=sys.stderr)
+        left = out.get("import_leftovers", [])
+        if left:
+            print(f"note: a snapshot import was interrupted and left {'; '.join(left)}: `kb verify --repair` "
+                  "(or the next import) removes them")
         for row in out.get("not_indexed", []):
             print(f"note: {row['source']} has commits not yet indexed (head {row['head'][:10]}): "
                   f"`kb sync {row['source']}` indexes them")
@@ -552,13 +556,33 @@ def _positive(raw: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors keep the ``--json`` promise of one JSON object on stdout.
+
+    An operator review: `kb search --json x -k two` printed only argparse's usage on stderr, so a script
+    reading stdout got nothing to parse. The status stays argparse's 2 (a usage error), the text as before.
+    """
+
+    def __init__(self, *args, json_errors: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.json_errors = json_errors
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            print(json.dumps({"error": f"{self.prog}: {message}", "usage": self.format_usage().strip()},
+                             ensure_ascii=False))
+        super().error(message)
+
+
+def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
+    """The `kb` command line; `json_errors` (``--json`` given) also writes usage errors as JSON on stdout."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
-    p = argparse.ArgumentParser(prog="kb", description="Knowledge base for retrieval-augmented chat.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="kb", description="Knowledge base for retrieval-augmented chat.", json_errors=json_errors)
+    sub = p.add_subparsers(dest="command", required=True,
+                           parser_class=lambda **kw: _Parser(json_errors=json_errors, **kw))
 
     a = sub.add_parser("add", parents=[common], help="clone and register a source")
     a.add_argument("name", nargs="?")
@@ -677,7 +701,8 @@ READ_ONLY = frozenset({"ask", "search", "eval"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    return run(build_parser("--json" in argv).parse_args(argv))
 
 
 def exit_now(code: int) -> NoReturn:

@@ -105,9 +105,10 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _alive(pid: int, host: str) -> bool:
+def _alive(rec: dict) -> bool:
     """Whether the process that wrote a running job's record still exists (unknowable on another host: yes)."""
-    return host != socket.gethostname() or pid == os.getpid() or pids.alive(pid)
+    pid = int(rec.get("pid") or 0)
+    return rec.get("host", "") != socket.gethostname() or pid == os.getpid() or pids.alive(pid, rec.get("pid_start"))
 
 
 T = TypeVar("T")
@@ -161,6 +162,11 @@ class Job:
     cancel_requested: bool = False
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=socket.gethostname)
+    pid_start: str | None = None  # when that process began: a reused pid is not the writer (kb.pids.started)
+
+    def __post_init__(self) -> None:
+        if self.pid_start is None and self.pid == os.getpid():  # not a record of another process read back
+            self.pid_start = pids.started(self.pid)
 
     def elapsed(self, now: float | None = None) -> float | None:
         if self.started is None:
@@ -816,7 +822,7 @@ class JobQueue:
             if path.name == WATCH_FILE:
                 continue
             rec = _read_json(path)
-            if rec and rec.get("state") in (QUEUED, RUNNING) and not _alive(int(rec.get("pid") or 0), rec.get("host", "")):
+            if rec and rec.get("state") in (QUEUED, RUNNING) and not _alive(rec):
                 self._interrupted(path, rec)
 
     def _logged_by_its_marker(self, rec: dict) -> bool:
@@ -866,7 +872,7 @@ class JobQueue:
                 rec = _read_json(path)
                 if rec is None or "id" not in rec:
                     continue
-                if rec.get("state") in (QUEUED, RUNNING) and not _alive(int(rec.get("pid") or 0), rec.get("host", "")):
+                if rec.get("state") in (QUEUED, RUNNING) and not _alive(rec):
                     rec = self._interrupted(path, rec)
                 self._disk[path.name] = cached = (mtime, rec)
             rec = dict(cached[1])

@@ -299,8 +299,8 @@ def running(where: Any, kind: str):
         folder = log_dir(where) / RUNNING
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{os.getpid()}-{kind}-{uuid.uuid4().hex[:8]}.json"
-        path.write_text(json.dumps({"kind": kind, "pid": os.getpid(), "host": socket.gethostname(),
-                                    "started": iso(time.time())}))
+        path.write_text(json.dumps({"kind": kind, "pid": os.getpid(), "pid_start": pids.started(os.getpid()),
+                                    "host": socket.gethostname(), "started": iso(time.time())}))
     except OSError:  # a log must never break what it records
         path = None
     try:
@@ -325,7 +325,7 @@ def reap(where: Any) -> list[tuple[int, str]]:
             pid, kind = int(rec["pid"]), str(rec["kind"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if rec.get("host") != socket.gethostname() or pids.alive(pid):
+        if rec.get("host") != socket.gethostname() or pids.alive(pid, rec.get("pid_start")):
             continue
         try:
             path.unlink()  # only the process that removes it logs it

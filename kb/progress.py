@@ -58,8 +58,13 @@ class TqdmProgress:
 
         bar = self._bars.get(stage)
         if bar is None:
-            bar = tqdm(total=total, desc=stage, unit="", leave=True, dynamic_ncols=True)
+            # initial: work reported done at once (vectors reused, a resumed stage) took no time, and counted in
+            # the rate it made the ETA of the slow rest far too short
+            bar = tqdm(total=total, initial=done, desc=stage, unit="", leave=True, dynamic_ncols=True)
             self._bars[stage] = bar
+        elif done < bar.n:  # type: ignore[attr-defined]
+            bar.reset(total=total)  # type: ignore[attr-defined]  # the stage again (chunks, then passages): a new rate
+            bar.initial = done  # type: ignore[attr-defined]
         if total is not None and bar.total != total:  # type: ignore[attr-defined]
             bar.total = total  # type: ignore[attr-defined]
         bar.n = done  # type: ignore[attr-defined]

@@ -40,7 +40,7 @@ from kb.store.index import (
     ChromaUnreachable, VectorIndex, collection_name, once_more_if_reopened, passage_collection, reachable,
 )
 from kb.store import server_owner
-from kb.store.manifest import DocumentRow, Manifest, SourceRow, lock_free, write_lock
+from kb.store.manifest import DocumentRow, Manifest, SourceRow, WriteLockBusy, lock_free, write_lock
 
 _log = logging.getLogger(__name__)
 
@@ -515,24 +515,46 @@ class KnowledgeBase:
         deleted; every source with a problem gets a full, checked rebuild
         (``sync_source(full=True)``), which embeds only what is missing.
         """
+        from kb import snapshot
+
         live, config = self.live()
         problems = consistency.check(self.manifest, self.index, live, config, self.embed_model)
-        if not repair or not problems:
-            return {**consistency.report(problems), "not_indexed": self.not_indexed()}
+        leftovers = self._import_leftovers()
+        if not repair or not (problems or leftovers):
+            return {**consistency.report(problems), "not_indexed": self.not_indexed(), "import_leftovers": leftovers}
         with write_lock(self.settings.home):
-            reports = []
-            if any(p.kind == "lost_vector_index" for p in problems):
-                reports = self._rebuild_lost_index(problems, live, config, progress)
-                problems = consistency.check(self.manifest, self.index, live, config, self.embed_model)
-            self._delete_strays(problems, live, config)
-            names = sorted({p.source for p in problems
-                            if p.kind in consistency.REBUILD and self.manifest.has_source(p.source)})
-            reports += self._sync_locked([self.manifest.source(n) for n in names], progress=progress, full=True)
+            snapshot.recover(self)
+            # leftovers alone touch nothing else: a sync of no source still writes the live pointer, and an empty
+            # knowledge base would refuse the import that its user was about to retry
+            reports = self._repair(problems, live, config, progress) if problems else []
         out = consistency.report(consistency.check(self.manifest, self.index, live, config, self.embed_model),
                                  repaired=True)
         out["reports"] = [r.as_dict() for r in reports]
         out["not_indexed"] = self.not_indexed()
+        out["import_leftovers"] = self._import_leftovers()
         return out
+
+    def _repair(self, problems: list, live: str, config: ChunkConfig, progress: Progress) -> list[SyncReport]:
+        """Stray records deleted, each affected source rebuilt in full; the caller holds the write lock."""
+        reports = []
+        if any(p.kind == "lost_vector_index" for p in problems):
+            reports = self._rebuild_lost_index(problems, live, config, progress)
+            problems = consistency.check(self.manifest, self.index, live, config, self.embed_model)
+        self._delete_strays(problems, live, config)
+        names = sorted({p.source for p in problems
+                        if p.kind in consistency.REBUILD and self.manifest.has_source(p.source)})
+        return reports + self._sync_locked([self.manifest.source(n) for n in names], progress=progress, full=True)
+
+    def _import_leftovers(self) -> list[str]:
+        """A killed import's leftovers (:func:`kb.snapshot.import_leftovers`); none while a writer runs, which may
+        be an import holding the very same things."""
+        from kb import snapshot
+
+        try:
+            with write_lock(self.settings.home, writes=False):
+                return snapshot.import_leftovers(self)
+        except WriteLockBusy:
+            return []
 
     def not_indexed(self) -> list[dict]:
         """Sources whose clone holds commits not yet indexed (``{"source", "head"}``): not an inconsistency, but

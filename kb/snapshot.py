@@ -671,6 +671,19 @@ def _rollback(kb: "KnowledgeBase", plan: dict, moved: list[Path] | None = None) 
     return ok
 
 
+def import_leftovers(kb: "KnowledgeBase") -> list[str]:
+    """What a killed import left (its plan file, hidden staging collections, temporary folders), each named.
+
+    `kb verify` said "healthy" and nothing more over them (an operator review); only the next import removed them.
+    The caller holds the write lock: an import under way holds the same things, and is no leftover.
+    """
+    home = kb.settings.home
+    out = [f"the import plan {PENDING}"] if (home / PENDING).is_file() else []
+    out += sorted(f"the staging collection {c.name}" for c in kb.index.client.list_collections()
+                  if c.name.startswith(STAGING_PREFIX))
+    return out + sorted(f"the temporary folder {p.name}" for p in home.glob(f"{TEMP_PREFIX}*") if p.is_dir())
+
+
 def recover(kb: "KnowledgeBase") -> None:
     """Remove what a killed import left (hidden staging collections, temporary folders); the caller holds the lock."""
     home = kb.settings.home
@@ -693,6 +706,11 @@ def recover(kb: "KnowledgeBase") -> None:
     for leftover in home.glob(f"{TEMP_PREFIX}*"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
+    if not pending.exists():  # staging no plan names (one server serves one data folder: all of it is ours)
+        for c in kb.index.client.list_collections():
+            if c.name.startswith(STAGING_PREFIX):
+                with contextlib.suppress(Exception):  # noqa: BLE001 - the next recover tries again
+                    kb.index.client.delete_collection(c.name)
 
 
 def _write_json_durably(path: Path, data: dict) -> None:

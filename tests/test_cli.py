@@ -50,7 +50,19 @@ def test_add_sync_stats_search_json(cli_home, corpus):
     proc, out = kb(home, "collections", "--json", env_extra=env)
     assert out["collections"][0]["live"] is True
     proc, _ = kb(home, "sync", env_extra=env)
-    assert proc.returncode == 0 and "chunks embedded 0" in proc.stdout
+    assert proc.returncode == 0 and "chunks embedded 0" in proc.stdout and "(did)" not in proc.stdout
+    proc, _ = kb(home, "sync", "--dry-run", env_extra=env)  # said "(would)" / "(did)" (an operator review)
+    assert proc.returncode == 0 and "(dry run: what a sync would do, nothing written)" in proc.stdout
+
+
+def test_usage_errors_keep_the_json_promise(cli_home):
+    """An operator review: with --json, a usage error printed argparse's text on stderr only, stdout empty."""
+    home, env = cli_home
+    proc, out = kb(home, "search", "--json", "x", "-k", "two", env_extra=env)
+    assert proc.returncode == 2 and "invalid int value: 'two'" in out["error"] and out["usage"].startswith("usage: kb search")
+    assert "invalid int value" in proc.stderr  # the text as before
+    proc, _ = kb(home, "search", "x", "-k", "two", env_extra=env)
+    assert proc.returncode == 2 and proc.stdout == ""  # without --json, stdout stays empty
 
 
 @pytest.mark.parametrize(
@@ -70,7 +82,7 @@ def test_add_sync_stats_search_json(cli_home, corpus):
         (["search", "xtuner", "-k", "0"], "k must be between 1 and 200"),  # was read as the default
         (["ask", "  "], "the question is empty"),  # said before the model loads
         (["search", "xtuner", "--source", "nosuch"], "no source named 'nosuch'"),  # was "no hits", status 0
-        (["add", "x", "/tmp", "--extensions", "../x,*"], "invalid extension"),  # matched no file, silently
+        (["add", "x", "/tmp", "--extensions", "../x,*"], "invalid extension(s) '../x', '*'"),  # matched none, silently
         (["export", "/proc/kb.tar.gz"], "cannot write the snapshot in /proc"),  # was mkdtemp's traceback
         (["export", "/etc/passwd"], "already exists; give another file name, or --force"),  # was replaced unasked
         (["eval", "/no/such.jsonl"], "no such question file"),

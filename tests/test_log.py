@@ -386,3 +386,42 @@ def test_a_job_stopped_with_ctrl_c_is_logged_as_cancelled(tiny_kb, monkeypatch):
         tiny_kb.sync()
     last = runlog.read(tiny_kb.settings, kinds=["sync"])[-1]
     assert last["cancelled"] is True and last["note"] == "interrupted (Ctrl-C)" and "error" not in last
+
+
+def test_a_marker_whose_pid_now_names_another_process_is_logged_as_dead(tmp_path):
+    """A pid is reused: a dead job's marker whose pid belongs to a later process was taken as still running, its
+    death never logged (noted at the forty-ninth stop). The marker records when its process began."""
+    import socket
+
+    from kb import pids
+
+    settings = Settings(home=tmp_path)
+    markers = tmp_path / "logs" / runlog.RUNNING
+    markers.mkdir(parents=True)
+    other = os.getppid()  # alive, and not the writer of either marker below
+    assert pids.started(other) is not None and pids.alive(other, pids.started(other))
+    for name, start in (("reused", "1"), ("same", pids.started(other))):
+        (markers / f"{other}-sync-{name}.json").write_text(json.dumps(
+            {"kind": "sync", "pid": other, "pid_start": start, "host": socket.gethostname(),
+             "started": "2000-01-01T00:00:00.000Z"}))
+    assert runlog.reap(settings) == [(other, "sync")]  # the reused pid's, once
+    assert [p.name for p in markers.iterdir()] == [f"{other}-sync-same.json"]  # its own process still runs
+    with runlog.running(settings, "sync"):
+        (mine,) = [json.loads(p.read_text()) for p in markers.iterdir() if p.name.startswith(f"{os.getpid()}-")]
+        assert mine["pid_start"] == pids.started(os.getpid()) and runlog.reap(settings) == []
+
+
+def test_a_progress_bar_times_only_the_work_it_saw(capsys):
+    """Work reported done at once (reused vectors) set the bar's rate, and a stage run again (chunks, then their
+    passages) counted down from the first run's end: both gave a wrong rate and ETA (noted at the forty-ninth stop)."""
+    from kb.progress import TqdmProgress
+
+    bars = TqdmProgress(enabled=True)
+    bars("store", 900, 1000)
+    bar = bars._bars["store"]
+    assert bar.n == 900 and bar.initial == 900  # the 900 are not timed
+    bars("store", 1000, 1000)
+    bars("store", 10, 50)  # the passages' round
+    assert bar.n == 10 and bar.total == 50 and bar.initial == 10 and bar.format_dict["elapsed"] < 5
+    bars.close()
+    assert "store" in capsys.readouterr().err

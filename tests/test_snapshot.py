@@ -528,6 +528,15 @@ def test_a_killed_import_leaves_the_target_as_it_was(source, tmp_path, tiny_st_d
     stats = json.loads(cli(env, "stats", "--json").stdout)
     assert stats["sources"] == 0 and stats["chunks"] == 0 and stats["collections"] == []  # staging is hidden
     assert json.loads(cli(env, "sources", "--json").stdout)["sources"] == []
+    # `kb verify` said "healthy" and nothing more over what the kill left (an operator review); it names it now,
+    # and its repair removes it (the next import did, and still would)
+    verify = cli(env, "verify")
+    assert verify.returncode == 0 and "a snapshot import was interrupted and left" in verify.stdout
+    assert "the temporary folder .import-" in verify.stdout
+    if marker == "stage chunks":
+        assert f"the staging collection {snapshot.STAGING_PREFIX}" in verify.stdout
+    repaired = json.loads(cli(env, "verify", "--repair", "--json").stdout)
+    assert repaired["healthy"] and repaired["import_leftovers"] == [] and not list(home.glob(".import-*"))
     done = cli(env, "import", str(source["with_repos"]), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["chunks"] == source["before"]["stats"]["chunks"]

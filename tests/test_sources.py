@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import split_list
 from kb import citations
 from kb.ingest import sources
 from kb.errors import KBError
@@ -44,6 +45,13 @@ def test_local_bundle_and_missing_path(corpus):
     assert sources.validate_url(str(corpus / "lagent.bundle")).endswith("lagent.bundle")
     with pytest.raises(KBError, match="no such local path"):
         sources.validate_url("/no/such/repo")
+
+
+def test_extension_lists_drop_one_leading_dot_and_refuse_the_rest_as_typed():
+    """An operator review: "../x" was echoed as "/x" (every leading dot stripped before the check)."""
+    assert split_list(".MD, txt ,,rst") == ("md", "txt", "rst")
+    with pytest.raises(KBError, match=r"invalid extension\(s\) '\.\./x', '\.\.md'"):
+        sources.validate_extensions(split_list("../x,..md"))
 
 
 @pytest.mark.parametrize("branch", ["-b", "--orphan", "a..b", "x y", "a:b", ""])

@@ -54,7 +54,8 @@ def synced(tiny_kb, corpus):
 
 def test_a_clean_sync_is_healthy(synced):
     out = synced.verify()
-    assert out == {"healthy": True, "problems": [], "totals": {}, "repaired": False, "not_indexed": []}
+    assert out == {"healthy": True, "problems": [], "totals": {}, "repaired": False, "not_indexed": [],
+                   "import_leftovers": []}
 
 
 def test_each_kind_of_damage_is_found_and_repaired(synced):
@@ -176,3 +177,21 @@ def test_home_page_shows_the_check_and_repairs(lagent_env, shared_kb, open_page)
     assert not home.exception
     assert any("Repaired: healthy" in s.value for s in home.success)
     assert kb.verify()["healthy"]
+
+
+def test_home_page_names_and_removes_what_a_killed_import_left(lagent_env, shared_kb, open_page):
+    """`kb verify` and Home said "healthy" and nothing more over a killed import's staging (an operator review)."""
+    from kb import snapshot
+
+    kb = shared_kb()
+    config = kb.live()[1]
+    kb.index.create(f"{snapshot.STAGING_PREFIX}dead0001-c", config.hash, kb.embed_model)
+    (kb.settings.home / f"{snapshot.TEMP_PREFIX}dead0001").mkdir()
+    assert kb.verify()["import_leftovers"] == [f"the staging collection {snapshot.STAGING_PREFIX}dead0001-c",
+                                               f"the temporary folder {snapshot.TEMP_PREFIX}dead0001"]
+    home = open_page()
+    assert any("import was interrupted" in i.value and "dead0001-c" in i.value for i in home.info)
+    assert any("Healthy" in s.value for s in home.success)  # what is searched is consistent
+    home.button(key="home_leftovers").click().run()
+    assert not home.exception and any(s.value == "Removed." for s in home.success)
+    assert kb.verify()["import_leftovers"] == [] and kb.verify()["healthy"]
