@@ -783,5 +783,10 @@ def test_a_sentence_listing_names_is_supported_item_by_item_across_one_files_exc
     assert sup._enumeration("XTuner 支持 QLoRA、LoRA 和全量微调。")[1] == []
     assert sup._enumeration("LMDeploy supports Llama, Llama2, InternLM2, Qwen2 and DeepSeek-V3 [1].") == (
         "LMDeploy supports", ["llama", "llama2", "internlm2", "qwen2", "deepseek-v3"])
+    # a full-width colon closing the lead began the first item ("：interns1"), which no line holds (blind26)
+    assert sup._enumeration("XTuner V1 支持训练以下模型：Intern S1、Intern VL、Qwen3 Dense、GPT OSS。") == (
+        "XTuner V1 支持训练以下模型", ["interns1", "internvl", "qwen3dense", "gptoss"])
+    assert support("LMDeploy 支持的模型包括：Llama、Llama3.1、InternLM2.5、Qwen1.5 - MoE、Mistral、DeepSeek-V3.2。",
+                   [table, rest], None, asked)[0].supported
     monkeypatch.setattr(sup, "_enumeration", lambda sentence: (sentence, []))
     assert not support(listed, [table, rest], None, asked)[0].supported  # item by item, or not at all

@@ -208,7 +208,9 @@ def _enumeration(sentence: str) -> tuple[str, list[str]]:
     head = LEAD_RE.match(parts[0])
     if not head or not head.group(1):
         return text, []
-    lead, items = head.group(1).strip(), [head.group(2).strip(), *parts[1:]]
+    # the lead's closing colon, when full-width ("以下模型：Intern S1、…"), is outside the CJK range: it began the
+    # first item, which no line then held, and a faithful list read from a table was withheld (blind26)
+    lead, items = head.group(1).strip(), [head.group(2).strip().lstrip(":：").strip(), *parts[1:]]
     if not lead or not all(re.search(r"[A-Za-z]", i) and len(i.split()) <= MAX_ITEM_WORDS
                            and not re.search(r"[\u3400-\u9fff]", i) for i in items):
         return text, []
