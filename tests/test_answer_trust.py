@@ -113,6 +113,27 @@ def test_a_sentence_restating_a_removed_feature_without_the_removal_is_not_suppo
     assert support("LMDeploy supports online int4/int8 KV quantization.", en, None, "")[0].supported
 
 
+def test_an_absence_is_supported_only_by_lines_that_negate_something():
+    """blind26: "浦语·灵笔2.5 OmniLive 没有现成的 Docker 镜像。" (there is no ready image) was cited to the heading
+    "## Docker 镜像" above the image's pull command; blind17 and blind19 had shown the same wrong claim. Over every
+    stored answer, the three were all it changed. A quoted error message, or the question's own "有没有", states no
+    absence of the sentence's own."""
+    lines = ("## Docker 镜像\n\n我们还创建了一个 Docker 镜像来简化您的安装过程。您可以通过以下命令来拉取该镜像：\n"
+             "```shell\ndocker pull yhcao6/ixc2.5-ol:latest\n```")
+    sources = [hit(lines, line_start=46)]
+    for asked in ("浦语·灵笔2.5-OmniLive 有现成的 Docker 镜像吗？", "浦语·灵笔2.5-OmniLive 有没有现成的 Docker 镜像？"):
+        assert not support("浦语·灵笔2.5 OmniLive 没有现成的 Docker 镜像。", sources, None, asked)[0].supported
+        assert support("浦语·灵笔2.5 OmniLive 有 Docker 镜像，可以用 docker pull yhcao6/ixc2.5-ol:latest 拉取。",
+                       sources, None, asked)[0].supported
+    none = [hit("## Docker\n\n目前没有提供 Docker 镜像，请参考安装教程配置环境。", line_start=46)]
+    assert support("目前没有提供 Docker 镜像。", none, None, "有没有 Docker 镜像？")[0].supported  # the lines say so
+    fix = [hit("To fix the ImportError of libGL.so.1, install the opencv-python-headless package:\n```\n"
+               "pip install opencv-python-headless\n```", line_start=280)]
+    asked = 'I get "ImportError: libGL.so.1: cannot open shared object file". How do I fix it?'
+    assert support('To fix the "ImportError: libGL.so.1: cannot open shared object file" error, install the '
+                   "`opencv-python-headless` package.", fix, None, asked)[0].supported  # quoted: no absence
+
+
 def test_the_prompts_own_example_written_back_is_not_supported():
     """blind25: "xtuner 对显卡驱动版本有什么要求？" was answered "XTuner 支持 QLoRA 微调 [1]。", the rules' worked example,
     and shown as supported because a changelog line mentions QLoRA; the answer is withheld now. A question about
@@ -601,9 +622,12 @@ def test_a_name_the_lines_do_not_spell_out_is_not_supported():
                                  "加上 `--flash-attn` 参数开启 FlashAttention 2。", sources, embed=None)
     assert right.supported and not wrong.supported and not flag.supported
     # a name the question itself spells out is its subject: the lines need not repeat it
-    asked = support("XTUNER_USE_FLASH_ATTN_3 不存在，应设置 FlashAttention 2 的环境变量。", sources, embed=None,
+    asked = support("设置 XTUNER_USE_FLASH_ATTN_3 时，应设置 FlashAttention 2 的环境变量。", sources, embed=None,
                     question="XTUNER_USE_FLASH_ATTN_3 怎么设置？")[0]
     assert asked.supported
+    # "… 不存在" (it does not exist) was supported too, until the fiftieth stop: the lines state no absence
+    assert not support("XTUNER_USE_FLASH_ATTN_3 不存在，应设置 FlashAttention 2 的环境变量。", sources, embed=None,
+                       question="XTUNER_USE_FLASH_ATTN_3 怎么设置？")[0].supported
 
 
 def test_a_path_or_url_the_lines_do_not_spell_out_is_not_supported():

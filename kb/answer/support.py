@@ -80,6 +80,17 @@ AFFIRMATIONS = frozenset("yes both indeed certainly 没错 确实 当然".split(
 # "原来的 kv 离线量化方式移除"). Bare "not" and "不" are left out: "不同", "not only" turn nothing around.
 REVERSAL_RE = re.compile(r"\b(?:removed|deprecated|no longer|not supported|unsupported|discontinued|dropped)\b|"
                          r"移除|已删除|不再|不支持|弃用|废弃", re.IGNORECASE)
+# A sentence that states an absence ("没有现成的 Docker 镜像", "there is no GUI", "does not support Windows") is
+# supported only by lines that negate something too: blind26's "浦语·灵笔2.5 OmniLive 没有现成的 Docker 镜像。" was
+# cited to the heading "## Docker 镜像" above the image's pull command. Narrow for the sentence, broad for the lines.
+ABSENCE_RE = re.compile(r"没有|并未|尚未|未提供|不提供|不支持|不存在|不包含|无法|不能|"
+                        r"\b(?:there (?:is|are) no|no \w+ (?:is|are)|does not|do not|doesn't|don't|is not|isn't|are "
+                        r"not|aren't|cannot|can't|not (?:available|provided|supported|mentioned|included))\b",
+                        re.IGNORECASE)
+NEGATING_RE = re.compile(r"[不无未没非否]|\b(?:no|not|never|none|nothing|without|cannot|only|neither|nor|lacks?|"
+                         r"n't|unsupported|unavailable|removed|deprecated)\b|n't\b", re.IGNORECASE)
+ASKS_EITHER_RE = re.compile(r"(.)[没不]\1|有没有|是不是|能不能|可不可以")  # 有没有, 支不支持 (its first character)
+QUOTED_RE = re.compile(r'"[^"]*"|“[^”]*”|「[^」]*」|`[^`]*`')
 CLAUSE_SPLIT_RE = re.compile(r"[，,。；;：:！!？?\n]|\.(?:\s|$)")
 RESTATED = 0.75  # the share of a reversed clause's other words that a sentence restating it repeats
 ECHO = 0.5  # weight of a word the sentence repeats from the question: the subject, not the claim (README "Answers")
@@ -456,6 +467,7 @@ class Aligner:
         self._vectors: np.ndarray | None = None
         self._run_zh = np.array([query_language(text) == "zh" for *_, text in self.runs], dtype=bool)
         self.reversed = [_reversed_clauses(text) for *_, text in self.runs]
+        self._negating = np.array([bool(NEGATING_RE.search(text)) for *_, text in self.runs], dtype=bool)
 
     def _weight(self, word: str) -> float:
         return math.log(1 + self._n / (1 + self._df.get(word, 0))) + 0.5  # unseen words weigh most
@@ -492,6 +504,12 @@ class Aligner:
         return np.array([any(len(words & c) >= RESTATED * len(c) for c in clauses) for clauses in self.reversed],
                         dtype=bool)
 
+    def _states_absence(self, sentence: str) -> bool:
+        """The sentence states an absence of its own: not in a quotation (an error message the question quotes,
+        "libGL.so.1: cannot open shared object file"), nor in words the question already uses."""
+        asked = ASKS_EITHER_RE.sub(" ", self.question.lower())  # "有没有现成的镜像？" asks; it states no absence
+        return any(m.group(0).lower() not in asked for m in ABSENCE_RE.finditer(QUOTED_RE.sub(" ", sentence)))
+
     def _read_right(self, figures: Sequence[str], run: int, sentence: str) -> bool:
         """No figure of the sentence is read from a table cell of the run under another column or row."""
         plain = MARKER_RE.sub(" ", sentence)
@@ -513,6 +531,8 @@ class Aligner:
         if not out.claim or not self.runs:
             return out
         scores = np.where(self._turned(sentence), -1.0, self.scores(sentence))
+        if self._states_absence(sentence):  # an absence stated over lines that negate nothing states their opposite
+            scores = np.where(self._negating, scores, -1.0)
         figures = [f for f in _figures(sentence) if f not in self.given]
         names = [n for n in _names(sentence) if n not in self.asked]
         if names:
