@@ -19,7 +19,8 @@ def home() -> None:
     from core.errors import UserError
     from core.llm import describe_llm
     from kb.markdown import escape_markdown
-    from pages._common import is_admin, kb_or_stop, logging_errors, run_with_status, settings_or_stop, when
+    from pages._common import (expected_errors, is_admin, kb_or_stop, logging_errors, run_with_status,
+                               settings_or_stop, show_error, snapshot_schedule_line, when)
 
     st.title(":material/hub: Knowledge base")
     s = settings_or_stop()
@@ -155,6 +156,10 @@ def home() -> None:
 
         st.subheader("Stale")
         st.caption(schedule_line(kb.schedule_status()))
+        try:  # the backups' schedule beside the sync's (a browser review found it on the Collections page only)
+            st.caption(snapshot_schedule_line(kb.snapshot_schedule()))
+        except expected_errors() as exc:
+            show_error(exc)
         failures = kb.sync_failures()
         for f in failures:  # scheduled sync: a remote that can't be reached never touches the index
             st.warning(f"**{f['source']}**: the scheduled fetch failed {f['failures']} time(s), last {when(f['last_failure'])}"
@@ -197,17 +202,14 @@ def consistency(kb, s, is_admin, run_with_status) -> None:
     """``kb verify`` at a glance: healthy, or each kind of problem with examples, and a repair button for admins."""
     from kb.verify import KINDS
 
+    if st.session_state.pop("home_removed", None):
+        st.success(f"Removed what the interrupted import left: {st.session_state.pop('home_removed_what', '')}.")
     report = kb.verify()
-    if report["import_leftovers"]:
-        st.info(f"A snapshot import was interrupted and left {'; '.join(report['import_leftovers'])}. A repair "
-                "(below, or `python -m kb verify --repair`) or the next import removes them.", icon=":material/info:")
     if report["healthy"]:
         st.success("Healthy: the manifest, the live collection, its passages and the clones agree.")
-        if report["import_leftovers"] and is_admin(s) and st.button("Remove them", key="home_leftovers"):
-            out, _ = run_with_status("Removing", lambda p: kb.verify(repair=True, progress=p))
-            if out is not None and not out["import_leftovers"]:
-                st.success("Removed.")
+        leftovers(kb, report["import_leftovers"], is_admin(s), run_with_status)
         return
+    leftovers(kb, report["import_leftovers"], False, run_with_status)  # the repair below removes them too
     st.error("The knowledge base is not consistent: search may miss documents until it is repaired.",
              icon=":material/report:")
     st.dataframe(
@@ -223,6 +225,21 @@ def consistency(kb, s, is_admin, run_with_status) -> None:
                     "Repaired: healthy." if out["healthy"] else f"Still not consistent: {out['totals']}")
     else:
         st.caption("An admin can repair it here (sign in on an admin page), or run `python -m kb verify --repair`.")
+
+
+def leftovers(kb, left: list[str], can_remove: bool, run_with_status) -> None:
+    """What a killed snapshot import left, named, with a button that removes it (``kb verify --repair``)."""
+    if not left:
+        return
+    them = "them" if len(left) > 1 else "it"
+    st.info(f"A snapshot import was interrupted and left {'; '.join(left)}. A repair (`python -m kb verify --repair`) "
+            f"or the next import removes {them}.", icon=":material/info:")
+    if can_remove and st.button(f"Remove {them}", key="home_leftovers"):
+        out, _ = run_with_status("Removing", lambda p: kb.verify(repair=True, progress=p))
+        if out is not None and not out["import_leftovers"]:
+            # shown after the rerun: on this run the note above still named what is gone (a browser review)
+            st.session_state["home_removed"], st.session_state["home_removed_what"] = True, "; ".join(left)
+            st.rerun()
 
 
 PAGES = Path(__file__).parent / "pages"

@@ -198,6 +198,7 @@ class KnowledgeBase:
         sources.validate_name(name)
         extensions = sources.validate_extensions(tuple(extensions)) if extensions else None
         spec = sources.SourceSpec(name, sources.validate_url(url), sources.validate_branch(branch))
+        web_url = sources.validate_web_url(web_url)
         if self.manifest.has_source(name):
             raise KBError(f"source {name!r} already exists")
         dest = self.settings.repos_path / name
@@ -226,7 +227,7 @@ class KnowledgeBase:
                      if s.kind == "git" and s.url == url and branch is not None and s.branch == branch), None)
         if twin is not None:
             raise KBError(f"{url} (branch {branch}) is already the source {twin.name!r}: a second copy would return "
-                          f"every hit twice; sync {twin.name} instead, or follow another branch (--branch)")
+                          f"every hit twice; sync {twin.name} instead, or name another branch to follow")
 
     def _register(self, row: SourceRow) -> SourceRow:
         """Write a new source's manifest row; if that fails, its new folder goes too (nothing half-made stays)."""

@@ -311,3 +311,20 @@ def render_hit(hit, terms: list[str]) -> None:
         with st.expander("Whole chunk", expanded=False):
             st.code(hit.text, language="markdown", wrap_lines=True)
             st.caption(f"id `{hit.id}`")
+
+
+def counted(n: int, noun: str) -> str:
+    """ "1 source", "2 sources", "1,024 chunks": a count with its noun, as a person writes it (it said "1 sources")."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def snapshot_schedule_line(sched: dict) -> str:
+    """The scheduled snapshots in one line: interval, how many are kept, the last and the next, or how to start them."""
+    if not sched["every"]:
+        return ("No scheduled snapshots: set `KB_SNAPSHOT_EVERY` (e.g. 1d) for one with the clones every interval, "
+                "the newest `KB_SNAPSHOT_KEEP` (7) kept; `kb watch` writes them too.")
+    return (f"Scheduled: a snapshot with the clones every {interval(sched['every'])} (`KB_SNAPSHOT_EVERY`), the "
+            f"newest {sched['keep']} kept (`KB_SNAPSHOT_KEEP`; {sched['kept']} now, only `kb-snapshot-auto-*` "
+            f"files are ever removed): last {when(sched['last_run'])}, next "
+            + ("now" if sched["next_run"] <= time.time() + 5 else when(sched["next_run"]))
+            + (" (once there is a live collection)" if not sched["kept"] else "") + ".")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +13,8 @@ import streamlit as st
 
 from kb.markdown import code_span, escape_markdown
 from pages import _resources as resources
-from pages._common import expected_errors, interval, kb_or_stop, require_admin, run_with_status, show_error, when
+from pages._common import (counted, expected_errors, kb_or_stop, require_admin, run_with_status, show_error,
+                           snapshot_schedule_line)
 from pages._jobs import ended_jobs, jobs_panel, track
 
 st.title(":material/database: Collections")
@@ -52,7 +52,7 @@ def export_column(has_live: bool) -> None:
     with_repos = st.checkbox("Include the clones", key="snap_with_repos", disabled=not has_live,
                              help="without them, an import clones each git source again from its URL")
     try:
-        st.caption(schedule_line(kb.snapshot_schedule()))
+        st.caption(snapshot_schedule_line(kb.snapshot_schedule()))
     except expected_errors() as exc:  # KB_HOME/snapshots can't be read: said here, the export then fails alike
         show_error(exc)
     queue = resources.job_queue(settings)
@@ -65,14 +65,18 @@ def export_column(has_live: bool) -> None:
     for rec, prefix in ended_jobs(queue):
         if prefix == "snap" and rec["state"] == "done" and rec.get("report"):
             st.session_state["snap_written"] = rec["report"]
+            # the picker keeps its choice across runs: without this, Download gave the archive picked before the
+            # one just written (a browser review)
+            st.session_state["snap_pick"] = Path(rec["report"]["path"]).name
         elif prefix == "snap" and rec["state"] == "failed":
             show_error(Exception(f"snapshot export failed: {rec.get('error')}"))
     jobs_panel(queue, recent=3)
     written = st.session_state.get("snap_written")
     if written and Path(written["path"]).is_file():
-        st.success(f"Wrote a snapshot of {written['bytes'] / 2**20:.1f} MiB: {written['sources']} sources, "
-                   f"{written['chunks']:,} chunks, {written['passages']:,} passages"
-                   + (f", {len(written['repos'])} clones" if written["with_repos"] else "") + ", on this server at:")
+        st.success(f"Wrote a snapshot of {written['bytes'] / 2**20:.1f} MiB: {counted(written['sources'], 'source')}, "
+                   f"{counted(written['chunks'], 'chunk')}, {counted(written['passages'], 'passage')}"
+                   + (f", {counted(len(written['repos']), 'clone')}" if written["with_repos"] else "")
+                   + ", on this server at:")
         st.code(written["path"], language=None)
     try:
         files = kb.snapshots()
@@ -82,24 +86,14 @@ def export_column(has_live: bool) -> None:
     if not files:
         return
     names = [f["name"] for f in files]
-    default = Path(written["path"]).name if written and Path(written["path"]).name in names else names[0]
-    chosen = st.selectbox(f"Snapshots on this server ({len(files)})", names, index=names.index(default),
-                          key="snap_pick", format_func=lambda n: snapshot_label(files[names.index(n)]))
+    if st.session_state.get("snap_pick") not in names:  # none picked yet, or removed meanwhile (pruned)
+        written_name = Path(written["path"]).name if written else ""
+        st.session_state["snap_pick"] = written_name if written_name in names else names[0]
+    chosen = st.selectbox(f"Snapshots on this server ({len(files)})", names, key="snap_pick",
+                          format_func=lambda n: snapshot_label(files[names.index(n)]))
     path = Path(files[names.index(chosen)]["path"])
     st.download_button("Download", data=lambda: path.read_bytes(), file_name=path.name,
                        mime="application/gzip", key="snap_download", icon=":material/download:")
-
-
-def schedule_line(sched: dict) -> str:
-    """The scheduled snapshots in one line: interval, how many are kept, the last and the next, or how to start them."""
-    if not sched["every"]:
-        return ("No scheduled snapshots: set `KB_SNAPSHOT_EVERY` (e.g. 1d) for one with the clones every interval, "
-                "the newest `KB_SNAPSHOT_KEEP` (7) kept; `kb watch` writes them too.")
-    return (f"Scheduled: a snapshot with the clones every {interval(sched['every'])} (`KB_SNAPSHOT_EVERY`), the "
-            f"newest {sched['keep']} kept (`KB_SNAPSHOT_KEEP`; {sched['kept']} now, only `kb-snapshot-auto-*` "
-            f"files are ever removed): last {when(sched['last_run'])}, next "
-            + ("now" if sched["next_run"] <= time.time() + 5 else when(sched["next_run"]))
-            + (" (once there is a live collection)" if not sched["kept"] else "") + ".")
 
 
 def snapshot_label(f: dict) -> str:

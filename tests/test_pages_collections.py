@@ -6,6 +6,7 @@ Tiny sentence-transformers model for indexing, like the other page tests (``page
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from conftest import add_bundle
@@ -84,6 +85,13 @@ def test_write_a_snapshot_and_download_it(lagent_env, open_page, shared_kb):
     assert not list((lagent_env / "snapshots").glob(".*"))  # no temporary file left beside it
     jobs = at.dataframe[-1].value.set_index("job")  # the jobs panel, with what each job did
     assert jobs.loc["Snapshot export with the clones", "result"].endswith(f"MiB written to {written[0]}")
+    assert "1 source," in texts(at.success) and "1 clone," in texts(at.success)  # it said "1 sources", "1 clones"
+    # a second one: the picker follows it (it kept the archive picked before, and Download gave that one)
+    time.sleep(1.1)  # archive names carry the second
+    at.button(key="snap_export_btn").click().run()
+    at = ok(finish_jobs(at))
+    newest = sorted((lagent_env / "snapshots").glob("kb-snapshot-*.tar.gz"))[-1]
+    assert newest != written[0] and at.selectbox(key="snap_pick").value == newest.name
 
 
 def test_a_snapshot_outlives_the_session_that_asked_for_it(lagent_env, open_page, shared_kb):

@@ -60,6 +60,8 @@ def test_home_glance_from_the_log(lagent_env, open_page, shared_kb):
     assert last.loc[0, "chunks embedded"] > 0
     assert not at.page_link, "the first-run link only shows without sources"
     assert "Nothing stale" in texts(at.success)
+    # the backups' schedule beside the sync's (a browser review found it on the Collections page only)
+    assert "No scheduled snapshots: set `KB_SNAPSHOT_EVERY`" in texts(at.caption)
 
 
 def test_home_shows_failed_jobs(lagent_env, open_page, shared_kb):

@@ -54,6 +54,17 @@ def test_extension_lists_drop_one_leading_dot_and_refuse_the_rest_as_typed():
         sources.validate_extensions(split_list("../x,..md"))
 
 
+@pytest.mark.parametrize("web_url", ["javascript:alert(1)", "file:///etc/passwd", "https://", "gitee.com/InternLM/x"])
+def test_a_web_url_must_be_a_web_page(tiny_kb, corpus, web_url):
+    """A browser review: `javascript:alert(1)` was accepted, shown as a link, and every document's web link went
+    nowhere. Refused before anything is cloned."""
+    with pytest.raises(KBError, match="refused web URL"):
+        tiny_kb.add_source("notes", str(corpus / "lagent.bundle"), web_url=web_url)
+    assert not tiny_kb.sources() and not (tiny_kb.settings.repos_path / "notes").exists()
+    assert sources.validate_web_url(" https://gitee.com/InternLM/xtuner/ ") == "https://gitee.com/InternLM/xtuner"
+    assert sources.validate_web_url("  ") is None
+
+
 @pytest.mark.parametrize("branch", ["-b", "--orphan", "a..b", "x y", "a:b", ""])
 def test_refused_branches(branch):
     with pytest.raises(KBError, match="invalid branch"):

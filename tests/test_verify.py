@@ -192,6 +192,9 @@ def test_home_page_names_and_removes_what_a_killed_import_left(lagent_env, share
     home = open_page()
     assert any("import was interrupted" in i.value and "dead0001-c" in i.value for i in home.info)
     assert any("Healthy" in s.value for s in home.success)  # what is searched is consistent
+    assert home.button(key="home_leftovers").label == "Remove them"
     home.button(key="home_leftovers").click().run()
-    assert not home.exception and any(s.value == "Removed." for s in home.success)
+    assert not home.exception and any(s.value.startswith("Removed what the interrupted import left: the staging")
+                                      for s in home.success)
+    assert not home.info and not [b for b in home.button if b.key == "home_leftovers"]  # the note is gone at once
     assert kb.verify()["import_leftovers"] == [] and kb.verify()["healthy"]

@@ -113,6 +113,22 @@ def validate_url(url: str) -> str:
     raise KBError(f"{url!r} is not a URL and no such local path exists")
 
 
+def validate_web_url(web_url: str | None) -> str | None:
+    """A repository's web page, for permalinks: http(s) with a host, or none.
+
+    A browser review added `javascript:alert(1)`: accepted, listed as a link on the Sources page, and every
+    "open on the web" link of its documents went nowhere.
+    """
+    if web_url is None or not web_url.strip():
+        return None
+    web_url = web_url.strip()
+    parts = urlsplit(web_url)
+    if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
+        raise KBError(f"refused web URL {redact(web_url)!r}: give the repository's web page as http(s)://host/path "
+                      "(it makes the permalinks), or leave it empty")
+    return web_url.rstrip("/")
+
+
 def host_of(url: str) -> str:
     if "://" in url:
         return urlsplit(url).hostname or ""
