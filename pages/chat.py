@@ -93,6 +93,23 @@ with st.sidebar:
 
 # ---------------------------------------------------------------------------- rendering
 
+ASK_AGAIN = "_chat_ask_again"  # a question to ask once more, as if typed: set by the button under an unanswered one
+
+
+def unanswered(messages: list[dict], i: int) -> None:
+    """Say so under a question that has no answer after it, with a button that asks it again.
+
+    A reload while an answer streamed, or a second question sent before the first's first word, left the question
+    bare in the conversation and in its saved copy, with nothing to say what had happened (a browser review).
+    """
+    if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant":
+        return
+    st.caption(":material/block: Not answered: interrupted (a reload, or another question sent while it was being "
+               "answered), or still being answered in another tab.")
+    if st.button("Ask again", key=f"chat_again_{i}", icon=":material/replay:"):
+        st.session_state[ASK_AGAIN] = messages[i]["content"]
+        st.rerun()
+
 
 def render_sources(msg: dict) -> None:
     sources = msg.get("sources") or []
@@ -318,10 +335,11 @@ for i, m in enumerate(conv["messages"]):
     with st.chat_message(m["role"]):
         if m["role"] == "user":
             st.markdown(m["content"])
+            unanswered(conv["messages"], i)
         else:
             render_assistant(m, i)
 
-question = st.chat_input("Ask about the documentation…", key="chat_input")
+question = st.chat_input("Ask about the documentation…", key="chat_input") or st.session_state.pop(ASK_AGAIN, None)
 if question and question.strip():
     history = [(m["role"], m["content"]) for m in conv["messages"] if m.get("content") and not m.get("error")]
     conv["messages"].append({"role": "user", "content": question})

@@ -498,6 +498,26 @@ def test_chat_shows_llm_errors(page_env, open_page, monkeypatch):
     assert at.query_params["c"] == saved_before[0][0]["id"]
 
 
+def test_a_question_left_without_an_answer_says_so_and_can_be_asked_again(page_env, open_page, monkeypatch):
+    """A reload while an answer streamed (or a second question sent before the first's first word) left the question
+    bare, with nothing under it, in the page and in its saved copy (a browser review)."""
+    monkeypatch.setenv("KB_LLM_GGUF", "/nonexistent/model.gguf")  # an answer that ends at once, with its error
+    store = ConversationStore(page_env)
+    conv = store.new()
+    conv["messages"] = [{"role": "user", "content": "What is Lagent?"}]
+    store.save(conv)
+    at = ok(open_page("chat"))
+    at.button(key="chat_open").click().run()
+    ok(at)
+    assert len(at.chat_message) == 1 and "Not answered: interrupted" in texts(at.chat_message[0].caption)
+    at.button(key="chat_again_0").click().run(timeout=120)
+    ok(at)
+    messages = json.loads((page_env / "conversations" / f"{conv['id']}.json").read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "user", "assistant"]  # asked again, answered (its error)
+    assert messages[1]["content"] == "What is Lagent?" and "no such file" in texts(at.chat_message[-1].error)
+    assert not [b for b in at.button if b.key == "chat_again_1"]  # the new one has its answer
+
+
 def test_chat_can_also_search_in_the_other_language(page_env, open_page, monkeypatch):
     at = ok(open_page("chat"))
     choice = at.selectbox(key="chat_translate")
