@@ -16,7 +16,7 @@ from core.llm import describe_llm
 from core.settings import TRANSLATE_MODES
 from kb import log as kb_log
 from kb.answer.chain import Answer, Answerer
-from kb.answer.render import answer_markdown
+from kb.answer.render import answer_markdown, support_summary
 from kb.citations import hit_link, location
 from kb.conversations import ConversationStore
 from kb.markdown import escape_markdown, safe_url
@@ -158,9 +158,7 @@ def render_answer(msg: dict) -> None:
         facts.append(f"searched for: {escape_markdown(msg['standalone'])}")
     if msg.get("also_as"):
         facts.append(f"also searched as: {escape_markdown(msg['also_as'])}")
-    claims = [x for x in msg.get("sentences") or [] if x.get("claim")]
-    if claims:
-        facts.append(f"{sum(x['supported'] for x in claims)} of {len(claims)} sentences found in the sources")
+    facts += support_summary([x for x in msg.get("sentences") or [] if x.get("claim")], msg.get("content") or "")
     if msg.get("first_token_seconds") is not None:
         facts.append(f"first word {msg['first_token_seconds']:.1f} s after asking"
                      + (f" ({msg['waited_seconds']:.1f} s of it loading the model)" if msg.get("waited_seconds") else ""))

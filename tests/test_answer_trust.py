@@ -814,3 +814,18 @@ def test_a_sentence_listing_names_is_supported_item_by_item_across_one_files_exc
                    [table, rest], None, asked)[0].supported
     monkeypatch.setattr(sup, "_enumeration", lambda sentence: (sentence, []))
     assert not support(listed, [table, rest], None, asked)[0].supported  # item by item, or not at all
+
+
+def test_the_support_summary_counts_code_lines_apart_from_sentences():
+    """A browser review: a three-line install block and one unsupported sentence read "3 of 4 sentences found in the
+    sources", an answer better supported than it is."""
+    from kb.answer.render import support_summary
+
+    content = ("XTuner 可以从源码安装：\n\n```shell\ngit clone https://github.com/InternLM/xtuner.git\ncd xtuner\n"
+               "pip install -e .\n```\n\n这样就安装好了。")
+    claims = [{"text": "git clone https://github.com/InternLM/xtuner.git", "supported": True},
+              {"text": "cd xtuner", "supported": True}, {"text": "pip install -e .", "supported": True},
+              {"text": "这样就安装好了。", "supported": False}]
+    assert support_summary(claims, content) == ["0 of 1 sentence found in the sources", "3 of 3 code lines"]
+    assert support_summary(claims[3:], "这样就安装好了。") == ["0 of 1 sentence found in the sources"]
+    assert support_summary(claims[:1], content) == ["1 of 1 code line"] and support_summary([], content) == []

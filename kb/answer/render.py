@@ -86,3 +86,19 @@ def answer_markdown(msg: dict) -> str:
     if pending:  # a block the answer never closed (cut off at the token limit): close it, or the links are code
         out.append(("" if content.endswith("\n") else "\n") + FENCES[0] + _block_citations(pending, sources))
     return "".join(out)
+
+
+def support_summary(claims: list[dict], content: str) -> list[str]:
+    """How many sentences, and apart from them how many code lines, the sources hold.
+
+    Counted together, a three-line install block and one unsupported sentence read "3 of 4 sentences found", an
+    answer better supported than it is (a browser review).
+    """
+    code = {line.strip() for block in re.findall(r"```[^\n]*\n(.*?)```", content, re.S) for line in block.split("\n")}
+    lines = [x for x in claims if x["text"].strip() in code]
+    prose = [x for x in claims if x["text"].strip() not in code]
+    out = [f"{sum(x['supported'] for x in prose)} of {len(prose)} sentence{'' if len(prose) == 1 else 's'} found in "
+           "the sources"] if prose else []
+    if lines:
+        out.append(f"{sum(x['supported'] for x in lines)} of {len(lines)} code line{'' if len(lines) == 1 else 's'}")
+    return out
