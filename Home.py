@@ -38,6 +38,7 @@ def home() -> None:
                   help="binary, empty, too large, not UTF-8, or data files")
 
         loaded = resources.loaded(s)
+        pending = ":orange[loading in the background…]" if resources.preloading(s) else None
         try:
             n = kb.model_window()
             window = f"{n}-token window" if n else "no token window"
@@ -51,12 +52,12 @@ def home() -> None:
             st.markdown("**:material/scatter_plot: Embedding model**")
             st.markdown(f"`{kb.embed_model}`, {window}  \n"
                         + (f":green[loaded] in {loaded['embeddings']['seconds']} s" if loaded["embeddings"]
-                           else ":gray[not loaded yet: loads on the first search or sync]"))
+                           else pending or ":gray[not loaded yet: loads on the first search or sync]"))
         with m3.container(border=True):
             st.markdown("**:material/smart_toy: Language model**")
             st.markdown(f"`{describe_llm(s)}`  \n"
                         + (f":green[loaded] in {loaded['llm']['seconds']} s" if loaded["llm"]
-                           else ":gray[not loaded yet: loads on the first question]"))
+                           else pending or ":gray[not loaded yet: loads on the first question]"))
         st.caption(
             f"Retrieval default: {s.retrieval_mode}, top {s.top_k}"
             + (f", reranker `{Path(s.reranker_path).name}`" if s.reranker_path else "")

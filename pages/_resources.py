@@ -163,11 +163,13 @@ def _chat_model(key: str, _settings: Settings):
     return llm
 
 
-def chat_model(s: Settings | None = None):
-    """The chat LLM shared by every session (llama.cpp serialises calls with a lock)."""
+def chat_model(s: Settings | None = None, spinner: bool = True):
+    """The chat LLM shared by every session (llama.cpp serialises calls with a lock); ``spinner=False`` for a page
+    that shows its own (the chat's, with the time: two stacked spinners said the same, a browser review)."""
     s = s or settings()
     key = _key(s, _LLM_FIELDS)
-    with _loading("Loading the language model (first use in this server)…", ("llm", key) not in _registry()):
+    with _loading("Loading the language model (first use in this server)…",
+                  spinner and ("llm", key) not in _registry()):
         llm = _chat_model(key, s)
     _note("chat_model", llm)
     return llm
@@ -211,6 +213,14 @@ _preload_lock = threading.Lock()
 
 
 # ---------------------------------------------------------------------------- status
+
+
+def preloading(s: Settings | None = None) -> bool:
+    """Whether the background load (:func:`preload`) of the current settings' models has started: Home said "not
+    loaded yet: loads on the first question" while it ran at full CPU (a browser review)."""
+    s = s or settings()
+    with _preload_lock:
+        return _key(s, _LLM_FIELDS) in _preloading
 
 
 def loaded(s: Settings | None = None) -> dict[str, dict | None]:

@@ -293,7 +293,7 @@ def load_model(asked_at: float):
     if resources.loaded(s)["llm"]:
         return resources.chat_model(s), 0.0
     with st.spinner("Loading the language model (once per server)…", show_time=True):
-        llm = resources.chat_model(s)
+        llm = resources.chat_model(s, spinner=False)
     return llm, time.perf_counter() - asked_at
 
 

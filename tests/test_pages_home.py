@@ -136,3 +136,22 @@ def test_intervals_and_times_to_come_read_as_a_person_writes_them():
     assert [interval(s) for s in (45, 900, 3600, 5400, 21600)] == ["45 s", "15 min", "60 min", "1.5 h", "6 h"]
     assert when(time.time() + 30).endswith("(in under 2 min)") and when(time.time() - 30).endswith("(just now)")
     assert when(time.time() + 1800).endswith("(in 30 min)")
+
+
+def test_models_loading_in_the_background_say_so(page_env, open_page, monkeypatch):
+    """A browser review: Home said "not loaded yet: loads on the first question" while the server's background load
+    (``resources.preload``, started by the first page view) ran at full CPU."""
+    from pages import _resources as resources
+
+    monkeypatch.setenv("KB_LLM_GGUF", "/nonexistent/other.gguf")  # settings no other test has loaded a model for
+
+    key = resources._key(resources.settings(), resources._LLM_FIELDS)
+    at = ok(open_page())
+    assert "not loaded yet: loads on the first question" in " ".join(m.value for m in at.markdown)
+    resources._preloading.add(key)  # the state preload() records as it starts
+    try:
+        at = ok(open_page())
+        shown = " ".join(m.value for m in at.markdown)
+        assert "loading in the background" in shown and "not loaded yet" not in shown
+    finally:
+        resources._preloading.discard(key)
