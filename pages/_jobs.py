@@ -9,6 +9,8 @@ while a sync runs and find its progress, or its report, on coming back.
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from core.errors import UserError
@@ -178,12 +180,10 @@ def _panel(queue, recent: int) -> None:
                           on_click=queue.cancel, args=(job["id"],),  # before the redraw, which then shows it
                           help="Stops at a safe point: what is done is kept, nothing is half-written.")
     if ended:
-        import datetime as dt
-
         st.dataframe(
             [{"job": j["label"], "state": j["state"] + (" with errors" if (j.get("report") or {}).get("error") else ""),
               "by": j.get("origin", ""),
-              "ended": dt.datetime.fromtimestamp(j["finished"]).strftime("%Y-%m-%d %H:%M:%S") if j.get("finished") else "",
+              "ended": ended_at(j.get("finished")),
               "took": seconds(j.get("elapsed")), "result": summary(j)} for j in ended],
             hide_index=True, width="stretch",
             column_config={"job": st.column_config.TextColumn(width="medium"),
@@ -193,6 +193,17 @@ def _panel(queue, recent: int) -> None:
                            "took": st.column_config.TextColumn(width="small"),
                            "result": st.column_config.TextColumn(width="large")},
         )
+
+
+def ended_at(ts: float | None, now: float | None = None) -> str:
+    """When a job ended, short enough for its narrow column: the time today, else the day and the time (the whole
+    date and time was cut to "2026-12-06" in the half-width panels, a browser review)."""
+    import datetime as dt
+
+    if not ts:
+        return ""
+    at, today = dt.datetime.fromtimestamp(ts), dt.datetime.fromtimestamp(now or time.time()).date()
+    return at.strftime("%H:%M:%S") if at.date() == today else at.strftime("%m-%d %H:%M")
 
 
 # ---------------------------------------------------------------------------- every page's sidebar

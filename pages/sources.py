@@ -191,8 +191,8 @@ with sync_tab:
         picked = None if target == "All sources" else [target]
         st.caption("A sync fetches, diffs the indexed commit against the new one, reloads only changed files and "
                    "embeds only chunk texts not stored yet. Preview it first with a dry run (nothing is written).")
-        b1, b2, _ = st.columns([1, 1, 3])
-        preview_clicked = b1.button("Preview changes (dry run)", key="sync_preview_btn")
+        b1, b2, _ = st.columns([2, 1, 2])  # the preview's label whole (it read "Preview changes (dry r…")
+        preview_clicked = b1.button("Preview changes (dry run)", key="sync_preview_btn", width="stretch")
         sync_clicked = b2.button("Sync now", type="primary", key="sync_now_btn")
         if preview_clicked:
             reports, err = run_with_status("Dry run", lambda p: kb.sync(picked, dry_run=True, progress=p))

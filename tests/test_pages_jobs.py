@@ -270,3 +270,15 @@ def test_make_run_sets_streamlit_upload_limit_from_kb_upload_max_bytes(monkeypat
         out = subprocess.run(["bash", "-c", snippet], cwd=ROOT, capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "KB_UPLOAD_MAX_BYTES": raw})
         assert out.stdout.strip() == want, (raw, out.stdout, out.stderr)
+
+
+def test_when_a_job_ended_fits_its_column():
+    """A browser review: "2026-12-06 20:12:05" was cut to "2026-12-06" in the half-width panels, hiding the time."""
+    import datetime as dt
+
+    from pages._jobs import ended_at
+
+    now = dt.datetime(2026, 12, 6, 20, 30).timestamp()
+    assert ended_at(dt.datetime(2026, 12, 6, 20, 12, 5).timestamp(), now) == "20:12:05"
+    assert ended_at(dt.datetime(2026, 12, 5, 9, 1).timestamp(), now) == "12-05 09:01"
+    assert ended_at(None, now) == ""
