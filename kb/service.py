@@ -554,7 +554,7 @@ class KnowledgeBase:
         try:
             with write_lock(self.settings.home, writes=False):
                 return snapshot.import_leftovers(self)
-        except WriteLockBusy:
+        except (WriteLockBusy, OSError):  # OSError: a data folder this process may read but not lock (read-only)
             return []
 
     def not_indexed(self) -> list[dict]:
