@@ -3,7 +3,8 @@
 Pages render chunk text, headings and paths from indexed files through
 ``st.markdown``; without escaping, a document could inject HTML, links,
 LaTeX or Streamlit directives (``:red[...]``) into the dashboard. Pure
-Python, so the CLI and tests can use it too.
+Python, so the CLI and tests can use it too. Counts shown beside such text
+("1 source", "3 code lines") are written here too, once for every page.
 """
 
 from __future__ import annotations
@@ -85,3 +86,8 @@ def snippet(text: str, terms: Iterable[str], width: int = 320) -> str:
 def marked_snippet(text: str, terms: Iterable[str], width: int = 320) -> str:
     terms = list(terms)
     return mark_terms(snippet(text, terms, width), terms)
+
+
+def counted(n: int, noun: str) -> str:
+    """ "1 source", "2 sources", "1,024 chunks": a count with its noun, as a person writes it (it said "1 sources")."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -313,11 +313,6 @@ def render_hit(hit, terms: list[str]) -> None:
             st.caption(f"id `{hit.id}`")
 
 
-def counted(n: int, noun: str) -> str:
-    """ "1 source", "2 sources", "1,024 chunks": a count with its noun, as a person writes it (it said "1 sources")."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 def snapshot_schedule_line(sched: dict) -> str:
     """The scheduled snapshots in one line: interval, how many are kept, the last and the next, or how to start them."""
     if not sched["every"]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from kb.markdown import code_span, escape_markdown
+from kb.markdown import code_span, counted, escape_markdown
 from pages import _resources as resources
-from pages._common import (counted, expected_errors, kb_or_stop, require_admin, run_with_status, show_error,
+from pages._common import (expected_errors, kb_or_stop, require_admin, run_with_status, show_error,
                            snapshot_schedule_line)
 from pages._jobs import ended_jobs, jobs_panel, track
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from kb.citations import MARKER_RE, hit_link, link_markers
-from kb.markdown import FENCES, is_fence, safe_url
+from kb.markdown import FENCES, counted, is_fence, safe_url
 
 UNSUPPORTED = ":gray-badge[not found in the sources]"
 
@@ -94,11 +94,16 @@ def support_summary(claims: list[dict], content: str) -> list[str]:
     Counted together, a three-line install block and one unsupported sentence read "3 of 4 sentences found", an
     answer better supported than it is (a browser review).
     """
-    code = {line.strip() for block in re.findall(r"```[^\n]*\n(.*?)```", content, re.S) for line in block.split("\n")}
+    code, inside = set(), False
+    for line in content.split("\n"):
+        if is_fence(line):
+            inside = not inside
+        elif inside:
+            code.add(line.strip())
     lines = [x for x in claims if x["text"].strip() in code]
     prose = [x for x in claims if x["text"].strip() not in code]
-    out = [f"{sum(x['supported'] for x in prose)} of {len(prose)} sentence{'' if len(prose) == 1 else 's'} found in "
-           "the sources"] if prose else []
+    out = [f"{sum(x['supported'] for x in prose)} of {counted(len(prose), 'sentence')} found in the sources"] \
+        if prose else []
     if lines:
-        out.append(f"{sum(x['supported'] for x in lines)} of {len(lines)} code line{'' if len(lines) == 1 else 's'}")
+        out.append(f"{sum(x['supported'] for x in lines)} of {counted(len(lines), 'code line')}")
     return out
