@@ -679,8 +679,7 @@ def import_leftovers(kb: "KnowledgeBase") -> list[str]:
     """
     home = kb.settings.home
     out = [f"the import plan {PENDING}"] if (home / PENDING).is_file() else []
-    out += sorted(f"the staging collection {c.name}" for c in kb.index.client.list_collections()
-                  if c.name.startswith(STAGING_PREFIX))
+    out += [f"the staging collection {name}" for name in _staging(kb)]
     return out + sorted(f"the temporary folder {p.name}" for p in home.glob(f"{TEMP_PREFIX}*") if p.is_dir())
 
 
@@ -707,10 +706,14 @@ def recover(kb: "KnowledgeBase") -> None:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
     if not pending.exists():  # staging no plan names (one server serves one data folder: all of it is ours)
-        for c in kb.index.client.list_collections():
-            if c.name.startswith(STAGING_PREFIX):
-                with contextlib.suppress(Exception):  # noqa: BLE001 - the next recover tries again
-                    kb.index.client.delete_collection(c.name)
+        for name in _staging(kb):
+            with contextlib.suppress(Exception):  # noqa: BLE001 - the next recover tries again
+                kb.index.client.delete_collection(name)
+
+
+def _staging(kb: "KnowledgeBase") -> list[str]:
+    """The store's import staging collections, by name."""
+    return sorted(c.name for c in kb.index.client.list_collections() if c.name.startswith(STAGING_PREFIX))
 
 
 def _write_json_durably(path: Path, data: dict) -> None:
