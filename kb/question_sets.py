@@ -110,6 +110,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind26", "Overview (blind 26)", QUESTIONS / "overview_blind26.jsonl",
                 "checking only, a twenty-fourth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the forty-ninth stop, measured once at the fiftieth"),
+    QuestionSet("overview-blind27", "Overview (blind 27)", QUESTIONS / "overview_blind27.jsonl",
+                "checking only, a twenty-fifth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fiftieth stop, measured once at the fifty-first"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
