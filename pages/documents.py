@@ -31,6 +31,9 @@ LINK = "_docs_link"  # (source, path, lines, commit) of the URL last applied or 
 # A link that names no document here: kept in the URL, with the file first shown, until another file is picked,
 # so that a reload (or the link shared again) warns again instead of opening that unrelated file
 BAD_LINK = "_docs_bad_link"
+# A link made at another commit, as opened: (source, path, span shown). While that file and span are on show the URL
+# stays the link's own, commit and all, so that a reload (or the address shared) says again which version it cites
+OLD_LINK = "_docs_old_link"
 HIGHLIGHT = "_docs_highlight"  # {"key": "source/path", "lines": (a, b)}: the lines to highlight in that file
 SCROLL = "_docs_scroll"  # scroll the highlighted lines into view on this run (once per opened link)
 HIGHLIGHT_KEY = "docs_highlight"  # the highlighted lines' container; Streamlit gives it the class st-key-<key>
@@ -81,7 +84,10 @@ def open_link(kb, names: list[str]) -> None:
     if lines and span is None:
         st.warning(f"The link's lines {code_span(lines)} are not a line range like `3-9`: {shown} opens "
                    "without highlighted lines.", icon=":material/link_off:")
+    cited = span
     span = cited_span(kb, doc, span, commit)
+    stale = bool(cited and commit and not doc.commit.startswith(commit))
+    st.session_state[OLD_LINK] = (source, path, span) if stale else None
     st.session_state["docs_source"] = source
     if st.session_state.get("docs_status") == "skipped":
         st.session_state["docs_status"] = "all"
@@ -157,13 +163,16 @@ def cited_view(kb) -> None:
 
 def follow_in_url(source: str, path: str, span: tuple[int, int] | None) -> None:
     """Keep the URL in step with the file on show (and its highlighted lines), so a reload opens it again; a link
-    that named no document stays until another file is picked."""
+    that named no document, or lines of another commit, stays until another file or span is on show."""
     bad = st.session_state.get(BAD_LINK)
     if bad is not None:
         if bad["shown"] in (None, (source, path)):
             bad["shown"] = (source, path)
             return
         del st.session_state[BAD_LINK]
+    if st.session_state.get(OLD_LINK) == (source, path, span):
+        return  # still the old commit's lines as the link opened them: its own address keeps its note on a reload
+    st.session_state[OLD_LINK] = None
     want = {"source": source, "path": path, **({"lines": f"{span[0]}-{span[1]}"} if span else {})}
     if st.query_params.to_dict() != want:
         st.query_params.from_dict(want)
