@@ -202,7 +202,7 @@ class KnowledgeBase:
         if self.manifest.has_source(name):
             raise KBError(f"source {name!r} already exists")
         dest = self.settings.repos_path / name
-        self._refuse_twin(spec.display_url, spec.branch)  # before cloning, where the branch is named
+        self._refuse_twin(spec.display_url, spec.branch or self._twin_candidate_branch(spec))  # before cloning
         with write_lock(self.settings.home):
             followed = sources.clone(spec, dest, progress)
             try:
@@ -219,6 +219,13 @@ class KnowledgeBase:
             )
             self._register(row)
         return row
+
+    def _twin_candidate_branch(self, spec: sources.SourceSpec) -> str | None:
+        """The remote's default branch, asked only when a source already follows the same remote: a twin is then
+        refused before a clone of minutes (a browser review), and no other add pays the extra round trip."""
+        if not any(s.kind == "git" and s.url == spec.display_url for s in self.manifest.sources()):
+            return None
+        return sources.remote_head_branch(spec.url)
 
     def _refuse_twin(self, url: str, branch: str | None) -> None:
         """A second source following the same branch of the same remote returns every hit twice (a browser review

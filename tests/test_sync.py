@@ -6,6 +6,7 @@ import git as gitpython
 import pytest
 
 from core.embeddings import token_counter
+from kb.ingest import sources
 from kb.ingest.chunking import Chunk, ChunkConfig
 from kb.errors import KBError
 from kb.ingest.loaders import SkipFile, load_document
@@ -173,13 +174,33 @@ def test_rechunk_switches_only_when_complete(tiny_kb, corpus):
     assert rep.chunks_embedded == 0  # the new live collection is complete
 
 
-def test_the_same_branch_of_the_same_remote_is_not_added_twice(tiny_kb, corpus):
+def test_the_same_branch_of_the_same_remote_is_not_added_twice(tiny_kb, corpus, monkeypatch):
     """Added again under another name, every hit came back twice (a browser review)."""
     first = tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
-    for branch in (None, first.branch):  # found after cloning, or before it when the branch is named
-        with pytest.raises(KBError, match=r"is already the source 'lagent': a second copy would return every hit twice"):
-            tiny_kb.add_source("twin", str(corpus / "lagent.bundle"), branch=branch)
+    for branch in (None, first.branch):  # found before cloning: named, or the remote's default (browser review, 13)
+        with monkeypatch.context() as m:
+            m.setattr(sources, "clone", lambda *a, **k: pytest.fail("cloned a twin before refusing it"))
+            with pytest.raises(KBError, match=r"is already the source 'lagent': a second copy would return every hit"):
+                tiny_kb.add_source("twin", str(corpus / "lagent.bundle"), branch=branch)
         assert not tiny_kb.manifest.has_source("twin") and not (tiny_kb.settings.repos_path / "twin").exists()
+    # a remote that doesn't say its default branch: refused after the clone, which left nothing behind
+    monkeypatch.setattr(sources, "remote_head_branch", lambda url: None)
+    with pytest.raises(KBError, match=r"is already the source 'lagent'"):
+        tiny_kb.add_source("twin", str(corpus / "lagent.bundle"))
+    assert not tiny_kb.manifest.has_source("twin") and not (tiny_kb.settings.repos_path / "twin").exists()
+
+
+def test_the_remote_head_branch_is_read_before_cloning(tmp_path, corpus):
+    """A server's HEAD symref names it; a bundle has none, and the one branch at HEAD's commit is the one followed."""
+    assert sources.remote_head_branch(str(corpus / "lagent.bundle")) == "main"
+    work = tmp_path / "work"
+    git("init", "-q", "-b", "trunk", str(work))
+    (work / "a.md").write_text("# A\n")
+    git("-C", str(work), "add", "a.md")
+    git("-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    git("-C", str(work), "branch", "other")  # at the same commit: only the symref tells them apart
+    assert sources.remote_head_branch(str(work)) == "trunk"
+    assert sources.remote_head_branch(str(tmp_path / "nothing-here")) is None
 
 
 def test_remove_source_deletes_its_chunks(tiny_kb, corpus):

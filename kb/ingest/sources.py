@@ -162,6 +162,27 @@ def redact_all(text: str) -> str:
     return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@", r"\1***@", text)
 
 
+def remote_head_branch(url: str) -> str | None:
+    """The branch a clone without ``--branch`` would follow, asked of the remote before anything is cloned.
+
+    Its ``HEAD`` symref where the server reports one; else (a bundle, a dumb server) the one branch at ``HEAD``'s
+    commit, as ``git clone`` itself guesses. None when the remote can't be asked or doesn't tell: the clone decides.
+    """
+    try:
+        out = git.cmd.Git().ls_remote("--symref", url)
+    except git.GitCommandError:
+        return None
+    refs: dict[str, str] = {}
+    for line in out.splitlines():
+        left, _, ref = line.partition("\t")
+        if left.startswith("ref: refs/heads/") and ref == "HEAD":
+            return left.removeprefix("ref: refs/heads/")
+        refs[ref] = left
+    at_head = [r.removeprefix("refs/heads/") for r, sha in refs.items()
+               if r.startswith("refs/heads/") and sha == refs.get("HEAD")]
+    return at_head[0] if len(at_head) == 1 else None
+
+
 def clone(spec: SourceSpec, dest: Path, progress: Progress = no_progress) -> str:
     """Bare-clone ``spec`` into ``dest`` and return the branch to follow.
 
