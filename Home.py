@@ -93,11 +93,13 @@ def home() -> None:
         if act["searches"] or act["questions"]:
             import pandas as pd
 
+            # hours as labels in their own order: on a time axis the two series' bars were drawn over each other
+            # (a browser review), since Vega groups bars side by side only along a band of categories
             frame = pd.DataFrame(
-                [{"hour": dt.datetime.fromtimestamp(b["start"]), "searches": b["searches"], "answers": b["answers"]}
-                 for b in hourly]
+                [{"hour": dt.datetime.fromtimestamp(b["start"]).strftime("%H:00"), "searches": b["searches"],
+                  "answers": b["answers"]} for b in hourly]
             ).set_index("hour")
-            st.bar_chart(frame, y_label="per hour", stack=False, height=220)
+            st.bar_chart(frame, y_label="per hour", stack=False, sort=False, height=220)
         elif not act["records"]:
             st.caption("Nothing logged in the last 24 hours: questions, searches, syncs and errors show here as they "
                        "happen (`python -m kb log`).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace as NS
 
 import pytest
@@ -53,7 +54,9 @@ def test_home_glance_from_the_log(lagent_env, open_page, shared_kb):
     assert metric(at, "Search p95").value == "28 ms" and metric(at, "First token p95").value == "12.5 s"
     assert metric(at, "Errors").value == "1"
     assert "RuntimeError" in texts(at.caption) and "a bug" in texts(at.caption)
-    assert charts(at), "searches and answers per hour as a chart"
+    (chart,) = charts(at)  # searches and answers per hour, side by side: on a time axis they were drawn over each other
+    enc = json.loads(chart.proto.spec)["encoding"]
+    assert enc["x"]["type"] == "ordinal" and enc["x"]["sort"] is None and enc["xOffset"]["field"], enc
     # the sync that lagent_env ran was logged by the knowledge base and shows as the last sync
     last = frame_with(at, "chunks embedded")
     assert last.loc[0, "source"] == "lagent" and last.loc[0, "result"] == "ok" and last.loc[0, "by"] == "sync"
