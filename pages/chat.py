@@ -322,6 +322,43 @@ def answer_turn(question: str, history: list) -> dict:
     return stream_one(answerer, question, history, rag, opts, asked_at, waited)
 
 
+# ---------------------------------------------------------------------------- saved conversations
+
+
+def saved_conversations() -> None:
+    """The sidebar's saved conversations, drawn once per run after the question is saved: drawn at the end of the
+    run, the list went on showing the last run's while an answer streamed, without the question just asked (a browser
+    review)."""
+    with st.sidebar:
+        st.divider()
+        st.subheader("Saved conversations")
+        saved_list = store.list()
+        if not saved_list:
+            st.caption("None yet: a conversation is saved as each question is asked.")
+        else:
+            titles = {c["id"]: c for c in saved_list}
+            ids = list(titles)
+            pick = st.selectbox(
+                "Conversation", ids, index=ids.index(conv["id"]) if conv["id"] in titles else 0,
+                key=f"chat_saved_{len(ids)}_{ids[0]}",  # a new save re-selects the newest (or the current) one
+                format_func=lambda i: f"{titles[i]['title']} · {titles[i]['turns']} q · {when(titles[i]['updated'])}",
+            )
+            c1, c2 = st.columns(2)
+            if c1.button("Open", key="chat_open", width="stretch"):
+                try:
+                    st.session_state["chat_conv"] = store.load(pick)
+                    st.query_params["c"] = pick
+                    st.rerun()
+                except expected_errors() as exc:
+                    show_error(exc)
+            if c2.button("Delete", key="chat_delete", width="stretch"):
+                store.delete(pick)
+                if conv.get("id") == pick:
+                    st.session_state["chat_conv"] = store.new()
+                    st.query_params.pop("c", None)
+                st.rerun()
+
+
 # one slot whether or not there is an intro, so every message keeps its place in the page between reruns: Streamlit
 # greys out and keeps the last run's elements until they are redrawn, so a shift left the previous answer's thumbs
 # and sources greyed under the user's follow-up while it was being answered
@@ -342,6 +379,7 @@ if question and question.strip():
     history = [(m["role"], m["content"]) for m in conv["messages"] if m.get("content") and not m.get("error")]
     conv["messages"].append({"role": "user", "content": question})
     save(conv)  # before the answer: a reload while it streams keeps the question (``?c=`` is set now; a review lost it)
+    saved_conversations()
     with st.chat_message("user"):
         st.markdown(question)
     with st.chat_message("assistant"):
@@ -349,34 +387,5 @@ if question and question.strip():
         conv["messages"].append(msg)
         render_feedback(msg, len(conv["messages"]) - 1)
     save(conv)
-
-# ---------------------------------------------------------------------------- saved conversations (after any save)
-
-with st.sidebar:
-    st.divider()
-    st.subheader("Saved conversations")
-    saved_list = store.list()
-    if not saved_list:
-        st.caption("None yet: a conversation is saved as each question is asked.")
-    else:
-        titles = {c["id"]: c for c in saved_list}
-        ids = list(titles)
-        pick = st.selectbox(
-            "Conversation", ids, index=ids.index(conv["id"]) if conv["id"] in titles else 0,
-            key=f"chat_saved_{len(ids)}_{ids[0]}",  # a new save re-selects the newest (or the current) one
-            format_func=lambda i: f"{titles[i]['title']} · {titles[i]['turns']} q · {when(titles[i]['updated'])}",
-        )
-        c1, c2 = st.columns(2)
-        if c1.button("Open", key="chat_open", width="stretch"):
-            try:
-                st.session_state["chat_conv"] = store.load(pick)
-                st.query_params["c"] = pick
-                st.rerun()
-            except expected_errors() as exc:
-                show_error(exc)
-        if c2.button("Delete", key="chat_delete", width="stretch"):
-            store.delete(pick)
-            if conv.get("id") == pick:
-                st.session_state["chat_conv"] = store.new()
-                st.query_params.pop("c", None)
-            st.rerun()
+else:
+    saved_conversations()

@@ -485,10 +485,13 @@ def test_chat_shows_llm_errors(page_env, open_page, monkeypatch):
 
     monkeypatch.setenv("KB_LLM_GGUF", "/nonexistent/model.gguf")
     saved_before: list = []
-    load = resources.chat_model
-    monkeypatch.setattr(resources, "chat_model", lambda *a, **kw: saved_before.append(
+    events: list[str] = []
+    load, listed = resources.chat_model, ConversationStore.list
+    monkeypatch.setattr(ConversationStore, "list", lambda self: events.append("list") or listed(self))
+    monkeypatch.setattr(resources, "chat_model", lambda *a, **kw: events.append("model") or saved_before.append(
         ConversationStore(page_env).list()) or load(*a, **kw))
     at = ok(open_page("chat"))
+    events.clear()  # from the question's run on
     at.chat_input(key="chat_input").set_value("hello").run(timeout=120)
     ok(at)
     assert "no such file" in texts(at.chat_message[1].error), [texts(m.markdown) for m in at.chat_message]
@@ -496,6 +499,9 @@ def test_chat_shows_llm_errors(page_env, open_page, monkeypatch):
     # saved with its question before the answer began: a reload while it streamed lost both (a browser review)
     assert saved_before and saved_before[0] and saved_before[0][0]["turns"] == 1
     assert at.query_params["c"] == saved_before[0][0]["id"]
+    # and the sidebar's list drawn with it before the model was asked for: drawn at the end, it lagged a question
+    # while the answer streamed (a browser review)
+    assert events[0] == "list" and "model" in events, events
 
 
 def test_a_question_left_without_an_answer_says_so_and_can_be_asked_again(page_env, open_page, monkeypatch):
