@@ -20,6 +20,22 @@ def kb(home, *args, env_extra=None, check_json=True):
     return proc, out
 
 
+def kb_here(home, monkeypatch, capsys, *args, env_extra=None) -> tuple[int, str, str]:
+    """``kb ARGS`` through the same ``run`` as ``python -m kb``, in this process: for contracts checked many times
+    over, where an interpreter start per case (about 2 s) was most of the time. Status, stdout, stderr."""
+    from kb.cli import main
+
+    for key, value in {"KB_HOME": str(home), **(env_extra or {})}.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="module")
 def cli_home(tmp_path_factory, tiny_st_dir):
     return tmp_path_factory.mktemp("cli-home"), {"KB_EMBED_MODEL": str(tiny_st_dir)}
@@ -90,13 +106,23 @@ def test_usage_errors_keep_the_json_promise(cli_home):
         (["export", "/etc/passwd/kb.tar.gz"], "/etc/passwd is a file, not a folder"),  # was "does not exist"
     ],
 )
-def test_errors_are_clear(cli_home, args, message):
+def test_errors_are_clear(cli_home, args, message, monkeypatch, capsys):
     home, env = cli_home
-    proc, _ = kb(home, *args, env_extra=env)
-    assert proc.returncode == 1 and message in proc.stderr and proc.stderr.startswith("error:")
+    code, _, err = kb_here(home, monkeypatch, capsys, *args, env_extra=env)
+    assert code == 1 and message in err and err.startswith("error:")
     json_args = args[:1] + ["--json"] + args[1:]
-    proc, out = kb(home, *json_args, env_extra=env)
-    assert proc.returncode == 1 and message in out["error"]
+    code, out, _ = kb_here(home, monkeypatch, capsys, *json_args, env_extra=env)
+    assert code == 1 and message in json.loads(out)["error"]
+
+
+def test_an_error_is_one_line_from_the_process_too(cli_home):
+    """The cases above run in this process; the same contract once through ``python -m kb`` itself."""
+    home, env = cli_home
+    proc, _ = kb(home, "search", "xtuner", "--source", "nosuch", env_extra=env)
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.startswith("error: no source named 'nosuch'")
+    assert proc.stderr.count("\n") == 1
+    proc, out = kb(home, "search", "--json", "xtuner", "--source", "nosuch", env_extra=env)
+    assert proc.returncode == 1 and list(out) == ["error"] and out["error"].startswith("no source named 'nosuch'")
 
 
 def test_an_upload_file_name_that_is_not_utf8_is_refused_before_anything_is_written(cli_home, tmp_path):
