@@ -43,11 +43,25 @@ HIGHLIGHT_CSS = (
     f"<style>.st-key-{HIGHLIGHT_KEY} {{ border-color: #f0a020 !important; background: rgba(255, 189, 69, 0.12); }}"
     f" .st-key-{HIGHLIGHT_KEY} pre {{ background: rgba(255, 189, 69, 0.28) !important; }}</style>"
 )
+# The scroll waits for the page around the block to stop moving (three equal looks, 0.2 s apart; 12 s at most):
+# fired at a fixed 0.4 s it ran before the lines above had been drawn in one of seven fresh opens (a browser review),
+# and the block ended up off screen. A reader who scrolls, clicks or types first is left where they are.
 SCROLL_JS = (
-    "<script>setTimeout(function () {"
-    f" var el = document.querySelector('.st-key-{HIGHLIGHT_KEY}');"
-    " if (el) { el.scrollIntoView({block: el.offsetHeight < 0.7 * window.innerHeight ? 'center' : 'start'}); }"
-    " }, 400);</script>"
+    "<script>(function () {"
+    f" var sel = '.st-key-{HIGHLIGHT_KEY}', last = '', same = 0, ticks = 0, moved = false;"
+    " ['wheel', 'touchmove', 'keydown', 'mousedown'].forEach(function (e) {"
+    "  window.addEventListener(e, function () { moved = true; }, {once: true, passive: true, capture: true}); });"
+    " var timer = setInterval(function () {"
+    "  var el = document.querySelector(sel); ticks += 1;"
+    "  if (moved || (!el && ticks > 60)) { clearInterval(timer); return; }"
+    "  if (!el) { return; }"
+    "  var main = document.querySelector('[data-testid=\"stMain\"]') || document.body;"
+    "  var shape = main.scrollHeight + ':' + el.getBoundingClientRect().height + ':' + el.offsetTop;"
+    "  same = shape === last ? same + 1 : 0; last = shape;"
+    "  if (same >= 2 || ticks > 60) { clearInterval(timer);"
+    "   el.scrollIntoView({block: el.offsetHeight < 0.7 * window.innerHeight ? 'center' : 'start'}); }"
+    " }, 200);"
+    "})();</script>"
 )
 
 

@@ -71,7 +71,7 @@ def server(xtuner_kb, default_gguf_path, tmp_path):
 
 
 def test_chat_in_a_real_browser(server):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     base, started, proc, log = server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -138,6 +138,8 @@ def test_chat_in_a_real_browser(server):
             marked.wait_for(timeout=120_000)
             a, b = href.split("lines=")[1].split("&")[0].split("-")
             assert f"Lines {a}–{b}" in marked.inner_text()
+            # scrolled into view by the page itself, once the lines around them are drawn (it fired early once)
+            expect(marked).to_be_in_viewport(timeout=20_000)
             marked.scroll_into_view_if_needed()
             doc.wait_for_timeout(1500)  # let the page finish drawing around it
             doc.screenshot(path=str(ARTIFACTS / "browser-citation.png"), full_page=False)
