@@ -699,6 +699,8 @@ def _openai_class() -> type:
     llama.cpp's server and older LMDeploy ignore (they would then generate up to
     the context size); sending both keeps the limit everywhere.
     """
+    import httpx
+    import openai
     from langchain_openai import ChatOpenAI
 
     class ChatOpenAICompatible(ChatOpenAI):
@@ -708,7 +710,36 @@ def _openai_class() -> type:
                 payload["max_tokens"] = payload["max_completion_tokens"]
             return payload
 
+        # A server that is down, goes away mid-answer or refuses the model name is a person's to fix: one LLMError
+        # (the CLI's one line, the chat's error box), not the client library's traceback (an operator review).
+        def _stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from super()._stream(*args, **kwargs)
+            except (openai.OpenAIError, httpx.TransportError) as exc:  # httpx's own: the stream cut mid-answer
+                raise server_failure(self.openai_api_base, self.model_name, exc) from exc
+
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super()._generate(*args, **kwargs)
+            except (openai.OpenAIError, httpx.TransportError) as exc:
+                raise server_failure(self.openai_api_base, self.model_name, exc) from exc
+
     return ChatOpenAICompatible
+
+
+def server_failure(base_url: str | None, model: str, exc: Exception) -> LLMError:
+    """What went wrong with the model server, in words: unreachable or gone, or what it answered."""
+    import httpx
+    import openai
+
+    if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):  # refused, reset, timed out, cut
+        return LLMError(f"the model server at {base_url} did not answer or went away ({type(exc).__name__}: "
+                        f"{exc}); is it running?")
+    if isinstance(exc, openai.APIStatusError):
+        detail = " ".join(str(exc).split())[:300]
+        return LLMError(f"the model server at {base_url} refused the request for model {model!r} "
+                        f"(HTTP {exc.status_code}: {detail})")
+    return LLMError(f"the model server at {base_url} failed: {exc}")
 
 
 def openai_base_url(settings: Settings) -> str:

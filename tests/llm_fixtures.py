@@ -159,21 +159,31 @@ def default_bf16_checkpoint(default_gguf_path: Path) -> Path:
 # --------------------------------------------------------------------------- OpenAI-compatible server
 
 
-@pytest.fixture(scope="session")
-def openai_server_url(default_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL (``.../v1``) of a real llama.cpp OpenAI-compatible server on 127.0.0.1."""
-    port, log = free_port(), tmp_path_factory.mktemp("llama-server") / "server.log"
+def start_llama_server(gguf_path: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """A real llama.cpp OpenAI-compatible server on 127.0.0.1, ready: its process and base URL (``.../v1``)."""
+    port = free_port()
     cmd = [
         sys.executable, "-m", "llama_cpp.server",
-        "--model", str(default_gguf_path),
+        "--model", str(gguf_path),
         "--host", "127.0.0.1", "--port", str(port),
         "--n_ctx", "2048", "--n_threads", str(TEST_THREADS),
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
     try:
-        base = f"http://127.0.0.1:{port}/v1"
         wait_for_http(f"{base}/models", proc, log, timeout=120)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, base
+
+
+@pytest.fixture(scope="session")
+def openai_server_url(default_gguf_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL (``.../v1``) of a real llama.cpp OpenAI-compatible server on 127.0.0.1."""
+    proc, base = start_llama_server(default_gguf_path, tmp_path_factory.mktemp("llama-server") / "server.log")
+    try:
         yield base
     finally:
         stop(proc)

@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ from core.llm import (
     token_counter,
     turn_end_ids,
 )
+from conftest import ROOT
 from core.settings import Settings, load_settings
 
 WHO = [HumanMessage("你是谁")]
@@ -155,6 +157,33 @@ def test_openai_unreachable_server_is_a_clear_error():
     settings = Settings(llm="openai", openai_base_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(LLMError, match=r"cannot list models at http://127\.0\.0\.1:\d+/v1/models"):
         build_chat_model(settings)
+
+
+def test_a_model_server_down_or_gone_mid_answer_is_one_clear_error(default_gguf_path, tmp_path):
+    """An operator review: with the model named (no listing first), a server that was down, or went away while it
+    streamed, gave the client library's traceback in `kb ask` and nothing under --json."""
+    from llm_fixtures import free_port, start_llama_server, stop
+
+    down = Settings(llm="openai", openai_base_url=f"http://127.0.0.1:{free_port()}/v1", openai_model="m")
+    with pytest.raises(LLMError, match=r"did not answer or went away .*is it running\?"):
+        list(build_chat_model(down).stream([HumanMessage("hi")]))
+    proc, base = start_llama_server(default_gguf_path, tmp_path / "server.log")
+    try:
+        settings = Settings(llm="openai", openai_base_url=base, openai_model="m", llm_max_tokens=400)
+        stream = build_chat_model(settings).stream([HumanMessage("Count from 1 to 300, comma separated.")])
+        assert next(stream).content is not None  # answering
+        proc.kill()  # gone at once (a terminated server finishes the answer it is streaming first)
+        proc.wait(timeout=30)
+        with pytest.raises(LLMError, match=r"did not answer or went away"):
+            list(stream)
+    finally:
+        stop(proc)
+    cli = subprocess.run([sys.executable, "-m", "kb", "ask", "--no-rag", "--json", "hi"], cwd=ROOT,
+                         env={**os.environ, "KB_HOME": str(tmp_path / "home"), "KB_LLM": "openai",
+                              "KB_OPENAI_BASE_URL": down.openai_base_url, "KB_OPENAI_MODEL": "m"},
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert "did not answer or went away" in json.loads(cli.stdout)["error"]
 
 
 # --------------------------------------------------------------------------- transformers
