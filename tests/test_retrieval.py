@@ -125,6 +125,39 @@ def test_passages_find_chunks_and_a_collection_without_them_still_searches(tiny_
         assert len(hits) == 5 and all(set(h.found_by) <= {"dense", "bm25"} for h in hits)
 
 
+def test_a_cross_encoder_reorders_the_hits_and_a_wrong_path_is_a_settings_error(tiny_kb, corpus, tmp_path,
+                                                                                monkeypatch):
+    """KB_RERANKER_PATH, with a real (tiny, random) cross-encoder; a wrong path was a traceback in every search."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from core.embeddings import packaged_model_dir
+    from core.errors import SettingsError
+
+    tok = AutoTokenizer.from_pretrained(packaged_model_dir())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, num_labels=1)
+    folder = tmp_path / "tiny-cross-encoder"
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    tiny_kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    tiny_kb.sync()
+    engine = SearchEngine(tiny_kb)
+    plain = engine.search("ActionExecutor", SearchOptions(k=5))
+    monkeypatch.setattr(tiny_kb, "settings", dataclasses.replace(tiny_kb.settings, reranker_path=str(folder)))
+    hits = engine.search("ActionExecutor", SearchOptions(k=5))
+    scores = [h.scores["rerank"] for h in hits]
+    assert len(hits) == len(plain) == 5 and scores == sorted(scores, reverse=True)
+    assert all("rerank" in h.found_by for h in hits) and not any("rerank" in h.scores for h in plain)
+    for bad in (tmp_path / "nothing-here", tmp_path):  # no folder; a folder that holds no model
+        monkeypatch.setattr(tiny_kb, "settings", dataclasses.replace(tiny_kb.settings, reranker_path=str(bad)))
+        with pytest.raises(SettingsError, match="KB_RERANKER_PATH="):
+            engine.search("ActionExecutor", SearchOptions(k=5))
+
+
 def test_held_out_questions_point_at_real_lines(corpus, tmp_path):
     """Each held-out question names a file of its bundle and a line range inside it, so a miss is the retriever's."""
     from kb.evaluate import HOLDOUT, load_questions, shipped_sets
