@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from chromadb.errors import ChromaError
 
 from kb import pids
 from kb.errors import KBError
@@ -285,7 +286,11 @@ def _dump_records(coll, jsonl: Path, npy: Path, with_text: bool, stage: str, pro
     done = 0
     with open(jsonl, "w", encoding="utf-8") as out:
         while True:
-            page = coll.get(include=include, limit=READ_PAGE, offset=done)
+            try:
+                page = coll.get(include=include, limit=READ_PAGE, offset=done)
+            except ChromaError as exc:  # was the store's traceback (an operator review)
+                raise KBError(f"{coll.name}: its vectors can't be read back ({exc}): the vector index is lost or "
+                              "damaged; run kb verify --repair, then export") from None
             ids = page["ids"]
             if not ids:
                 break
@@ -401,6 +406,9 @@ def _corrupt_is_kberror(archive: Path) -> Iterator[None]:
         yield
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise KBError(f"{archive.name} is not a complete snapshot archive (corrupt or truncated: {exc})") from None
+    except OSError as exc:  # unreadable, or the disk full while its parts are written: was a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise KBError(f"cannot import {archive.name}: {exc.strerror or exc}{where}; nothing was changed") from None
 
 
 def _parse_index(archive: Path, member: tarfile.TarInfo | None, tar: tarfile.TarFile) -> dict:

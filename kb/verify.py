@@ -14,10 +14,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 import git
-from chromadb.errors import ChromaError
 
 from kb.ingest.chunking import ChunkConfig
-from kb.store.index import VectorIndex, passage_collection
+from kb.store.index import VectorIndex, index_lost, passage_collection
 from kb.store.manifest import Manifest
 
 READ_PAGE = 5000
@@ -72,25 +71,6 @@ def _missing_commits(manifest: Manifest, live: str) -> list[Problem]:
     return out
 
 
-PROBE = 10  # the first records (the oldest: written into the graph first) whose vectors must read back
-
-
-def index_lost(coll) -> bool:
-    """Whether the collection's vector graph is lost: its first records' vectors can't be read back.
-
-    Chroma keeps the records in SQLite and their vectors in the graph's files of its own: with those files gone (a
-    backup that skipped them, a disk error) counts, metadata and BM25 look whole, while a dense search reaches only
-    the records added since the graph was last written (a review saw one hit of four) and reading a vector fails
-    with "Error finding id". Counting what a query reaches is no test: hundreds of identical vectors leave a healthy
-    graph's duplicates unreachable too (``test_repeated_line_keeps_other_sources_dense_searchable``).
-    """
-    if not coll.count():
-        return False
-    try:
-        coll.get(limit=PROBE, include=["embeddings"])
-    except ChromaError:
-        return True
-    return False
 
 
 def check(manifest: Manifest, index: VectorIndex, live: str, config: ChunkConfig, embed_model: str) -> list[Problem]:

@@ -128,6 +128,15 @@ def test_a_lost_vector_index_is_found_and_rebuilt(synced, tiny_st_dir):
     run = cli(kb, tiny_st_dir)
     broken = json.loads(run("verify", "--json").stdout)
     assert {p["kind"] for p in broken["problems"]} == {"lost_vector_index"} and not broken["healthy"]
+    # listed, marked, and an export refused in one line (both were the store's traceback: an operator review)
+    listed = run("collections", "--json")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    (live,) = [c for c in json.loads(listed.stdout)["collections"] if c["live"]]
+    assert live["vectors_lost"] and live["status"] == "vectors lost: kb verify --repair"
+    archive = kb.settings.home.parent / "lost.tar.gz"
+    exported = run("export", str(archive), "--json")
+    assert exported.returncode == 1 and "run kb verify --repair, then export" in json.loads(exported.stdout)["error"]
+    assert not archive.exists()
     chunks = json.loads(run("stats", "--json").stdout)["chunks"]
     clone = kb.settings.repos_path / "lagent"
     shutil.move(clone, clone.with_name("aside"))  # a clone lacking its indexed commit: refused, nothing dropped
