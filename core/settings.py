@@ -160,6 +160,7 @@ def _secrets(path: Path) -> dict[str, object]:
 
 _INTERVAL_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_INTERVAL = 365 * 86400
 
 
 def parse_interval(raw: object, name: str = "KB_SYNC_EVERY") -> float:
@@ -182,6 +183,8 @@ def parse_interval(raw: object, name: str = "KB_SYNC_EVERY") -> float:
         raise SettingsError(
             f"{name}={raw!r} is not an interval: give a number with s, m, h or d (e.g. 30s, 15m, 1h, 1h30m, 1d), or 0 for off"
         )
+    if seconds > MAX_INTERVAL:  # a wait past threading's limit failed with OverflowError after the first pass
+        raise SettingsError(f"{name}={raw!r} is longer than a year: give at most 365d, or 0 for off")
     return seconds
 
 

@@ -128,7 +128,7 @@ def cmd_sync(args: argparse.Namespace) -> dict:
 
 
 def cmd_upload(args: argparse.Namespace) -> dict:
-    from kb.ingest.sources import named_files, outcome_text, upload_outcome
+    from kb.ingest.sources import check_upload_size, named_files, outcome_text, upload_outcome
 
     given = []
     for f in args.files:
@@ -137,9 +137,17 @@ def cmd_upload(args: argparse.Namespace) -> dict:
             raise KBError(f"{f} is a folder: give its files (e.g. {f.rstrip('/')}/*.md)")
         if not p.is_file():
             raise KBError(f"no such file: {f}")
-        given.append((p.name, p.read_bytes()))
+    kb = _kb(args)
+    limit = kb.settings.upload_max_bytes
+    for f in args.files:  # sized before read: a file of gigabytes was read whole only to be refused
+        p = Path(f)
+        try:
+            check_upload_size(p.name, p.stat().st_size, limit)
+            given.append((p.name, p.read_bytes()))
+        except OSError as exc:  # unreadable (permissions, a device gone): one line, as for a missing file
+            raise KBError(f"cannot read {f}: {exc.strerror or exc}") from None
     files = named_files(given)
-    kb, progress = _kb(args), _progress(args)
+    progress = _progress(args)
     try:
         rep = kb.upload(files, args.source, progress).as_dict()
     finally:
@@ -371,6 +379,7 @@ def cmd_eval_answers(args: argparse.Namespace, questions: list[dict], kb) -> dic
     show = (lambda i, n: print(f"\r{i}/{n} answered", end="", file=sys.stderr)) if sys.stderr.isatty() else (lambda i, n: None)
     # kept in KB_HOME/evals/answers, as the Evaluation page keeps its runs (and `kb eval`'s retrieval runs are kept)
     report = kb.run_and_save_answer_evaluation(answerer, questions, opts, str(args.questions), progress=show)
+    _warn_not_saved(report)
     if not args.json:
         fmt = lambda v: "-" if v is None else ("yes" if v is True else "no" if v is False else v)  # noqa: E731
         for r in report["rows"]:
@@ -383,6 +392,12 @@ def cmd_eval_answers(args: argparse.Namespace, questions: list[dict], kb) -> dic
               f"ttft_median={report['ttft_median']}s "
               f"seconds_median={report['seconds_median']}s (k={report['k']}, {report['mode']})")
     return report
+
+
+def _warn_not_saved(report: dict) -> None:
+    """The scores are printed all the same; only keeping the run failed."""
+    if "not_saved" in report:
+        print(f"warning: {report['not_saved']}", file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -398,6 +413,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if args.answers:
         return cmd_eval_answers(args, questions, kb)
     report = kb.run_and_save_evaluation(SearchEngine(kb), questions, _options(args, kb), str(args.questions))
+    _warn_not_saved(report)
     if not args.json:
         for r in report["results"]:
             print(f"{r['id']:24} {('rank ' + str(r['rank'])) if r['rank'] else 'MISS':8} {r['question'][:60]}")
@@ -479,6 +495,7 @@ def cmd_watch(args: argparse.Namespace) -> dict:
     queue = JobQueue(kb, every=every, snapshot_every=snap_every, start=False, forward=progress)
     stop = threading.Event()
     last: dict = {}
+    failed_passes: list = []
 
     def on_term(signum, frame) -> None:  # stop at the next safe point, then exit
         stop.set()
@@ -493,7 +510,7 @@ def cmd_watch(args: argparse.Namespace) -> dict:
             if args.json and args.once:
                 last["snapshot"] = snap  # --once prints one JSON object: the pass's, with its snapshot in it
             elif args.json:
-                print(json.dumps({"kind": "snapshot", **snap}, ensure_ascii=False, default=str), flush=True)
+                print(json_line({"kind": "snapshot", **snap}), flush=True)
             elif job["state"] == "done":
                 print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} snapshot: {rep['path']} ({rep['bytes'] / 2**20:.1f} MiB)"
                       + (f", {len(rep['removed'])} older removed" if rep.get("removed") else ""), flush=True)
@@ -505,9 +522,11 @@ def cmd_watch(args: argparse.Namespace) -> dict:
         last.update({"job": job["id"], "state": job["state"], **rep})
         if job.get("error"):
             last["error"] = job["error"]
+        if job["state"] != "done" or job.get("error") or any(r.get("error") for r in rep.get("sources", [])):
+            failed_passes.append(job["id"])
         if args.json:
             if not args.once:
-                print(json.dumps(last, ensure_ascii=False, default=str), flush=True)
+                print(json_line(last), flush=True)
             return
         for r in rep.get("sources", []):
             _print_report(args, r)
@@ -529,7 +548,11 @@ def cmd_watch(args: argparse.Namespace) -> dict:
             signal.signal(signal.SIGTERM, previous)
     if args.once:
         return last
-    return {"runs": runs, "every": every, "stopped": "signal" if stop.is_set() else "done"}
+    out = {"runs": runs, "every": every, "stopped": "signal" if stop.is_set() else "done",
+           "failed_passes": len(failed_passes)}
+    if failed_passes and args.runs and not stop.is_set():  # a bounded watch is a script's: its status tells
+        out["error"] = f"{len(failed_passes)} of {runs} passes failed"
+    return out
 
 
 def _options(args: argparse.Namespace, kb, **extra):
@@ -569,8 +592,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if self.json_errors:
-            print(json.dumps({"error": f"{self.prog}: {message}", "usage": self.format_usage().strip()},
-                             ensure_ascii=False))
+            print(json_line({"error": f"{self.prog}: {message}", "usage": self.format_usage().strip()}))
         super().error(message)
 
 
@@ -673,7 +695,11 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     lg.add_argument("--limit", type=int, default=0, help="only the last N records")
     lg.set_defaults(func=cmd_log)
 
-    wt = sub.add_parser("watch", parents=[common], help="fetch every git source on an interval; sync what changed")
+    wt = sub.add_parser("watch", parents=[common], help="fetch every git source on an interval; sync what changed",
+                        description="Fetch every git source on an interval and sync what changed. With --json: one "
+                                    "JSON line per pass (and per scheduled snapshot), then a summary line {runs, every, "
+                                    "stopped, failed_passes}; with --once, one JSON object. With --runs, the exit "
+                                    "status is 1 when a pass failed.")
     wt.add_argument("--every", help="interval: 30s, 15m, 1h, 1h30m (default KB_SYNC_EVERY)")
     wt.add_argument("--snapshot-every", help="also write a snapshot (with the clones) to KB_HOME/snapshots this "
                                              "often, after a pass, keeping the newest KB_SNAPSHOT_KEEP "
@@ -722,11 +748,17 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def json_line(obj: object) -> str:
+    """One JSON object for stdout, in UTF-8 whatever it quotes: a file name that is not UTF-8 reaches Python as lone
+    surrogates, which stdout refuses, and the error about that name failed in its own handler (an operator review)."""
+    return json.dumps(obj, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         out = args.func(args)
         if args.json:
-            print(json.dumps(out, ensure_ascii=False, default=str))
+            print(json_line(out))
     except BrokenPipeError:
         # the reader went away (`kb search … | head -1`): stop quietly, as Unix tools do, with the shell's status
         # for it; what is still buffered goes nowhere rather than failing again at exit
@@ -736,7 +768,7 @@ def run(args: argparse.Namespace) -> int:
         return 141
     except UserError as exc:
         if args.json:
-            print(json.dumps({"error": str(exc)}, ensure_ascii=False))
+            print(json_line({"error": str(exc)}))
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -69,6 +69,8 @@ def load_questions(path: Path | str, text: str | None = None) -> list[dict]:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise KBError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:  # unreadable: was a traceback (an operator review)
+            raise KBError(f"cannot read {path}: {exc.strerror or exc}") from None
     questions = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -102,6 +104,8 @@ def question_problem(q: object) -> str | None:
     missing = [f for f in REQUIRED if f not in q]
     if missing:
         return f"missing field(s) {', '.join(missing)}"
+    if not isinstance(q["id"], str) or not q["id"].strip():  # null or a list was a traceback in the report
+        return "\"id\" must be a non-empty string"
     if not isinstance(q["question"], str) or not q["question"].strip():
         return "\"question\" must be a non-empty string"
     if not isinstance(q["repo"], str):

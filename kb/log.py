@@ -120,7 +120,7 @@ def parse_since(text: str, now: float | None = None) -> float:
     compact = raw.lower().replace(" ", "")
     if _DURATION.fullmatch(compact):
         seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhdw])", compact))
-        return now - seconds
+        return max(0.0, now - seconds)  # further back than the epoch is everything (it was a date out of range)
     try:
         when = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:

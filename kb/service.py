@@ -327,8 +327,7 @@ class KnowledgeBase:
         checked: dict[str, bytes] = {}
         for raw, data in files.items():
             name = sources.safe_upload_name(raw, s.upload_extensions)
-            if len(data) > s.upload_max_bytes:
-                raise KBError(f"{name}: {len(data):,} bytes is over the upload limit of {s.upload_max_bytes:,} (KB_UPLOAD_MAX_BYTES)")
+            sources.check_upload_size(name, len(data), s.upload_max_bytes)
             checked[name] = data
         if not checked:
             raise KBError("no files given")
@@ -408,6 +407,8 @@ class KnowledgeBase:
             info["status"] = rows.get(name, {}).get("status", "unknown")
             if info["status"] == "building" and lock_free(self.settings.home):
                 info["status"] = "interrupted"  # its re-chunk died: incomplete, never to be made live
+            if info["vectors_lost"]:
+                info["status"] = "vectors lost: kb verify --repair"
             info["chunk_config_label"] = config_label(info["chunk_config"])
             out.append(info)
         return out
@@ -724,11 +725,21 @@ class KnowledgeBase:
         ``only_indexed``: score only the questions on sources in the live
         collection; the others are listed in the report's ``not_indexed``.
         """
-        from kb.evaluate import evaluate, save_run
+        from kb.evaluate import evaluate
 
         config = self._run_config(options, questions_name, only_indexed)
         report = evaluate(engine, questions, options, indexed=self.indexed_sources() if only_indexed else None)
-        save_run(self.settings.home, report, config)
+        return self._keep_run(report, config, "retrieval")
+
+    def _keep_run(self, report: dict, config: dict, kind: str) -> dict:
+        """Save a finished run; one that can't be saved is still reported (``not_saved`` says why): an answer run
+        is minutes of the model's time, and a full disk threw all of it away with a traceback (an operator review)."""
+        from kb.evaluate import save_run
+
+        try:
+            save_run(self.settings.home, report, config, kind=kind)
+        except OSError as exc:
+            report["not_saved"] = f"the run could not be kept in {self.settings.home / 'evals'}: {exc.strerror or exc}"
         return report
 
     @reaching_chroma
@@ -740,7 +751,7 @@ class KnowledgeBase:
         only the first so many of the questions scored (each answer takes the LLM seconds)."""
         from core.llm import describe_llm
         from kb.answer.evaluate import evaluate_answers
-        from kb.evaluate import save_run, split_indexed
+        from kb.evaluate import split_indexed
 
         config = self._run_config(options, questions_name, only_indexed)
         config["llm"] = describe_llm(self.settings)
@@ -751,8 +762,7 @@ class KnowledgeBase:
         report = evaluate_answers(answerer, kept, options, progress=progress)
         if only_indexed:
             report["not_indexed"] = not_indexed
-        save_run(self.settings.home, report, config, kind="answers")
-        return report
+        return self._keep_run(report, config, "answers")
 
     def past_evaluations(self, kind: str = "retrieval") -> list[dict]:
         """Saved evaluation runs (``retrieval`` or ``answers``), oldest first."""

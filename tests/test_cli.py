@@ -93,6 +93,7 @@ def test_usage_errors_keep_the_json_promise(cli_home):
         (["rechunk", "--chunk-size", "100", "--chunk-overlap", "200"], "overlap"),
         (["upload", "/no/such/file.md", "--source", "f"], "no such file"),
         (["upload", "/tmp", "--source", "f"], "/tmp is a folder: give its files"),  # was "no such file"
+        (["upload", "/proc/self/mem", "--source", "f"], "cannot read /proc/self/mem"),  # was OSError's traceback
         (["search", "xtuner", "--threshold", "nan"], "the threshold must be a number"),  # was "no hits", status 0
         (["search", "  "], "empty"),
         (["search", "xtuner", "-k", "0"], "k must be between 1 and 200"),  # was read as the default
@@ -103,6 +104,7 @@ def test_usage_errors_keep_the_json_promise(cli_home):
         (["export", "/etc/passwd"], "already exists; give another file name, or --force"),  # was replaced unasked
         (["eval", "/no/such.jsonl"], "no such question file"),
         (["eval", "/tmp"], "/tmp is a folder: give a question file"),  # was "no such question file"
+        (["eval", "/proc/self/mem"], "cannot read /proc/self/mem"),  # was OSError's traceback
         (["export", "/etc/passwd/kb.tar.gz"], "/etc/passwd is a file, not a folder"),  # was "does not exist"
     ],
 )
@@ -113,6 +115,24 @@ def test_errors_are_clear(cli_home, args, message, monkeypatch, capsys):
     json_args = args[:1] + ["--json"] + args[1:]
     code, out, _ = kb_here(home, monkeypatch, capsys, *json_args, env_extra=env)
     assert code == 1 and message in json.loads(out)["error"]
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_read(cli_home, tmp_path, monkeypatch, capsys):
+    """It was read whole first (an operator review): 8 GiB here, sparse, so that reading it would show."""
+    home, env = cli_home
+    big = tmp_path / "big.md"
+    with open(big, "wb") as fh:
+        fh.truncate(8 * 2**30)
+    code, _, err = kb_here(home, monkeypatch, capsys, "upload", str(big), "--source", "f", env_extra=env)
+    assert code == 1 and "big.md: 8,589,934,592 bytes is over the upload limit" in err
+
+
+def test_an_unreadable_snapshot_is_one_line_and_changes_nothing(cli_home, tmp_path, monkeypatch, capsys):
+    """An archive that can't be read (or a disk that fills while its parts are written) was OSError's traceback."""
+    _, env = cli_home
+    code, out, _ = kb_here(tmp_path / "empty", monkeypatch, capsys, "import", "/proc/self/mem", "--json", env_extra=env)
+    assert code == 1 and json.loads(out)["error"].startswith("cannot import mem: ")
+    assert not [p for p in (tmp_path / "empty").iterdir() if p.name.startswith(".import-")]
 
 
 def test_an_error_is_one_line_from_the_process_too(cli_home):
@@ -135,6 +155,10 @@ def test_an_upload_file_name_that_is_not_utf8_is_refused_before_anything_is_writ
     proc, _ = kb(home, "upload", os.fsdecode(raw), "--source", "latin", env_extra=env)
     assert proc.returncode == 1 and "not UTF-8; rename the file" in proc.stderr
     assert not (home / "repos" / "latin").exists()
+    # under --json too: the error quoting that name failed in its own handler, a traceback; now valid UTF-8 JSON
+    # whose string holds the name as Python read it
+    proc, out = kb(home, "upload", os.fsdecode(raw + b"x"), "--source", "latin", "--json", env_extra=env)
+    assert proc.returncode == 1 and out["error"].startswith("no such file: ") and "caf\udce9.mdx" in out["error"]
 
 
 def test_an_upload_whose_every_file_is_refused_fails(cli_home, tmp_path):
@@ -220,6 +244,43 @@ def test_eval_contract(cli_home, tmp_path, corpus):
     assert proc.returncode == 0 and out["n"] + len(out.get("not_indexed", [])) == 36
     proc, out = kb(home, "eval", "holdup", "--json", env_extra=env)
     assert proc.returncode == 1 and "no such question file: holdup" in out["error"] and "overview-blind6" in out["error"]
+
+
+def test_a_question_id_must_be_a_string(tmp_path):
+    """``"id": null`` passed the checks and failed in the report's formatting, with a traceback (an operator review)."""
+    from kb.errors import KBError
+    from kb.evaluate import load_questions
+
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"id": null, "question": "q", "repo": "r", "path": "p", "line_start": 1, "line_end": 1}\n')
+    with pytest.raises(KBError, match=r'q.jsonl:1: "id" must be a non-empty string'):
+        load_questions(bad)
+
+
+def test_a_run_that_cannot_be_kept_is_still_reported(cli_home, tmp_path, corpus, monkeypatch, capsys):
+    """Saving the run failed after it had finished (a full disk, a file where the folder goes): a traceback, and the
+    scores (minutes of the model's time with --answers) were lost (an operator review)."""
+    home, env = cli_home
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text('{"id": "q1", "question": "agent action", "repo": "lagent", "path": "README.md", '
+                     '"line_start": 1, "line_end": 9999}\n')
+    kb(home, "add", "lagent", str(corpus / "lagent.bundle"), env_extra=env)  # already there when run in file order
+    kb(home, "sync", "lagent", env_extra=env)
+    evals = home / "evals"
+    aside = home / "evals-aside"
+    if evals.exists():
+        evals.rename(aside)
+    try:
+        evals.write_text("a file where the runs' folder goes")
+        code, out, err = kb_here(home, monkeypatch, capsys, "eval", str(qfile), "--mode", "bm25", "--json",
+                                 env_extra=env)
+    finally:
+        evals.unlink()
+        if aside.exists():
+            aside.rename(evals)
+    report = json.loads(out)
+    assert code == 0 and report["n"] == 1 and "could not be kept" in report["not_saved"]
+    assert err.startswith("warning: the run could not be kept in")
 
 
 def test_rechunk_below_the_passage_size_uses_one_rule(cli_home, corpus):

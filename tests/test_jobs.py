@@ -104,6 +104,9 @@ def test_sync_every_setting():
     for bad in ("15", "15x", "m", "-5m", "fast", "1w"):
         with pytest.raises(SettingsError, match="KB_SYNC_EVERY=.*s, m, h or d"):
             load_settings(env={"KB_SYNC_EVERY": bad}, secrets_path=Path("/nonexistent"))
+    assert parse_interval("365d") == 365 * 86400  # a wait past threading's limit was an OverflowError, one pass in
+    with pytest.raises(SettingsError, match="--every='200000d' is longer than a year"):
+        parse_interval("200000d", "--every")
     snap = load_settings(env={"KB_SNAPSHOT_EVERY": "1d", "KB_SNAPSHOT_KEEP": "3"}, secrets_path=Path("/nonexistent"))
     assert (snap.snapshot_every, snap.snapshot_keep) == (86400, 3)
     assert load_settings(env={}, secrets_path=Path("/nonexistent")).snapshot_every == 0
@@ -616,6 +619,12 @@ def test_kb_watch_cli_syncs_a_new_commit_and_stops_on_sigterm(tmp_path, tiny_st_
     assert jobs and all(j["origin"] == "cli" for j in jobs)
     failed = [j for j in jobs if j["state"] not in ("done", "cancelled")]
     assert [(j["kind"], j["state"]) for j in failed] == [("export", "failed")]  # the snapshot in the way, above
+    assert lines[-1]["failed_passes"] == 0
+    # a bounded watch whose passes fail (the remote gone) says so in its status: it exited 0 (an operator review)
+    remote.rename(remote.with_name("gone"))
+    bounded = run("watch", "--every", "1s", "--runs", "2", "--json")
+    summary = json.loads(bounded.stdout.strip().splitlines()[-1])
+    assert bounded.returncode == 1 and summary["failed_passes"] >= 1 and "passes failed" in summary["error"]
 
 
 def test_watch_function_runs_passes_and_stops(tiny_kb, corpus):

@@ -154,6 +154,12 @@ def test_since_durations(text, seconds):
     assert runlog.parse_since(text, now=1_000_000.0) == pytest.approx(1_000_000.0 - seconds)
 
 
+def test_since_further_back_than_the_epoch_is_everything():
+    """``--since 999999w`` was a year out of range, and a traceback (an operator review)."""
+    assert runlog.parse_since("999999w", now=1_000_000.0) == 0.0
+    assert runlog.iso(runlog.parse_since("999999w")) == "1970-01-01T00:00:00.000Z"
+
+
 def test_since_dates():
     assert runlog.parse_since("2025-06-01T08:00:00+00:00") == 1748764800.0
     assert runlog.parse_since("2025-06-01T08:00Z") == 1748764800.0

@@ -295,6 +295,12 @@ def safe_upload_name(raw_name: str, allowed: tuple[str, ...]) -> str:
     return name
 
 
+def check_upload_size(name: str, size: int, limit: int) -> None:
+    """Refuse a file over ``KB_UPLOAD_MAX_BYTES``; the CLI asks before reading a file, the dashboard after."""
+    if size > limit:
+        raise KBError(f"{name}: {size:,} bytes is over the upload limit of {limit:,} (KB_UPLOAD_MAX_BYTES)")
+
+
 def named_files(files: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
     """One upload's files by name; two with one name are refused (the upload folder holds one file of each name,
     and the dashboard's dict of them kept the second without a word: a browser review)."""
