@@ -863,6 +863,9 @@ def bench_load(levels: tuple[int, ...] = (1, 5, 20), max_tokens: int = 32, name:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        # the upload goes again, so the six-repo index stays what the other parts measure (it was left in it)
+        subprocess.run([sys.executable, "-m", "kb", "remove", f"load-{os.getpid()}", "-q"], cwd=ROOT,
+                       env={**os.environ, "KB_HOME": str(home)}, capture_output=True, text=True, timeout=600)
     out["summary"] = {n: {k: v for k, v in lv.items() if k != "rows"} for n, lv in out["levels"].items()}
     save(name, out)
     return out
@@ -1043,7 +1046,7 @@ def bench_snapshot(repeats: int = 2) -> dict:
         archive = out_dir / f"{variant}.tar.gz"
         exports, imports, last = [], [], {}
         for i in range(repeats):
-            exports.append(src.export_snapshot(archive, with_repos=with_repos)["seconds"])
+            exports.append(src.export_snapshot(archive, with_repos=with_repos, overwrite=True)["seconds"])
             home = out_dir / f"home-{variant}-{i}"
             kb = KnowledgeBase(load_settings(env={**os.environ, "KB_HOME": str(home)}), embeddings=src.embeddings)
             t0 = time.perf_counter()
@@ -1096,8 +1099,10 @@ def bench_snapshot(repeats: int = 2) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", nargs="*", default=["ingest", "retrieval", "sync", "search", "answer", "answers", "load",
-                                                    "snapshot"])
+    # load last: its dashboard, another process, writes into the index (an upload during the load), and this
+    # process's Chroma would then read a vector graph without those records ("Error finding id" in snapshot)
+    p.add_argument("which", nargs="*", default=["ingest", "retrieval", "sync", "search", "answer", "answers",
+                                                    "snapshot", "load"])
     p.add_argument("--skip-tutorial", action="store_true")
     p.add_argument("--big", type=int, default=200_000, help="chunks in the synthetic search collection (0: skip)")
     p.add_argument("--set", dest="question_set", default=UNSEEN_SET,
