@@ -98,9 +98,8 @@ def open_link(kb, names: list[str]) -> None:
     if lines and span is None:
         st.warning(f"The link's lines {code_span(lines)} are not a line range like `3-9`: {shown} opens "
                    "without highlighted lines.", icon=":material/link_off:")
-    cited = span
+    stale = bool(span) and at_other_commit(doc, commit)
     span = cited_span(kb, doc, span, commit)
-    stale = bool(cited and commit and not doc.commit.startswith(commit))
     st.session_state[OLD_LINK] = (source, path, span) if stale else None
     st.session_state["docs_source"] = source
     if st.session_state.get("docs_status") == "skipped":
@@ -112,6 +111,11 @@ def open_link(kb, names: list[str]) -> None:
     st.session_state[SCROLL] = bool(span)
 
 
+def at_other_commit(doc, commit: str) -> bool:
+    """Whether a link names a commit (a prefix of it) other than the one its document is indexed at now."""
+    return bool(commit) and not doc.commit.startswith(commit)
+
+
 def cited_span(kb, doc, span: tuple[int, int] | None, commit: str) -> tuple[int, int] | None:
     """The link's lines in the version indexed now, saying so when the link was made at another commit.
 
@@ -119,7 +123,7 @@ def cited_span(kb, doc, span: tuple[int, int] | None, commit: str) -> tuple[int,
     an empty line in the new one (a browser review). Found unchanged elsewhere, they are highlighted there;
     changed, they are shown as they were, and nothing is highlighted.
     """
-    if not span or not commit or doc.commit.startswith(commit):
+    if not span or not at_other_commit(doc, commit):
         return span
     shown, then_at, now_at = code_span(f"{doc.source}/{doc.path}"), f"`{commit[:8]}`", f"`{doc.commit[:8]}`"
     then = kb.lines_at(doc.source, doc.path, commit)

@@ -147,8 +147,8 @@ def once_more_if_reopened(index: Callable[[], "VectorIndex"], read: Callable[[],
 PROBE = 10  # the first records (the oldest: written into the graph first) whose vectors must read back
 
 
-def index_lost(coll) -> bool:
-    """Whether the collection's vector graph is lost: its first records' vectors can't be read back.
+def first_vectors(coll) -> list | None:
+    """The first records' vectors, or None when they can't be read back: the collection's vector graph is lost.
 
     Chroma keeps the records in SQLite and their vectors in the graph's files of its own: with those files gone (a
     backup that skipped them, a disk error) counts, metadata and BM25 look whole, while a dense search reaches only
@@ -156,13 +156,15 @@ def index_lost(coll) -> bool:
     with "Error finding id". Counting what a query reaches is no test: hundreds of identical vectors leave a healthy
     graph's duplicates unreachable too (``test_repeated_line_keeps_other_sources_dense_searchable``).
     """
-    if not coll.count():
-        return False
     try:
-        coll.get(limit=PROBE, include=["embeddings"])
+        embs = coll.get(limit=PROBE, include=["embeddings"])["embeddings"]
     except ChromaError:
-        return True
-    return False
+        return None
+    return [] if embs is None else list(embs)
+
+
+def index_lost(coll) -> bool:
+    return first_vectors(coll) is None
 
 
 class VectorIndex:
@@ -266,10 +268,9 @@ class VectorIndex:
         meta = coll.metadata or {}
         passages = self.passages(name)
         # the vector graph's files gone (``kb verify``'s lost_vector_index): listed as such, not a traceback
-        lost = any(index_lost(c) for c in (coll, passages) if c is not None)
-        sample = {} if lost else coll.get(limit=1, include=["embeddings"])
-        embs = sample.get("embeddings")
-        dim = len(embs[0]) if embs is not None and len(embs) else None
+        embs = first_vectors(coll)
+        lost = embs is None or (passages is not None and index_lost(passages))
+        dim = len(embs[0]) if embs else None
         return {
             "name": name,
             "count": coll.count(),
