@@ -190,6 +190,13 @@ def coverage(questions: list[dict]) -> tuple[bool, int]:
 # ---------------------------------------------------------------------------- this session's evaluation jobs
 
 
+def not_kept(*reports: dict) -> None:
+    """Say so when a finished run could not be saved: it is shown here, but not among the past runs below."""
+    reason = next((r["not_saved"] for r in reports if r.get("not_saved")), None)
+    if reason:
+        st.warning(f"This run is shown, but not kept: {reason}.", icon=":material/save:")
+
+
 def take_ended_runs(queue) -> None:
     """Keep the report of each evaluation job of this session that ended, whichever mode is shown now.
 
@@ -239,6 +246,7 @@ def retrieval_section(questions: list[dict], questions_name: str, only_indexed: 
     reports = st.session_state.get("eval_reports") or {}
     if reports:
         st.subheader("This run")
+        not_kept(*reports.values())
         score_rows = [{"mode": m, "metric": metric, "value": r[metric]}
                       for m, r in reports.items() for metric in ("hit@1", "hit@k", "mrr")]
         chart = (
@@ -396,6 +404,7 @@ def answers_section(questions: list[dict], questions_name: str, only_indexed: bo
     report = st.session_state.get("eval_answer_report")
     if report:
         st.subheader("This run")
+        not_kept(report)
         answers_report(report)
 
     st.subheader("Past answer runs")

@@ -564,6 +564,17 @@ def test_evaluation_runs_and_lists_past_runs(xtuner_env, open_page, corpus):
     assert list(frame_with(at, "mrr")["n"]) == [36]
     assert at.selectbox(key="eval_past_set:holdout_questions.jsonl").value == "holdout_questions.jsonl"
     assert len(frame_with(at, "chunking")) == 1
+    # a run that can't be saved is shown all the same, and says it was not kept
+    evals = xtuner_env / "evals"
+    evals.rename(xtuner_env / "evals-aside")
+    evals.write_text("a file where the runs' folder goes")
+    try:
+        at.button(key="eval_run").click().run(timeout=180)
+        ok(finish_jobs(at))
+    finally:
+        evals.unlink()
+        (xtuner_env / "evals-aside").rename(evals)
+    assert list(frame_with(at, "mrr")["n"]) == [36] and "This run is shown, but not kept" in texts(at.warning)
     # a set of unanswerable questions has nothing for retrieval to find: said, and not run
     at.selectbox(key="eval_origin").set_value("Unanswerable").run()
     assert at.button(key="eval_run").disabled and any("only unanswerable" in i.value for i in at.info)
