@@ -113,6 +113,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind27", "Overview (blind 27)", QUESTIONS / "overview_blind27.jsonl",
                 "checking only, a twenty-fifth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fiftieth stop, measured once at the fifty-first"),
+    QuestionSet("overview-blind28", "Overview (blind 28)", QUESTIONS / "overview_blind28.jsonl",
+                "checking only, a twenty-sixth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-first stop, measured once at the fifty-second"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
