@@ -54,6 +54,7 @@ from chromadb.errors import ChromaError
 
 from kb import pids
 from kb.errors import KBError
+from kb.ingest import clone_config
 from kb.ingest import sources as git_sources
 from kb.progress import Progress, no_progress
 from kb.store.index import STAGING_PREFIX, passage_collection
@@ -255,8 +256,7 @@ def _write_parts(kb: "KnowledgeBase", work: Path, with_repos: bool, progress: Pr
         srcs = [s for s in kb.manifest.sources() if Path(s.repo_path).is_dir()]
         for i, src in enumerate(srcs, 1):
             progress("export clones", i - 1, len(srcs), src.name)
-            with tarfile.open(work / "repos" / f"{src.name}.tar", "w") as tar:
-                tar.add(src.repo_path, arcname=src.name)
+            _add_clone(tar_path=work / "repos" / f"{src.name}.tar", repo_path=Path(src.repo_path), name=src.name)
             repos.append(src.name)
         progress("export clones", len(srcs), len(srcs))
     names = ["manifest.json", "config.json", "chunks.jsonl", "chunks.npy"]
@@ -271,6 +271,17 @@ def _write_parts(kb: "KnowledgeBase", work: Path, with_repos: bool, progress: Pr
         "with_repos": with_repos, "repos": repos,
         "parts": [{"name": n, "bytes": (work / n).stat().st_size, "sha256": _sha256_file(work / n)} for n in names],
     }
+
+
+def _add_clone(tar_path: Path, repo_path: Path, name: str) -> None:
+    """The clone as it is, but its config without credentials or command-running keys, and without hooks."""
+    gdir = clone_config.git_dir(repo_path)
+    config_name = gdir.joinpath("config").relative_to(repo_path).as_posix()
+    skip = {f"{name}/{config_name}", f"{name}/{gdir.joinpath('hooks').relative_to(repo_path).as_posix()}"}
+    text = clone_config.config_text(clone_config.safe_entries(repo_path, credentials=False), tar_path.parent)
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(repo_path, arcname=name, filter=lambda info: None if info.name in skip else info)
+        _add_bytes(tar, f"{name}/{config_name}", text)
 
 
 def _dump_manifest(db: sqlite3.Connection) -> dict[str, list[dict]]:
@@ -619,6 +630,10 @@ def _stage_repos(kb: "KnowledgeBase", index: dict, parts: Path, dest: Path, src_
                     tar.extractall(dest, filter="data")
                 except tarfile.FilterError as exc:
                     raise KBError(f"repos/{name}.tar was refused: {exc}") from None
+            try:
+                clone_config.sanitize_clone(dest / name)
+            except KBError as exc:
+                raise KBError(f"repos/{name}.tar was refused: {exc}") from None
             restored.append(name)
         elif row.get("kind") == "git":
             try:

@@ -182,6 +182,35 @@ def rewrite(archive: Path, out: Path, change) -> None:
             dst.addfile(info, io.BytesIO(data))
 
 
+def reseal(archive: Path, out: Path, change) -> None:
+    """``rewrite``, with the index's checksums made to fit: what an archive's author can do, unlike a disk."""
+    with tarfile.open(archive, "r:gz") as src:
+        parts = {m.name: change(m.name, src.extractfile(m).read()) for m in src.getmembers()}
+    index = json.loads(parts["index.json"])
+    for p in index["parts"]:
+        p["sha256"], p["bytes"] = hashlib.sha256(parts[p["name"]]).hexdigest(), len(parts[p["name"]])
+    parts["index.json"] = json.dumps(index).encode()
+    with tarfile.open(out, "w:gz") as dst:
+        for name, data in parts.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+def with_members(tar_bytes: bytes, extra: dict[str, tuple[bytes, int]]) -> bytes:
+    """An inner tar with ``extra`` (name -> data, mode) replacing or joining its members."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for m in src.getmembers():
+            if m.name not in extra:
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+        for name, (data, mode) in extra.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            dst.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
 # ---------------------------------------------------------------------------- fixtures
 
 
@@ -288,6 +317,43 @@ def test_round_trip_with_repos_gives_identical_search_and_a_healthy_kb(source, t
     # and it refuses a second import
     with pytest.raises(KBError, match="empty knowledge base only.*already holds 3 source"):
         kb.import_snapshot(source["with_repos"])
+
+
+def test_a_crafted_archives_clones_run_nothing_on_sync_or_upload(source, tmp_path, corpus, tiny_st_dir,
+                                                                  tiny_embeddings):
+    """A security review's snapshot: git ran its ``uploadpack`` at the next sync and its hook at the next upload."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    remote = tmp_path / "lagent.git"  # a repository, not a bundle: a fetch from it runs upload-pack
+    subprocess.run(["git", "clone", "-q", "--mirror", str(corpus / "lagent.bundle"), str(remote)], check=True)
+    hook = f"#!/bin/sh\ntouch {marks}/hook-ran\n".encode()
+
+    def change(name: str, data: bytes) -> bytes:
+        if name == "repos/lagent.tar":
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                config = tar.extractfile("lagent/config").read().decode()
+            config += f'[core]\n\tfsmonitor = "touch {marks}/fsmonitor-ran"\n'
+            config = config.replace(str(corpus / "lagent.bundle"), str(remote))
+            config = config.replace('[remote "origin"]', f'[remote "origin"]\n\tuploadpack = "sh -c \'touch {marks}/'
+                                    f'uploadpack-ran; git-upload-pack \\"$@\\"\' -"')
+            return with_members(data, {"lagent/config": (config.encode(), 0o644),
+                                       "lagent/hooks/reference-transaction": (hook, 0o755)})
+        if name == "repos/notes.tar":
+            return with_members(data, {"notes/.git/hooks/pre-commit": (hook, 0o755)})
+        return data
+
+    crafted = tmp_path / "crafted.tar.gz"
+    reseal(source["with_repos"], crafted, change)
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    out = kb.import_snapshot(crafted)
+    assert out["clones"]["restored"] == ["InternLM", "lagent", "notes"]
+    repos = tmp_path / "target" / "repos"
+    assert not (repos / "lagent" / "hooks").exists() and not (repos / "notes" / ".git" / "hooks").exists()
+    config = (repos / "lagent" / "config").read_text()
+    assert "uploadpack" not in config and "fsmonitor" not in config and str(remote) in config
+    assert [r.error for r in kb.sync(["lagent"])] == [""]  # the fetch still works
+    assert not kb.upload({"more.md": b"# More\n\nAnother note about agents.\n"}, "notes").error
+    assert list(marks.iterdir()) == []
 
 
 def test_round_trip_gives_the_same_passages_as_exact_search(source, tmp_path, tiny_st_dir, tiny_embeddings):

@@ -90,8 +90,16 @@ def redact(url: str) -> str:
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", url)
 
 
-def validate_url(url: str) -> str:
-    """Accept https/http/ssh/git/file URLs, scp-like ``user@host:path`` and local paths."""
+def strip_credentials(url: str) -> str:
+    """``https://user:token@host/r`` -> ``https://host/r``: what may leave this machine (a snapshot's clones).
+
+    An ssh user name is kept: it is no secret, and ssh authenticates by key.
+    """
+    return re.sub(r"^(https?://)[^/@]+@", r"\1", url, flags=re.IGNORECASE)
+
+
+def check_transport(url: str) -> None:
+    """Refuse a URL whose transport could run a command (``ext::``, an option-like ``-...``, unknown schemes)."""
     if not url or url.startswith("-"):
         raise KBError(f"refused URL {redact(url)!r}: it must not be empty or start with '-'")
     if "::" in url.split("/", 1)[0] or url.lower().startswith("ext::"):
@@ -102,6 +110,12 @@ def validate_url(url: str) -> str:
             raise KBError(f"refused URL {redact(url)!r}: transport {scheme!r} is not allowed (only https, http, ssh, git, file, local paths)")
         if scheme != "file" and not urlsplit(url).hostname:
             raise KBError(f"refused URL {redact(url)!r}: no host")
+
+
+def validate_url(url: str) -> str:
+    """Accept https/http/ssh/git/file URLs, scp-like ``user@host:path`` and local paths."""
+    check_transport(url)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
         return url
     local = Path(url).expanduser()
     if local.exists():
@@ -348,4 +362,5 @@ def commit_uploads(name: str, repo_path: Path, files: dict[str, bytes]) -> str:
     repo.index.add(rels)
     if repo.head.is_valid() and not repo.index.diff("HEAD"):
         return repo.head.commit.hexsha
-    return repo.index.commit(f"upload {', '.join(files)}").hexsha
+    # no hooks: the upload repository is ours, and a hook in it (a snapshot's, say) must not run on an upload
+    return repo.index.commit(f"upload {', '.join(files)}", skip_hooks=True).hexsha
