@@ -502,6 +502,32 @@ def _extract_checked(archive: Path, dest: Path, kb: "KnowledgeBase", progress: P
     return index
 
 
+def _check_source_row(row: dict) -> None:
+    """A source row as ``kb add`` would have written it: a snapshot's rows are someone else's input.
+
+    A security review's archive with ``extensions: "md"`` broke every later command with a traceback, and its
+    ``javascript:`` web URL reached the Sources page's links, past the check ``kb add`` makes.
+    """
+    name = str(row.get("name"))
+    try:
+        git_sources.validate_name(name)
+        if row.get("kind") not in ("git", "files"):
+            raise KBError(f"its kind {row.get('kind')!r} is neither 'git' nor 'files'")
+        if row.get("kind") == "git":
+            git_sources.check_transport(str(row.get("url") or ""))
+        git_sources.validate_web_url(row.get("web_url") or None)
+        git_sources.validate_branch(row.get("branch") or None)
+        try:
+            extensions = json.loads(row.get("extensions") or "null")
+        except ValueError:
+            extensions = None
+        if not isinstance(extensions, list) or not all(isinstance(e, str) for e in extensions):
+            raise KBError(f"its extensions {row.get('extensions')!r} are not a JSON list of names")
+        git_sources.validate_extensions(tuple(extensions))
+    except (KBError, ValueError, TypeError) as exc:
+        raise KBError(f"the snapshot's source {name!r} is refused: {exc}") from None
+
+
 def _read_records(parts: Path, stem: str, with_text: bool) -> tuple[list[str], list[str] | None, list[dict], np.ndarray]:
     ids: list[str] = []
     docs: list[str] = []
@@ -516,6 +542,9 @@ def _read_records(parts: Path, stem: str, with_text: bool) -> tuple[list[str], l
                 raise KBError(f"{stem}.jsonl line {n} is not a record")
             if with_text and not isinstance(rec.get("document"), str):
                 raise KBError(f"{stem}.jsonl line {n} has no text")
+            url = rec["metadata"].get("url")
+            if url and not re.match(r"https?://", str(url), re.IGNORECASE):
+                raise KBError(f"{stem}.jsonl line {n} links to {str(url)[:60]!r}: a permalink must be http(s)")
             ids.append(rec["id"])
             metas.append(rec["metadata"])
             if with_text:
@@ -542,8 +571,8 @@ def _load(kb: "KnowledgeBase", index: dict, temp: Path, token: str, t0: float, p
         raise KBError(f"the snapshot's config or manifest is malformed ({exc})") from None
     if live != index.get("collection") or embed_model != index.get("embed_model"):
         raise KBError("the snapshot's config.json disagrees with its index")
-    for n in names:
-        git_sources.validate_name(n)
+    for row in src_rows:
+        _check_source_row(row)
     chunks = _read_records(parts, "chunks", True)
     passages = _read_records(parts, "passages", False) if (parts / "passages.jsonl").exists() else None
     for what, recs in (("chunks", chunks), ("passages", passages)):

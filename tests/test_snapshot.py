@@ -356,6 +356,39 @@ def test_a_crafted_archives_clones_run_nothing_on_sync_or_upload(source, tmp_pat
     assert list(marks.iterdir()) == []
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("extensions", "md", "extensions 'md' are not a JSON list"),
+    ("extensions", '["../x"]', "invalid extension"),
+    ("web_url", "javascript:alert(1)", "refused web URL"),
+    ("kind", "svn", "neither 'git' nor 'files'"),
+    ("url", "ext::sh -c touch% /tmp/pwned", "transport is not allowed"),
+    ("branch", "--upload-pack=x", "invalid branch name"),
+    ("chunk url", "javascript:alert(1)", "a permalink must be http"),
+])
+def test_a_snapshots_rows_are_checked_as_kb_add_checks_them(source, tmp_path, tiny_st_dir, tiny_embeddings,
+                                                             field, value, message):
+    """A security review's archive with ``extensions: "md"`` broke every later command; its links went in unchecked."""
+    def change(name: str, data: bytes) -> bytes:
+        if field == "chunk url" and name == "chunks.jsonl":
+            first, rest = data.split(b"\n", 1)
+            rec = json.loads(first)
+            rec["metadata"]["url"] = value
+            return json.dumps(rec).encode() + b"\n" + rest
+        if field != "chunk url" and name == "manifest.json":
+            manifest = json.loads(data)
+            row = next(r for r in manifest["tables"]["sources"] if r["name"] == "lagent")
+            row[field] = value
+            return json.dumps(manifest).encode()
+        return data
+
+    crafted = tmp_path / "crafted.tar.gz"
+    reseal(source["without"], crafted, change)
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    with pytest.raises(KBError, match=message):
+        kb.import_snapshot(crafted)
+    untouched(kb)
+
+
 def test_round_trip_gives_the_same_passages_as_exact_search(source, tmp_path, tiny_st_dir, tiny_embeddings):
     """HNSW is approximate and the imported graph is built again (another order, other batches and threads): at
     Chroma's default search depth (ef 100) the two answered some questions differently, and at its default graph
