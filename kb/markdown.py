@@ -41,6 +41,12 @@ def code_span(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def link_title(text: str) -> str:
+    """Text for a link's quoted title (``[x](url "title")``): a ``"`` in a file's name ended the title, and what
+    followed it (an image, another link) became part of every answer citing that file (a security review)."""
+    return " ".join(text.split()).replace("\\", "\\\\").replace('"', '\\"')
+
+
 def safe_url(url: str) -> str:
     """A URL that can sit inside ``[text](url)`` without ending the link early."""
     return url.replace("(", "%28").replace(")", "%29").replace(" ", "%20")

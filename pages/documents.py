@@ -161,7 +161,7 @@ def cited_view(kb) -> None:
         show_error(exc)
         return
     span = cited_span(kb, doc, parse_lines(qp.get("lines", "")), commit)
-    st.subheader(f"{source}/{path}", anchor=False)
+    st.subheader(escape_markdown(f"{source}/{path}"), anchor=False)
     st.caption(f"commit `{doc.commit[:12]}` · {len(lines)} lines · read-only: the lines an answer cites")
     if span is None or span[0] > len(lines):
         return
@@ -276,7 +276,7 @@ elif span and span[1] > len(lines):
     st.session_state[HIGHLIGHT] = {"key": picked, "lines": span}
 follow_in_url(choice.source, choice.path, span)
 
-st.subheader(f"{choice.source}/{choice.path}", anchor=False)
+st.subheader(escape_markdown(f"{choice.source}/{choice.path}"), anchor=False)
 m = st.columns(4)
 m[0].metric("Lines", len(lines), border=True)
 m[1].metric("Size", f"{doc.size:,} B", border=True)

@@ -117,6 +117,13 @@ def to_messages(history: list[tuple[str, str]] | list[BaseMessage] | None) -> li
     return out
 
 
+def plain_history(history: list[BaseMessage]) -> list[BaseMessage]:
+    """The conversation so far with its chat-template tokens made plain: a question asked earlier is as untrusted as
+    this one (the answer chain's rewrite step formats it through ``format_history``, which does the same)."""
+    return [m.model_copy(update={"content": neutralise(m.content)}) if isinstance(m.content, str) else m
+            for m in history]
+
+
 class LineReader:
     """A hit's lines as git numbers them, read from the file at its indexed commit (a few files kept)."""
 
@@ -230,7 +237,7 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
 
 
 def build_plain_chain(llm: BaseChatModel) -> Runnable:
-    return (RunnableLambda(lambda x: {"question": neutralise(x["question"]), "history": x["history"]})
+    return (RunnableLambda(lambda x: {"question": neutralise(x["question"]), "history": plain_history(x["history"])})
             | RunnablePassthrough.assign(answer=PLAIN_PROMPT | llm | StrOutputParser()))
 
 

@@ -56,7 +56,7 @@ DECLINE = {
 }
 # Chat-template tokens of the models we run (ChatML, Llama/InternLM, Qwen's end of text): written in a question or
 # a document they would end the turn or open a new one, since llama.cpp reads the prompt with special tokens on.
-SPECIAL_TOKEN_RE = re.compile(r"<\|[A-Za-z_\-]{1,40}\|>|</?s>|\[/?INST\]|<<SYS>>|<</SYS>>")
+SPECIAL_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_\-]{1,40}\|>|</?s>|</?tool_call>|\[/?INST\]|<<SYS>>|<</SYS>>")
 
 # The question in the other language, for the search only (kb/answer/translate.py): by the question's language.
 TRANSLATE_PROMPTS = {
@@ -119,7 +119,7 @@ def format_context(hits: list[Hit]) -> str:
     """Numbered excerpts, each under its file and nearest heading; no line numbers: the model cites by number."""
     def label(i: int, h: Hit) -> str:
         heading = heading_label(h.heading)
-        return f"[{i}] {h.source}/{h.path}" + (f" · {neutralise(heading)}" if heading else "")
+        return f"[{i}] {neutralise(f'{h.source}/{h.path}')}" + (f" · {neutralise(heading)}" if heading else "")
 
     return "\n\n".join(f"{label(i, h)}\n{neutralise(compact(h.text))}" for i, h in enumerate(hits, 1))
 

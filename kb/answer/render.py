@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from kb.citations import MARKER_RE, hit_link, link_markers
-from kb.markdown import FENCES, counted, is_fence, safe_url
+from kb.markdown import FENCES, counted, is_fence, link_title, safe_url
 
 UNSUPPORTED = ":gray-badge[not found in the sources]"
 
@@ -32,7 +32,7 @@ def cite(sentence: dict, sources: list[dict]) -> str:
     h = sources[n - 1]
     link = hit_link(h, sentence["line_start"], sentence["line_end"])
     lines = f"{sentence['line_start']}" + (f"–{sentence['line_end']}" if sentence["line_end"] != sentence["line_start"] else "")
-    return f"[\\[{n}\\]]({safe_url(link)} \"{h['path']}, line {lines}\")"
+    return f"[\\[{n}\\]]({safe_url(link)} \"{link_title(h['path'])}, line {lines}\")"
 
 
 def _block_citations(lines: list[dict], sources: list[dict]) -> str:
