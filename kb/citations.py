@@ -68,6 +68,9 @@ def hit_link(hit: dict, line_start: int | None = None, line_end: int | None = No
                        hit["line_end"] if line_end is None else line_end, str(hit.get("commit") or ""))
 
 
+MAX_RELOCATED = 2000  # lines: far above any chunk's (a citation's lines lie in one), far below an abusive link's
+
+
 def relocate(then: Sequence[str], line_start: int, line_end: int, now: Sequence[str]) -> tuple[int, int] | None:
     """Where lines ``line_start..line_end`` of a file's old version stand in its new one (1-based), or None.
 
@@ -75,10 +78,13 @@ def relocate(then: Sequence[str], line_start: int, line_end: int, now: Sequence[
     lines alone is found everywhere, so nowhere.
     """
     block = list(then[line_start - 1:line_end])
-    if not block or not any(line.strip() for line in block):
+    if not block or not any(line.strip() for line in block) or len(block) > MAX_RELOCATED:
         return None
     size = len(block)
-    found = [i + 1 for i in range(len(now) - size + 1) if list(now[i:i + size]) == block]
+    # compared where its longest line matches only: a whole-block comparison at every place was quadratic, and a
+    # deep link naming 80,000 lines of an old commit held the dashboard for seconds per reload (a security review)
+    k = max(range(size), key=lambda j: len(block[j]))
+    found = [i + 1 for i in range(len(now) - size + 1) if now[i + k] == block[k] and list(now[i:i + size]) == block]
     if not found:
         return None
     start = min(found, key=lambda a: abs(a - line_start))

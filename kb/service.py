@@ -806,7 +806,8 @@ class KnowledgeBase:
         src = self.manifest.source(source)
         try:
             repo = sources.open_repo(src.name, src.kind, Path(src.repo_path), src.url)
-            data, _ = read_blob(repo.commit(commit), path)
+            row = self.manifest.document(source, path)
+            data, _ = read_blob(repo.commit(commit), path, max(self.settings.max_file_bytes, row.size if row else 0))
         except (KBError, KeyError, ValueError, git.GitError, git.BadName, git.BadObject):
             return None
         if data is None:
@@ -826,7 +827,7 @@ class KnowledgeBase:
             repo = sources.open_repo(src.name, src.kind, Path(src.repo_path), src.url)
         except KBError as exc:
             raise KBError(f"{source}/{path} can't be read: {exc}") from None
-        data, why = read_blob(repo.commit(row.commit), path)
+        data, why = read_blob(repo.commit(row.commit), path, max(self.settings.max_file_bytes, row.size))
         if data is None:
             raise KBError(f"{path}: {why}")
         try:

@@ -19,7 +19,7 @@ from kb.answer.context import compact, estimate_tokens, excerpts, line_costs, un
 from kb.answer.prompts import RAG_PROMPT, neutralise, rag_inputs
 from kb.answer.render import UNSUPPORTED, answer_markdown
 from kb.answer.support import EXACT_RELIEF, THRESHOLD, Aligner, coverage, split_sentences, support
-from kb.citations import MARKER_RE, parse_lines, reanchor, viewer_link
+from kb.citations import MARKER_RE, MAX_RELOCATED, parse_lines, reanchor, relocate, viewer_link
 from kb.errors import KBError
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
@@ -269,6 +269,14 @@ def test_reanchor_keeps_each_hosts_format():
     assert reanchor("https://gitee.com/o/r/blob/c/a.md#L1-L9", 3, 4) == "https://gitee.com/o/r/blob/c/a.md#L3-L4"
     assert reanchor("https://gitlab.com/o/r/-/blob/c/a.md#L1-9", 3, 4) == "https://gitlab.com/o/r/-/blob/c/a.md#L3-4"
     assert reanchor("", 3, 4) == ""
+
+
+def test_relocate_finds_an_old_citations_lines_quickly_and_refuses_an_abusive_span():
+    then = [f"line {i}" for i in range(1, 60_001)]
+    now = ["inserted"] * 3 + then
+    assert relocate(then, 30_000, 31_999, now) == (30_003, 32_002)
+    assert relocate(["", "x", "", "x", ""], 2, 3, ["", "", "x", "", "x", ""]) == (3, 4)  # the nearer of two places
+    assert relocate(then, 1, MAX_RELOCATED + 1, now) is None and relocate(then, 1, MAX_RELOCATED, now) == (4, 2003)
 
 
 # ------------------------------------------------------------------ the context

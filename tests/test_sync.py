@@ -291,3 +291,16 @@ def test_a_clone_whose_folder_is_gone_is_cloned_anew_by_the_next_sync(tiny_kb, h
     assert not report.error and (report.commit_before, report.commit_after) == (old, new)
     assert report.chunks_reused > 0  # went on from the indexed commit: only the changed files embedded
     assert tiny_kb.verify()["healthy"] and tiny_kb.read_document("xtuner", "README.md").text
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A security review: a multi-gigabyte file in a repository was read whole into memory, then found too large."""
+    from kb.ingest.sync import read_blob
+
+    repo = gitpython.Repo.init(tmp_path / "r")
+    (tmp_path / "r" / "big.md").write_text("x" * 5000)
+    repo.index.add(["big.md"])
+    commit = repo.index.commit("big", skip_hooks=True)
+    assert read_blob(commit, "big.md", 5000)[0] == b"x" * 5000
+    monkeypatch.setattr(gitpython.Blob, "data_stream", property(lambda self: pytest.fail("read before it was sized")))
+    assert read_blob(commit, "big.md", 1000) == (None, "too large: 5,000 bytes > limit 1,000 (KB_MAX_FILE_BYTES)")

@@ -105,12 +105,18 @@ def diff_commits(repo: git.Repo, old: str | None, new: str, extensions: tuple[st
     return changes
 
 
-def read_blob(commit: git.Commit, path: str) -> tuple[bytes | None, str]:
-    """The file's bytes at a commit, or None and why it is not read."""
+def read_blob(commit: git.Commit, path: str, max_bytes: int | None = None) -> tuple[bytes | None, str]:
+    """The file's bytes at a commit, or None and why it is not read.
+
+    Sized before it is read: a multi-gigabyte file in a repository (or at an old commit a deep link names) was read
+    whole into memory, and only then found too large (a security review).
+    """
     blob = commit.tree / path
     if blob.mode == SYMLINK_MODE:
-        target = blob.data_stream.read().decode("utf-8", "replace")
+        target = blob.data_stream.read(4096).decode("utf-8", "replace")
         return None, f"symlink to {target} (the target is indexed on its own path)"
+    if max_bytes is not None and blob.size > max_bytes:
+        return None, f"too large: {blob.size:,} bytes > limit {max_bytes:,} (KB_MAX_FILE_BYTES)"
     return blob.data_stream.read(), ""
 
 
@@ -125,7 +131,7 @@ def load_and_split(
     rows: list[DocumentRow] = []
     for i, path in enumerate(paths, 1):
         progress("load", i, len(paths), path)
-        data, why = read_blob(c, path)
+        data, why = read_blob(c, path, ctx.settings.max_file_bytes)
         if data is None:
             rows.append(DocumentRow(src.name, path, commit, "", "", 0, "", 0, "skipped", why))
             continue
