@@ -10,7 +10,7 @@ Python, so the CLI and tests can use it too. Counts shown beside such text
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 # Every ASCII punctuation mark may be backslash-escaped in CommonMark; these are the
 # ones that could start Markdown, HTML, an entity, LaTeX ($) or a Streamlit
@@ -39,6 +39,38 @@ def code_span(text: str) -> str:
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if not text or text[0] == "`" or text[-1] == "`" else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+_IMAGE_OR_CODE = re.compile(r"(`+).*?\1|!\[")
+
+
+def no_images(markdown: str) -> str:
+    """Model-written Markdown with each image made a link (``\\![alt](url)``), code left as written.
+
+    A browser fetches an image as soon as it is shown: an answer talked into writing ``![](https://host/?q=...)``
+    by a document it read would send what it was asked to that host, unclicked (a security review). A link waits
+    for a click, and Streamlit refuses ``javascript:`` ones.
+    """
+    out, inside = [], False
+    for line in markdown.split("\n"):
+        if is_fence(line):
+            inside = not inside
+        elif not inside:
+            line = _IMAGE_OR_CODE.sub(lambda m: m.group(0) if m.group(1) else "\\![", line)
+        out.append(line)
+    return "\n".join(out)
+
+
+def streamed_without_images(pieces: Iterable[str]) -> Iterator[str]:
+    """``no_images`` for an answer as it streams: a ``!`` that ends a piece waits for the next one. Code isn't told
+    apart here (a streamed code line may show ``\\![`` until the answer is redrawn whole, through ``no_images``)."""
+    held = ""
+    for piece in pieces:
+        text = held + piece
+        held = "!" if text.endswith("!") else ""
+        yield text[:len(text) - len(held)].replace("![", "\\![")
+    if held:
+        yield held
 
 
 def link_title(text: str) -> str:

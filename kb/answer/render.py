@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from kb.citations import MARKER_RE, hit_link, link_markers
-from kb.markdown import FENCES, counted, is_fence, link_title, safe_url
+from kb.markdown import FENCES, counted, is_fence, link_title, no_images, safe_url
 
 UNSUPPORTED = ":gray-badge[not found in the sources]"
 
@@ -59,6 +59,10 @@ def answer_markdown(msg: dict) -> str:
     A line inside a fenced code block stays exactly as written: a link appended to `pip install xtuner` would
     be shown as part of the command and copied with it. Its citation goes below the block instead.
     """
+    return no_images(_linked(msg))
+
+
+def _linked(msg: dict) -> str:
     content, sentences, sources = msg.get("content") or "", msg.get("sentences") or [], msg.get("sources") or []
     if not sentences:
         return link_markers(content, [h.get("url", "") for h in sources])
