@@ -107,7 +107,7 @@ class Settings:
     llm_preload: bool = True  # the dashboard starts loading the LLM in the background as soon as it starts
     openai_base_url: str = ""
     openai_model: str = ""
-    openai_api_key: str = ""
+    openai_api_key: str = field(default="", repr=False)
     # retrieval
     retrieval_mode: str = "hybrid"
     top_k: int = 5

@@ -473,6 +473,7 @@ def _extract_checked(archive: Path, dest: Path, kb: "KnowledgeBase", progress: P
                           f"is configured for {kb.embed_model!r}: set KB_EMBED_MODEL / KB_EMBED_BACKEND to that model "
                           "before importing")
         expected = {p["name"]: p for p in index["parts"]}
+        _check_room(dest, sum(int(p["bytes"]) for p in index["parts"]))
         seen: set[str] = set()
         while (member := tar.next()) is not None:
             part = expected.get(member.name)
@@ -500,6 +501,16 @@ def _extract_checked(archive: Path, dest: Path, kb: "KnowledgeBase", progress: P
         raise KBError(f"{archive.name} is incomplete (truncated?): missing {', '.join(missing)}")
     progress("read archive", total, total)
     return index
+
+
+def _check_room(dest: Path, unpacked: int) -> None:
+    """Refuse an archive whose parts would not fit, before writing any: twice their size, the staging copy and the
+    store's. A small archive can declare gigabytes that compress to nothing (a security review's gzip bomb), and a
+    disk that filled mid-import left the machine's other work without room too."""
+    free = shutil.disk_usage(dest).free
+    if 2 * unpacked > free:
+        raise KBError(f"the snapshot unpacks to {unpacked / 1e6:,.0f} MB and needs about twice that free in "
+                      f"{dest.parent}, which has {free / 1e6:,.0f} MB: nothing was changed")
 
 
 def _check_source_row(row: dict) -> None:

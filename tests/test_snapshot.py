@@ -23,6 +23,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -386,6 +387,16 @@ def test_a_snapshots_rows_are_checked_as_kb_add_checks_them(source, tmp_path, ti
     kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
     with pytest.raises(KBError, match=message):
         kb.import_snapshot(crafted)
+    untouched(kb)
+
+
+def test_an_archive_that_would_not_fit_is_refused_before_anything_is_written(source, tmp_path, tiny_st_dir,
+                                                                             tiny_embeddings, monkeypatch):
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    monkeypatch.setattr(snapshot.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(KBError, match=r"unpacks to .* MB and needs about twice that free .* nothing was changed"):
+        kb.import_snapshot(source["without"])
+    monkeypatch.undo()
     untouched(kb)
 
 
