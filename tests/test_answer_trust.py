@@ -98,6 +98,26 @@ def test_a_table_figure_is_read_under_the_column_and_row_it_is_said_to_be_in():
     assert supported("The overall Score of the 7B model is 86.6.") and supported("The models score 86.6 overall.", "")
     (both,) = support("InternLM2-7B-Reward scores 66.7 on Chat Hard and 88.3 on Safety.", sources, None, asked)
     assert both.supported and both.line_end == 28
+    (two,) = support("InternLM2-20B-Reward scores 74.1 on Chat Hard, and InternLM2-7B-Reward 66.7.", sources, None, "")
+    assert two.supported, "each figure read in its own clause, by the row that clause names"
+    (swapped,) = support("InternLM2-20B-Reward scores 66.7 on Chat Hard, and InternLM2-7B-Reward 74.1.", sources,
+                         None, "")
+    assert not swapped.supported
+
+
+def test_of_several_figures_each_is_read_in_its_own_clause():
+    """blind28: a right answer was withheld, its second figure read under the row its first clause named."""
+    table = ("|               | GPU Memory (GB) |\n|---------------|-----------------|\n"
+             "| IXC2.5-lmdeploy      | 31.81           |\n| IXC2.5-lmdeploy-4bit | 23.21           |")
+    sources = [hit(table, 1, line_start=5)]
+    asked = "How much GPU memory does IXC2.5 use with LMDeploy, with and without 4-bit quantization?"
+    (right,) = support("IXC2.5-lmdeploy uses 31.81 GB of GPU memory with LMDeploy, and 23.21 GB of GPU memory with "
+                       "4-bit quantization.", sources, None, asked)
+    assert right.supported and (right.line_start, right.line_end) == (5, 8)
+    (wrong,) = support("IXC2.5-lmdeploy-4bit uses 31.81 GB, and 23.21 GB without quantization.", sources, None, asked)
+    assert not wrong.supported, "the clause names the 4-bit row, which holds 23.21"
+    (alone,) = support("IXC2.5-lmdeploy uses 23.21 GB of GPU memory.", sources, None, asked)
+    assert not alone.supported, "one figure: read by the whole sentence, as before"
 
 
 def test_a_sentence_restating_a_removed_feature_without_the_removal_is_not_supported():

@@ -513,8 +513,12 @@ class Aligner:
     def _read_right(self, figures: Sequence[str], run: int, sentence: str) -> bool:
         """No figure of the sentence is read from a table cell of the run under another column or row."""
         plain = MARKER_RE.sub(" ", sentence)
+        # Of several figures, each is read in its own clause: "IXC2.5-lmdeploy uses 31.81 GB, and 23.21 GB with
+        # 4-bit quantization" read both under the row it names, and a right answer was withheld (blind28).
+        clauses = CLAUSE_SPLIT_RE.split(plain) if len(set(figures)) > 1 else [plain]
         for f in figures:
-            verdicts = [v for v in (_read_right(f, row, plain, self.question) for row in self.run_rows[run])
+            text = next((c for c in clauses if f in _figures(c)), plain)
+            verdicts = [v for v in (_read_right(f, row, text, self.question) for row in self.run_rows[run])
                         if v is not None]
             if verdicts and not any(verdicts):
                 return False
