@@ -216,7 +216,8 @@ def consistency(kb, s, is_admin, run_with_status) -> None:
     st.error("The knowledge base is not consistent: search may miss documents until it is repaired.",
              icon=":material/report:")
     st.dataframe(
-        [{"problem": KINDS[p["kind"]], "source": p["source"], "document": p["path"], "count": p["count"]}
+        [{"problem": KINDS[p["kind"]], "source": p["source"], "document": p["path"] or None,
+          "commit": p["commit"] or None, "count": p["count"]}
          for p in report["problems"][:200]],
         hide_index=True, width="stretch",
     )

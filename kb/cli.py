@@ -218,7 +218,8 @@ def cmd_verify(args: argparse.Namespace) -> dict:
             examples = [p for p in out["problems"] if p["kind"] == kind]
             print(f"  {kind}: {total} ({KINDS[kind]})")
             for p in examples[:5]:
-                print(f"    {p['source']}" + (f"/{p['path']}" if p["path"] else "") + f": {p['count']}")
+                print(f"    {p['source']}" + (f"/{p['path']}" if p["path"] else "")
+                      + (f" @ {p['commit']}" if p["commit"] else "") + f": {p['count']}")
             if len(examples) > 5:
                 print(f"    … and {len(examples) - 5} more")
         if not out["healthy"] and not out["repaired"]:

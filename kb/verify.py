@@ -43,6 +43,7 @@ class Problem:
     source: str
     path: str = ""
     count: int = 1
+    commit: str = ""  # the commit a problem is about (missing_commit), which sat in ``path`` before
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +68,7 @@ def _missing_commits(manifest: Manifest, live: str) -> list[Problem]:
         try:
             git.Repo(src.repo_path).commit(src.indexed_commit)
         except (ValueError, git.BadName, git.NoSuchPathError, git.InvalidGitRepositoryError):
-            out.append(Problem("missing_commit", src.name, src.indexed_commit[:12]))
+            out.append(Problem("missing_commit", src.name, commit=src.indexed_commit[:12]))
     return out
 
 

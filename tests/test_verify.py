@@ -155,7 +155,8 @@ def test_a_clone_without_the_indexed_commit(synced):
     with kb.manifest.transaction() as con:
         con.execute("UPDATE sources SET indexed_commit='0123456789abcdef0123456789abcdef01234567' WHERE name='lagent'")
     out = kb.verify()
-    assert [(p["kind"], p["source"]) for p in out["problems"]] == [("missing_commit", "lagent")]
+    assert [(p["kind"], p["source"], p["path"], p["commit"]) for p in out["problems"]] == \
+        [("missing_commit", "lagent", "", "0123456789ab")]  # the commit had been given as the problem's path
     assert kb.verify(repair=True)["healthy"]
 
 
