@@ -148,8 +148,15 @@ def written(kb: "KnowledgeBase") -> list[dict]:
 
 # An export's work folder and half-written archive carry its process id: a later export removes those of a process
 # that is gone (a killed export left them, tens of MB each, and nothing ever removed them).
-WORK_RE = re.compile(r"\.kb-export-(\d+)-")
-PART_RE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.part$")
+# Its start time beside the pid (``1234s5678``): a pid reused by a later process kept a dead export's leftovers.
+WORK_RE = re.compile(r"\.kb-export-(\d+)(?:s(\d+))?-")
+PART_RE = re.compile(r"\..+\.(\d+)(?:s(\d+))?\.[0-9a-f]{8}\.part$")
+
+
+def _owner() -> str:
+    """This process as leftovers name it: its pid, and when it started where that is known."""
+    start = pids.started(os.getpid())
+    return f"{os.getpid()}" + (f"s{start}" if start else "")
 
 
 def clear_leftovers(folder: Path) -> list[str]:
@@ -157,7 +164,7 @@ def clear_leftovers(folder: Path) -> list[str]:
     gone = []
     for entry in folder.iterdir() if folder.is_dir() else ():
         m = WORK_RE.match(entry.name) if entry.is_dir() else PART_RE.match(entry.name)
-        if m and not pids.alive(int(m.group(1))):  # this process's own are alive too
+        if m and not pids.alive(int(m.group(1)), m.group(2)):  # this process's own are alive too
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -196,10 +203,10 @@ def export_snapshot(kb: "KnowledgeBase", dest: Path | None, with_repos: bool = F
         raise KBError(f"{dest} already exists; give another file name, or --force to replace it")
     try:
         clear_leftovers(dest.parent)
-        work = Path(tempfile.mkdtemp(prefix=f".kb-export-{os.getpid()}-", dir=dest.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".kb-export-{_owner()}-", dir=dest.parent))
     except OSError as exc:  # a folder that can't be written ("/proc", read-only, full): said, not a traceback
         raise KBError(f"cannot write the snapshot in {dest.parent}: {exc.strerror or exc}") from None
-    partial = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    partial = dest.with_name(f".{dest.name}.{_owner()}.{secrets.token_hex(4)}.part")
     try:
         with write_lock(kb.settings.home, writes=False):  # a consistent snapshot: no sync or re-chunk while it is read
             index = _write_parts(kb, work, with_repos, progress)

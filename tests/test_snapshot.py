@@ -287,6 +287,8 @@ def test_export_never_replaces_a_file_unasked_and_clears_a_killed_exports_leftov
     (tmp_path / f".kb-export-{pid}-abcd1234" / "chunks.npy").write_bytes(b"0" * 1000)
     (tmp_path / f".backup.tar.gz.{pid}.0123abcd.part").write_bytes(b"half")
     (tmp_path / f".kb-export-{os.getppid()}-live0000").mkdir()  # a running process's: left alone
+    (tmp_path / f".kb-export-{os.getppid()}s1-reused00").mkdir()  # its pid, but another start: a dead export's
+    (tmp_path / f".backup.tar.gz.{os.getppid()}s1.0123abcd.part").write_bytes(b"half")
     out = source["kb"].export_snapshot(backup, overwrite=True)
     assert out["chunks"] == source["before"]["stats"]["chunks"]
     assert snapshot.read_index(backup)["counts"]["chunks"] == out["chunks"]
