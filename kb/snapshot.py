@@ -285,7 +285,7 @@ def _add_clone(tar_path: Path, repo_path: Path, name: str) -> None:
     gdir = clone_config.git_dir(repo_path)
     config_name = gdir.joinpath("config").relative_to(repo_path).as_posix()
     skip = {f"{name}/{config_name}", f"{name}/{gdir.joinpath('hooks').relative_to(repo_path).as_posix()}"}
-    text = clone_config.config_text(clone_config.safe_entries(repo_path, credentials=False), tar_path.parent)
+    text = clone_config.config_text(clone_config.safe_entries(gdir, credentials=False), tar_path.parent)
     with tarfile.open(tar_path, "w") as tar:
         tar.add(repo_path, arcname=name, filter=lambda info: None if info.name in skip else info)
         _add_bytes(tar, f"{name}/{config_name}", text)
@@ -678,7 +678,7 @@ def _stage_repos(kb: "KnowledgeBase", index: dict, parts: Path, dest: Path, src_
                 except tarfile.FilterError as exc:
                     raise KBError(f"repos/{name}.tar was refused: {exc}") from None
             try:
-                clone_config.sanitize_clone(dest / name)
+                clone_config.sanitize_clone(dest / name, bare=row.get("kind") != "files")
             except KBError as exc:
                 raise KBError(f"repos/{name}.tar was refused: {exc}") from None
             restored.append(name)

@@ -62,7 +62,45 @@ def test_a_dot_git_file_pointing_elsewhere_is_refused(tmp_path):
     repo.mkdir()
     (repo / ".git").write_text("gitdir: /somewhere/else\n")
     with pytest.raises(KBError, match="points at a repository elsewhere"):
-        clone_config.sanitize_clone(repo)
+        clone_config.sanitize_clone(repo, bare=False)
+
+
+def test_a_clone_that_makes_git_read_another_folder_is_refused(tmp_path):
+    """A second review: ``commondir`` (or an empty ``.git`` in a bare clone) made git read a config never cleaned."""
+    for name, make in (("commondir", lambda p: (p / "commondir").write_text("x\n")),
+                       ("gitdir", lambda p: (p / "gitdir").write_text("foo\n")),
+                       (".git", lambda p: (p / ".git").mkdir()),
+                       ("worktrees", lambda p: (p / "worktrees").mkdir())):
+        repo = crafted_bare(tmp_path / f"evil-{name}")
+        make(repo)
+        with pytest.raises(KBError, match=f"holds '{name}', which no clone of this product has"):
+            clone_config.sanitize_clone(repo)
+    up = tmp_path / "up"
+    git("init", "-q", str(up))
+    (up / "uploads").mkdir()
+    (up / "elsewhere").mkdir()
+    with pytest.raises(KBError, match="holds 'elsewhere'"):
+        clone_config.sanitize_clone(up, bare=False)
+
+
+def test_a_restored_clone_borrows_no_objects_from_other_repositories(tmp_path):
+    repo = crafted_bare(tmp_path / "evil")
+    (repo / "objects" / "info" / "alternates").write_text("/some/other/repo/objects\n")
+    (repo / "objects" / "info" / "http-alternates").write_text("https://example.com/objects\n")
+    clone_config.sanitize_clone(repo)
+    assert not list((repo / "objects" / "info").glob("*alternates"))
+
+
+def test_an_upload_clone_is_cleaned_in_its_dot_git(tmp_path):
+    up = tmp_path / "up"
+    git("init", "-q", str(up))
+    (up / "uploads").mkdir()
+    git("config", "--file", str(up / ".git" / "config"), "core.fsmonitor", "touch /tmp/y")
+    git("config", "--file", str(up / ".git" / "config"), "user.name", "kb upload")
+    (up / ".git" / "hooks" / "pre-commit").write_text("#!/bin/sh\nexit 1\n")
+    clone_config.sanitize_clone(up, bare=False)
+    assert keys(up / ".git" / "config")["user.name"] == "kb upload"
+    assert "core.fsmonitor" not in keys(up / ".git" / "config") and not (up / ".git" / "hooks").exists()
 
 
 def test_an_exported_clone_leaves_without_credentials_hooks_or_commands(tmp_path):

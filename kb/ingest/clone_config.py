@@ -21,6 +21,13 @@ from pathlib import Path
 from kb.errors import KBError
 from kb.ingest.sources import check_transport, strip_credentials
 
+# What a clone's git folder may hold: anything else (``commondir``, ``gitdir``, a ``.git`` inside a bare clone,
+# ``worktrees``) makes git read its config and hooks from somewhere this cleaning never looked (a second review).
+GIT_DIR_ENTRIES = {"HEAD", "FETCH_HEAD", "ORIG_HEAD", "COMMIT_EDITMSG", "branches", "config", "description", "hooks",
+                   "info", "objects", "packed-refs", "refs", "logs", "index", "shallow"}
+UPLOAD_ROOT_ENTRIES = {".git", "uploads"}  # an upload source's work tree (kb/ingest/sources.py: UPLOADS_DIR)
+ALTERNATES = ("alternates", "http-alternates")  # objects borrowed from other repositories of this machine
+
 KEPT = {"core.repositoryformatversion", "core.bare", "core.filemode", "core.logallrefupdates",
         "extensions.objectformat", "user.name", "user.email"}
 KEPT_PER_NAME = {"remote": {"url", "fetch"}, "branch": {"remote", "merge"}}  # remote.NAME.url, branch.NAME.merge
@@ -47,9 +54,10 @@ def _entries(config: Path) -> list[tuple[str, str]]:
     return [tuple(item.split("\n", 1)) if "\n" in item else (item, "") for item in out.split("\0") if item]
 
 
-def safe_entries(repo_path: Path, credentials: bool = True) -> list[tuple[str, str]]:
-    """The config's kept keys; every remote URL checked (KBError when refused), credentials dropped if asked."""
-    config = git_dir(repo_path) / "config"
+def safe_entries(gdir: Path, credentials: bool = True) -> list[tuple[str, str]]:
+    """The kept keys of ``gdir``'s config; every remote URL checked (KBError when refused), credentials dropped if
+    asked."""
+    config = gdir / "config"
     out = []
     for key, value in _entries(config) if config.is_file() else []:
         if not _kept(key):
@@ -76,13 +84,29 @@ def config_text(entries: list[tuple[str, str]], scratch: Path) -> bytes:
         path.unlink(missing_ok=True)
 
 
-def sanitize_clone(repo_path: Path) -> None:
-    """Make a clone from elsewhere safe to fetch into and commit to: kept keys only, no hooks."""
-    dot_git = repo_path / ".git"
-    if dot_git.is_symlink() or dot_git.exists() and not dot_git.is_dir():
-        raise KBError(f"the clone {repo_path.name} points at a repository elsewhere ({dot_git.name} is not a folder)")
-    gdir = git_dir(repo_path)
-    text = config_text(safe_entries(repo_path), gdir)
+def _only(folder: Path, allowed: set[str], what: str) -> None:
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+    if extra:
+        raise KBError(f"{what} holds {', '.join(map(repr, extra[:5]))}, which no clone of this product has")
+
+
+def sanitize_clone(repo_path: Path, bare: bool = True) -> None:
+    """Make a clone from elsewhere safe to fetch into and commit to: kept keys only, no hooks, no alternates.
+
+    ``bare``: a git source's clone; else an upload source's repository (a work tree of ``uploads/`` and ``.git``).
+    """
+    if not bare:
+        dot_git = repo_path / ".git"
+        if dot_git.is_symlink() or not dot_git.is_dir():
+            raise KBError(f"the clone {repo_path.name} points at a repository elsewhere (.git is not a folder)")
+        _only(repo_path, UPLOAD_ROOT_ENTRIES, f"the upload clone {repo_path.name}")
+    gdir = repo_path / ".git" if not bare else repo_path
+    if gdir.is_symlink() or not gdir.is_dir():
+        raise KBError(f"the clone {repo_path.name} is not a folder")
+    _only(gdir, GIT_DIR_ENTRIES, f"the clone {repo_path.name}")
+    for name in ALTERNATES:
+        (gdir / "objects" / "info" / name).unlink(missing_ok=True)
+    text = config_text(safe_entries(gdir), gdir)
     tmp = gdir / "config.safe"
     tmp.unlink(missing_ok=True)
     tmp.write_bytes(text)
