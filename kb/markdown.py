@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
+from markdown_it import MarkdownIt
+
 # Every ASCII punctuation mark may be backslash-escaped in CommonMark; these are the
 # ones that could start Markdown, HTML, an entity, LaTeX ($) or a Streamlit
 # directive/emoji shortcode (:color[...], :smile:).
@@ -41,34 +43,42 @@ def code_span(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-_IMAGE_OR_CODE = re.compile(r"(`+).*?\1|!\[")
+_COMMONMARK = MarkdownIt("commonmark")
+NO_IMAGE = "&#33;["  # "![" with its "!" as an entity: read as text, so it starts no image, even after a backslash
+
+
+def _has_image(markdown: str) -> bool:
+    return any(child.type == "image" for token in _COMMONMARK.parse(markdown) for child in token.children or ())
 
 
 def no_images(markdown: str) -> str:
-    """Model-written Markdown with each image made a link (``\\![alt](url)``), code left as written.
+    """Model-written Markdown with no image in it: each ``![`` outside code blocks made text, so ``![alt](url)``
+    reads as "!" and a link.
 
     A browser fetches an image as soon as it is shown: an answer talked into writing ``![](https://host/?q=...)``
     by a document it read would send what it was asked to that host, unclicked (a security review). A link waits
-    for a click, and Streamlit refuses ``javascript:`` ones.
+    for a click, and Streamlit refuses ``javascript:`` ones. Where the blocks of code are is read by a CommonMark
+    parser (a second review's ``\\![x](u)``, a lone backtick and a fence that is none got past a line-by-line
+    reading); and the result is parsed again: should an image remain, every "!" becomes text.
     """
-    out, inside = [], False
-    for line in markdown.split("\n"):
-        if is_fence(line):
-            inside = not inside
-        elif not inside:
-            line = _IMAGE_OR_CODE.sub(lambda m: m.group(0) if m.group(1) else "\\![", line)
-        out.append(line)
-    return "\n".join(out)
+    if not _has_image(markdown):
+        return markdown  # nearly every answer: left exactly as written
+    code = {line for token in _COMMONMARK.parse(markdown) if token.type in ("fence", "code_block") and token.map
+            for line in range(*token.map)}
+    lines = markdown.split("\n")
+    out = "\n".join(line if i in code else line.replace("![", NO_IMAGE) for i, line in enumerate(lines))
+    return out.replace("!", "&#33;") if _has_image(out) else out
 
 
 def streamed_without_images(pieces: Iterable[str]) -> Iterator[str]:
     """``no_images`` for an answer as it streams: a ``!`` that ends a piece waits for the next one. Code isn't told
-    apart here (a streamed code line may show ``\\![`` until the answer is redrawn whole, through ``no_images``)."""
+    apart here (a streamed line of code may show ``&#33;[`` until the answer is redrawn whole, through
+    ``no_images``)."""
     held = ""
     for piece in pieces:
         text = held + piece
         held = "!" if text.endswith("!") else ""
-        yield text[:len(text) - len(held)].replace("![", "\\![")
+        yield text[:len(text) - len(held)].replace("![", NO_IMAGE)
     if held:
         yield held
 

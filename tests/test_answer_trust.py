@@ -21,7 +21,7 @@ from kb.answer.render import UNSUPPORTED, answer_markdown
 from kb.answer.support import EXACT_RELIEF, THRESHOLD, Aligner, coverage, split_sentences, support
 from kb.citations import MARKER_RE, MAX_RELOCATED, parse_lines, reanchor, relocate, viewer_link
 from kb.errors import KBError
-from kb.markdown import streamed_without_images
+from kb.markdown import no_images, streamed_without_images
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 from kb.service import KnowledgeBase
@@ -430,6 +430,10 @@ def test_a_quote_in_a_file_name_cannot_end_a_citations_title():
     assert link.attrs["title"] == f"{path}, line 10"
 
 
+def images(markdown: str) -> list:
+    return [t for block in MarkdownIt().parse(markdown) for t in (block.children or []) if t.type == "image"]
+
+
 def test_an_answer_shows_no_image_as_it_streams_or_after():
     """A security review: an answer talked into an image by a document would have the browser fetch it, unclicked."""
     sources = [hit("XTuner is a toolkit for fine-tuning large models.", 1)]
@@ -441,8 +445,13 @@ def test_an_answer_shows_no_image_as_it_streams_or_after():
     assert not [t for t in tokens if t.type == "image"] and "![kept](in-code.png)" in md
     plain = answer_markdown({"content": answer})  # no sentences: the markers linked, the rest as written
     assert not [t for block in MarkdownIt().parse(plain) for t in (block.children or []) if t.type == "image"]
-    streamed = "".join(streamed_without_images(["see !", "[x](https://evil.example/a) or ", "`a!b`!"]))
-    assert streamed == "see \\![x](https://evil.example/a) or `a!b`!"
+    streamed = "".join(streamed_without_images(["see !", "[x](https://evil.example/a) or ", "`a!b`!", "\\", "![y](z)"]))
+    assert streamed == "see &#33;[x](https://evil.example/a) or `a!b`!\\&#33;[y](z)" and not images(streamed)
+    # a second review's ways past a line-by-line reading: an escaped backslash, a lone backtick, a fence that is none
+    for written in ("\\\\![x](https://evil.example/a)", "\\` ![x](https://evil.example/a) `",
+                    "```x`y\n![x](https://evil.example/a)", "[a ![b](https://evil.example/a)](d)"):
+        assert images(written) and not images(no_images(written)), written
+    assert no_images("```md\n![kept](x.png)\n```\nno image here!") == "```md\n![kept](x.png)\n```\nno image here!"
 
 
 def test_a_question_with_template_tokens_is_answered_in_full(xtuner_kb, default_chat_model):
