@@ -18,7 +18,7 @@ def home() -> None:
     from core import auth
     from core.errors import UserError
     from core.llm import describe_llm
-    from kb.markdown import escape_markdown
+    from kb.markdown import escape_markdown, plain_message
     from pages._common import (expected_errors, is_admin, kb_or_stop, logging_errors, run_with_status,
                                settings_or_stop, show_error, snapshot_schedule_line, when)
 
@@ -166,7 +166,7 @@ def home() -> None:
         failures = kb.sync_failures()
         for f in failures:  # scheduled sync: a remote that can't be reached never touches the index
             st.warning(f"**{f['source']}**: the scheduled fetch failed {f['failures']} time(s), last {when(f['last_failure'])}"
-                       f" ({f['last_error']}); next try "
+                       f" ({plain_message(f['last_error'])}); next try "
                        + (when(f["next_try"]) if (f["next_try"] or 0) > time.time() else "at the next scheduled pass")
                        + ". The index keeps the last good sync.",
                        icon=":material/cloud_off:")

@@ -28,6 +28,19 @@ def is_fence(line: str) -> bool:
     return line.lstrip().startswith(FENCES)
 
 
+_LINKING = re.compile(r"[\\\[\]<>]|!(?=\\?\[)")
+
+
+def plain_message(text: str) -> str:
+    """A message for an error or warning box, with nothing in it that links, shows an image or makes HTML.
+
+    Messages quote what others wrote (a git server's ``fatal:`` line, a page address's ``?c=``): a second review
+    put an image and a sign-in link into a warning through a shared link. Only brackets, angles and backslashes are
+    escaped, so the message reads as written otherwise ("line range like 3-9", ``'bad name!'``).
+    """
+    return _LINKING.sub(lambda m: "\\" + m.group(0), text)
+
+
 def escape_markdown(text: str) -> str:
     """Text shown literally by st.markdown: no formatting, links, HTML or directives from it."""
     return _MD_SPECIAL.sub(r"\\\1", text)

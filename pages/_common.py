@@ -17,7 +17,7 @@ from core import auth
 from core.errors import UserError
 from core.settings import Settings
 from kb.citations import location_md
-from kb.markdown import escape_markdown, marked_snippet
+from kb.markdown import escape_markdown, marked_snippet, plain_message
 from pages import _resources as resources
 
 
@@ -66,7 +66,7 @@ def rerun_requested(requests=None) -> Callable[[], bool]:
 
 
 def show_error(exc: BaseException) -> None:
-    st.error(str(exc) or type(exc).__name__, icon=":material/error:")
+    st.error(plain_message(str(exc)) or type(exc).__name__, icon=":material/error:")
 
 
 def log_error(exc: BaseException, origin: str = "") -> None:

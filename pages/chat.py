@@ -15,11 +15,11 @@ from pages import _resources as resources
 from core.llm import describe_llm
 from core.settings import TRANSLATE_MODES
 from kb import log as kb_log
-from kb.answer.chain import Answer, Answerer
+from kb.answer.chain import MAX_QUESTION_CHARS, Answer, Answerer
 from kb.answer.render import answer_markdown, support_summary
 from kb.citations import hit_link, location
 from kb.conversations import ConversationStore
-from kb.markdown import escape_markdown, no_images, safe_url, streamed_without_images
+from kb.markdown import escape_markdown, no_images, plain_message, safe_url, streamed_without_images
 from kb.search.hits import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, rerun_requested, settings_or_stop, show_error, when
 
@@ -40,7 +40,7 @@ def open_from_url() -> None:
         try:
             st.session_state["chat_conv"] = store.load(wanted)
         except expected_errors() as exc:
-            st.warning(f"{exc}: starting a new conversation.", icon=":material/link_off:")
+            st.warning(f"{plain_message(str(exc))}: starting a new conversation.", icon=":material/link_off:")
             del st.query_params["c"]
     if "chat_conv" not in st.session_state:
         st.session_state["chat_conv"] = store.new()
@@ -374,7 +374,7 @@ for i, m in enumerate(conv["messages"]):
         else:
             render_assistant(m, i)
 
-question = st.chat_input("Ask about the documentation…", key="chat_input") or st.session_state.pop(ASK_AGAIN, None)
+question = st.chat_input("Ask about the documentation…", key="chat_input", max_chars=MAX_QUESTION_CHARS) or st.session_state.pop(ASK_AGAIN, None)
 if question and question.strip():
     history = [(m["role"], m["content"]) for m in conv["messages"] if m.get("content") and not m.get("error")]
     conv["messages"].append({"role": "user", "content": question})

@@ -12,7 +12,7 @@ import math
 
 import streamlit as st
 
-from kb.markdown import escape_markdown
+from kb.markdown import escape_markdown, plain_message
 from core.settings import split_list
 from pages import _resources as resources
 from kb.errors import KBError
@@ -54,7 +54,7 @@ def show_reports(reports: list[dict]) -> None:
     st.dataframe(table, hide_index=True, width="stretch", column_config=report_columns(table))
     for r in reports:
         if r["error"]:
-            st.error(f"**{r['name']}**: {r['error']}", icon=":material/error:")
+            st.error(f"**{r['name']}**: {plain_message(r['error'])}", icon=":material/error:")
             continue
         if (r["commit_before"] and r["commit_before"] == r["commit_after"]
                 and not (r["added"] or r["modified"] or r["deleted"] or r["skipped"])):
@@ -167,7 +167,7 @@ last = st.session_state.get("sources_last")
 if last:
     getattr(st, last["kind"])(last["text"])
     for err in last["errors"]:
-        st.error(err, icon=":material/error:")
+        st.error(plain_message(err), icon=":material/error:")
     if last["rows"]:
         st.dataframe(last["rows"], hide_index=True, width="stretch")
     if last["reports"]:

@@ -373,6 +373,22 @@ def test_a_stopped_answer_keeps_its_sources_or_says_it_stopped_before_them(page_
     assert "No sources" not in texts(writing.caption) + texts(searching.caption)
 
 
+def test_a_conversation_link_carries_no_markup_into_the_page(page_env):
+    """A second review's link put an image and a sign-in link into the chat's warning, and a user's question was
+    rendered as Markdown."""
+    store = ConversationStore(page_env)
+    at = open_with("chat", {"c": "![x](https://evil.example/p.png) **expired: [sign in](https://evil.example/l)**"})
+    (warning,) = at.warning
+    assert "https://evil.example/p.png" in warning.value and "\\[sign in\\]" in warning.value
+    assert "![" not in warning.value.replace("\\![", "") and "](" not in warning.value.replace("\\](", "")
+    conv = store.new()
+    conv["messages"] = [{"role": "user", "content": "why ![x](https://evil.example/q.png) *this*?"}]
+    store.save(conv)
+    at = open_with("chat", {"c": conv["id"]})
+    shown = texts(at.chat_message[0].markdown)
+    assert "why \\!\\[x\\]\\(https\\://evil" in shown and "\\*this\\*" in shown
+
+
 def test_a_withheld_answer_shows_the_decline_and_keeps_the_models_text_apart(page_env):
     """An answer none of whose sentences is in the sources reads as a decline; the model's text is one click away."""
     store = ConversationStore(page_env)
