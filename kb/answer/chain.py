@@ -46,6 +46,9 @@ REWRITE_MAX_CHARS = 300
 # rules, the excerpts and the answer: a browser review's 19 KB question was answered with one sentence repeated 23
 # times, over 130 s, to the token limit. About 3,000 Latin or 1,400 Chinese characters.
 MAX_QUESTION_TOKENS = 1000
+# what the chat box takes at most: past MAX_QUESTION_TOKENS anyway, so the refusal says why, but no file of megabytes
+# saved in the conversation before it (a second review: Streamlit's own limit is 200 MB)
+MAX_QUESTION_CHARS = 8 * MAX_QUESTION_TOKENS
 
 
 def rewrites(question: str, history: list) -> bool:
