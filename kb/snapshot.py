@@ -446,8 +446,11 @@ def _parse_index(archive: Path, member: tarfile.TarInfo | None, tar: tarfile.Tar
     parts = index.get("parts")
     if not isinstance(parts, list) or not all(
             isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("sha256"), str)
-            and isinstance(p.get("bytes"), int) for p in parts):
+            and isinstance(p.get("bytes"), int) and not isinstance(p["bytes"], bool) and p["bytes"] >= 0
+            for p in parts):
         raise KBError(f"{archive.name}: {INDEX} lists no valid parts")
+    if len({p["name"] for p in parts}) != len(parts):  # a part named twice, or a negative size, fooled the room check
+        raise KBError(f"{archive.name}: {INDEX} lists a part twice")
     for p in parts:
         _check_part_name(archive, p["name"])
     if not isinstance(index.get("counts"), dict):

@@ -402,6 +402,26 @@ def test_an_archive_that_would_not_fit_is_refused_before_anything_is_written(sou
     untouched(kb)
 
 
+@pytest.mark.parametrize("extra, message", [({"bytes": -10**10}, "lists no valid parts"),
+                                            ({}, "lists a part twice")])
+def test_an_index_that_could_fool_the_room_check_is_refused(source, tmp_path, tiny_st_dir, tiny_embeddings,
+                                                            extra, message):
+    """A second review: a negative size (or a part listed twice) could make gigabytes look like nothing."""
+    def change(name: str, data: bytes) -> bytes:
+        if name != "index.json":
+            return data
+        index = json.loads(data)
+        index["parts"].append({**index["parts"][-1], **extra})
+        return json.dumps(index).encode()
+
+    crafted = tmp_path / "crafted.tar.gz"
+    rewrite(source["without"], crafted, change)
+    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
+    with pytest.raises(KBError, match=message):
+        kb.import_snapshot(crafted)
+    untouched(kb)
+
+
 def test_round_trip_gives_the_same_passages_as_exact_search(source, tmp_path, tiny_st_dir, tiny_embeddings):
     """HNSW is approximate and the imported graph is built again (another order, other batches and threads): at
     Chroma's default search depth (ef 100) the two answered some questions differently, and at its default graph
