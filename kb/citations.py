@@ -69,26 +69,32 @@ def hit_link(hit: dict, line_start: int | None = None, line_end: int | None = No
 
 
 MAX_RELOCATED = 2000  # lines: far above any chunk's (a citation's lines lie in one), far below an abusive link's
+MAX_TRIED = 2000  # places compared in full at most: the nearest first, so the answer is the same when one matches
 
 
 def relocate(then: Sequence[str], line_start: int, line_end: int, now: Sequence[str]) -> tuple[int, int] | None:
     """Where lines ``line_start..line_end`` of a file's old version stand in its new one (1-based), or None.
 
     The cited block must appear unchanged; of several places, the nearest to the old numbers. A block of blank
-    lines alone is found everywhere, so nowhere.
+    lines alone is found everywhere, so nowhere. Only the places where the block's rarest line stands in the new
+    version are compared, nearest first: a comparison at every place was quadratic, and a deep link naming
+    thousands of identical lines held the dashboard for seconds per reload (two security reviews).
     """
     block = list(then[line_start - 1:line_end])
     if not block or not any(line.strip() for line in block) or len(block) > MAX_RELOCATED:
         return None
-    size = len(block)
-    # compared where its longest line matches only: a whole-block comparison at every place was quadratic, and a
-    # deep link naming 80,000 lines of an old commit held the dashboard for seconds per reload (a security review)
-    k = max(range(size), key=lambda j: len(block[j]))
-    found = [i + 1 for i in range(len(now) - size + 1) if now[i + k] == block[k] and list(now[i:i + size]) == block]
-    if not found:
-        return None
-    start = min(found, key=lambda a: abs(a - line_start))
-    return start, start + size - 1
+    size, wanted = len(block), set(block)
+    seen: dict[str, list[int]] = {line: [] for line in wanted}
+    for i, line in enumerate(now):
+        if line in wanted:
+            seen[line].append(i)
+    k = min(range(size), key=lambda j: len(seen[block[j]]))  # the block's rarest line in the new version
+    places = sorted((i - k for i in seen[block[k]] if 0 <= i - k <= len(now) - size),
+                    key=lambda a: abs(a + 1 - line_start))
+    for a in places[:MAX_TRIED]:
+        if list(now[a:a + size]) == block:
+            return a + 1, a + size
+    return None
 
 
 def parse_lines(value: str | None) -> tuple[int, int] | None:

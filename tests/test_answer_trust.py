@@ -298,6 +298,9 @@ def test_relocate_finds_an_old_citations_lines_quickly_and_refuses_an_abusive_sp
     assert relocate(then, 30_000, 31_999, now) == (30_003, 32_002)
     assert relocate(["", "x", "", "x", ""], 2, 3, ["", "", "x", "", "x", ""]) == (3, 4)  # the nearer of two places
     assert relocate(then, 1, MAX_RELOCATED + 1, now) is None and relocate(then, 1, MAX_RELOCATED, now) == (4, 2003)
+    same = ["ab"] * 100_000  # a second review: identical lines made every place a long comparison
+    assert relocate(same, 50_000, 51_999, same) == (50_000, 51_999)
+    assert relocate(["ab"] * 1999 + ["cd"], 1, 2000, (["ab"] * 1999 + ["x"]) * 50) is None
 
 
 # ------------------------------------------------------------------ the context
