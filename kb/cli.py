@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -101,7 +102,7 @@ def _print_report(args: argparse.Namespace, rep: dict) -> None:
             for p in rep[key]:
                 print(f"  {tag} {p}")
     for s in rep["skipped"]:
-        print(f"  skipped {s['path']}: {s['reason']}", file=sys.stderr)
+        print(printable(f"  skipped {s['path']}: {s['reason']}"), file=sys.stderr)
     over = rep["chunks_overlong"]
     if over:
         print(
@@ -727,6 +728,29 @@ def _log_error(exc: BaseException, args: argparse.Namespace) -> None:
 READ_ONLY = frozenset({"ask", "search", "eval"})
 
 
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text for a terminal with its control characters written out (``\\x1b``): a file's name or lines in a
+    repository may hold escape sequences, which cleared an operator's screen or forged lines of ``kb log`` (a
+    security review). Tabs and line breaks stay."""
+    return CONTROL_RE.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
+class PrintableStream:
+    """stdout with ``printable`` applied to everything written (JSON escapes its own control characters)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(printable(text))
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     return run(build_parser("--json" in argv).parse_args(argv))
@@ -756,6 +780,14 @@ def json_line(obj: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    stdout, sys.stdout = sys.stdout, PrintableStream(sys.stdout)
+    try:
+        return _run(args)
+    finally:
+        sys.stdout = stdout
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         out = args.func(args)
         if args.json:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, git
 
 
 def kb(home, *args, env_extra=None, check_json=True):
@@ -382,3 +382,22 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(cli_home, monkeypatch,
     assert cli.main(["sources", "--json"]) == 141
     assert "Traceback" not in capsys.readouterr().err
 
+
+
+def test_a_file_name_cannot_write_escape_sequences_to_the_terminal(tmp_path, monkeypatch, capsys, tiny_st_dir):
+    """A security review: a repository's file named with ESC [2J cleared the operator's screen in `kb sync` output."""
+    repo = tmp_path / "remote"
+    git("init", "-q", "-b", "main", str(repo))
+    name = "clear\x1b[2Jme\rforged.md"
+    (repo / name).write_text("# Title\n\nSome text about agents.\n")
+    git("add", "-A", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one", cwd=repo)
+    env = {"KB_EMBED_MODEL": str(tiny_st_dir)}
+    code, out, err = kb_here(tmp_path / "home", monkeypatch, capsys, "add", "esc", str(repo), env_extra=env)
+    assert code == 0, err
+    code, out, err = kb_here(tmp_path / "home", monkeypatch, capsys, "sync", "esc", "--dry-run", env_extra=env)
+    assert code == 0, err
+    assert "clear\\x1b[2Jme\\x0dforged.md" in out and "\x1b" not in out and "\r" not in out
+    code, out, err = kb_here(tmp_path / "home", monkeypatch, capsys, "sync", "esc", "--dry-run", "--json",
+                             env_extra=env)
+    assert code == 0 and "\x1b" not in out and name in out.encode().decode("unicode_escape")  # JSON escapes it
