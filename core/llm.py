@@ -32,6 +32,7 @@ import ctypes
 import inspect
 import os
 import threading
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -820,7 +821,9 @@ def describe_llm(settings: Settings) -> str:
         return f"transformers: {Path(settings.llm_path).name if settings.llm_path else '(KB_LLM_PATH not set)'}"
     if name == "openai":
         model = settings.openai_model or "first served model"
-        return f"openai: {model} @ {settings.openai_base_url or '(KB_OPENAI_BASE_URL not set)'}"
+        # shown to every chat user: credentials a URL may carry are hidden (a security review)
+        where = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", settings.openai_base_url)
+        return f"openai: {model} @ {where or '(KB_OPENAI_BASE_URL not set)'}"
     return f"unknown LLM backend {settings.llm!r}"
 
 

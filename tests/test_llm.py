@@ -130,6 +130,8 @@ def test_describe_llm_labels(monkeypatch):
     )
     label = describe_llm(Settings(llm="openai", openai_base_url="http://h:23333/v1", openai_model="internlm2"))
     assert label == "openai: internlm2 @ http://h:23333/v1"
+    secret = Settings(llm="openai", openai_base_url="https://user:s3cret@h/v1", openai_model="m")
+    assert describe_llm(secret) == "openai: m @ https://***@h/v1"  # shown to every chat user
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible server
