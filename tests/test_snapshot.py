@@ -183,6 +183,14 @@ def rewrite(archive: Path, out: Path, change) -> None:
             dst.addfile(info, io.BytesIO(data))
 
 
+def refused_and_untouched(archive: Path, home: Path, tiny_st_dir, tiny_embeddings, message: str) -> None:
+    """Importing ``archive`` into a new knowledge base at ``home`` fails with ``message`` and leaves nothing."""
+    kb = make_kb(home, tiny_st_dir, tiny_embeddings)
+    with pytest.raises(KBError, match=message):
+        kb.import_snapshot(archive)
+    untouched(kb)
+
+
 def reseal(archive: Path, out: Path, change) -> None:
     """``rewrite``, with the index's checksums made to fit: what an archive's author can do, unlike a disk."""
     with tarfile.open(archive, "r:gz") as src:
@@ -386,10 +394,7 @@ def test_a_snapshots_rows_are_checked_as_kb_add_checks_them(source, tmp_path, ti
 
     crafted = tmp_path / "crafted.tar.gz"
     reseal(source["without"], crafted, change)
-    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
-    with pytest.raises(KBError, match=message):
-        kb.import_snapshot(crafted)
-    untouched(kb)
+    refused_and_untouched(crafted, tmp_path / "target", tiny_st_dir, tiny_embeddings, message)
 
 
 def test_an_archive_that_would_not_fit_is_refused_before_anything_is_written(source, tmp_path, tiny_st_dir,
@@ -416,10 +421,7 @@ def test_an_index_that_could_fool_the_room_check_is_refused(source, tmp_path, ti
 
     crafted = tmp_path / "crafted.tar.gz"
     rewrite(source["without"], crafted, change)
-    kb = make_kb(tmp_path / "target", tiny_st_dir, tiny_embeddings)
-    with pytest.raises(KBError, match=message):
-        kb.import_snapshot(crafted)
-    untouched(kb)
+    refused_and_untouched(crafted, tmp_path / "target", tiny_st_dir, tiny_embeddings, message)
 
 
 def test_round_trip_gives_the_same_passages_as_exact_search(source, tmp_path, tiny_st_dir, tiny_embeddings):
