@@ -32,7 +32,6 @@ import ctypes
 import inspect
 import os
 import threading
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,7 +56,7 @@ from core.gguf import GGUF_NAME, GGUFError, ensure_gguf
 from core import decode_weights
 from core.gguf_checkpoint import cpu_multiplies_bf16, ensure_checkpoint
 from core.prompt_cache import PromptCache, feed_only_uncached
-from core.settings import Settings
+from core.settings import Settings, redact
 
 BACKENDS = ("auto", "llamacpp", "transformers", "openai")
 
@@ -822,7 +821,7 @@ def describe_llm(settings: Settings) -> str:
     if name == "openai":
         model = settings.openai_model or "first served model"
         # shown to every chat user: credentials a URL may carry are hidden (a security review)
-        where = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", settings.openai_base_url)
+        where = redact(settings.openai_base_url)
         return f"openai: {model} @ {where or '(KB_OPENAI_BASE_URL not set)'}"
     return f"unknown LLM backend {settings.llm!r}"
 

@@ -33,6 +33,11 @@ DEFAULT_EXTENSIONS = ("md", "txt", "rst")
 UPLOAD_EXTENSIONS = ("md", "markdown", "txt", "rst", "html", "htm", "xml", "csv")
 
 
+def redact(url: str) -> str:
+    """Hide credentials: ``https://user:token@host`` -> ``https://***@host`` (settings' URLs and sources' alike)."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", url)
+
+
 def split_list(value: str) -> tuple[str, ...]:
     """A comma-separated list of extensions, lower-cased, one leading dot dropped (".md" is "md").
 

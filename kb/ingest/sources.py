@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import git
 
+from core.settings import redact
 from kb.errors import KBError
 from kb.progress import GitProgress, Progress, no_progress
 
@@ -83,11 +84,6 @@ def validate_branch(branch: str | None) -> str | None:
     if bad:
         raise KBError(f"invalid branch name {branch!r}")
     return branch
-
-
-def redact(url: str) -> str:
-    """Hide credentials: ``https://user:token@host`` -> ``https://***@host``."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", url)
 
 
 def strip_credentials(url: str) -> str:
