@@ -116,6 +116,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind28", "Overview (blind 28)", QUESTIONS / "overview_blind28.jsonl",
                 "checking only, a twenty-sixth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-first stop, measured once at the fifty-second"),
+    QuestionSet("overview-blind29", "Overview (blind 29)", QUESTIONS / "overview_blind29.jsonl",
+                "checking only, a twenty-seventh blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-second stop, measured once at the fifty-third"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
