@@ -86,6 +86,8 @@ class Settings:
     upload_extensions: tuple[str, ...] = UPLOAD_EXTENSIONS
     # vector store
     chroma_url: str = ""  # empty: embedded PersistentClient in home/chroma
+    # seconds a Chroma server may take over one request (connecting: at most 10) before it is "not answering"
+    chroma_timeout: float = 60.0
     # LLM
     # auto: the packaged GGUF through transformers in bf16 where the CPU multiplies bf16 (AMX: first token ~5x
     # sooner; AVX512-BF16: ~2x; README "The runtime"), else through llama.cpp | llamacpp | transformers (KB_LLM_PATH) | openai
@@ -243,6 +245,7 @@ def load_settings(env: dict[str, str] | None = None, secrets_path: Path | None =
     _in_range(values, "context_tokens", 100, 20_000, "100 to 20000 (tokens of excerpts in the answer prompt)")
     _in_range(values, "llm_prompt_lookup", 0, 64, "0 (off) to 64 (tokens drafted from the prompt per step)")
     _in_range(values, "llm_temperature", 0, 2, "0 (greedy: the same answer every time) to 2")
+    _in_range(values, "chroma_timeout", 1, 3600, "1 to 3600 (seconds a Chroma server may take to answer)")
     _in_range(values, "snapshot_keep", 1, 10_000, "1 or more (the scheduled snapshots kept, newest first)")
     return Settings(**values)  # type: ignore[arg-type]
 

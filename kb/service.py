@@ -27,7 +27,7 @@ import httpx
 from langchain_core.embeddings import Embeddings
 
 from core import embeddings as emb
-from core.settings import Settings, load_settings
+from core.settings import Settings, load_settings, redact
 from kb import log as runlog
 from kb import verify as consistency
 from kb.errors import KBError
@@ -112,7 +112,8 @@ class KnowledgeBase:
                 index = VectorIndex(self.settings)
                 if self.settings.chroma_url:  # one data folder per server (kb/store/server_owner.py)
                     with reachable(self.settings):
-                        server_owner.claim(index.client, self.manifest, self.settings.home, self.settings.chroma_url)
+                        server_owner.claim(index.client, self.manifest, self.settings.home,
+                                          redact(self.settings.chroma_url))
                 self._index = index
             elif self._index.stale():
                 _log.info("another process wrote to %s: reopening the vector store", self.settings.chroma_path)

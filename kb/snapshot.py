@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from chromadb.errors import ChromaError
 
+from core.settings import redact
 from kb import pids
 from kb.errors import KBError
 from kb.ingest import clone_config
@@ -387,7 +388,7 @@ def target_problem(kb: "KnowledgeBase") -> str | None:
     held = sorted(c.name for c in kb.index.client.list_collections()
                   if not c.name.startswith(STAGING_PREFIX) and c.name != OWNER)
     if held:
-        where = f"the Chroma server at {kb.settings.chroma_url}" if kb.settings.chroma_url else f"{kb.settings.chroma_path}"
+        where = f"the Chroma server at {redact(kb.settings.chroma_url)}" if kb.settings.chroma_url else f"{kb.settings.chroma_path}"
         return f"{where} already holds collection(s): {', '.join(held[:5])}" + (" …" if len(held) > 5 else "")
     repos = kb.settings.repos_path
     if repos.is_dir() and any(repos.iterdir()):

@@ -8,8 +8,11 @@ and the same process (the dashboard's case) works without a restart.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,96 @@ def test_a_server_lost_mid_sync_ends_the_sync_and_an_upload_or_pass_without_it_w
     assert not kb.manifest.has_source("notes") and not (tmp_path / "home" / "repos" / "notes").exists()
     job = JobQueue(kb, start=False).run_scheduled_now()  # nothing changed upstream: it still says the store is down
     assert job["state"] == FAILED and "cannot reach the Chroma server" in job["error"]
+
+
+def test_a_server_that_stops_answering_is_an_error_within_the_timeout_not_a_hang(
+        chroma_server, tmp_path, corpus, tiny_st_dir, tiny_embeddings):
+    """chromadb's own client waits forever: a stopped server (SIGSTOP: it accepts, it never answers) held a search."""
+    from kb.service import KnowledgeBase
+
+    settings = base_settings(tmp_path / "home", embed_model=str(tiny_st_dir), embed_backend="torch",
+                             chroma_url=chroma_server.url, chroma_timeout=2.0)
+    kb = KnowledgeBase(settings, embeddings=tiny_embeddings)
+    kb.add_source("lagent", str(corpus / "lagent.bundle"))
+    assert not kb.sync()[0].error
+    engine = SearchEngine(kb)
+    assert len(engine.search("How do I define a custom tool?", SearchOptions(k=3))) == 3
+    env = {**os.environ, "KB_HOME": str(tmp_path / "home"), "KB_CHROMA_URL": chroma_server.url,
+           "KB_CHROMA_TIMEOUT": "2", "KB_EMBED_MODEL": str(tiny_st_dir), "KB_EMBED_BACKEND": "torch"}
+    os.kill(chroma_server.proc.pid, signal.SIGSTOP)
+    try:
+        for mode in ("hybrid", "dense"):
+            start = time.monotonic()
+            with pytest.raises(KBError, match=f"Chroma server at {chroma_server.url} did not answer within 2 s"):
+                engine.search("custom tool", SearchOptions(k=3, mode=mode))
+            assert time.monotonic() - start < 30
+        fresh = KnowledgeBase(settings, embeddings=tiny_embeddings)  # a process opening the store now: the CLI
+        with pytest.raises(KBError, match="did not answer within 2 s"):
+            fresh.stats()
+        done = cli(env, "stats")
+        assert done.returncode == 1 and "did not answer within 2 s" in done.stderr, done.stderr[-2000:]
+    finally:
+        os.kill(chroma_server.proc.pid, signal.SIGCONT)
+    assert len(engine.search("How do I define a custom tool?", SearchOptions(k=3))) == 3  # the same process again
+    assert cli(env, "stats", "--json").returncode == 0
+
+
+def auth_proxy(upstream: str, user: str, password: str, prefix: str):
+    """A reverse proxy in front of the server, as one is deployed: basic auth, and the server under a path."""
+    import base64
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    seen: list[tuple[str, bool]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.path, self.headers.get("Authorization") == expected))
+            if self.headers.get("Authorization") != expected or not self.path.startswith(prefix + "/"):
+                self.send_response(401 if seen[-1][1] is False else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            got = httpx.request(self.command, upstream + self.path[len(prefix):], content=body,
+                                headers={"Content-Type": self.headers.get("Content-Type") or "application/json"})
+            self.send_response(got.status_code)
+            self.send_header("Content-Type", got.headers.get("Content-Type", "application/json"))
+            self.send_header("Content-Length", str(len(got.content)))
+            self.end_headers()
+            self.wfile.write(got.content)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_a_server_behind_a_proxy_gets_the_urls_path_and_credentials(
+        chroma_server, tmp_path, corpus, tiny_st_dir, tiny_embeddings):
+    """`http://user:pass@host/prefix`: both were dropped (chromadb takes a host), so such a server was unusable."""
+    from kb.service import KnowledgeBase
+
+    proxy, seen = auth_proxy(chroma_server.url, "kb", "s@cret", "/chroma")
+    try:
+        where = f"127.0.0.1:{proxy.server_address[1]}/chroma"
+        kb = KnowledgeBase(base_settings(tmp_path / "home", embed_model=str(tiny_st_dir), embed_backend="torch",
+                                         chroma_url=f"http://kb:s%40cret@{where}"), embeddings=tiny_embeddings)
+        kb.add_source("lagent", str(corpus / "lagent.bundle"))
+        assert not kb.sync()[0].error
+        assert len(SearchEngine(kb).search("How do I define a custom tool?", SearchOptions(k=3))) == 3
+        assert len(seen) > 5 and all(ok for _, ok in seen)
+
+        wrong = KnowledgeBase(base_settings(tmp_path / "other", embed_model=str(tiny_st_dir), embed_backend="torch",
+                                            chroma_url=f"http://kb:nope@{where}"), embeddings=tiny_embeddings)
+        with pytest.raises(KBError, match="answered HTTP 401") as refused:
+            wrong.stats()
+        assert "nope" not in str(refused.value) and f"***@{where}" in str(refused.value)
+    finally:
+        proxy.shutdown()

@@ -11,14 +11,14 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import chromadb
 import httpx
 from chromadb.config import Settings as ChromaSettings
 from chromadb.errors import ChromaError, NotFoundError
 
-from core.settings import Settings
+from core.settings import Settings, redact
 from kb.errors import KBError
 from kb.store.manifest import write_number, written_elsewhere
 
@@ -37,7 +37,16 @@ def reachable(settings: Settings) -> Iterator[None]:
     try:
         yield
     except httpx.TransportError as exc:
-        raise ChromaUnreachable(f"cannot reach the Chroma server at {settings.chroma_url}: {exc}") from None
+        raise unreachable(settings, exc) from None
+
+
+def unreachable(settings: Settings, exc: Exception) -> ChromaUnreachable:
+    """One line naming the server (without its credentials), and a timeout as what it is."""
+    where = redact(settings.chroma_url)
+    if isinstance(exc, httpx.TimeoutException):
+        return ChromaUnreachable(f"the Chroma server at {where} did not answer within {settings.chroma_timeout:g} s "
+                                 f"(KB_CHROMA_TIMEOUT): it is running but stuck or overloaded")
+    return ChromaUnreachable(f"cannot reach the Chroma server at {where}: {exc}")
 from kb.progress import Progress, no_progress
 
 READ_BATCH = 500
@@ -77,20 +86,48 @@ def make_client(settings: Settings) -> "chromadb.ClientAPI":
 def _make_client(settings: Settings) -> "chromadb.ClientAPI":
     chroma_settings = ChromaSettings(anonymized_telemetry=False)
     if settings.chroma_url:
-        url = urlsplit(settings.chroma_url)
-        if url.scheme not in {"http", "https"} or not url.hostname:
-            raise KBError(f"KB_CHROMA_URL={settings.chroma_url!r} is not an http(s) URL")
-        try:
-            return chromadb.HttpClient(
-                host=url.hostname,
-                port=url.port or (443 if url.scheme == "https" else 8000),
-                ssl=url.scheme == "https",
-                settings=chroma_settings,
-            )
-        except ValueError as exc:  # chromadb's "Could not connect to a Chroma server"
-            raise ChromaUnreachable(f"cannot reach the Chroma server at {settings.chroma_url}: {exc}") from None
+        return _server_client(settings, chroma_settings)
     settings.chroma_path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(path=str(settings.chroma_path), settings=chroma_settings)
+
+
+def _server_client(settings: Settings, chroma_settings: ChromaSettings) -> "chromadb.ClientAPI":
+    """A client for ``KB_CHROMA_URL``: its path (a server behind a proxy), its credentials, and a timeout.
+
+    chromadb builds its ``httpx`` client with no timeout, so a server that accepts and never answers (stopped,
+    swapping, a proxy whose backend is gone) held a search, a sync or a page forever; and it takes a host, so a
+    URL's ``/prefix`` and ``user:password@`` were dropped. The server is asked for its heartbeat here first,
+    within the timeout, because chromadb's constructor already talks to it.
+    """
+    url = urlsplit(settings.chroma_url)
+    if url.scheme not in {"http", "https"} or not url.hostname:
+        raise KBError(f"KB_CHROMA_URL={redact(settings.chroma_url)!r} is not an http(s) URL")
+    try:
+        port = url.port or (443 if url.scheme == "https" else 8000)
+    except ValueError:
+        raise KBError(f"KB_CHROMA_URL={redact(settings.chroma_url)!r} has no valid port") from None
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    base = urlunsplit((url.scheme, f"{host}:{port}", url.path.rstrip("/"), "", ""))
+    timeout = httpx.Timeout(settings.chroma_timeout, connect=min(settings.chroma_timeout, 10.0))
+    auth = (unquote(url.username), unquote(url.password or "")) if url.username else None
+    try:
+        httpx.get(f"{base}/api/v2/heartbeat", timeout=timeout, auth=auth).raise_for_status()
+    except httpx.TransportError as exc:
+        raise unreachable(settings, exc) from None
+    except httpx.HTTPStatusError as exc:
+        raise ChromaUnreachable(f"the Chroma server at {redact(settings.chroma_url)} answered "
+                                f"HTTP {exc.response.status_code} to its heartbeat: check KB_CHROMA_URL") from None
+    if auth:  # Chroma's own basic-auth provider: the server's `basic_authn`, or a proxy asking for it
+        chroma_settings.chroma_client_auth_provider = "chromadb.auth.basic_authn.BasicAuthClientProvider"
+        chroma_settings.chroma_client_auth_credentials = f"{auth[0]}:{auth[1]}"
+    try:
+        client = chromadb.HttpClient(host=base, port=port, ssl=url.scheme == "https", settings=chroma_settings)
+    except httpx.TransportError as exc:
+        raise unreachable(settings, exc) from None
+    except ValueError as exc:  # chromadb's "Could not connect to a Chroma server"
+        raise ChromaUnreachable(f"cannot reach the Chroma server at {redact(settings.chroma_url)}: {exc}") from None
+    client._server._session.timeout = timeout  # type: ignore[attr-defined]  # chromadb's own client, timeout=None
+    return client
 
 
 def collection_name(config_hash: str, model_slug: str) -> str:
