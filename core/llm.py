@@ -716,23 +716,29 @@ def _openai_class() -> type:
             try:
                 yield from super()._stream(*args, **kwargs)
             except (openai.OpenAIError, httpx.TransportError) as exc:  # httpx's own: the stream cut mid-answer
-                raise server_failure(self.openai_api_base, self.model_name, exc) from exc
+                raise server_failure(self.openai_api_base, self.model_name, exc, self.request_timeout) from exc
 
         def _generate(self, *args: Any, **kwargs: Any) -> Any:
             try:
                 return super()._generate(*args, **kwargs)
             except (openai.OpenAIError, httpx.TransportError) as exc:
-                raise server_failure(self.openai_api_base, self.model_name, exc) from exc
+                raise server_failure(self.openai_api_base, self.model_name, exc, self.request_timeout) from exc
 
     return ChatOpenAICompatible
 
 
-def server_failure(base_url: str | None, model: str, exc: Exception) -> LLMError:
-    """What went wrong with the model server, in words: unreachable or gone, or what it answered."""
+def server_failure(base_url: str | None, model: str, exc: Exception, timeout: Any = None) -> LLMError:
+    """What went wrong with the model server, in words: silent too long, unreachable or gone, or what it answered."""
     import httpx
     import openai
 
-    if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):  # refused, reset, timed out, cut
+    base_url = redact(base_url or "")
+    if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
+        seconds = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
+        return LLMError(f"the model server at {base_url} did not answer within {seconds:g} s (KB_OPENAI_TIMEOUT): "
+                        "it is running but stuck or busy" if isinstance(seconds, (int, float)) else
+                        f"the model server at {base_url} did not answer in time: it is running but stuck or busy")
+    if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):  # refused, reset, cut
         return LLMError(f"the model server at {base_url} did not answer or went away ({type(exc).__name__}: "
                         f"{exc}); is it running?")
     if isinstance(exc, openai.APIStatusError):
@@ -783,6 +789,9 @@ def _build_openai(settings: Settings) -> BaseChatModel:
         max_tokens=settings.llm_max_tokens,
         temperature=settings.llm_temperature,
         max_retries=1,
+        # openai's default waits 600 s for each silence, and retried: a stuck server held a chat for 20 minutes (a
+        # number, not an httpx.Timeout: langchain-openai caches its clients by it, and that one is not hashable)
+        timeout=settings.openai_timeout,
     )
 
 

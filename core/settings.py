@@ -115,6 +115,8 @@ class Settings:
     openai_base_url: str = ""
     openai_model: str = ""
     openai_api_key: str = field(default="", repr=False)
+    # seconds the model server may stay silent (before the first word, or between two) before the answer fails
+    openai_timeout: float = 120.0
     # retrieval
     retrieval_mode: str = "hybrid"
     top_k: int = 5
@@ -245,6 +247,7 @@ def load_settings(env: dict[str, str] | None = None, secrets_path: Path | None =
     _in_range(values, "context_tokens", 100, 20_000, "100 to 20000 (tokens of excerpts in the answer prompt)")
     _in_range(values, "llm_prompt_lookup", 0, 64, "0 (off) to 64 (tokens drafted from the prompt per step)")
     _in_range(values, "llm_temperature", 0, 2, "0 (greedy: the same answer every time) to 2")
+    _in_range(values, "openai_timeout", 1, 3600, "1 to 3600 (seconds the model server may stay silent)")
     _in_range(values, "chroma_timeout", 1, 3600, "1 to 3600 (seconds a Chroma server may take to answer)")
     _in_range(values, "snapshot_keep", 1, 10_000, "1 or more (the scheduled snapshots kept, newest first)")
     return Settings(**values)  # type: ignore[arg-type]

@@ -769,3 +769,20 @@ def test_llamacpp_counts_the_questions_in_line():
     for t in askers:
         t.join(10)
     assert answers == ["ok"] * 3 and model.queue_length() == 0
+
+
+def test_a_model_server_that_accepts_and_never_answers_is_an_error_within_the_timeout():
+    """openai's client waits 600 s for each silence, and retried once: a stuck LMDeploy held a chat 20 minutes."""
+    import socket
+    import time
+
+    with socket.socket() as stuck:  # listens, so the connection is made; never reads, never answers
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(8)
+        port = stuck.getsockname()[1]
+        settings = Settings(llm="openai", openai_base_url=f"http://kb:tok3n@127.0.0.1:{port}/v1", openai_model="m",
+                            openai_timeout=1.0)
+        start = time.monotonic()
+        with pytest.raises(LLMError, match=r"did not answer within 1 s \(KB_OPENAI_TIMEOUT\)") as failed:
+            list(build_chat_model(settings).stream([HumanMessage("hi")]))
+        assert time.monotonic() - start < 15 and "tok3n" not in str(failed.value)
