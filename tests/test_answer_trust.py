@@ -244,6 +244,34 @@ def test_a_sentence_summing_up_a_long_list_is_supported_by_the_whole_list():
     assert not wrong.supported, "a figure no line states"
 
 
+def test_a_sentence_summing_up_a_short_code_block_is_supported_by_the_whole_block():
+    """blind29: four pinned versions in a fence, summed up in one sentence, were withheld although right: no run of
+    three lines held them all (a bulleted list of four was read whole already)."""
+    lines = ("Our fine-tuning scripts are based on the following environment:\n\n```\ntorch==2.0.1\n"
+             "transformers==4.33.2\npeft==0.8.2\ndeepspeed==0.12.3\n```\n")
+    sources = [hit(lines, 1, line_start=11)]
+    asked = "Which package versions are the fine-tuning scripts based on?"
+    (whole,) = support("torch==2.0.1, transformers==4.33.2, peft==0.8.2, deepspeed==0.12.3", sources, embed=None,
+                       question=asked)
+    assert whole.supported and (whole.line_start, whole.line_end) == (14, 17), "the block's four lines, no fence"
+    (wrong,) = support("torch==2.0.1, transformers==4.36.2, peft==0.8.2, deepspeed==0.12.3", sources, embed=None,
+                       question=asked)
+    assert not wrong.supported, "a version no line states"
+
+
+def test_a_question_mark_inside_a_url_does_not_end_the_sentence():
+    """The citation after a sentence's first half ("…/install?") landed inside the link, which then went nowhere."""
+    answer = "See [the guide](https://x.io/install?lang=en#pip) for details. Is it free? Yes! 好吗?好的。"
+    assert split_sentences(answer) == ["See [the guide](https://x.io/install?lang=en#pip) for details.",
+                                       "Is it free?", "Yes!", "好吗?", "好的。"]
+    sources = [hit("See the guide for details on installing with pip.", 1)]
+    sents = support(answer.split(" Is")[0], sources, embed=None)
+    md = answer_markdown({"content": answer.split(" Is")[0], "sentences": [s.as_dict() for s in sents],
+                          "sources": [h.as_dict() for h in sources]})
+    tokens = MarkdownIt().parseInline(md)[0].children
+    assert [t.attrs["href"] for t in tokens if t.type == "link_open"][0] == "https://x.io/install?lang=en#pip"
+
+
 def test_answer_markdown_links_each_sentence_to_the_documents_page():
     sources = [hit("XTuner is a toolkit for fine-tuning large models.", 1)]
     answer = "XTuner is a toolkit for fine-tuning large models [1].\n\nIt runs on the Moon."

@@ -107,8 +107,13 @@ ASKING_RE = re.compile(r"[?？]|哪|什么|吗|怎么|如何|多少|是否|能�
 LIST_ITEM_RE = re.compile(r"\s*(?:[-*+]|\d{1,3}[.)])\s")
 CELL_SPLIT_RE = re.compile(r"((?:`[^`]*`|\\.|[^|\\])*)\|")  # each cell, up to its unescaped bar
 NUMERIC_CELL_RE = re.compile(r"[-+~≈]?\d+(?:[.,]\d+)*%?")
-# Sentence ends: Chinese full stops anywhere, Latin ones before a space or the end, and line breaks.
-SENTENCE_RE = re.compile(r"[^。！？!?；\n]+?(?:[。！？!?；]+|[.](?=\s+[A-Z\u3400-\u9fff*\-\d`\[]|\s*$)|(?=\n)|$)", re.S)
+# Sentence ends: Chinese full stops anywhere, Latin ones before a space or the end, and line breaks. A Latin "?" or
+# "!" ends one only before a space, a quote, Chinese text or the end: one inside a URL ("install?lang=en") split
+# the sentence, and the citation put after its first half landed inside the link, which no longer opened.
+_LATIN_NEXT = r"[\s\"'”’*_]|$|[\u3400-\u9fff]"
+SENTENCE_RE = re.compile(rf"(?:[^。！？!?；\n]|[!?]+(?!{_LATIN_NEXT}))+?"
+                         rf"(?:[。！？；]+|[!?]+[\"'”’]*(?={_LATIN_NEXT})|[.](?=\s+[A-Z\u3400-\u9fff*\-\d`\[]|\s*$)|(?=\n)|$)", re.S)
+
 
 
 @dataclass
@@ -406,13 +411,23 @@ def _runs(lines: Sequence[str]) -> list[tuple[int, int, str, int, bool]]:
 
 def _lists(lines: Sequence[str], fenced: Sequence[bool]) -> list[tuple[int, int]]:
     """Lists of more than ``MAX_LINES`` items (up to ``MAX_LIST_LINES``), each as one run: a sentence that sums a
-    list up ("Python 3.8+, PyTorch 1.12+, CUDA 11.4+ and flash-attention2") states figures no three lines hold."""
+    list up ("Python 3.8+, PyTorch 1.12+, CUDA 11.4+ and flash-attention2") states figures no three lines hold.
+
+    The body of a code block that short is one too: pinned versions ("torch==2.0.1" to "deepspeed==0.12.3", four
+    lines of a fence) summed up in one sentence were withheld, right, as no three lines held them (blind29).
+    """
+    return _spans(lines, lambda i: not fenced[i] and bool(LIST_ITEM_RE.match(lines[i]))) + _spans(
+        lines, lambda i: fenced[i] and not is_fence(lines[i]) and bool(lines[i].strip()))
+
+
+def _spans(lines: Sequence[str], member: Callable[[int], bool]) -> list[tuple[int, int]]:
+    """Each maximal span of consecutive member lines longer than ``MAX_LINES`` and at most ``MAX_LIST_LINES``."""
     out, start = [], None
     for i in range(len(lines) + 1):
-        item = i < len(lines) and not fenced[i] and bool(LIST_ITEM_RE.match(lines[i]))
-        if item and start is None:
+        inside = i < len(lines) and member(i)
+        if inside and start is None:
             start = i
-        elif not item and start is not None:
+        elif not inside and start is not None:
             if MAX_LINES < i - start <= MAX_LIST_LINES:
                 out.append((start, i - 1))
             start = None
