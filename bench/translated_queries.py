@@ -27,7 +27,7 @@ from kb.question_sets import retrieval_sets
 from kb.search import engine as E
 from kb.search.engine import SearchEngine
 from kb.search.hits import SearchOptions
-from kb.search.signals import query_language
+from kb.words import language_of
 from kb.words import query_tokens
 
 OUT = RESULTS / "translated-queries.json"
@@ -58,7 +58,7 @@ def translate(questions: list[str], kept: dict[str, str]) -> tuple[dict[str, str
     llm.invoke([SystemMessage(SYSTEM["en"]), HumanMessage("你好")])  # the model loaded outside the timing
     t0 = time.perf_counter()
     for q in todo:
-        text = llm.invoke([SystemMessage(SYSTEM[query_language(q)]), HumanMessage(q)]).content.strip()
+        text = llm.invoke([SystemMessage(SYSTEM[language_of(q)]), HumanMessage(q)]).content.strip()
         kept[q] = text.splitlines()[0] if text else ""
     return kept, (time.perf_counter() - t0) / len(todo)
 
@@ -151,7 +151,7 @@ def main() -> None:
         if t and trig:
             first = hybrid(self, coll, collection, query, lex, tokens, named, {k: list(v) for k, v in lists.items()},
                            opts)[:5]
-            t = t if sum(query_language(h.text[:300]) != query_language(query) for h in first) >= trig else None
+            t = t if sum(language_of(h.text[:300]) != language_of(query) for h in first) >= trig else None
         if t:
             state["fired"] += 1
             n = max(opts.candidates, opts.k)

@@ -28,10 +28,10 @@ from kb.conversations import ConversationStore
 from kb.errors import KBError
 from kb.evaluate import feedback_questions, load_questions
 from kb.ingest.sources import validate_name
+from kb.words import CJK_RE
 
 MAX_QUESTION_CHARS = 2000
 MAX_FACT_CHARS = 200
-CJK_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 # ---------------------------------------------------------------------------- rated answers

@@ -23,7 +23,21 @@ STOPWORDS = frozenset(
     "if then than so such into about over under via per vs".split()
 )
 
+# CJK ideographs (the compatibility block too): what makes a text Chinese for the language rule below
+CJK_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
 _jieba = None
+
+
+def language_of(text: str) -> str:
+    """"zh" when a tenth of the letters (of the first 20,000 characters) are CJK, else "en".
+
+    One rule for a document, a question and an answer's sentence: a question's language picks the copy of a README
+    the loader labelled the same way (the search signals had their own range, without the compatibility block).
+    """
+    sample = text[:20_000]
+    letters = sum(c.isalpha() for c in sample) or 1
+    return "zh" if len(CJK_RE.findall(sample)) / letters > 0.1 else "en"
 
 
 def _cut(text: str) -> list[str]:

@@ -12,6 +12,7 @@ from kb.errors import KBError
 from kb.evaluate import evaluate, gold_locations, is_hit, load_questions, scores
 from kb.search import signals
 from kb.search.bm25 import BM25Matrix
+from kb.words import language_of
 from kb.search.hits import Hit, SearchOptions
 from kb.words import tokenize
 
@@ -117,8 +118,8 @@ def test_empty_hits_are_headings_and_markup_only():
 
 
 def test_query_language():
-    assert signals.query_language("xtuner是什么？") == "zh"
-    assert signals.query_language("What is XTuner?") == "en"
+    assert language_of("xtuner是什么？") == "zh"
+    assert language_of("What is XTuner?") == "en"
 
 
 def test_near_duplicates_collapse_to_the_copy_in_the_questions_language():

@@ -34,7 +34,7 @@ from kb.errors import KBError
 from kb.ingest.loaders import LoadedDocument, git_lines
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
-from kb.search.signals import query_language
+from kb.words import language_of
 from kb.words import tokenize
 
 STAGES = ("rewriting", "searching", "translated", "sources", "answering")  # "translated": only with a translation
@@ -183,7 +183,7 @@ def withholds(answer: str, sentences: list[Sentence]) -> bool:
 
 
 def decline_text(question: str, hits: list[Hit]) -> str:
-    return DECLINE[query_language(question)].format(searched=searched(question, hits))
+    return DECLINE[language_of(question)].format(searched=searched(question, hits))
 
 
 def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOptions,

@@ -42,7 +42,7 @@ from kb.answer.prompts import EXAMPLE_SENTENCE, EXAMPLE_SUBJECT, LINK_RE, LOOKAL
 from kb.citations import MARKER_RE, marker_numbers
 from kb.markdown import is_fence
 from kb.search.hits import Hit
-from kb.search.signals import query_language
+from kb.words import language_of
 from kb.words import tokenize
 
 THRESHOLD = 0.35  # lexical share x LEXICAL + cosine x (1 - LEXICAL); README "Answers" (hand-labelled)
@@ -205,7 +205,7 @@ def _terms(sentence: str) -> list[str]:
     """
     text = MARKER_RE.sub(" ", sentence)
     words = TERM_RE.findall(text)
-    if query_language(text) != "zh":
+    if language_of(text) != "zh":
         words = [w for w in words if MIXED_RE.match(w)]
     return [t for t in dict.fromkeys(_squash(w) for w in words) if len(t) > 1]
 
@@ -480,7 +480,7 @@ class Aligner:
             for w in words:
                 self._df[w] = self._df.get(w, 0) + 1
         self._vectors: np.ndarray | None = None
-        self._run_zh = np.array([query_language(text) == "zh" for *_, text in self.runs], dtype=bool)
+        self._run_zh = np.array([language_of(text) == "zh" for *_, text in self.runs], dtype=bool)
         self.reversed = [_reversed_clauses(text) for *_, text in self.runs]
         self._negating = np.array([bool(NEGATING_RE.search(text)) for *_, text in self.runs], dtype=bool)
 
@@ -508,7 +508,7 @@ class Aligner:
         score = LEXICAL * lexical + (1 - LEXICAL) * cosine
         # a sentence and lines in different languages share few words however exactly one translates the other:
         # there the cosine alone decides, against a higher bar (README "Answers")
-        across = self._run_zh != (query_language(sentence) == "zh")
+        across = self._run_zh != (language_of(sentence) == "zh")
         return np.where(across, np.maximum(score, cosine - CROSS_LINGUAL_OFFSET), score) - self._length_cost
 
     def _turned(self, sentence: str) -> np.ndarray:
@@ -572,7 +572,7 @@ class Aligner:
             bar = np.where(in_lines, THRESHOLD - EXACT_RELIEF, THRESHOLD)  # the claim spelled out in the lines
         terms = [t for t in _terms(sentence) if t not in self.asked]
         if terms:  # across languages, the sentence's own Latin terms spelled out in the lines: a little below the bar
-            across = self._run_zh != (query_language(sentence) == "zh")
+            across = self._run_zh != (language_of(sentence) == "zh")
             spelled = np.array([all(t in _squash(text) for t in terms) for *_, text in self.runs])
             bar = np.where(across & spelled, np.minimum(bar, THRESHOLD - EXACT_RELIEF), bar)
         margin = scores - bar

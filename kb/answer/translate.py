@@ -14,7 +14,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableLambda
 
 from kb.answer.prompts import TRANSLATE_PROMPTS, neutralise
-from kb.search.signals import query_language
+from kb.words import language_of
 
 MAX_TOKENS = 40  # a question's translation fits; past it the model is explaining, not translating
 
@@ -28,7 +28,7 @@ def first_line(text: str, question: str) -> str:
 def build_translate(llm: BaseChatModel | Runnable) -> Runnable:
     """question -> the question in the other language, greedy and short ('' when there is none)."""
     def prompt(question: str):
-        return TRANSLATE_PROMPTS[query_language(question)].format_messages(question=neutralise(question))
+        return TRANSLATE_PROMPTS[language_of(question)].format_messages(question=neutralise(question))
 
     write = RunnableLambda(prompt) | llm.bind(max_tokens=MAX_TOKENS, temperature=0.0) | StrOutputParser()
 

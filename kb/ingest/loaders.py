@@ -16,9 +16,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kb.words import language_of
+
 LINE_EXTENSIONS = {"md", "markdown", "txt", "rst"}
 MARKDOWN_EXTENSIONS = {"md", "markdown"}
-CJK_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 ATX_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
 FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 RST_UNDERLINE_RE = re.compile(r"^([=\-~^\"'`#*+:.])\1{2,}\s*$")
@@ -55,12 +56,6 @@ class SkipFile(Exception):
 def extension(path: str) -> str:
     name = path.rsplit("/", 1)[-1]
     return name.rsplit(".", 1)[-1].lower() if "." in name else ""
-
-
-def detect_language(text: str) -> str:
-    sample = text[:20000]
-    letters = sum(c.isalpha() for c in sample) or 1
-    return "zh" if len(CJK_RE.findall(sample)) / letters > 0.1 else "en"
 
 
 def data_file_reason(lines: list[str]) -> str | None:
@@ -159,7 +154,7 @@ def load_lines(path: str, data: bytes) -> LoadedDocument:
         sha256=hashlib.sha256(data).hexdigest(),
         size=len(data),
         loader="lines",
-        language=detect_language(text),
+        language=language_of(text),
         headings=headings,
     )
 
@@ -218,7 +213,7 @@ def load_unstructured(path: str, data: bytes) -> LoadedDocument:
         sha256=hashlib.sha256(data).hexdigest(),
         size=len(data),
         loader="unstructured",
-        language=detect_language(text),
+        language=language_of(text),
         headings=headings,
     )
 

@@ -34,7 +34,7 @@ from kb.search.hits import (ALSO_BM25, ALSO_DENSE, BM25_LEAD, IN_SOURCE, OPENING
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, once_more_if_reopened, reachable
 from kb.store.manifest import Manifest
-from kb.words import query_tokens, tokenize
+from kb.words import language_of, query_tokens, tokenize
 
 _log = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ class SearchEngine:
     def _hybrid(self, coll, collection: str, query: str, lex: Lexical, tokens: list[str], named: list[str],
                 lists: dict[str, list[tuple[Document, float]]], opts: SearchOptions) -> list[Hit]:
         """Fuse the lists, with the document-level signals of ``kb/search/signals.py``."""
-        language = signals.query_language(query)
+        language = language_of(query)
         extra, weights = self._named_source_lists(coll, collection, query, lex, tokens, named, language, opts)
         bm25_scale = specificity(lex.matrix, tokens)
         lead = lists.get("bm25") or []

@@ -38,7 +38,6 @@ from kb.search.hits import Hit
 from kb.search.section_words import equivalents
 from kb.words import tokenize
 
-CJK_RE = re.compile(r"[\u3400-\u9fff]")
 HEADING_RE = re.compile(r"^\s{0,3}#{1,6}\s")
 MARKUP_RE = re.compile(r"<[^>]+>|!?\[[^\]]*\]\([^)]*\)|https?://\S+|[`*_>#|\-=~:]+")
 WORD_RE = re.compile(r"[\u3400-\u9fff]|[A-Za-z0-9]+")
@@ -50,12 +49,6 @@ INTRO_HEADING_RE = re.compile(r"introduction|overview|about|what is|welcome|简�
 # Words that ask "what is it" without saying what about it (BM25 already drops 是/什么/what/is).
 QUESTION_WORDS = frozenset("干嘛 干什么 做什么 用来 用途 作用 介绍 简介 一下 讲讲 说说 "
                            "introduce introduction overview about explain describe tell".split())
-
-
-def query_language(text: str) -> str:
-    """zh when a tenth of the letters are CJK (as the loader decides a document's language)."""
-    letters = sum(c.isalpha() for c in text) or 1
-    return "zh" if len(CJK_RE.findall(text)) / letters > 0.1 else "en"
 
 
 def is_root_readme(path: str) -> bool:
