@@ -167,9 +167,18 @@ def _secrets(path: Path) -> dict[str, object]:
         raise SettingsError(f"cannot read {path}: {exc}") from exc
 
 
-_INTERVAL_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_INTERVAL = 365 * 86400
+
+
+def duration(text: str, units: str = "smhdw") -> float | None:
+    """Seconds of ``30s``, ``15m``, ``1h30m``, ``2d`` or ``1w`` (spaces and case aside), or None: one reading for the
+    schedules' intervals (which take no weeks) and ``kb log --since``."""
+    compact = text.strip().lower().replace(" ", "")
+    part = rf"(\d+(?:\.\d+)?)([{units}])"
+    if not re.fullmatch(rf"(?:{part})+", compact):
+        return None
+    return sum(float(n) * DURATION_UNITS[u] for n, u in re.findall(part, compact))
 
 
 def parse_interval(raw: object, name: str = "KB_SYNC_EVERY") -> float:
@@ -181,14 +190,8 @@ def parse_interval(raw: object, name: str = "KB_SYNC_EVERY") -> float:
     text = str(raw).strip().lower().replace(" ", "")
     if text in {"", "0", "0s", "0m", "0h", "off", "none", "false"}:
         return 0.0
-    pos, seconds = 0, 0.0
-    while pos < len(text):
-        m = _INTERVAL_PART.match(text, pos)
-        if not m:
-            break
-        seconds += float(m.group(1)) * _INTERVAL_UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text or seconds <= 0:
+    seconds = duration(text, "smhd")
+    if not seconds:
         raise SettingsError(
             f"{name}={raw!r} is not an interval: give a number with s, m, h or d (e.g. 30s, 15m, 1h, 1h30m, 1d), or 0 for off"
         )

@@ -48,7 +48,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -58,6 +57,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from core.settings import duration
 from kb import pids
 from kb.errors import KBError
 
@@ -107,19 +107,14 @@ def epoch(ts: str) -> float:
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
-
-
 def parse_since(text: str, now: float | None = None) -> float:
     """``--since``: a duration back from now (``45s``, ``30m``, ``1h``, ``2d``, ``1w``, ``1h30m``) or a local date
     or time (``2025-06-01``, ``2025-06-01T08:00``, ``2025-06-01 08:00``; with an offset, that offset). Returns
     seconds since the epoch; anything else is a :class:`KBError` that says what is accepted."""
     raw = (text or "").strip()
     now = time.time() if now is None else now
-    compact = raw.lower().replace(" ", "")
-    if _DURATION.fullmatch(compact):
-        seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhdw])", compact))
+    seconds = duration(raw)
+    if seconds is not None:
         return max(0.0, now - seconds)  # further back than the epoch is everything (it was a date out of range)
     try:
         when = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
