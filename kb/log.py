@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import threading
 import time
 import traceback
@@ -601,11 +602,9 @@ def glance(where: Any, hours: float = 24, now: float | None = None) -> dict:
 
 
 def _median(values: list) -> float | None:
-    vals = sorted(v for v in values if isinstance(v, (int, float)))
-    if not vals:
-        return None
-    mid = len(vals) // 2
-    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+    """The median of the numbers among ``values`` (a record may lack one); None for none."""
+    vals = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(vals) if vals else None
 
 
 def describe(rec: dict) -> str:
