@@ -53,20 +53,29 @@ class ConversationStore:
         return {"id": new_id(now), "title": "", "created": now, "updated": now, "messages": []}
 
     def save(self, conv: dict) -> Path:
-        """Write the conversation (its title follows its first question); returns the file."""
+        """Write the conversation (its title follows its first question); returns the file.
+
+        A disk that refuses it (full, read-only, the folder replaced by a file) is a :class:`KBError`, which the
+        chat shows in its error box; the copy already saved stays as it was.
+        """
         path = self._path(conv["id"])
         conv["title"] = title_of(conv.get("messages", []))
         conv["updated"] = time.time()
         conv.setdefault("created", conv["updated"])
         data = json.dumps(conv, ensure_ascii=False, indent=1)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".json")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".json")
+        except OSError as exc:
+            raise KBError(f"the conversation could not be saved: {exc}") from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(data)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise KBError(f"the conversation could not be saved: {exc}") from None
             raise
         return path
 
@@ -104,4 +113,7 @@ class ConversationStore:
         return sorted(out, key=lambda c: -c["updated"])
 
     def delete(self, conv_id: str) -> None:
-        self._path(conv_id).unlink(missing_ok=True)
+        try:
+            self._path(conv_id).unlink(missing_ok=True)
+        except OSError as exc:  # the chat's Delete button showed a traceback
+            raise KBError(f"conversation {conv_id} could not be deleted: {exc}") from None

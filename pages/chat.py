@@ -50,8 +50,8 @@ def save(conv: dict) -> None:
     try:
         store.save(conv)
         st.query_params["c"] = conv["id"]
-    except (OSError, *expected_errors()) as exc:
-        show_error(Exception(f"the conversation could not be saved: {exc}"))
+    except expected_errors() as exc:
+        show_error(exc)
 
 
 def keep_stopped(conv: dict) -> None:
@@ -352,11 +352,15 @@ def saved_conversations() -> None:
                 except expected_errors() as exc:
                     show_error(exc)
             if c2.button("Delete", key="chat_delete", width="stretch"):
-                store.delete(pick)
-                if conv.get("id") == pick:
-                    st.session_state["chat_conv"] = store.new()
-                    st.query_params.pop("c", None)
-                st.rerun()
+                try:
+                    store.delete(pick)
+                except expected_errors() as exc:
+                    show_error(exc)
+                else:
+                    if conv.get("id") == pick:
+                        st.session_state["chat_conv"] = store.new()
+                        st.query_params.pop("c", None)
+                    st.rerun()
 
 
 # one slot whether or not there is an intro, so every message keeps its place in the page between reruns: Streamlit

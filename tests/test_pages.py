@@ -127,6 +127,28 @@ def test_conversation_store(tmp_path):
     assert store.list() == [] and title_of([]) == "(empty)"
 
 
+def test_a_conversation_the_disk_refuses_is_one_error_and_the_saved_copy_stays(tmp_path):
+    """The chat's Delete let an OSError through as a traceback; its save caught OSError itself, in the page."""
+    store = ConversationStore(tmp_path)
+    conv = store.new()
+    conv["messages"].append({"role": "user", "content": "xtuner是什么？"})
+    path = store.save(conv)
+    kept = path.read_text()
+    blocked = store.new()
+    (tmp_path / "conversations" / f"{blocked['id']}.json").mkdir()  # what unlink can't remove, nor replace overwrite
+    with pytest.raises(KBError, match=f"conversation {blocked['id']} could not be deleted"):
+        store.delete(blocked["id"])
+    with pytest.raises(KBError, match="the conversation could not be saved"):
+        store.save(blocked)
+    path.rename(tmp_path / "kept.json")
+    (tmp_path / "conversations").rename(tmp_path / "gone")
+    (tmp_path / "conversations").write_text("a file where the folder was")
+    conv["messages"].append({"role": "user", "content": "lost?"})
+    with pytest.raises(KBError, match="the conversation could not be saved"):
+        store.save(conv)
+    assert (tmp_path / "kept.json").read_text() == kept and not list((tmp_path / "gone").glob(".tmp-*"))
+
+
 def test_admin_password_check():
     from core import auth
     from core.settings import Settings
