@@ -24,6 +24,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from core import atomic
 from core.errors import UserError
 
 GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
@@ -113,10 +114,7 @@ def _stamp_path(dest: Path) -> Path:
 
 
 def _write_stamp(dest: Path, sha256: str) -> None:
-    stamp = {"sha256": sha256, "size": dest.stat().st_size}
-    tmp = _stamp_path(dest).with_suffix(".tmp")
-    tmp.write_text(json.dumps(stamp))
-    os.replace(tmp, _stamp_path(dest))
+    atomic.write_json(_stamp_path(dest), {"sha256": sha256, "size": dest.stat().st_size})
 
 
 def is_verified(dest: Path, expected_sha256: str) -> bool:

@@ -15,13 +15,12 @@ never reach outside the folder.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import tempfile
 import time
 from pathlib import Path
 
+from core import atomic
 from kb.errors import KBError
 
 ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
@@ -62,21 +61,10 @@ class ConversationStore:
         conv["title"] = title_of(conv.get("messages", []))
         conv["updated"] = time.time()
         conv.setdefault("created", conv["updated"])
-        data = json.dumps(conv, ensure_ascii=False, indent=1)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".json")
+            atomic.write_json(path, conv, ensure_ascii=False, indent=1)
         except OSError as exc:
             raise KBError(f"the conversation could not be saved: {exc}") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException as exc:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise KBError(f"the conversation could not be saved: {exc}") from None
-            raise
         return path
 
     def load(self, conv_id: str) -> dict:

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
+from core import atomic
 from core.errors import UserError
 from kb import log as runlog
 from kb import pids
@@ -90,11 +91,7 @@ def new_id() -> str:
 
 
 def _atomic_write(path: Path, data: dict) -> None:
-    """Write JSON so that a reader (or a crash) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, default=str, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, data, ensure_ascii=False, default=str, indent=1)
 
 
 def _read_json(path: Path) -> dict | None:

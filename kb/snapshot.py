@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from chromadb.errors import ChromaError
 
+from core import atomic
 from core.settings import redact
 from kb import pids
 from kb.errors import KBError
@@ -791,9 +792,4 @@ def _staging(kb: "KnowledgeBase") -> list[str]:
 
 
 def _write_json_durably(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, data, durable=True)

@@ -146,7 +146,7 @@ def test_a_conversation_the_disk_refuses_is_one_error_and_the_saved_copy_stays(t
     conv["messages"].append({"role": "user", "content": "lost?"})
     with pytest.raises(KBError, match="the conversation could not be saved"):
         store.save(conv)
-    assert (tmp_path / "kept.json").read_text() == kept and not list((tmp_path / "gone").glob(".tmp-*"))
+    assert (tmp_path / "kept.json").read_text() == kept and not list((tmp_path / "gone").glob("*.tmp"))
 
 
 def test_admin_password_check():
