@@ -430,9 +430,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 def _note_unindexed(questions: list[dict], kb) -> None:
     """Questions on a source this knowledge base doesn't index can only miss: said before they are scored."""
-    missing = sorted({q["repo"] for q in questions} - kb.indexed_sources())
+    from kb.evaluate import unindexed
+
+    missing, n = unindexed(questions, kb.indexed_sources())
     if missing:
-        n = sum(q["repo"] in missing for q in questions)
         print(f"note: {n} of {len(questions)} questions name a source not indexed here ({', '.join(missing)}): "
               "they can only miss", file=sys.stderr)
 

@@ -197,6 +197,13 @@ def gold_label(q: dict) -> str:
     return f"{q['repo']}/{q['path']}:{q['line_start']}-{q['line_end']}"
 
 
+def unindexed(questions: list[dict], indexed: set[str]) -> tuple[list[str], int]:
+    """The sources the questions name that aren't indexed here, and how many questions name one: said before a
+    run (the CLI's note, the Evaluation page's warning), as those questions can only miss."""
+    missing = sorted({q["repo"] for q in questions} - set(indexed))
+    return missing, sum(q["repo"] in missing for q in questions)
+
+
 def split_indexed(questions: list[dict], indexed: set[str] | None) -> tuple[list[dict], list[dict]]:
     """The questions on an indexed source, and one row (id, question, repo, gold) for each of the others.
 

@@ -10,7 +10,8 @@ import streamlit as st
 from pages import _resources as resources
 from core.llm import describe_llm
 from kb.citations import hit_link, location, parse_lines
-from kb.evaluate import FEEDBACK_LABEL, answerable, load_questions, question_set, run_label, run_time, shipped_sets
+from kb.evaluate import (FEEDBACK_LABEL, answerable, load_questions, question_set, run_label, run_time, shipped_sets,
+                         unindexed)
 from kb.markdown import escape_markdown
 from kb.search.hits import MODES, SearchOptions
 from pages._jobs import ended_jobs, jobs_panel, track
@@ -170,13 +171,10 @@ def pick_questions() -> tuple[list[dict], str] | None:
 def coverage(questions: list[dict]) -> tuple[bool, int]:
     """Say which repos are not indexed here; returns whether to score only the questions on indexed ones, and how
     many questions a run then scores."""
-    repos = sorted({q["repo"] for q in questions})
-    indexed = kb.indexed_sources()
-    missing = [r for r in repos if r not in indexed]
-    st.markdown(f"{len(questions)} questions over {esc_list(repos)}.")
+    missing, n_missing = unindexed(questions, kb.indexed_sources())
+    st.markdown(f"{len(questions)} questions over {esc_list(sorted({q['repo'] for q in questions}))}.")
     if not missing:
         return False, len(questions)
-    n_missing = sum(1 for q in questions if q["repo"] in missing)
     only = st.toggle("Score only the questions on indexed sources", value=True, key="eval_only_indexed",
                      help="off: every question is scored, and those on sources not indexed here can only miss")
     if only:
