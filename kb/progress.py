@@ -11,6 +11,17 @@ from typing import Protocol
 from git import RemoteProgress
 
 
+# What each stage is called where a person watches it (the pages' bars and the jobs panel; the CLI's bars keep
+# the short names): one table, as the two pages' own had drifted ("Embedding chunks" and "Embedding").
+STAGE_LABELS = {
+    "clone": "Cloning", "fetch": "Fetching", "load": "Loading files", "embed": "Embedding chunks",
+    "store": "Storing vectors", "rechunk": "Re-chunking sources", "evaluate": "Scoring questions",
+    "answer": "Questions answered", "export chunks": "Reading chunks", "export passages": "Reading passages",
+    "export clones": "Packing the clones", "pack": "Packing the archive",
+    "waiting": "Waiting for another writer",
+}
+
+
 class Progress(Protocol):
     def __call__(self, stage: str, done: float, total: float | None = None, message: str = "") -> None:
         """Report that ``stage`` has reached ``done`` of ``total`` (None: unknown)."""

@@ -18,6 +18,7 @@ from core.errors import UserError
 from core.settings import Settings
 from kb.citations import location_md
 from kb.markdown import escape_markdown, marked_snippet, plain_message
+from kb.progress import STAGE_LABELS
 from pages import _resources as resources
 
 
@@ -218,12 +219,6 @@ def require_admin() -> Settings:
 
 
 # ---------------------------------------------------------------------------- progress
-
-STAGE_LABELS = {
-    "clone": "Cloning", "fetch": "Fetching", "load": "Loading files", "embed": "Embedding chunks",
-    "store": "Storing vectors", "rechunk": "Re-chunking sources",
-}
-
 
 class StatusProgress:
     """A :class:`kb.progress.Progress` that drives one ``st.progress`` bar per stage inside an ``st.status``.

@@ -15,19 +15,13 @@ import streamlit as st
 
 from core.errors import UserError
 from kb.markdown import escape_markdown
+from kb.progress import STAGE_LABELS
 from pages import _resources as resources
 
 PANEL_EVERY = 1.5  # seconds between redraws of the Sources page's jobs panel
 SIDEBAR_EVERY = 3.0  # and of the sidebar line on every page
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
-STAGES = {
-    "clone": "Cloning", "fetch": "Fetching", "load": "Loading files", "embed": "Embedding",
-    "store": "Storing vectors", "rechunk": "Re-chunking", "evaluate": "Scoring questions",
-    "answer": "Questions answered", "export chunks": "Reading chunks", "export passages": "Reading passages",
-    "export clones": "Packing the clones", "pack": "Packing the archive",
-    "waiting": "Waiting for another writer",
-}
 _MINE = "_jobs_mine"  # this session's jobs: id -> text to put before its outcome
 _SEEN = "_jobs_active_seen"
 _FULL = "_jobs_full_run"
@@ -54,7 +48,7 @@ def stage_text(job: dict) -> str:
         parts.append(job["source"])
     stage = job.get("stage") or ""
     if stage:
-        label = STAGES.get(stage, stage)
+        label = STAGE_LABELS.get(stage, stage)
         total = job.get("stage_total")
         parts.append(f"{label} {job.get('stage_done', 0):,.0f} / {total:,.0f}" if total else label)
     if job.get("files_total"):
