@@ -19,9 +19,13 @@ import re
 import secrets
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core import atomic
 from kb.errors import KBError
+
+if TYPE_CHECKING:
+    from kb.answer.chain import Answer
 
 ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 TITLE_CHARS = 60
@@ -36,6 +40,29 @@ def title_of(messages: list[dict]) -> str:
     first = next((m.get("content", "") for m in messages if m.get("role") == "user"), "")
     flat = " ".join(str(first).split())
     return (flat[: TITLE_CHARS - 1] + "…") if len(flat) > TITLE_CHARS else (flat or "(empty)")
+
+
+def answer_fields(result: "Answer", *, seconds: float, first_token_seconds: float | None,
+                  waited_seconds: float) -> dict:
+    """An answer as its conversation keeps it: read back by the chat on reload, by ``kb.feedback`` (rated answers
+    become questions) and by the log, so its shape is decided here, not in the page that streams it."""
+    return {
+        "content": result.answer, "sources": [h.as_dict() for h in result.sources], "cited": result.cited,
+        "standalone": result.standalone_question, "also_as": result.also_as, "seconds": round(seconds, 3),
+        "first_token_seconds": first_token_seconds, "waited_seconds": round(waited_seconds, 2),
+        "sentences": [x.as_dict() for x in result.sentences], "declined": result.declined,
+        "unverified": result.unverified, "tokens": result.tokens,
+    }
+
+
+def rating(score: int | None, comment: str = "") -> dict | None:
+    """A message's feedback as saved (``kb.feedback`` reads it back): thumbs 1 or 0 with a comment; None clears it."""
+    return None if score is None else {"score": score, "comment": comment or "", "at": time.time()}
+
+
+def chat_history(messages: list[dict]) -> list[tuple[str, str]]:
+    """The turns a follow-up is read with: every message that has text, a failed answer left out."""
+    return [(m["role"], m["content"]) for m in messages if m.get("content") and not m.get("error")]
 
 
 class ConversationStore:

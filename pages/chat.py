@@ -18,7 +18,7 @@ from kb import log as kb_log
 from kb.answer.chain import MAX_QUESTION_CHARS, Answer, Answerer
 from kb.answer.render import answer_markdown, support_summary
 from kb.citations import hit_link, location
-from kb.conversations import ConversationStore
+from kb.conversations import ConversationStore, answer_fields, chat_history, rating
 from kb.markdown import escape_markdown, no_images, plain_message, safe_url, streamed_without_images
 from kb.search.hits import MODES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, rerun_requested, settings_or_stop, show_error, when
@@ -178,7 +178,7 @@ def render_feedback(msg: dict, index: int) -> None:
     def changed() -> None:
         score = st.session_state.get(key)
         comment = st.session_state.get(key + "_comment", saved.get("comment", ""))
-        msg["feedback"] = None if score is None else {"score": score, "comment": comment or "", "at": time.time()}
+        msg["feedback"] = rating(score, comment)
         save(conv)
         if msg.get("log_id"):
             kb_log.log_feedback(s, msg["log_id"], msg["feedback"])
@@ -274,14 +274,8 @@ def stream_one(answerer: Answerer, question: str, history: list, use_rag: bool, 
         stop_slot.empty()
     st.session_state.pop(PARTIAL, None)
     first = None if result.first_token_seconds is None else round(result.first_token_seconds + lag, 3)
-    msg.update(
-        content=result.answer, sources=[h.as_dict() for h in result.sources], cited=result.cited,
-        standalone=result.standalone_question, also_as=result.also_as,
-        seconds=round(time.perf_counter() - asked_at, 3),
-        first_token_seconds=first, waited_seconds=round(waited, 2),
-        sentences=[x.as_dict() for x in result.sentences], declined=result.declined, unverified=result.unverified,
-        tokens=result.tokens,
-    )
+    msg.update(answer_fields(result, seconds=time.perf_counter() - asked_at, first_token_seconds=first,
+                             waited_seconds=waited))
     msg["log_id"] = kb_log.log_answer(s, msg)
     with slot.container():
         render_answer(msg)
@@ -380,7 +374,7 @@ for i, m in enumerate(conv["messages"]):
 
 question = st.chat_input("Ask about the documentation…", key="chat_input", max_chars=MAX_QUESTION_CHARS) or st.session_state.pop(ASK_AGAIN, None)
 if question and question.strip():
-    history = [(m["role"], m["content"]) for m in conv["messages"] if m.get("content") and not m.get("error")]
+    history = chat_history(conv["messages"])
     conv["messages"].append({"role": "user", "content": question})
     save(conv)  # before the answer: a reload while it streams keeps the question (``?c=`` is set now; a review lost it)
     saved_conversations()
