@@ -110,29 +110,13 @@ def home() -> None:
         for f in failed[-3:]:
             text = (f"{f['kind'].capitalize()} failed {when(f['ts'])}" + (f" for {f['source']}" if f["source"] else "")
                     + f": {escape_markdown(str(f['error'])[:300])}")
-            done = last.get(f["source"]) if f["source"] else None  # the source synced or fetched fine since
-            if done and done["ts"] >= f["ts"] and not done["error"]:  # (milliseconds: two may share one)
+            if done := f["fixed"]:
                 st.info(f"{text}. It has {'fetched' if done['job'] == 'fetch' else 'synced'} fine since "
                         f"({when(done['ts'])}).", icon=":material/check_circle:")
             else:
                 st.warning(text)
         if rows:
-            st.dataframe(
-                [
-                    {
-                        "source": r["name"],
-                        "last sync": when(last[r["name"]]["ts"] if r["name"] in last else r["last_synced"]),
-                        "result": (("error: " + last[r["name"]]["error"]) if last[r["name"]]["error"] else "ok")
-                                  if r["name"] in last else "no sync in 24 h",
-                        "by": last[r["name"]]["job"] if r["name"] in last else "",
-                        "files changed": last[r["name"]]["files_changed"] if r["name"] in last else None,
-                        "chunks embedded": last[r["name"]]["chunks_embedded"] if r["name"] in last else None,
-                        "seconds": last[r["name"]]["seconds"] if r["name"] in last else None,
-                    }
-                    for r in rows
-                ],
-                hide_index=True, width="stretch",
-            )
+            st.dataframe([sync_row(r, last.get(r["name"])) for r in rows], hide_index=True, width="stretch")
 
         st.subheader("Sources")
         if not rows:
@@ -186,6 +170,19 @@ def home() -> None:
 
         st.subheader("Consistency")
         consistency(kb, s, is_admin, run_with_status)
+
+
+def sync_row(source: dict, last: dict | None) -> dict:
+    """A source's row in the last 24 hours' syncs: its last sync's outcome, or when it was last indexed."""
+    from pages._common import when
+
+    if last is None:
+        return {"source": source["name"], "last sync": when(source["last_synced"]), "result": "no sync in 24 h",
+                "by": "", "files changed": None, "chunks embedded": None, "seconds": None}
+    return {"source": source["name"], "last sync": when(last["ts"]),
+            "result": f"error: {last['error']}" if last["error"] else "ok", "by": last["job"],
+            "files changed": last["files_changed"], "chunks embedded": last["chunks_embedded"],
+            "seconds": last["seconds"]}
 
 
 def schedule_line(sched: dict) -> str:

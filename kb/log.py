@@ -576,6 +576,10 @@ def glance(where: Any, hours: float = 24, now: float | None = None) -> dict:
                     "files_changed": sum(int(rep.get(k) or 0) for k in _FILE_COUNTS),
                     "chunks_embedded": rep.get("chunks_embedded"), "seconds": rep.get("seconds"),
                 }
+    for f in failed_jobs:  # a source that synced or fetched fine since (in the same millisecond too): fixed
+        done = last_sync.get(f["source"]) if f["source"] else None
+        f["fixed"] = ({"ts": done["ts"], "job": done["job"]} if done and done["ts"] >= f["ts"] and not done["error"]
+                      else None)
     feedback = {}  # the latest verdict per answer
     for r in records:
         if r.get("kind") in ("answer", "feedback") and r.get("feedback") is not None:
