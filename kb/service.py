@@ -614,6 +614,10 @@ class KnowledgeBase:
         needle = path_contains.strip().lower()
         return [d for d in docs if needle in d.path.lower()] if needle else docs
 
+    def document(self, source: str, path: str) -> DocumentRow | None:
+        """One document's row (a deep link's), without listing its source's thousands."""
+        return self.manifest.document(source, path)
+
     def source_overview(self) -> list[dict]:
         """One row per source: where it is, what is indexed of it, and whether it is in the live collection."""
         live = self.manifest.live_collection

@@ -84,7 +84,7 @@ def open_link(kb, names: list[str]) -> None:
                    f"(sources: {escape_markdown(', '.join(names))}). Pick a document below.",
                    icon=":material/link_off:")
         return
-    doc = next((d for d in kb.documents(source) if d.path == path), None)
+    doc = kb.document(source, path)
     if doc is None:
         st.warning(f"The link names {shown}, which is not a document of {escape_markdown(source)} here: it may have "
                    "been renamed or deleted since. Pick a document below.", icon=":material/link_off:")
@@ -149,9 +149,8 @@ def cited_view(kb) -> None:
     """A link's cited lines, read-only, for a session without admin rights (the chat's users)."""
     qp = st.query_params
     source, path, commit = qp.get("source", ""), qp.get("path", ""), qp.get("commit", "")
-    doc = next((d for d in kb.documents(source) if d.path == path and d.status == "indexed"), None) \
-        if source in {r.name for r in kb.sources()} else None
-    if doc is None:
+    doc = kb.document(source, path) if source in {r.name for r in kb.sources()} else None
+    if doc is None or doc.status != "indexed":
         st.warning(f"The link names {code_span(f'{source}/{path}')}, which is not an indexed document here.",
                    icon=":material/link_off:")
         return
@@ -167,16 +166,30 @@ def cited_view(kb) -> None:
         return
     a, b = span[0], min(span[1], len(lines))
     first, last = max(1, a - CITED_CONTEXT), min(len(lines), b + CITED_CONTEXT)
-    numbered = [f"{i:>5} │ {lines[i - 1]}" for i in range(first, last + 1)]
-    if a > first:
-        st.code("\n".join(numbered[:a - first]), language=None, wrap_lines=True)
-    with st.container(border=True, key=HIGHLIGHT_KEY):
-        st.markdown(f":orange-background[**Lines {a}–{b}**] · the lines the link points at")
-        st.code("\n".join(numbered[a - first:b - first + 1]), language=None, wrap_lines=True)
-    if b < last:
-        st.code("\n".join(numbered[b - first + 1:]), language=None, wrap_lines=True)
-    st.html(HIGHLIGHT_CSS)
+    highlighted([f"{i:>5} │ {lines[i - 1]}" for i in range(first, last + 1)], first, a, b)
     st.html(SCROLL_JS, unsafe_allow_javascript=True)
+
+
+def highlighted(numbered: list[str], first: int, a: int, b: int, clear: bool = False) -> None:
+    """Numbered lines from line ``first``, lines a–b of them in a bordered, highlighted block (the one SCROLL_JS
+    scrolls to); ``clear``: with a button that drops the highlight."""
+    before, marked, after = numbered[:a - first], numbered[a - first:b - first + 1], numbered[b - first + 1:]
+    if before:
+        st.code("\n".join(before), language=None, wrap_lines=True)
+    with st.container(border=True, key=HIGHLIGHT_KEY):
+        label = f":orange-background[**Lines {a}–{b}**] · the lines the link points at"
+        if clear:
+            c1, c2 = st.columns([5, 1], vertical_alignment="center")
+            c1.markdown(label)
+            if c2.button("Clear", key="docs_highlight_clear", help="show the file without the highlight"):
+                st.session_state[HIGHLIGHT] = None
+                st.rerun()
+        else:
+            st.markdown(label)
+        st.code("\n".join(marked), language=None, wrap_lines=True)
+    if after:
+        st.code("\n".join(after), language=None, wrap_lines=True)
+    st.html(HIGHLIGHT_CSS)
 
 
 def follow_in_url(source: str, path: str, span: tuple[int, int] | None) -> None:
@@ -306,20 +319,7 @@ with view_tab:
                "chunks overlap; · none). Long lines wrap.")
     gutter = annotated_lines(doc.text, spans, first, last).split("\n")
     if span and first <= span[0] <= last:
-        a, b = span[0], min(span[1], last)
-        before, marked, after = gutter[: a - first], gutter[a - first : b - first + 1], gutter[b - first + 1 :]
-        if before:
-            st.code("\n".join(before), language=None, wrap_lines=True)
-        with st.container(border=True, key=HIGHLIGHT_KEY):
-            c1, c2 = st.columns([5, 1], vertical_alignment="center")
-            c1.markdown(f":orange-background[**Lines {a}–{b}**] · the lines the link points at")
-            if c2.button("Clear", key="docs_highlight_clear", help="show the file without the highlight"):
-                st.session_state[HIGHLIGHT] = None
-                st.rerun()
-            st.code("\n".join(marked), language=None, wrap_lines=True)
-        if after:
-            st.code("\n".join(after), language=None, wrap_lines=True)
-        st.html(HIGHLIGHT_CSS)
+        highlighted(gutter, first, span[0], min(span[1], last), clear=True)
         if st.session_state.pop(SCROLL, False):
             st.html(SCROLL_JS, unsafe_allow_javascript=True)
     else:
