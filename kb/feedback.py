@@ -147,6 +147,13 @@ def _gold(gold, source: str | None) -> tuple[str, list[dict]]:
     return validate_name(repos[0]), out
 
 
+def parse_facts(text: str) -> list[list[str]] | None:
+    """Facts as a person types them: one per line, alternatives on a line separated by ``|`` (``0.05 | 5%``);
+    blank lines and empty alternatives dropped; None when nothing is left."""
+    groups = [[alt.strip() for alt in line.split("|") if alt.strip()] for line in text.splitlines()]
+    return [g for g in groups if g] or None
+
+
 def _facts(facts) -> list[list[str]] | None:
     """``[["alt", ...], ...]``; a plain string in the list is a group of one. None or empty: no facts."""
     if facts is None:

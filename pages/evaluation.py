@@ -12,6 +12,7 @@ from core.llm import describe_llm
 from kb.citations import hit_link, location, parse_lines
 from kb.evaluate import (FEEDBACK_LABEL, answerable, load_questions, question_set, run_label, run_time, shipped_sets,
                          unindexed)
+from kb.feedback import parse_facts
 from kb.markdown import escape_markdown
 from kb.search.hits import MODES, SearchOptions
 from pages._jobs import ended_jobs, jobs_panel, track
@@ -135,9 +136,8 @@ def rated_answers_section() -> None:
                 return
             locations.append({"source": typed_source, "path": typed_path.strip(), "line_start": span[0],
                               "line_end": span[1]})
-        facts = [[alt_.strip() for alt_ in line.split("|") if alt_.strip()] for line in facts_text.splitlines()]
         try:
-            path = kb.add_feedback_question(question, locations, [f for f in facts if f] or None,
+            path = kb.add_feedback_question(question, locations, parse_facts(facts_text),
                                             answer="", conversation=r["conversation"])
         except expected_errors() as exc:
             show_error(exc)

@@ -13,7 +13,7 @@ from kb.conversations import ConversationStore
 from kb.errors import KBError
 from kb.evaluate import (FEEDBACK_LABEL, feedback_questions, gold_locations, load_questions, past_runs, run_label,
                          save_run, shipped_sets, split_indexed)
-from kb.feedback import add_question, rated_answers
+from kb.feedback import add_question, parse_facts, rated_answers
 
 HIT = {"rank": 1, "score": 0.03, "mode": "hybrid", "source": "xtuner", "path": "docs/en/install.md",
        "line_start": 3, "line_end": 9, "commit": "abc123", "url": "", "text": "pip install xtuner", "heading": ""}
@@ -183,3 +183,8 @@ def test_runs_are_kept_per_kind_and_labelled(tmp_path):
     with pytest.raises(KBError):
         past_runs(tmp_path, "nonsense")
     assert json.loads(a.read_text())["config"] == {"questions": "dev.jsonl"}
+
+
+def test_facts_typed_one_per_line_with_alternatives():
+    assert parse_facts("0.05 | 5%\n\n  QLoRA  \n | \n") == [["0.05", "5%"], ["QLoRA"]]
+    assert parse_facts("") is None and parse_facts(" | \n") is None
