@@ -735,9 +735,8 @@ def server_failure(base_url: str | None, model: str, exc: Exception, timeout: An
     base_url = redact(base_url or "")
     if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
         seconds = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
-        return LLMError(f"the model server at {base_url} did not answer within {seconds:g} s (KB_OPENAI_TIMEOUT): "
-                        "it is running but stuck or busy" if isinstance(seconds, (int, float)) else
-                        f"the model server at {base_url} did not answer in time: it is running but stuck or busy")
+        within = f"within {seconds:g} s (KB_OPENAI_TIMEOUT)" if isinstance(seconds, (int, float)) else "in time"
+        return LLMError(f"the model server at {base_url} did not answer {within}: it is running but stuck or busy")
     if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):  # refused, reset, cut
         return LLMError(f"the model server at {base_url} did not answer or went away ({type(exc).__name__}: "
                         f"{exc}); is it running?")

@@ -42,8 +42,7 @@ from kb.answer.prompts import EXAMPLE_SENTENCE, EXAMPLE_SUBJECT, LINK_RE, LOOKAL
 from kb.citations import MARKER_RE, marker_numbers
 from kb.markdown import is_fence
 from kb.search.hits import Hit
-from kb.words import language_of
-from kb.words import tokenize
+from kb.words import language_of, tokenize
 
 THRESHOLD = 0.35  # lexical share x LEXICAL + cosine x (1 - LEXICAL); README "Answers" (hand-labelled)
 NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
@@ -113,7 +112,6 @@ NUMERIC_CELL_RE = re.compile(r"[-+~≈]?\d+(?:[.,]\d+)*%?")
 _LATIN_NEXT = r"[\s\"'”’*_]|$|[\u3400-\u9fff]"
 SENTENCE_RE = re.compile(rf"(?:[^。！？!?；\n]|[!?]+(?!{_LATIN_NEXT}))+?"
                          rf"(?:[。！？；]+|[!?]+[\"'”’]*(?={_LATIN_NEXT})|[.](?=\s+[A-Z\u3400-\u9fff*\-\d`\[]|\s*$)|(?=\n)|$)", re.S)
-
 
 
 @dataclass

@@ -20,6 +20,7 @@ from chromadb.errors import ChromaError, NotFoundError
 
 from core.settings import Settings, redact
 from kb.errors import KBError
+from kb.progress import Progress, no_progress
 from kb.store.manifest import write_number, written_elsewhere
 
 
@@ -47,7 +48,7 @@ def unreachable(settings: Settings, exc: Exception) -> ChromaUnreachable:
         return ChromaUnreachable(f"the Chroma server at {where} did not answer within {settings.chroma_timeout:g} s "
                                  f"(KB_CHROMA_TIMEOUT): it is running but stuck or overloaded")
     return ChromaUnreachable(f"cannot reach the Chroma server at {where}: {exc}")
-from kb.progress import Progress, no_progress
+
 
 READ_BATCH = 500
 
@@ -122,10 +123,8 @@ def _server_client(settings: Settings, chroma_settings: ChromaSettings) -> "chro
         chroma_settings.chroma_client_auth_credentials = f"{auth[0]}:{auth[1]}"
     try:
         client = chromadb.HttpClient(host=base, port=port, ssl=url.scheme == "https", settings=chroma_settings)
-    except httpx.TransportError as exc:
+    except (httpx.TransportError, ValueError) as exc:  # ValueError: chromadb's "Could not connect to a Chroma server"
         raise unreachable(settings, exc) from None
-    except ValueError as exc:  # chromadb's "Could not connect to a Chroma server"
-        raise ChromaUnreachable(f"cannot reach the Chroma server at {redact(settings.chroma_url)}: {exc}") from None
     client._server._session.timeout = timeout  # type: ignore[attr-defined]  # chromadb's own client, timeout=None
     return client
 
