@@ -15,6 +15,16 @@ from pathlib import Path
 from typing import Any
 
 
+def read_json(path: Path) -> dict | None:
+    """The JSON object a file holds; None when it is missing, unreadable or not an object (a reader never fails on
+    a file another process is about to replace)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_json(path: Path, data: Any, *, durable: bool = False, **dump: Any) -> None:
     """``durable``: on disk before the rename (fsync), for a file that must outlive a power cut, not only a crash;
     ``dump``: json.dump's own options (``indent``, ``default``, ``ensure_ascii``)."""

@@ -57,6 +57,7 @@ from kb import log as runlog
 from kb import pids
 from kb.errors import KBError
 from kb.progress import Progress, no_progress
+from kb.schedule import WATCH_FILE, WatchState
 from kb.store.manifest import WriteLockBusy
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,8 @@ FINAL = (DONE, FAILED, CANCELLED)
 KIND_LABELS = {"sync": "Sync", "upload": "Upload", "rechunk": "Re-chunk", "evaluate": "Evaluation",
                "answers": "Answer evaluation", "scheduled": "Scheduled sync", "export": "Snapshot export"}
 GIT_STAGES = ("fetch", "clone")  # reported from git's reader threads: never raise there
-WATCH_FILE = "watch.json"
 KEEP = 200  # finished job files kept in KB_HOME/jobs (and records in memory)
 PERSIST_EVERY = 2.0  # seconds between writes of a running job's record
-BACKOFF_CAP = 6 * 3600.0  # the longest wait before retrying a failing remote
-DUE_SLACK = 0.1  # of an interval: a retry is due at a pass that starts this much before its time
 LOCK_POLL = 0.5
 
 
@@ -92,14 +90,6 @@ def new_id() -> str:
 
 def _atomic_write(path: Path, data: dict) -> None:
     atomic.write_json(path, data, ensure_ascii=False, default=str, indent=1)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _alive(rec: dict) -> bool:
@@ -272,75 +262,6 @@ class JobControl:
 
 
 # ---------------------------------------------------------------------------- scheduled-sync state
-
-
-class WatchState:
-    """Per-source outcome of the scheduled fetches, in ``KB_HOME/jobs/watch.json`` (dashboard and ``kb watch``)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def load(self) -> dict:
-        data = _read_json(self.path) or {}
-        data.setdefault("sources", {})
-        return data
-
-    def _change(self, fn: Callable[[dict], None]) -> None:
-        with self._lock:
-            data = self.load()
-            fn(data)
-            _atomic_write(self.path, data)
-
-    def due(self, name: str, now: float) -> bool:
-        entry = self.load()["sources"].get(name)
-        return not entry or not entry.get("failures") or now >= float(entry.get("next_try") or 0)
-
-    def failed(self, name: str, error: str, at: float, every: float) -> None:
-        def fn(data: dict) -> None:
-            e = data["sources"].setdefault(name, {})
-            e["failures"] = int(e.get("failures") or 0) + 1
-            e["last_error"] = error
-            e["last_failure"] = at
-            wait = min(max(every, 1.0) * 2 ** (e["failures"] - 1), max(every, BACKOFF_CAP))
-            # due at the pass that many intervals on, which may start a little early: a pass's clock starts when
-            # its job does, after any job queued before it (a review saw the first retry come two intervals late)
-            e["next_try"] = at + wait - DUE_SLACK * max(every, 1.0)
-        self._change(fn)
-
-    def succeeded(self, name: str, at: float) -> None:
-        def fn(data: dict) -> None:
-            e = data["sources"].setdefault(name, {})
-            e.update(failures=0, last_ok=at, next_try=None)
-        self._change(fn)
-
-    def ran(self, at: float, every: float, origin: str) -> None:
-        self._change(lambda data: data.update(last_run=at, every=every, origin=origin))
-
-
-def schedule_status(home: Path, every: float) -> dict:
-    """The scheduled sync at a glance: this process's interval (0: off), and the last pass on ``home``, whoever ran
-    it (``origin``: "schedule" for the dashboard's, "cli" for ``kb watch`` or ``kb watch --once``)."""
-    data = WatchState(home / "jobs" / WATCH_FILE).load()
-    last = data.get("last_run")
-    return {"every": every, "last_run": last, "origin": data.get("origin"), "last_every": data.get("every"),
-            "next_run": (last + every) if (last and every) else None}
-
-
-def sync_failures(home: Path, names: list[str] | None = None) -> list[dict]:
-    """Sources whose scheduled fetch or sync is failing now: the last error, when, how often, next retry.
-
-    ``names`` limits it to sources that still exist. Sorted by source name;
-    empty when every remote answered at its last try.
-    """
-    data = WatchState(home / "jobs" / WATCH_FILE).load()
-    out = []
-    for name, e in sorted(data["sources"].items()):
-        if not e.get("failures") or (names is not None and name not in names):
-            continue
-        out.append({"source": name, "failures": int(e["failures"]), "last_error": e.get("last_error", ""),
-                    "last_failure": e.get("last_failure"), "next_try": e.get("next_try"), "last_ok": e.get("last_ok")})
-    return out
 
 
 # ---------------------------------------------------------------------------- the queue
@@ -818,7 +739,7 @@ class JobQueue:
         for path in self.folder.glob("*.json"):
             if path.name == WATCH_FILE:
                 continue
-            rec = _read_json(path)
+            rec = atomic.read_json(path)
             if rec and rec.get("state") in (QUEUED, RUNNING) and not _alive(rec):
                 self._interrupted(path, rec)
 
@@ -866,7 +787,7 @@ class JobQueue:
                 continue
             cached = self._disk.get(path.name)
             if cached is None or cached[0] != mtime:
-                rec = _read_json(path)
+                rec = atomic.read_json(path)
                 if rec is None or "id" not in rec:
                     continue
                 if rec.get("state") in (QUEUED, RUNNING) and not _alive(rec):
@@ -891,7 +812,7 @@ class JobQueue:
         for path in files:
             if extra <= 0:
                 break
-            rec = _read_json(path)
+            rec = atomic.read_json(path)
             if rec is not None and rec.get("state") in (QUEUED, RUNNING):
                 continue
             try:

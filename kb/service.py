@@ -29,6 +29,7 @@ from langchain_core.embeddings import Embeddings
 from core import embeddings as emb
 from core.settings import Settings, load_settings, redact
 from kb import log as runlog
+from kb import schedule
 from kb import verify as consistency
 from kb.errors import KBError
 from kb.ingest import sources
@@ -385,16 +386,12 @@ class KnowledgeBase:
 
     def schedule_status(self) -> dict:
         """``every`` (KB_SYNC_EVERY in seconds, 0: off), ``last_run``, ``origin``, ``next_run`` (epoch seconds)."""
-        from kb.jobs import schedule_status
-
-        return schedule_status(self.settings.home, self.settings.sync_every)
+        return schedule.schedule_status(self.settings.home, self.settings.sync_every)
 
     def sync_failures(self) -> list[dict]:
         """Sources whose scheduled fetch or sync is failing now: ``source, failures, last_error, last_failure,
         next_try, last_ok`` (times in epoch seconds); empty when every remote answered at its last try."""
-        from kb.jobs import sync_failures
-
-        return sync_failures(self.settings.home, [s.name for s in self.manifest.sources()])
+        return schedule.sync_failures(self.settings.home, [s.name for s in self.manifest.sources()])
 
     # collections
     @reading_chroma

@@ -28,7 +28,8 @@ from core.errors import SettingsError
 from core.settings import load_settings, parse_interval
 from kb import log as runlog
 from kb.errors import KBError
-from kb.jobs import CANCELLED, DONE, DUE_SLACK, FAILED, JobQueue, WatchState, sync_failures, watch
+from kb.jobs import CANCELLED, DONE, FAILED, JobQueue, watch
+from kb.schedule import DUE_SLACK, WatchState, sync_failures
 
 CLI_FIELDS = ["name", "commit_before", "commit_after", "files_added", "files_modified", "files_deleted",
               "chunks_embedded", "chunks_reused", "chunks_deleted", "seconds"]

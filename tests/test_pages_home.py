@@ -99,7 +99,7 @@ def test_logging_errors_records_bugs_only(page_env):
 def test_home_shows_the_schedule_and_a_failing_fetch_without_nothing_stale(lagent_env, open_page, shared_kb):
     import time
 
-    from kb.jobs import WatchState
+    from kb.schedule import WatchState
 
     state = WatchState(lagent_env / "jobs" / "watch.json")
     now = time.time()
