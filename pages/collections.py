@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from kb.errors import KBError
 from kb.markdown import code_span, counted, escape_markdown
 from pages import _resources as resources
 from pages._common import (expected_errors, kb_or_stop, require_admin, run_with_status, show_error,
@@ -127,8 +128,12 @@ def snapshot_panel(has_live: bool) -> None:
                 if upload is None:
                     return kb.import_snapshot(server_path, progress=progress)
                 with tempfile.NamedTemporaryFile(suffix=".tar.gz") as tmp:
-                    tmp.write(upload.getbuffer())
-                    tmp.flush()
+                    try:
+                        tmp.write(upload.getbuffer())
+                        tmp.flush()
+                    except OSError as exc:  # a full /tmp was a traceback; nothing is imported yet
+                        raise KBError(f"the uploaded archive could not be written to {tmp.name} for reading: "
+                                      f"{exc}") from None
                     return kb.import_snapshot(tmp.name, progress=progress)
 
             out, err = run_with_status("Importing snapshot", run)
