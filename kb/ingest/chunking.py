@@ -8,6 +8,7 @@ heading path in force there, and a deterministic id.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -63,8 +64,10 @@ class ChunkConfig:
             del d["passage_size"]
         return d
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
+        """Computed once per config: it is compared with every chunk's record (``kb verify`` read 4,660 of them in
+        0.2 s of its 1.36, a sync stamps every chunk it makes)."""
         return hashlib.sha256(json.dumps(self._fields(), sort_keys=True).encode()).hexdigest()[:8]
 
     def to_json(self) -> str:
