@@ -15,6 +15,7 @@ import streamlit as st
 
 from core.errors import UserError
 from kb.markdown import escape_markdown
+from kb.ingest.sync import totals
 from kb.progress import STAGE_LABELS
 from pages import _resources as resources
 
@@ -77,10 +78,9 @@ def summary(job: dict) -> str:
     if job.get("kind") == "export":  # its "sources" is a count, not a sync's reports
         text = f"{rep['bytes'] / 2**20:.1f} MiB written to {rep['path']}" if "path" in rep else ""
     elif "sources" in rep:
-        srcs = rep["sources"]
-        bad = [r for r in srcs if r.get("error")]
-        text = (f"{len(srcs) - len(bad)} source(s) synced, {sum(r.get('chunks_embedded', 0) for r in srcs):,} chunks "
-                f"embedded" + (f", {len(bad)} failed ({'; '.join(r['name'] for r in bad)})" if bad else ""))
+        t = totals(rep["sources"])
+        text = (f"{t['synced']} source(s) synced, {t['chunks_embedded']:,} chunks embedded"
+                + (f", {len(t['failed'])} failed ({'; '.join(t['failed'])})" if t["failed"] else ""))
         if rep.get("unchanged"):
             text += f", {len(rep['unchanged'])} unchanged"
         if rep.get("backing_off"):

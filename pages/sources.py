@@ -17,6 +17,7 @@ from core.settings import split_list
 from pages import _resources as resources
 from kb.errors import KBError
 from kb.ingest.sources import named_files, outcome_text, upload_outcome
+from kb.ingest.sync import totals
 from pages._common import kb_or_stop, require_admin, run_with_status, show_error, when
 from pages._jobs import ended_jobs, jobs_panel, track
 
@@ -84,12 +85,11 @@ def remember(kind: str, text: str, reports: list[dict] | None = None, rows: list
 
 
 def sync_summary(reports: list[dict]) -> tuple[str, str]:
-    failed = [r for r in reports if r["error"]]
-    text = (f"{len(reports) - len(failed)} source(s) synced" + (f", {len(failed)} failed" if failed else "") + ": "
-            f"{sum(r['chunks_embedded'] for r in reports)} chunks embedded, "
-            f"{sum(r['chunks_reused'] for r in reports)} reused, {sum(r['chunks_deleted'] for r in reports)} deleted, "
-            f"{sum(r['passages_embedded'] for r in reports)} passages embedded.")
-    return ("warning" if failed else "success"), text
+    t = totals(reports)
+    text = (f"{t['synced']} source(s) synced" + (f", {len(t['failed'])} failed" if t["failed"] else "") + ": "
+            f"{t['chunks_embedded']} chunks embedded, {t['chunks_reused']} reused, {t['chunks_deleted']} deleted, "
+            f"{t['passages_embedded']} passages embedded.")
+    return ("warning" if t["failed"] else "success"), text
 
 
 def upload_summary(r: dict, given: int) -> tuple[str, str]:

@@ -304,3 +304,14 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monke
     assert read_blob(commit, "big.md", 5000)[0] == b"x" * 5000
     monkeypatch.setattr(gitpython.Blob, "data_stream", property(lambda self: pytest.fail("read before it was sized")))
     assert read_blob(commit, "big.md", 1000) == (None, "too large: 5,000 bytes > limit 1,000 (KB_MAX_FILE_BYTES)")
+
+
+def test_reports_are_summed_once_for_every_page_that_says_what_a_sync_did():
+    from kb.ingest.sync import totals
+
+    reports = [{"name": "a", "error": "", "chunks_embedded": 3, "chunks_reused": 2, "chunks_deleted": 1,
+                "passages_embedded": 9}, {"name": "b", "error": "fetch failed", "chunks_embedded": 0}]
+    assert totals(reports) == {"synced": 1, "failed": ["b"], "chunks_embedded": 3, "chunks_reused": 2,
+                               "chunks_deleted": 1, "passages_embedded": 9}
+    assert totals([]) == {"synced": 0, "failed": [], "chunks_embedded": 0, "chunks_reused": 0, "chunks_deleted": 0,
+                          "passages_embedded": 0}

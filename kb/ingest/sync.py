@@ -69,6 +69,18 @@ class SyncReport:
         return d
 
 
+COUNTED = ("chunks_embedded", "chunks_reused", "chunks_deleted", "passages_embedded")
+
+
+def totals(reports: list[dict]) -> dict:
+    """Several sources' reports (``as_dict``, or a job's stored report) summed: how many synced, the names of those
+    that failed, and the chunks and passages embedded, reused and deleted: what the Sources page and the jobs panel
+    each say of a sync."""
+    failed = [str(r.get("name")) for r in reports if r.get("error")]
+    return {"synced": len(reports) - len(failed), "failed": failed,
+            **{k: sum(int(r.get(k) or 0) for r in reports) for k in COUNTED}}
+
+
 @dataclass
 class SyncContext:
     """What a sync needs; embeddings load lazily so a no-op sync stays fast."""
