@@ -119,6 +119,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind29", "Overview (blind 29)", QUESTIONS / "overview_blind29.jsonl",
                 "checking only, a twenty-seventh blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-second stop, measured once at the fifty-third"),
+    QuestionSet("overview-blind30", "Overview (blind 30)", QUESTIONS / "overview_blind30.jsonl",
+                "checking only, a twenty-eighth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-third stop, measured once at the fifty-fourth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
