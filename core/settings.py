@@ -50,6 +50,9 @@ def _one_dot(ext: str) -> str:
     return ext[1:] if ext.startswith(".") and not ext.startswith("..") else ext
 
 
+URL_FIELDS = ("chroma_url", "openai_base_url")  # servers' addresses, which may carry credentials
+
+
 @dataclass(frozen=True)
 class Settings:
     """All knobs, named as their ``KB_*`` variable without the prefix."""
@@ -131,6 +134,13 @@ class Settings:
     snapshot_keep: int = 7
     # the log (KB_HOME/logs/kb.jsonl): keep the text of questions in search and answer records only when true
     log_queries: bool = False
+
+    def __repr__(self) -> str:
+        """Every field but the secrets, the servers' URLs without their credentials: a traceback, a log line or a
+        test's failure may print the settings, and ``KB_CHROMA_URL`` may hold ``user:password@``."""
+        shown = (f"{f.name}={redact(v) if f.name in URL_FIELDS and v else v!r}"
+                 for f in fields(self) if f.repr for v in [getattr(self, f.name)])
+        return f"Settings({', '.join(shown)})"
 
     @property
     def chroma_path(self) -> Path:

@@ -76,6 +76,17 @@ def test_redaction():
     assert sources.redact("https://gitee.com/a/b") == "https://gitee.com/a/b"
 
 
+def test_settings_never_print_credentials():
+    """A traceback or a failing test may print the settings: the servers' URLs show without user and password."""
+    from core.settings import Settings
+
+    shown = repr(Settings(chroma_url="https://admin:s3cret@chroma.internal/db", admin_password="hunter2",
+                          openai_base_url="http://k:t0ken@127.0.0.1:23333/v1", openai_api_key="sk-abc"))
+    assert "chroma_url='https://***@chroma.internal/db'" in shown
+    assert "openai_base_url='http://***@127.0.0.1:23333/v1'" in shown
+    assert not any(secret in shown for secret in ("s3cret", "hunter2", "t0ken", "sk-abc"))
+
+
 def test_permalinks():
     assert sources.web_url_for("https://gitee.com/InternLM/xtuner.git") == "https://gitee.com/InternLM/xtuner"
     assert sources.web_url_for("git@github.com:InternLM/xtuner.git") == "https://github.com/InternLM/xtuner"
