@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 
 from markdown_it import MarkdownIt
 
@@ -29,6 +30,50 @@ def is_fence(line: str) -> bool:
 
 
 _LINKING = re.compile(r"[\\\[\]<>]|!(?=\\?\[)")
+
+
+# A fenced code block's fence (CommonMark: three or more backticks or tildes, indented at most three spaces), and
+# what may stand between the opening fence and the code: blank lines and MyST's directive options (":caption: …").
+FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$", re.MULTILINE)
+OPTION_LINE_RE = re.compile(r"[ \t]*(?::[\w-]+:.*|---)?[ \t]*")
+
+
+@dataclass(frozen=True)
+class CodeBlock:
+    """A fenced code block's offsets in its document."""
+
+    opens: int  # where its opening fence's line starts
+    code: int  # where its first code line starts (after blank lines and directive options)
+    closes: int | None = None  # where its closing fence's line starts (None: open to the end)
+    closed: int | None = None  # where that line ends
+
+
+def code_blocks(text: str) -> list[CodeBlock]:
+    """The document's fenced code blocks, paired as CommonMark pairs fences (a closing fence is as long as the
+    opening one at least, of the same character, with nothing after it)."""
+    out: list[CodeBlock] = []
+    opened: tuple[int, str] | None = None
+    for m in FENCE_RE.finditer(text):
+        fence, info = m.group(1), m.group(2)
+        if opened is None:
+            opened = (m.start(), fence)
+            out.append(CodeBlock(m.start(), _code_start(text, m.end())))
+        elif fence[0] == opened[1][0] and len(fence) >= len(opened[1]) and not info.strip():
+            out[-1] = replace(out[-1], closes=m.start(), closed=m.end())
+            opened = None
+    return out
+
+
+def _code_start(text: str, pos: int) -> int:
+    """The start of the first line after ``pos`` that is neither blank nor a directive option."""
+    while pos < len(text):
+        nl = text.find("\n", pos + 1)
+        line_end = len(text) if nl < 0 else nl
+        line = text[pos + 1:line_end] if text[pos] == "\n" else text[pos:line_end]
+        if not OPTION_LINE_RE.fullmatch(line):
+            return pos + 1 if text[pos] == "\n" else pos
+        pos = line_end
+    return len(text)
 
 
 def plain_message(text: str) -> str:
