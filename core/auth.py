@@ -3,8 +3,10 @@
 The password is ``admin_password`` in ``.streamlit/secrets.toml`` or
 ``KB_ADMIN_PASSWORD`` (``settings.admin_password``). With none set the admin
 pages stay open and say so. A session that signed in keeps a token derived
-from the password with a per-process key, never the password itself; changing
-the password (or restarting the server) signs every session out.
+from the password and the time of signing in with a per-process key, never the
+password itself; it lasts ``admin_session`` (12 h by default: a tab left open
+on a shared machine does not stay admin for days), and changing the password
+(or restarting the server) signs every session out.
 """
 
 from __future__ import annotations
@@ -34,15 +36,30 @@ def password_ok(settings: Settings, given: str | None) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), settings.admin_password.encode("utf-8"))
 
 
-def session_token(settings: Settings) -> str:
-    """What a signed-in session keeps: tied to this process and to the current password."""
-    return hmac.new(_PROCESS_KEY, settings.admin_password.encode("utf-8"), hashlib.sha256).hexdigest()
+def session_token(settings: Settings, issued: int | None = None) -> str:
+    """What a signed-in session keeps: when it signed in, tied to that time, this process and the current password."""
+    issued = int(time.time()) if issued is None else issued
+    return f"{issued}.{_mac(settings, issued)}"
+
+
+def _mac(settings: Settings, issued: int) -> str:
+    return hmac.new(_PROCESS_KEY, f"{issued}\0{settings.admin_password}".encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def token_ok(settings: Settings, token: str | None) -> bool:
+    return token_state(settings, token) == "ok"
+
+
+def token_state(settings: Settings, token: str | None) -> str:
+    """``ok``; ``expired`` for a genuine token older than ``admin_session``; ``none`` for no or a wrong token."""
     if not settings.admin_password or not token:
-        return False
-    return hmac.compare_digest(token, session_token(settings))
+        return "none"
+    issued, _, mac = token.partition(".")
+    if not issued.isdigit() or not hmac.compare_digest(mac.encode(), _mac(settings, int(issued)).encode()):
+        return "none"
+    if settings.admin_session and time.time() - int(issued) > settings.admin_session:
+        return "expired"
+    return "ok"
 
 
 def sign_in(settings: Settings, given: str | None) -> str | None:

@@ -126,6 +126,8 @@ class Settings:
     reranker_path: str = ""
     # dashboard
     admin_password: str = field(default="", repr=False)
+    # how long an admin sign-in lasts (KB_ADMIN_SESSION=12h; 0/off: until the tab closes or the server restarts)
+    admin_session: float = 43200.0
     # scheduled sync (KB_SYNC_EVERY=15m): seconds between fetches of every git source; 0: off
     sync_every: float = 0.0
     # scheduled snapshots (KB_SNAPSHOT_EVERY=1d): a checked archive with the clones in KB_HOME/snapshots every
@@ -225,7 +227,7 @@ def translate_mode(raw: object, name: str = "KB_TRANSLATE_QUESTIONS") -> str:
 
 
 def _coerce(raw: object, default: object, name: str) -> object:
-    if name in ("sync_every", "snapshot_every"):
+    if name in ("sync_every", "snapshot_every", "admin_session"):
         return parse_interval(raw, f"KB_{name.upper()}")
     if name == "translate_questions":
         return translate_mode(raw)

@@ -204,6 +204,9 @@ def require_admin() -> Settings:
                 st.rerun()
         return s
     st.subheader(":material/lock: Admin sign-in")
+    if auth.token_state(s, st.session_state.get(_TOKEN)) == "expired":
+        st.info(f"Your admin sign-in has expired after {interval(s.admin_session)} (`KB_ADMIN_SESSION`): "
+                "sign in again.", icon=":material/timer_off:")
     st.caption("This page changes or reveals the knowledge base. Chat and Retrieval lab are open to everyone.")
     with st.form("_admin_sign_in"):
         given = st.text_input("Admin password", type="password")

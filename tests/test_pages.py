@@ -9,6 +9,8 @@ model and LLM (loaded once per session) for search and chat.
 
 from __future__ import annotations
 
+import time
+
 import json
 
 import pytest
@@ -162,6 +164,12 @@ def test_admin_password_check():
     assert token and auth.token_ok(locked, token) and "s3cret" not in token
     assert not auth.token_ok(Settings(admin_password="changed"), token)
     assert auth.sign_in(locked, "nope") is None
+    # a sign-in lasts admin_session; a forged time or a token of the old format is no token at all
+    old = auth.session_token(locked, issued=int(time.time()) - 13 * 3600)
+    assert auth.token_state(locked, old) == "expired" and not auth.token_ok(locked, old)
+    assert auth.token_ok(Settings(admin_password="s3cret", admin_session=0), old)  # 0: no limit
+    assert auth.token_state(locked, str(int(time.time())) + "." + old.split(".")[1]) == "none"
+    assert auth.token_state(locked, old.split(".")[1]) == "none"
 
 
 # ---------------------------------------------------------------------------- pages on an empty knowledge base
@@ -190,6 +198,17 @@ def test_admin_lock(page_env, open_page, monkeypatch):
     assert "Admin sign-in" not in texts(at.subheader)
     chat = ok(open_page("chat"))  # Chat and Retrieval lab are open
     assert "Admin sign-in" not in texts(chat.subheader) and chat.chat_input
+    # a sign-in lasts KB_ADMIN_SESSION (12 h): a tab left open since yesterday is asked again
+    from core import auth
+    from core.settings import load_settings
+
+    at.session_state["_admin_token"] = auth.session_token(load_settings(), issued=int(time.time()) - 13 * 3600)
+    at.switch_page("pages/sources.py").run()
+    assert "Admin sign-in" in texts(at.subheader) and not at.tabs
+    assert "expired after 12 h" in texts(at.info)
+    at.text_input[0].input("s3cret")
+    at.form_submit_button[0].click().run()
+    assert ok(at).tabs
 
 
 # ---------------------------------------------------------------------------- Sources
