@@ -241,10 +241,13 @@ def keep_openings(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, in
     sentence introducing the code; spans stay the file's own contiguous text.
     """
     blocks, spans = code_blocks(text), list(spans)
+    opens = [b.opens for b in blocks]
     out: list[tuple[int, int]] = []
     for i, (start, end) in enumerate(spans):
-        opening = next((b for b in blocks if start <= b.opens < end <= b.code), None) if i + 1 < len(spans) else None
-        if opening is not None:
+        # only the last block opening before the chunk's end can hold that end in its head
+        last = bisect.bisect_left(opens, end) - 1
+        opening = blocks[last] if last >= 0 else None
+        if i + 1 < len(spans) and opening is not None and start <= opening.opens and end <= opening.code:
             spans[i + 1] = (min(spans[i + 1][0], opening.opens), spans[i + 1][1])
             if not text[start:opening.opens].strip():  # the chunk is the opening alone: it all goes
                 continue
