@@ -122,6 +122,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind30", "Overview (blind 30)", QUESTIONS / "overview_blind30.jsonl",
                 "checking only, a twenty-eighth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-third stop, measured once at the fifty-fourth"),
+    QuestionSet("overview-blind31", "Overview (blind 31)", QUESTIONS / "overview_blind31.jsonl",
+                "checking only, a twenty-ninth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-fourth stop, measured once at the fifty-fifth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
