@@ -651,7 +651,8 @@ def bench_excerpts(k: int = 5, budgets: tuple[int, ...] = (600, 700, 850, 1000))
         for budget in budgets:
             shown, used, lost = [], [], []
             for q in qs:
-                chosen = [e.hit for e in excerpts(hits[q["id"]], q["question"], reader, embed, budget, count)]
+                chosen = [e.hit for e in excerpts(hits[q["id"]], q["question"], reader, embed, budget, count,
+                                                  reader.open_fence)]
                 shown.append((bool(facts_in_hits(chosen, q)), any(is_hit(h, q) for h in chosen)))
                 used.append(sum(count(compact(h.text)) for h in chosen) if count else 0)
                 if q["id"] in held and not shown[-1][0]:

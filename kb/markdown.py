@@ -10,7 +10,7 @@ Python, so the CLI and tests can use it too. Counts shown beside such text
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from markdown_it import MarkdownIt
@@ -54,14 +54,53 @@ def code_blocks(text: str) -> list[CodeBlock]:
     out: list[CodeBlock] = []
     opened: tuple[int, str] | None = None
     for m in FENCE_RE.finditer(text):
-        fence, info = m.group(1), m.group(2)
         if opened is None:
-            opened = (m.start(), fence)
+            opened = (m.start(), m.group(1))
             out.append(CodeBlock(m.start(), _code_start(text, m.end())))
-        elif fence[0] == opened[1][0] and len(fence) >= len(opened[1]) and not info.strip():
+        elif _closes(m, opened[1]):
             out[-1] = replace(out[-1], closes=m.start(), closed=m.end())
             opened = None
     return out
+
+
+def fence_partners(lines: Sequence[str], opened: str | None = None) -> dict[int, int]:
+    """Each fence line's index mapped to its partner's: -1 for the close of a block opened before ``lines``
+    (``opened``: its fence), ``len(lines)`` for a block still open after them. Paired as ``code_blocks`` pairs them.
+
+    An excerpt of a file may hold half a code block; its lone fence reads to a model as the *opening* of one, so
+    the prose after it becomes code, and the excerpts after it with it (kb/answer/context.py).
+    """
+    out: dict[int, int] = {}
+    block: tuple[int, str] | None = None if opened is None else (-1, opened)
+    for i, line in enumerate(lines):
+        m = FENCE_RE.fullmatch(line)
+        if m is None:
+            continue
+        if block is None:
+            block = (i, m.group(1))
+        elif _closes(m, block[1]):
+            out[i], out[block[0]] = block[0], i
+            block = None
+    if block is not None:
+        out[block[0]] = len(lines)
+    out.pop(-1, None)
+    return out
+
+
+def open_fence(lines: Sequence[str], before: int, opened: str | None = None) -> str | None:
+    """The fence of the code block that line ``before`` (0-based) sits in or closes, or None outside one
+    (``opened``: the fence of a block ``lines`` start in)."""
+    block = opened
+    for line in lines[:before]:
+        m = FENCE_RE.fullmatch(line)
+        if m is not None:
+            block = m.group(1) if block is None else None if _closes(m, block) else block
+    return block
+
+
+def _closes(m: re.Match, opening: str) -> bool:
+    """CommonMark: a closing fence is as long as the opening one at least, of the same character, nothing after."""
+    return m.group(1)[0] == opening[0] and len(m.group(1)) >= len(opening) and not m.group(2).strip()
 
 
 def _code_start(text: str, pos: int) -> int:

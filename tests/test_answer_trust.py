@@ -15,7 +15,7 @@ from langchain_core.messages import AIMessage
 from conftest import TEST_THREADS
 
 from kb.answer.chain import Answer, Answerer, LineReader, build_plain_chain, to_messages
-from kb.answer.context import compact, estimate_tokens, excerpts, line_costs, unit_embedder
+from kb.answer.context import as_read, compact, estimate_tokens, excerpts, line_costs, unit_embedder
 from kb.answer.prompts import RAG_PROMPT, neutralise, rag_inputs
 from kb.answer.render import UNSUPPORTED, answer_markdown
 from kb.answer.support import EXACT_RELIEF, THRESHOLD, Aligner, coverage, split_sentences, support
@@ -402,6 +402,47 @@ def test_the_answer_reads_excerpts_budgeted_in_its_own_models_tokens(xtuner_kb, 
         return [(e.hit.path, e.hit.line_start, e.hit.line_end) for e in chosen]
 
     assert [(h.path, h.line_start, h.line_end) for h in result.sources] == narrowed(real) != narrowed(None)
+
+
+def test_the_model_reads_no_lone_fence_and_the_excerpt_keeps_the_files_lines():
+    """A chunk that starts at the closing fence of the block before it (496 of the six repos' chunks) read to the
+    model as a block's opening, so its prose read as code and an answer copied the fence (README "Answers")."""
+    lines = ["```", "", "```{tip}", ":class: margin", "", "For Hopper GPUs enable fa3 with `export XTUNER_USE_FA3=1`",
+             "```", "", "Then install the RL dependencies:", "", "```{code-block} shell", ":caption: Install rl",
+             "pip install -r requirements/rl.txt"]
+    chunk = hit("\n".join(lines), 1, line_start=34)
+    [e] = excerpts([chunk], "How do I enable FlashAttention 3?", lambda h: h.text.split("\n"), None, total=400,
+                   fence_at=lambda h: "```")
+    assert e.hit.text == chunk.text and (e.hit.line_start, e.hit.line_end) == (34, 46)  # citations stay the file's
+    read = e.for_prompt().text.split("\n")
+    assert len(read) == len(lines) and read[0] == ""  # the lone closing fence
+    assert read[2:4] == ["", ""] and read[5] == lines[5] and read[6] == ""  # a tip is prose, not code
+    assert read[10:12] == ["", ""] and read[12] == "pip install -r requirements/rl.txt"  # the open block's head
+    [alone] = excerpts([chunk], "fa3", lambda h: h.text.split("\n"), None, total=400)  # no file at hand
+    assert alone.for_prompt().text.split("\n")[0] == "```"
+
+
+def test_a_window_inside_a_code_block_loses_only_the_fence_that_closes_it():
+    assert as_read(["dpo_loss_type = 'sigmoid'", "loss_beta = 0.1", "```", "", "### Model"], "```") == [
+        "dpo_loss_type = 'sigmoid'", "loss_beta = 0.1", "", "", "### Model"]
+    assert as_read(["a = 1", "b = 2"], "```") == ["a = 1", "b = 2"]
+
+
+def test_a_myst_code_block_reads_as_a_markdown_one():
+    """Answers copied "```{code-block} shell" and its ":caption:" line into their code."""
+    lines = ["Install it:", "", "````{code-block} shell", ":caption: Install", ":linenos:", "", "pip install x", "````",
+             "", "```{note}", "Needs CUDA 12.", "```", "```python", "import x", "```"]
+    assert as_read(lines) == ["Install it:", "", "````shell", "", "", "", "pip install x", "````", "", "",
+                              "Needs CUDA 12.", "", "```python", "import x", "```"]
+
+
+def test_a_hit_that_starts_at_a_closing_fence_is_known_from_its_file(xtuner_kb):
+    path = "docs/en/get_started/installation.md"
+    row = next(r for r in xtuner_kb.chunks_of("xtuner", path) if r["text"].startswith("```\n"))
+    chunk = hit(row["text"], 1, line_start=row["line_start"], path=path)
+    assert xtuner_kb.read_document("xtuner", path).text.split("\n")[chunk.line_start - 1] == "```"
+    reader = LineReader(xtuner_kb)
+    assert reader.open_fence(chunk) is not None and reader.open_fence(replace(chunk, line_start=1)) is None
 
 
 def test_excerpts_are_the_files_lines_as_git_counts_them(xtuner_kb):

@@ -142,6 +142,22 @@ def test_a_code_blocks_opening_goes_with_its_code():
     assert chunks[0].text.endswith("First download the model:")
 
 
+def test_fence_partners_and_open_fence_pair_a_files_part_as_the_whole_file_does():
+    """An excerpt holds lines of a file: a fence whose partner lies outside them is told from one inside."""
+    from kb.markdown import fence_partners, open_fence
+
+    lines = ["```", "", "```{tip}", ":class: margin", "", "Enable it with `export X=1`", "```", "", "Then:",
+             "```{code-block} shell", ":caption: Install", "pip install x"]
+    # begun inside a block: its first fence closes it (-1), the tip pairs, the last block runs past the lines
+    assert fence_partners(lines, "```") == {0: -1, 2: 6, 6: 2, 9: 12}
+    # read alone, the first fence opens a block the tip's own closing fence ends: the prose reads as code
+    assert fence_partners(lines) == {0: 6, 6: 0, 9: 12}
+    whole = ["# Title", "````md", "```", "inner", "````", "x", "~~~", "y"]
+    assert [open_fence(whole, i) for i in range(len(whole) + 1)] == [
+        None, None, "````", "````", "````", None, None, "~~~", "~~~"]
+    assert open_fence(lines, 1, opened="```") is None and open_fence(lines, 3, opened="```") == "```"
+
+
 def test_code_blocks_pair_fences_as_commonmark_does():
     from kb.markdown import CodeBlock, code_blocks
 

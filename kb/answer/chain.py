@@ -32,6 +32,7 @@ from kb.answer.translate import build_translate
 from kb.citations import cited_numbers
 from kb.errors import KBError
 from kb.ingest.loaders import LoadedDocument, git_lines
+from kb.markdown import open_fence
 from kb.search.engine import SearchEngine
 from kb.search.hits import Hit, SearchOptions
 from kb.words import language_of
@@ -159,6 +160,11 @@ class LineReader:
         path = read[1].heading_at(hit.line_start) if read is not None else ""
         return path.split(" > ") if path else []
 
+    def open_fence(self, hit: Hit) -> str | None:
+        """The fence of the code block the hit's first line sits in or closes (its chunk began inside the block)."""
+        lines = self._file(hit)
+        return None if lines is None else open_fence(lines, hit.line_start - 1)
+
     def __call__(self, hit: Hit) -> list[str]:
         lines = self._file(hit)
         if lines is None or hit.line_end > len(lines):
@@ -213,10 +219,11 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     retrieve = RunnableLambda(lambda x: engine.search(
         asked(x), replace(options, also_as=x["also_as"]) if x.get("also_as") else options))
     count = count or token_counter(llm)
-    narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens, count))
+    fence_at = lines_of.open_fence if isinstance(lines_of, LineReader) else None
+    narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens, count, fence_at))
     generate = RunnableBranch(
         (lambda x: not x["hits"], RunnableLambda(lambda x: decline_text(asked(x), []))),
-        RunnableLambda(lambda x: rag_inputs([e.hit for e in x["excerpts"]], asked(x)))
+        RunnableLambda(lambda x: rag_inputs([e.for_prompt() for e in x["excerpts"]], asked(x)))
         | RAG_PROMPT | llm | StrOutputParser(),
     )
     steps = RunnablePassthrough.assign(standalone=condense)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kb.citations import reanchor
+from kb.markdown import FENCE_RE, OPTION_LINE_RE, fence_partners, open_fence
 from kb.search.hits import Hit
 from kb.search.signals import near_duplicate, shingles
 from kb.words import tokenize
@@ -36,6 +37,7 @@ RANK_SHARES = (4.0, 2.0, 1.0, 1.0, 1.0)  # the budget's split over the hits by r
 WINDOWS_EMBEDDED = 3  # best windows per hit by words, re-scored with the embedding model
 
 TokenCounter = Callable[[str], int]  # text -> the chat model's tokens (``core.llm.token_counter``)
+FenceAt = Callable[[Hit], str | None]  # the fence of a code block a hit's first line sits in (LineReader.open_fence)
 
 
 def unit_embedder(embeddings) -> Callable[[list[str]], np.ndarray]:
@@ -67,6 +69,9 @@ def line_costs(lines: Sequence[str], count: TokenCounter = estimate_tokens) -> l
 
 INNER_SPACE_RE = re.compile(r"(?<=\S)[ \t]{2,}")
 RULE_RE = re.compile(r"-{3,}")
+# MyST's directive after a fence ("```{code-block} shell", "```{tip}"), and those whose body is code
+DIRECTIVE_RE = re.compile(r"\{([\w-]+)\}\s*(\S*).*")
+CODE_DIRECTIVES = frozenset({"code-block", "code", "code-cell", "sourcecode"})
 
 
 def compact(text: str) -> str:
@@ -129,6 +134,11 @@ class Excerpt:
 
     hit: Hit
     chunk: Hit  # the whole chunk the retriever found
+    read: str = ""  # the text as the model reads it: ``hit.text`` with its fences made plain (``as_read``)
+
+    def for_prompt(self) -> Hit:
+        """The excerpt as the prompt shows it."""
+        return replace(self.hit, text=self.read) if self.read else self.hit
 
 
 def _budgets(needs: list[int], total: int, floor: int = MIN_TOKENS) -> list[int]:
@@ -155,12 +165,13 @@ def _budgets(needs: list[int], total: int, floor: int = MIN_TOKENS) -> list[int]
 
 def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]],
              embed: Callable[[list[str]], np.ndarray] | None, total: int = CONTEXT_TOKENS,
-             count: TokenCounter | None = None) -> list[Excerpt]:
+             count: TokenCounter | None = None, fence_at: FenceAt | None = None) -> list[Excerpt]:
     """Each hit's best window of lines for ``question``, the windows within ``total`` tokens together.
 
     ``lines_of(hit)`` gives the hit's lines ``line_start..line_end`` as git
     numbers them; ``embed`` turns texts into unit vectors (None: words alone decide);
-    ``count`` is the chat model's tokenizer (None: ``estimate_tokens``).
+    ``count`` is the chat model's tokenizer (None: ``estimate_tokens``);
+    ``fence_at(hit)`` the fence of a code block the hit starts in (None: the hit's lines alone tell).
     Two windows with the same text (one guide copied into another) are shown
     once, and what the budget has left once the windows are cut to whole lines
     goes to the hits that were cut short, in rank order: a model table cut
@@ -194,7 +205,44 @@ def excerpts(hits: list[Hit], question: str, lines_of: Callable[[Hit], list[str]
         hit = hits[i]
         a, b = hit.line_start + best.start, hit.line_start + max(best.end, best.start + 1) - 1
         narrowed = replace(hit, line_start=a, line_end=b, text=best.text, url=reanchor(hit.url, a, b))
-        out.append(Excerpt(narrowed, hit))
+        opened = open_fence(all_lines[i], best.start, fence_at(hit) if fence_at else None)
+        out.append(Excerpt(narrowed, hit, "\n".join(as_read(all_lines[i][best.start:best.end], opened))))
+    return out
+
+
+def as_read(lines: Sequence[str], opened: str | None = None) -> list[str]:
+    """The lines as the model reads them: every fence paired within them, MyST's directives as plain Markdown.
+
+    A window often holds half a code block: it starts at the block's closing
+    fence (the code went with the chunk before), or ends after its opening one.
+    Read alone, a lone fence *opens* a block, so the prose after it reads as
+    code, the next excerpts' labels with it, and the model copied the fence
+    into its answer (README "Answers"): a lone fence is blanked. MyST's
+    ``{code-block} shell`` becomes ``shell`` without its ``:caption:`` lines,
+    which answers copied into their code; an admonition's fences (``{tip}``,
+    ``{note}``) go, its text being prose. Blank lines keep every line number.
+    """
+    out, partners = list(lines), fence_partners(lines, opened)
+    for i, j in partners.items():
+        if j < i:
+            continue  # a closing fence: decided with its opening one (or blanked below when lone)
+        paired = j < len(lines)
+        m = FENCE_RE.fullmatch(lines[i])
+        directive = DIRECTIVE_RE.fullmatch(m.group(2).strip()) if m else None
+        if paired and directive is None:
+            continue
+        if paired and directive.group(1) in CODE_DIRECTIVES:
+            out[i] = lines[i][: m.start(2)] + directive.group(2)
+        else:
+            out[i] = ""
+            if paired:
+                out[j] = ""
+        k = i + 1
+        while k < len(lines) and k != j and OPTION_LINE_RE.fullmatch(lines[k]) and lines[k].strip():
+            out[k], k = "", k + 1
+    for i, j in partners.items():
+        if j == -1:
+            out[i] = ""
     return out
 
 
