@@ -125,6 +125,9 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind31", "Overview (blind 31)", QUESTIONS / "overview_blind31.jsonl",
                 "checking only, a twenty-ninth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-fourth stop, measured once at the fifty-fifth"),
+    QuestionSet("overview-blind32", "Overview (blind 32)", QUESTIONS / "overview_blind32.jsonl",
+                "checking only, a thirtieth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-fifth stop, measured once at the fifty-sixth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
