@@ -78,6 +78,35 @@ def test_a_new_version_or_count_is_built_again_and_replaces_the_old_copy(coll, t
     assert lexical.read_or_build(coll, "kb_test", "8", False, folder).ids == grown.ids and coll.gets == 3
 
 
+def test_a_files_name_is_among_its_records_words(tmp_path):
+    """A bare list of requirements holds no word saying what it is; its file's name does (blind32: lagent's
+    optional dependencies, found by no mode while BM25 read the stored words alone)."""
+    assert lexical.path_words("requirements/optional.txt") == ["optional"]
+    assert lexical.path_words("docs/en/get_started/installation.md") == ["installation"]
+    assert lexical.path_words("docs/zh_cn/get_started/quick-start.md") == ["quick", "start"]
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
+    c = client.create_collection("kb_paths")
+    lists = {"requirements/optional.txt": "lmdeploy>=0.2.5\nvllm>=0.3.3\npillow", "docs/agents.md": "lagent agents",
+             "README.md": "lagent installs with pip"}
+    c.add(ids=list(lists), documents=list(lists.values()), embeddings=[[1.0, float(i)] for i in range(len(lists))],
+          metadatas=[{"bm25": " ".join(tokenize(t)), "source": "lagent", "path": p} for p, t in lists.items()])
+    lex = lexical.read_collection(c, "1", False)
+    (row, score), = lex.matrix.top(["optional"], 3)
+    assert lex.ids[row] == "requirements/optional.txt" and score > 0
+    assert [lex.ids[r] for r, _ in lex.matrix.top(["readme"], 3)] == ["README.md"]
+
+
+def test_a_copy_of_an_older_format_is_built_again(coll, tmp_path, monkeypatch):
+    """A copy saved before the file names were words (format 1) would search without them until the next sync."""
+    folder = tmp_path / "cache"
+    monkeypatch.setattr(lexical, "FORMAT", 1)
+    lexical.read_or_build(coll, "kb_test", "7", False, folder)
+    monkeypatch.setattr(lexical, "FORMAT", 2)
+    again = lexical.read_or_build(coll, "kb_test", "7", False, folder)
+    assert coll.gets == 2 and "p0" in again.matrix.vocab
+    assert lexical.read_or_build(coll, "kb_test", "7", False, folder).ids == again.ids and coll.gets == 2
+
+
 @pytest.mark.parametrize("damage", [b"", b"not a zip file", None])
 def test_a_damaged_copy_is_built_again_and_overwritten(coll, tmp_path, caplog, damage):
     folder = tmp_path / "cache"
