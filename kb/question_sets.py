@@ -128,6 +128,10 @@ SETS: tuple[QuestionSet, ...] = (
     QuestionSet("overview-blind32", "Overview (blind 32)", QUESTIONS / "overview_blind32.jsonl",
                 "checking only, a thirtieth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-fifth stop, measured once at the fifty-sixth"),
+    QuestionSet("overview-blind33", "Overview (blind 33)", QUESTIONS / "overview_blind33.jsonl",
+                "checking only, a thirty-first blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-sixth stop (its text shown once in a "
+                "review diff), measured once at the fifty-seventh"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
