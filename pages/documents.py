@@ -23,6 +23,7 @@ from kb.markdown import code_span, escape_markdown
 from kb.citations import file_url as web_file_url, parse_lines, relocate
 from pages import _resources as resources
 from pages._common import expected_errors, is_admin, kb_or_stop, require_admin, settings_or_stop, show_error
+from pages._highlight import HIGHLIGHT, highlighted, scroll_to_highlight
 from pages._jobs import ended_jobs, jobs_panel, track
 
 MAX_VIEW_LINES = 1500
@@ -34,35 +35,7 @@ BAD_LINK = "_docs_bad_link"
 # A link made at another commit, as opened: (source, path, span shown). While that file and span are on show the URL
 # stays the link's own, commit and all, so that a reload (or the address shared) says again which version it cites
 OLD_LINK = "_docs_old_link"
-HIGHLIGHT = "_docs_highlight"  # {"key": "source/path", "lines": (a, b)}: the lines to highlight in that file
 SCROLL = "_docs_scroll"  # scroll the highlighted lines into view on this run (once per opened link)
-HIGHLIGHT_KEY = "docs_highlight"  # the highlighted lines' container; Streamlit gives it the class st-key-<key>
-# Fixed markup, never built from document text or the URL: a style for the highlighted block and a script that
-# scrolls it into view (st.html runs no script unless asked; this one only looks the block up and scrolls).
-HIGHLIGHT_CSS = (
-    f"<style>.st-key-{HIGHLIGHT_KEY} {{ border-color: #f0a020 !important; background: rgba(255, 189, 69, 0.12); }}"
-    f" .st-key-{HIGHLIGHT_KEY} pre {{ background: rgba(255, 189, 69, 0.28) !important; }}</style>"
-)
-# The scroll waits for the page around the block to stop moving (three equal looks, 0.2 s apart; 12 s at most):
-# fired at a fixed 0.4 s it ran before the lines above had been drawn in one of seven fresh opens (a browser review),
-# and the block ended up off screen. A reader who scrolls, clicks or types first is left where they are.
-SCROLL_JS = (
-    "<script>(function () {"
-    f" var sel = '.st-key-{HIGHLIGHT_KEY}', last = '', same = 0, ticks = 0, moved = false;"
-    " ['wheel', 'touchmove', 'keydown', 'mousedown'].forEach(function (e) {"
-    "  window.addEventListener(e, function () { moved = true; }, {once: true, passive: true, capture: true}); });"
-    " var timer = setInterval(function () {"
-    "  var el = document.querySelector(sel); ticks += 1;"
-    "  if (moved || (!el && ticks > 60)) { clearInterval(timer); return; }"
-    "  if (!el) { return; }"
-    "  var main = document.querySelector('[data-testid=\"stMain\"]') || document.body;"
-    "  var shape = main.scrollHeight + ':' + el.getBoundingClientRect().height + ':' + el.offsetTop;"
-    "  same = shape === last ? same + 1 : 0; last = shape;"
-    "  if (same >= 2 || ticks > 60) { clearInterval(timer);"
-    "   el.scrollIntoView({block: el.offsetHeight < 0.7 * window.innerHeight ? 'center' : 'start'}); }"
-    " }, 200);"
-    "})();</script>"
-)
 
 
 def open_link(kb, names: list[str]) -> None:
@@ -167,29 +140,7 @@ def cited_view(kb) -> None:
     a, b = span[0], min(span[1], len(lines))
     first, last = max(1, a - CITED_CONTEXT), min(len(lines), b + CITED_CONTEXT)
     highlighted([f"{i:>5} │ {lines[i - 1]}" for i in range(first, last + 1)], first, a, b)
-    st.html(SCROLL_JS, unsafe_allow_javascript=True)
-
-
-def highlighted(numbered: list[str], first: int, a: int, b: int, clear: bool = False) -> None:
-    """Numbered lines from line ``first``, lines a–b of them in a bordered, highlighted block (the one SCROLL_JS
-    scrolls to); ``clear``: with a button that drops the highlight."""
-    before, marked, after = numbered[:a - first], numbered[a - first:b - first + 1], numbered[b - first + 1:]
-    if before:
-        st.code("\n".join(before), language=None, wrap_lines=True)
-    with st.container(border=True, key=HIGHLIGHT_KEY):
-        label = f":orange-background[**Lines {a}–{b}**] · the lines the link points at"
-        if clear:
-            c1, c2 = st.columns([5, 1], vertical_alignment="center")
-            c1.markdown(label)
-            if c2.button("Clear", key="docs_highlight_clear", help="show the file without the highlight"):
-                st.session_state[HIGHLIGHT] = None
-                st.rerun()
-        else:
-            st.markdown(label)
-        st.code("\n".join(marked), language=None, wrap_lines=True)
-    if after:
-        st.code("\n".join(after), language=None, wrap_lines=True)
-    st.html(HIGHLIGHT_CSS)
+    scroll_to_highlight()
 
 
 def follow_in_url(source: str, path: str, span: tuple[int, int] | None) -> None:
@@ -321,7 +272,7 @@ with view_tab:
     if span and first <= span[0] <= last:
         highlighted(gutter, first, span[0], min(span[1], last), clear=True)
         if st.session_state.pop(SCROLL, False):
-            st.html(SCROLL_JS, unsafe_allow_javascript=True)
+            scroll_to_highlight()
     else:
         if span:
             st.caption(f"Lines {span[0]}–{span[1]} are outside the lines shown: start the view at line {span[0]}.")

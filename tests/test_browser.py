@@ -164,3 +164,38 @@ def test_chat_in_a_real_browser(server):
     (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=1))
     print("\nbrowser timings:", json.dumps(timings))
     assert proc.poll() is None, "the server is still up"
+
+
+def test_the_cited_lines_stay_in_view_while_the_page_grows_above_them():
+    """SCROLL_JS on a bare page: the block scrolls into view once the page stands still, and again when the page
+    goes on drawing above it afterwards (CI's machine: the lines above came after the first scroll, and the block
+    ended off screen); a reader who scrolls first is left where they are."""
+    from playwright.sync_api import sync_playwright
+
+    from pages._highlight import HIGHLIGHT_KEY, SCROLL_JS
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does it)")
+    body = (f'<div data-testid="stMain"><div id="above" style="height:3000px"></div>'
+            f'<div class="st-key-{HIGHLIGHT_KEY}" style="height:100px">cited</div>'
+            f'<div style="height:3000px"></div></div>')
+    in_view = ("() => { const r = document.querySelector('.st-key-" + HIGHLIGHT_KEY + "').getBoundingClientRect();"
+               " return r.bottom > 0 && r.top < window.innerHeight; }")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            page.set_content(f"<html><body>{body}{SCROLL_JS}</body></html>")
+            page.wait_for_function(in_view, timeout=5_000)  # scrolled once the page stood still
+            page.wait_for_timeout(300)
+            # the page draws 5,000 px more above the block, after the first scroll
+            page.evaluate("() => { document.getElementById('above').style.height = '8000px'; }")
+            assert not page.evaluate(in_view)  # pushed off screen ...
+            page.wait_for_function(in_view, timeout=5_000)  # ... and brought back
+            # a reader who scrolls is left where they are, even if the page grows again
+            page.mouse.wheel(0, -2000)
+            page.evaluate("() => { document.getElementById('above').style.height = '12000px'; }")
+            page.wait_for_timeout(1500)
+            assert not page.evaluate(in_view)
+        finally:
+            browser.close()
