@@ -70,8 +70,8 @@ def eval_modes(engine, questions: Path, k: int = 5) -> dict:
 QUESTION_SETS = {q.key: (q.file, q.purpose) for q in retrieval_sets()}  # name -> (file, what it is for)
 # The document-level signals off: the fusion of the previous round, for the before/after table.
 SIGNALS_OFF = {"in_source_weight": 0.0, "opening_weight": 0.0, "summary_opening": False, "subject_opening": False,
-               "name_compounds": False, "readme_weight": 0.0, "empty_penalty": 1.0, "hidden_penalty": 1.0,
-               "collapse": False, "bm25_lead": 0.0, "bm25_in_named": False}
+               "name_compounds": False, "readme_weight": 0.0, "news_weight": 0.0, "empty_penalty": 1.0,
+               "hidden_penalty": 1.0, "collapse": False, "bm25_lead": 0.0, "bm25_in_named": False}
 
 
 def six_repo_kb():

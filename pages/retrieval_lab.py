@@ -9,7 +9,7 @@ import streamlit as st
 from pages import _resources as resources
 from kb.words import query_tokens
 from kb.markdown import code_span, escape_markdown
-from kb.search.hits import BM25_LEAD, IN_SOURCE, MODES, OPENING, SCORE_NOTES, SearchOptions
+from kb.search.hits import BM25_LEAD, IN_SOURCE, MODES, NEWS, OPENING, SCORE_NOTES, SearchOptions
 from pages._common import expected_errors, kb_or_stop, settings_or_stop, render_hit, show_error
 
 st.title(":material/manage_search: Retrieval lab")
@@ -41,7 +41,8 @@ if not query.strip():
                f"Dense: {SCORE_NOTES['dense']}. BM25: {SCORE_NOTES['bm25']}. Hybrid: {SCORE_NOTES['hybrid']}; "
                f"when a question names one source, hybrid's BM25 lists rank that source's chunks only, "
                f"dense search within that source (\"{IN_SOURCE}\") and, for "
-               f"what-is questions, its README's opening (\"{OPENING}\") join the fusion as weighted lists too, "
+               f"what-is questions, its README's opening (\"{OPENING}\"), for what's-new questions, its README's "
+               f"news (\"{NEWS}\") join the fusion as weighted lists too, "
                f"and so does BM25's first chunk when its score clearly leads the second's (\"{BM25_LEAD}\"). "
                "A hybrid hit that is only a heading, or that sits in a hidden folder (`.github/`, `.claude/`: "
                "contributors' tooling), counts half. Each hit says which lists found it, at which rank.")

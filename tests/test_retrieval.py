@@ -334,3 +334,16 @@ def test_the_questions_translation_is_searched_too(tiny_kb):
 def _lex_and_owners(engine, kb):
     lex = engine.lexical(kb.live()[0])
     return lex.matrix, lex.owners
+
+
+@pytest.mark.parametrize("question, news", [
+    ("What's new in XTuner lately?", ("README.md", 32, 34)),
+    ("XTuner 最近有什么新进展？", ("README_zh-CN.md", 36, 38)),
+])
+def test_a_question_about_what_is_recent_finds_the_readme_news(engine, question, news):
+    """The README's news are one dated line under "🎉 News" ("🎉 更新"): no word of the question is in them."""
+    hits = engine.search(question, SearchOptions(k=5))
+    path, a, b = news
+    top = [(h.path, h.line_start, h.line_end) for h in hits[:3]]
+    assert any(p == path and s <= b and e >= a for p, s, e in top), top
+    assert any("readme news" in h.ranks for h in hits[:3])

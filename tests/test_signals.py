@@ -351,3 +351,33 @@ def test_one_slip_is_one_edit_or_one_swap():
     assert not signals.one_slip("lmdeploy", "lmdeploy")
     assert not signals.one_slip("ldmepoly", "lmdeploy")  # two slips
     assert not signals.one_slip("deploy", "lmdeploy")
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("What's the most recent update announced for OpenCompass?", True),
+    ("What's new in LMDeploy?", True),
+    ("xtuner 最近有哪些新进展？", True),
+    ("InternLM 最新发布的是哪个模型？", True),
+    ("What are the latest news of Lagent?", True),
+    ("How do I update the weights of an lmdeploy server online?", False),
+    ("How do I add a new dataset to OpenCompass?", False),
+    ("lmdeploy 支持在线更新权重吗？", False),
+    ("What does cache_max_entry_count default to in recent versions of LMDeploy?", False),
+    ("最新版本的 xtuner 需要什么依赖？", False),
+])
+def test_a_question_about_what_is_recent_asks_for_news(question, expected):
+    assert signals.asks_for_news(question) is expected
+
+
+def test_news_section_is_the_first_chunks_under_a_news_heading_in_the_questions_language():
+    filler = " ".join(["word"] * 40)
+    docs = [_doc("README.md", 1, "", filler + "\n\n## Welcome\n\nOpenCompass is a platform."),
+            _doc("README.md", 20, "Welcome", filler + "\n\n## 🚀 What's New <a><img src='x.png'></a>\n\n- [2026.02.05] A"),
+            _doc("README.md", 30, "🚀 What's New", filler + " [2025.12.08] B"),
+            _doc("README.md", 40, "🚀 What's New", filler + " [2025.07.26] C"),
+            _doc("README.md", 60, "Installation", filler + " update pip"),
+            _doc("README_zh-CN.md", 20, "", filler + "\n\n## 🚀 最新进展\n\n- [2026.02.05] 甲"),
+            _doc("README_zh-CN.md", 30, "🚀 最新进展", filler + " [2025.12.08] 乙")]
+    assert [d.id for d in signals.news_section(docs, "en", 2)] == ["README.md:20", "README.md:30"]
+    assert [d.id for d in signals.news_section(docs, "zh", 1)] == ["README_zh-CN.md:20"]
+    assert signals.news_section(docs[:1] + docs[4:5], "en", 2) == []  # no news heading: no list

@@ -29,7 +29,7 @@ from kb.ingest.chunking import ChunkConfig
 from kb.search.fusion import fuse, specificity
 from kb.search import lexical, signals
 from kb.search.lexical import Lexical
-from kb.search.hits import (ALSO_BM25, ALSO_DENSE, BM25_LEAD, IN_SOURCE, OPENING, PASSAGE_BM25, README_SECTION, Hit,
+from kb.search.hits import (ALSO_BM25, ALSO_DENSE, BM25_LEAD, IN_SOURCE, NEWS, OPENING, PASSAGE_BM25, README_SECTION, Hit,
                             SearchOptions, hit_from_document)
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, once_more_if_reopened, reachable
@@ -449,6 +449,10 @@ class SearchEngine:
                     readmes, language, opts.opening_chunks, frozenset(aliases.get(named[0], ())))]
                 weights[OPENING] = opts.opening_weight * opening_fade
             self._sections(lists, weights, README_SECTION, readmes, language, rest, fade, 1.0, opts)
+            if readmes and opts.news_weight and signals.asks_for_news(plain):
+                news = signals.news_section(readmes, language, opts.opening_chunks)
+                if news:
+                    lists[NEWS], weights[NEWS] = [(d, 0.0) for d in news], opts.news_weight
         elif opts.each_named and not opts.path_prefix:
             for src in named:
                 rest = signals.asked_about(tokens, [src], aliases, in_full)

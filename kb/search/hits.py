@@ -26,6 +26,7 @@ SCORE_NOTES = {
 PASSAGE_BM25 = "bm25 passages"
 OPENING = "readme opening"
 README_SECTION = "readme section"
+NEWS = "readme news"
 IN_SOURCE = "dense in source"
 ALSO_BM25 = "bm25 (other language)"  # the question's translation (SearchOptions.also_as), searched as well
 ALSO_DENSE = "dense (other language)"
@@ -62,6 +63,9 @@ class SearchOptions:
     name_compounds: bool = True  # "InternLM3-8B-Instruct" is the source named in full: "8b", "instruct" aren't asked
     name_asides: bool = True  # "OpenCompass（司南）": a bracket glossing the name is the source named again
     readme_weight: float = 5.0  # RRF weight of the named source's README chunks holding the question's other words
+    # RRF weight of the named source's README news section (its first chunks) for a question about what is recent
+    # (signals.asks_for_news), unfaded: "recent", "最近" are rare words, yet ask for the README's news (0: off)
+    news_weight: float = 5.0
     readme_holds_all: bool = True  # ... at full weight, however specific the words, when its best chunk holds them all
     own_words_fade: bool = True  # the in-source list fades only for words the named source itself uses
     each_named: bool = True  # a question naming two sources gets each one's README sections, at half weight

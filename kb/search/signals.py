@@ -46,6 +46,13 @@ CONTENT_WORDS = 8  # fewer words than this beyond headings and markup: an empty 
 OPENING_WORDS = 30  # a README chunk with fewer words is badges, logos or links, not its opening
 # Headings under which documentation introduces itself (the README convention, in both languages).
 INTRO_HEADING_RE = re.compile(r"introduction|overview|about|what is|welcome|简介|介绍|概述|概览|欢迎|关于", re.IGNORECASE)
+# Questions about what is recent, and the headings a README's news go under (newest first, by convention).
+RECENT_RE = re.compile(r"\b(recent(ly)?|lately|latest|newest|news)\b|what'?s\s+new|最近|最新|近期|新进展|新闻|近况",
+                       re.IGNORECASE)
+# ... unless it only qualifies a version ("its default in recent versions", "最新版本需要什么依赖？")
+RECENT_VERSION_RE = re.compile(r"\b(recent|latest|newest)\s+versions?\b|最新的?版本?", re.IGNORECASE)
+NEWS_HEADING_RE = re.compile(r"\bnews\b|what'?s\s+new|\bupdates\b|最新进展|新闻|最新动态|更新日志|(?<!\w)更新(?!\w)",
+                             re.IGNORECASE)
 # Words that ask "what is it" without saying what about it (BM25 already drops 是/什么/what/is).
 QUESTION_WORDS = frozenset("干嘛 干什么 做什么 用来 用途 作用 介绍 简介 一下 讲讲 说说 "
                            "introduce introduction overview about explain describe tell".split())
@@ -344,6 +351,24 @@ def _part_of_name(word: str, names: set[str]) -> bool:
     return word.isascii() and len(word) >= 4 and any(word in n and word != n for n in names)
 
 
+def _language_copy(docs: Sequence, min_words: int) -> dict[str, list]:
+    """A source's root README chunks of at least ``min_words`` words, by README file, each file's in line order."""
+    by_path: dict[str, list] = {}
+    for d in sorted(docs, key=lambda d: int(d.metadata["line_start"])):
+        if content_words(d.page_content) >= min_words:
+            by_path.setdefault(d.metadata["path"], []).append(d)
+    return by_path
+
+
+def in_language(docs: Sequence, language: str, min_words: int = OPENING_WORDS) -> list:
+    """The chunks with content of the root README copy in the question's language (the shortest name otherwise)."""
+    by_path = _language_copy(docs, min_words)
+    if not by_path:
+        return []
+    zh = language == "zh"
+    return by_path[min(by_path, key=lambda p: (zh != any(m in p.lower() for m in ("zh", "_cn", "-cn")), len(p)))]
+
+
 def opening(docs: Sequence, language: str, n: int, names: frozenset[str] = frozenset()) -> list:
     """A root README's opening: its introduction section, else its first chunks with content.
 
@@ -354,19 +379,30 @@ def opening(docs: Sequence, language: str, n: int, names: frozenset[str] = froze
     ``names`` and defines it; then the first chunks with content, since
     badges, logos and link rows (fewer than ``OPENING_WORDS`` words) are skipped.
     """
-    by_path: dict[str, list] = {}
-    for d in sorted(docs, key=lambda d: int(d.metadata["line_start"])):
-        if content_words(d.page_content) >= OPENING_WORDS:
-            by_path.setdefault(d.metadata["path"], []).append(d)
-    if not by_path:
-        return []
-    zh = language == "zh"
-    best = min(by_path, key=lambda p: (zh != any(m in p.lower() for m in ("zh", "_cn", "-cn")), len(p)))
-    chunks = by_path[best]
+    chunks = in_language(docs, language)
     intro = [d for d in chunks if any(INTRO_HEADING_RE.search(h) for h in _own_headings(d))]
     if not intro and names:
         intro = [d for d in chunks if _defines(d.page_content, names)][:1]
     return (intro + [d for d in chunks if d not in intro])[:n]
+
+
+def asks_for_news(query: str) -> bool:
+    """Whether the question asks what is recent ("What's new in X lately?", "X 最近有哪些新进展？")."""
+    return bool(RECENT_RE.search(RECENT_VERSION_RE.sub(" ", query)))
+
+
+def news_section(docs: Sequence, language: str, n: int) -> list:
+    """The first chunks of a root README's news section ("News", "Latest News", "What's New", "最新进展"), the copy
+    in the question's language: a project's README lists its news newest first, so they hold what is recent.
+
+    BM25 can't find them for "What's the most recent update announced for
+    OpenCompass?" (its heading is "What's New", its lines dated items), nor
+    dense, and the README's other sections hold the words "update" or
+    "recent" as often; older news pages (docs/*/notes/news.md) lack the latest.
+    """
+    chunks = in_language(docs, language, CONTENT_WORDS)  # a news section of one line is news too
+    first = next((i for i, d in enumerate(chunks) if any(NEWS_HEADING_RE.search(h) for h in _own_headings(d))), None)
+    return [] if first is None else chunks[first:first + n]
 
 
 DEFINING_WORDS = 12  # a line that starts with the project's name and goes on this long says what it is
