@@ -351,18 +351,13 @@ def _part_of_name(word: str, names: set[str]) -> bool:
     return word.isascii() and len(word) >= 4 and any(word in n and word != n for n in names)
 
 
-def _language_copy(docs: Sequence, min_words: int) -> dict[str, list]:
-    """A source's root README chunks of at least ``min_words`` words, by README file, each file's in line order."""
+def in_language(docs: Sequence, language: str, min_words: int = OPENING_WORDS) -> list:
+    """The chunks of at least ``min_words`` words of the root README copy in the question's language (the shortest
+    name otherwise), in line order."""
     by_path: dict[str, list] = {}
     for d in sorted(docs, key=lambda d: int(d.metadata["line_start"])):
         if content_words(d.page_content) >= min_words:
             by_path.setdefault(d.metadata["path"], []).append(d)
-    return by_path
-
-
-def in_language(docs: Sequence, language: str, min_words: int = OPENING_WORDS) -> list:
-    """The chunks with content of the root README copy in the question's language (the shortest name otherwise)."""
-    by_path = _language_copy(docs, min_words)
     if not by_path:
         return []
     zh = language == "zh"
