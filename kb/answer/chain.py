@@ -219,8 +219,8 @@ def build_rag_chain(engine: SearchEngine, llm: BaseChatModel, options: SearchOpt
     retrieve = RunnableLambda(lambda x: engine.search(
         asked(x), replace(options, also_as=x["also_as"]) if x.get("also_as") else options))
     count = count or token_counter(llm)
-    fence_at = lines_of.open_fence if isinstance(lines_of, LineReader) else None
-    narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens, count, fence_at))
+    narrow = RunnableLambda(lambda x: excerpts(x["hits"], asked(x), lines_of, embed, context_tokens, count,
+                                               lines_of.open_fence))
     generate = RunnableBranch(
         (lambda x: not x["hits"], RunnableLambda(lambda x: decline_text(asked(x), []))),
         RunnableLambda(lambda x: rag_inputs([e.for_prompt() for e in x["excerpts"]], asked(x)))
