@@ -132,6 +132,10 @@ SETS: tuple[QuestionSet, ...] = (
                 "checking only, a thirty-first blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-sixth stop (its text shown once in a "
                 "review diff), measured once at the fifty-seventh"),
+    QuestionSet("overview-blind34", "Overview (blind 34)", QUESTIONS / "overview_blind34.jsonl",
+                "checking only, a thirty-second blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-seventh stop, measured once at the "
+                "fifty-eighth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
