@@ -26,15 +26,18 @@ FENCES = ("```", "~~~")
 
 def is_fence(line: str) -> bool:
     """A line that opens or closes a fenced code block."""
-    return line.lstrip().startswith(FENCES)
+    return FENCE_RE.fullmatch(line) is not None
 
 
 _LINKING = re.compile(r"[\\\[\]<>]|!(?=\\?\[)")
 
 
-# A fenced code block's fence (CommonMark: three or more backticks or tildes, indented at most three spaces), and
-# what may stand between the opening fence and the code: blank lines and MyST's directive options (":caption: …").
-FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$", re.MULTILINE)
+# A fenced code block's fence: three or more backticks or tildes, and no backtick after backticks ("```x``` is"
+# opens nothing). CommonMark allows three spaces before one, counted from the list item it sits in; the docs' install
+# steps indent theirs under "1." by 3 to 9 spaces, so any indentation is taken (an indented code block showing a
+# fence is rarer than those). Then what may stand between the opening fence and the code: blank lines and MyST's
+# directive options (":caption: …").
+FENCE_RE = re.compile(r"^[ \t]*(`{3,}(?=[^`\n]*$)|~{3,})(.*)$", re.MULTILINE)
 OPTION_LINE_RE = re.compile(r"[ \t]*(?::[\w-]+:.*|---)?[ \t]*")
 
 
@@ -84,6 +87,18 @@ def fence_partners(lines: Sequence[str], opened: str | None = None) -> dict[int,
     if block is not None:
         out[block[0]] = len(lines)
     out.pop(-1, None)
+    return out
+
+
+def fenced_lines(lines: Sequence[str]) -> list[bool]:
+    """Which lines belong to a fenced code block, fences included (a block never closed runs to the end): there
+    "# …" is a comment, not a heading, and "- …" is code, not a list item. One pairing for the loader's heading
+    paths and the support check's contexts, as ``fence_partners`` pairs fences (a ```` ```` ```` block around a
+    ```` ``` ```` one, MyST's nesting, is one block)."""
+    out = [False] * len(lines)
+    for i, j in fence_partners(lines).items():
+        for k in range(i, min(j, len(lines) - 1) + 1):
+            out[k] = True
     return out
 
 

@@ -29,6 +29,20 @@ def test_markdown_headings_skip_code_fences():
     assert markdown_headings(lines) == ["A", "A", "A", "A", "A", "A > B", "A > B", "C"]
 
 
+def test_one_fence_pairing_serves_headings_code_blocks_and_excerpts():
+    """Fences under a list item (indented past three spaces) and MyST's nesting pair alike everywhere: the loader's
+    heading paths, the chunker's code blocks, an excerpt's lone fences and the support check read one pairing."""
+    from kb.markdown import code_blocks, fence_partners, fenced_lines, is_fence
+
+    lines = ["# Install", "1. Clone it:", "      ```shell", "      # Make sure git-lfs is installed", "      git lfs install",
+             "      ```", "````{toggle}", "```shell", "# a log line", "```", "````", "## Next", "```x``` is inline"]
+    assert markdown_headings(lines) == ["Install"] * 11 + ["Install > Next"] * 2
+    assert fenced_lines(lines) == [False, False] + [True] * 9 + [False, False]
+    assert fence_partners(lines) == {2: 5, 5: 2, 6: 10, 10: 6}
+    assert [(b.opens, b.closes) for b in code_blocks("\n".join(lines[:6]))] == [(23, 99)]
+    assert not is_fence(lines[-1]) and is_fence("  ~~~") and fenced_lines(["```", "open"]) == [True, True]
+
+
 def test_lines_and_headings_are_exact():
     body = "\n".join(f"第{i}句话在这里。这是一个比较长的句子，用来测试切分。" for i in range(60))
     text = f"# 标题\n\n{body}\n\n## 小节\n\nEnglish text here. Another sentence!\n"

@@ -40,7 +40,7 @@ import numpy as np
 
 from kb.answer.prompts import EXAMPLE_SENTENCE, EXAMPLE_SUBJECT, LINK_RE, LOOKALIKES
 from kb.citations import MARKER_RE, marker_numbers
-from kb.markdown import is_fence
+from kb.markdown import fenced_lines, is_fence
 from kb.search.hits import Hit
 from kb.words import language_of, tokenize
 
@@ -266,16 +266,6 @@ def is_claim(sentence: str) -> bool:
     return len(_claim_words(sentence)) >= 2 or bool(_figures(sentence))
 
 
-def _fenced(lines: Sequence[str]) -> list[bool]:
-    """Which lines sit inside a fenced code block (where "# …" is a comment, not a heading)."""
-    out, inside = [], False
-    for line in lines:
-        fence = is_fence(line)
-        out.append(inside or fence)
-        inside ^= fence
-    return out
-
-
 def _context(lines: Sequence[str], fenced: Sequence[bool], i: int) -> list[int]:
     """The lines a reader of line ``i`` reads it with: its section's heading; in a table, the header row; in a
     list, the line that introduces it ("以下是训练脚本（`finetune.sh`）的关键参数：").
@@ -388,7 +378,7 @@ def _runs(lines: Sequence[str]) -> list[tuple[int, int, str, int, bool]]:
     heading or header that a figure or a name of the sentence is read from.
     """
     out = []
-    fenced = _fenced(lines)
+    fenced = fenced_lines(lines)
     for i in range(len(lines)):
         if not lines[i].strip():
             continue

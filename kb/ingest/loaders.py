@@ -16,12 +16,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kb.markdown import fenced_lines
 from kb.words import language_of
 
 LINE_EXTENSIONS = {"md", "markdown", "txt", "rst"}
 MARKDOWN_EXTENSIONS = {"md", "markdown"}
 ATX_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
-FENCE_RE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 RST_UNDERLINE_RE = re.compile(r"^([=\-~^\"'`#*+:.])\1{2,}\s*$")
 
 # The data-file rule (documented in the README): a file of at least
@@ -71,23 +71,14 @@ def data_file_reason(lines: list[str]) -> str | None:
 
 
 def markdown_headings(lines: list[str]) -> list[str]:
-    """The heading path (``A > B > C``) in force at each line, fences respected."""
+    """The heading path (``A > B > C``) in force at each line; a "# comment" in a code block heads nothing."""
     stack: list[tuple[int, str]] = []
     out: list[str] = []
-    fence: str | None = None
-    for line in lines:
-        m = FENCE_RE.match(line)
-        if m:
-            marker = m.group(1)
-            if fence is None:
-                fence = marker[0] * len(marker)
-            elif marker.startswith(fence):
-                fence = None
-        elif fence is None:
-            h = ATX_RE.match(line)
-            if h:
-                level = len(h.group(1))
-                stack = [(lv, t) for lv, t in stack if lv < level] + [(level, h.group(2).strip())]
+    for line, fenced in zip(lines, fenced_lines(lines)):
+        h = None if fenced else ATX_RE.match(line)
+        if h:
+            level = len(h.group(1))
+            stack = [(lv, t) for lv, t in stack if lv < level] + [(level, h.group(2).strip())]
         out.append(" > ".join(t for _, t in stack))
     return out
 
