@@ -32,13 +32,14 @@ git source is fetched, and only a source whose branch moved is synced, all as
 one job with its report. A remote that cannot be reached is recorded per source
 in ``KB_HOME/jobs/watch.json`` and retried with exponential backoff (one
 interval, then two, four, ... up to six hours); a failed fetch never reaches
-the index. :func:`sync_failures` returns what is failing now, for the Home page.
+the index. :func:`kb.schedule.sync_failures` returns what is failing now, for the Home page.
+
+What each kind of job does with the knowledge base (the ``Work`` this queue runs) is in ``kb/job_work.py``.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -53,9 +54,10 @@ from typing import TypeVar
 
 from core import atomic
 from core.errors import UserError
+from kb import job_work, pids
 from kb import log as runlog
-from kb import pids
 from kb.errors import KBError
+from kb.job_work import Cancelled
 from kb.progress import Progress, no_progress
 from kb.schedule import WATCH_FILE, WatchState
 from kb.store.manifest import WriteLockBusy
@@ -70,17 +72,6 @@ GIT_STAGES = ("fetch", "clone")  # reported from git's reader threads: never rai
 KEEP = 200  # finished job files kept in KB_HOME/jobs (and records in memory)
 PERSIST_EVERY = 2.0  # seconds between writes of a running job's record
 LOCK_POLL = 0.5
-
-
-class Cancelled(Exception):
-    """Raised from a job's progress callback at a safe point once someone asked to cancel the job.
-
-    Deliberately not a :class:`~core.errors.UserError`: the sync loops turn a
-    ``KBError`` into one source's error and go on with the next source, while a
-    cancel must end the whole job.
-    """
-
-    cancelled = True  # the log records it as cancelled, not as a failure (kb.log.job)
 
 
 def new_id() -> str:
@@ -355,7 +346,7 @@ class JobQueue:
         """Sync some sources (None: all), one after another: the fields of ``kb sync --json``."""
         names = list(names) if names else None
         label = "Sync " + (", ".join(names) if names else "all sources")
-        return self.submit("sync", {"names": names}, _sync_work(names), label=label, origin=origin)
+        return self.submit("sync", {"names": names}, job_work.sync_work(names), label=label, origin=origin)
 
     def submit_upload(self, files: dict[str, bytes], source: str, origin: str = "dashboard") -> dict:
         """Commit uploaded files to a files-only source and index them (``kb upload``).
@@ -370,13 +361,13 @@ class JobQueue:
             raise KBError("no files given")
         files = dict(files)
         args = {"source": source, "files": sorted(files), "bytes": sum(len(b) for b in files.values())}
-        return self.submit("upload", args, _upload_work(files, source),
+        return self.submit("upload", args, job_work.upload_work(files, source),
                            label=f"Upload {len(files)} file(s) to {source}", origin=origin)
 
     def submit_rechunk(self, config, origin: str = "dashboard") -> dict:
         """Build a collection with ``config`` beside the live one, switching when complete (``kb rechunk``)."""
         return self.submit("rechunk", {"chunk_config": config.to_json(), "label": config.label()},
-                           _rechunk_work(config), label=f"Re-chunk: {config.label()}", origin=origin, anywhere=True)
+                           job_work.rechunk_work(config), label=f"Re-chunk: {config.label()}", origin=origin, anywhere=True)
 
     def submit_export(self, with_repos: bool = False, origin: str = "dashboard") -> dict:
         """Write a snapshot to ``KB_HOME/snapshots`` (``kb export``); the report: ``export_snapshot``'s fields.
@@ -388,7 +379,7 @@ class JobQueue:
         behind (the export removes its temporary files).
         """
         label = "Snapshot export" + (" with the clones" if with_repos else "")
-        return self.submit("export", {"with_repos": with_repos}, _export_work(with_repos), label=label,
+        return self.submit("export", {"with_repos": with_repos}, job_work.export_work(with_repos), label=label,
                            origin=origin, anywhere=True, writes=False)
 
     def submit_evaluation(self, engine, questions: list[dict], options: list, questions_name: str,
@@ -402,7 +393,7 @@ class JobQueue:
         args = {"questions": questions_name, "n": len(questions), "modes": modes, "k": [o.k for o in options],
                 "only_indexed": only_indexed}
         return self.submit("evaluate", args,
-                           _evaluate_work(engine, questions, list(options), questions_name, only_indexed),
+                           job_work.evaluate_work(engine, questions, list(options), questions_name, only_indexed),
                            label=f"Evaluation ({', '.join(modes)}) on {Path(questions_name).name}", origin=origin,
                            anywhere=True, writes=False)
 
@@ -423,7 +414,7 @@ class JobQueue:
         args = {"questions": questions_name, "n": len(questions), "mode": options.mode, "k": options.k,
                 "only_indexed": only_indexed, "limit": limit}
         return self.submit("answers", args,
-                           _answers_work(llm, engine, questions, options, questions_name, only_indexed, limit),
+                           job_work.answers_work(llm, engine, questions, options, questions_name, only_indexed, limit),
                            label=f"Answer evaluation ({options.mode}, k={options.k}) on {Path(questions_name).name}",
                            origin=origin, anywhere=True, writes=False)
 
@@ -432,7 +423,7 @@ class JobQueue:
         with self._cond:
             if any(j.kind == "scheduled" and j.state in (QUEUED, RUNNING) for j in self._jobs.values()):
                 return None
-        return self.submit("scheduled", {"every": self.every}, _scheduled_work(self, self.every),
+        return self.submit("scheduled", {"every": self.every}, job_work.scheduled_work(self, self.every),
                            label="Scheduled sync", origin=origin)
 
     def submit_scheduled_snapshot(self, origin: str = "schedule") -> dict | None:
@@ -445,7 +436,7 @@ class JobQueue:
                    for j in self._jobs.values()):
                 return None
         return self.submit("export", {"with_repos": True, "scheduled": True, "keep": self.snapshot_keep},
-                           _export_work(True, scheduled=True, keep=self.snapshot_keep),
+                           job_work.export_work(True, scheduled=True, keep=self.snapshot_keep),
                            label="Scheduled snapshot", origin=origin, anywhere=True, writes=False)
 
     def run_scheduled_snapshot_now(self, origin: str = "cli") -> dict | None:
@@ -460,7 +451,7 @@ class JobQueue:
         except KBError:  # the folder can't be read: the export fails too, and its job says why
             pass
         return self.run_now("export", {"with_repos": True, "scheduled": True, "keep": self.snapshot_keep},
-                            _export_work(True, scheduled=True, keep=self.snapshot_keep),
+                            job_work.export_work(True, scheduled=True, keep=self.snapshot_keep),
                             label="Scheduled snapshot", origin=origin, anywhere=True, writes=False)
 
     def _has_live(self) -> bool:
@@ -480,7 +471,7 @@ class JobQueue:
         return self.get(job.id)  # type: ignore[return-value]
 
     def run_scheduled_now(self, origin: str = "cli") -> dict:
-        return self.run_now("scheduled", {"every": self.every}, _scheduled_work(self, self.every),
+        return self.run_now("scheduled", {"every": self.every}, job_work.scheduled_work(self, self.every),
                             label="Scheduled sync", origin=origin)
 
     # ------------------------------------------------------------------ control
@@ -820,208 +811,6 @@ class JobQueue:
                 extra -= 1
             except OSError:
                 pass
-
-
-# ---------------------------------------------------------------------------- the work of each kind
-
-
-def _with_errors(out: dict) -> dict:
-    failed = [r for r in out["sources"] if r.get("error")]
-    if failed:
-        out["error"] = "; ".join(f"{r['name']}: {r['error']}" for r in failed)
-    return out
-
-
-def _sync_one(kb, name: str, ctl: JobControl) -> dict:
-    """One source's sync, its report as ``kb sync --json`` gives it (an error of this source alone in it)."""
-    from kb.ingest.sync import SyncReport
-    from kb.store.index import ChromaUnreachable
-
-    try:
-        return ctl.when_lock_free(lambda: kb.sync([name], progress=ctl))[0].as_dict()
-    except (ChromaUnreachable, Cancelled):  # every source would fail alike; a cancel ends the whole job
-        raise
-    except KBError as exc:  # e.g. the source was deleted while the job waited
-        return SyncReport(name, None, None, error=str(exc)).as_dict()
-    except Exception as exc:  # a bug, or a store error nobody foresaw: this source's error, the others still sync
-        return SyncReport(name, None, None, error=runlog.unexpected(kb.settings, exc, f"sync of {name}")).as_dict()
-
-
-def _sync_work(names: list[str] | None) -> Work:
-    def work(kb, ctl: JobControl) -> dict:
-        todo = names or [s.name for s in kb.sources()]
-        if not todo:
-            raise KBError("no sources yet: add one first")
-        out: dict = {"sources": []}
-        ctl.report = out
-        for i, name in enumerate(todo):
-            ctl.begin_source(name, i, len(todo))
-            out["sources"].append(_sync_one(kb, name, ctl))
-            ctl.job.sources_done = i + 1
-        return _with_errors(out)
-
-    return work
-
-
-def _upload_work(files: dict[str, bytes], source: str) -> Work:
-    def work(kb, ctl: JobControl) -> dict:
-        ctl.begin_source(source, 0, 1)
-        try:
-            rep = kb.upload(files, source, progress=ctl).as_dict()
-        except Cancelled:
-            ctl.report = {"sources": [], "note": f"the files are committed to {source} but not indexed: "
-                                                 f"sync {source} to index them"}
-            raise
-        return _with_errors({"sources": [rep]})
-
-    return work
-
-
-def _rechunk_work(config) -> Work:
-    def work(kb, ctl: JobControl) -> dict:
-        from core import embeddings as emb
-        from kb.store.index import collection_name
-
-        target = collection_name(config.hash, emb.model_slug(kb.settings))
-        try:
-            return kb.rechunk(config, ctl)
-        except Cancelled:
-            try:  # the live collection was never touched; the half-built one goes
-                kb.drop_collection(target)
-            except KBError:
-                pass
-            ctl.report = {"collection": target, "dropped": True}
-            raise
-
-    return work
-
-
-class _CountingEngine:
-    """A search engine that reports each question as progress (and so can be cancelled between questions)."""
-
-    def __init__(self, engine, ctl: JobControl, total: int) -> None:
-        self._engine = engine
-        self._ctl = ctl
-        self._total = total
-        self._done = 0
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)
-
-    def search(self, query: str, options):
-        hits = self._engine.search(query, options)
-        self._done += 1
-        self._ctl("evaluate", self._done, self._total, query[:80])
-        return hits
-
-
-def _export_work(with_repos: bool, scheduled: bool = False, keep: int | None = None) -> Work:
-    def work(kb, ctl: JobControl) -> dict:
-        return ctl.when_lock_free(lambda: kb.export_snapshot(with_repos=with_repos, progress=ctl, scheduled=scheduled,
-                                                             keep=keep))
-
-    return work
-
-
-def _evaluate_work(engine, questions: list[dict], options: list, questions_name: str, only_indexed: bool) -> Work:
-    def work(kb, ctl: JobControl) -> dict:
-        from kb.evaluate import answerable
-
-        keep = kb.indexed_sources() if only_indexed else None
-        n = sum(1 for q in questions if answerable(q) and (keep is None or q.get("repo") in keep))
-        counting = _CountingEngine(engine, ctl, n * len(options))
-        extra = {"only_indexed": True} if only_indexed else {}
-        out: dict = {"runs": []}
-        ctl.report = out
-        for opt in options:
-            out["runs"].append(kb.run_and_save_evaluation(counting, questions, opt, questions_name, **extra))
-        return out
-
-    return work
-
-
-def _answers_to_ask(kb, questions: list[dict], only_indexed: bool, limit: int | None) -> int:
-    """How many questions an answer run asks, as ``run_and_save_answer_evaluation`` picks them: the total shown
-    from the start, before the first answer (which takes the model seconds) reports it."""
-    from kb.evaluate import split_indexed
-
-    kept = split_indexed(questions, kb.indexed_sources() if only_indexed else None)[0]
-    return len(kept) if limit is None else min(len(kept), max(1, int(limit)))
-
-
-def _answers_work(llm, engine, questions: list[dict], options, questions_name: str, only_indexed: bool,
-                  limit: int | None) -> Work:
-    def work(kb, ctl: JobControl) -> dict:
-        from kb.answer.chain import Answerer
-
-        total = _answers_to_ask(kb, questions, only_indexed, limit)
-        so_far = {"answered": 0, "of": total, "note": "an answer run is saved only once every question is answered"}
-        ctl.report = so_far  # what a cancelled or failed run reports
-
-        def answered(done: int, n: int) -> None:  # after each question: the safe point where a cancel stops the run
-            so_far.update(answered=done, of=n)
-            ctl("answer", done, n, f"{done} of {n} questions answered")
-
-        answered(0, total)
-        return kb.run_and_save_answer_evaluation(Answerer(llm, engine, options), questions, options, questions_name,
-                                                 only_indexed=only_indexed, limit=limit, progress=answered)
-
-    return work
-
-
-def _scheduled_work(queue: JobQueue, every: float) -> Work:
-    """Fetch every due git source; sync only those whose branch moved; record failures with backoff."""
-
-    def work(kb, ctl: JobControl) -> dict:
-        from kb.ingest.sync import SyncReport
-        from kb.store.index import ChromaUnreachable
-
-        at = time.time()
-        live = kb.live()[0]
-        # a pass that finds nothing new touches no vector: it said "done, 0 failed" for hours with the Chroma server
-        # down (an operator review). The pass fails at once, naming the server, and the next one tries again.
-        kb.check_store()
-        rows = [s for s in kb.sources() if s.kind == "git"]
-        due = [s for s in rows if queue.watch.due(s.name, at)]
-        state = queue.watch.load()["sources"]
-        out: dict = {"sources": [], "unchanged": [],
-                     "backing_off": [{"name": s.name, "failures": state[s.name]["failures"],
-                                      "next_try": state[s.name]["next_try"]} for s in rows if s not in due]}
-        ctl.report = out
-        for i, src in enumerate(due):
-            ctl.begin_source(src.name, i, len(due))
-            try:
-                head = ctl.when_lock_free(lambda: kb.fetch_source(src.name, progress=ctl))
-            except (ChromaUnreachable, Cancelled):
-                raise
-            except Exception as exc:  # unreachable remote, missing branch: recorded, the index is not touched
-                error = (str(exc) if isinstance(exc, KBError)
-                         else runlog.unexpected(kb.settings, exc, f"fetch of {src.name}"))
-                queue.watch.failed(src.name, error, at, every)  # backs off, as a failing sync does
-                rep = SyncReport(src.name, src.indexed_commit, None, error=f"fetch failed: {error}").as_dict()
-                out["sources"].append(rep)
-                # logged as a job of its own: no sync runs, and the Home page would show the source's last sync "ok"
-                runlog.log_job(kb.settings, "fetch", {"sources": [rep], "origin": ctl.job.origin})
-                continue
-            if state.get(src.name, {}).get("failures"):  # back after failing: logged, so Home's last outcome is it
-                runlog.log_job(kb.settings, "fetch", {"sources": [SyncReport(src.name, src.indexed_commit, head)
-                                                                  .as_dict()], "origin": ctl.job.origin,
-                                                      "recovered": True})
-            if head == src.indexed_commit and src.indexed_collection == live:
-                queue.watch.succeeded(src.name, at)
-                out["unchanged"].append(src.name)
-                continue
-            rep = _sync_one(kb, src.name, ctl)
-            if rep["error"]:
-                queue.watch.failed(src.name, rep["error"], at, every)
-            else:
-                queue.watch.succeeded(src.name, at)
-            out["sources"].append(rep)
-            ctl.job.sources_done = i + 1
-        queue.watch.ran(at, every, ctl.job.origin)
-        return _with_errors(out)
-
-    return work
 
 
 def watch(kb, every: float, *, once: bool = False, runs: int | None = None, progress: Progress = no_progress,
