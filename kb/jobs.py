@@ -367,7 +367,8 @@ class JobQueue:
     def submit_rechunk(self, config, origin: str = "dashboard") -> dict:
         """Build a collection with ``config`` beside the live one, switching when complete (``kb rechunk``)."""
         return self.submit("rechunk", {"chunk_config": config.to_json(), "label": config.label()},
-                           job_work.rechunk_work(config), label=f"Re-chunk: {config.label()}", origin=origin, anywhere=True)
+                           job_work.rechunk_work(config), label=f"Re-chunk: {config.label()}", origin=origin,
+                           anywhere=True)
 
     def submit_export(self, with_repos: bool = False, origin: str = "dashboard") -> dict:
         """Write a snapshot to ``KB_HOME/snapshots`` (``kb export``); the report: ``export_snapshot``'s fields.

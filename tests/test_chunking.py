@@ -34,8 +34,9 @@ def test_one_fence_pairing_serves_headings_code_blocks_and_excerpts():
     heading paths, the chunker's code blocks, an excerpt's lone fences and the support check read one pairing."""
     from kb.markdown import code_blocks, fence_partners, fenced_lines, is_fence
 
-    lines = ["# Install", "1. Clone it:", "      ```shell", "      # Make sure git-lfs is installed", "      git lfs install",
-             "      ```", "````{toggle}", "```shell", "# a log line", "```", "````", "## Next", "```x``` is inline"]
+    lines = ["# Install", "1. Clone it:", "      ```shell", "      # Make sure git-lfs is installed",
+             "      git lfs install", "      ```", "````{toggle}", "```shell", "# a log line", "```", "````", "## Next",
+             "```x``` is inline"]
     assert markdown_headings(lines) == ["Install"] * 11 + ["Install > Next"] * 2
     assert fenced_lines(lines) == [False, False] + [True] * 9 + [False, False]
     assert fence_partners(lines) == {2: 5, 5: 2, 6: 10, 10: 6}

@@ -29,8 +29,8 @@ from kb.ingest.chunking import ChunkConfig
 from kb.search.fusion import fuse, specificity
 from kb.search import lexical, signals
 from kb.search.lexical import Lexical
-from kb.search.hits import (ALSO_BM25, ALSO_DENSE, BM25_LEAD, IN_SOURCE, NEWS, OPENING, PASSAGE_BM25, README_SECTION, Hit,
-                            SearchOptions, hit_from_document)
+from kb.search.hits import (ALSO_BM25, ALSO_DENSE, BM25_LEAD, IN_SOURCE, NEWS, OPENING, PASSAGE_BM25, README_SECTION,
+                            Hit, SearchOptions, hit_from_document)
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, once_more_if_reopened, reachable
 from kb.store.manifest import Manifest
