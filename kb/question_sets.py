@@ -136,6 +136,10 @@ SETS: tuple[QuestionSet, ...] = (
                 "checking only, a thirty-second blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-seventh stop, measured once at the "
                 "fifty-eighth"),
+    QuestionSet("overview-blind35", "Overview (blind 35)", QUESTIONS / "overview_blind35.jsonl",
+                "checking only, a thirty-third blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-eighth stop, measured once at the "
+                "fifty-ninth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
