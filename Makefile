@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA_WHEEL := $(VENV)/.llama-wheel
+LLAMA_REQ := $(shell sed -n "s/^llama-cpp-python\[server\]/llama-cpp-python/p" requirements.txt)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
 
 .PHONY: run test bench venv clean-venv
@@ -10,14 +12,22 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: this takes the local CPU wheel; any other spec pulls CUDA packages
-	$(BIN)/pip install -q torch==2.13.0
-	# llama.cpp built for a portable x86-64 (AVX2/FMA), never -march=native: the native build on our machines (a CPU
-	# with AMX) segfaulted on every prompt of more than one token. No wheel cache, so an old native build is never reused.
-	# Without the multimodal library (LLAVA_BUILD=OFF, 140 objects instead of 193): the chat is text only, and
-	# llama_cpp loads it only for image chat formats; the compile takes about 3.5 minutes here instead of 4.7.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir llama-cpp-python==0.3.36
+	# llama.cpp is built for a portable x86-64 (AVX2/FMA), never -march=native: the native build on our machines (a
+	# CPU with AMX) segfaulted on every prompt of more than one token. No wheel cache, so an old native build is never
+	# reused. Without the multimodal library (LLAVA_BUILD=OFF, 140 objects instead of 193): the chat is text only.
+	# Its compile (about 3.5 minutes, both cores) runs as a wheel build beside the rest of the install (about 2.5
+	# minutes of fetching and unpacking, mostly one core), which it never touches; the wheel is installed after.
+	# torch goes first, pinned: this takes the local CPU wheel; any other spec pulls CUDA packages.
+	rm -rf $(LLAMA_WHEEL) && mkdir -p $(LLAMA_WHEEL)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(LLAMA_WHEEL) \
+	    "$(LLAMA_REQ)" > $(LLAMA_WHEEL)/build.log 2>&1 & build=$$!; \
+	grep -v '^llama-cpp-python' requirements.txt > $(LLAMA_WHEEL)/rest.txt \
+	  && $(BIN)/pip install -q torch==2.13.0 && $(BIN)/pip install -q -r $(LLAMA_WHEEL)/rest.txt; rest=$$?; \
+	wait $$build || { echo "llama-cpp-python failed to build:"; tail -40 $(LLAMA_WHEEL)/build.log; exit 1; }; \
+	exit $$rest
+	$(BIN)/pip install -q "$$(ls $(LLAMA_WHEEL)/llama_cpp_python-*.whl)[server]"
 	$(BIN)/pip install -q -r requirements.txt
+	rm -rf $(LLAMA_WHEEL)
 	touch $(STAMP)
 
 venv: $(STAMP)
