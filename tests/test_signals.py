@@ -65,6 +65,10 @@ def test_asked_about_leaves_what_the_question_is_about():
     assert signals.asked_about(tokenize("opencompass 是干嘛的？"), ["opencompass"], {"opencompass": {"opencompass"}}) == []
     assert signals.asked_about(tokenize("How do I install XTuner?"), ["xtuner"], ALIASES) == ["install"]
     assert signals.asked_about(tokenize("InternLM3 是什么？"), ["InternLM"], ALIASES) == []
+    # who asks is not what is asked: a newcomer's "第一次" must not fade OpenCompass's README install section away
+    oc = {"opencompass": {"opencompass"}}
+    assert signals.asked_about(tokenize("第一次用 OpenCompass，安装步骤是怎样的？"), ["opencompass"], oc) == ["安装", "步骤"]
+    assert signals.asked_about(tokenize("我是新手，xtuner 怎么装？"), ["xtuner"], ALIASES) == ["装"]
 
 
 def test_a_question_for_the_feature_list_asks_for_a_summary():

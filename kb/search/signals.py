@@ -53,8 +53,9 @@ RECENT_RE = re.compile(r"\b(recent(ly)?|lately|latest|newest|news)\b|what'?s\s+n
 RECENT_VERSION_RE = re.compile(r"\b(recent|latest|newest)\s+versions?\b|最新的?版本?", re.IGNORECASE)
 NEWS_HEADING_RE = re.compile(r"\bnews\b|what'?s\s+new|\bupdates\b|最新进展|新闻|最新动态|更新日志|(?<!\w)更新(?!\w)",
                              re.IGNORECASE)
-# Words that ask "what is it" without saying what about it (BM25 already drops 是/什么/what/is).
-QUESTION_WORDS = frozenset("干嘛 干什么 做什么 用来 用途 作用 介绍 简介 一下 讲讲 说说 "
+# Words that ask "what is it" without saying what about it (BM25 already drops 是/什么/what/is), and a newcomer's
+# framing ("第一次用 X，安装步骤是怎样的？"): rare words in the corpus, whose rarity faded X's README lists away.
+QUESTION_WORDS = frozenset("干嘛 干什么 做什么 用来 用途 作用 介绍 简介 一下 讲讲 说说 第一次 首次 初次 新手 小白 初学 "
                            "introduce introduction overview about explain describe tell".split())
 
 
