@@ -220,6 +220,16 @@ def test_a_colloquial_install_question_reaches_the_install_page(engine):
             [h.citation for h in engine.search("xtuner 怎么安装", bm25)])
 
 
+def test_modelscope_named_in_chinese_is_searched_as_the_docs_write_it(engine):
+    """No page says "魔搭" (ModelScope's Chinese name), and jieba cut it into "魔", "搭", which matched nothing."""
+    assert query_tokens("能从魔搭社区下载模型吗") == ["modelscope", "社区", "下载", "模型"]
+    assert tokenize("能从魔搭社区下载模型吗") == ["魔", "搭", "社区", "下载", "模型"]  # the stored words stay the docs' own
+    bm25 = SearchOptions(k=5, mode="bm25")
+    hits = engine.search("xtuner 能从魔搭下载模型吗", bm25)
+    assert [h.citation for h in hits] == [h.citation for h in engine.search("xtuner 能从 ModelScope 下载模型吗", bm25)]
+    assert any("modelscope" in h.text.lower() for h in hits), [h.citation for h in hits]
+
+
 def test_a_misspelt_source_name_searches_as_the_name(engine):
     """"xtunner" is no word of any document: every mode searches the name the user meant (as "lmdepoy", blind15's
     miss on the six-repo index, now found first)."""
