@@ -72,7 +72,7 @@ QUERY_WORDS = {"装": "安装"}
 
 
 # Names a Chinese question uses that the docs write only in English: "魔搭" (ModelScope's Chinese name) is in no page
-# of the six repos, where "ModelScope" is in 43, and jieba cuts it into two characters that match nothing.
+# of the six repos, where "ModelScope" is in 49, and jieba cuts it into two characters that match nothing.
 QUERY_NAMES = {"魔搭": "ModelScope"}
 
 
