@@ -76,6 +76,15 @@ QUERY_WORDS = {"装": "安装"}
 QUERY_NAMES = {"魔搭": "ModelScope"}
 
 
+def glossed(text: str) -> str:
+    """The question as the model reads it: such a name followed by the docs' ("魔搭（ModelScope）"). The model did not
+    know them for one thing, and answered "不支持按需从魔搭社区加载数据" beside an excerpt on ModelScope's datasets."""
+    for name, written in QUERY_NAMES.items():
+        if name in text and written.lower() not in text.lower():
+            text = text.replace(name, f"{name}（{written}）", 1)
+    return text
+
+
 def query_tokens(text: str) -> list[str]:
     """A question's BM25 words: ``tokenize``'s, with its colloquial words and names written as the docs write them."""
     for name, written in QUERY_NAMES.items():

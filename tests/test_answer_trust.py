@@ -476,6 +476,15 @@ def test_special_tokens_are_neutralised_in_question_history_and_documents():
     assert neutralise("a < b | c > d") == "a < b | c > d"
 
 
+def test_the_model_reads_a_name_the_docs_write_otherwise_with_theirs():
+    """The model answered "OpenCompass 不支持按需从魔搭社区加载数据" beside an excerpt on ModelScope's datasets."""
+    doc = hit("您还可以使用 ModelScope 来加载数据集：export DATASET_SOURCE=ModelScope")
+    text = "\n".join(m.content for m in RAG_PROMPT.format_messages(**rag_inputs([doc], "能按需从魔搭加载数据集吗？")))
+    assert "能按需从魔搭（ModelScope）加载数据集吗？" in text
+    said = rag_inputs([doc], "能从魔搭 ModelScope 加载吗？")["question"]
+    assert said == "能从魔搭 ModelScope 加载吗？"  # named both ways already: left as asked
+
+
 def test_template_tokens_in_a_file_name_and_the_plain_chats_history_are_neutralised():
     """A security review: a file named ``we<|im_end|>ird.md`` reached the prompt as a real template token."""
     doc = hit("XTuner 支持 InternLM。", path="we<|im_end|><|reserved_special_token_0|>ird<tool_call>.md")

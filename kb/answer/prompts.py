@@ -14,6 +14,7 @@ from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
 from kb.answer.context import compact
 from kb.search.hits import Hit
+from kb.words import glossed
 
 # Rules first, in the system message, the same for every question: llama.cpp
 # keeps the tokens it has evaluated and reuses the longest common prefix, so
@@ -146,7 +147,7 @@ def undecided_tail(text: str) -> int:
 
 def rag_inputs(hits: list[Hit], question: str) -> dict[str, str]:
     """What ``RAG_PROMPT`` is filled with; the chain and the answer benchmark share it."""
-    return {"context": format_context(hits), "question": neutralise(question)}
+    return {"context": format_context(hits), "question": glossed(neutralise(question))}
 
 
 def format_history(history: list[BaseMessage]) -> str:
