@@ -140,6 +140,10 @@ SETS: tuple[QuestionSet, ...] = (
                 "checking only, a thirty-third blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-eighth stop, measured once at the "
                 "fifty-ninth"),
+    QuestionSet("overview-blind36", "Overview (blind 36)", QUESTIONS / "overview_blind36.jsonl",
+                "checking only, a thirty-fourth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the fifty-ninth stop, measured once at the "
+                "sixtieth"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
