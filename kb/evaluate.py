@@ -119,6 +119,8 @@ def question_problem(q: object) -> str | None:
             problem = _lines_problem(f"gold {i}: ", g["line_start"], g["line_end"])
             if problem or not isinstance(g["path"], str):
                 return problem or f"gold {i}: \"path\" must be a string"
+            if not isinstance(g.get("repo", ""), str):
+                return f"gold {i}: \"repo\" must be a string"
     elif answerable(q):
         problem = _lines_problem("", q["line_start"], q["line_end"])
         if problem or not isinstance(q["path"], str):
@@ -142,10 +144,16 @@ def gold_locations(q: dict) -> list[tuple[str, int, int]]:
     return [(q["path"], int(q["line_start"]), int(q["line_end"]))]
 
 
+def gold_repos(q: dict) -> list[str]:
+    """Each gold location's repo, in ``gold_locations``' order: the location's own ``repo`` where it names one (a
+    Lagent question answered by the InternLM repo's page on Lagent too), else the question's."""
+    return [g.get("repo") or q["repo"] for g in q["gold"]] if q.get("gold") else [q["repo"]]
+
+
 def is_hit(hit: Hit, q: dict) -> bool:
-    """The hit comes from the question's repo and overlaps any of its gold locations."""
-    return hit.source == q["repo"] and any(
-        hit.path == path and hit.line_start <= b and hit.line_end >= a for path, a, b in gold_locations(q))
+    """The hit overlaps any of the question's gold locations, in that location's repo."""
+    return any(hit.source == repo and hit.path == path and hit.line_start <= b and hit.line_end >= a
+               for repo, (path, a, b) in zip(gold_repos(q), gold_locations(q)))
 
 
 def _flat(text: str) -> str:

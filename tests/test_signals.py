@@ -158,10 +158,17 @@ def test_gold_may_list_several_locations(tmp_path):
     assert not is_hit(hit(source="lmdeploy", path="README.md", a=30, b=40), q)
     single = {k: v for k, v in q.items() if k != "gold"}  # the single-location fields stay valid
     assert is_hit(hit(path="README.md", a=30, b=36), single) and not is_hit(hit(path="README_zh-CN.md", a=41, b=43), single)
+    # a location may name its own repo: the InternLM repo's page on XTuner answers an XTuner question too
+    elsewhere = dict(q, gold=[*q["gold"], {"repo": "InternLM", "path": "finetune/README.md", "line_start": 5,
+                                            "line_end": 9}])
+    assert is_hit(hit(source="InternLM", path="finetune/README.md", a=1, b=6), elsewhere)
+    assert not is_hit(hit(source="xtuner", path="finetune/README.md", a=1, b=6), elsewhere)
+    assert not is_hit(hit(source="InternLM", path="README.md", a=30, b=40), elsewhere)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({**q, "gold": [{"path": "README.md"}]}) + "\n")
-    with pytest.raises(KBError, match="gold"):
-        load_questions(bad)
+    for gold in ([{"path": "README.md"}], [{"repo": 3, "path": "README.md", "line_start": 1, "line_end": 2}]):
+        bad.write_text(json.dumps({**q, "gold": gold}) + "\n")
+        with pytest.raises(KBError, match="gold"):
+            load_questions(bad)
 
 
 class FakeEngine:
@@ -268,6 +275,18 @@ def test_a_readme_section_holding_every_asked_word_is_that_readmes_answer():
     chunk = _doc("README.md", 50, "Features", "Train on Ascend NPU and GPUs with XTuner V1.")
     assert signals.holds_all(chunk, ["train", "ascend", "npu"])
     assert not signals.holds_all(chunk, ["train", "huawei"]) and not signals.holds_all(chunk, [])
+
+
+def test_a_word_written_as_code_is_an_option_and_a_readme_that_never_writes_it_cannot_explain_it():
+    assert signals.code_words("微调时 max_length 默认是多少？") == ["max_length"]
+    assert signals.code_words("What is the difference between --hf-num-gpus and --max-num-worker?") == [
+        "--hf-num-gpus", "--max-num-worker"]
+    # names with hyphens, versions, short flags and plain words are not options
+    for question in ("What is InternLM2.5-7B-Chat-1M?", "pip install -e .", "lmdeploy 怎么装", "x-ray of e-mail"):
+        assert signals.code_words(question) == [], question
+    readme = [_doc("README.md", 254, "Usage", "Use `--hf-num-gpus` for a model's GPUs.")]
+    assert not signals.writes_none(readme, ["--HF-num-gpus"])
+    assert signals.writes_none(readme, ["max_length"])
 
 
 @pytest.mark.parametrize("question,expected", [

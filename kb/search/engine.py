@@ -441,14 +441,19 @@ class SearchEngine:
             # "What is X …? Is it …?": X itself is asked about, whatever the other words (signals.names_subject)
             subject = opts.subject_opening and signals.names_subject(plain, aliases.get(named[0], set()))
             opening_fade = 1.0 if summary or subject else fade
-            weights[IN_SOURCE] = opts.in_source_weight * fade
             readmes = None if opts.path_prefix else self._readmes(coll, collection, named[0])
+            code = signals.code_words(plain) if opts.code_words_fade else []
+            if code and readmes and signals.writes_none(readmes, code):
+                fade_readme = opening_fade = 0.0  # "max_length": an option the README never names
+            else:
+                fade_readme = fade
+            weights[IN_SOURCE] = opts.in_source_weight * fade
             if readmes and opts.opening_weight and (not rest or summary or signals.definitional(query)) \
                     and opening_fade > 0:
                 lists[OPENING] = [(d, 0.0) for d in signals.opening(
                     readmes, language, opts.opening_chunks, frozenset(aliases.get(named[0], ())))]
                 weights[OPENING] = opts.opening_weight * opening_fade
-            self._sections(lists, weights, README_SECTION, readmes, language, rest, fade, 1.0, opts)
+            self._sections(lists, weights, README_SECTION, readmes, language, rest, fade_readme, 1.0, opts)
             if readmes and opts.news_weight and signals.asks_for_news(plain):
                 news = signals.news_section(readmes, language, opts.opening_chunks)
                 if news:

@@ -68,6 +68,9 @@ class SearchOptions:
     news_weight: float = 5.0
     readme_holds_all: bool = True  # ... at full weight, however specific the words, when its best chunk holds them all
     own_words_fade: bool = True  # the in-source list fades only for words the named source itself uses
+    # A word written as code ("max_length", "--hf-num-gpus") names an option, a function or a flag, asked about
+    # itself: where the named source's README never writes it, its README lists fade out (signals.code_words)
+    code_words_fade: bool = True
     each_named: bool = True  # a question naming two sources gets each one's README sections, at half weight
     # BM25's first chunk as a list of its own when its score is this many times the second's (0: off): 1.2-1.35
     # give the same figures on every tuning set, 1.15 and 1.5 less (README "Retrieval tuning").

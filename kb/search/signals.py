@@ -195,6 +195,24 @@ def asks_for_summary(rest: Sequence[str]) -> bool:
     return bool(rest) and all(w in SUMMARY_WORDS or VERSION_RE.fullmatch(w) for w in rest)
 
 
+CODE_WORD_RE = re.compile(r"(?<![\w-])(?:--[A-Za-z][\w-]*|[A-Za-z]\w*_\w+)")
+
+
+def code_words(query: str) -> list[str]:
+    """The words a question writes as code: flags ("--hf-num-gpus") and identifiers ("max_length").
+
+    BM25 splits "max_length" into "max" and "length", two common words, so the
+    question looks generic to the fade; yet it asks about one option.
+    """
+    return CODE_WORD_RE.findall(query)
+
+
+def writes_none(docs: Sequence, words: Sequence[str]) -> bool:
+    """Whether none of the chunks writes any of the words: a README that never names an option can't explain it."""
+    wanted = [w.lower() for w in words]
+    return not any(w in d.page_content.lower() for d in docs for w in wanted)
+
+
 def definitional(query: str) -> bool:
     """Whether the question asks what something is ("…是什么？", "What is …?", "介绍一下 …")."""
     return bool(DEFINITIONAL_RE.search(query))
