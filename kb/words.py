@@ -87,6 +87,6 @@ def glossed(text: str) -> str:
 
 def query_tokens(text: str) -> list[str]:
     """A question's BM25 words: ``tokenize``'s, with its colloquial words and names written as the docs write them."""
-    for name, written in QUERY_NAMES.items():
-        text = text.replace(name, f" {written} ")
+    for name, written in QUERY_NAMES.items():  # glossed or not, the name counts once
+        text = text.replace(name, " " if written.lower() in text.lower() else f" {written} ")
     return [QUERY_WORDS.get(w, w) for w in tokenize(text)]

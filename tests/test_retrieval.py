@@ -229,6 +229,12 @@ def test_modelscope_named_in_chinese_is_searched_as_the_docs_write_it(engine):
     hits = engine.search("xtuner 能从魔搭下载模型吗", bm25)
     assert [h.citation for h in hits] == [h.citation for h in engine.search("xtuner 能从 ModelScope 下载模型吗", bm25)]
     assert any("modelscope" in h.text.lower() for h in hits), [h.citation for h in hits]
+    # dense reads the docs' name beside the user's, and the Retrieval lab shows the question so searched
+    assert engine.searched_as("xtuner 能从魔搭下载模型吗") == "xtuner 能从魔搭（ModelScope）下载模型吗"
+    assert query_tokens("魔搭（ModelScope）") == ["modelscope"]  # glossed, the name still counts once
+    dense = SearchOptions(k=5, mode="dense")
+    assert ([h.citation for h in engine.search("xtuner 能从魔搭下载模型吗", dense)] ==
+            [h.citation for h in engine.search("xtuner 能从魔搭（ModelScope）下载模型吗", dense)])
 
 
 def test_a_question_about_an_option_its_readme_never_names_leaves_the_readme_sections_out(engine):

@@ -34,7 +34,7 @@ from kb.search.hits import (ALSO_BM25, ALSO_DENSE, BM25_LEAD, IN_SOURCE, NEWS, O
 from kb.search.rerank import CrossEncoderReranker
 from kb.store.index import VectorIndex, once_more_if_reopened, reachable
 from kb.store.manifest import Manifest
-from kb.words import language_of, query_tokens, tokenize
+from kb.words import glossed, language_of, query_tokens, tokenize
 
 _log = logging.getLogger(__name__)
 
@@ -366,8 +366,10 @@ class SearchEngine:
             return self._respelled(self.kb.live()[0], query)
 
     def _respelled(self, collection: str, query: str) -> str:
-        """The question with a slipped or split source name ("lmdepoy", "open compass") written as the docs write it:
-        every mode then searches for the name (``signals.respell``)."""
+        """The question with a slipped or split source name ("lmdepoy", "open compass") written as the docs write it,
+        and a name they never write glossed with theirs ("魔搭（ModelScope）", ``words.glossed``): every mode then
+        searches for the name (``signals.respell``)."""
+        query = glossed(query)
         lex = self.lexical(collection)
         if lex is None:
             return query
