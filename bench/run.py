@@ -594,7 +594,7 @@ def answers_by_category(rep: dict) -> dict:
     return out
 
 
-UNSEEN_SET = "overview-blind36"  # the clean set `answers-unseen` asks by default (README "Answers")
+UNSEEN_SET = "overview-blind37"  # the clean set `answers-unseen` asks by default (README "Answers")
 
 
 def bench_answers_unseen(k: int = 5, name: str = UNSEEN_SET, translate: str = "off") -> dict:

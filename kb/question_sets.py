@@ -144,6 +144,10 @@ SETS: tuple[QuestionSet, ...] = (
                 "checking only, a thirty-fourth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
                 "written by a helper from the documents alone at the fifty-ninth stop, measured once at the "
                 "sixtieth"),
+    QuestionSet("overview-blind37", "Overview (blind 37)", QUESTIONS / "overview_blind37.jsonl",
+                "checking only, a thirty-fifth blind set (40: 26 first questions, 10 deep facts, 4 cross-lingual), "
+                "written by a helper from the documents alone at the sixtieth stop, measured once at the "
+                "sixty-first"),
     QuestionSet("unanswerable", "Unanswerable", QUESTIONS / "unanswerable.jsonl",
                 "answers only: plausible questions the documents do not answer", retrieval=False),
 )
