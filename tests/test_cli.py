@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -39,6 +40,28 @@ def kb_here(home, monkeypatch, capsys, *args, env_extra=None) -> tuple[int, str,
 @pytest.fixture(scope="module")
 def cli_home(tmp_path_factory, tiny_st_dir):
     return tmp_path_factory.mktemp("cli-home"), {"KB_EMBED_MODEL": str(tiny_st_dir)}
+
+
+def test_a_pass_the_stop_signal_ends_is_no_failed_pass(tmp_path, monkeypatch, capsys):
+    """Under load SIGTERM landed mid-pass, the pass was cancelled at a safe point, and `kb watch` summed it up as
+    "failed_passes": 1. A pass that fails on its own still counts."""
+    import kb.jobs
+
+    def passes(states):
+        def fake_watch(kb, every, *, on_run, stop, **_):
+            for i, state in enumerate(states):
+                if state == "cancelled":
+                    os.kill(os.getpid(), signal.SIGTERM)  # the real handler: stop set, the queue asked to stop
+                    assert stop.wait(10)
+                on_run({"id": f"j{i}", "kind": "sync", "state": state, "report": {"sources": [], "unchanged": ["x"]}})
+            return len(states)
+        return fake_watch
+
+    for states, failed in ((["done", "cancelled"], 0), (["failed", "cancelled"], 1)):
+        monkeypatch.setattr(kb.jobs, "watch", passes(states))
+        code, out, _ = kb_here(tmp_path / "home", monkeypatch, capsys, "watch", "--every", "1h", "--json")
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert code == 0 and summary["stopped"] == "signal" and summary["failed_passes"] == failed, out
 
 
 def test_add_sync_stats_search_json(cli_home, corpus):
