@@ -485,7 +485,7 @@ def cmd_watch(args: argparse.Namespace) -> dict:
     import time
 
     from core.settings import parse_interval
-    from kb.jobs import JobQueue, watch
+    from kb.jobs import CANCELLED, JobQueue, watch
 
     every = parse_interval(args.every, "--every") if args.every else None
     kb = _kb(args)
@@ -527,7 +527,7 @@ def cmd_watch(args: argparse.Namespace) -> dict:
             last["error"] = job["error"]
         # A pass the stop signal ended at a safe point did what it was asked to: not a failure. On a busy machine the
         # signal often lands mid-pass, and the summary said "failed_passes": 1 for a clean stop.
-        stopped_mid_pass = job["state"] == "cancelled" and stop.is_set()
+        stopped_mid_pass = job["state"] == CANCELLED and stop.is_set()
         if not stopped_mid_pass and (job["state"] != "done" or job.get("error")
                                      or any(r.get("error") for r in rep.get("sources", []))):
             failed_passes.append(job["id"])
